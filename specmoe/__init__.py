@@ -1,0 +1,12 @@
+"""specmoe: run Mixture-of-Experts LMs on GPUs too small to hold them.
+
+Experts live in host memory, a device cache keeps the hot ones, and a speculation predictor prefetches the
+experts upcoming layers will need so that copies overlap compute.
+"""
+
+from ._version import __version__
+from .geometry import MoEGeometry
+from .runtime.loading import load_offloaded
+from .runtime.wrapper import SpeculativeMoE
+
+__all__ = ["MoEGeometry", "SpeculativeMoE", "load_offloaded", "__version__"]

@@ -1,0 +1,108 @@
+"""Bounds: an oracle that replays recorded routing (the ceiling) and random guesses (the floor)."""
+
+# Shape legend: T tokens, E experts, L MoE layers, k top-k, P forward passes
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..geometry import MoEGeometry
+from .base import Predictor, register_predictor
+
+
+class _PassCounter:
+    """Tracks which forward pass a predict call belongs to: a new pass starts when the layer index does not
+    increase or the number of tokens changes."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.index, self._last_layer, self._tokens = -1, None, None
+
+    def step(self, layer: int, tokens: int) -> int:
+        if self._last_layer is None or layer <= self._last_layer or tokens != self._tokens:
+            self.index += 1
+        self._last_layer, self._tokens = layer, tokens
+        return self.index
+
+
+@register_predictor("oracle")
+class OraclePredictor(Predictor):
+    """Replays given routing: the experts that will be routed score 1, the rest 0.
+
+    Args:
+        routing: one tensor per forward pass, [T, L, k] expert ids (-1 where a layer did not run), in the
+            order the passes will run again (as `specmoe.traces.capture_routing` records them).
+        lookahead: how many MoE layers ahead to reveal; targets past the last layer read the next pass.
+    """
+
+    def __init__(self, routing: Sequence[torch.Tensor], lookahead: int = 1, geometry: MoEGeometry | None = None):
+        super().__init__(lookahead, geometry)
+        self.routing = [r.long() for r in routing]
+        self._passes = _PassCounter()
+        for i, r in enumerate(self.routing):
+            if r.dim() != 3:
+                raise ValueError(f"routing[{i}] must be [T, L, k], got shape {tuple(r.shape)}")
+
+    def bind(self, geometry, routers=()):
+        super().bind(geometry, routers)
+        for i, r in enumerate(self.routing):
+            if r.shape[1:] != (geometry.num_layers, geometry.top_k):
+                raise ValueError(f"routing[{i}] has shape {tuple(r.shape)}, expected [T, {geometry.num_layers}, "
+                                 f"{geometry.top_k}] for this model")
+
+    def reset(self):
+        self._passes.reset()
+
+    @torch.no_grad()
+    def predict(self, layer, hidden, history):
+        L, E = self.geometry.num_layers, self.geometry.num_experts
+        p = self._passes.step(layer, hidden.shape[0])
+        out = {}
+        T = hidden.shape[0]
+        for t in self.targets(layer):
+            src, tl = (p, t) if t < L else (p + 1, t - L)
+            if src >= len(self.routing):
+                continue
+            ids = self.routing[src][:, tl].to(hidden.device)  # [T', k]; T' != T across prefill -> decode
+            rows = (torch.arange(ids.shape[0], device=hidden.device) % T)[:, None].expand_as(ids)  # [T', k]
+            scores = torch.zeros(T, E + 1, device=hidden.device)
+            scores[rows, torch.where(ids < 0, E, ids)] = 1.0
+            out[t] = scores[:, :E]  # [T, E]
+        return out
+
+    def config(self):
+        return {"lookahead": self.lookahead}
+
+    def state_tensors(self):
+        return {f"pass.{i}": r for i, r in enumerate(self.routing)}
+
+    @classmethod
+    def from_config(cls, config, tensors, geometry):
+        routing = [tensors[f"pass.{i}"] for i in range(len(tensors))]
+        return cls(routing, geometry=geometry, **config)
+
+
+@register_predictor("random")
+class RandomPredictor(Predictor):
+    """Uniformly random scores from a seeded generator: the floor every predictor must beat."""
+
+    def __init__(self, seed: int = 0, lookahead: int = 1, geometry: MoEGeometry | None = None):
+        super().__init__(lookahead, geometry)
+        self.seed = seed
+        self.reset()
+
+    def reset(self):
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    @torch.no_grad()
+    def predict(self, layer, hidden, history):
+        E = self.geometry.num_experts
+        return {t: torch.rand(hidden.shape[0], E, generator=self._gen).to(hidden.device)
+                for t in self.targets(layer)}
+
+    def config(self):
+        return {"seed": self.seed, "lookahead": self.lookahead}

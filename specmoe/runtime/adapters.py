@@ -1,0 +1,380 @@
+"""Find the MoE layers of a transformers model and describe their router and expert tensors.
+
+Two layouts cover the families of transformers 5.x:
+
+* ``fused``: an experts module decorated with ``use_experts_implementation`` holding 3-D parameters
+  (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``, optional biases, transposed or not), called as
+  ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``. Mixtral, Qwen2/3-MoE, OLMoE,
+  DeepSeek-V2/V3, GPT-OSS, Granite-MoE, Phi-MoE, GLM4-MoE, ...
+* ``modulelist``: an ``nn.ModuleList``/``nn.ModuleDict`` of identical per-expert MLPs, next to a router
+  (SwitchTransformers, encoder-decoder).
+
+An adapter knows how to read one expert's tensors, take them out of the module, give them back, and read
+the routing from an experts call. It knows nothing of caches or streams.
+"""
+
+# Shape legend: T tokens, E experts, H hidden, I intermediate, k top-k, L MoE layers, S cache slots
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..geometry import MoEGeometry
+
+SUPPORTED = (
+    "experts modules decorated with transformers' `use_experts_implementation` (3-D gate_up_proj/down_proj: "
+    "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE, Phi-MoE, GLM4-MoE, ...) and "
+    "ModuleList/ModuleDict experts next to a router (SwitchTransformers)"
+)
+ROUTER_NAMES = ("gate", "router")
+
+
+@dataclass(frozen=True)
+class ExpertTensorSpec:
+    """One tensor of one expert: its path inside the expert, shape and dtype."""
+
+    name: str  # "gate_up_proj" (fused) or "wi.weight" (modulelist)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """The linear part of a router: scores = hidden @ weight.T (+ bias). weight [E, H], bias [E] or None.
+
+    It holds the module and attribute names, not tensors, so it follows the model across devices.
+    """
+
+    owner: nn.Module
+    weight_name: str
+    bias_name: str | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # [E, H]
+        return getattr(self.owner, self.weight_name).detach()
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # [E]
+        return None if self.bias_name is None else getattr(self.owner, self.bias_name).detach()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, E]
+        w = self.weight
+        out = torch.nn.functional.linear(hidden.to(w.device, w.dtype), w)
+        bias = self.bias
+        return out if bias is None else out + bias.to(out.dtype)
+
+
+class ExpertsLayout:
+    """How one family of experts modules stores and is called with its experts (see module docstring)."""
+
+    name = "base"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def num_experts(self, experts: nn.Module) -> int:
+        raise NotImplementedError
+
+    def tensor_specs(self, experts: nn.Module) -> tuple[ExpertTensorSpec, ...]:
+        raise NotImplementedError
+
+    def expert_tensors(self, experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's tensors, by spec name (views into the module's parameters)."""
+        raise NotImplementedError
+
+    def remove(self, experts: nn.Module) -> dict[str, Any]:
+        """Take the expert parameters out of the module; returns what `restore` needs besides the data."""
+        raise NotImplementedError
+
+    def restore(self, experts: nn.Module, saved: dict[str, Any], data: dict[str, torch.Tensor]) -> None:
+        """Put parameters back: data maps spec name -> [E, *shape] on the original device."""
+        raise NotImplementedError
+
+    def routing(self, experts: nn.Module, args: tuple, kwargs: dict, top_k: int):
+        """From an experts call, return (hidden [T, H], ids [T, k] long with -1 for no expert, weights or None)."""
+        raise NotImplementedError
+
+
+class FusedExperts(ExpertsLayout):
+    """transformers' `use_experts_implementation` experts: 3-D parameters with the expert on dim 0."""
+
+    name = "fused"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        params = dict(module.named_parameters(recurse=False))
+        has_up = "gate_up_proj" in params or "up_proj" in params
+        return (
+            hasattr(type(module), "_apply_gate")
+            and has_up
+            and "down_proj" in params
+            and all(p.dim() >= 2 for p in params.values())
+        )
+
+    def _param_names(self, experts: nn.Module) -> list[str]:
+        e = self.num_experts(experts)
+        return [n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == e]
+
+    def num_experts(self, experts: nn.Module) -> int:
+        return int(experts.down_proj.shape[0])
+
+    def tensor_specs(self, experts):
+        return tuple(
+            ExpertTensorSpec(n, tuple(p.shape[1:]), p.dtype)
+            for n, p in experts.named_parameters(recurse=False)
+            if n in self._param_names(experts)
+        )
+
+    def expert_tensors(self, experts, e):
+        return {n: getattr(experts, n)[e] for n in self._param_names(experts)}
+
+    def remove(self, experts):
+        names = self._param_names(experts)
+        saved = {"requires_grad": {n: experts._parameters[n].requires_grad for n in names},
+                 "num_experts": experts.__dict__.get("num_experts")}
+        for n in names:
+            del experts._parameters[n]
+        return saved
+
+    def restore(self, experts, saved, data):
+        for n, rg in saved["requires_grad"].items():
+            experts.__dict__.pop(n, None)
+            experts.register_parameter(n, nn.Parameter(data[n], requires_grad=rg))
+        if saved["num_experts"] is not None:
+            experts.num_experts = saved["num_experts"]
+
+    def bind_pool(self, experts: nn.Module, views: dict[str, torch.Tensor]) -> None:
+        """Make the module compute on the slot pool: its tensors become [S, ...] views, num_experts S."""
+        for n, v in views.items():
+            experts.__dict__[n] = v
+        experts.num_experts = next(iter(views.values())).shape[0]
+
+    def routing(self, experts, args, kwargs, top_k):
+        bound = _bind_call(experts, args, kwargs)
+        hidden, ids, weights = bound[0], bound[1], bound[2]
+        return hidden, ids, weights
+
+    def replace_call(self, args: tuple, kwargs: dict, experts: nn.Module, ids: torch.Tensor, weights):
+        """Arguments for the original forward with ids/weights replaced (same positions or names)."""
+        if not kwargs and len(args) == 3:  # how every family calls its experts
+            return (args[0], ids, weights), {}
+        sig = _forward_signature(experts)
+        b = sig.bind(*args, **kwargs)
+        names = list(sig.parameters)
+        b.arguments[names[1]] = ids
+        b.arguments[names[2]] = weights
+        return b.args, b.kwargs
+
+
+class ModuleListExperts(ExpertsLayout):
+    """An nn.ModuleList / nn.ModuleDict of identical per-expert modules (SwitchTransformers)."""
+
+    name = "modulelist"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or len(module) < 2:
+            return False
+        children = list(module.children())
+        if len(children) != len(module) or len({type(c) for c in children}) != 1:
+            return False
+        shapes = [tuple((n, tuple(p.shape)) for n, p in c.named_parameters()) for c in children]
+        return bool(shapes[0]) and all(s == shapes[0] for s in shapes)
+
+    @staticmethod
+    def experts_list(experts: nn.Module) -> list[nn.Module]:
+        return list(experts.values()) if isinstance(experts, nn.ModuleDict) else list(experts)
+
+    def num_experts(self, experts):
+        return len(experts)
+
+    def tensor_specs(self, experts):
+        first = self.experts_list(experts)[0]
+        return tuple(ExpertTensorSpec(n, tuple(p.shape), p.dtype) for n, p in first.named_parameters())
+
+    def expert_tensors(self, experts, e):
+        return dict(self.experts_list(experts)[e].named_parameters())
+
+    def remove(self, experts):
+        saved = {"requires_grad": {}}
+        for e, expert in enumerate(self.experts_list(experts)):
+            for name, p in list(expert.named_parameters()):
+                owner, leaf = _owner(expert, name)
+                saved["requires_grad"][name] = p.requires_grad
+                del owner._parameters[leaf]
+        return saved
+
+    def restore(self, experts, saved, data):
+        for e, expert in enumerate(self.experts_list(experts)):
+            for name, rg in saved["requires_grad"].items():
+                owner, leaf = _owner(expert, name)
+                owner.__dict__.pop(leaf, None)
+                owner.register_parameter(leaf, nn.Parameter(data[name][e], requires_grad=rg))
+
+    def bind_expert(self, expert: nn.Module, views: dict[str, torch.Tensor], slot: int) -> None:
+        """Point one expert's tensors at its cache slot."""
+        for name, v in views.items():
+            owner, leaf = _owner(expert, name)
+            owner.__dict__[leaf] = v[slot]
+
+    def routing(self, experts, args, kwargs, top_k):
+        bound = _bind_call(experts, args, kwargs)
+        hidden, selected = bound[0], bound[1]
+        weights = bound[2] if len(bound) > 2 else None
+        e = len(experts)
+        t = hidden.shape[0]
+        if selected.dim() >= 2 and selected.shape[-1] == e and top_k < e:
+            # a dispatch mask [T, ..., E] (one-hot or multi-hot; capacity-dropped tokens are all zero)
+            hot = selected.reshape(t, -1, e).amax(1).float()  # [T, E]
+            vals, ids = hot.topk(top_k, dim=-1)  # [T, k]
+            ids = torch.where(vals > 0, ids, torch.full_like(ids, -1))
+        else:
+            ids = selected.reshape(t, -1).long()
+        return hidden, ids, weights
+
+
+LAYOUTS: tuple[type[ExpertsLayout], ...] = (FusedExperts, ModuleListExperts)
+
+
+def _owner(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    prefix, _, leaf = dotted.rpartition(".")
+    return (root.get_submodule(prefix) if prefix else root), leaf
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_of(cls: type) -> inspect.Signature:
+    sig = inspect.signature(cls.forward)
+    return sig.replace(parameters=list(sig.parameters.values())[1:])  # drop self
+
+
+def _forward_signature(module: nn.Module) -> inspect.Signature:
+    return _signature_of(type(module))
+
+
+def _bind_call(module: nn.Module, args: tuple, kwargs: dict) -> list:
+    """The first three arguments of an experts call, wherever they were passed."""
+    if not kwargs:
+        return list(args)
+    b = _forward_signature(module).bind_partial(*args, **kwargs)
+    return list(b.arguments.values())
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer: its experts container, the router next to it, and the layout that drives them."""
+
+    index: int  # 0 .. L-1, in forward order
+    name: str  # module path of the experts container
+    experts: nn.Module
+    router: RouterWeights
+    layout: ExpertsLayout
+
+
+@dataclass
+class ModelMoE:
+    """Every MoE layer of a model and their shared geometry."""
+
+    layers: list[MoELayer]
+    geometry: MoEGeometry
+    specs: tuple[ExpertTensorSpec, ...]  # one expert's tensors, the same in every layer
+    first_decode_layer: int  # the MoE layer a decoding step starts at (0, or the decoder's first)
+
+    @property
+    def expert_nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def _find_router(parent: nn.Module, experts: nn.Module, num_experts: int) -> RouterWeights | None:
+    candidates = [(n, m) for n, m in parent.named_children() if m is not experts]
+    candidates.sort(key=lambda nm: nm[0] not in ROUTER_NAMES)  # prefer gate / router
+    for _, module in candidates:
+        for pname, p in module.named_parameters():
+            if p.dim() == 2 and p.shape[0] == num_experts:
+                owner, leaf = _owner(module, pname)
+                bias_name = leaf.replace("weight", "bias") if "weight" in leaf else None
+                bias = getattr(owner, bias_name, None) if bias_name else None
+                if not (isinstance(bias, torch.Tensor) and bias.shape == (num_experts,)):
+                    bias_name = None
+                return RouterWeights(owner, leaf, bias_name)
+    return None
+
+
+def _top_k(model: nn.Module, parent: nn.Module, layout: ExpertsLayout) -> int:
+    for m in parent.modules():
+        k = getattr(m, "top_k", None)
+        if isinstance(k, int) and k > 0:
+            return k
+    cfg = getattr(model, "config", None)
+    for cfg_ in (cfg, getattr(cfg, "text_config", None)):
+        for attr in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+            k = getattr(cfg_, attr, None)
+            if isinstance(k, int) and k > 0:
+                return k
+    return 1  # Switch routing: top-1
+
+
+def find_moe_layers(model: nn.Module) -> ModelMoE:
+    """Describe every MoE layer of `model`.
+
+    Raises:
+        TypeError: the model has no MoE layer of a supported layout (a dense model, or an unknown family).
+        ValueError: its MoE layers disagree on geometry or expert shapes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    found: list[tuple[str, nn.Module, ExpertsLayout, RouterWeights, int]] = []
+    claimed: set[str] = set()
+    for name, module in modules.items():
+        if any(name.startswith(c + ".") for c in claimed):
+            continue
+        for layout_cls in LAYOUTS:
+            if not layout_cls.matches(module):
+                continue
+            layout = layout_cls()
+            parent_name = name.rpartition(".")[0]
+            parent = modules[parent_name] if parent_name else model
+            router = _find_router(parent, module, layout.num_experts(module))
+            if router is None:
+                continue
+            found.append((name, module, layout, router, _top_k(model, parent, layout)))
+            claimed.add(name)
+            break
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} has no MoE layers that specmoe can offload. Supported: {SUPPORTED}."
+        )
+    name0, mod0, layout0, router0, k0 = found[0]
+    specs = layout0.tensor_specs(mod0)
+    geometry = MoEGeometry(
+        num_layers=len(found),
+        num_experts=layout0.num_experts(mod0),
+        top_k=k0,
+        hidden_size=int(router0.weight.shape[1]),
+    )
+    layers = []
+    for i, (name, module, layout, router, k) in enumerate(found):
+        shape = (layout.num_experts(module), k, int(router.weight.shape[1]), layout.tensor_specs(module))
+        if shape != (geometry.num_experts, geometry.top_k, geometry.hidden_size, specs):
+            raise ValueError(
+                f"MoE layer {name} differs from {name0} (experts, top-k, hidden, tensors): {shape[:3]} vs "
+                f"{(geometry.num_experts, geometry.top_k, geometry.hidden_size)}; specmoe needs one expert shape "
+                "across layers"
+            )
+        layers.append(MoELayer(i, name, module, router, layout))
+    first_decode = next((lay.index for lay in layers if "decoder" in lay.name.split(".")), 0)
+    return ModelMoE(layers, geometry, specs, first_decode)

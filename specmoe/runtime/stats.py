@@ -1,0 +1,78 @@
+"""Counters of the offloading runtime, in total and per MoE layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0  # routed experts found resident or already in flight
+    hits_in_flight: int = 0  # of the hits, those whose copy had not finished (compute waited on its event)
+    misses: int = 0  # routed experts fetched on demand
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # prefetched experts later routed to before being evicted
+    prefetch_wasted: int = 0  # prefetched experts evicted without being used
+    bytes_moved: int = 0  # host -> device, demand and prefetch
+
+    def add(self, other: "LayerStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class Stats:
+    """What the runtime did since the last reset. ``per_layer[l]`` holds MoE layer l's share."""
+
+    per_layer: list[LayerStats]
+    stall_s: float = 0.0  # time compute waited for expert copies
+    stall_waits: int = 0
+    host_syncs: int = 0  # device->host syncs in the hot path (one per MoE layer call)
+    layer_calls: int = 0
+    chunked_calls: int = 0  # layer calls that needed more distinct experts than there are slots
+    total: LayerStats = field(init=False)
+
+    def __post_init__(self):
+        self.total = LayerStats()
+        for layer in self.per_layer:
+            self.total.add(layer)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.total.hits + self.total.misses
+        return self.total.hits / n if n else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of settled prefetches (used or wasted) that were used."""
+        settled = self.total.prefetch_used + self.total.prefetch_wasted
+        return self.total.prefetch_used / settled if settled else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self.total),
+            "hit_rate": self.hit_rate,
+            "prefetch_precision": self.prefetch_precision,
+            "stall_s": self.stall_s,
+            "stall_waits": self.stall_waits,
+            "host_syncs": self.host_syncs,
+            "layer_calls": self.layer_calls,
+            "chunked_calls": self.chunked_calls,
+            "per_layer": [asdict(s) for s in self.per_layer],
+        }
+
+    def __str__(self) -> str:
+        t = self.total
+        lines = [
+            f"hit rate {self.hit_rate:.3f} ({t.hits} hits, {t.hits_in_flight} on in-flight copies; {t.misses} misses)",
+            f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted "
+            f"(precision {self.prefetch_precision:.3f})",
+            f"moved {t.bytes_moved / 2**20:.1f} MiB host->device; compute stalled {self.stall_s * 1e3:.2f} ms "
+            f"in {self.stall_waits} waits; {self.host_syncs} host syncs over {self.layer_calls} layer calls",
+            "layer  hits  misses  pf_issued  pf_used  pf_wasted",
+        ]
+        for i, s in enumerate(self.per_layer):
+            lines.append(
+                f"{i:5d} {s.hits:5d} {s.misses:7d} {s.prefetch_issued:10d} {s.prefetch_used:8d} {s.prefetch_wasted:10d}"
+            )
+        return "\n".join(lines)

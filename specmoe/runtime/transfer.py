@@ -1,0 +1,216 @@
+"""Copy engines: move expert buffers from the host store into cache slots.
+
+All engines share one interface, so the wrapper's logic is the same on CUDA and in CPU-only CI:
+
+* ``copy_in(slot, dst, src, demand)`` starts a copy into a slot once the compute that last read the slot
+  is done; demand copies go before queued prefetches.
+* ``ready(slot)`` says, without waiting, whether the last copy into the slot has finished.
+* ``wait(slots)`` makes compute wait for copies into those slots (on CUDA the compute *stream* waits on
+  each slot's event; the host does not).
+* ``release(slots)`` marks that compute issued so far is the last to read those slots.
+
+CUDA: a high-priority demand stream and a prefetch stream, one ready event and one release event per slot.
+CPU: ``SyncCopyEngine`` copies at once; ``ThreadedCopyEngine`` copies on a worker thread with a priority queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+
+import torch
+
+
+class CopyEngine:
+    kind = "base"
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self.stall_s = 0.0  # time compute spent waiting for copies (resolved lazily on CUDA)
+        self.waits = 0  # how many times compute had to wait
+
+    def copy_in(self, slot: int, dst: torch.Tensor, src: torch.Tensor, demand: bool) -> None:
+        raise NotImplementedError
+
+    def ready(self, slot: int) -> bool:
+        return True
+
+    def wait(self, slots) -> None:
+        pass
+
+    def wait_host(self, slot: int) -> None:
+        """Block the host until the copy into `slot` is done (only when no slot can be evicted otherwise)."""
+
+    def release(self, slots) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def stall_seconds(self) -> float:
+        return self.stall_s
+
+    def reset_stall(self) -> None:
+        self.synchronize()
+        self.stall_s = 0.0
+        self.waits = 0
+
+    def close(self) -> None:
+        pass
+
+
+class SyncCopyEngine(CopyEngine):
+    """Copies at once on the calling thread. Every copy is on compute's critical path and counts as stall."""
+
+    kind = "sync"
+
+    def copy_in(self, slot, dst, src, demand):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        self.stall_s += time.perf_counter() - t0
+        self.waits += 1
+
+
+class ThreadedCopyEngine(CopyEngine):
+    """Copies on one worker thread; demand copies jump the queue of prefetches. Compute waits on the host."""
+
+    kind = "thread"
+
+    def __init__(self, num_slots: int):
+        super().__init__(num_slots)
+        self._done = [threading.Event() for _ in range(num_slots)]
+        for ev in self._done:
+            ev.set()
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._run, name="specmoe-copy", daemon=True)
+        self._worker.start()
+
+    def _run(self):
+        while True:
+            _, _, job = self._queue.get()
+            if job is None:
+                return
+            slot, dst, src = job
+            try:
+                dst.copy_(src)
+            except BaseException as err:  # surfaced on the next wait()
+                self._error = err
+            self._done[slot].set()
+
+    def copy_in(self, slot, dst, src, demand):
+        self._done[slot].clear()
+        self._queue.put((0 if demand else 1, next(self._seq), (slot, dst, src)))
+
+    def ready(self, slot):
+        return self._done[slot].is_set()
+
+    def wait(self, slots):
+        for s in slots:
+            if not self._done[s].is_set():
+                t0 = time.perf_counter()
+                self._done[s].wait()
+                self.stall_s += time.perf_counter() - t0
+                self.waits += 1
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError("an expert copy failed on the copy thread") from err
+
+    def wait_host(self, slot):
+        self.wait([slot])
+
+    def synchronize(self):
+        self.wait(range(self.num_slots))
+
+    def close(self):
+        self._queue.put((-1, -1, None))
+        self._worker.join(timeout=5)
+
+
+class CudaCopyEngine(CopyEngine):
+    """Copies on dedicated CUDA streams; compute waits on per-slot events, never the host."""
+
+    kind = "cuda"
+
+    def __init__(self, num_slots: int, device: torch.device):
+        super().__init__(num_slots)
+        self.device = device
+        low, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
+        self.demand_stream = torch.cuda.Stream(device, priority=high)
+        self.prefetch_stream = torch.cuda.Stream(device, priority=low)
+        self._ready = [torch.cuda.Event() for _ in range(num_slots)]  # recorded after a copy into the slot
+        self._released = [torch.cuda.Event() for _ in range(num_slots)]  # recorded after compute read the slot
+        self._recorded = [False] * num_slots
+        self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def copy_in(self, slot, dst, src, demand):
+        stream = self.demand_stream if demand else self.prefetch_stream
+        stream.wait_event(self._released[slot])  # never overwrite a slot compute may still read
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            self._ready[slot].record(stream)
+        self._recorded[slot] = True
+
+    def ready(self, slot):
+        return not self._recorded[slot] or self._ready[slot].query()
+
+    def wait(self, slots):
+        pending = [s for s in slots if not self.ready(s)]
+        if not pending:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(compute)
+        for s in pending:
+            compute.wait_event(self._ready[s])
+        end.record(compute)
+        self._timing.append((start, end))
+        self.waits += 1
+
+    def wait_host(self, slot):
+        self._ready[slot].synchronize()
+
+    def release(self, slots):
+        compute = torch.cuda.current_stream(self.device)
+        for s in slots:
+            self._released[s].record(compute)
+
+    def synchronize(self):
+        self.demand_stream.synchronize()
+        self.prefetch_stream.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def stall_seconds(self):
+        if self._timing:
+            self._timing[-1][1].synchronize()
+            self.stall_s += sum(a.elapsed_time(b) for a, b in self._timing) / 1e3
+            self._timing.clear()
+        return self.stall_s
+
+    def reset_stall(self):
+        self.synchronize()
+        self._timing.clear()
+        self.stall_s = 0.0
+        self.waits = 0
+
+
+ENGINES = ("sync", "thread", "cuda")
+
+
+def make_engine(kind: str | None, num_slots: int, device: torch.device) -> CopyEngine:
+    """`kind` None picks "cuda" for a CUDA device and "sync" otherwise."""
+    kind = kind or ("cuda" if device.type == "cuda" else "sync")
+    if kind == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"transfer='cuda' needs a CUDA device, the cache is on {device}")
+        return CudaCopyEngine(num_slots, device)
+    if kind == "sync":
+        return SyncCopyEngine(num_slots)
+    if kind == "thread":
+        if device.type == "cuda":
+            raise ValueError("transfer='thread' is the CPU engine; on CUDA use 'cuda' (streams and events)")
+        return ThreadedCopyEngine(num_slots)
+    raise ValueError(f"unknown transfer engine {kind!r}; choose one of {ENGINES}")

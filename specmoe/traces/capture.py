@@ -1,0 +1,79 @@
+"""Record the routing a model actually does: per forward pass, per token, per MoE layer, the top-k ids.
+
+Works on plain and wrapped models alike (it hooks the experts modules' calls, which both go through).
+"""
+
+# Shape legend: T tokens, L MoE layers, k top-k, H hidden
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..runtime.adapters import ModelMoE, find_moe_layers
+
+
+@dataclass
+class RoutedPass:
+    """One forward pass: ids/weights [T, L, k] (-1 / 0 where a layer did not run), hidden {layer: [T, H]}."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class capture_routing:
+    """Context manager recording every MoE layer call of `model` into `self.passes`.
+
+    Args:
+        model: the model (or its SpeculativeMoE wrapper's model).
+        hidden_layers: MoE layers whose entering hidden state [T, H] is kept too (fp16, on the CPU).
+
+    Example:
+        with capture_routing(model) as cap:
+            model.generate(**inputs, max_new_tokens=8)
+        oracle = OraclePredictor([p.ids for p in cap.passes])
+    """
+
+    def __init__(self, model: nn.Module, hidden_layers: Sequence[int] = (), moe: ModelMoE | None = None):
+        wrapper = getattr(model, "_specmoe_wrapper", None)  # a wrapped model's experts left the module
+        self.moe = moe or (wrapper.moe if wrapper is not None else find_moe_layers(model))
+        self.hidden_layers = set(hidden_layers)
+        self.passes: list[RoutedPass] = []
+        self._handles = []
+        self._last_layer: int | None = None
+
+    def _hook(self, index: int):
+        geo = self.moe.geometry
+        layer = self.moe.layers[index]
+
+        def hook(module, args, kwargs):
+            hidden, ids, weights = layer.layout.routing(module, args, kwargs, geo.top_k)
+            T = hidden.shape[0]
+            if self._last_layer is None or index <= self._last_layer or self.passes[-1].ids.shape[0] != T:
+                self.passes.append(RoutedPass(
+                    torch.full((T, geo.num_layers, geo.top_k), -1, dtype=torch.long),
+                    torch.zeros(T, geo.num_layers, geo.top_k),
+                ))
+            self._last_layer = index
+            cur = self.passes[-1]
+            cur.ids[:, index] = ids.reshape(T, -1).long().cpu()
+            if weights is not None and weights.numel() == T * geo.top_k:
+                cur.weights[:, index] = weights.reshape(T, -1).float().cpu()
+            if index in self.hidden_layers:
+                cur.hidden[index] = hidden.reshape(T, -1).detach().to("cpu", torch.float16)
+
+        return hook
+
+    def __enter__(self) -> "capture_routing":
+        for layer in self.moe.layers:
+            self._handles.append(layer.experts.register_forward_pre_hook(self._hook(layer.index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
