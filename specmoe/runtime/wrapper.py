@@ -92,6 +92,12 @@ def resolve_device(model: nn.Module, device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
+    t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
 class SpeculativeMoE:
     """Wrap a transformers MoE model: experts to host memory, a device cache of expert slots, and a
     predictor that prefetches the experts of upcoming layers.
@@ -455,7 +461,7 @@ class SpeculativeMoE:
         experts, layout = layer.experts, layer.layout
         E = self.geometry.num_experts
         table = self.cache.table[layer.index]  # [E] expert -> slot
-        chosen_t = torch.tensor(chosen, device=ids.device)  # [n]
+        chosen_t = _to_device(chosen, ids.device)  # [n]
         if self.compute == "gather":
             lut = torch.zeros(E, dtype=torch.long, device=ids.device)  # [E] expert -> compact index
             lut[chosen_t] = torch.arange(len(chosen), device=ids.device)
