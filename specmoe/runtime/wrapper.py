@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..predictors.base import Predictor
 from .adapters import FusedExperts, ModelMoE, MoELayer, find_moe_layers
@@ -174,7 +175,8 @@ class SpeculativeMoE:
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
             self.store = HostStore(layout, geo.num_layers, geo.num_experts)
-            for layer in moe.layers:
+            big = self.store.nbytes > 2**30  # a progress bar only where it takes a while
+            for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
                 for e in range(geo.num_experts):
                     self.store.write((layer.index, e), layer.layout.expert_tensors(layer.experts, e))
                 self._saved.append(layer.layout.remove(layer.experts))  # frees the module's expert tensors
