@@ -1,58 +1,48 @@
-"""When Triton kernels can run, and compiling them late enough that TRITON_INTERPRET is honoured.
+"""Whether the Triton kernels here can run, and where: compiled on CUDA, or interpreted on CPU.
 
-`triton.jit` decides at decoration time whether a function is compiled for the GPU or interpreted on the CPU
-(TRITON_INTERPRET=1). Decorating at import would freeze that choice for the whole process, so kernels here
-are plain functions wrapped in `LazyKernel`, decorated on first launch for the mode in force then.
+Triton fixes the mode when it is first imported: with TRITON_INTERPRET=1 in the environment at that moment,
+every `triton.jit` function (ours and triton.language's own) runs in its NumPy interpreter on CPU tensors;
+otherwise it is compiled for the GPU. Set the variable before anything imports triton (the test suite does
+so in conftest.py on machines without CUDA).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
+try:
+    import triton
+except ImportError:  # pragma: no cover - triton is optional; every entry point has a PyTorch fallback
+    triton = None
+
+
+def jit(fn):
+    """`triton.jit`, or the plain function when triton is not installed (then it is never launched)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+@jit
+def _probe(x_ptr):
+    pass
+
 
 @functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def interpreting() -> bool:
-    """Whether TRITON_INTERPRET=1 is set (kernels then run, slowly, on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    """Whether triton runs kernels in its interpreter in this process (fixed when triton was imported)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_probe, InterpretedFunction)
 
 
 def triton_runs_on(device: torch.device | str) -> bool:
     """Whether a Triton kernel can be launched on tensors of `device` in this process."""
-    if not triton_installed():
+    if triton is None:
         return False
     device = torch.device(device)
     if interpreting():
         return device.type == "cpu"
     return device.type == "cuda"
-
-
-class LazyKernel:
-    """A Triton kernel decorated with `triton.jit` when first launched: ``LazyKernel(fn)[grid](*args)``.
-
-    The kernel body must not call other Python-level kernels (each would be decorated separately); keep
-    helpers inline.
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-        self._compiled = {}
-        functools.update_wrapper(self, fn)
-
-    def get(self):
-        mode = interpreting()
-        if mode not in self._compiled:
-            import triton
-
-            self._compiled[mode] = triton.jit(self.fn)
-        return self._compiled[mode]
-
-    def __getitem__(self, grid):
-        return self.get()[grid]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .jit import LazyKernel, triton_runs_on
+from .jit import jit, triton_runs_on
 
 try:
     import triton
@@ -128,6 +128,7 @@ def fake_quantize(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     return dequantize(quantize(w, fmt), fmt, tuple(w.shape), w.dtype)
 
 
+@jit
 def _dequant_kernel(
     q_ptr,  # int8 [N, K] or uint8 [N, Kp/2]
     scale_ptr,  # float32 [N] or float16 [N, Kp/G]
@@ -156,7 +157,6 @@ def _dequant_kernel(
     tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_DEQUANT = LazyKernel(_dequant_kernel)
 _BLOCK_N, _BLOCK_K = 32, 128  # untuned; the kernel is bound by memory bandwidth
 
 
@@ -180,7 +180,7 @@ def dequantize_into(out: torch.Tensor, parts: dict[str, torch.Tensor], fmt: Quan
     q, scale = parts[".qweight"], parts[".qscale"]
     zero = parts.get(".qzero", scale)
     grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(k, _BLOCK_K))
-    _DEQUANT[grid](
+    _dequant_kernel[grid](
         q, scale, zero, out, n, k, q.stride(0), scale.stride(0), out.stride(0),
         GROUP=fmt.group_size, BITS=8 if fmt.scheme == "int8" else 4, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
     )

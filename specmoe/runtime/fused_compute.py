@@ -37,6 +37,9 @@ class FusedKernelCompute:
         self.fallback = fallback
         self.activation: dict[int, str] = {}  # MoE layer -> activation, for layers the kernel supports
         self._logged: set[str] = set()
+        self.runs_here = kernels.triton_runs_on(device)  # else moe_experts falls back to the torch reference
+        if mode == "auto" and not self.runs_here:
+            logger.info("compute='auto': Triton cannot run on %s here; using %s", device, fallback)
 
     def plan(self, layer: MoELayer) -> None:
         activation, reason = self.kernels.kernel_activation(layer.experts)
@@ -52,6 +55,8 @@ class FusedKernelCompute:
             return False
         if self.mode == "triton":
             return True
+        if not self.runs_here:
+            return False
         gate_up, down = views["gate_up_proj"], views["down_proj"]  # [S, 2I, H], [S, H, I]
         tokens, top_k = ids.shape
         key = self.kernels.shape_key(gate_up.dtype, gate_up.shape[-1], down.shape[-1], top_k)

@@ -155,7 +155,9 @@ class SpeculativeMoE:
         self.device = resolve_device(model, device)
         if predictor is not None:
             predictor.bind(geo, [layer.router for layer in moe.layers])
-        self._check_device_memory(model, moe, num_slots * layout.nbytes)
+        self.codec = make_codec(compression, layout)
+        staging = 2 * self.codec.layout.nbytes if self.codec else 0  # one per copy stream
+        self._check_device_memory(model, moe, num_slots * layout.nbytes + staging)
         lookahead = getattr(predictor, "lookahead", 1) if predictor is not None else 1
         self.prefetch_width = prefetch_width or geo.top_k
         self.max_prefetch_inflight = max_prefetch_inflight or 2 * geo.top_k * lookahead
@@ -167,7 +169,6 @@ class SpeculativeMoE:
         # what runs where the fused kernel is not used: the model's implementation on the pool or a gather
         self._model_compute = (self.compute if self.compute in ("gather", "pool")
                                else "pool" if self.device.type == "cuda" else "gather")
-        self.codec = make_codec(compression, layout)
         use_kernel = self.compute == "triton" or (self.compute == "auto" and self.device.type == "cuda")
         self._fused = FusedKernelCompute(self.compute, self.device, self._model_compute) if use_kernel else None
         for layer in moe.layers if self._fused is not None else ():

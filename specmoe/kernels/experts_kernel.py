@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from .jit import LazyKernel, interpreting, triton_runs_on
+from .jit import interpreting, jit, triton_runs_on
 from .launch_config import MoEKernelConfig, launch_configs, shape_key
 from .reference import ACTIVATIONS, experts_reference
 
@@ -38,6 +38,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2
 
 
+@jit
 def _fused_experts_kernel(
     x_ptr,  # [T, H] in the weights' dtype
     out_ptr,  # [T, H] float32, zeroed
@@ -104,13 +105,13 @@ def _fused_experts_kernel(
             acc_u = tl.dot(xt, wu, acc_u)
 
     # ---- activation; the intermediate is rounded to the weights' dtype, as in the model -------------
-    if ACT == 0:
-        gate = acc_g * tl.sigmoid(acc_g)
-    elif ACT == 1:
+    if ACT == 0:  # silu: x sigmoid(x)
+        gate = acc_g / (1.0 + tl.exp(-acc_g))
+    elif ACT == 1:  # exact gelu
         gate = 0.5 * acc_g * (1.0 + tl.math.erf(acc_g * 0.7071067811865476))
-    else:  # tanh approximation; tanh(y) = 2 sigmoid(2y) - 1
+    else:  # tanh gelu: 0.5 x (1 + tanh(y)) = x sigmoid(2y)
         y = 0.7978845608028654 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
-        gate = 0.5 * acc_g * (2.0 * tl.sigmoid(2.0 * y))
+        gate = acc_g / (1.0 + tl.exp(-2.0 * y))
     h = (gate * acc_u).to(w2_ptr.dtype.element_ty)  # [BT, BI]
 
     # ---- down for this I-tile, weighted, added into the output ------------------------------------
@@ -128,9 +129,6 @@ def _fused_experts_kernel(
         part = part * rw[:, None]
         tl.atomic_add(out_ptr + token[:, None] * stride_ot + nn[None, :], part,
                       mask=pmask[:, None] & nmask[None, :], sem="relaxed")
-
-
-_KERNEL = LazyKernel(_fused_experts_kernel)
 
 
 def align_pairs(flat_ids: torch.Tensor, num_experts: int, block_t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +242,7 @@ def fused_experts(
     rw = weights.reshape(-1).contiguous()  # [P]
     dot_f32 = gate_up.dtype == torch.float32 or (interpreting() and gate_up.dtype == torch.bfloat16)
     grid = (block_expert.numel(), triton.cdiv(inter, config.block_i))
-    _KERNEL[grid](
+    _fused_experts_kernel[grid](
         x, out, gate_up, down, table.contiguous(), pairs, block_expert, rw,
         H, inter, P, k,
         x.stride(0), out.stride(0),
