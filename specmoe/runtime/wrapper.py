@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..predictors.base import Predictor
 from .adapters import FusedExperts, ModelMoE, MoELayer, find_moe_layers
@@ -93,6 +94,12 @@ def resolve_device(model: nn.Module, device) -> torch.device:
     if accel:
         return accel[0]
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
+    t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
 
 
 class SpeculativeMoE:
@@ -189,7 +196,8 @@ class SpeculativeMoE:
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
             self.store = HostStore(self.codec.layout if self.codec else layout, geo.num_layers, geo.num_experts)
-            for layer in moe.layers:
+            big = self.store.nbytes > 2**30  # a progress bar only where it takes a while
+            for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
                 for e in range(geo.num_experts):
                     tensors = layer.layout.expert_tensors(layer.experts, e)
                     self.store.write((layer.index, e), self.codec.encode(tensors) if self.codec else tensors)
@@ -199,7 +207,8 @@ class SpeculativeMoE:
                 self.store.pin()
             self.pool = SlotPool(layout, num_slots, self.device)
             self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, policy)
-            self.engine = make_engine(transfer, num_slots, self.device, codec=self.codec)
+            compressed = {"codec": self.codec} if self.codec else {}  # copies that rebuild slots from compressed bytes
+            self.engine = make_engine(transfer, num_slots, self.device, **compressed)
             for layer in moe.layers:
                 self._install(layer)
         except BaseException:
@@ -483,14 +492,14 @@ class SpeculativeMoE:
         experts, layout = layer.experts, layer.layout
         E = self.geometry.num_experts
         table = self.cache.table[layer.index]  # [E] expert -> slot
-        chosen_t = torch.tensor(chosen, device=ids.device)  # [n]
         if self._fused is not None and self._fused.wanted(layer, ids, self.pool.views):
             hidden = layout.routing(experts, args, kwargs, self.geometry.top_k)[0]  # [T, H]
             if partial:  # experts outside the chunk contribute nothing: they are absent for the kernel
                 member = torch.zeros(E, dtype=torch.bool, device=ids.device)
-                member[chosen_t] = True
+                member[_to_device(chosen, ids.device)] = True
                 table = torch.where(member, table, torch.full_like(table, -1))
             return self._fused(layer, hidden, ids, weights, self.pool.views, table)
+        chosen_t = _to_device(chosen, ids.device)  # [n]
         if self._model_compute == "gather":
             lut = torch.zeros(E, dtype=torch.long, device=ids.device)  # [E] expert -> compact index
             lut[chosen_t] = torch.arange(len(chosen), device=ids.device)
