@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in triton's interpreter on CPU; set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 # Small but honest: 2-3 MoE layers, 8 experts, top-2 (Switch: top-1), 64 hidden.
