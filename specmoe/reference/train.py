@@ -142,7 +142,7 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     Returns:
         The training record also written to `out/training.json`.
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     deadline = t0 + cfg.minutes * 60 if cfg.steps is None else math.inf
     out = Path(out)
     torch.manual_seed(cfg.seed)
@@ -243,6 +243,7 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     }
     _save(model, tokenizer, out, heldout_prompts(val_texts, cfg.num_prompts, cfg.prompt_chars), record)
     record["wall_time_s"] = round(time.perf_counter() - t0, 1)  # the whole run, the save included
+    record["cpu_time_s"] = round(time.process_time() - cpu0, 1)  # all threads: what a shared machine gave us
     write_json(out / TRAINING_NAME, record)
     logger.info("saved %s in %.0f s", out, record["wall_time_s"])
     return record
