@@ -169,8 +169,8 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
             tokens, *_ = _timed_generate(model.generate, ids, cfg.new_tokens, device)
         reference.append(tokens)
         routing.append([p.ids for p in cap.passes])
-    resident = [_timed_generate(model.generate, ids, cfg.new_tokens, device)[1:3] for ids in
-                tqdm(prompts, desc="unwrapped: timing", disable=not progress, leave=False)][1:]
+    resident = [_timed_generate(model.generate, ids, cfg.new_tokens, device)[1:3] for ids in  # hooks off
+                tqdm(prompts[1:], desc="unwrapped: timing", disable=not progress, leave=False)]
 
     rows = []
     geometry = find_moe_layers(model).geometry

@@ -8,19 +8,17 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     geo = result["model"]["geometry"]
     lines = [
-        "| predictor | hit rate | misses | MiB moved | MiB / token | prefetches used / issued | decode tok/s "
-        "| tokens = unwrapped |",
-        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+        "| predictor | hit rate | misses | MiB moved | MiB / token | decode tok/s | tokens = unwrapped |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
     ]
     decode_tokens = (s["new_tokens"] - 1) * s["prompts"]
     for row in result["rows"]:
         d = row["decode"]
         mib = d["bytes_moved"] / 2**20
-        used = f"{d['prefetch_used']} / {d['prefetch_issued']}" if d["prefetch_issued"] else "-"
         lines.append(f"| {row['predictor']} | {d['hit_rate']:.3f} | {d['misses']} | {mib:.1f} | "
-                     f"{mib / decode_tokens:.2f} | {used} | {row['decode_tok_s']:.1f} | "
+                     f"{mib / decode_tokens:.3f} | {row['decode_tok_s']:.1f} | "
                      f"{'yes' if row['tokens_match'] else 'NO'} |")
-    lines.append(f"| all experts resident (unwrapped) | 1 | 0 | 0 | 0 | - | "
+    lines.append(f"| all experts resident (unwrapped) | 1 | 0 | 0 | 0 | "
                  f"{result['unwrapped']['decode_tok_s']:.1f} | - |")
     env = result["environment"]
     lines += [

@@ -11,7 +11,8 @@ logger = logging.getLogger(__name__)
 EOS = "<|endoftext|>"  # separates documents; also the pad token
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, model_max_length: int = 512):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
+                    model_max_length: int = 512):
     """Train a byte-level BPE tokenizer (no unknown tokens: every byte has a token).
 
     Args:
@@ -40,7 +41,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
     )
     tok.train_from_iterator(texts, trainer=trainer)
     logger.info("trained a BPE tokenizer with %d tokens", tok.get_vocab_size())
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=model_max_length)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+                                   model_max_length=model_max_length)
 
 
 def load_tokenizer(path):

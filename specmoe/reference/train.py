@@ -262,8 +262,12 @@ def main(argv=None) -> int:
         else:
             ap.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
     ap.add_argument("--corpus-root", type=Path, default=None, help="directory of *.py files (default: stdlib)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 is far faster on a machine shared with other jobs)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     corpus = CorpusConfig(root=args.corpus_root, seed=cfg.seed)
