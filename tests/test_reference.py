@@ -9,8 +9,8 @@ from specmoe.cli import main as cli_main
 from specmoe.predictors import RandomPredictor, save_predictor
 from specmoe.reference.corpus import CorpusConfig, load_corpus
 from specmoe.reference.data import eval_windows
-from specmoe.reference.model import (CHECKPOINT_DIR, build_random_model, load_reference_model,
-                                     load_reference_prompts, load_reference_tokenizer)
+from specmoe.reference.model import (CHECKPOINT_DIR, PRESETS, build_config, build_random_model,
+                                     load_reference_model, load_reference_prompts, load_reference_tokenizer)
 from specmoe.reference.routing_stats import routing_statistics
 from specmoe.reference.train import TrainConfig, lr_factor, train
 from specmoe.runtime.adapters import find_moe_layers
@@ -92,6 +92,19 @@ def test_train_config_validation_and_schedule():
     assert lr_factor(0, 0.0, cfg) == pytest.approx(0.1)
     assert lr_factor(50, 0.0, cfg) == pytest.approx(1.0)
     assert lr_factor(50, 1.0, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_their_geometry_with_the_load_balancing_loss_on(name):
+    p = PRESETS[name]
+    model = build_random_model(build_config(p, vocab_size=300, eos_token_id=0)).train()
+    geo = find_moe_layers(model).geometry
+    assert (geo.num_layers, geo.num_experts, geo.top_k) == (p.num_layers, p.num_experts, p.top_k)
+    x = torch.randint(1, 300, (2, 16))
+    out = model(input_ids=x, labels=x, output_router_logits=True)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    assert out.loss.item() == pytest.approx(
+        model(input_ids=x, labels=x).loss.item() + p.router_aux_loss_coef * out.aux_loss.item(), rel=1e-5)
 
 
 def test_training_recipe_writes_a_loadable_checkpoint(tmp_path):

@@ -8,7 +8,7 @@
    oracle), wrap the model in `SpeculativeMoE` at one cache capacity and generate the same prompts in a row
    (the cache stays warm from prompt to prompt, as in a server; the first prompt only warms it up).
    Counters are split at the first new token: the table shows the decode phase.
-4. Print a table; write demo.json and demo.png.
+4. Print a table; write demo.json, demo.md (the table) and demo.png.
 """
 
 # Shape legend: T tokens, L MoE layers, k top-k
@@ -54,6 +54,8 @@ class DemoConfig:
         prompts: measured prompts (one more, the first, warms the cache and the clocks up).
         prompt_tokens: prompts are cut to this many tokens.
         new_tokens: tokens generated per prompt (greedy, never stopping early); at least 2.
+        repetition_penalty: transformers' repetition penalty on the greedy choice (1.0 = plain greedy, which
+            loops on a model this small, and loops flatter every cache figure).
         predictors: directories of trained predictors to compare besides the built-in ones.
         checkpoint: a reference checkpoint directory (default: the packaged one).
     """
@@ -64,6 +66,7 @@ class DemoConfig:
     prompts: int = 3
     prompt_tokens: int = 48
     new_tokens: int = 32
+    repetition_penalty: float = 1.3
     predictors: tuple[Path, ...] = ()
     checkpoint: Path | None = None
 
@@ -75,6 +78,9 @@ class DemoConfig:
         if self.new_tokens < 2:
             raise ValueError(f"DemoConfig.new_tokens must be >= 2 (decode is measured after the first), "
                              f"got {self.new_tokens}")
+        if not self.repetition_penalty >= 1.0:
+            raise ValueError(f"DemoConfig.repetition_penalty must be >= 1.0 (1.0 = none), "
+                             f"got {self.repetition_penalty}")
         if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"DemoConfig.dtype must name a torch dtype such as 'float32' or 'bfloat16', "
                              f"got {self.dtype!r}")
@@ -111,8 +117,8 @@ def _with_rates(c: dict) -> dict:
     return {**c, "hit_rate": c["hits"] / n if n else 0.0}
 
 
-def _timed_generate(generate, ids: torch.Tensor, new_tokens: int, device: torch.device, stats=lambda: None):
-    """Greedy-generate exactly `new_tokens`; returns (new token ids, ttft s, decode tok/s, counters at the
+def _timed_generate(generate, ids: torch.Tensor, cfg: DemoConfig, device: torch.device, stats=lambda: None):
+    """Greedy-generate exactly `cfg.new_tokens`; returns (new token ids, ttft s, decode tok/s, counters at the
     first token)."""
 
     def sync():
@@ -123,12 +129,13 @@ def _timed_generate(generate, ids: torch.Tensor, new_tokens: int, device: torch.
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+        out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens,
+                       min_new_tokens=cfg.new_tokens, do_sample=False, repetition_penalty=cfg.repetition_penalty,
+                       streamer=clock)
     sync()
     t_end = time.perf_counter()
     decode_s = max(t_end - clock.first_s, 1e-9)
-    return out[0, ids.shape[1]:].cpu(), clock.first_s - t0, (new_tokens - 1) / decode_s, clock.first_stats
+    return out[0, ids.shape[1]:].cpu(), clock.first_s - t0, (cfg.new_tokens - 1) / decode_s, clock.first_stats
 
 
 def _predictor_specs(cfg: DemoConfig, geometry, routing: list[list[torch.Tensor]]):
@@ -166,10 +173,10 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
     reference, routing = [], []
     for ids in tqdm(prompts, desc="unwrapped: routing", disable=not progress, leave=False):
         with capture_routing(model) as cap:
-            tokens, *_ = _timed_generate(model.generate, ids, cfg.new_tokens, device)
+            tokens, *_ = _timed_generate(model.generate, ids, cfg, device)
         reference.append(tokens)
         routing.append([p.ids for p in cap.passes])
-    resident = [_timed_generate(model.generate, ids, cfg.new_tokens, device)[1:3] for ids in  # hooks off
+    resident = [_timed_generate(model.generate, ids, cfg, device)[1:3] for ids in  # hooks off
                 tqdm(prompts[1:], desc="unwrapped: timing", disable=not progress, leave=False)]
 
     rows = []
@@ -182,7 +189,7 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
                 if per_prompt and i > 0:
                     _set_predictor(smoe, make(i))
                 before = _counters(smoe.stats)
-                tokens, ttft, tok_s, at_first = _timed_generate(smoe.generate, ids, cfg.new_tokens, device,
+                tokens, ttft, tok_s, at_first = _timed_generate(smoe.generate, ids, cfg, device,
                                                                 stats=lambda: smoe.stats)
                 after, first = _counters(smoe.stats), _counters(at_first)
                 runs.append({"prompt": i, "ttft_s": ttft, "decode_tok_s": tok_s,
@@ -235,21 +242,26 @@ def add_demo_arguments(parser) -> None:
     parser.add_argument("--prompts", type=int, default=d.prompts, help="measured held-out prompts (+1 warm-up)")
     parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                        help="on the greedy choice; 1.0 = plain greedy")
     parser.add_argument("--predictor", type=Path, action="append", default=[], metavar="PATH",
                         help="a trained predictor directory to compare too (repeatable)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="another reference checkpoint directory")
-    parser.add_argument("--out", type=Path, default=Path("specmoe-demo"), help="where demo.json/.png go")
+    parser.add_argument("--out", type=Path, default=Path("specmoe-demo"), help="where demo.json/.md/.png go")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def run_demo(args) -> int:
     cfg = DemoConfig(device=args.device, dtype=args.dtype, capacity=args.capacity, prompts=args.prompts,
-                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, predictors=tuple(args.predictor),
+                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                     repetition_penalty=args.repetition_penalty, predictors=tuple(args.predictor),
                      checkpoint=args.checkpoint)
     result = run_demo_experiment(cfg, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "demo.json", result)
+    table = format_table(result)
+    (args.out / "demo.md").write_text(table + "\n")
     plot_demo(result, args.out / "demo.png")
-    print(format_table(result))
-    print(f"\nwrote {args.out / 'demo.json'} and {args.out / 'demo.png'}")
+    print(table)
+    print(f"\nwrote demo.json, demo.md and demo.png in {args.out}")
     return 0 if all(r["tokens_match"] for r in result["rows"]) else 1
