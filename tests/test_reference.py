@@ -47,12 +47,13 @@ def test_trained_routing_is_far_from_uniform_and_from_random_weights(reference, 
     model, _ = reference
     trained = routing_statistics(model, heldout_windows).summary()
     random = routing_statistics(build_random_model(model.config, seed=0), heldout_windows).summary()
-    # A random router cannot tell experts apart; a trained one is decisive.
+    # A random router can hardly tell experts apart (softmax entropy ~ log E); a trained one is decisive.
     assert random["router_entropy"] > 0.98
-    assert trained["router_entropy"] < random["router_entropy"] - 0.2
-    # Learned routing carries information from layer to layer and from token to token.
-    assert trained["top1_next_accuracy"] > trained["top1_next_baseline"] + 0.1
-    assert trained["next_token_reuse"] > 4 / 60 * 1.5  # well above chance overlap of k / E
+    assert trained["router_entropy"] < random["router_entropy"] - 0.1
+    # Learned routing has favourite experts, and layer l's choice says something about layer l+1's.
+    assert trained["max_expert_share"] > 1.4 * random["max_expert_share"]
+    assert trained["top1_next_accuracy"] > random["top1_next_accuracy"] + 0.1
+    assert trained["next_token_reuse"] > 1.5 * 4 / 60  # consecutive tokens share experts beyond chance (k / E)
 
 
 def test_loading_a_missing_checkpoint_says_how_to_rebuild(tmp_path):
