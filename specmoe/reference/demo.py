@@ -221,6 +221,8 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
         "environment": environment(device),
         "load_s": load_s,
         "prompt_tokens": [int(p.shape[1]) for p in prompts],
+        "generations": [{"prompt": tokenizer.decode(p[0].cpu()), "generated": tokenizer.decode(t)}
+                        for p, t in zip(prompts, reference)],
         "unwrapped": {"decode_tok_s": statistics.median(r[1] for r in resident),
                       "ttft_s": statistics.median(r[0] for r in resident)},
         "rows": rows,
