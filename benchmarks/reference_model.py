@@ -96,7 +96,8 @@ def render_markdown(result: dict) -> str:
         f"{tr['model_class']} L={geo['num_layers']} E={geo['num_experts']} k={geo['top_k']} "
         f"H={geo['hidden_size']}, {tr['parameters'] / 1e6:.1f}M parameters, trained {tr['steps']} steps "
         f"({tr['tokens_seen'] / 1e6:.2f}M tokens) in {tr['wall_time_s'] / 60:.1f} min wall, "
-        f"{tr['cpu_time_s'] / 60:.1f} min CPU on a shared 2-core machine. Held-out: {s['windows']} windows x "
+        f"{tr['cpu_time_s'] / 60:.1f} min CPU time on {result['training_environment']['device_name']}. "
+        f"Held-out: {s['windows']} windows x "
         f"{s['seq_len']} tokens from {c['val_files']} validation files of the Python {c['python']} standard "
         f"library (corpus {'matches' if result['corpus_matches_training'] else 'DIFFERS FROM'} training's). "
         f"{env['device_name']}, torch {env['torch']}, transformers {env['transformers']}, git {env['git_sha']}.",
