@@ -1,0 +1,86 @@
+"""Base of predictors backed by a torch module that scores layers l+1..l+D in one call.
+
+One module serves training (batches of tokens drawn from traces, all at one source layer) and the runtime
+(`predict`, called by SpeculativeMoE once per MoE layer). Subclasses say how to build the module's inputs
+from a trace (`batch_inputs`) and from what the runtime passes (`runtime_inputs`).
+"""
+
+# Shape legend: B batch tokens, T tokens, E experts, H hidden, L MoE layers, k top-k, D lookahead, C context
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..geometry import MoEGeometry
+from .base import Predictor
+
+
+def context_window(ids: torch.Tensor, layer: int, context: int) -> torch.Tensor:
+    """The expert ids of layers layer-C+1..layer from ids [B, >=layer+1, k], -1-padded on the left. -> [B, C, k]"""
+    lo = layer - context + 1
+    window = ids[:, max(lo, 0) : layer + 1]  # [B, <=C, k]
+    if lo < 0:
+        pad = torch.full((ids.shape[0], -lo, ids.shape[2]), -1, dtype=ids.dtype, device=ids.device)
+        window = torch.cat([pad, window], dim=1)
+    return window
+
+
+class TrainablePredictor(Predictor):
+    """A predictor with a `module` whose output is logits [B, D, E] for target layers layer+1..layer+D.
+
+    Targets past the last layer (the next token's first layers) are scored too and returned by `predict`
+    when `wrap` is True.
+
+    Subclasses set `self.module` in __init__ and implement `forward`, `batch_inputs` and `runtime_inputs`.
+    """
+
+    def __init__(self, geometry: MoEGeometry, lookahead: int = 2, wrap: bool = True):
+        if geometry is None:
+            raise ValueError(f"{type(self).__name__} needs the model's geometry (MoEGeometry) to build its network")
+        if lookahead > geometry.num_layers:
+            raise ValueError(f"lookahead {lookahead} exceeds the {geometry.num_layers} MoE layers; use at most that")
+        super().__init__(lookahead, geometry)
+        self.wrap = bool(wrap)
+        self.module: nn.Module
+
+    # --- what subclasses provide ------------------------------------------------------------------
+    def forward(self, layer: int, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [B, D, E] for targets layer+1..layer+D (differentiable; the module's current mode)."""
+        raise NotImplementedError
+
+    def batch_inputs(self, trace, layer: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs for `forward` from a RoutingTrace at source `layer` for token indices `tokens` [B]."""
+        raise NotImplementedError
+
+    def runtime_inputs(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inputs for `forward` from the runtime's hidden [T, H] and history [T, layer+1, k]."""
+        raise NotImplementedError
+
+    # --- the runtime protocol ----------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.module.training:
+            self.module.eval()
+        if next(self.module.parameters()).device != hidden.device:
+            self.module.to(hidden.device)
+        logits = self.forward(layer, **self.runtime_inputs(layer, hidden, history))  # [T, D, E]
+        return {t: logits[:, t - layer - 1] for t in self.targets(layer, wrap=self.wrap)}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    # --- persistence -------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+    @classmethod
+    def from_config(cls, config: dict, tensors: dict[str, torch.Tensor], geometry: MoEGeometry | None):
+        predictor = cls(geometry=geometry, **config)
+        try:
+            predictor.module.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise ValueError(f"{cls.__name__}: saved weights do not fit its config ({str(err).splitlines()[0]})") \
+                from None
+        predictor.module.eval()
+        return predictor
