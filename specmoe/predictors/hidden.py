@@ -23,27 +23,24 @@ from .trainable import TrainablePredictor
 
 
 class HiddenNet(nn.Module):
+    """Per source layer l: logits = gelu(LN(h) @ w1 + b1) @ w2 + b2 (+ h @ gate_w^T, the learned pre-gate)."""
+
     def __init__(self, L: int, E: int, H: int, D: int, dim: int, gate: bool):
         super().__init__()
         self.E, self.D = E, D
         self.w1 = nn.Parameter(torch.randn(L, H, dim) * H**-0.5)
         self.b1 = nn.Parameter(torch.zeros(L, dim))
         self.w2 = nn.Parameter(torch.zeros(L, dim, D * E) if gate else torch.randn(L, dim, D * E) * dim**-0.5)
-        self.b2 = nn.Parameter(torch.zeros(L, D * E))
-        if gate:
-            self.gate_w = nn.Parameter(torch.zeros(L, D, E, H))  # a pre-gate per (source, target)
-            self.gate_b = nn.Parameter(torch.zeros(L, D, E))
-        else:
-            self.gate_w = self.gate_b = None
+        self.b2 = nn.Parameter(torch.zeros(L, D * E))  # holds the routers' biases when gated
+        self.gate_w = nn.Parameter(torch.zeros(L, D * E, H)) if gate else None  # a pre-gate per (source, target)
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, H] entering MoE layer `layer` -> logits [B, D, E]."""
+        """hidden [B, H] entering MoE layer `layer` -> logits [B, D, E] (few ops: it runs at every layer)."""
         x = F.layer_norm(hidden, hidden.shape[-1:])
-        z = F.gelu(x @ self.w1[layer] + self.b1[layer]) @ self.w2[layer] + self.b2[layer]  # [B, D*E]
-        z = z.view(-1, self.D, self.E)
+        z = torch.addmm(self.b2[layer], F.gelu(torch.addmm(self.b1[layer], x, self.w1[layer])), self.w2[layer])
         if self.gate_w is not None:
-            z = z + torch.einsum("bh,deh->bde", hidden, self.gate_w[layer]) + self.gate_b[layer]
-        return z
+            z = torch.addmm(z, hidden, self.gate_w[layer].t())  # [B, D*E]
+        return z.view(-1, self.D, self.E)
 
 
 @register_predictor("hidden")
@@ -85,8 +82,9 @@ class HiddenStatePredictor(TrainablePredictor):
                 r = routers[(layer + d) % L]
                 if tuple(r.weight.shape) != (E, H):
                     raise ValueError(f"router {(layer + d) % L} has weight {tuple(r.weight.shape)}, expected [{E}, {H}]")
-                net.gate_w[layer, d - 1] = r.weight.float().to(net.gate_w.device)
-                net.gate_b[layer, d - 1] = 0.0 if r.bias is None else r.bias.float().to(net.gate_b.device)
+                rows = slice((d - 1) * E, d * E)
+                net.gate_w[layer, rows] = r.weight.float().to(net.gate_w.device)
+                net.b2[layer, rows] = 0.0 if r.bias is None else r.bias.float().to(net.b2.device)
         return self
 
     def forward(self, layer, hidden):

@@ -64,6 +64,7 @@ class HistoryPredictor(Predictor):
         pmi = cond - self.log_prior[target_layer][:, :, None, :]  # [L, G, E, E]
         self.pmi = torch.cat([pmi, torch.zeros(L, G, 1, E)], dim=2)  # row E: an unrouted (-1) source votes 0
         self._device = torch.device("cpu")
+        self._index_cache: dict = {}
 
     @classmethod
     @torch.no_grad()
@@ -97,21 +98,30 @@ class HistoryPredictor(Predictor):
         pred._tables()
         return pred
 
+    def _index(self, layer: int, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """For `layer`: table rows [n_targets, c] of (source s, distance t - s), target layers [n_targets], targets."""
+        key = (layer, device)
+        if key not in self._index_cache:
+            L, G = self.geometry.num_layers, self.pmi.shape[1]
+            targets = self.targets(layer, wrap=self.wrap)
+            sources = range(max(0, layer - self.context + 1), layer + 1)
+            rows = torch.tensor([[s * G + (t - s - 1) for s in sources] for t in targets], dtype=torch.long)
+            self._index_cache[key] = (rows.to(device), torch.tensor([t % L for t in targets], device=device), targets)
+        return self._index_cache[key]
+
     @torch.no_grad()
     def predict(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
-        L, E = self.geometry.num_layers, self.geometry.num_experts
+        E = self.geometry.num_experts
         device = history.device
         if self._device != device:
             self.log_prior, self.pmi, self._device = self.log_prior.to(device), self.pmi.to(device), device
-        sources = range(max(0, layer - self.context + 1), layer + 1)
-        known = {s: torch.where(history[:, s] >= 0, history[:, s], E) for s in sources}  # [T, k], E = unrouted
-        out = {}
-        for t in self.targets(layer, wrap=self.wrap):
-            score = self.log_prior[t % L].expand(history.shape[0], E)  # [T, E]
-            for s, ids in known.items():
-                score = score + self.pmi[s, t - s - 1][ids].sum(1)  # [T, k, E] -> [T, E]
-            out[t] = score
-        return out
+        rows, target_layers, targets = self._index(layer, device)  # [n, c], [n]
+        if not targets:
+            return {}
+        known = history[:, layer + 1 - rows.shape[1] : layer + 1].remainder(E + 1)  # [T, c, k]; -1 -> E (votes 0)
+        index = rows[None, :, :, None] * (E + 1) + known[:, None]  # [T, n, c, k]
+        score = self.pmi.view(-1, E)[index].sum((2, 3)) + self.log_prior[target_layers]  # [T, n, E]
+        return {t: score[:, i] for i, t in enumerate(targets)}
 
     def config(self) -> dict:
         return {"lookahead": self.lookahead, "context": self.context, "wrap": self.wrap, "alpha": self.alpha}

@@ -1,10 +1,11 @@
 """Inter-layer predictor: a small transformer encoder over the expert ids of the last C MoE layers.
 
 Each of the C known layers becomes one input token: the sum of the embeddings of its k routed experts
-(experts of different layers are different entities, so the table has L * E rows), plus a layer and a
-position embedding. D query tokens, one per target layer l+1..l+D (layer embedding of the target, which
-may be a layer of the next token), follow. The encoder's output at query d is scored against output
-embeddings of the target layer's E experts.
+(experts of different layers are different entities, so the table has a block of rows per layer), plus an
+embedding of its position j in the context of layer l (which stands for the layer and the position). D
+query tokens follow, one per target layer l+1..l+D (a target past the last layer is a layer of the next
+token). The encoder's output at query d is scored against output embeddings of the target layer's E
+experts.
 """
 
 # Shape legend: B tokens, E experts, L MoE layers, k top-k, C context layers, D lookahead, M model width
@@ -12,6 +13,7 @@ embeddings of the target layer's E experts.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import MoEGeometry
@@ -19,39 +21,62 @@ from .base import register_predictor
 from .trainable import TrainablePredictor, context_window
 
 
+class EncoderBlock(nn.Module):
+    """A pre-norm transformer encoder block, written out so that one call is a dozen ops (it runs per layer)."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, ff), nn.Linear(ff, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, M]
+        B, S, M = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.heads, M // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, S, M)  # [B, S, M]
+        a = self.proj(a)
+        if p:
+            a = F.dropout(a, p)
+        x = x + a
+        f = self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        if p:
+            f = F.dropout(f, p)
+        return x + f
+
+
 class InterLayerNet(nn.Module):
     def __init__(self, L: int, E: int, C: int, D: int, dim: int, layers: int, heads: int, ff: int, dropout: float):
         super().__init__()
         self.L, self.E, self.C, self.D = L, E, C, D
-        self.pad = L * E
-        self.expert = nn.Embedding(L * E + 1, dim, padding_idx=self.pad)  # input expert embeddings
-        self.layer = nn.Embedding(2 * L, dim)  # source layers 0..L-1, targets up to 2L-1 (the next token)
-        self.pos = nn.Embedding(C + D, dim)
-        block = nn.TransformerEncoderLayer(dim, heads, ff, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        # Input expert embeddings: one block of E + 1 rows per source layer (row E: no expert routed), and a
+        # block L for context positions before the first layer.
+        self.expert = nn.Embedding((L + 1) * (E + 1), dim)
+        self.context_pos = nn.Parameter(torch.randn(L, C, dim) * 0.02)  # context slot j when predicting at l
+        self.query = nn.Parameter(torch.randn(L, D, dim) * 0.02)  # query for target l + 1 + d
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, ff, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Parameter(torch.randn(L, E, dim) * dim**-0.5)  # output expert embeddings
         self.out_bias = nn.Parameter(torch.zeros(L, E))
         nn.init.normal_(self.expert.weight, std=0.02)
-        nn.init.normal_(self.layer.weight, std=0.02)
-        nn.init.normal_(self.pos.weight, std=0.02)
-        with torch.no_grad():
-            self.expert.weight[self.pad].zero_()
+        src = torch.arange(L)[:, None] - C + 1 + torch.arange(C)[None]  # [L, C] source layer of slot j
+        self.register_buffer("offsets", torch.where(src >= 0, src, L) * (E + 1), persistent=False)  # [L, C]
+        self.register_buffer("target_layers", (torch.arange(L)[:, None] + 1 + torch.arange(D)[None]) % L,
+                             persistent=False)  # [L, D]
 
     def forward(self, layer: int, context: torch.Tensor) -> torch.Tensor:
         """context [B, C, k] expert ids of layers layer-C+1..layer (-1 = none) -> logits [B, D, E]."""
-        B, C, _ = context.shape
-        dev = context.device
-        src = torch.arange(layer - C + 1, layer + 1, device=dev)  # [C]
-        flat = torch.where((context >= 0) & (src[None, :, None] >= 0), src[None, :, None] * self.E + context,
-                           self.pad)  # [B, C, k]
-        x = self.expert(flat).sum(2) + self.layer(src.clamp(min=0)) + self.pos.weight[:C]  # [B, C, M]
-        tgt = torch.arange(layer + 1, layer + 1 + self.D, device=dev)  # [D]
-        q = (self.layer(tgt) + self.pos.weight[C:]).expand(B, -1, -1)  # [B, D, M]
-        h = self.norm(self.encoder(torch.cat([x, q], dim=1))[:, C:])  # [B, D, M]
-        tl = tgt % self.L
-        return torch.einsum("bdm,dem->bde", h, self.out[tl]) + self.out_bias[tl]  # [B, D, E]
+        B, C = context.shape[0], self.C
+        flat = context.remainder(self.E + 1) + self.offsets[layer][None, :, None]  # [B, C, k]; -1 -> row E
+        x = self.expert(flat).sum(2) + self.context_pos[layer]  # [B, C, M]
+        x = torch.cat([x, self.query[layer].expand(B, -1, -1)], dim=1)  # [B, C + D, M]
+        for block in self.blocks:
+            x = block(x)
+        h = self.norm(x[:, C:]).transpose(0, 1)  # [D, B, M]
+        tl = self.target_layers[layer]  # [D]
+        scores = torch.baddbmm(self.out_bias[tl][:, None, :], h, self.out[tl].transpose(1, 2))  # [D, B, E]
+        return scores.transpose(0, 1)  # [B, D, E]
 
 
 @register_predictor("interlayer")

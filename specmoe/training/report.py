@@ -42,6 +42,12 @@ def markdown(report: dict) -> str:
     head = "| predictor | d | " + " | ".join(MAIN_COLUMNS) + " | µs/token/layer (decode) | params |"
     rule = "|" + "---|" * (len(MAIN_COLUMNS) + 4)
     lines = []
+    for d, g in report.get("goal", {}).items():
+        lines.append(f"- {d} layer(s) ahead: best trained predictor ({g['best_trained']}) recall@k {g['recall@k']:.3f} "
+                     f"vs pre-gate {g['pregate']:.3f} and history {g['history']:.3f}: goal "
+                     f"{'met' if g['met'] else 'not met'}")
+    if lines:
+        lines.append("")
     for part, title in (("within", "Within the token (target layer l+d < L)"),
                         ("cross", "Across the token boundary (target = layer l+d-L of the next token)")):
         rows = []
