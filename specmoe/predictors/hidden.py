@@ -22,8 +22,12 @@ from .base import register_predictor
 from .trainable import TrainablePredictor
 
 
+TEMPERATURE_LR = 100.0  # the gate temperature (one number per source/target pair) learns this much faster
+
+
 class HiddenNet(nn.Module):
-    """Per source layer l: logits = gelu(LN(h) @ w1 + b1) @ w2 + b2 (+ h @ gate_w^T, the learned pre-gate)."""
+    """Per source layer l: logits = gelu(LN(h) @ w1 + b1) @ w2 + b2 (+ exp(s) * h @ gate_w^T, the learned
+    pre-gate with a learned temperature)."""
 
     def __init__(self, L: int, E: int, H: int, D: int, dim: int, gate: bool):
         super().__init__()
@@ -33,14 +37,18 @@ class HiddenNet(nn.Module):
         self.w2 = nn.Parameter(torch.zeros(L, dim, D * E) if gate else torch.randn(L, dim, D * E) * dim**-0.5)
         self.b2 = nn.Parameter(torch.zeros(L, D * E))  # holds the routers' biases when gated
         self.gate_w = nn.Parameter(torch.zeros(L, D * E, H)) if gate else None  # a pre-gate per (source, target)
+        # log of a temperature per (source, target): router logits are often tiny next to what BCE wants
+        self.gate_log_scale = nn.Parameter(torch.zeros(L, D, 1)) if gate else None
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] entering MoE layer `layer` -> logits [B, D, E] (few ops: it runs at every layer)."""
         x = F.layer_norm(hidden, hidden.shape[-1:])
         z = torch.addmm(self.b2[layer], F.gelu(torch.addmm(self.b1[layer], x, self.w1[layer])), self.w2[layer])
+        z = z.view(-1, self.D, self.E)
         if self.gate_w is not None:
-            z = torch.addmm(z, hidden, self.gate_w[layer].t())  # [B, D*E]
-        return z.view(-1, self.D, self.E)
+            gate = (hidden @ self.gate_w[layer].t()).view(-1, self.D, self.E)  # [B, D, E]
+            z = torch.addcmul(z, gate, self.gate_log_scale[layer].exp())
+        return z
 
 
 @register_predictor("hidden")
@@ -90,10 +98,27 @@ class HiddenStatePredictor(TrainablePredictor):
     def forward(self, layer, hidden):
         return self.module(layer, hidden)
 
-    def batch_inputs(self, trace, layer, tokens):
-        if layer not in trace.hidden:
-            raise ValueError(f"the trace has no hidden states at MoE layer {layer}; collect with --hidden-layers all")
-        return {"hidden": trace.hidden[layer][tokens].float()}  # [B, H]
+    def param_groups(self, lr):
+        """The pre-gate learns at a rate scaled to its weights' size: Adam moves every weight by about `lr` per
+        step whatever its scale, which would wipe out router weights much smaller than the MLP's."""
+        net = self.module
+        if net.gate_w is None:
+            return super().param_groups(lr)
+        scale = min(1.0, net.gate_w.detach().pow(2).mean().sqrt().item() / self.geometry.hidden_size**-0.5)
+        special = (net.gate_w, net.gate_log_scale)
+        rest = [p for p in net.parameters() if all(p is not q for q in special)]
+        return [{"params": rest, "lr": lr}, {"params": [net.gate_w], "lr": lr * max(scale, 1e-3)},
+                {"params": [net.gate_log_scale], "lr": lr * TEMPERATURE_LR, "weight_decay": 0.0}]
+
+    def train_logits(self, trace, layers, tokens):
+        missing = sorted(set(layers.unique().tolist()) - set(trace.hidden))
+        if missing:
+            raise ValueError(f"the trace has no hidden states at MoE layers {missing}; collect with --hidden-layers all")
+        out = torch.zeros(tokens.shape[0], self.lookahead, self.geometry.num_experts, device=self.device)
+        for layer in layers.unique().tolist():  # one small MLP per source layer
+            rows = torch.nonzero(layers == layer).flatten()
+            out[rows.to(self.device)] = self.module(layer, trace.hidden[layer][tokens[rows]].float().to(self.device))
+        return out  # [B, D, E]
 
     def runtime_inputs(self, layer, hidden, history):
         return {"hidden": hidden.float()}  # [T, H]

@@ -18,7 +18,17 @@ from torch import nn
 
 from ..geometry import MoEGeometry
 from .base import register_predictor
-from .trainable import TrainablePredictor, context_window
+from .trainable import TrainablePredictor
+
+
+def context_window(ids: torch.Tensor, layer: int, context: int) -> torch.Tensor:
+    """The expert ids of layers layer-C+1..layer from ids [B, >=layer+1, k], -1-padded on the left. -> [B, C, k]"""
+    lo = layer - context + 1
+    window = ids[:, max(lo, 0) : layer + 1]  # [B, <=C, k]
+    if lo < 0:
+        pad = torch.full((ids.shape[0], -lo, ids.shape[2]), -1, dtype=ids.dtype, device=ids.device)
+        window = torch.cat([pad, window], dim=1)
+    return window
 
 
 class EncoderBlock(nn.Module):
@@ -65,18 +75,26 @@ class InterLayerNet(nn.Module):
         self.register_buffer("target_layers", (torch.arange(L)[:, None] + 1 + torch.arange(D)[None]) % L,
                              persistent=False)  # [L, D]
 
-    def forward(self, layer: int, context: torch.Tensor) -> torch.Tensor:
-        """context [B, C, k] expert ids of layers layer-C+1..layer (-1 = none) -> logits [B, D, E]."""
+    def forward(self, layer: int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """context [B, C, k] expert ids of layers l-C+1..l (-1 = none), l = `layer` for every row (an int) or
+        per row (a long tensor [B]) -> logits [B, D, E]."""
         B, C = context.shape[0], self.C
-        flat = context.remainder(self.E + 1) + self.offsets[layer][None, :, None]  # [B, C, k]; -1 -> row E
+        per_row = isinstance(layer, torch.Tensor)
+        offsets = self.offsets[layer] if per_row else self.offsets[layer][None]  # [B or 1, C]
+        flat = context.remainder(self.E + 1) + offsets[:, :, None]  # [B, C, k]; -1 -> row E
         x = self.expert(flat).sum(2) + self.context_pos[layer]  # [B, C, M]
-        x = torch.cat([x, self.query[layer].expand(B, -1, -1)], dim=1)  # [B, C + D, M]
+        q = self.query[layer] if per_row else self.query[layer].expand(B, -1, -1)  # [B, D, M]
+        x = torch.cat([x, q], dim=1)  # [B, C + D, M]
         for block in self.blocks:
             x = block(x)
-        h = self.norm(x[:, C:]).transpose(0, 1)  # [D, B, M]
-        tl = self.target_layers[layer]  # [D]
-        scores = torch.baddbmm(self.out_bias[tl][:, None, :], h, self.out[tl].transpose(1, 2))  # [D, B, E]
-        return scores.transpose(0, 1)  # [B, D, E]
+        h = self.norm(x[:, C:])  # [B, D, M]
+        tl = self.target_layers[layer]  # [B, D] or [D]
+        if per_row:  # score every layer's experts, keep the target layer's
+            every = (h @ self.out.view(-1, h.shape[-1]).t()).view(B, self.D, self.L, self.E)  # [B, D, L, E]
+            picked = every.gather(2, tl[:, :, None, None].expand(B, self.D, 1, self.E)).squeeze(2)  # [B, D, E]
+            return picked + self.out_bias[tl]
+        scores = torch.baddbmm(self.out_bias[tl][:, None, :], h.transpose(0, 1), self.out[tl].transpose(1, 2))
+        return scores.transpose(0, 1)  # [D, B, E] -> [B, D, E]
 
 
 @register_predictor("interlayer")
@@ -92,7 +110,7 @@ class InterLayerPredictor(TrainablePredictor):
     """
 
     def __init__(self, geometry: MoEGeometry, lookahead: int = 2, context: int = 3, wrap: bool = True,
-                 dim: int = 256, layers: int = 2, heads: int = 4, ff: int = 512, dropout: float = 0.1):
+                 dim: int = 128, layers: int = 2, heads: int = 4, ff: int = 256, dropout: float = 0.1):
         super().__init__(geometry, lookahead, wrap)
         if context < 1 or dim < 1 or layers < 1 or heads < 1 or dim % heads:
             raise ValueError(f"need context >= 1, layers >= 1 and dim divisible by heads; got context={context}, "
@@ -104,8 +122,9 @@ class InterLayerPredictor(TrainablePredictor):
     def forward(self, layer, context):
         return self.module(layer, context)
 
-    def batch_inputs(self, trace, layer, tokens):
-        return {"context": context_window(trace.ids[tokens], layer, self.context)}  # [B, C, k]
+    def train_logits(self, trace, layers, tokens):
+        context = trace.context(layers, tokens, self.context).to(self.device)  # [B, C, k]
+        return self.module(layers.to(self.device), context)
 
     def runtime_inputs(self, layer, hidden, history):
         return {"context": context_window(history, layer, self.context)}  # [T, C, k]

@@ -1,8 +1,7 @@
 """Base of predictors backed by a torch module that scores layers l+1..l+D in one call.
 
-One module serves training (batches of tokens drawn from traces, all at one source layer) and the runtime
-(`predict`, called by SpeculativeMoE once per MoE layer). Subclasses say how to build the module's inputs
-from a trace (`batch_inputs`) and from what the runtime passes (`runtime_inputs`).
+One module serves training (batches of (token, source layer) rows drawn from traces, `train_logits`) and
+the runtime (`predict`, called by SpeculativeMoE once per MoE layer for all tokens of a pass, `forward`).
 """
 
 # Shape legend: B batch tokens, T tokens, E experts, H hidden, L MoE layers, k top-k, D lookahead, C context
@@ -14,16 +13,6 @@ from torch import nn
 
 from ..geometry import MoEGeometry
 from .base import Predictor
-
-
-def context_window(ids: torch.Tensor, layer: int, context: int) -> torch.Tensor:
-    """The expert ids of layers layer-C+1..layer from ids [B, >=layer+1, k], -1-padded on the left. -> [B, C, k]"""
-    lo = layer - context + 1
-    window = ids[:, max(lo, 0) : layer + 1]  # [B, <=C, k]
-    if lo < 0:
-        pad = torch.full((ids.shape[0], -lo, ids.shape[2]), -1, dtype=ids.dtype, device=ids.device)
-        window = torch.cat([pad, window], dim=1)
-    return window
 
 
 class TrainablePredictor(Predictor):
@@ -46,23 +35,32 @@ class TrainablePredictor(Predictor):
 
     # --- what subclasses provide ------------------------------------------------------------------
     def forward(self, layer: int, **inputs: torch.Tensor) -> torch.Tensor:
-        """Logits [B, D, E] for targets layer+1..layer+D (differentiable; the module's current mode)."""
-        raise NotImplementedError
-
-    def batch_inputs(self, trace, layer: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inputs for `forward` from a RoutingTrace at source `layer` for token indices `tokens` [B]."""
+        """Logits [T, D, E] for targets layer+1..layer+D of every row (the module's current mode)."""
         raise NotImplementedError
 
     def runtime_inputs(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inputs for `forward` from the runtime's hidden [T, H] and history [T, layer+1, k]."""
         raise NotImplementedError
 
+    def train_logits(self, trace, layers: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Differentiable logits [B, D, E] for rows (tokens[i] of a RoutingTrace, source layer layers[i]),
+        on the module's device."""
+        raise NotImplementedError
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """AdamW parameter groups (one group at `lr` unless a subclass scales some parameters' rate)."""
+        return [{"params": list(self.module.parameters()), "lr": lr}]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
     # --- the runtime protocol ----------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
         if self.module.training:
             self.module.eval()
-        if next(self.module.parameters()).device != hidden.device:
+        if self.device != hidden.device:
             self.module.to(hidden.device)
         logits = self.forward(layer, **self.runtime_inputs(layer, hidden, history))  # [T, D, E]
         return {t: logits[:, t - layer - 1] for t in self.targets(layer, wrap=self.wrap)}

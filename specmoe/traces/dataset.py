@@ -65,29 +65,36 @@ class RoutingTrace:
         out[self.offsets[1:] - 1] = False
         return out
 
-    def targets(self, layer: int, tokens: torch.Tensor, lookahead: int, wrap: bool = True):
-        """The routed ids a predictor at MoE layer `layer` should foresee, for token indices `tokens` [B].
+    def targets(self, layers, tokens: torch.Tensor, lookahead: int, wrap: bool = True):
+        """The routed ids a predictor at MoE layer l should foresee, for (token, layer) rows.
 
-        Target layer t = layer + d (d = 1..lookahead); t >= L means layer t - L of the next token of the same
+        Target layer t = l + d (d = 1..lookahead); t >= L means layer t - L of the next token of the same
         sequence (only with `wrap`).
+
+        Args:
+            layers: the source layer l, one int for every row or a long tensor [B] (one per row).
+            tokens: token indices [B].
 
         Returns:
             (ids [B, D, k] primary first, -1 where invalid; valid [B, D] bool).
         """
         L, N = self.geometry.num_layers, self.num_tokens
-        B, k = tokens.shape[0], self.geometry.top_k
-        out = torch.full((B, lookahead, k), -1, dtype=torch.long)
-        valid = torch.zeros(B, lookahead, dtype=torch.bool)
-        for d in range(1, lookahead + 1):
-            t = layer + d
-            if t < L:
-                out[:, d - 1] = self.ids[tokens, t]
-                valid[:, d - 1] = True
-            elif wrap and t < 2 * L:
-                ok = self.has_next[tokens]  # [B]
-                out[:, d - 1] = torch.where(ok[:, None], self.ids[(tokens + 1).clamp(max=N - 1), t - L], -1)
-                valid[:, d - 1] = ok
-        return out, valid & (out >= 0).any(-1)
+        layers = torch.as_tensor(layers).expand(tokens.shape[0])  # [B]
+        t = layers[:, None] + torch.arange(1, lookahead + 1)  # [B, D] flat target layers
+        within = t < L
+        cross = (t >= L) & (t < 2 * L) & self.has_next[tokens][:, None] if wrap else torch.zeros_like(within)
+        row = tokens[:, None] + (t >= L).long()  # [B, D] the token whose routing is the target
+        ids = self.ids[row.clamp(max=N - 1), (t % L)]  # [B, D, k]
+        valid = within | cross
+        ids = torch.where(valid[..., None], ids, -1)
+        return ids, valid & (ids >= 0).any(-1)
+
+    def context(self, layers, tokens: torch.Tensor, context: int) -> torch.Tensor:
+        """Expert ids of layers l-C+1..l for (token, layer) rows, -1 before the first layer. -> [B, C, k]"""
+        layers = torch.as_tensor(layers).expand(tokens.shape[0])  # [B]
+        src = layers[:, None] - context + 1 + torch.arange(context)  # [B, C]
+        ids = self.ids[tokens[:, None], src.clamp(min=0)]  # [B, C, k]
+        return torch.where((src >= 0)[..., None], ids, -1)
 
     def sequence_of(self) -> torch.Tensor:
         """[N] long: the sequence index of every token."""

@@ -2,8 +2,10 @@
 targets, early stopping on validation recall@k, seeded, with a progress bar. CPU by default, CUDA when
 present.
 
-Each step draws one source MoE layer and a batch of tokens from the training trace; the targets are the
-experts routed at layers l+1..l+D (the next token's first layers for targets past the last layer).
+Each step draws a batch of (token, source MoE layer l) rows from the training trace, uniformly; the
+targets are the experts routed at layers l+1..l+D (the next token's first layers for targets past the last
+layer). With a time budget the cosine schedule follows the larger of the step and the time fractions, so a
+run cut short by the clock still ends at the low learning rate.
 """
 
 # Shape legend: B batch tokens, E experts, k top-k, D lookahead, L MoE layers
@@ -33,26 +35,26 @@ class TrainConfig:
 
     Args:
         steps: optimizer steps at most.
-        batch_size: tokens per step (all at one source layer).
+        batch_size: (token, source layer) rows per step.
         lr: peak learning rate (AdamW), reached after `warmup_steps`, then cosine decay to 10% of it.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         eval_every: steps between validations.
         patience: validations without improvement before stopping early.
-        val_tokens: validation tokens (a fixed seeded sample, every source layer).
+        val_tokens: validation tokens (a fixed seeded sample, each at every source layer).
         seed: seeds the batches, the validation sample and dropout.
         device: "cpu", "cuda", ...; None: CUDA when present, else CPU.
         max_minutes: stop after this much wall time (None: no limit).
     """
 
     steps: int = 3000
-    batch_size: int = 512
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     eval_every: int = 250
     patience: int = 4
-    val_tokens: int = 4096
+    val_tokens: int = 1024
     seed: int = 0
     device: str | None = None
     max_minutes: float | None = None
@@ -102,25 +104,25 @@ def source_layers(predictor: TrainablePredictor) -> list[int]:
 
 
 @torch.no_grad()
-def validate(predictor: TrainablePredictor, trace: RoutingTrace, tokens: torch.Tensor, device,
+def validate(predictor: TrainablePredictor, trace: RoutingTrace, tokens: torch.Tensor,
              batch_size: int = 4096) -> tuple[float, float]:
-    """(mean recall@k over every valid (token, target) pair, mean BCE loss) on `tokens` of `trace`."""
+    """(mean recall@k over every valid (token, target) pair, mean BCE loss) on `tokens` of `trace`, each at
+    every source layer."""
     was_training = predictor.module.training
     predictor.module.eval()
     geo = predictor.geometry
     metrics = PredictionMetrics(geo.top_k, geo.num_experts, multiples=(1,), top_n=(1,))
+    layers = torch.tensor(source_layers(predictor)).repeat_interleave(tokens.numel())  # [R]
+    rows = tokens.repeat(len(source_layers(predictor)))  # [R]
     loss_sum, loss_n = 0.0, 0
-    for layer in source_layers(predictor):
-        for start in range(0, tokens.numel(), batch_size):
-            tok = tokens[start : start + batch_size]
-            ids, valid = trace.targets(layer, tok, predictor.lookahead, predictor.wrap)  # [B, D, k], [B, D]
-            if not valid.any():
-                continue
-            inputs = {k: v.to(device) for k, v in predictor.batch_inputs(trace, layer, tok).items()}
-            logits = predictor.forward(layer, **inputs).float().cpu()  # [B, D, E]
-            loss_sum += bce_loss(logits, ids, valid).item() * int(valid.sum())
-            loss_n += int(valid.sum())
-            metrics.add(logits[valid], ids[valid])
+    for start in range(0, rows.numel(), batch_size):
+        lay, tok = layers[start : start + batch_size], rows[start : start + batch_size]
+        ids, valid = trace.targets(lay, tok, predictor.lookahead, predictor.wrap)  # [B, D, k], [B, D]
+        logits = predictor.train_logits(trace, lay, tok).float().cpu()  # [B, D, E]
+        n = int(valid.sum())
+        loss_sum += bce_loss(logits, ids, valid).item() * n
+        loss_n += n
+        metrics.add(logits[valid], ids[valid])
     predictor.module.train(was_training)
     return metrics.result()["recall@k"], loss_sum / max(loss_n, 1)
 
@@ -148,41 +150,44 @@ def train_predictor(predictor: TrainablePredictor, train: RoutingTrace, val: Rou
     gen = torch.Generator().manual_seed(config.seed)
     val_tokens = torch.randperm(val.num_tokens, generator=gen)[: config.val_tokens].sort().values
     module = predictor.module.to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(predictor.param_groups(config.lr), lr=config.lr, weight_decay=config.weight_decay)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    budget = 60 * config.max_minutes if config.max_minutes is not None else None
 
-    def lr_at(step: int) -> float:
+    def lr_factor(step: int, elapsed: float) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        progress_ = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if budget is not None:
+            done = max(done, elapsed / budget)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    layers = source_layers(predictor)
+    layers = torch.tensor(source_layers(predictor))
     start = time.perf_counter()
-    recall0, loss0 = validate(predictor, val, val_tokens, device)
+    recall0, loss0 = validate(predictor, val, val_tokens)
     history = [{"step": 0, "val_recall@k": recall0, "val_loss": loss0, "elapsed_s": time.perf_counter() - start}]
     best = (recall0, 0, copy.deepcopy(module.state_dict()))
-    bad_evals, stopped, running = 0, "steps", None
+    bad_evals, stopped, running, step = 0, "steps", None, 0
     module.train()
     bar = tqdm(range(1, config.steps + 1), desc=f"train {predictor.kind}", unit="step", disable=not progress)
-    step = 0
     for step in bar:
-        layer = layers[int(torch.randint(len(layers), (1,), generator=gen))]
+        elapsed = time.perf_counter() - start
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * lr_factor(step - 1, elapsed)
         tok = torch.randint(train.num_tokens, (config.batch_size,), generator=gen)
-        ids, valid = train.targets(layer, tok, predictor.lookahead, predictor.wrap)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in predictor.batch_inputs(train, layer, tok).items()}
-        loss = bce_loss(predictor.forward(layer, **inputs), ids.to(device), valid.to(device))
+        lay = layers[torch.randint(len(layers), (config.batch_size,), generator=gen)]
+        ids, valid = train.targets(lay, tok, predictor.lookahead, predictor.wrap)
+        loss = bce_loss(predictor.train_logits(train, lay, tok), ids.to(device), valid.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
-        sched.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        out_of_time = config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes
+        out_of_time = budget is not None and time.perf_counter() - start > budget
         if step % config.eval_every == 0 or step == config.steps or out_of_time:
-            recall, vloss = validate(predictor, val, val_tokens, device)
+            recall, vloss = validate(predictor, val, val_tokens)
             history.append({"step": step, "train_loss": running, "val_recall@k": recall, "val_loss": vloss,
-                            "lr": sched.get_last_lr()[0], "elapsed_s": time.perf_counter() - start})
+                            "lr": opt.param_groups[0]["lr"], "elapsed_s": time.perf_counter() - start})
             bar.set_postfix(loss=f"{running:.4f}", val_recall=f"{recall:.4f}", best=f"{max(best[0], recall):.4f}")
             logger.info("step %d: train loss %.4f, val recall@k %.4f", step, running, recall)
             if recall > best[0]:
