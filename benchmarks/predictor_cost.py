@@ -13,6 +13,7 @@ Goal: predictor / layer <= 5%. Trained predictors cost the same untrained, so by
 the default sizes run; pass --predictor DIR for saved ones.
 
     python benchmarks/predictor_cost.py                         # the reference model, CPU
+    python benchmarks/predictor_cost.py --model qwen15-random   # before the reference model exists
     python benchmarks/predictor_cost.py --model PATH --device cuda --predictor predictors/interlayer
 """
 
@@ -29,7 +30,7 @@ import torch
 
 from specmoe import SpeculativeMoE
 from specmoe.bench import environment, time_generate
-from specmoe.io import write_json
+from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import (
     HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, PreGatePredictor, RandomPredictor, load_predictor,
 )
@@ -86,9 +87,36 @@ def captured_trace(model, moe, inputs, new_tokens: int) -> RoutingTrace:
                         routers=[layer.router for layer in moe.layers])
 
 
+def markdown(result: dict) -> str:
+    """The table of a predictor_cost JSON."""
+    env, st = result["environment"], result["settings"]
+    lines = ["| predictor | params | µs per MoE layer (decode) | share of one MoE layer | decode tok/s vs none |",
+             "|---|---|---|---|---|"]
+    for name, row in result["predictors"].items():
+        lines.append(f"| {name} | {row['parameters']} | {row['predict_us']:.1f} | {100 * row['ratio_to_layer']:.1f}% | "
+                     f"{row['decode_ratio_to_none']:.2f}x |")
+    lines += ["", f"One wrapped MoE layer (router + experts + shared expert, capacity 1.0) took "
+              f"{result['moe_layer_us']:.1f} µs per decode step (median of {result['moe_layer_calls_timed']} calls); "
+              f"goal: a predictor costs at most {100 * result['goal_ratio']:.0f}% of it. Model {result['model']}, "
+              f"{st['dtype']}, prompt {st['prompt_len']} + {st['new_tokens']} new tokens, medians of {st['repeats']} "
+              f"interleaved repeats; {env['device_name']}, torch {env['torch']}, git {env['git_sha']}."]
+    return "\n".join(lines) + "\n"
+
+
+def load_model(spec: str, device):
+    """'qwen15-random': Qwen1.5-MoE-A2.7B's routing geometry with random weights (costs only: routing of random
+    weights is not what trained models do); otherwise as `specmoe collect --model`."""
+    if spec != "qwen15-random":
+        return load_model_and_tokenizer(spec, device)[::2]
+    from wrapper_overhead import qwen15_geometry_model
+
+    return qwen15_geometry_model(64, torch.float32).to(device), "qwen2_moe L=24 E=60 k=4 H=64 (random weights)"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="reference", help="'reference' (default) or a save_pretrained directory")
+    ap.add_argument("--model", default="reference",
+                    help="'reference' (default), 'qwen15-random' or a save_pretrained directory")
     ap.add_argument("--predictor", dest="predictors", type=Path, action="append", default=[],
                     help="saved predictor directories (default: untrained ones of the default sizes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +127,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    model, tokenizer, name = load_model_and_tokenizer(args.model, device)
+    model, name = load_model(args.model, device)
     model.generation_config.eos_token_id = None
     moe = find_moe_layers(model)
     geo = moe.geometry
@@ -125,20 +153,29 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         layer_s += time_moe_layers(smoe, blocks, inputs, args.new_tokens, device)
     layer_us = statistics.median(layer_s) * 1e6
-    base = time_generate(smoe.generate, inputs, args.new_tokens, repeats=args.repeats, device=device)
 
+    predict_us = {n: [] for n in predictors}
+    decode = {n: [] for n in ["none", *predictors]}
+    for r in range(args.repeats):  # interleaved, so that drift on a shared machine hits every row alike
+        for pname in decode:
+            pred = predictors.get(pname)
+            if pred is not None:
+                predict_us[pname].append(decode_latency_us(pred, trace, calls=4 * geo.num_layers, device=device))
+            smoe.predictor = pred
+            timing = time_generate(smoe.generate, inputs, args.new_tokens, repeats=1, warmup=1 if r == 0 else 0,
+                                   device=device)
+            decode[pname].append(timing.decode_tok_s)
+    smoe.predictor = None
+    base = statistics.median(decode["none"])
     rows = {}
     for pname, pred in predictors.items():
-        pred_us = statistics.median(decode_latency_us(pred, trace, calls=4 * geo.num_layers, device=device)
-                                    for _ in range(args.repeats))
-        smoe.predictor = pred
-        pred.reset()
-        timing = time_generate(smoe.generate, inputs, args.new_tokens, repeats=args.repeats, device=device)
-        smoe.predictor = None
+        pred_us = statistics.median(predict_us[pname])
+        tok_s = statistics.median(decode[pname])
         rows[pname] = {**describe(pred), "predict_us": pred_us, "ratio_to_layer": pred_us / layer_us,
-                       "decode_tok_s": timing.decode_tok_s, "decode_ratio_to_none": timing.decode_tok_s / base.decode_tok_s}
+                       "predict_us_runs": predict_us[pname], "decode_tok_s": tok_s,
+                       "decode_ratio_to_none": tok_s / base, "decode_tok_s_runs": decode[pname]}
         print(f"{pname:>12}: {pred_us:8.1f} µs/layer = {100 * pred_us / layer_us:6.1f}% of a MoE layer; "
-              f"decode {timing.decode_tok_s:.1f} tok/s ({timing.decode_tok_s / base.decode_tok_s:.2f}x of none)")
+              f"decode {tok_s:.1f} tok/s ({tok_s / base:.2f}x of none)")
     smoe.unwrap()
     result = {
         "benchmark": "predictor_cost",
@@ -149,14 +186,16 @@ def main(argv=None) -> int:
         "environment": environment(device),
         "moe_layer_us": layer_us,
         "moe_layer_calls_timed": len(layer_s),
-        "decode_tok_s_no_predictor": base.decode_tok_s,
+        "decode_tok_s_no_predictor": base,
+        "decode_tok_s_no_predictor_runs": decode["none"],
         "predictors": rows,
         "goal_ratio": 0.05,
     }
     out = args.out or RESULTS / f"predictor_cost_{device.type}.json"
     write_json(out, result)
+    write_text(out.with_suffix(".md"), markdown(read_json(out)))
     print(json.dumps({"moe_layer_us": layer_us, **{k: round(v["ratio_to_layer"], 4) for k, v in rows.items()}}))
-    print(f"wrote {out}")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

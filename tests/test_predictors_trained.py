@@ -56,6 +56,19 @@ def test_each_predictor_learns_the_structure(splits, trained):
         assert results[name].stopped in ("steps", "early_stopping")
 
 
+@pytest.mark.parametrize("name", ["interlayer", "hidden"])
+def test_runtime_path_equals_training_path(splits, trained, name):
+    pred = trained[0][name]
+    trace = splits["test"]
+    tokens = torch.arange(7)
+    for layer in range(trace.geometry.num_layers):
+        with torch.no_grad():
+            train_path = pred.train_logits(trace, torch.full((7,), layer), tokens)  # [7, D, E]
+        runtime = pred.predict(layer, trace.hidden[layer][:7], trace.ids[:7, : layer + 1])
+        for t, scores in runtime.items():
+            torch.testing.assert_close(scores, train_path[:, t - layer - 1], atol=1e-4, rtol=1e-4)
+
+
 def test_hidden_predictor_starts_as_the_pregate(splits):
     trace = splits["val"]
     geo = trace.geometry

@@ -26,7 +26,7 @@ TEMPERATURE_LR = 100.0  # the gate temperature (one number per source/target pai
 
 
 class HiddenNet(nn.Module):
-    """Per source layer l: logits = gelu(LN(h) @ w1 + b1) @ w2 + b2 (+ exp(s) * h @ gate_w^T, the learned
+    """Per source layer l: logits = relu(LN(h) @ w1 + b1) @ w2 + b2 (+ exp(s) * h @ gate_w^T, the learned
     pre-gate with a learned temperature)."""
 
     def __init__(self, L: int, E: int, H: int, D: int, dim: int, gate: bool):
@@ -43,12 +43,29 @@ class HiddenNet(nn.Module):
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] entering MoE layer `layer` -> logits [B, D, E] (few ops: it runs at every layer)."""
         x = F.layer_norm(hidden, hidden.shape[-1:])
-        z = torch.addmm(self.b2[layer], F.gelu(torch.addmm(self.b1[layer], x, self.w1[layer])), self.w2[layer])
+        z = torch.addmm(self.b2[layer], F.relu(torch.addmm(self.b1[layer], x, self.w1[layer])), self.w2[layer])
         z = z.view(-1, self.D, self.E)
         if self.gate_w is not None:
             gate = (hidden @ self.gate_w[layer].t()).view(-1, self.D, self.E)  # [B, D, E]
             z = torch.addcmul(z, gate, self.gate_log_scale[layer].exp())
         return z
+
+    @torch.no_grad()
+    def fused(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Layer `layer`'s weights for `run_fused`: the temperature folded into the gate, transposed once."""
+        b2, w2 = self.b2[layer], self.w2[layer]
+        if self.gate_w is not None:  # [dim + H, D*E]: one matmul for the MLP's output and the pre-gate
+            scale = self.gate_log_scale[layer].exp().expand(self.D, self.E).reshape(-1, 1)  # [D*E, 1]
+            w2 = torch.cat([w2, (self.gate_w[layer] * scale).t()])
+        return self.w1[layer], self.b1[layer], w2.contiguous(), b2
+
+    def run_fused(self, weights: tuple[torch.Tensor, ...], hidden: torch.Tensor) -> torch.Tensor:
+        """`forward` with `fused` weights: hidden [B, H] -> logits [B, D, E]."""
+        w1, b1, w2, b2 = weights
+        a = F.relu(torch.addmm(b1, F.layer_norm(hidden, hidden.shape[-1:]), w1))  # [B, dim]
+        if w2.shape[0] != a.shape[1]:
+            a = torch.cat([a, hidden], dim=1)  # [B, dim + H]
+        return torch.addmm(b2, a, w2).view(-1, self.D, self.E)
 
 
 @register_predictor("hidden")
@@ -95,8 +112,11 @@ class HiddenStatePredictor(TrainablePredictor):
                 net.b2[layer, rows] = 0.0 if r.bias is None else r.bias.float().to(net.b2.device)
         return self
 
-    def forward(self, layer, hidden):
-        return self.module(layer, hidden)
+    def prepare(self, layer):
+        return self.module.fused(layer)
+
+    def runtime_logits(self, layer, hidden, history):
+        return self.module.run_fused(self.prepared(layer), hidden.float())  # [T, D, E]
 
     def param_groups(self, lr):
         """The pre-gate learns at a rate scaled to its weights' size: Adam moves every weight by about `lr` per
@@ -119,9 +139,6 @@ class HiddenStatePredictor(TrainablePredictor):
             rows = torch.nonzero(layers == layer).flatten()
             out[rows.to(self.device)] = self.module(layer, trace.hidden[layer][tokens[rows]].float().to(self.device))
         return out  # [B, D, E]
-
-    def runtime_inputs(self, layer, hidden, history):
-        return {"hidden": hidden.float()}  # [T, H]
 
     def config(self):
         return {"lookahead": self.lookahead, "wrap": self.wrap, "dim": self.dim, "router_init": self.router_init}

@@ -50,7 +50,7 @@ class EncoderBlock(nn.Module):
         if p:
             a = F.dropout(a, p)
         x = x + a
-        f = self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        f = self.fc2(F.relu(self.fc1(self.ln2(x))))
         if p:
             f = F.dropout(f, p)
         return x + f
@@ -75,26 +75,37 @@ class InterLayerNet(nn.Module):
         self.register_buffer("target_layers", (torch.arange(L)[:, None] + 1 + torch.arange(D)[None]) % L,
                              persistent=False)  # [L, D]
 
-    def forward(self, layer: int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """context [B, C, k] expert ids of layers l-C+1..l (-1 = none), l = `layer` for every row (an int) or
-        per row (a long tensor [B]) -> logits [B, D, E]."""
-        B, C = context.shape[0], self.C
-        per_row = isinstance(layer, torch.Tensor)
-        offsets = self.offsets[layer] if per_row else self.offsets[layer][None]  # [B or 1, C]
-        flat = context.remainder(self.E + 1) + offsets[:, :, None]  # [B, C, k]; -1 -> row E
-        x = self.expert(flat).sum(2) + self.context_pos[layer]  # [B, C, M]
-        q = self.query[layer] if per_row else self.query[layer].expand(B, -1, -1)  # [B, D, M]
-        x = torch.cat([x, q], dim=1)  # [B, C + D, M]
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C + D, M] context and query tokens -> [B, D, M] normalised query outputs."""
         for block in self.blocks:
             x = block(x)
-        h = self.norm(x[:, C:])  # [B, D, M]
-        tl = self.target_layers[layer]  # [B, D] or [D]
-        if per_row:  # score every layer's experts, keep the target layer's
-            every = (h @ self.out.view(-1, h.shape[-1]).t()).view(B, self.D, self.L, self.E)  # [B, D, L, E]
-            picked = every.gather(2, tl[:, :, None, None].expand(B, self.D, 1, self.E)).squeeze(2)  # [B, D, E]
-            return picked + self.out_bias[tl]
-        scores = torch.baddbmm(self.out_bias[tl][:, None, :], h.transpose(0, 1), self.out[tl].transpose(1, 2))
-        return scores.transpose(0, 1)  # [D, B, E] -> [B, D, E]
+        return self.norm(x[:, self.C :])
+
+    def forward(self, layers: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Training: layers [B] (one source layer l per row), context [B, C, k] expert ids of layers l-C+1..l
+        (-1 = none) -> logits [B, D, E]."""
+        B = context.shape[0]
+        flat = context.remainder(self.E + 1) + self.offsets[layers][:, :, None]  # [B, C, k]; -1 -> row E
+        x = self.expert(flat).sum(2) + self.context_pos[layers]  # [B, C, M]
+        h = self._encode(torch.cat([x, self.query[layers]], dim=1))  # [B, D, M]
+        tl = self.target_layers[layers]  # [B, D]
+        every = (h @ self.out.view(-1, h.shape[-1]).t()).view(B, self.D, self.L, self.E)  # [B, D, L, E]
+        picked = every.gather(2, tl[:, :, None, None].expand(B, self.D, 1, self.E)).squeeze(2)  # [B, D, E]
+        return picked + self.out_bias[tl]
+
+    @torch.no_grad()
+    def prepare(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Layer `layer`'s slices for `run_prepared`, gathered and transposed once."""
+        tl = self.target_layers[layer]  # [D]
+        return (self.offsets[layer][None, :, None], self.context_pos[layer], self.query[layer][None],
+                self.out_bias[tl][:, None, :].contiguous(), self.out[tl].transpose(1, 2).contiguous())
+
+    def run_prepared(self, prepared: tuple[torch.Tensor, ...], context: torch.Tensor) -> torch.Tensor:
+        """The runtime: every row at one layer, with `prepare(layer)`'s tensors. -> logits [B, D, E]"""
+        offsets, pos, query, bias, out_t = prepared
+        x = self.expert(context.remainder(self.E + 1) + offsets).sum(2) + pos  # [B, C, M]
+        h = self._encode(torch.cat([x, query.expand(x.shape[0], -1, -1)], dim=1))  # [B, D, M]
+        return torch.baddbmm(bias, h.transpose(0, 1), out_t).transpose(0, 1)  # [D, B, E] -> [B, D, E]
 
 
 @register_predictor("interlayer")
@@ -119,15 +130,15 @@ class InterLayerPredictor(TrainablePredictor):
         self.module = InterLayerNet(geometry.num_layers, geometry.num_experts, context, lookahead, dim, layers,
                                     heads, ff, dropout)
 
-    def forward(self, layer, context):
-        return self.module(layer, context)
-
     def train_logits(self, trace, layers, tokens):
         context = trace.context(layers, tokens, self.context).to(self.device)  # [B, C, k]
         return self.module(layers.to(self.device), context)
 
-    def runtime_inputs(self, layer, hidden, history):
-        return {"context": context_window(history, layer, self.context)}  # [T, C, k]
+    def prepare(self, layer):
+        return self.module.prepare(layer)
+
+    def runtime_logits(self, layer, hidden, history):
+        return self.module.run_prepared(self.prepared(layer), context_window(history, layer, self.context))
 
     def config(self):
         return {"lookahead": self.lookahead, "context": self.context, "wrap": self.wrap, "dim": self.dim,

@@ -1,7 +1,8 @@
 """Base of predictors backed by a torch module that scores layers l+1..l+D in one call.
 
 One module serves training (batches of (token, source layer) rows drawn from traces, `train_logits`) and
-the runtime (`predict`, called by SpeculativeMoE once per MoE layer for all tokens of a pass, `forward`).
+the runtime (`predict`, called by SpeculativeMoE once per MoE layer for all tokens of a pass,
+`runtime_logits`), which may use per-layer tensors prepared once from the weights.
 """
 
 # Shape legend: B batch tokens, T tokens, E experts, H hidden, L MoE layers, k top-k, D lookahead, C context
@@ -21,7 +22,8 @@ class TrainablePredictor(Predictor):
     Targets past the last layer (the next token's first layers) are scored too and returned by `predict`
     when `wrap` is True.
 
-    Subclasses set `self.module` in __init__ and implement `forward`, `batch_inputs` and `runtime_inputs`.
+    Subclasses set `self.module` in __init__ and implement `train_logits` and `runtime_logits` (and, for speed,
+    `prepare`: per-layer tensors computed once from the weights; `reset()` drops them).
     """
 
     def __init__(self, geometry: MoEGeometry, lookahead: int = 2, wrap: bool = True):
@@ -32,37 +34,51 @@ class TrainablePredictor(Predictor):
         super().__init__(lookahead, geometry)
         self.wrap = bool(wrap)
         self.module: nn.Module
+        self._prepared: dict = {}
 
     # --- what subclasses provide ------------------------------------------------------------------
-    def forward(self, layer: int, **inputs: torch.Tensor) -> torch.Tensor:
-        """Logits [T, D, E] for targets layer+1..layer+D of every row (the module's current mode)."""
-        raise NotImplementedError
-
-    def runtime_inputs(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inputs for `forward` from the runtime's hidden [T, H] and history [T, layer+1, k]."""
-        raise NotImplementedError
-
     def train_logits(self, trace, layers: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Differentiable logits [B, D, E] for rows (tokens[i] of a RoutingTrace, source layer layers[i]),
         on the module's device."""
+        raise NotImplementedError
+
+    def runtime_logits(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Logits [T, D, E] from the runtime's hidden [T, H] and history [T, layer+1, k] (no grad, eval mode);
+        may use `self.prepared(layer)`."""
         raise NotImplementedError
 
     def param_groups(self, lr: float) -> list[dict]:
         """AdamW parameter groups (one group at `lr` unless a subclass scales some parameters' rate)."""
         return [{"params": list(self.module.parameters()), "lr": lr}]
 
+    def prepare(self, layer: int):
+        """Tensors for `runtime_logits` at `layer` that depend on the weights only (fused, transposed...)."""
+        return None
+
+    # --- the runtime protocol ----------------------------------------------------------------------
+    def prepared(self, layer: int):
+        """`prepare(layer)`, computed once until the weights may have changed (reset, training, a move)."""
+        out = self._prepared.get(layer)
+        if out is None:
+            out = self._prepared[layer] = self.prepare(layer)
+        return out
+
+    def reset(self) -> None:
+        self._prepared = {}
+
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    # --- the runtime protocol ----------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
         if self.module.training:
             self.module.eval()
+            self.reset()
         if self.device != hidden.device:
             self.module.to(hidden.device)
-        logits = self.forward(layer, **self.runtime_inputs(layer, hidden, history))  # [T, D, E]
+            self.reset()
+        logits = self.runtime_logits(layer, hidden, history)  # [T, D, E]
         return {t: logits[:, t - layer - 1] for t in self.targets(layer, wrap=self.wrap)}
 
     def num_parameters(self) -> int:

@@ -203,5 +203,6 @@ def train_predictor(predictor: TrainablePredictor, train: RoutingTrace, val: Rou
     bar.close()
     module.load_state_dict(best[2])
     module.eval()
+    predictor.reset()  # drop inference tensors prepared from older weights
     return TrainResult(best_step=best[1], best_val_recall=best[0], initial_val_recall=recall0, steps_run=step,
                        stopped=stopped, wall_s=time.perf_counter() - start, device=str(device), history=history)
