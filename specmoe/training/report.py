@@ -90,11 +90,14 @@ def plot(report: dict) -> bytes:
     lookaheads = sorted({d for p in preds.values() for d in p["lookahead"]}, key=int)
     fig, axes = plt.subplots(1, len(lookaheads) + 1, figsize=(5 * (len(lookaheads) + 1), 4), squeeze=False)
     for ax, d in zip(axes[0], lookaheads):
+        L = 0
         for name, p in preds.items():
             look = p["lookahead"].get(d)
             if look:
+                L = len(look["per_layer"])
                 ax.plot([m["recall@k"] for m in look["per_layer"]], marker=".", label=name)
-        ax.set(title=f"recall@k, {d} layer(s) ahead", xlabel="source MoE layer l (past L-1-d: next token)",
+        ax.axvline(L - int(d) - 0.5, color="gray", linestyle="--", linewidth=1)  # right of it: the next token
+        ax.set(title=f"recall@k, {d} layer(s) ahead (past the line: next token)", xlabel="source MoE layer l",
                ylabel="recall@k", ylim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -106,7 +109,8 @@ def plot(report: dict) -> bytes:
         vals = [(preds[name]["lookahead"].get(d) or {}).get("within", {}).get(c, float("nan")) for d, c in cols]
         ax.bar([j + i * width for j in range(len(cols))], vals, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], [f"d={d}\n{c}" for d, c in cols], fontsize=7)
-    ax.set(title="within-token recall", ylim=(0, 1))
+    ax.set(title="recall within the token", ylim=(0, 1.2), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     buf = io.BytesIO()
