@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from specmoe import MoEGeometry
 from specmoe.traces import RoutingTrace
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from a second thread and lose a lot when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def synthetic_trace(L: int = 4, E: int = 16, k: int = 2, H: int = 32, sequences: int = 60, length: int = 32,

@@ -4,7 +4,7 @@ geometries, and run inside SpeculativeMoE without changing tokens (prefetching f
 import pytest
 import torch
 from conftest import build_tiny, make_inputs
-from routing_synth import one_thread, synthetic_trace  # noqa: F401 (an autouse fixture)
+from routing_synth import synthetic_trace
 
 from specmoe import MoEGeometry, SpeculativeMoE
 from specmoe.predictors import (

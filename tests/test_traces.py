@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import build_tiny
-from routing_synth import char_tokenizer, one_thread  # noqa: F401 (an autouse fixture)
+from routing_synth import char_tokenizer
 from safetensors.torch import save_file
 
 import specmoe.io

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from routing_synth import one_thread, synthetic_trace  # noqa: F401 (an autouse fixture)
+from routing_synth import synthetic_trace
 
 from specmoe.cli import main
 from specmoe.predictors import OraclePredictor, load_predictor
