@@ -123,9 +123,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, as a decode step would use)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/predictor_cost_<device>.json)")
     args = ap.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, name = load_model(args.model, device)
     model.generation_config.eos_token_id = None

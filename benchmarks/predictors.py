@@ -25,8 +25,7 @@ from specmoe.bench import environment
 from specmoe.io import read_json
 from specmoe.predictors import save_predictor
 from specmoe.traces import collect_traces, load_traces, read_manifest, text_files, token_windows
-from specmoe.traces.cli import load_model_and_tokenizer
-from specmoe.traces.collect import default_text_root
+from specmoe.traces.cli import default_text, load_model_and_tokenizer
 from specmoe.training.evaluate import (
     EvalConfig, baseline_predictors, bind_all, describe, eval_settings, evaluate_predictors,
 )
@@ -52,9 +51,12 @@ def collect(args, work: Path) -> Path:
         except (FileNotFoundError, ValueError):
             pass
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.device)
-    roots = args.text or [default_text_root()]
-    windows, source = token_windows(tokenizer, text_files(roots, "*.py"), args.window, args.tokens, seed=args.seed)
-    source = {"paths": [str(p) for p in roots], **source, **want}
+    if args.text:
+        files, described = text_files(args.text, "*.py"), {"paths": [str(p) for p in args.text]}
+    else:
+        files, described = default_text(args.model)
+    windows, source = token_windows(tokenizer, files, args.window, args.tokens, seed=args.seed)
+    source = {**described, **source, **want}
     collect_traces(model, windows, out, model_name=name, source=source, hidden_layers="all",
                    batch_size=args.batch_size, overwrite=True)
     return out
@@ -74,7 +76,8 @@ def goal_check(results: dict, lookaheads=(1, 2)) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="reference", help="'reference' (default) or a save_pretrained directory")
-    ap.add_argument("--text", nargs="+", type=Path, default=None, help="text (default: the stdlib's sources)")
+    ap.add_argument("--text", nargs="+", type=Path, default=None,
+                    help="text (default: the reference model's held-out files, else the stdlib's sources)")
     ap.add_argument("--tokens", type=int, default=120_000, help="trace tokens to collect")
     ap.add_argument("--window", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward pass when collecting")
@@ -83,11 +86,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6000, help="training steps at most per trained predictor")
     ap.add_argument("--seed", type=int, default=0, help="seeds text order, split, weights and batches")
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (default 1: on a busy machine OpenMP's spinning threads cost far more)")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "predictors", help="traces + trained predictors")
     ap.add_argument("--recollect", action="store_true", help="collect traces even if matching ones exist")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where predictors.json/.md/.png go")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     traces = collect(args, args.work)
@@ -104,7 +110,8 @@ def main(argv=None) -> int:
     results = evaluate_predictors(predictors, test, EvalConfig(lookahead=args.lookahead))
     settings = eval_settings(EvalConfig(lookahead=args.lookahead), test, {
         "split_seed": args.seed, "fractions": [0.8, 0.1, 0.1], "train_tokens": splits["train"].num_tokens,
-        "collect": read_manifest(traces).source, "training": records, "wall_s": time.perf_counter() - start})
+        "collect": read_manifest(traces).source, "training": records, "threads": args.threads,
+        "wall_s": time.perf_counter() - start})
     report = build_report(results, {n: describe(p) for n, p in predictors.items()}, settings,
                           environment(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     report["goal"] = goal_check(results, range(1, args.lookahead + 1))

@@ -35,11 +35,36 @@ def load_model_and_tokenizer(spec: str, device=None, dtype: str | None = None):
     return model.to(device).eval(), tokenizer, str(path)
 
 
+def default_text(spec: str, pattern: str = "*.py") -> tuple[list[Path], dict]:
+    """Text to collect on when none is given: for the reference model the files its training held out (so the
+    traces are of text it never saw), else the Python standard library's sources.
+
+    Returns:
+        (files, a description for the manifest).
+    """
+    from .collect import default_text_root, text_files
+
+    if spec == REFERENCE:
+        try:
+            from ..reference.corpus import load_corpus
+        except ImportError:
+            load_corpus = None
+        if load_corpus is not None:
+            corpus = load_corpus()
+            files = [corpus.root / p for p in corpus.val]
+            return files, {"text": "the reference model's held-out corpus files", "paths": [str(corpus.root)],
+                           "held_out_files": len(files)}
+    root = default_text_root()
+    return text_files([root], pattern), {"text": "Python standard library sources", "paths": [str(root)],
+                                         "pattern": pattern}
+
+
 def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=REFERENCE, help="'reference' (default) or a save_pretrained directory")
     p.add_argument("--out", type=Path, required=True, help="trace directory to write")
     p.add_argument("--text", nargs="+", type=Path, default=None,
-                   help="text files or directories (default: the Python standard library's sources)")
+                   help="text files or directories (default: the reference model's held-out corpus files, or for "
+                        "other models the Python standard library's sources)")
     p.add_argument("--pattern", default="*.py", help="file pattern inside directories (default: *.py)")
     p.add_argument("--window", type=int, default=128, help="tokens per sequence (default: 128)")
     p.add_argument("--max-tokens", type=int, default=100_000, help="tokens to collect (default: 100000)")
@@ -53,13 +78,16 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_collect(args: argparse.Namespace) -> int:
-    from .collect import collect_traces, default_text_root, text_files, token_windows
+    from .collect import collect_traces, text_files, token_windows
 
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    roots = args.text or [default_text_root()]
-    files = text_files(roots, args.pattern)
+    if args.text:
+        files, described = text_files(args.text, args.pattern), {"paths": [str(p) for p in args.text],
+                                                                  "pattern": args.pattern}
+    else:
+        files, described = default_text(args.model, args.pattern)
     windows, source = token_windows(tokenizer, files, args.window, args.max_tokens, seed=args.seed)
-    source = {"paths": [str(p) for p in roots], "pattern": args.pattern, **source}
+    source = {**described, **source}
     manifest = collect_traces(model, windows, args.out, model_name=name, source=source,
                               hidden_layers=args.hidden_layers, batch_size=args.batch_size,
                               shard_tokens=args.shard_tokens, overwrite=args.overwrite)
