@@ -77,7 +77,7 @@ def test_hidden_predictor_starts_as_the_pregate(splits):
                               "bias": torch.randn(geo.num_experts, generator=g)})() for _ in range(geo.num_layers)]
     for r in routers:
         r.logits = lambda h, r=r: h.float() @ r.weight.T + r.bias
-    pred = HiddenStatePredictor(geo, lookahead=2, dim=16).init_from_routers(routers)
+    pred = HiddenStatePredictor(geo, lookahead=2, dim=16)  # bind fills its pre-gate from the routers
     pregate = PreGatePredictor(lookahead=2, wrap=True)
     for p in (pred, pregate):
         p.bind(geo, routers)
@@ -86,6 +86,7 @@ def test_hidden_predictor_starts_as_the_pregate(splits):
     assert ours.keys() == theirs.keys() == {4, 5}  # 4 and 5 are layers 0 and 1 of the next token
     for t in ours:
         torch.testing.assert_close(ours[t], theirs[t], atol=1e-4, rtol=1e-4)
+    assert bool(pred.module.gate_ready)
     with pytest.raises(ValueError, match="router_init=False"):
         HiddenStatePredictor(geo, router_init=False).init_from_routers(routers)
 
@@ -127,8 +128,7 @@ def make_predictor(name, model, tmp_path):
     if name == "interlayer":
         return InterLayerPredictor(moe.geometry, lookahead=2, dim=16, layers=1, heads=2, ff=32)
     if name == "hidden":
-        return HiddenStatePredictor(moe.geometry, lookahead=2, dim=16).init_from_routers(
-            [layer.router for layer in moe.layers])
+        return HiddenStatePredictor(moe.geometry, lookahead=2, dim=16)  # SpeculativeMoE's bind gives the routers
     windows = torch.randint(2, 96, (4, 16), generator=torch.Generator().manual_seed(3))
     collect_traces(model, windows, tmp_path, model_name="tiny", progress=False)
     return HistoryPredictor.fit(load_traces(tmp_path, progress=False), progress=False)
@@ -147,6 +147,7 @@ def test_inside_speculative_moe_same_tokens_and_cross_token_prefetch(tmp_path, n
     stats = smoe.stats
     smoe.unwrap()
     assert torch.equal(out, ref)
+    assert name != "hidden" or bool(predictor.module.gate_ready)
     assert stats.total.prefetch_issued > 0
     # L=2 and lookahead 2: layer 0 is only ever a target as the next token's first layer
     assert stats.per_layer[0].prefetch_issued > 0

@@ -39,6 +39,7 @@ class HiddenNet(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(L, D * E, H)) if gate else None  # a pre-gate per (source, target)
         # log of a temperature per (source, target): router logits are often tiny next to what BCE wants
         self.gate_log_scale = nn.Parameter(torch.zeros(L, D, 1)) if gate else None
+        self.register_buffer("gate_ready", torch.tensor(not gate))  # the pre-gate holds router weights
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, H] entering MoE layer `layer` -> logits [B, D, E] (few ops: it runs at every layer)."""
@@ -77,7 +78,8 @@ class HiddenStatePredictor(TrainablePredictor):
         lookahead: D, target layers l+1..l+D.
         wrap: predict the next token's first layers from the last layers.
         dim: MLP width.
-        router_init: add a learned pre-gate started from the targets' routers (call `init_from_routers`).
+        router_init: add a learned pre-gate started from the targets' routers (`init_from_routers`, or
+            `bind` with the model's routers when it has not been initialised yet).
     """
 
     def __init__(self, geometry: MoEGeometry, lookahead: int = 2, wrap: bool = True, dim: int = 256,
@@ -110,7 +112,15 @@ class HiddenStatePredictor(TrainablePredictor):
                 rows = slice((d - 1) * E, d * E)
                 net.gate_w[layer, rows] = r.weight.float().to(net.gate_w.device)
                 net.b2[layer, rows] = 0.0 if r.bias is None else r.bias.float().to(net.b2.device)
+        net.gate_ready.fill_(True)
+        self.reset()
         return self
+
+    def bind(self, geometry, routers=()):
+        """Attach to a model; an untrained router-initialised predictor takes its pre-gate from `routers`."""
+        super().bind(geometry, routers)
+        if self.router_init and not bool(self.module.gate_ready) and routers and routers[0] is not None:
+            self.init_from_routers(routers)
 
     def prepare(self, layer):
         return self.module.fused(layer)
