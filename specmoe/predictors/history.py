@@ -27,14 +27,16 @@ class HistoryPredictor(Predictor):
     Args:
         geometry: the model's routing geometry.
         lookahead: D, target layers l+1..l+D.
-        context: C, how many known layers (l, l-1, ...) vote.
+        context: C, how many known layers (l, l-1, ...) vote. The naive-Bayes sum counts correlated
+            evidence twice, and one pair never seen together vetoes an expert: on reference-model traces C=2
+            and C=3 ranked worse than C=1, the default.
         wrap: also score the next token's first layers.
         alpha: additive smoothing of the counts.
         prior: [L, E] counts of expert e routed at layer l (zeros before fitting).
         pairs: [L, G, E, E] counts of expert j at layer s followed by expert e at step s + delta (delta = 1..G).
     """
 
-    def __init__(self, geometry: MoEGeometry, lookahead: int = 2, context: int = 2, wrap: bool = True,
+    def __init__(self, geometry: MoEGeometry, lookahead: int = 2, context: int = 1, wrap: bool = True,
                  alpha: float = 0.5, prior: torch.Tensor | None = None, pairs: torch.Tensor | None = None):
         if geometry is None:
             raise ValueError("HistoryPredictor needs the model's geometry (MoEGeometry)")
@@ -68,7 +70,7 @@ class HistoryPredictor(Predictor):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, trace, lookahead: int = 2, context: int = 2, wrap: bool = True, alpha: float = 0.5,
+    def fit(cls, trace, lookahead: int = 2, context: int = 1, wrap: bool = True, alpha: float = 0.5,
             progress: bool = True) -> "HistoryPredictor":
         """Count routing in `trace` (a specmoe.traces.RoutingTrace): frequencies and transitions.
 

@@ -39,7 +39,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", choices=KINDS, required=True, help="what to train")
     p.add_argument("--out", type=Path, required=True, help="directory for config.json + model.safetensors")
     p.add_argument("--no-wrap", dest="wrap", action="store_false", help="do not predict the next token's layers")
-    p.add_argument("--context", type=int, default=None, help="known layers used (interlayer: 3, history: 2)")
+    p.add_argument("--context", type=int, default=None, help="known layers used (interlayer: 3, history: 1)")
     p.add_argument("--dim", type=int, default=None, help="network width (interlayer/hidden)")
     p.add_argument("--layers", type=int, default=None, help="encoder layers (interlayer)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (interlayer)")
