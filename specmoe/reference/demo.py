@@ -187,7 +187,7 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
         try:
             for i, ids in enumerate(tqdm(prompts, desc=name, disable=not progress, leave=False)):
                 if per_prompt and i > 0:
-                    _set_predictor(smoe, make(i))
+                    smoe.set_predictor(make(i))
                 before = _counters(smoe.stats)
                 tokens, ttft, tok_s, at_first = _timed_generate(smoe.generate, ids, cfg, device,
                                                                 stats=lambda: smoe.stats)
@@ -227,12 +227,6 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
                       "ttft_s": statistics.median(r[0] for r in resident)},
         "rows": rows,
     }
-
-
-def _set_predictor(smoe: SpeculativeMoE, predictor) -> None:
-    """Give a wrapper another predictor of the same lookahead (the oracle replays one prompt at a time)."""
-    predictor.bind(smoe.geometry, [layer.router for layer in smoe.moe.layers])
-    smoe.predictor = predictor
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
