@@ -4,7 +4,7 @@ Both copies of the model (same weights) run interleaved in one process; after wa
 resident, so the ratio measures what the wrapper's bookkeeping costs per token. Goal: >= 0.9 on CPU,
 >= 0.97 on GPU.
 
-    python benchmarks/wrapper_overhead.py                       # CPU, Qwen1.5-MoE-A2.7B routing geometry
+    python benchmarks/wrapper_overhead.py --model specmoe/reference/checkpoint --threads 1   # what README shows
     python benchmarks/wrapper_overhead.py --model PATH --device cuda
 """
 
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
 from specmoe import SpeculativeMoE
 from specmoe.bench import environment, time_generate
-from specmoe.io import write_json
+from specmoe.io import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,6 +39,23 @@ def qwen15_geometry_model(hidden: int, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
+def markdown(r: dict) -> str:
+    """The README table, from the result JSON."""
+    env, st = r["environment"], r["settings"]
+    d = r["decode_tok_s"]
+    return "\n".join([
+        "| | decode tok/s (median) | time to first token |",
+        "|---|---:|---:|",
+        f"| unwrapped | {d['unwrapped']:.1f} | {r['ttft_s']['unwrapped'] * 1e3:.0f} ms |",
+        f"| SpeculativeMoE, capacity 1.0, no predictor | {d['wrapped']:.1f} | {r['ttft_s']['wrapped'] * 1e3:.0f} ms |",
+        f"| **ratio** | **{r['ratio_wrapped_over_unwrapped']:.3f}** (goal >= {r['goal']}) | |",
+        "",
+        f"{r['model']}, {st['dtype']}, prompt {st['prompt_len']} tokens, {st['new_tokens']} new, medians of "
+        f"{st['repeats']} interleaved repeats; {env['device_name']}, {env['torch_threads']} torch threads, torch "
+        f"{env['torch']}, transformers {env['transformers']}, git {env['git_sha']}.",
+    ]) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a local save_pretrained directory (default: Qwen1.5 geometry, random weights)")
@@ -48,9 +65,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: results/wrapper_overhead_<device>.json)")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.model:
@@ -92,6 +112,7 @@ def main(argv=None) -> int:
     }
     out = args.out or RESULTS / f"wrapper_overhead_{device.type}.json"
     write_json(out, result)
+    write_text(out.with_suffix(".md"), markdown(result))
     print(json.dumps({k: result[k] for k in ("model", "decode_tok_s", "ratio_wrapped_over_unwrapped", "goal")}, indent=2))
     print(f"wrote {out}")
     return 0
