@@ -1,0 +1,110 @@
+"""What a predictor would prefetch at each MoE layer of a routing stream, for the simulator to replay.
+
+The result, `candidates[p][l]`, is the ranked list of (layer, expert) keys the runtime would queue for
+prefetch after routing layer l of pass p: the same ranking as `SpeculativeMoE` (per target layer, each
+token's top-`width` experts vote with rank weights; targets past the last layer name the next pass's layers).
+"""
+
+# Shape legend: N tokens, T tokens of one pass, E experts, L MoE layers, k top-k, H hidden, m prefetch width
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..geometry import MoEGeometry
+from .stream import RoutingStream
+
+Key = tuple[int, int]
+Candidates = list[list[list[Key]]]  # [pass][layer] -> ranked keys
+
+
+def _rank_weights(m: int) -> torch.Tensor:
+    return 1.0 + (m - torch.arange(m, dtype=torch.float32)) / (m + 1)  # [m], as the runtime weighs ranks
+
+
+def _ranked(top: torch.Tensor, E: int) -> list[int]:
+    """Experts of top [T, m] (best first per row) ranked by rank-weighted votes, ties by expert id."""
+    if top.shape[0] == 1:
+        return list(dict.fromkeys(top[0].tolist()))
+    votes = torch.zeros(E).index_add_(0, top.flatten(), _rank_weights(top.shape[1]).repeat(top.shape[0]))
+    order = sorted(range(E), key=lambda e: (-float(votes[e]), e))
+    return [e for e in order if votes[e] > 0]
+
+
+def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry, routers=(),
+                         width: int | None = None, chunk: int = 4096, progress: bool = True) -> Candidates:
+    """Run a `specmoe.predictors.Predictor` over a stream's hidden states and routing history.
+
+    Scores are computed for many tokens per call (each token with its own hidden state and history, which
+    is all the protocol gives a predictor), so predictors with state across passes (the oracle) should use
+    `oracle_candidates` instead.
+
+    Args:
+        stream: the routing stream, with hidden states of every layer the predictor is called at.
+        predictor: the predictor; it is bound to `geometry` and `routers` here.
+        geometry: the model's routing geometry.
+        routers: the model's RouterWeights per MoE layer (for the pre-gate).
+        width: experts per token per target layer (default: top-k, as the runtime).
+
+    Raises:
+        ValueError: the stream lacks the hidden states the predictor needs, or its geometry differs.
+    """
+    L, E, k = geometry.num_layers, geometry.num_experts, geometry.top_k
+    stream.check_geometry(L, k, what="predictor's geometry")
+    missing = [layer for layer in range(L) if layer not in stream.hidden]
+    if missing:
+        raise ValueError(f"the stream has no hidden states for MoE layers {missing}; record it with "
+                         "capture_routing(model, hidden_layers=range(L)) to replay a predictor")
+    predictor.bind(geometry, list(routers))
+    predictor.reset()
+    m = min(width or k, E)
+    N = stream.num_tokens
+    top: list[dict[int, torch.Tensor]] = [dict() for _ in range(L)]  # layer -> target -> [N, m]
+    with torch.no_grad():
+        for layer in tqdm(range(L), desc="predict", unit="layer", disable=not progress):
+            parts: dict[int, list[torch.Tensor]] = {}
+            for a in range(0, N, chunk):
+                hidden = stream.hidden[layer][a : a + chunk].float()  # [n, H]
+                scores = predictor.predict(layer, hidden, stream.ids[a : a + chunk, : layer + 1])
+                for target, s in scores.items():
+                    parts.setdefault(target, []).append(s.float().topk(m, dim=-1).indices.cpu())  # [n, m]
+            top[layer] = {t: torch.cat(v) for t, v in parts.items()}
+    off = stream.pass_offsets.tolist()
+    out: Candidates = []
+    for p in range(stream.num_passes):
+        a, b = off[p], off[p + 1]
+        per_layer = []
+        for layer in range(L):
+            keys: list[Key] = []
+            for target in sorted(top[layer]):
+                keys.extend((target % L, e) for e in _ranked(top[layer][target][a:b], E))
+            per_layer.append(keys)
+        out.append(per_layer)
+    return out
+
+
+def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 1) -> Candidates:
+    """The oracle: at layer l of pass p, the experts actually routed at layers l+1..l+lookahead (past the last
+    layer: the next pass's first layers), ranked by how many tokens use them. Equivalent to
+    `OraclePredictor` with the runtime's default prefetch width (top-k)."""
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+    L, E = stream.num_layers, num_experts
+    passes = stream.passes()
+    out: Candidates = []
+    for p, ids in enumerate(passes):
+        per_layer = []
+        for layer in range(L):
+            keys: list[Key] = []
+            for target in range(layer + 1, layer + 1 + lookahead):
+                src, tl = (p, target) if target < L else (p + 1, target - L)
+                if src >= len(passes):
+                    continue
+                routed = passes[src][:, tl]  # [T', k]
+                routed = routed[routed >= 0]
+                counts = torch.bincount(routed, minlength=E)
+                keys.extend((tl, e) for e in sorted(counts.nonzero().flatten().tolist(), key=lambda e: (-int(counts[e]), e)))
+            per_layer.append(keys)
+        out.append(per_layer)
+    return out
