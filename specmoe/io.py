@@ -37,6 +37,16 @@ def write_json(path, data) -> None:
     _atomic(Path(path), write)
 
 
+def write_text(path, text: str) -> None:
+    """Write text atomically (markdown reports and the like)."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Write bytes atomically (rendered PNGs and the like)."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
 def read_json(path, what: str = "JSON file") -> dict:
     path = Path(path)
     if not path.is_file():
