@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--accelerate-tokens", type=int, default=6)
     ap.add_argument("--lookahead", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed generate calls per variant")
     ap.add_argument("--no-accelerate", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         unwrapped = shape.total_bytes + shape.kv_bytes(args.prompt_len + args.new_tokens) < 0.9 * free
     settings = BenchSettings(capacities=tuple(args.capacities), predictors=tuple(args.predictors),
-                             new_tokens=args.new_tokens, lookahead=args.lookahead, unwrapped=unwrapped,
+                             new_tokens=args.new_tokens, warmup=args.warmup, lookahead=args.lookahead,
+                             unwrapped=unwrapped,
                              accelerate=not args.no_accelerate, accelerate_new_tokens=args.accelerate_tokens)
     tag = f"{published.name}_{device_tag(device)}" + ("_smoke" if args.smoke else "")
     json_path = args.out / f"shape_real_{tag}.json"

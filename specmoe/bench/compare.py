@@ -196,7 +196,33 @@ def run_benchmark(model: nn.Module, prompts: Sequence[dict], settings: BenchSett
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result["routing"] = routing
+    if routing is not None:
+        _add_bounds(result, routing, schedule, geometry.num_experts, device)
     return result
+
+
+def _add_bounds(result: dict, routing, schedule: Schedule, num_experts: int, device) -> None:
+    """Each SpeculativeMoE row's bound: max(unwrapped time per token, MIN miss bytes per token / measured
+    host->device bandwidth), from the recorded routing of the timed calls."""
+    from ..sim.bounds import measured_bound
+    from ..sim.stream import RoutingStream
+    from .transfer_rate import measure_h2d
+
+    wrapped = [v for v in result["variants"] if v["kind"] == "specmoe"]
+    if not wrapped:
+        return
+    stream = RoutingStream.from_passes([ids for call in routing for ids in call])
+    warmup = sum(len(r) for r, (_, _, timed) in zip(routing, schedule.calls) if not timed)
+    slot_bytes = wrapped[0]["runtime_memory"]["slot_bytes"]
+    copy = measure_h2d(slot_bytes, device)
+    bw = copy.get("pinned_h2d_bytes_per_s") or copy["pageable_h2d_bytes_per_s"]
+    result["copy_rate"] = copy
+    unwrapped = next((v for v in result["variants"] if v["kind"] == "unwrapped"), None)
+    compute = 1 / unwrapped["decode_tok_s"] if unwrapped else 0.0
+    for v in wrapped:
+        v["bound"] = measured_bound(stream, num_experts, v["runtime_memory"]["num_slots"], slot_bytes, compute, bw,
+                                    warmup)
+        v["fraction_of_bound"] = v["decode_tok_s"] / v["bound"]["tok_s"]
 
 
 def _run_unwrapped(model, prompts, schedule, device):

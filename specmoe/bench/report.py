@@ -53,16 +53,20 @@ def bench_table(result: dict) -> str:
             _fmt(s["stall_s"] * 1e3, ".1f") if "stall_s" in s else None,
             _fmt(mem["torch_peak_bytes"] / MiB, ".0f") if mem.get("torch_peak_bytes") else None,
             _fmt(mem["nvml_peak_used_bytes"] / MiB, ".0f") if mem.get("nvml_peak_used_bytes") else None,
+            _fmt(v["bound"]["tok_s"], ".1f") if v.get("bound") else None,
+            _fmt(100 * v["fraction_of_bound"], ".0f") + "%" if v.get("bound") else None,
             {True: "yes", False: "NO", None: None}[v.get("same_tokens")],
         ])
     headers = ["variant", "decode tok/s", "TTFT ms", "× unwrapped", "× accelerate", "× LRU", "hit rate",
                "pf precision", "pf recall", "MiB moved", "stall ms", "peak MiB (torch)", "peak MiB (NVML)",
-               "same tokens"]
+               "bound tok/s", "of bound", "same tokens"]
     s = result["settings"]
     note = (f"\n\n{result.get('model', '')}, {result['geometry']}. Decode tok/s and TTFT are medians over "
             f"{len(result['variants'][0].get('decode_tok_s_runs', []))} prompts ({s['new_tokens']} new tokens, "
             f"warm-up excluded; accelerate: {s['accelerate_new_tokens']}). Hit rate, prefetch precision/recall, "
-            f"bytes and stall are over all timed calls. {environment_line(result['environment'])}.")
+            "bytes and stall are over all timed calls. Bound: max(unwrapped time per token, Belady-MIN miss bytes "
+            "per token / measured host->device rate) on the recorded routing. "
+            f"{environment_line(result['environment'])}.")
     return markdown_table(headers, rows) + note
 
 

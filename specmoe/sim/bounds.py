@@ -92,3 +92,30 @@ def memory_plan(shape: ModelShape, profile: HardwareProfile, capacities=(0.125, 
         "max_slots": int(max_slots),
         "max_capacity": max_slots / (L * E),
     }
+
+
+def demand_misses(stream: RoutingStream, num_experts: int, slots: int, policy: str = "belady",
+                  warmup_passes: int = 0) -> int:
+    """Misses of a demand-fetching cache of `slots` experts over `stream` (after `warmup_passes`).
+
+    Cache decisions without prefetching do not depend on timing, so no model shape or profile is needed.
+    """
+    proxy = ModelShape.from_config(dict(
+        model_type="mixtral", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=stream.num_layers,
+        num_attention_heads=1, num_key_value_heads=1, num_local_experts=num_experts,
+        num_experts_per_tok=stream.top_k), name="routing-geometry proxy")
+    ops = OpCounts(layer=0, experts=0, per_pass=0)
+    return simulate(stream, proxy, HardwareProfile("proxy", 2**40, 1e9, 1e12, 1e12), slots, ops=ops, policy=policy,
+                    warmup_passes=warmup_passes).misses
+
+
+def measured_bound(stream: RoutingStream, num_experts: int, slots: int, slot_bytes: int, compute_s_per_token: float,
+                   h2d_bytes_per_s: float, warmup_passes: int = 0) -> dict:
+    """The bound for a measured run: max(compute time per token, MIN miss bytes per pass / measured bandwidth),
+    with the compute time of the unwrapped model as measured."""
+    misses = demand_misses(stream, num_experts, slots, "belady", warmup_passes)
+    passes = stream.num_passes - warmup_passes
+    transfer = misses * slot_bytes / passes / h2d_bytes_per_s
+    per_token = max(compute_s_per_token, transfer)
+    return {"min_misses": misses, "passes": passes, "compute_s_per_token": compute_s_per_token,
+            "transfer_s_per_token": transfer, "h2d_bytes_per_s": h2d_bytes_per_s, "tok_s": 1 / per_token}

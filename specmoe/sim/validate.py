@@ -140,12 +140,13 @@ def validate_measurement(json_path, profile: HardwareProfile | None = None, comp
         fits["host_scale"] = scale
     if anchor is not None:
         wrapper_s = _fit(lambda w: run(anchor, profile, dataclasses.replace(calibrated, wrapper_s=w))["decode_tok_s"],
-                         anchor["decode_tok_s"], 0.0, 20e-3, log=False)
+                         anchor["decode_tok_s"], 0.0, 0.099, log=False)
         calibrated = dataclasses.replace(calibrated, wrapper_s=wrapper_s)
         fits["wrapper_s"] = wrapper_s
     if fits:
         settings_out["calibrated"] = (profile, calibrated)
-        bw = (result.get("copy_microbenchmark") or {}).get("pinned_h2d_bytes_per_s")
+        copy = result.get("copy_microbenchmark") or {}
+        bw = copy.get("pinned_h2d_bytes_per_s") or copy.get("pageable_h2d_bytes_per_s")  # the runtime pins on CUDA
         if bw:
             settings_out["calibrated+bw"] = (profile.with_(h2d_bytes_per_s=min(bw, profile.memory_bytes_per_s)),
                                              calibrated)
