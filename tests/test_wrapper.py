@@ -157,3 +157,74 @@ def test_pool_compute_same_tokens(family, capacity):
     smoe = SpeculativeMoE(model, PreGatePredictor(), cache_capacity=CAPACITIES[capacity](model), compute="pool")
     assert torch.equal(greedy(smoe.generate, inputs), ref)
     smoe.unwrap()
+
+
+class SlowPrefetchEngine:
+    """A CPU copy engine whose prefetch copies land only when waited on, or one per released layer.
+    Records the most prefetches it ever had in flight."""
+
+    kind = "slow"
+
+    def __init__(self, num_slots):
+        from specmoe.runtime.transfer import CopyEngine
+
+        self.base = CopyEngine(num_slots)
+        self.held = {}  # slot -> (dst, src)
+        self.most_in_flight = 0
+        self.stall_s, self.waits = 0.0, 0
+
+    def copy_in(self, slot, dst, src, demand):
+        assert slot not in self.held, "a slot was reused while its copy was in flight"
+        if demand:
+            dst.copy_(src)
+        else:
+            self.held[slot] = (dst, src)
+            self.most_in_flight = max(self.most_in_flight, len(self.held))
+
+    def _land(self, slot):
+        dst, src = self.held.pop(slot)
+        dst.copy_(src)
+
+    def ready(self, slot):
+        return slot not in self.held
+
+    def wait(self, slots):
+        for s in slots:
+            if s in self.held:
+                self._land(s)
+
+    wait_host = lambda self, s: self.wait([s])  # noqa: E731
+
+    def release(self, slots):
+        if self.held:
+            self._land(next(iter(self.held)))
+
+    def synchronize(self):
+        for s in list(self.held):
+            self._land(s)
+
+    def stall_seconds(self):
+        return 0.0
+
+    def reset_stall(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("bound", [1, 3])
+def test_prefetches_in_flight_are_bounded(monkeypatch, bound):
+    import specmoe.runtime.wrapper as wrapper_module
+
+    engines = []
+    monkeypatch.setattr(wrapper_module, "make_engine", lambda kind, n, dev: engines.append(SlowPrefetchEngine(n)) or engines[-1])
+    model = build_tiny("qwen3_moe")
+    inputs = make_inputs(model, batch=3, left_pad=True)
+    ref = greedy(model.generate, inputs)
+    smoe = SpeculativeMoE(model, RandomPredictor(seed=1, lookahead=2), cache_capacity=0.5,
+                          max_prefetch_inflight=bound)
+    assert torch.equal(greedy(smoe.generate, inputs), ref)
+    assert engines[0].most_in_flight == bound  # reached, never exceeded
+    assert smoe.stats.total.prefetch_issued > bound
+    smoe.unwrap()

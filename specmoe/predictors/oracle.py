@@ -67,7 +67,9 @@ class OraclePredictor(Predictor):
             src, tl = (p, t) if t < L else (p + 1, t - L)
             if src >= len(self.routing):
                 continue
-            ids = self.routing[src][:, tl].to(hidden.device)  # [T', k]; T' != T across prefill -> decode
+            if self.routing[src].device != hidden.device:  # once: no copy per call on the hot path
+                self.routing = [r.to(hidden.device) for r in self.routing]
+            ids = self.routing[src][:, tl]  # [T', k]; T' != T across prefill -> decode
             rows = (torch.arange(ids.shape[0], device=hidden.device) % T)[:, None].expand_as(ids)  # [T', k]
             scores = torch.zeros(T, E + 1, device=hidden.device)
             scores[rows, torch.where(ids < 0, E, ids)] = 1.0
@@ -96,12 +98,14 @@ class RandomPredictor(Predictor):
         self.reset()
 
     def reset(self):
-        self._gen = torch.Generator().manual_seed(self.seed)
+        self._gen: torch.Generator | None = None  # made on the device of the first call, then reused
 
     @torch.no_grad()
     def predict(self, layer, hidden, history):
+        if self._gen is None or self._gen.device != hidden.device:
+            self._gen = torch.Generator(device=hidden.device).manual_seed(self.seed)
         E = self.geometry.num_experts
-        return {t: torch.rand(hidden.shape[0], E, generator=self._gen).to(hidden.device)
+        return {t: torch.rand(hidden.shape[0], E, generator=self._gen, device=hidden.device)
                 for t in self.targets(layer)}
 
     def config(self):

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..predictors.base import Predictor
 from .adapters import FusedExperts, ModelMoE, MoELayer, find_moe_layers
@@ -90,6 +91,12 @@ def resolve_device(model: nn.Module, device) -> torch.device:
     if accel:
         return accel[0]
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
+    t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
 
 
 class SpeculativeMoE:
@@ -168,7 +175,8 @@ class SpeculativeMoE:
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
             self.store = HostStore(layout, geo.num_layers, geo.num_experts)
-            for layer in moe.layers:
+            big = self.store.nbytes > 2**30  # a progress bar only where it takes a while
+            for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
                 for e in range(geo.num_experts):
                     self.store.write((layer.index, e), layer.layout.expert_tensors(layer.experts, e))
                 self._saved.append(layer.layout.remove(layer.experts))  # frees the module's expert tensors
@@ -455,7 +463,7 @@ class SpeculativeMoE:
         experts, layout = layer.experts, layer.layout
         E = self.geometry.num_experts
         table = self.cache.table[layer.index]  # [E] expert -> slot
-        chosen_t = torch.tensor(chosen, device=ids.device)  # [n]
+        chosen_t = _to_device(chosen, ids.device)  # [n]
         if self.compute == "gather":
             lut = torch.zeros(E, dtype=torch.long, device=ids.device)  # [E] expert -> compact index
             lut[chosen_t] = torch.arange(len(chosen), device=ids.device)
