@@ -214,7 +214,7 @@ class _Replay:
         self.predicted = set(queue)
         self.queue = [key for key in queue if key not in cache.slot_of]
         if self._observe is not None:
-            self._observe(layer, self.predicted)
+            self._observe(layer, self.predicted, needed)
         if self._observe_time is not None:
             self._observe_time(p * L + layer)
         if len(needed) <= self.num_slots:

@@ -3,9 +3,7 @@
 LRU and LFU are the runtime's own (`specmoe.runtime.cache`). Two more need to know keys, not just slots,
 so the simulator binds them to its `ExpertCache` (`bind`) and tells them where it is (`observe`):
 
-* `PredictionAwarePolicy`: never evicts what the latest prediction wants if anything else can go; otherwise
-  evicts the expert whose layer comes back last in the layer cycle (the layer just computed is needed again
-  only at the next token), least frequently used first within a layer.
+* `PredictionAwarePolicy`: LRU that spares what the latest prediction wants and evicts unused wrong guesses first.
 * `BeladyPolicy`: Belady's MIN, evicting the expert whose next use is farthest in the future. With demand
   fetching only it gives the fewest misses any cache of that size can have: the bound every policy and
   predictor is compared with.
@@ -18,7 +16,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from collections import OrderedDict
 from collections.abc import Callable
 
 from ..runtime.cache import LFUPolicy, LRUPolicy
@@ -27,62 +24,34 @@ Key = tuple[int, int]
 NEVER = float("inf")
 
 
-class PredictionAwarePolicy:
-    """Evict unpredicted experts of the layer furthest ahead in the layer cycle (LFU, then LRU, within it)."""
+class PredictionAwarePolicy(LRUPolicy):
+    """LRU that never evicts an expert the latest prediction wants while anything else can go.
+
+    The runtime already spares predicted experts when it evicts for a *prefetch*; this policy spares them for
+    demand fetches too. Without a predictor it is LRU. (Evicting unused wrong guesses first was tried and moved
+    more bytes: a wrongly guessed expert is often a popular one that a later token uses.)
+    """
 
     name = "prediction-aware"
 
     def __init__(self) -> None:
+        super().__init__()
         self.cache = None
-        self.layer = 0
-        self.num_layers = 1
         self.predicted: set[Key] = set()
-        self._count: dict[Key, int] = {}  # uses per expert, kept across evictions
-        self._clock = itertools.count()
-        self._buckets: list[OrderedDict[int, None]] = []  # per layer: its resident slots, least recent first
-        self._last: dict[int, int] = {}
 
     def bind(self, cache, num_layers: int) -> None:
         self.cache = cache
-        self.num_layers = num_layers
-        self._buckets = [OrderedDict() for _ in range(num_layers)]
 
-    def observe(self, layer: int, predicted: set[Key]) -> None:
-        self.layer = layer
+    def observe(self, layer: int, predicted: set[Key], routed=()) -> None:
+        """Layer `layer` was just routed to `routed`; `predicted` is what the predictor now wants."""
         self.predicted = predicted
 
-    def touch(self, slot: int) -> None:
-        key = self.cache.key_of[slot]
-        self._count[key] = self._count.get(key, 0) + 1
-        bucket = self._buckets[key[0]]
-        bucket[slot] = None
-        bucket.move_to_end(slot)
-        self._last[slot] = next(self._clock)
-
-    def forget(self, slot: int) -> None:
-        key = self.cache.key_of[slot]
-        if key is not None:
-            self._buckets[key[0]].pop(slot, None)
-        self._last.pop(slot, None)
-
     def victim(self, allowed: Callable[[int], bool]) -> int | None:
-        L = self.num_layers
-        order = [(self.layer - d) % L for d in range(L)]  # current layer first: it is needed again last
-        for spare_predicted in (True, False):
-            for layer in order:
-                best, best_rank = None, None
-                for slot in self._buckets[layer]:
-                    if not allowed(slot):
-                        continue
-                    key = self.cache.key_of[slot]
-                    if spare_predicted and key in self.predicted:
-                        continue
-                    rank = (self._count.get(key, 0), self._last[slot])
-                    if best_rank is None or rank < best_rank:
-                        best, best_rank = slot, rank
-                if best is not None:
-                    return best
-        return None
+        if self.predicted:
+            spare = super().victim(lambda s: allowed(s) and self.cache.key_of[s] not in self.predicted)
+            if spare is not None:
+                return spare
+        return super().victim(allowed)
 
 
 class BeladyPolicy:

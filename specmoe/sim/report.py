@@ -70,6 +70,12 @@ def sweep_markdown(sweep: dict) -> str:
         parts += [f"## {profile}: memory", "", memory_table(sweep, profile), ""]
         for shape in dict.fromkeys(r["shape"] for r in sweep["runs"] if r["profile"] == profile):
             parts += [f"## {profile}: {shape}", "", runs_table(sweep, profile, shape), ""]
+    goal = sweep.get("goal")
+    if goal and goal.get("best"):
+        b = goal["best"]
+        parts += [f"Goal: {goal['shape']} within {goal['profile']}'s memory at >= {goal['tok_s']:g} tok/s: "
+                  f"**{'met' if goal['met'] else 'not met'}** (largest capacity that fits: {goal['capacity']:.3f}; best "
+                  f"{b['tok_s']:.1f} tok/s with {b['predictor']} + {b['policy']}).", ""]
     if env:
         parts.append(f"Simulated on {environment_line(env)}.")
     return "\n".join(parts) + "\n"
