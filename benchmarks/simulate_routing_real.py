@@ -85,7 +85,8 @@ def record_stream(model, windows: torch.Tensor) -> RoutingStream:
 
 
 def goal_check(sweep: dict) -> dict:
-    runs = [r for r in sweep["runs"] if r["shape"] == GOAL["shape"] and r["profile"] == GOAL["profile"] and r["max_fit"]]
+    runs = [r for r in sweep["runs"] if r["shape"] == GOAL["shape"] and r["profile"] == GOAL["profile"] and r["max_fit"]
+            and r["policy"] != "belady"]  # MIN needs the future: it is the bound, not a way to run
     best = max(runs, key=lambda r: r["tok_s"], default=None)
     return {**GOAL, "capacity": best["capacity"] if best else None, "best": best and
             {"policy": best["policy"], "predictor": best["predictor"], "tok_s": best["tok_s"]},

@@ -77,6 +77,22 @@ def test_belady_never_misses_more_than_lru_lfu_or_prediction_aware(seed):
         assert minimum < simulate(stream, shape, PROFILES["rtx3090"], cap, ops=OPS, policy="lru").misses
 
 
+def test_prediction_aware_spares_predicted_experts():
+    from specmoe.runtime.cache import ExpertCache
+    from specmoe.sim.policies import PredictionAwarePolicy
+
+    policy = PredictionAwarePolicy()
+    cache = ExpertCache(3, 2, 8, "cpu", policy)
+    policy.bind(cache, 2)
+    for e in range(3):
+        cache.assign((0, e), lambda s: True)  # LRU order: (0,0), (0,1), (0,2)
+    policy.observe(1, {(0, 0)}, routed=[5])
+    slot, evicted = cache.assign((1, 5), lambda s: True)
+    assert evicted == (0, 1)  # (0, 0) is older but predicted
+    policy.observe(1, {(0, 0), (0, 2), (1, 5)})
+    assert cache.assign((1, 6), lambda s: True)[1] == (0, 0)  # everything predicted: plain LRU
+
+
 def test_monotonic_in_capacity_and_bandwidth():
     shape = tiny_shape(layers=4, experts=16, top_k=2)
     stream = random_stream(passes=120, layers=4, experts=16, top_k=2, seed=7)

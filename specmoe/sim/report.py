@@ -39,7 +39,8 @@ def memory_table(sweep: dict, profile: str) -> str:
     for m in plans:
         at_max = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == m["shape"] and r["max_fit"]]
         lru = next((r for r in at_max if r["policy"] == "lru" and r["predictor"] == "none"), None)
-        best = max(at_max, key=lambda r: r["tok_s"]) if at_max else None
+        real = [r for r in at_max if r["policy"] != "belady"]  # MIN needs the future: a bound, not an option
+        best = max(real, key=lambda r: r["tok_s"]) if real else None
         rows.append([m["shape"], f"{m['unwrapped_bytes'] / GiB:.1f}" + ("" if m["unwrapped_fits"] else " ✗"),
                      *[f"{w['device_bytes'] / GiB:.1f}" + ("" if w["fits"] else " ✗") for w in m["wrapped"]],
                      f"{m['max_capacity']:.3f} ({m['max_slots']} slots)",
