@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPS = OpCounts(layer=80, experts=24, per_pass=60, wrapper=12, predictor=12)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_simulator_makes_the_runtimes_cache_decisions(policy):
+def test_simulator_makes_the_runtimes_cache_decisions():
     """Demand fetching is timing-independent: on the same routing the simulator must count exactly the hits
     and misses SpeculativeMoE counts."""
     model = build_tiny("qwen2_moe")
@@ -35,16 +34,17 @@ def test_simulator_makes_the_runtimes_cache_decisions(policy):
         with torch.no_grad(), capture_routing(model) as cap:
             model.generate(**kw)
         passes += [p.ids for p in cap.passes]
-    smoe = SpeculativeMoE(model, None, cache_capacity=5, policy=policy)
-    with torch.no_grad():
-        for kw in calls:
-            smoe.generate(**kw)
-    stats = smoe.stats.total
-    smoe.unwrap()
     shape = ModelShape.from_config(model.config, dtype="fp32", expert_dtype="fp32")
-    run = simulate(RoutingStream.from_passes(passes), shape, HardwareProfile.from_name("h100"), 5, ops=OPS,
-                   policy=policy)
-    assert (run.hits, run.misses, run.bytes_moved) == (stats.hits, stats.misses, stats.bytes_moved)
+    for policy in ("lru", "lfu"):
+        smoe = SpeculativeMoE(model, None, cache_capacity=5, policy=policy)
+        with torch.no_grad():
+            for kw in calls:
+                smoe.generate(**kw)
+        stats = smoe.stats.total
+        smoe.unwrap()
+        run = simulate(RoutingStream.from_passes(passes), shape, HardwareProfile.from_name("h100"), 5, ops=OPS,
+                       policy=policy)
+        assert (run.hits, run.misses, run.bytes_moved) == (stats.hits, stats.misses, stats.bytes_moved), policy
 
 
 def test_bench_cli_smoke(tmp_path):

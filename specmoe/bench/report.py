@@ -26,8 +26,10 @@ def _fmt(x, spec=".2f"):
 
 
 def environment_line(env: dict) -> str:
+    sha = str(env.get("git_sha"))
+    sha = sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
     return (f"{env.get('device_name')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
-            f"git {str(env.get('git_sha'))[:12]} · {env.get('date')}")
+            f"git {sha} · {env.get('date')}")
 
 
 def bench_table(result: dict) -> str:

@@ -126,5 +126,5 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     md, png = write_sweep_report(json_path)
     print(sweep_markdown(sweep))
-    print(f"wrote {json_path}, {md}, {png}")
+    print("wrote " + ", ".join(str(p) for p in (json_path, md, png) if p is not None))
     return 0

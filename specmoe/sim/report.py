@@ -35,38 +35,43 @@ def memory_table(sweep: dict, profile: str) -> str:
         return ""
     caps = [row["capacity"] for row in plans[0]["wrapped"]]
     ceilings = {(c["shape"], c["profile"]): c["tok_s"] for c in sweep["ceilings"]}
+    with_runs = any(r["profile"] == profile for r in sweep["runs"])
     rows = []
     for m in plans:
         at_max = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == m["shape"] and r["max_fit"]]
         lru = next((r for r in at_max if r["policy"] == "lru" and r["predictor"] == "none"), None)
         real = [r for r in at_max if r["policy"] != "belady"]  # MIN needs the future: a bound, not an option
         best = max(real, key=lambda r: r["tok_s"]) if real else None
-        rows.append([m["shape"], f"{m['unwrapped_bytes'] / GiB:.1f}" + ("" if m["unwrapped_fits"] else " ✗"),
-                     *[f"{w['device_bytes'] / GiB:.1f}" + ("" if w["fits"] else " ✗") for w in m["wrapped"]],
-                     f"{m['max_capacity']:.3f} ({m['max_slots']} slots)",
-                     f"{lru['tok_s']:.1f}" if lru else None,
-                     f"{best['tok_s']:.1f} ({_label(best)})" if best else None,
-                     f"{best['bound_tok_s']:.1f}" if best else None,
-                     f"{ceilings.get((m['shape'], profile), 0):.1f}"])
-    headers = ["model", "unwrapped GiB", *[f"wrapped @{c:g} GiB" for c in caps], "largest capacity that fits",
-               "tok/s there (LRU)", "tok/s there (best)", "bound tok/s", "all-resident tok/s (if it fit)"]
+        row = [m["shape"], f"{m['unwrapped_bytes'] / GiB:.1f}" + ("" if m["unwrapped_fits"] else " ✗"),
+               *[f"{w['device_bytes'] / GiB:.1f}" + ("" if w["fits"] else " ✗") for w in m["wrapped"]],
+               f"{m['max_capacity']:.3f} ({m['max_slots']} slots)"]
+        if with_runs:
+            row += [f"{lru['tok_s']:.1f}" if lru else None, f"{best['tok_s']:.1f} ({_label(best)})" if best else None,
+                    f"{best['bound_tok_s']:.1f}" if best else None]
+        rows.append(row + [f"{ceilings.get((m['shape'], profile), 0):.1f}"])
+    headers = ["model", "unwrapped GiB", *[f"wrapped @{c:g} GiB" for c in caps], "largest capacity that fits"]
+    if with_runs:
+        headers += ["tok/s there (LRU)", "tok/s there (best)", "bound tok/s"]
+    headers += ["all-resident tok/s (if it fit)"]
     m0 = plans[0]
     note = (f"\n\nDevice memory = weights on the device + KV cache of one {m0['context']}-token sequence + "
             f"{m0['reserve_bytes'] / GiB:.1f} GiB reserve (CUDA context, allocator, activations; assumed). "
-            "✗: does not fit. tok/s columns are simulated; '—' where no trace of that model's routing geometry "
-            "exists (they need learned routing of the same L/E/k). All-resident tok/s is the compute-bound ceiling "
-            "(routing-independent at batch 1).")
+            "✗: does not fit. All tok/s figures are simulated. All-resident tok/s is the compute-bound ceiling "
+            "(routing-independent at batch 1)")
+    note += ("; '—' where no trace of that model's routing geometry exists (hit rates need learned routing of the "
+             "same L/E/k)." if with_runs else ".")
     return markdown_table(headers, rows) + note
 
 
 def sweep_markdown(sweep: dict) -> str:
     env = sweep.get("environment", {})
     profiles = list(dict.fromkeys(m["profile"] for m in sweep["memory"]))
-    parts = [f"# Simulated decode on {', '.join(profiles)}", "",
-             f"Routing: {sweep.get('stream', {}).get('description', 'none')}. Compute model "
-             f"`{sweep['compute']['name']}` ({sweep['compute']['source']}). Every table's bound is "
-             "max(compute time, Belady-MIN miss bytes / host->device bandwidth); 'of bound' is tok/s over the bound's.",
-             ""]
+    intro = (f"Routing: {sweep.get('stream', {}).get('description', 'none')}. Compute model "
+             f"`{sweep['compute']['name']}` ({sweep['compute']['source']}).")
+    if sweep["runs"]:
+        intro += (" Every table's bound is max(compute time, Belady-MIN miss bytes / host->device bandwidth); "
+                  "'of bound' is tok/s over the bound's.")
+    parts = [f"# Simulated decode on {', '.join(profiles)}", "", intro, ""]
     for profile in profiles:
         parts += [f"## {profile}: memory", "", memory_table(sweep, profile), ""]
         for shape in dict.fromkeys(r["shape"] for r in sweep["runs"] if r["profile"] == profile):
