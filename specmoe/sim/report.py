@@ -71,11 +71,11 @@ def sweep_markdown(sweep: dict) -> str:
     if sweep["runs"]:
         intro += (" Every table's bound is max(compute time, Belady-MIN miss bytes / host->device bandwidth); "
                   "'of bound' is tok/s over the bound's.")
-    parts = [f"# Simulated decode on {', '.join(profiles)}", "", intro, ""]
+    parts = [f"**Simulated decode on {', '.join(profiles)}.** {intro}", ""]
     for profile in profiles:
-        parts += [f"## {profile}: memory", "", memory_table(sweep, profile), ""]
+        parts += [f"*{profile}: device memory*", "", memory_table(sweep, profile), ""]
         for shape in dict.fromkeys(r["shape"] for r in sweep["runs"] if r["profile"] == profile):
-            parts += [f"## {profile}: {shape}", "", runs_table(sweep, profile, shape), ""]
+            parts += [f"*{profile}: {shape}*", "", runs_table(sweep, profile, shape), ""]
     goal = sweep.get("goal")
     if goal and goal.get("best"):
         b = goal["best"]
