@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="qwen1.5-moe-a2.7b", choices=sorted(PRESETS))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes of the same family (CPU, seconds)")
     ap.add_argument("--device", default=None, help="default: cuda when present")
-    ap.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--predictors", nargs="+", default=["none", "oracle"],
                     help="none / pregate / oracle (random weights make the pre-gate meaningless for accuracy)")
     ap.add_argument("--prompts", type=int, default=3)

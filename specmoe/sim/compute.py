@@ -244,10 +244,10 @@ def count_ops(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k:
 
     plain = step_counts(model.generate)
     logger.debug("op counts of %s: %s", model_type, plain)
-    smoe = SpeculativeMoE(model, None, cache_capacity=1.0, compute="pool")
+    smoe = SpeculativeMoE(model, None, cache_capacity=1.0, compute="pool", device="cpu")  # same ops as `plain`
     wrapped = step_counts(smoe.generate)
     smoe.unwrap()
-    smoe = SpeculativeMoE(model, PreGatePredictor(lookahead=1), cache_capacity=1.0, compute="pool")
+    smoe = SpeculativeMoE(model, PreGatePredictor(lookahead=1), cache_capacity=1.0, compute="pool", device="cpu")
     predicted = step_counts(smoe.generate)
     smoe.unwrap()
     L = moe.geometry.num_layers
