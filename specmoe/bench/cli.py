@@ -26,9 +26,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictors", nargs="+", default=list(BUILTIN_PREDICTORS),
                    help=f"any of {', '.join(BUILTIN_PREDICTORS)}, or directories of saved predictors")
     p.add_argument("--prompts", type=int, default=3, help="number of prompts (medians are over prompts)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--prompts-file", type=Path, help="text file; prompts are its first blank-line-separated "
-                   "paragraphs, tokenized by the model's tokenizer (default: seeded random token ids)")
+    p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (text prompts: at most)")
+    p.add_argument("--prompts-file", type=Path, help="text file; prompts are its blank-line-separated paragraphs "
+                   "(default: the reference model's held-out prompts, or seeded random token ids with --model)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--lookahead", type=int, default=1, help="lookahead of the pre-gate and oracle predictors")
@@ -42,7 +42,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, dtype):
-    """The model, a tokenizer (or None) and a display name."""
+    """The model, a tokenizer (or None), default prompt texts (or None) and a display name."""
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,36 +51,32 @@ def _load(args, dtype):
             tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         except (OSError, ValueError):
             tokenizer = None
-        return model, tokenizer, str(args.model)
+        return model, tokenizer, None, str(args.model)
     try:
-        from ..reference.model import load_reference_model, load_reference_tokenizer
+        from ..reference.model import load_reference_model, load_reference_prompts, load_reference_tokenizer
     except ImportError:
         raise SystemExit("this checkout has no reference model (specmoe.reference.model); pass --model PATH") from None
     return (load_reference_model(device="cpu", dtype=dtype).eval(), load_reference_tokenizer(),
-            "specmoe reference model")
+            load_reference_prompts(), "specmoe reference model")
 
 
-def make_prompts(model, tokenizer, count: int, length: int, text_file: Path | None = None, seed: int = 0) -> list[dict]:
-    """`count` prompts of `length` tokens: paragraphs of `text_file` when given (needs a tokenizer), else seeded
-    random token ids."""
-    prompts = []
-    if text_file is not None:
+def make_prompts(model, tokenizer, count: int, length: int, texts: list[str] | None = None,
+                 seed: int = 0) -> tuple[list[dict], str]:
+    """`count` prompts of at most `length` tokens from `texts` (needs a tokenizer), else seeded random token
+    ids. Returns the prompts and a description of their source."""
+    if texts is not None:
         if tokenizer is None:
-            raise SystemExit("--prompts-file needs a tokenizer, and none was found next to the model")
-        paragraphs = [p for p in Path(text_file).read_text().split("\n\n") if p.strip()]
-        for text in paragraphs:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :length]
-            if ids.shape[1] == length:
-                prompts.append(ids)
-            if len(prompts) == count:
-                break
+            raise SystemExit("text prompts need a tokenizer, and none was found next to the model")
+        prompts = [tokenizer(t, return_tensors="pt")["input_ids"][:, :length] for t in texts if t.strip()][:count]
         if len(prompts) < count:
-            raise SystemExit(f"{text_file} has only {len(prompts)} paragraphs of >= {length} tokens; need {count}")
+            raise SystemExit(f"only {len(prompts)} non-empty prompts were given; need {count}")
+        source = "text"
     else:
         g = torch.Generator().manual_seed(seed)
         vocab = model.config.get_text_config().vocab_size
         prompts = [torch.randint(3, vocab, (1, length), generator=g) for _ in range(count)]
-    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in prompts]
+        source = "random token ids"
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in prompts], source
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -91,10 +87,12 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
         accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
         accelerate_new_tokens=args.accelerate_tokens)
-    model, tokenizer, name = _load(args, dtype)
+    model, tokenizer, texts, name = _load(args, dtype)
     model.generation_config.eos_token_id = None  # every call generates exactly N tokens
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0
-    prompts = make_prompts(model, tokenizer, args.prompts, args.prompt_len, args.prompts_file)
+    if args.prompts_file is not None:
+        texts = [p for p in args.prompts_file.read_text().split("\n\n") if p.strip()]
+    prompts, source = make_prompts(model, tokenizer, args.prompts, args.prompt_len, texts)
     stem = args.name or f"bench_{device.type}"
     json_path = args.out / f"{stem}.json"
 
@@ -103,7 +101,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     result = run_benchmark(model, prompts, settings, device, model_name=name, on_variant=save)
     result["settings"].update(prompts=args.prompts, prompt_len=args.prompt_len, dtype=str(dtype),
-                              prompts_source=str(args.prompts_file) if args.prompts_file else "random token ids")
+                              prompts_source=str(args.prompts_file) if args.prompts_file else
+                              ("reference model's held-out prompts" if texts else source))
     routing = result.pop("routing")
     if routing is not None:
         from ..sim.stream import RoutingStream
