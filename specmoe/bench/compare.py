@@ -3,7 +3,8 @@ no predictor (LRU on demand), the pre-gate, trained predictors and the oracle, o
 
 Every variant runs the same schedule of generate calls: `warmup` untimed calls, then for each prompt one call
 of 1 new token (time to first token) and one of N (decode tok/s = (N-1) / (t_N - t_1)); medians over prompts.
-The oracle replays the routing each call had on the model itself (recorded once, untimed), so it is exact.
+The routing of every call is recorded once, untimed (on the unwrapped model, else on the largest cache): the
+oracle replays it exactly, each row's bound is computed on it, and the simulator can replay it.
 """
 
 # Shape legend: T tokens, L MoE layers, k top-k
@@ -185,8 +186,8 @@ def run_benchmark(model: nn.Module, prompts: Sequence[dict], settings: BenchSett
         elif kind == "accelerate":
             row = _run_accelerate(model, on_device, settings, device, make_offload_copy)
         else:
-            if routing is None and predictor == "oracle":
-                routing = _routing_from_wrapped(model, on_device, schedule, device)
+            if routing is None:  # no unwrapped run (it may not fit): record on the largest cache
+                routing = _routing_from_wrapped(model, on_device, schedule, device, max(settings.capacities))
             row = _run_wrapped(model, on_device, schedule, device, capacity, predictor, settings, geometry,
                                routing, reference)
         result["variants"].append(row)
@@ -235,8 +236,8 @@ def _run_unwrapped(model, prompts, schedule, device):
 
 
 def _run_accelerate(model, prompts, settings, device, make_copy):
-    geometry = find_moe_layers(model)
-    expert_bytes = sum(p.numel() * p.element_size() for layer in geometry.layers for p in layer.experts.parameters())
+    moe = find_moe_layers(model)
+    expert_bytes = sum(p.numel() * p.element_size() for layer in moe.layers for p in layer.experts.parameters())
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     budget = int(total - expert_bytes * (1 - settings.accelerate_capacity))  # the cache's footprint at that capacity
     throwaway = make_copy() if make_copy else copy.deepcopy(model)
@@ -251,8 +252,8 @@ def _run_accelerate(model, prompts, settings, device, make_copy):
             **timing, "memory": mem.result(), "placement": placement, "same_tokens": None}
 
 
-def _routing_from_wrapped(model, prompts, schedule, device):
-    smoe = SpeculativeMoE(model, None, cache_capacity=1.0, device=device)
+def _routing_from_wrapped(model, prompts, schedule, device, capacity):
+    smoe = SpeculativeMoE(model, None, cache_capacity=capacity, device=device)
     try:
         return record_routing(model, smoe.generate, prompts, schedule)
     finally:
