@@ -65,3 +65,15 @@ def test_corrupt_files_name_the_file(tmp_path):
 def test_lookahead_validated():
     with pytest.raises(ValueError, match="lookahead"):
         PreGatePredictor(lookahead=0)
+
+
+def test_atomic_writes_leave_no_temp_files_and_usual_permissions(tmp_path):
+    import os
+
+    from specmoe.io import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
