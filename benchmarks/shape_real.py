@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     stream_path = json_path.with_name(json_path.stem + ".routing.safetensors")
     calls = [{"prompt": i, "new_tokens": n, "timed": timed, "passes": len(r)}
              for (i, n, timed), r in zip(result["schedule"], routing)]
-    RoutingStream.from_passes([ids for call in routing for ids in call], calls=calls).save(stream_path)
+    RoutingStream.from_passes([ids for call in routing for ids in call], calls=calls,
+                              num_experts=shape.num_experts).save(stream_path)
     result["routing_file"] = stream_path.name
     save(result)
     md, png = write_bench_report(json_path)

@@ -71,7 +71,8 @@ def load_model_and_windows(args) -> tuple[torch.nn.Module, torch.Tensor, str]:
 
 def record_stream(model, windows: torch.Tensor) -> RoutingStream:
     """Prefill every window with all layers' hidden states kept; tokens back to back as decode steps."""
-    L = find_moe_layers(model).geometry.num_layers
+    geometry = find_moe_layers(model).geometry
+    L = geometry.num_layers
     ids, hidden = [], {layer: [] for layer in range(L)}
     for w in tqdm(windows, desc="record routing", unit="window"):
         with torch.no_grad(), capture_routing(model, hidden_layers=range(L)) as cap:
@@ -81,7 +82,8 @@ def record_stream(model, windows: torch.Tensor) -> RoutingStream:
         for layer in range(L):
             hidden[layer].append(p.hidden[layer])
     offsets = torch.tensor([0] + [x.shape[0] for x in ids]).cumsum(0)
-    return RoutingStream.from_sequences(torch.cat(ids), offsets, {k: torch.cat(v) for k, v in hidden.items()})
+    return RoutingStream.from_sequences(torch.cat(ids), offsets, {k: torch.cat(v) for k, v in hidden.items()},
+                                        num_experts=geometry.num_experts)
 
 
 def goal_check(sweep: dict) -> dict:

@@ -170,13 +170,19 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="L=4"):
         simulate(stream, shape, PROFILES["h100"], 0.5, ops=OPS)
     stream = random_stream(passes=10, layers=3, experts=8, top_k=2, seed=0)
+    with pytest.raises(ValueError, match="E=16"):  # same L and k, another number of experts
+        simulate(RoutingStream.from_sequences(stream.ids, num_experts=16), shape, PROFILES["h100"], 0.5, ops=OPS)
+    with pytest.raises(ValueError, match="experts up to"):
+        simulate(stream, tiny_shape(layers=3, experts=4, top_k=2), PROFILES["h100"], 0.5, ops=OPS)
     with pytest.raises(ValueError, match="demand"):
         simulate(stream, shape, PROFILES["h100"], 0.5, ops=OPS, policy="belady", candidates=oracle_candidates(stream, 8))
     with pytest.raises(ValueError, match="eviction policy"):
         simulate(stream, shape, PROFILES["h100"], 0.5, ops=OPS, policy="fifo")
+    stream.num_experts = 8
     stream.save(tmp_path / "s.safetensors")
     again = RoutingStream.load(tmp_path / "s.safetensors")
     assert torch.equal(again.ids, stream.ids) and torch.equal(again.pass_offsets, stream.pass_offsets)
+    assert again.num_experts == 8
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "s.safetensors").read_bytes()[:50])
     with pytest.raises(ValueError, match="bad.safetensors"):
         RoutingStream.load(tmp_path / "bad.safetensors")

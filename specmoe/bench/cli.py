@@ -111,7 +111,7 @@ def run_bench(args: argparse.Namespace) -> int:
         calls = [{"prompt": i, "new_tokens": n, "timed": timed, "passes": len(r)}
                  for (i, n, timed), r in zip(result["schedule"], routing)]
         stream_path = args.out / f"{stem}.routing.safetensors"
-        RoutingStream.from_passes(passes, calls=calls).save(stream_path)
+        RoutingStream.from_passes(passes, calls=calls, num_experts=result["geometry"]["num_experts"]).save(stream_path)
         result["routing_file"] = stream_path.name
     save(result)
     md, png = write_bench_report(json_path)

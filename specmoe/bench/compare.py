@@ -212,7 +212,7 @@ def _add_bounds(result: dict, routing, schedule: Schedule, num_experts: int, dev
     wrapped = [v for v in result["variants"] if v["kind"] == "specmoe"]
     if not wrapped:
         return
-    stream = RoutingStream.from_passes([ids for call in routing for ids in call])
+    stream = RoutingStream.from_passes([ids for call in routing for ids in call], num_experts=num_experts)
     warmup = sum(len(r) for r, (_, _, timed) in zip(routing, schedule.calls) if not timed)
     slot_bytes = wrapped[0]["runtime_memory"]["slot_bytes"]
     copy = measure_h2d(slot_bytes, device)

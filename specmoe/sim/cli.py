@@ -109,13 +109,12 @@ def run_simulate(args: argparse.Namespace) -> int:
         stream = load_stream(args.trace)
         if args.max_passes:
             stream = stream.select_passes(0, min(args.max_passes, stream.num_passes))
-        matching = [s for s in shapes if (s.moe_layers, s.top_k) == (stream.num_layers, stream.top_k)]
+        matching = [s for s in shapes if stream.matches(s.moe_layers, s.top_k, s.num_experts)]
         if not matching:
-            raise SystemExit(f"the trace has L={stream.num_layers} k={stream.top_k}; none of {args.shapes} has that "
-                             "routing geometry (its memory rows are still computed without --trace)")
+            raise SystemExit(f"the trace has L={stream.num_layers} k={stream.top_k} E={stream.num_experts or '?'}; "
+                             f"none of {args.shapes} has that routing geometry (without --trace their memory rows "
+                             "are still computed)")
         num_experts = matching[0].num_experts
-        if int(stream.ids.max()) >= num_experts:
-            raise SystemExit(f"the trace routes to expert {int(stream.ids.max())}, the shape has {num_experts}")
         predictors = _candidates(stream, args.predictors, args.lookahead, args.model, num_experts)
         described = f"{args.trace} ({stream.num_passes} passes, {stream.num_tokens} tokens)"
     sweep = run_sweep(stream, shapes, profiles, settings, predictors)

@@ -105,7 +105,7 @@ def simulate(
     """Replay `stream` on `profile` with `shape`'s sizes.
 
     Args:
-        stream: the routing (its L and k must be the shape's).
+        stream: the routing (its L, E and k must be the shape's).
         capacity: as `SpeculativeMoE`'s cache_capacity (fraction, slots or "24GiB"-style budget); None
             simulates the unwrapped model with every expert on the device.
         ops: the family's op counts (`count_ops(shape.model_type)`).
@@ -123,7 +123,7 @@ def simulate(
     Raises:
         ValueError: the stream's geometry differs from the shape's, or the inputs do not fit together.
     """
-    stream.check_geometry(shape.moe_layers, shape.top_k)
+    stream.check_geometry(shape.moe_layers, shape.top_k, shape.num_experts)
     if candidates is not None and len(candidates) != stream.num_passes:
         raise ValueError(f"candidates cover {len(candidates)} passes, the stream has {stream.num_passes}")
     if not 0 <= warmup_passes < stream.num_passes:

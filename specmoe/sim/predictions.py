@@ -51,7 +51,7 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
         ValueError: the stream lacks the hidden states the predictor needs, or its geometry differs.
     """
     L, E, k = geometry.num_layers, geometry.num_experts, geometry.top_k
-    stream.check_geometry(L, k, what="predictor's geometry")
+    stream.check_geometry(L, k, E, what="predictor's geometry")
     missing = [layer for layer in range(L) if layer not in stream.hidden]
     if missing:
         raise ValueError(f"the stream has no hidden states for MoE layers {missing}; record it with "

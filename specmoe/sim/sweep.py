@@ -66,7 +66,7 @@ def synthetic_stream(shape: ModelShape, passes: int = 8, seed: int = 0) -> Routi
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.stack([torch.randperm(shape.num_experts, generator=g)[: shape.top_k]
                                     for _ in range(shape.moe_layers)]) for _ in range(passes)])
-    return RoutingStream.from_sequences(ids)
+    return RoutingStream.from_sequences(ids, num_experts=shape.num_experts)
 
 
 def compute_ceiling(shape: ModelShape, profile: HardwareProfile, compute: ComputeModel, context: int) -> float:
@@ -100,7 +100,7 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
             out["memory"].append(plan)
             out["ceilings"].append({"shape": shape.name, "profile": profile.name,
                                     "tok_s": compute_ceiling(shape, profile, compute, settings.context)})
-            if stream is None or (stream.num_layers, stream.top_k) != (shape.moe_layers, shape.top_k):
+            if stream is None or not stream.matches(shape.moe_layers, shape.top_k, shape.num_experts):
                 continue
             caps = list(settings.capacities)
             if settings.add_max_fit and plan["max_slots"] > 0 and plan["max_capacity"] not in caps:
