@@ -103,6 +103,15 @@ def run_bench(args: argparse.Namespace) -> int:
     result["settings"].update(prompts=args.prompts, prompt_len=args.prompt_len, dtype=str(dtype),
                               prompts_source=str(args.prompts_file) if args.prompts_file else
                               ("reference model's held-out prompts" if texts else source))
+    try:  # lets `specmoe simulate --validate` replay this run
+        from ..sim.compute import count_ops
+        from ..sim.shapes import ModelShape
+
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        shape = ModelShape.from_config(model.config, name=name, dtype=dt, expert_dtype=dt)
+        result.update(shape=shape.to_dict(), op_counts=count_ops(shape.model_type).to_dict())
+    except ValueError as err:
+        logger.info("no simulator shape for this model (%s); --validate will need one", err)
     routing = result.pop("routing")
     if routing is not None:
         from ..sim.stream import RoutingStream
