@@ -7,7 +7,8 @@ inside the experts call (the router has just chosen the top-k):
 2. routed experts that are not resident are fetched on demand (ahead of any queued prefetch); compute
    waits on their copies' events, not the host;
 3. predicted experts that are not resident are prefetched, best first, with a bound on copies in flight;
-4. the model's own experts implementation runs on the slot pool with expert ids remapped to slot ids.
+4. the experts run on the slot pool: the model's own implementation with expert ids remapped to slot ids,
+   or the fused Triton kernel (`specmoe.kernels`) reading slots through the expert->slot table.
 
 Prefetches never change results: a wrong guess costs bandwidth, not correctness.
 """
@@ -28,13 +29,15 @@ from tqdm.auto import tqdm
 from ..predictors.base import Predictor
 from .adapters import FusedExperts, ModelMoE, MoELayer, find_moe_layers
 from .cache import ExpertCache, SlotPool
+from .compression import make_codec
+from .fused_compute import FusedKernelCompute
 from .stats import LayerStats, Stats
 from .store import ExpertLayout, HostStore
 from .transfer import make_engine
 
 logger = logging.getLogger(__name__)
 
-COMPUTE = ("gather", "pool")
+COMPUTE = ("auto", "gather", "pool", "triton")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -114,10 +117,17 @@ class SpeculativeMoE:
         transfer: copy engine, "cuda" (default on CUDA), "sync" (default on CPU) or "thread" (CPU worker).
         prefetch_width: experts prefetched per token per target layer (default: top-k).
         max_prefetch_inflight: bound on prefetch copies in flight (default: 2 * top-k * lookahead).
-        compute: how the model's experts implementation sees the cache. "gather" copies the layer's routed
-            slots into a compact [n, ...] buffer (cost grows with n); "pool" runs on all S slots with no copy
-            (cost of some implementations, e.g. grouped_mm on CPU, grows with S). Default: "pool" on CUDA,
-            "gather" elsewhere.
+        compute: how experts are computed on the cache. "gather" copies the layer's routed slots into a
+            compact [n, ...] buffer for the model's experts implementation (cost grows with n); "pool" runs
+            the model's implementation on all S slots with no copy (cost of some implementations, e.g.
+            grouped_mm on CPU, grows with S); "triton" runs the fused Triton kernel on the slots (CUDA; on
+            CPU interpreted under TRITON_INTERPRET=1, else its PyTorch reference) for layers it supports
+            (SiLU/GELU experts with concatenated gate/up, no bias), the model's implementation elsewhere;
+            "auto" (default) is "pool" on CUDA, switching to the kernel for the shapes where the tuned
+            launch configs (`specmoe/kernels/configs`) measured it faster, and "gather" elsewhere.
+        compression: None (default) or "int8" / "int4" / "int4-g128": the host keeps experts compressed
+            (`specmoe.kernels.quant`), copies move the compressed bytes and slots are dequantized on the
+            device. Changes numerics (and `unwrap()` returns the dequantized experts).
 
     Raises:
         TypeError: not an MoE model of a supported layout, or a predictor/capacity of the wrong type.
@@ -137,6 +147,7 @@ class SpeculativeMoE:
         prefetch_width: int | None = None,
         max_prefetch_inflight: int | None = None,
         compute: str | None = None,
+        compression: str | None = None,
     ):
         # ---- validate everything before touching the model ------------------------------------
         if getattr(model, "_specmoe_wrapper", None) is not None:
@@ -151,15 +162,25 @@ class SpeculativeMoE:
         self.device = resolve_device(model, device)
         if predictor is not None:
             predictor.bind(geo, [layer.router for layer in moe.layers])
-        self._check_device_memory(model, moe, num_slots * layout.nbytes)
+        self.codec = make_codec(compression, layout)
+        staging = 2 * self.codec.layout.nbytes if self.codec else 0  # one per copy stream
+        self._check_device_memory(model, moe, num_slots * layout.nbytes + staging)
         lookahead = getattr(predictor, "lookahead", 1) if predictor is not None else 1
         self.prefetch_width = prefetch_width or geo.top_k
         self.max_prefetch_inflight = max_prefetch_inflight or 2 * geo.top_k * lookahead
         if self.prefetch_width < 1 or self.max_prefetch_inflight < 1:
             raise ValueError("prefetch_width and max_prefetch_inflight must be >= 1")
-        self.compute = compute or ("pool" if self.device.type == "cuda" else "gather")
+        self.compute = compute or "auto"
         if self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
+        # what runs where the fused kernel is not used: the model's implementation on the pool or a gather
+        self._model_compute = (self.compute if self.compute in ("gather", "pool")
+                               else "pool" if self.device.type == "cuda" else "gather")
+        use_kernel = self.compute == "triton" or (self.compute == "auto" and self.device.type == "cuda")
+        self._fused = FusedKernelCompute(self.compute, self.device, self._model_compute) if use_kernel else None
+        for layer in moe.layers if self._fused is not None else ():
+            if isinstance(layer.layout, FusedExperts):
+                self._fused.plan(layer)  # reads the experts module: before its tensors leave it
 
         self.model = model
         self.predictor = predictor
@@ -174,18 +195,20 @@ class SpeculativeMoE:
 
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
-            self.store = HostStore(layout, geo.num_layers, geo.num_experts)
+            self.store = HostStore(self.codec.layout if self.codec else layout, geo.num_layers, geo.num_experts)
             big = self.store.nbytes > 2**30  # a progress bar only where it takes a while
             for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
                 for e in range(geo.num_experts):
-                    self.store.write((layer.index, e), layer.layout.expert_tensors(layer.experts, e))
+                    tensors = layer.layout.expert_tensors(layer.experts, e)
+                    self.store.write((layer.index, e), self.codec.encode(tensors) if self.codec else tensors)
                 self._saved.append(layer.layout.remove(layer.experts))  # frees the module's expert tensors
             model.to(self.device)
             if self.device.type == "cuda":
                 self.store.pin()
             self.pool = SlotPool(layout, num_slots, self.device)
             self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, policy)
-            self.engine = make_engine(transfer, num_slots, self.device)
+            compressed = {"codec": self.codec} if self.codec else {}  # copies that rebuild slots from compressed bytes
+            self.engine = make_engine(transfer, num_slots, self.device, **compressed)
             for layer in moe.layers:
                 self._install(layer)
         except BaseException:
@@ -224,8 +247,10 @@ class SpeculativeMoE:
         """Bytes: non-expert weights on the device, the cache pool, and the host store."""
         nonexpert = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
                         if t.device == self.device)
+        slot_layout = self.codec.slot_layout if self.codec else self.store.layout
         return {"nonexpert_bytes": nonexpert, "cache_bytes": self.pool.nbytes, "host_store_bytes": self.store.nbytes,
-                "slot_bytes": self.store.layout.nbytes, "num_slots": self.num_slots}
+                "slot_bytes": slot_layout.nbytes, "host_expert_bytes": self.store.layout.nbytes,
+                "num_slots": self.num_slots}
 
     def unwrap(self) -> nn.Module:
         """Undo the wrapping: experts back in the model where they were, forwards restored. Returns the model."""
@@ -251,7 +276,7 @@ class SpeculativeMoE:
     def _install(self, layer: MoELayer) -> None:
         experts = layer.experts
         if isinstance(layer.layout, FusedExperts):
-            if self.compute == "pool":
+            if self._model_compute == "pool":
                 layer.layout.bind_pool(experts, self.pool.views)
             experts.forward = lambda *a, _l=layer, **kw: self._fused_forward(_l, a, kw)
         else:
@@ -267,7 +292,11 @@ class SpeculativeMoE:
         for layer, saved in zip(self.moe.layers, self._saved):
             layer.experts.__dict__.pop("forward", None)
             data = {}
-            for name, view in self.store.layer_tensors(layer.index).items():  # [E, *shape] strided views
+            if self.codec is not None:  # decompressed copies
+                host = self.codec.decode_layer(self.store, layer.index)
+            else:  # strided views, no copy
+                host = self.store.layer_tensors(layer.index)
+            for name, view in host.items():  # [E, *shape]
                 data[name] = torch.empty(view.shape, dtype=view.dtype, device=self._orig_expert_device[layer.index])
                 data[name].copy_(view)
             layer.layout.restore(layer.experts, saved, data)
@@ -382,7 +411,7 @@ class SpeculativeMoE:
         if slot in self._prefetched:
             self._layer_stats[self._prefetched.pop(slot)[0]].prefetch_wasted += 1
         self.engine.copy_in(slot, self.pool.data[slot], self.store[key], demand=demand)
-        self._layer_stats[key[0]].bytes_moved += self.pool.layout.nbytes
+        self._layer_stats[key[0]].bytes_moved += self.store.layout.nbytes  # compressed bytes when compressed
         return slot
 
     def _acquire(self, layer: int, experts: list[int]) -> list[int]:
@@ -463,8 +492,15 @@ class SpeculativeMoE:
         experts, layout = layer.experts, layer.layout
         E = self.geometry.num_experts
         table = self.cache.table[layer.index]  # [E] expert -> slot
+        if self._fused is not None and self._fused.wanted(layer, ids, self.pool.views):
+            hidden = layout.routing(experts, args, kwargs, self.geometry.top_k)[0]  # [T, H]
+            if partial:  # experts outside the chunk contribute nothing: they are absent for the kernel
+                member = torch.zeros(E, dtype=torch.bool, device=ids.device)
+                member[_to_device(chosen, ids.device)] = True
+                table = torch.where(member, table, torch.full_like(table, -1))
+            return self._fused(layer, hidden, ids, weights, self.pool.views, table)
         chosen_t = _to_device(chosen, ids.device)  # [n]
-        if self.compute == "gather":
+        if self._model_compute == "gather":
             lut = torch.zeros(E, dtype=torch.long, device=ids.device)  # [E] expert -> compact index
             lut[chosen_t] = torch.arange(len(chosen), device=ids.device)
             compact = self.pool.data.index_select(0, table[chosen_t])  # [n, B]: one gather of n experts

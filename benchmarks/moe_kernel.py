@@ -1,0 +1,159 @@
+"""The fused experts kernel vs transformers' experts implementations (grouped_mm, batched_mm, eager), on
+decode (1-8 tokens) and prefill shapes of public MoE models, all reading one layer's experts from a slot pool.
+
+    python benchmarks/moe_kernel.py                        # on a GPU: JSON + markdown + PNG in benchmarks/results
+    python benchmarks/moe_kernel.py --report results.json  # regenerate the markdown and PNG from a JSON
+    python benchmarks/moe_kernel.py --smoke                # tiny shapes on CPU (interpreted; tests the script only)
+
+The kernel uses the launch configs of this GPU (specmoe/kernels/configs, from autotune_moe_kernel.py) where
+present, untuned defaults elsewhere; the JSON records which. Times: medians over --repeats CUDA-event timings,
+L2 flushed before each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=None, help="expert geometries (default: all but 'tiny')")
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 32, 128, 512, 2048])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--slots", type=int, default=64, help="slot pool size S (the runtime's cache)")
+    p.add_argument("--implementations", nargs="+", default=None, help="default: triton grouped_mm batched_mm eager")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/moe_kernel_<device>.json)")
+    p.add_argument("--report", type=Path, default=None, help="only write markdown + PNG from this JSON")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, interpreted kernel, few repeats")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from specmoe.bench import environment
+    from specmoe.kernels import launch_configs, shape_key
+    from specmoe.kernels.measure import IMPLEMENTATIONS, PRESETS, ExpertsProblem, max_abs_diff, time_fn
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this benchmark is for a GPU (use --smoke to test the script on CPU)")
+    dtype = getattr(torch, args.dtype)
+    presets = args.presets or ([] if args.smoke else [n for n in PRESETS if n != "tiny"])
+    if args.smoke:
+        presets, tokens, repeats = ["tiny"], [1, 3, 33], 2
+        impls = args.implementations or ["triton", "grouped_mm", "eager"]
+    else:
+        tokens, repeats, impls = args.tokens, args.repeats, args.implementations or list(IMPLEMENTATIONS)
+    unknown = [n for n in presets if n not in PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
+    table = launch_configs(device)
+    rows = []
+    for name in presets:
+        shape = PRESETS[name]
+        for T in tqdm(tokens, desc=name):
+            problem = ExpertsProblem(shape, T, args.slots, dtype, device)
+            key = shape_key(dtype, shape.hidden, shape.intermediate, shape.top_k)
+            reference = problem.runner("grouped_mm")()
+            for impl in impls:
+                fn = problem.runner(impl)
+                err = max_abs_diff(fn(), reference)
+                timing = time_fn(fn, device, warmup=1 if args.smoke else 5, repeats=repeats)
+                row = {"preset": name, "tokens": T, "implementation": impl, **timing,
+                       "weight_gb_per_s": problem.weight_bytes_touched / timing["median_us"] / 1e3,
+                       "max_abs_diff_vs_grouped_mm": err}
+                if impl == "triton":
+                    row["config"] = table.config_for(key, T).to_dict()
+                    row["config_tuned"] = table.kernel_faster(key, T) is not None
+                rows.append(row)
+            del problem
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {
+        "benchmark": "moe_kernel",
+        "environment": environment(device),
+        "settings": {"presets": {n: vars(PRESETS[n]) for n in presets}, "tokens": tokens, "dtype": args.dtype,
+                     "slots": args.slots, "repeats": repeats, "implementations": impls, "smoke": args.smoke,
+                     "launch_configs": table.source or "untuned defaults (specmoe/kernels/configs/default.json)"},
+        "rows": rows,
+    }
+
+
+def report(result: dict, md_path: Path, png_path: Path) -> None:
+    """Markdown table and PNG (kernel speedup over grouped_mm vs tokens), from the JSON only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env, settings = result["environment"], result["settings"]
+    by = {}
+    for r in result["rows"]:
+        by.setdefault(r["preset"], {}).setdefault(r["tokens"], {})[r["implementation"]] = r
+    impls = settings["implementations"]
+    lines = [f"# Fused experts kernel vs transformers' experts ({settings['dtype']})", "",
+             f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, transformers "
+             f"{env['transformers']}, git {env['git_sha']}. One MoE layer's routed experts read from a pool of "
+             f"{settings['slots']} slots; median of {settings['repeats']} runs in microseconds, L2 flushed. "
+             f"Launch configs: {settings['launch_configs']}.", ""]
+    for preset, per_t in by.items():
+        p = settings["presets"][preset]
+        lines += [f"## {preset} (H={p['hidden']}, I={p['intermediate']}, E={p['num_experts']}, k={p['top_k']})", "",
+                  "| tokens | " + " | ".join(f"{i} (us)" for i in impls) + " | speedup vs grouped_mm | kernel GB/s | "
+                  "tuned |", "|" + "---|" * (len(impls) + 4)]
+        for T, cells in sorted(per_t.items()):
+            tri, gmm = cells.get("triton"), cells.get("grouped_mm")
+            speed = f"{gmm['median_us'] / tri['median_us']:.2f}x" if tri and gmm else "-"
+            gbs = f"{tri['weight_gb_per_s']:.0f}" if tri else "-"
+            tuned = ("yes" if tri["config_tuned"] else "no") if tri else "-"
+            vals = " | ".join(f"{cells[i]['median_us']:.1f}" if i in cells else "-" for i in impls)
+            lines.append(f"| {T} | {vals} | {speed} | {gbs} | {tuned} |")
+        lines.append("")
+    md_path.write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for preset, per_t in by.items():
+        ts = sorted(t for t, c in per_t.items() if "triton" in c and "grouped_mm" in c)
+        ax.plot(ts, [per_t[t]["grouped_mm"]["median_us"] / per_t[t]["triton"]["median_us"] for t in ts], "o-",
+                label=preset)
+    ax.axhline(1.0, color="gray", lw=1, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the layer call")
+    ax.set_ylabel("speedup of the fused kernel over grouped_mm")
+    ax.set_title(f"{env['device_name']}, {settings['dtype']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from specmoe.io import read_json, write_json
+    from specmoe.kernels.launch_config import device_slug
+
+    if args.report is not None:
+        result, out = read_json(args.report, "benchmark result"), args.report
+    else:
+        result = run(args)
+        slug = "smoke" if args.smoke else device_slug(result["environment"]["device_name"])
+        out = args.out or RESULTS / f"moe_kernel_{slug}.json"
+        write_json(out, result)
+        print(f"wrote {out}")
+    report(result, out.with_suffix(".md"), out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Compile the Triton kernels for a CUDA architecture without a GPU, to catch what the interpreter lets pass.
+
+    TRITON_INTERPRET=0 python -m specmoe.kernels.compile_check --arch 90 80 [--dtypes bfloat16]
+
+Triton's interpreter runs kernel bodies as NumPy and accepts code the compiler rejects (and the reverse);
+this compiles every kernel variant the library launches (dtypes x paths x activations) to PTX and cubin with
+triton's bundled ptxas. It needs triton's NVIDIA backend, not a GPU, and must run in a process where triton
+was imported without TRITON_INTERPRET=1. Prints one line per variant; exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_DT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def variants(dtypes=tuple(_DT)):
+    """(name, kernel, signature, constexprs, options) for every variant the library launches."""
+    from .experts_kernel import _fused_experts_kernel
+    from .quant import _dequant_kernel
+
+    ints = ["H", "I", "P", "TOP_K", "stride_xt", "stride_ot", "stride_w1s", "stride_w1n", "stride_w1k",
+            "stride_w2s", "stride_w2n", "stride_w2k"]
+    for dtype in dtypes:
+        dt = _DT[dtype]
+        for block_t, act in ((1, 0), (16, 0), (64, 1), (16, 2)):
+            sig = {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "w1_ptr": f"*{dt}", "w2_ptr": f"*{dt}",
+                   "table_ptr": "*i64", "pairs_ptr": "*i32", "block_expert_ptr": "*i32", "rw_ptr": "*fp32",
+                   **{n: "i32" for n in ints}}
+            const = {"ACT": act, "DOT_F32": dtype == "float32", "BLOCK_T": block_t, "BLOCK_K": 64, "BLOCK_I": 64,
+                     "BLOCK_H": 64}
+            yield (f"fused_experts {dtype} block_t={block_t} act={act}", _fused_experts_kernel, sig, const,
+                   {"num_warps": 4, "num_stages": 3})
+        for bits, q, s in ((8, "*i8", "*fp32"), (4, "*u8", "*fp16")):
+            sig = {"q_ptr": q, "scale_ptr": s, "zero_ptr": s, "out_ptr": f"*{dt}",
+                   **{n: "i32" for n in ("N", "K", "stride_qn", "stride_sn", "stride_on")}}
+            const = {"GROUP": 64, "BITS": bits, "BLOCK_N": 32, "BLOCK_K": 128}
+            yield f"dequant int{bits} -> {dtype}", _dequant_kernel, sig, const, {"num_warps": 4}
+
+
+def compile_all(archs: list[int], dtypes=tuple(_DT)) -> list[tuple[str, str | None]]:
+    """Compile every variant for every arch. Returns [(name, None or the error)]."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    results = []
+    for arch in archs:
+        for name, kernel, sig, const, options in variants(dtypes):
+            if not isinstance(kernel, JITFunction):
+                raise RuntimeError("the kernels were built for triton's interpreter; run with TRITON_INTERPRET=0")
+            sig = {**sig, **{k: "constexpr" for k in const}}
+            try:
+                triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32), options=options)
+                results.append((f"sm_{arch} {name}", None))
+            except Exception as err:  # report every failure, not just the first
+                results.append((f"sm_{arch} {name}", f"{type(err).__name__}: {str(err)[:2000]}"))
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", type=int, default=[90, 80], help="compute capabilities, e.g. 90 80")
+    p.add_argument("--dtypes", nargs="+", default=list(_DT), choices=list(_DT))
+    args = p.parse_args(argv)
+    failed = 0
+    for name, error in compile_all(args.arch, args.dtypes):
+        print(f"{'FAIL' if error else 'ok  '} {name}" + (f"\n     {error}" if error else ""))
+        failed += error is not None
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Measuring the fused experts kernel against transformers' experts implementations on the same slot pool.
+
+Used by ``benchmarks/moe_kernel.py`` (figures) and ``benchmarks/autotune_moe_kernel.py`` (launch configs).
+Every implementation computes one MoE layer's routed experts from a pool of S slots, as the runtime does:
+ours through the expert->slot table, transformers' (a real ``MixtralExperts`` module bound to the pool,
+``config._experts_implementation`` = grouped_mm / batched_mm / eager) with expert ids remapped to slots
+("pool" compute). Times are medians of CUDA-event timings after warm-up, with the L2 cache flushed before
+each run (weights come from HBM, as they do when a layer's experts are used once per token).
+"""
+
+# Shape legend: T tokens, E experts, H hidden, I intermediate, k top-k, S slots
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.adapters import FusedExperts
+from .experts_kernel import moe_experts
+from .launch_config import MoEKernelConfig
+
+IMPLEMENTATIONS = ("triton", "grouped_mm", "batched_mm", "eager")
+
+
+@dataclass(frozen=True)
+class ExpertsShape:
+    """One MoE layer's expert geometry (SiLU experts, concatenated gate/up)."""
+
+    name: str
+    hidden: int  # H
+    intermediate: int  # I
+    num_experts: int  # E
+    top_k: int  # k
+
+    def __post_init__(self):
+        for f in ("hidden", "intermediate", "num_experts", "top_k"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"ExpertsShape.{f} must be >= 1")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+
+
+# Public models' expert geometry (from their config.json files).
+PRESETS = {
+    s.name: s
+    for s in (
+        ExpertsShape("mixtral-8x7b", 4096, 14336, 8, 2),
+        ExpertsShape("qwen1.5-moe-a2.7b", 2048, 1408, 60, 4),
+        ExpertsShape("olmoe-1b-7b", 2048, 1024, 64, 8),
+        ExpertsShape("deepseek-v2-lite", 2048, 1408, 64, 6),
+        ExpertsShape("qwen3-30b-a3b", 2048, 768, 128, 8),
+        ExpertsShape("tiny", 72, 40, 8, 2),  # smoke tests on CPU
+    )
+}
+
+
+class ExpertsProblem:
+    """A slot pool with one layer's experts resident in shuffled slots, hidden states and routing.
+
+    Args:
+        shape: the layer geometry.
+        tokens: T.
+        num_slots: S (at least E; the layer's experts take E of them).
+        dtype, device: of weights and hidden states.
+        seed: for weights (scaled like a trained layer's), routing (uniform top-k) and hidden states.
+    """
+
+    def __init__(self, shape: ExpertsShape, tokens: int, num_slots: int, dtype: torch.dtype,
+                 device: torch.device | str, seed: int = 0):
+        H, I, E, k = shape.hidden, shape.intermediate, shape.num_experts, shape.top_k
+        S = max(num_slots, E)
+        device = torch.device(device)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.shape, self.tokens, self.num_slots, self.dtype, self.device = shape, tokens, S, dtype, device
+        # one buffer per slot with gate_up then down, like SlotPool (strided over S)
+        self.data = torch.empty(S, 3 * I * H, dtype=dtype, device=device)  # [S, 3IH]
+        for s in range(S):  # fill slot by slot: no [S, 3IH] float32 temporary
+            self.data[s].copy_(torch.randn(3 * I * H, generator=g).mul_(H**-0.5))
+        self.gate_up = self.data[:, : 2 * I * H].view(S, 2 * I, H)  # [S, 2I, H]
+        self.down = self.data[:, 2 * I * H :].view(S, H, I)  # [S, H, I]
+        self.table = torch.randperm(S, generator=g)[:E].to(device)  # [E] expert -> slot
+        scores = torch.rand(tokens, E, generator=g)
+        self.ids = scores.topk(k, dim=-1).indices.to(device)  # [T, k]
+        self.weights = torch.softmax(torch.randn(tokens, k, generator=g), -1).to(device, dtype)  # [T, k]
+        self.hidden = torch.randn(tokens, H, generator=g).to(device, dtype)  # [T, H]
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    @property
+    def weight_bytes_touched(self) -> int:
+        """Bytes of expert weights the routing needs (each distinct expert once)."""
+        n = int(torch.unique(self.ids).numel())
+        return n * 3 * self.shape.intermediate * self.shape.hidden * self.dtype.itemsize
+
+    def _module(self, implementation: str) -> torch.nn.Module:
+        """transformers' MixtralExperts running `implementation` on the pool (ids are slot ids)."""
+        if implementation not in self._modules:
+            from transformers import MixtralConfig
+            from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+            cfg = MixtralConfig(hidden_size=self.shape.hidden, intermediate_size=self.shape.intermediate,
+                                num_local_experts=self.num_slots, num_experts_per_tok=self.shape.top_k,
+                                hidden_act="silu")
+            cfg._experts_implementation = implementation
+            with torch.device("meta"):
+                experts = MixtralExperts(cfg)
+            layout = FusedExperts()
+            layout.remove(experts)
+            layout.bind_pool(experts, {"gate_up_proj": self.gate_up, "down_proj": self.down})
+            self._modules[implementation] = experts
+        return self._modules[implementation]
+
+    def runner(self, implementation: str, config: MoEKernelConfig | None = None) -> Callable[[], torch.Tensor]:
+        """A no-argument callable computing the layer's routed experts with `implementation`."""
+        if implementation == "triton":
+            args = (self.hidden, self.ids, self.weights, self.gate_up, self.down, self.table)
+            return lambda: moe_experts(*args, "silu", config)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+        module = self._module(implementation)
+        table, ids, hidden, weights = self.table, self.ids, self.hidden, self.weights
+
+        def run():
+            return module(hidden, table[ids], weights)  # remapping ids is part of the "pool" path's cost
+
+        return run
+
+
+class _L2Flush:
+    def __init__(self, device: torch.device, nbytes: int = 256 * 2**20):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 20,
+            flush_l2: bool = True) -> dict:
+    """Median time of `fn` in microseconds (CUDA events on CUDA, perf_counter elsewhere).
+
+    Returns:
+        {"median_us", "min_us", "repeats"}.
+    """
+    device = torch.device(device)
+    flush = _L2Flush(device) if flush_l2 else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            for _ in range(repeats):
+                flush()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+        else:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+    return {"median_us": statistics.median(times), "min_us": min(times), "repeats": repeats}
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())

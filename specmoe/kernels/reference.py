@@ -1,0 +1,82 @@
+"""Plain PyTorch references for the kernels: the routed experts of one MoE layer computed from a slot pool.
+
+These define what the Triton kernels compute (tests compare against them) and are the fallback wherever
+Triton cannot run (CPU without TRITON_INTERPRET=1). Numerics: matmuls accumulate in float32 from operands in
+the weights' dtype, the activated intermediate is rounded to the weights' dtype (as the model's own
+experts do), the top-k sum is in float32 and the result is cast to the hidden state's dtype.
+"""
+
+# Shape legend: T tokens, E experts, H hidden, I intermediate, k top-k, S slots, P = T*k routed pairs
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The gate activation by name (one of ACTIVATIONS), in x's dtype."""
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+
+
+def slots_of_pairs(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Slot of every routed (token, choice) pair: ids [T, k] through table [E]; -1 where the id is negative
+    or the expert is absent. Returns [T*k] long."""
+    flat = ids.reshape(-1).long()  # [P]
+    slots = table.long()[flat.clamp(min=0)]  # [P]
+    return torch.where(flat >= 0, slots, torch.full_like(slots, -1))
+
+
+def experts_reference(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    table: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Routed experts of one MoE layer, weights read from cache slots.
+
+    out[t] = sum_j weights[t, j] * down[s] @ (act(gate[s] @ x[t]) * (up[s] @ x[t])), s = table[ids[t, j]],
+    with gate/up the first/second half of gate_up's rows. Pairs with a negative id or an absent expert
+    (table -1) contribute nothing.
+
+    Args:
+        hidden: [T, H] hidden states.
+        ids: [T, k] expert ids (any integer dtype).
+        weights: [T, k] routing weights.
+        gate_up: [S, 2I, H] slot pool view (rows: gate then up).
+        down: [S, H, I] slot pool view.
+        table: [E] expert -> slot of this layer, -1 when absent.
+        activation: one of ACTIVATIONS.
+
+    Returns:
+        [T, H] in hidden's dtype.
+    """
+    T, H = hidden.shape
+    k = ids.shape[1]
+    inter = down.shape[-1]
+    wdt = gate_up.dtype
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)  # [T, H]
+    slots = slots_of_pairs(ids, table)  # [P]
+    w = weights.reshape(-1).float()  # [P]
+    for s in torch.unique(slots[slots >= 0]).tolist():
+        rows = torch.nonzero(slots == s).flatten()  # [n] pair indices
+        tokens = rows // k  # [n]
+        x = hidden[tokens].to(wdt).float()  # [n, H]
+        gu = x @ gate_up[s].float().t()  # [n, 2I]
+        h = (activate(gu[:, :inter], activation) * gu[:, inter:]).to(wdt).float()  # [n, I]
+        y = h @ down[s].float().t()  # [n, H]
+        out.index_add_(0, tokens, y * w[rows, None])
+    return out.to(hidden.dtype)
