@@ -214,7 +214,8 @@ def _add_bounds(result: dict, routing, schedule: Schedule, num_experts: int, dev
         return
     stream = RoutingStream.from_passes([ids for call in routing for ids in call], num_experts=num_experts)
     warmup = sum(len(r) for r, (_, _, timed) in zip(routing, schedule.calls) if not timed)
-    slot_bytes = wrapped[0]["runtime_memory"]["slot_bytes"]
+    mem = wrapped[0]["runtime_memory"]
+    slot_bytes = mem.get("host_expert_bytes", mem["slot_bytes"])  # what one copy moves (compressed if so)
     copy = measure_h2d(slot_bytes, device)
     bw = copy.get("pinned_h2d_bytes_per_s") or copy["pageable_h2d_bytes_per_s"]
     result["copy_rate"] = copy
