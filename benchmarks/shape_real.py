@@ -111,9 +111,21 @@ def main(argv=None) -> int:
               "op_counts": count_ops(shape.model_type).to_dict(),
               "copy_microbenchmark": measure_h2d(shape.slot_bytes, device)}
 
+    stream_path = json_path.with_name(json_path.stem + ".routing.safetensors")
+
     def save(partial):
+        """Everything so far, after every variant: a run cut short still leaves a usable result."""
+        partial["settings"].update(prompts=args.prompts, prompt_len=args.prompt_len, dtype=str(dtype))
+        if partial.get("routing") is not None and "routing_file" not in partial:
+            calls = [{"prompt": i, "new_tokens": n, "timed": timed, "passes": len(r)}
+                     for (i, n, timed), r in zip(partial["schedule"], partial["routing"])]
+            RoutingStream.from_passes([ids for call in partial["routing"] for ids in call], calls=calls,
+                                      num_experts=shape.num_experts).save(stream_path)
+            partial["routing_file"] = stream_path.name
         write_json(json_path, {**{k: v for k, v in partial.items() if k != "routing"}, **extras,
                                "goals": goals(partial)})
+        if any(v["kind"] == "specmoe" for v in partial["variants"]):
+            write_bench_report(json_path)
 
     model = build_random_model(config, dtype=dtype, device="cpu", experts_device="cpu", seed=0)
     g = torch.Generator().manual_seed(1)
@@ -124,14 +136,6 @@ def main(argv=None) -> int:
         model, prompts, settings, device, model_name=f"{shape.name}, random weights",
         make_offload_copy=lambda: build_random_model(config, dtype=dtype, device="cpu", experts_device="cpu", seed=0),
         on_variant=save)
-    result["settings"].update(prompts=args.prompts, prompt_len=args.prompt_len, dtype=str(dtype))
-    routing = result.pop("routing")
-    stream_path = json_path.with_name(json_path.stem + ".routing.safetensors")
-    calls = [{"prompt": i, "new_tokens": n, "timed": timed, "passes": len(r)}
-             for (i, n, timed), r in zip(result["schedule"], routing)]
-    RoutingStream.from_passes([ids for call in routing for ids in call], calls=calls,
-                              num_experts=shape.num_experts).save(stream_path)
-    result["routing_file"] = stream_path.name
     save(result)
     md, png = write_bench_report(json_path)
     print(md.read_text())

@@ -160,7 +160,8 @@ def run_benchmark(model: nn.Module, prompts: Sequence[dict], settings: BenchSett
         device: the device (default: CUDA when present).
         model_name: how results name the model.
         make_offload_copy: builds the throwaway model accelerate modifies (default: a deep copy).
-        on_variant: called with the result so far after each variant (e.g. to write it to disk).
+        on_variant: called with the result so far after each variant (e.g. to write it to disk); its
+            "routing" is there from the first variant on.
 
     Returns:
         {"environment", "settings", "model", "geometry", "variants": [...], "routing": per-call routing}
@@ -181,13 +182,14 @@ def run_benchmark(model: nn.Module, prompts: Sequence[dict], settings: BenchSett
         bar.set_postfix_str(f"{kind} {capacity or ''} {predictor or ''}".strip())
         if kind == "unwrapped":
             row, reference = _run_unwrapped(model, on_device, schedule, device)
-            routing = record_routing(model, model.generate, on_device, schedule)
+            routing = result["routing"] = record_routing(model, model.generate, on_device, schedule)
             model.to("cpu")
         elif kind == "accelerate":
             row = _run_accelerate(model, on_device, settings, device, make_offload_copy)
         else:
             if routing is None:  # no unwrapped run (it may not fit): record on the largest cache
-                routing = _routing_from_wrapped(model, on_device, schedule, device, max(settings.capacities))
+                routing = result["routing"] = _routing_from_wrapped(model, on_device, schedule, device,
+                                                                    max(settings.capacities))
             row = _run_wrapped(model, on_device, schedule, device, capacity, predictor, settings, geometry,
                                routing, reference)
         result["variants"].append(row)
