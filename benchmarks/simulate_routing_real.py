@@ -60,7 +60,8 @@ def load_model_and_windows(args) -> tuple[torch.nn.Module, torch.Tensor, str]:
 
         corpus = load_corpus()
         texts, source = corpus.texts("val"), "reference corpus, validation files (never trained on)"
-    ids = torch.tensor([t for text in texts for t in tokenizer(text)["input_ids"]], dtype=torch.long)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = torch.tensor([t for text in texts for t in tokenizer(text)["input_ids"] + eos], dtype=torch.long)
     n = min(args.tokens // args.window, ids.numel() // args.window)
     if n < 1:
         raise SystemExit(f"the text holds {ids.numel()} tokens, fewer than one window of {args.window}")
