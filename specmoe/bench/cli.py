@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -126,5 +125,4 @@ def run_bench(args: argparse.Namespace) -> int:
     md, png = write_bench_report(json_path)
     print(bench_table(result))
     print(f"\nwrote {json_path}, {md}, {png}")
-    logger.debug(json.dumps(result["settings"]))
     return 0
