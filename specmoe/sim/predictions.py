@@ -57,19 +57,18 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
         raise ValueError(f"the stream has no hidden states for MoE layers {missing}; record it with "
                          "capture_routing(model, hidden_layers=range(L)) to replay a predictor")
     predictor.bind(geometry, list(routers))
-    predictor.reset()
     m = min(width or k, E)
     N = stream.num_tokens
-    top: list[dict[int, torch.Tensor]] = [dict() for _ in range(L)]  # layer -> target -> [N, m]
+    parts: list[dict[int, list[torch.Tensor]]] = [dict() for _ in range(L)]  # layer -> target -> chunks [n, m]
     with torch.no_grad():
-        for layer in tqdm(range(L), desc="predict", unit="layer", disable=not progress):
-            parts: dict[int, list[torch.Tensor]] = {}
-            for a in range(0, N, chunk):
+        for a in tqdm(range(0, N, chunk), desc="predict", unit="chunk", disable=not progress):
+            predictor.reset()  # each chunk is called like one forward pass: layers in order, same tokens
+            for layer in range(L):
                 hidden = stream.hidden[layer][a : a + chunk].float()  # [n, H]
                 scores = predictor.predict(layer, hidden, stream.ids[a : a + chunk, : layer + 1])
                 for target, s in scores.items():
-                    parts.setdefault(target, []).append(s.float().topk(m, dim=-1).indices.cpu())  # [n, m]
-            top[layer] = {t: torch.cat(v) for t, v in parts.items()}
+                    parts[layer].setdefault(target, []).append(s.float().topk(m, dim=-1).indices.cpu())  # [n, m]
+    top = [{t: torch.cat(v) for t, v in per.items()} for per in parts]  # layer -> target -> [N, m]
     off = stream.pass_offsets.tolist()
     out: Candidates = []
     for p in range(stream.num_passes):
