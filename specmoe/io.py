@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -69,11 +69,23 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_safetensors(path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+def read_safetensors(path, what: str = "safetensors file", with_metadata: bool = False):
+    """Read every tensor of a safetensors file (and, with `with_metadata`, its string metadata too).
+
+    Returns:
+        {name: tensor}, or ({name: tensor}, {key: str}) with `with_metadata`.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: truncated or not safetensors; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        if not with_metadata:
+            return tensors
+        with safe_open(str(path), framework="pt") as f:
+            return tensors, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{what} {path} is truncated or not a safetensors file ({err})") from None

@@ -228,3 +228,22 @@ def test_prefetches_in_flight_are_bounded(monkeypatch, bound):
     assert engines[0].most_in_flight == bound  # reached, never exceeded
     assert smoe.stats.total.prefetch_issued > bound
     smoe.unwrap()
+
+
+def test_set_predictor_swaps_without_rewrapping():
+    model = build_tiny("qwen2_moe")
+    inputs = make_inputs(model, batch=2)
+    ref = greedy(model.generate, inputs)
+    smoe = SpeculativeMoE(model, cache_capacity=0.5)
+    assert smoe.max_prefetch_inflight == 2 * 2 * 1
+    smoe.set_predictor(PreGatePredictor(lookahead=3))
+    assert smoe.max_prefetch_inflight == 2 * 2 * 3
+    assert torch.equal(greedy(smoe.generate, inputs), ref)
+    assert smoe.stats.total.prefetch_issued > 0
+    with pytest.raises(TypeError, match="Predictor protocol"):
+        smoe.set_predictor("oracle")
+    smoe.set_predictor(None)
+    smoe.reset_stats()
+    greedy(smoe.generate, inputs)
+    assert smoe.stats.total.prefetch_issued == 0
+    smoe.unwrap()

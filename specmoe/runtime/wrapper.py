@@ -96,6 +96,12 @@ def resolve_device(model: nn.Module, device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _check_predictor(predictor) -> None:
+    if predictor is not None and not all(callable(getattr(predictor, m, None)) for m in ("predict", "bind", "reset")):
+        raise TypeError(f"predictor must implement the specmoe Predictor protocol (bind/reset/predict), "
+                        f"got {type(predictor).__name__}")
+
+
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
     t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
@@ -154,9 +160,7 @@ class SpeculativeMoE:
             raise ValueError("this model is already wrapped by SpeculativeMoE; call .unwrap() on that wrapper first")
         moe: ModelMoE = find_moe_layers(model)
         geo = moe.geometry
-        if predictor is not None and not all(callable(getattr(predictor, m, None)) for m in ("predict", "bind", "reset")):
-            raise TypeError(f"predictor must implement the specmoe Predictor protocol (bind/reset/predict), "
-                            f"got {type(predictor).__name__}")
+        _check_predictor(predictor)
         layout = ExpertLayout(moe.specs)
         num_slots = resolve_capacity(cache_capacity, geo.num_layers, geo.num_experts, layout.nbytes)
         self.device = resolve_device(model, device)
@@ -165,9 +169,9 @@ class SpeculativeMoE:
         self.codec = make_codec(compression, layout)
         staging = 2 * self.codec.layout.nbytes if self.codec else 0  # one per copy stream
         self._check_device_memory(model, moe, num_slots * layout.nbytes + staging)
-        lookahead = getattr(predictor, "lookahead", 1) if predictor is not None else 1
         self.prefetch_width = prefetch_width or geo.top_k
-        self.max_prefetch_inflight = max_prefetch_inflight or 2 * geo.top_k * lookahead
+        self._inflight_bound = max_prefetch_inflight  # None: follows the predictor's lookahead
+        self.max_prefetch_inflight = self._default_inflight(predictor, geo)
         if self.prefetch_width < 1 or self.max_prefetch_inflight < 1:
             raise ValueError("prefetch_width and max_prefetch_inflight must be >= 1")
         self.compute = compute or "auto"
@@ -226,6 +230,23 @@ class SpeculativeMoE:
         """`model.generate` with the runtime in the loop; the predictor starts afresh."""
         self._reset_state()
         return self.model.generate(*self._to_device(args), **self._to_device(kwargs))
+
+    def set_predictor(self, predictor: Predictor | None) -> None:
+        """Swap the predictor (None: on demand only) without rewrapping; the cache stays warm.
+
+        Raises:
+            TypeError / ValueError: as the constructor, for a non-predictor or another geometry.
+        """
+        if predictor is not None:
+            _check_predictor(predictor)
+            predictor.bind(self.geometry, [layer.router for layer in self.moe.layers])
+        self.predictor = predictor
+        self.max_prefetch_inflight = self._default_inflight(predictor, self.geometry)
+        self._reset_state()
+
+    def _default_inflight(self, predictor, geo) -> int:
+        lookahead = getattr(predictor, "lookahead", 1) if predictor is not None else 1
+        return self._inflight_bound or 2 * geo.top_k * lookahead
 
     @property
     def stats(self) -> Stats:
@@ -353,37 +374,41 @@ class SpeculativeMoE:
         """Record routing, run the predictor, and with one host sync learn the routed and predicted experts.
         Returns the distinct routed experts; leaves prefetch candidates in self._queue."""
         geo = self.geometry
-        L, E = geo.num_layers, geo.num_experts
+        L = geo.num_layers
         T = hidden.shape[0]
-        ids = ids.reshape(T, -1).long()
+        ids = ids.reshape(T, -1).long()  # [T, k]
         self._layer_calls += 1
-        rows = [torch.zeros(E + 1, device=ids.device).index_add_(
-            0, torch.where(ids < 0, E, ids).flatten(), torch.ones(ids.numel(), device=ids.device))]
         targets: list[int] = []
+        parts = [ids.flatten()]
         if self.predictor is not None:
             if self._last_layer is None or layer <= self._last_layer or self._history.shape[0] != T:
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
             self._history[:, layer] = ids
             scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
-            m = min(self.prefetch_width, E)
-            rank_w = 1.0 + (m - torch.arange(m, device=ids.device, dtype=torch.float32)) / (m + 1)  # [m]
-            for t in sorted(scores):
-                top = scores[t].float().topk(m, dim=-1).indices  # [T, m]
-                votes = torch.zeros(E + 1, device=ids.device).index_add_(0, top.flatten(), rank_w.repeat(T))
-                rows.append(votes)
-                targets.append(t)
+            if scores:
+                targets = sorted(scores)
+                m = min(self.prefetch_width, geo.num_experts)
+                stacked = torch.stack([scores[t].float() for t in targets])  # [n_targets, T, E]
+                parts.append(stacked.topk(m, dim=-1).indices.flatten())  # [n_targets * T * m], best first
         self._last_layer = layer
-        host = torch.stack(rows).tolist()  # the one device->host sync of this layer
+        host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self._host_syncs += 1
-        needed = [e for e in range(E) if host[0][e] > 0]
+        n = ids.numel()
+        needed = sorted(set(host[:n]) - {-1})
         queue = []
-        for t, votes in zip(targets, host[1:]):
-            if t >= L:
-                if self.moe.first_decode_layer:  # encoder-decoder: the next pass starts elsewhere
-                    continue
-                t -= L
-            ranked = sorted((e for e in range(E) if votes[e] > 0), key=lambda e: -votes[e])
-            queue.extend((t, e) for e in ranked)
+        if targets:
+            m = (len(host) - n) // (len(targets) * T)
+            for i, t in enumerate(targets):
+                if t >= L:
+                    if self.moe.first_decode_layer:  # encoder-decoder: the next pass starts elsewhere
+                        continue
+                    t -= L
+                # rank the target's candidates: chosen by more tokens first, then by their best rank
+                votes: dict[int, float] = {}
+                chunk = host[n + i * T * m : n + (i + 1) * T * m]
+                for j, e in enumerate(chunk):
+                    votes[e] = votes.get(e, 0.0) + 1.0 + (m - j % m) / (m + 1)
+                queue.extend((t, e) for e in sorted(votes, key=votes.__getitem__, reverse=True))
         self._predicted = set(queue)
         self._queue = [key for key in queue if key not in self.cache.slot_of]
         return needed

@@ -1,0 +1,263 @@
+"""`specmoe demo`: the reference model, offloaded, with and without speculation, on held-out prompts.
+
+1. Load the packaged reference model (Qwen1.5-MoE-A2.7B's routing geometry, trained here on the standard
+   library's sources) and its held-out prompts.
+2. Run the unwrapped model (all experts resident) once per prompt, recording its tokens and, with
+   `specmoe.traces.capture_routing`, its routing (the oracle's replay); then once more, timed.
+3. For each predictor (none = LRU on demand, the pre-gate, trained predictors given with --predictor, the
+   oracle), wrap the model in `SpeculativeMoE` at one cache capacity and generate the same prompts in a row
+   (the cache stays warm from prompt to prompt, as in a server; the first prompt only warms it up).
+   Counters are split at the first new token: the table shows the decode phase.
+4. Print a table; write demo.json, demo.md (the table) and demo.png.
+"""
+
+# Shape legend: T tokens, L MoE layers, k top-k
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bench import environment
+from ..io import write_json
+from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
+from ..runtime.adapters import find_moe_layers
+from ..runtime.stats import Stats
+from ..runtime.wrapper import SpeculativeMoE
+from ..traces.capture import capture_routing
+from .demo_report import format_table, plot_demo
+from .model import CHECKPOINT_DIR, load_reference_model, load_reference_prompts, load_reference_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Trained predictors every demo compares (directories written by `save_predictor`); --predictor adds more.
+DEFAULT_TRAINED_PREDICTORS: tuple[Path, ...] = ()
+
+COUNTERS = ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_moved")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of a demo run.
+
+    Args:
+        device: compute device (default: CUDA when present, else CPU).
+        dtype: weights' dtype (default: float32 on CPU, bfloat16 on CUDA).
+        capacity: cache capacity as a fraction of all experts, in (0, 1].
+        prompts: measured prompts (one more, the first, warms the cache and the clocks up).
+        prompt_tokens: prompts are cut to this many tokens.
+        new_tokens: tokens generated per prompt (greedy, never stopping early); at least 2.
+        repetition_penalty: transformers' repetition penalty on the greedy choice (1.0 = plain greedy, which
+            loops on a model this small, and loops flatter every cache figure).
+        predictors: directories of trained predictors to compare besides the built-in ones.
+        checkpoint: a reference checkpoint directory (default: the packaged one).
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    capacity: float = 0.25
+    prompts: int = 3
+    prompt_tokens: int = 48
+    new_tokens: int = 32
+    repetition_penalty: float = 1.3
+    predictors: tuple[Path, ...] = ()
+    checkpoint: Path | None = None
+
+    def __post_init__(self):
+        if not 0.0 < self.capacity <= 1.0:
+            raise ValueError(f"DemoConfig.capacity is a fraction of all experts in (0, 1], got {self.capacity}")
+        if self.prompts < 1 or self.prompt_tokens < 1:
+            raise ValueError("DemoConfig.prompts and prompt_tokens must be >= 1")
+        if self.new_tokens < 2:
+            raise ValueError(f"DemoConfig.new_tokens must be >= 2 (decode is measured after the first), "
+                             f"got {self.new_tokens}")
+        if not self.repetition_penalty >= 1.0:
+            raise ValueError(f"DemoConfig.repetition_penalty must be >= 1.0 (1.0 = none), "
+                             f"got {self.repetition_penalty}")
+        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"DemoConfig.dtype must name a torch dtype such as 'float32' or 'bfloat16', "
+                             f"got {self.dtype!r}")
+
+
+class _PhaseClock:
+    """A generate streamer that marks the first new token: its time and the runtime's counters then."""
+
+    def __init__(self, sync: Callable[[], None], stats: Callable[[], Stats | None]):
+        self.sync, self.stats = sync, stats
+        self.puts, self.first_s, self.first_stats = 0, 0.0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt; the second, the prefill's token
+            self.sync()
+            self.first_s = time.perf_counter()
+            self.first_stats = self.stats()
+
+    def end(self):
+        pass
+
+
+def _counters(stats: Stats) -> dict[str, int]:
+    return {c: getattr(stats.total, c) for c in COUNTERS}
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {c: after[c] - before[c] for c in COUNTERS}
+
+
+def _with_rates(c: dict) -> dict:
+    n = c["hits"] + c["misses"]
+    return {**c, "hit_rate": c["hits"] / n if n else 0.0}
+
+
+def _timed_generate(generate, ids: torch.Tensor, cfg: DemoConfig, device: torch.device, stats=lambda: None):
+    """Greedy-generate exactly `cfg.new_tokens`; returns (new token ids, ttft s, decode tok/s, counters at the
+    first token)."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    clock = _PhaseClock(sync, stats)
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens,
+                       min_new_tokens=cfg.new_tokens, do_sample=False, repetition_penalty=cfg.repetition_penalty,
+                       streamer=clock)
+    sync()
+    t_end = time.perf_counter()
+    decode_s = max(t_end - clock.first_s, 1e-9)
+    return out[0, ids.shape[1]:].cpu(), clock.first_s - t0, (cfg.new_tokens - 1) / decode_s, clock.first_stats
+
+
+def _predictor_specs(cfg: DemoConfig, geometry, routing: list[list[torch.Tensor]]):
+    """(name, make(prompt index) -> predictor or None, per_prompt) for each predictor compared."""
+    specs = [("none (LRU on demand)", lambda i: None, False),
+             ("pre-gate", lambda i: PreGatePredictor(), False)]
+    for path in (*DEFAULT_TRAINED_PREDICTORS, *cfg.predictors):
+        trained = load_predictor(path, geometry=geometry)  # fails here, before any run, on a bad file
+        specs.append((f"{trained.kind} ({Path(path).name})", lambda i, p=trained: p, False))
+    specs.append(("oracle (replays routing)", lambda i: OraclePredictor(routing[i]), True))
+    return specs
+
+
+def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
+    """Run the demo (see the module docstring) and return its results as a JSON-ready dict.
+
+    Raises:
+        FileNotFoundError: no reference checkpoint. ValueError: more prompts asked than the checkpoint has,
+        or a trained predictor of another geometry.
+    """
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    t_load = time.perf_counter()
+    model = load_reference_model(device, dtype, path=cfg.checkpoint)
+    tokenizer = load_reference_tokenizer(cfg.checkpoint)
+    texts = load_reference_prompts(cfg.checkpoint)
+    if len(texts) < cfg.prompts + 1:
+        raise ValueError(f"the checkpoint has {len(texts)} prompts; --prompts can be at most {len(texts) - 1} "
+                         "(one more warms up)")
+    texts = texts[: cfg.prompts + 1]
+    prompts = [tokenizer(t, return_tensors="pt")["input_ids"][:, : cfg.prompt_tokens].to(device) for t in texts]
+    load_s = time.perf_counter() - t_load
+
+    # ---- unwrapped: reference tokens, routing for the oracle, then timing --------------------------------
+    reference, routing = [], []
+    for ids in tqdm(prompts, desc="unwrapped: routing", disable=not progress, leave=False):
+        with capture_routing(model) as cap:
+            tokens, *_ = _timed_generate(model.generate, ids, cfg, device)
+        reference.append(tokens)
+        routing.append([p.ids for p in cap.passes])
+    resident = [_timed_generate(model.generate, ids, cfg, device)[1:3] for ids in  # hooks off
+                tqdm(prompts[1:], desc="unwrapped: timing", disable=not progress, leave=False)]
+
+    rows = []
+    geometry = find_moe_layers(model).geometry
+    for name, make, per_prompt in _predictor_specs(cfg, geometry, routing):
+        smoe = SpeculativeMoE(model, make(0), cfg.capacity, device=device)
+        runs = []
+        try:
+            for i, ids in enumerate(tqdm(prompts, desc=name, disable=not progress, leave=False)):
+                if per_prompt and i > 0:
+                    smoe.set_predictor(make(i))
+                before = _counters(smoe.stats)
+                tokens, ttft, tok_s, at_first = _timed_generate(smoe.generate, ids, cfg, device,
+                                                                stats=lambda: smoe.stats)
+                after, first = _counters(smoe.stats), _counters(at_first)
+                runs.append({"prompt": i, "ttft_s": ttft, "decode_tok_s": tok_s,
+                             "tokens_match": bool(torch.equal(tokens, reference[i])),
+                             "prefill": _delta(first, before), "decode": _delta(after, first)})
+            memory = smoe.memory()
+        finally:
+            smoe.unwrap()
+        measured = runs[1:]  # the first prompt warms up
+        rows.append({
+            "predictor": name,
+            "decode": _with_rates({c: sum(r["decode"][c] for r in measured) for c in COUNTERS}),
+            "prefill": _with_rates({c: sum(r["prefill"][c] for r in measured) for c in COUNTERS}),
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in measured),
+            "ttft_s": statistics.median(r["ttft_s"] for r in measured),
+            "tokens_match": all(r["tokens_match"] for r in runs),
+            "runs": runs,
+        })
+    return {
+        "demo": "specmoe demo",
+        "model": {"checkpoint": str(cfg.checkpoint or CHECKPOINT_DIR), "class": type(model).__name__,
+                  "geometry": geometry.to_dict(), "dtype": str(next(model.parameters()).dtype),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+                     "predictors": [str(p) for p in (*DEFAULT_TRAINED_PREDICTORS, *cfg.predictors)],
+                     "device": str(device), "num_slots": memory["num_slots"], "slot_bytes": memory["slot_bytes"],
+                     "measured": "decode phase (after the first new token) of prompts 1..n; prompt 0 warms up; "
+                                 "tok/s and TTFT are medians over the measured prompts"},
+        "environment": environment(device),
+        "load_s": load_s,
+        "prompt_tokens": [int(p.shape[1]) for p in prompts],
+        "generations": [{"prompt": tokenizer.decode(p[0].cpu()), "generated": tokenizer.decode(t)}
+                        for p, t in zip(prompts, reference)],
+        "unwrapped": {"decode_tok_s": statistics.median(r[1] for r in resident),
+                      "ttft_s": statistics.median(r[0] for r in resident)},
+        "rows": rows,
+    }
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+def add_demo_arguments(parser) -> None:
+    d = DemoConfig()
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bf16 on GPU)")
+    parser.add_argument("--capacity", type=float, default=d.capacity, help="cache capacity, share of all experts")
+    parser.add_argument("--prompts", type=int, default=d.prompts, help="measured held-out prompts (+1 warm-up)")
+    parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
+    parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                        help="on the greedy choice; 1.0 = plain greedy")
+    parser.add_argument("--predictor", type=Path, action="append", default=[], metavar="PATH",
+                        help="a trained predictor directory to compare too (repeatable)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="another reference checkpoint directory")
+    parser.add_argument("--out", type=Path, default=Path("specmoe-demo"), help="where demo.json/.md/.png go")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def run_demo(args) -> int:
+    cfg = DemoConfig(device=args.device, dtype=args.dtype, capacity=args.capacity, prompts=args.prompts,
+                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                     repetition_penalty=args.repetition_penalty, predictors=tuple(args.predictor),
+                     checkpoint=args.checkpoint)
+    result = run_demo_experiment(cfg, progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "demo.json", result)
+    table = format_table(result)
+    (args.out / "demo.md").write_text(table + "\n")
+    plot_demo(result, args.out / "demo.png")
+    print(table)
+    print(f"\nwrote demo.json, demo.md and demo.png in {args.out}")
+    return 0 if all(r["tokens_match"] for r in result["rows"]) else 1

@@ -1,0 +1,210 @@
+"""Evaluate predictors on held-out traces exactly as the runtime calls them.
+
+Whole sequences are replayed as forward passes: at each MoE layer l every predictor gets the hidden state
+entering l and the routing of layers 0..l, as `SpeculativeMoE` gives them, and its scores for target layer
+t = l + d are compared with what was routed at t (t >= L: layer t - L of the next token of the sequence).
+Metrics are kept per lookahead d and per source layer l, within the token and across the token boundary.
+"""
+
+# Shape legend: T tokens in a pass, E experts, H hidden, L MoE layers, k top-k, D lookahead
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..predictors.base import Predictor
+from ..traces.dataset import RoutingTrace
+from .metrics import RECALL_MULTIPLES, TOP_N, PredictionMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings.
+
+    Args:
+        lookahead: D, lookaheads 1..D are reported (a predictor reports those it scores).
+        multiples: m / k values for recall@m and precision@m.
+        top_n: n values for top-n accuracy of the primary expert.
+        pass_tokens: tokens per replayed forward pass (whole sequences are packed up to this).
+        latency_calls: timed single-token predict calls per predictor (spread over layers and tokens).
+        device: where predictors run ("cpu" default).
+    """
+
+    lookahead: int = 2
+    multiples: tuple[int, ...] = RECALL_MULTIPLES
+    top_n: tuple[int, ...] = TOP_N
+    pass_tokens: int = 2048
+    latency_calls: int = 480
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.lookahead < 1 or self.pass_tokens < 1 or self.latency_calls < 0:
+            raise ValueError(f"EvalConfig needs lookahead >= 1, pass_tokens >= 1, latency_calls >= 0; got {self}")
+        if not self.multiples or not self.top_n or min(self.multiples) < 1 or min(self.top_n) < 1:
+            raise ValueError("EvalConfig.multiples and top_n must be non-empty lists of positive ints")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _passes(trace: RoutingTrace, pass_tokens: int) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of whole consecutive sequences, each about pass_tokens long (at least one)."""
+    out, off = [], trace.offsets.tolist()
+    start = 0
+    for s in range(1, len(off)):
+        if off[s] - off[start] >= pass_tokens or s == len(off) - 1:
+            out.append((off[start], off[s]))
+            start = s
+    return out
+
+
+@torch.no_grad()
+def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 480, device="cpu") -> float:
+    """Median wall time (µs) of one `predict` call for one token (a decode step), over layers and tokens.
+
+    The device is synchronised around each call, so on CUDA this is the time until the scores exist.
+    """
+    device = torch.device(device)
+    L = trace.geometry.num_layers
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(trace.num_tokens, (max(calls, 1),), generator=g)
+    hidden = {layer: h.to(device) for layer, h in trace.hidden.items()}
+    ids = trace.ids.to(device)
+    times = []
+    for i, tok in enumerate(tokens.tolist()):
+        layer = i % L
+        h = hidden[layer][tok : tok + 1] if layer in hidden else torch.zeros(1, trace.geometry.hidden_size, device=device)
+        hist = ids[tok : tok + 1, : layer + 1]
+        _sync(device)
+        t0 = time.perf_counter()
+        predictor.predict(layer, h, hist)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    warm = times[L:] if len(times) > 2 * L else times  # the first round of layers warms caches up
+    return statistics.median(warm) * 1e6
+
+
+@torch.no_grad()
+def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace,
+                        config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
+    """Metrics of every predictor on `trace` (held-out sequences).
+
+    Predictors must already be bound (`bind(geometry, routers)`); each is reset before its replay.
+
+    Returns:
+        {name: {"lookahead": {d: {"within": metrics, "cross": metrics | None, "per_layer": [metrics per
+        source layer]}}, "latency_us": {"decode": median µs per single-token call, "batched_per_token":
+        µs per token per layer in the replay}}}; metrics are `PredictionMetrics.result()` dicts.
+
+    Raises:
+        ValueError: the trace lacks hidden states at some MoE layer (predictors read them), or is empty.
+    """
+    geo = trace.geometry
+    L, E, k = geo.num_layers, geo.num_experts, geo.top_k
+    missing = sorted(set(range(L)) - set(trace.hidden))
+    if missing:
+        raise ValueError(f"evaluation replays the hidden states of every MoE layer; the trace lacks layers "
+                         f"{missing[:8]}{'...' if len(missing) > 8 else ''} (collect with --hidden-layers all)")
+    if trace.num_tokens == 0:
+        raise ValueError("the evaluation trace is empty")
+    device = torch.device(config.device)
+    D = config.lookahead
+    has_next = trace.has_next
+    passes = _passes(trace, config.pass_tokens)
+    results = {}
+    for name, predictor in predictors.items():
+        new = lambda: PredictionMetrics(k, E, config.multiples, config.top_n)  # noqa: E731
+        per = {(d, layer): new() for d in range(1, D + 1) for layer in range(L)}
+        predictor.reset()
+        spent = 0.0
+        for start, end in tqdm(passes, desc=f"eval {name}", unit="pass", disable=not progress):
+            ids = trace.ids[start:end]  # [T, L, k]
+            ids_dev = ids.to(device)
+            nxt = has_next[start:end]  # [T]
+            nxt_ids = torch.cat([ids[1:], ids[-1:]])  # [T, L, k] the next token's routing
+            for layer in range(L):
+                hidden = trace.hidden[layer][start:end].to(device)
+                _sync(device)
+                t0 = time.perf_counter()
+                scores = predictor.predict(layer, hidden, ids_dev[:, : layer + 1])
+                _sync(device)
+                spent += time.perf_counter() - t0
+                for t, s in scores.items():
+                    d = t - layer
+                    if d > D:
+                        continue
+                    if t < L:
+                        per[(d, layer)].add(s, ids[:, t])
+                    elif t < 2 * L:
+                        per[(d, layer)].add(s[nxt], nxt_ids[nxt, t - L])
+        lookahead = {}
+        for d in range(1, D + 1):
+            within, cross = new(), new()
+            for layer in range(L):
+                (within if layer + d < L else cross).merge(per[(d, layer)])
+            lookahead[d] = {
+                "within": within.result(),
+                "cross": cross.result() if cross.count else None,
+                "per_layer": [per[(d, layer)].result() for layer in range(L)],
+            }
+        latency = {"batched_per_token": spent / (trace.num_tokens * L) * 1e6}
+        if config.latency_calls:
+            latency["decode"] = decode_latency_us(predictor, trace, config.latency_calls, device)
+        results[name] = {"lookahead": lookahead, "latency_us": latency}
+        logger.info("%s: recall@k at d=1 %.4f", name, lookahead[1]["within"]["recall@k"])
+    return results
+
+
+def describe(predictor: Predictor) -> dict:
+    """The kind, config and parameter count of a predictor, for reports."""
+    params = predictor.num_parameters() if hasattr(predictor, "num_parameters") else \
+        sum(t.numel() for t in predictor.state_tensors().values())
+    return {"kind": predictor.kind, "config": predictor.config(), "parameters": int(params)}
+
+
+def eval_settings(config: EvalConfig, trace: RoutingTrace, extra: Mapping | None = None) -> dict:
+    """Settings block of an evaluation report."""
+    out = {"eval": asdict(config), "test_tokens": trace.num_tokens, "test_sequences": trace.num_sequences,
+           "geometry": trace.geometry.to_dict()}
+    if trace.manifest is not None:
+        out["model"] = trace.manifest.model
+        out["source"] = trace.manifest.source
+    out.update(extra or {})
+    return out
+
+
+def baseline_predictors(train: RoutingTrace, lookahead: int, seed: int = 0,
+                        progress: bool = True) -> dict[str, Predictor]:
+    """The baselines every evaluation shows: pre-gate (with wrap), history (counted on `train`), random.
+
+    Raises:
+        ValueError: the trace has no saved routers (the pre-gate needs them).
+    """
+    from ..predictors import HistoryPredictor, PreGatePredictor, RandomPredictor
+
+    if train.routers is None:
+        raise ValueError("the trace has no routers.safetensors; the pre-gate baseline needs the model's routers "
+                         "(collect again with specmoe collect)")
+    return {
+        "pregate": PreGatePredictor(lookahead=lookahead, wrap=True),
+        "history": HistoryPredictor.fit(train, lookahead=lookahead, progress=progress),
+        "random": RandomPredictor(seed=seed, lookahead=lookahead),
+    }
+
+
+def bind_all(predictors: Mapping[str, Predictor], trace: RoutingTrace) -> None:
+    """Bind every predictor to the trace's geometry and routers (geometry mismatches raise ValueError)."""
+    routers: Sequence = trace.routers or [None] * trace.geometry.num_layers
+    for predictor in predictors.values():
+        predictor.bind(trace.geometry, routers)
