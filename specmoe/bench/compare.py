@@ -177,27 +177,33 @@ def run_benchmark(model: nn.Module, prompts: Sequence[dict], settings: BenchSett
     names += [("accelerate", settings.accelerate_capacity, None)] if settings.accelerate else []
     names += [("specmoe", c, p) for c in settings.capacities for p in settings.predictors]
     reference, routing = None, None
+    wrapped: list = [None, None]  # (capacity, SpeculativeMoE): one wrap per capacity, predictors swapped in it
     bar = tqdm(names, desc="bench", unit="variant", disable=not progress)
-    for kind, capacity, predictor in bar:
-        bar.set_postfix_str(f"{kind} {capacity or ''} {predictor or ''}".strip())
-        if kind == "unwrapped":
-            row, reference = _run_unwrapped(model, on_device, schedule, device)
-            routing = result["routing"] = record_routing(model, model.generate, on_device, schedule)
+    try:
+        for kind, capacity, predictor in bar:
+            bar.set_postfix_str(f"{kind} {capacity or ''} {predictor or ''}".strip())
+            if kind == "unwrapped":
+                row, reference = _run_unwrapped(model, on_device, schedule, device)
+                routing = result["routing"] = record_routing(model, model.generate, on_device, schedule)
+                model.to("cpu")
+            elif kind == "accelerate":
+                row = _run_accelerate(model, on_device, settings, device, make_offload_copy)
+            else:
+                if routing is None:  # no unwrapped run (it may not fit): record on the largest cache
+                    routing = result["routing"] = _routing_from_wrapped(model, on_device, schedule, device,
+                                                                        max(settings.capacities))
+                row = _run_wrapped(model, on_device, schedule, device, capacity, predictor, settings, geometry,
+                                   routing, reference, wrapped)
+            result["variants"].append(row)
+            if on_variant:
+                on_variant(result)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:  # the model is left on the CPU, unwrapped, whatever happened
+        if wrapped[1] is not None:
+            wrapped[1].unwrap()
             model.to("cpu")
-        elif kind == "accelerate":
-            row = _run_accelerate(model, on_device, settings, device, make_offload_copy)
-        else:
-            if routing is None:  # no unwrapped run (it may not fit): record on the largest cache
-                routing = result["routing"] = _routing_from_wrapped(model, on_device, schedule, device,
-                                                                    max(settings.capacities))
-            row = _run_wrapped(model, on_device, schedule, device, capacity, predictor, settings, geometry,
-                               routing, reference)
-        result["variants"].append(row)
-        if on_variant:
-            on_variant(result)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     result["routing"] = routing
     if routing is not None:
         _add_bounds(result, routing, schedule, geometry.num_experts, device)
@@ -274,21 +280,33 @@ def _make_predictor(name: str, settings: BenchSettings, geometry, routing):
     return load_predictor(name, geometry=geometry)
 
 
-def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, settings, geometry, routing, reference):
+def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, settings, geometry, routing, reference,
+                 wrapped: list):
+    """One predictor at one capacity. `wrapped` holds [capacity, SpeculativeMoE] across calls: the model is
+    wrapped once per capacity and predictors are swapped with `set_predictor` (the cache stays warm; each
+    variant's warm-up calls run before its timed ones)."""
     predictor = _make_predictor(predictor_name, settings, geometry, routing)
     before_call = None
     if predictor_name == "oracle":
         def before_call(ci):  # the oracle replays the routing of the call about to run
             predictor.routing = [r.long() for r in routing[ci]]
     with DeviceMemoryMonitor(device) as mem:
-        smoe = SpeculativeMoE(model, predictor, cache_capacity=capacity, device=device, policy=settings.policy)
-        try:
-            timing = run_schedule(smoe.generate, prompts, schedule, device, before_call=before_call,
-                                  after_warmup=smoe.reset_stats)
-            stats, memory = _stats(smoe), smoe.memory()
-        finally:
-            smoe.unwrap()
-            model.to("cpu")
+        if wrapped[0] != capacity:
+            if wrapped[1] is not None:
+                wrapped[1].unwrap()
+                model.to("cpu")
+                wrapped[:] = [None, None]
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            smoe = SpeculativeMoE(model, predictor, cache_capacity=capacity, device=device, policy=settings.policy)
+            wrapped[:] = [capacity, smoe]
+        else:
+            smoe = wrapped[1]
+            smoe.set_predictor(predictor)
+        timing = run_schedule(smoe.generate, prompts, schedule, device, before_call=before_call,
+                              after_warmup=smoe.reset_stats)
+        stats, memory = _stats(smoe), smoe.memory()
     outputs = timing.pop("outputs")
     label = "LRU on demand" if predictor_name == "none" else predictor_name
     return {"name": f"specmoe {label} @ {capacity:g}", "kind": "specmoe", "capacity": capacity,

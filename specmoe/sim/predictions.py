@@ -3,6 +3,7 @@
 The result, `candidates[p][l]`, is the ranked list of (layer, expert) keys the runtime would queue for
 prefetch after routing layer l of pass p: the same ranking as `SpeculativeMoE` (per target layer, each
 token's top-`width` experts vote with rank weights; targets past the last layer name the next pass's layers).
+Keep `_ranked` in step with `SpeculativeMoE._route`.
 """
 
 # Shape legend: N tokens, T tokens of one pass, E experts, L MoE layers, k top-k, H hidden, m prefetch width
@@ -19,17 +20,14 @@ Key = tuple[int, int]
 Candidates = list[list[list[Key]]]  # [pass][layer] -> ranked keys
 
 
-def _rank_weights(m: int) -> torch.Tensor:
-    return 1.0 + (m - torch.arange(m, dtype=torch.float32)) / (m + 1)  # [m], as the runtime weighs ranks
-
-
-def _ranked(top: torch.Tensor, E: int) -> list[int]:
-    """Experts of top [T, m] (best first per row) ranked by rank-weighted votes, ties by expert id."""
-    if top.shape[0] == 1:
-        return list(dict.fromkeys(top[0].tolist()))
-    votes = torch.zeros(E).index_add_(0, top.flatten(), _rank_weights(top.shape[1]).repeat(top.shape[0]))
-    order = sorted(range(E), key=lambda e: (-float(votes[e]), e))
-    return [e for e in order if votes[e] > 0]
+def _ranked(top: torch.Tensor) -> list[int]:
+    """Experts of top [T, m] (each token's best first), ranked as the runtime ranks them: rank-weighted votes
+    (1 + (m - rank) / (m + 1) per token), most votes first, ties in order of first appearance."""
+    m = top.shape[1]
+    votes: dict[int, float] = {}
+    for j, e in enumerate(top.flatten().tolist()):
+        votes[e] = votes.get(e, 0.0) + 1.0 + (m - j % m) / (m + 1)
+    return sorted(votes, key=votes.__getitem__, reverse=True)
 
 
 def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry, routers=(),
@@ -77,7 +75,7 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
         for layer in range(L):
             keys: list[Key] = []
             for target in sorted(top[layer]):
-                keys.extend((target % L, e) for e in _ranked(top[layer][target][a:b], E))
+                keys.extend((target % L, e) for e in _ranked(top[layer][target][a:b]))
             per_layer.append(keys)
         out.append(per_layer)
     return out
