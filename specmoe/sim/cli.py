@@ -59,28 +59,30 @@ def _routers(model_path: str | None):
 
 
 def _candidates(stream, names, lookahead, model_path, num_experts):
+    """Candidates and per-layer `predict` op counts of each named predictor."""
+    from ..geometry import MoEGeometry
+    from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
+    from .compute import count_predictor_ops
     from .predictions import oracle_candidates, predictor_candidates
 
-    out = {}
+    cands, ops = {}, {}
     geometry = routers = None
     for name in names:
         if name == "none":
             continue
         if name == "oracle":
-            out[name] = oracle_candidates(stream, num_experts, lookahead)
+            cands[name] = oracle_candidates(stream, num_experts, lookahead)
+            probe = MoEGeometry(stream.num_layers, num_experts, stream.top_k, 8)
+            ops[name] = count_predictor_ops(OraclePredictor([stream.ids[:1]] * 2, lookahead=lookahead), probe)
             continue
         if geometry is None:
             geometry, routers = _routers(model_path)
-        if name == "pregate":
-            from ..predictors import PreGatePredictor
-
-            predictor = PreGatePredictor(lookahead=lookahead)
-        else:
-            from ..predictors import load_predictor
-
-            predictor = load_predictor(name, geometry=geometry)
-        out[Path(name).name if name != "pregate" else name] = predictor_candidates(stream, predictor, geometry, routers)
-    return out
+        predictor = (PreGatePredictor(lookahead=lookahead) if name == "pregate"
+                     else load_predictor(name, geometry=geometry))
+        key = name if name == "pregate" else Path(name).name
+        cands[key] = predictor_candidates(stream, predictor, geometry, routers)
+        ops[key] = count_predictor_ops(predictor, geometry, routers)
+    return cands, ops
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -104,7 +106,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     settings = SweepSettings(capacities=tuple(args.capacities), policies=tuple(args.policies),
                              lookahead=args.lookahead, context=args.context, warmup_passes=args.warmup,
                              compute=args.compute)
-    stream, predictors, described = None, {}, "none (memory and ceilings only)"
+    stream, predictors, predictor_ops, described = None, {}, {}, "none (memory and ceilings only)"
     if args.trace:
         stream = load_stream(args.trace)
         if args.max_passes:
@@ -115,9 +117,9 @@ def run_simulate(args: argparse.Namespace) -> int:
                              f"none of {args.shapes} has that routing geometry (without --trace their memory rows "
                              "are still computed)")
         num_experts = matching[0].num_experts
-        predictors = _candidates(stream, args.predictors, args.lookahead, args.model, num_experts)
+        predictors, predictor_ops = _candidates(stream, args.predictors, args.lookahead, args.model, num_experts)
         described = f"{args.trace} ({stream.num_passes} passes, {stream.num_tokens} tokens)"
-    sweep = run_sweep(stream, shapes, profiles, settings, predictors)
+    sweep = run_sweep(stream, shapes, profiles, settings, predictors, predictor_ops)
     sweep.update(environment=environment("cpu"), stream={"description": described})
     json_path = args.out / f"{args.name}.json"
     write_json(json_path, sweep)

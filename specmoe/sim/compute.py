@@ -34,7 +34,9 @@ class OpCounts:
         experts: per experts call.
         per_pass: per forward pass outside the decoder layers, generate's loop included.
         wrapper: added per MoE layer call by SpeculativeMoE (no predictor).
-        predictor: added per MoE layer call by a one-layer-ahead pre-gate predictor.
+        predictor: added per MoE layer call by a one-layer-ahead pre-gate predictor (its own `predict` and
+            the runtime's ranking of the scores).
+        pregate_predict: of `predictor`, the pre-gate's own `predict` (the rest is the runtime's).
     """
 
     layer: float
@@ -42,10 +44,16 @@ class OpCounts:
     per_pass: float
     wrapper: float = 0.0
     predictor: float = 0.0
+    pregate_predict: float = 0.0
     source: str = ""
 
+    def for_predictor(self, predict_ops: float) -> "OpCounts":
+        """These counts with another predictor, whose `predict` dispatches `predict_ops` ops per MoE layer
+        (see `count_predictor_ops`), in place of the pre-gate."""
+        return replace(self, predictor=max(0.0, self.predictor - self.pregate_predict) + predict_ops)
+
     def __post_init__(self):
-        for name in ("layer", "experts", "per_pass", "wrapper", "predictor"):
+        for name in ("layer", "experts", "per_pass", "wrapper", "predictor", "pregate_predict"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise ValueError(f"OpCounts.{name} must be a number >= 0, got {value!r}")
@@ -251,6 +259,7 @@ def count_ops(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k:
     predicted = step_counts(smoe.generate)
     smoe.unwrap()
     L = moe.geometry.num_layers
+    pregate = count_predictor_ops(PreGatePredictor(lookahead=1), moe.geometry, [layer.router for layer in moe.layers])
     total = lambda c: sum(c.values())  # noqa: E731
     return OpCounts(
         layer=plain["layer"] / len(layers),
@@ -258,9 +267,44 @@ def count_ops(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k:
         per_pass=plain["pass"],
         wrapper=max(0.0, (total(wrapped) - total(plain)) / L),
         predictor=max(0.0, (total(predicted) - total(wrapped)) / L),
+        pregate_predict=pregate,
         source=f"counted on a tiny random {model_type} (transformers {_version('transformers')}, torch "
                f"{torch.__version__}), one decode step of generate",
     )
+
+
+class _OpCounter:
+    """A TorchDispatchMode counting aten ops (made lazily: the mode class is private API)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.n += 1
+                return func(*args, **(kwargs or {}))
+
+        return Count()
+
+
+def count_predictor_ops(predictor, geometry, routers=()) -> float:
+    """Aten ops one decode-step `predict` call dispatches, averaged over the MoE layers (hidden and history
+    random, one token). Binds the predictor to `geometry` (and `routers`) first."""
+    predictor.bind(geometry, list(routers))
+    predictor.reset()
+    g = torch.Generator().manual_seed(0)
+    history = torch.randint(0, geometry.num_experts, (1, geometry.num_layers, geometry.top_k), generator=g)
+    counter = _OpCounter()
+    with torch.no_grad():
+        for layer in range(geometry.num_layers):
+            hidden = torch.randn(1, geometry.hidden_size, generator=g)
+            with counter:
+                predictor.predict(layer, hidden, history[:, : layer + 1])
+    return counter.n / geometry.num_layers
 
 
 def _version(pkg: str) -> str:

@@ -78,21 +78,23 @@ def compute_ceiling(shape: ModelShape, profile: HardwareProfile, compute: Comput
 
 def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profiles: Sequence[HardwareProfile],
               settings: SweepSettings, predictors: dict[str, Candidates] | None = None,
-              progress: bool = True) -> dict:
+              predictor_ops: dict[str, float] | None = None, progress: bool = True) -> dict:
     """Simulate every combination; shapes whose geometry differs from the stream's get memory rows and the
     compute ceiling only (their routing was never recorded).
 
     Args:
         stream: the routing (None: memory and ceilings only).
         predictors: name -> candidates for `stream` (see `predictions.py`); run with `prefetch_policies`.
+        predictor_ops: name -> aten ops of one `predict` call per MoE layer (`count_predictor_ops`); a
+            predictor not named costs what the pre-gate costs.
 
     Returns:
         {"settings", "runs": [...], "memory": [...], "ceilings": [...]}
     """
     compute = ComputeModel.from_name(settings.compute)
-    predictors = predictors or {}
+    predictors, predictor_ops = predictors or {}, predictor_ops or {}
     out = {"settings": settings.to_dict(), "compute": compute.to_dict(), "runs": [], "memory": [], "ceilings": [],
-           "reserve_bytes": DEVICE_RESERVE_BYTES}
+           "reserve_bytes": DEVICE_RESERVE_BYTES, "predictor_ops": predictor_ops}
     jobs = []
     for profile in profiles:
         for shape in shapes:
@@ -119,8 +121,9 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
         bound = demand_bound(stream, shape, profile, cap, ops=ops, unwrapped=unwrapped, belady=belady)
         bar.update(1)
         for policy, pred in combos:
+            ops_p = ops.for_predictor(predictor_ops[pred]) if pred in predictor_ops else ops
             run = belady if (policy, pred) == ("belady", "none") else simulate(
-                stream, shape, profile, cap, policy=policy, candidates=predictors.get(pred), **kw)
+                stream, shape, profile, cap, policy=policy, candidates=predictors.get(pred), **{**kw, "ops": ops_p})
             out["runs"].append({"profile": profile.name, "shape": shape.name, "capacity": cap, "max_fit": is_max,
                                 "policy": policy, "predictor": pred, **run.to_dict(),
                                 "bound_tok_s": bound.tok_s, "fraction_of_bound": bound.fraction(run),

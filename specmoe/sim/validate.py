@@ -70,6 +70,12 @@ def _sim_variant(variant: dict, stream, shape, profile, compute, ops, lookahead,
         if call["timed"]:
             break
         warmup += int(call["passes"])
+    if candidates is not None:  # the oracle's own predict cost instead of the pre-gate's
+        from ..predictors import OraclePredictor
+        from .compute import count_predictor_ops
+
+        probe = OraclePredictor([stream.ids[:1]] * 2, lookahead=lookahead)
+        ops = ops.for_predictor(count_predictor_ops(probe, shape.geometry))
     run = simulate(stream, shape, profile, capacity, ops=ops, compute=compute, candidates=candidates,
                    lookahead=lookahead, context=context, warmup_passes=warmup)
     return {**_calls_timing(stream, run.pass_times), "hit_rate": run.hit_rate if capacity is not None else None,
