@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 
 from specmoe.bench.environment import environment
 from specmoe.io import write_json
-from specmoe.predictors import OraclePredictor, PreGatePredictor, load_predictor
+from specmoe.predictors import PreGatePredictor, load_predictor
 from specmoe.runtime.adapters import find_moe_layers
-from specmoe.sim.compute import count_predictor_ops
 from specmoe.sim.hardware import HardwareProfile
-from specmoe.sim.predictions import oracle_candidates, predictor_candidates
+from specmoe.sim.predictions import replay_oracle, replay_predictor
 from specmoe.sim.report import sweep_markdown, write_sweep_report
 from specmoe.sim.shapes import PRESETS, ModelShape
 from specmoe.sim.stream import RoutingStream
@@ -114,21 +113,17 @@ def main(argv=None) -> int:
     moe = find_moe_layers(model)
     geometry, routers = moe.geometry, [layer.router for layer in moe.layers]
     stream = record_stream(model, windows)
-    oracle = OraclePredictor([stream.ids[:1]] * 2, lookahead=1)  # for its op count only
-    predictors = {"oracle": oracle_candidates(stream, geometry.num_experts, lookahead=1)}
-    predictor_ops = {"oracle": count_predictor_ops(oracle, geometry)}
-    for name, predictor in [("pregate", PreGatePredictor(lookahead=1))] + \
-            [(Path(p).name, load_predictor(p, geometry=geometry)) for p in args.predictor]:
-        predictors[name] = predictor_candidates(stream, predictor, geometry, routers)
-        predictor_ops[name] = count_predictor_ops(predictor, geometry, routers)
+    predictors = [replay_oracle(stream, geometry.num_experts, lookahead=1),
+                  replay_predictor(stream, PreGatePredictor(lookahead=1), geometry, routers, "pregate")]
+    predictors += [replay_predictor(stream, load_predictor(p, geometry=geometry), geometry, routers, Path(p).name)
+                   for p in args.predictor]
     shapes = [ModelShape.from_name(name) for name in PRESETS]
     settings = SweepSettings(capacities=tuple(args.capacities))
     first, rest = args.profiles[0], args.profiles[1:]
-    sweep = run_sweep(stream, shapes, [HardwareProfile.from_name(first)], settings, predictors, predictor_ops)
+    sweep = run_sweep(stream, shapes, [HardwareProfile.from_name(first)], settings, predictors)
     if rest:  # other GPUs: the largest capacity that fits only, fewer policies
         light = SweepSettings(capacities=(0.5,), policies=("lru", "belady"), prefetch_policies=("lru",))
-        more = run_sweep(stream, shapes, [HardwareProfile.from_name(p) for p in rest], light, predictors,
-                         predictor_ops)
+        more = run_sweep(stream, shapes, [HardwareProfile.from_name(p) for p in rest], light, predictors)
         for key in ("runs", "memory", "ceilings"):
             sweep[key] += more[key]
     sweep.update(environment=environment("cpu"), model=described, geometry=geometry.to_dict(),

@@ -9,10 +9,10 @@ from .bounds import Bound, demand_bound, memory_plan
 from .compute import ComputeModel, OpCounts, count_ops
 from .engine import SimResult, simulate
 from .hardware import PROFILES, HardwareProfile
-from .predictions import oracle_candidates, predictor_candidates
+from .predictions import PredictorReplay, oracle_candidates, predictor_candidates, replay_oracle, replay_predictor
 from .shapes import PRESETS, ModelShape
 from .stream import RoutingStream, load_stream
 
 __all__ = ["Bound", "ComputeModel", "HardwareProfile", "ModelShape", "OpCounts", "PRESETS", "PROFILES",
-           "RoutingStream", "SimResult", "count_ops", "demand_bound", "load_stream", "memory_plan",
-           "oracle_candidates", "predictor_candidates", "simulate"]
+           "PredictorReplay", "RoutingStream", "SimResult", "count_ops", "demand_bound", "load_stream", "memory_plan",
+           "oracle_candidates", "predictor_candidates", "replay_oracle", "replay_predictor", "simulate"]

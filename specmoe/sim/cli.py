@@ -27,7 +27,7 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help="oracle, pregate, or directories of saved predictors (pregate and saved predictors need "
                         "--model for routers and hidden states in the trace)")
     p.add_argument("--model", help="model whose routers the pre-gate uses (default: the reference model)")
-    p.add_argument("--lookahead", type=int, default=1)
+    p.add_argument("--lookahead", type=int, default=1, help="lookahead of the oracle and the pre-gate")
     p.add_argument("--compute", default="hf-eager", choices=["hf-eager", "roofline"])
     p.add_argument("--context", type=int, default=512, help="KV tokens read per decode step")
     p.add_argument("--warmup", type=int, default=64, help="passes replayed before measuring")
@@ -58,31 +58,27 @@ def _routers(model_path: str | None):
     return moe.geometry, [layer.router for layer in moe.layers]
 
 
-def _candidates(stream, names, lookahead, model_path, num_experts):
-    """Candidates and per-layer `predict` op counts of each named predictor."""
-    from ..geometry import MoEGeometry
-    from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
-    from .compute import count_predictor_ops
-    from .predictions import oracle_candidates, predictor_candidates
+def _replays(stream, names, lookahead, model_path, num_experts):
+    """The named predictors replayed on `stream`."""
+    from ..predictors import PreGatePredictor, load_predictor
+    from .predictions import replay_oracle, replay_predictor
 
-    cands, ops = {}, {}
+    out = []
     geometry = routers = None
     for name in names:
         if name == "none":
             continue
         if name == "oracle":
-            cands[name] = oracle_candidates(stream, num_experts, lookahead)
-            probe = MoEGeometry(stream.num_layers, num_experts, stream.top_k, 8)
-            ops[name] = count_predictor_ops(OraclePredictor([stream.ids[:1]] * 2, lookahead=lookahead), probe)
+            out.append(replay_oracle(stream, num_experts, lookahead))
             continue
         if geometry is None:
             geometry, routers = _routers(model_path)
-        predictor = (PreGatePredictor(lookahead=lookahead) if name == "pregate"
-                     else load_predictor(name, geometry=geometry))
-        key = name if name == "pregate" else Path(name).name
-        cands[key] = predictor_candidates(stream, predictor, geometry, routers)
-        ops[key] = count_predictor_ops(predictor, geometry, routers)
-    return cands, ops
+        if name == "pregate":
+            out.append(replay_predictor(stream, PreGatePredictor(lookahead=lookahead), geometry, routers, "pregate"))
+        else:
+            out.append(replay_predictor(stream, load_predictor(name, geometry=geometry), geometry, routers,
+                                        Path(name).name))
+    return out
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -104,9 +100,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     shapes = [ModelShape.from_name(s) for s in args.shapes]
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]
     settings = SweepSettings(capacities=tuple(args.capacities), policies=tuple(args.policies),
-                             lookahead=args.lookahead, context=args.context, warmup_passes=args.warmup,
-                             compute=args.compute)
-    stream, predictors, predictor_ops, described = None, {}, {}, "none (memory and ceilings only)"
+                             context=args.context, warmup_passes=args.warmup, compute=args.compute)
+    stream, predictors, described = None, [], "none (memory and ceilings only)"
     if args.trace:
         stream = load_stream(args.trace)
         if args.max_passes:
@@ -117,9 +112,9 @@ def run_simulate(args: argparse.Namespace) -> int:
                              f"none of {args.shapes} has that routing geometry (without --trace their memory rows "
                              "are still computed)")
         num_experts = matching[0].num_experts
-        predictors, predictor_ops = _candidates(stream, args.predictors, args.lookahead, args.model, num_experts)
+        predictors = _replays(stream, args.predictors, args.lookahead, args.model, num_experts)
         described = f"{args.trace} ({stream.num_passes} passes, {stream.num_tokens} tokens)"
-    sweep = run_sweep(stream, shapes, profiles, settings, predictors, predictor_ops)
+    sweep = run_sweep(stream, shapes, profiles, settings, predictors)
     sweep.update(environment=environment("cpu"), stream={"description": described})
     json_path = args.out / f"{args.name}.json"
     write_json(json_path, sweep)

@@ -10,6 +10,8 @@ Keep `_ranked` in step with `SpeculativeMoE._route`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
@@ -105,3 +107,35 @@ def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 
             per_layer.append(keys)
         out.append(per_layer)
     return out
+
+
+@dataclass
+class PredictorReplay:
+    """What the simulator needs of a predictor: its candidates on a stream, its lookahead (the runtime's bound on
+    prefetches in flight is 2 * k * lookahead) and the aten ops of one `predict` call per MoE layer (host cost;
+    None: the pre-gate's)."""
+
+    name: str
+    candidates: Candidates
+    lookahead: int = 1
+    predict_ops: float | None = None
+
+
+def replay_predictor(stream: RoutingStream, predictor, geometry: MoEGeometry, routers=(), name: str | None = None,
+                     progress: bool = True) -> PredictorReplay:
+    """Candidates and host cost of a `specmoe.predictors.Predictor` on `stream` (see `predictor_candidates`)."""
+    from .compute import count_predictor_ops
+
+    candidates = predictor_candidates(stream, predictor, geometry, routers, progress=progress)
+    return PredictorReplay(name or getattr(predictor, "kind", type(predictor).__name__), candidates,
+                           getattr(predictor, "lookahead", 1), count_predictor_ops(predictor, geometry, routers))
+
+
+def replay_oracle(stream: RoutingStream, num_experts: int, lookahead: int = 1) -> PredictorReplay:
+    """The oracle's candidates (`oracle_candidates`) and the host cost of `OraclePredictor.predict`."""
+    from ..predictors import OraclePredictor
+    from .compute import count_predictor_ops
+
+    probe = OraclePredictor([stream.ids[:1]] * 2, lookahead=lookahead)
+    ops = count_predictor_ops(probe, MoEGeometry(stream.num_layers, num_experts, stream.top_k, 8))
+    return PredictorReplay("oracle", oracle_candidates(stream, num_experts, lookahead), lookahead, ops)

@@ -16,7 +16,7 @@ from .bounds import DEVICE_RESERVE_BYTES, demand_bound, memory_plan
 from .compute import ComputeModel, count_ops
 from .engine import simulate
 from .hardware import HardwareProfile
-from .predictions import Candidates
+from .predictions import PredictorReplay
 from .shapes import ModelShape
 from .stream import RoutingStream
 
@@ -30,7 +30,6 @@ class SweepSettings:
             when `add_max_fit` is set.
         policies: eviction policies run without a predictor (demand fetching).
         prefetch_policies: eviction policies run with each predictor.
-        lookahead: the predictors' lookahead (sets the runtime's bound on prefetches in flight).
         context: KV tokens read per decode step.
         warmup_passes: passes replayed before measuring.
         compute: the compute model preset.
@@ -41,7 +40,6 @@ class SweepSettings:
     capacities: tuple[float, ...] = (0.25, 0.5, 0.75)
     policies: tuple[str, ...] = ("lru", "lfu", "prediction-aware", "belady")
     prefetch_policies: tuple[str, ...] = ("lru", "prediction-aware")
-    lookahead: int = 1
     context: int = 512
     warmup_passes: int = 64
     compute: str = "hf-eager"
@@ -53,8 +51,8 @@ class SweepSettings:
             raise ValueError(f"capacities must be fractions in (0, 1], got {self.capacities}")
         if not self.policies and not self.prefetch_policies:
             raise ValueError("give at least one policy")
-        if self.warmup_passes < 0 or self.context < 0 or self.lookahead < 1:
-            raise ValueError("warmup_passes and context must be >= 0, lookahead >= 1")
+        if self.warmup_passes < 0 or self.context < 0:
+            raise ValueError("warmup_passes and context must be >= 0")
         ComputeModel.from_name(self.compute)
 
     def to_dict(self) -> dict:
@@ -77,24 +75,23 @@ def compute_ceiling(shape: ModelShape, profile: HardwareProfile, compute: Comput
 
 
 def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profiles: Sequence[HardwareProfile],
-              settings: SweepSettings, predictors: dict[str, Candidates] | None = None,
-              predictor_ops: dict[str, float] | None = None, progress: bool = True) -> dict:
+              settings: SweepSettings, predictors: Sequence[PredictorReplay] = (), progress: bool = True) -> dict:
     """Simulate every combination; shapes whose geometry differs from the stream's get memory rows and the
     compute ceiling only (their routing was never recorded).
 
     Args:
         stream: the routing (None: memory and ceilings only).
-        predictors: name -> candidates for `stream` (see `predictions.py`); run with `prefetch_policies`.
-        predictor_ops: name -> aten ops of one `predict` call per MoE layer (`count_predictor_ops`); a
-            predictor not named costs what the pre-gate costs.
+        predictors: predictors replayed on `stream` (`replay_predictor`, `replay_oracle`); each runs with every
+            policy of `prefetch_policies`.
 
     Returns:
         {"settings", "runs": [...], "memory": [...], "ceilings": [...]}
     """
     compute = ComputeModel.from_name(settings.compute)
-    predictors, predictor_ops = predictors or {}, predictor_ops or {}
+    by_name = {p.name: p for p in predictors}
     out = {"settings": settings.to_dict(), "compute": compute.to_dict(), "runs": [], "memory": [], "ceilings": [],
-           "reserve_bytes": DEVICE_RESERVE_BYTES, "predictor_ops": predictor_ops}
+           "reserve_bytes": DEVICE_RESERVE_BYTES,
+           "predictors": {p.name: {"lookahead": p.lookahead, "predict_ops": p.predict_ops} for p in predictors}}
     jobs = []
     for profile in profiles:
         for shape in shapes:
@@ -110,20 +107,25 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
             for cap in sorted(caps):
                 jobs.append((profile, shape, cap, cap == plan["max_capacity"]))
     combos = [(p, "none") for p in settings.policies] + \
-             [(p, name) for name in predictors for p in settings.prefetch_policies]
+             [(p, name) for name in by_name for p in settings.prefetch_policies]
     bar = tqdm(total=len(jobs) * (len(combos) + 1), desc="simulate", unit="run", disable=not progress)
     for profile, shape, cap, is_max in jobs:
         ops = count_ops(shape.model_type)
-        kw = dict(ops=ops, compute=compute, context=settings.context, warmup_passes=settings.warmup_passes,
-                  lookahead=settings.lookahead)
+        kw = dict(ops=ops, compute=compute, context=settings.context, warmup_passes=settings.warmup_passes)
         unwrapped = simulate(stream, shape, profile, None, **kw)
         belady = simulate(stream, shape, profile, cap, policy="belady", **kw)
         bound = demand_bound(stream, shape, profile, cap, ops=ops, unwrapped=unwrapped, belady=belady)
         bar.update(1)
         for policy, pred in combos:
-            ops_p = ops.for_predictor(predictor_ops[pred]) if pred in predictor_ops else ops
-            run = belady if (policy, pred) == ("belady", "none") else simulate(
-                stream, shape, profile, cap, policy=policy, candidates=predictors.get(pred), **{**kw, "ops": ops_p})
+            if (policy, pred) == ("belady", "none"):
+                run = belady
+            elif pred == "none":
+                run = simulate(stream, shape, profile, cap, policy=policy, **kw)
+            else:
+                p = by_name[pred]
+                ops_p = ops if p.predict_ops is None else ops.for_predictor(p.predict_ops)
+                run = simulate(stream, shape, profile, cap, policy=policy, candidates=p.candidates,
+                               **{**kw, "ops": ops_p, "lookahead": p.lookahead})
             out["runs"].append({"profile": profile.name, "shape": shape.name, "capacity": cap, "max_fit": is_max,
                                 "policy": policy, "predictor": pred, **run.to_dict(),
                                 "bound_tok_s": bound.tok_s, "fraction_of_bound": bound.fraction(run),
