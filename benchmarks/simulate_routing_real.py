@@ -115,8 +115,10 @@ def main(argv=None) -> int:
     stream = record_stream(model, windows)
     predictors = [replay_oracle(stream, geometry.num_experts, lookahead=1),
                   replay_predictor(stream, PreGatePredictor(lookahead=1), geometry, routers, "pregate")]
-    predictors += [replay_predictor(stream, load_predictor(p, geometry=geometry), geometry, routers, Path(p).name)
-                   for p in args.predictor]
+    for path in args.predictor:  # named by their type ("hidden", "interlayer", ...), the path if two share one
+        predictor = load_predictor(path, geometry=geometry)
+        name = predictor.kind if all(predictor.kind != p.name for p in predictors) else Path(path).name
+        predictors.append(replay_predictor(stream, predictor, geometry, routers, name))
     shapes = [ModelShape.from_name(name) for name in PRESETS]
     settings = SweepSettings(capacities=tuple(args.capacities))
     first, rest = args.profiles[0], args.profiles[1:]
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
         for key in ("runs", "memory", "ceilings"):
             sweep[key] += more[key]
     sweep.update(environment=environment("cpu"), model=described, geometry=geometry.to_dict(),
+                 trained_predictors={p.name: str(path) for p, path in zip(predictors[2:], args.predictor)},
                  stream={"description": f"{described}: {stream.num_passes} decode steps"}, goal=goal_check(sweep))
     json_path = args.out / f"{args.name}.json"
     write_json(json_path, sweep)
