@@ -36,6 +36,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerate-capacity", type=float, default=0.5,
                    help="accelerate gets the device budget of the cache at this capacity")
     p.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens for the (slow) accelerate row")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a machine shared with other jobs, 1 is often fastest)")
     p.add_argument("--out", type=Path, default=Path("specmoe-bench"), help="output directory")
     p.add_argument("--name", default=None, help="file stem (default: bench_<device type>)")
 
@@ -79,6 +81,8 @@ def make_prompts(model, tokenizer, count: int, length: int, texts: list[str] | N
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     settings = BenchSettings(
