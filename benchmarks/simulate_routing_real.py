@@ -11,7 +11,8 @@ covers all six model shapes (tok/s only where a trace of that routing geometry e
     python benchmarks/simulate_routing_real.py                       # reference model, RTX 3090 + others
     python benchmarks/simulate_routing_real.py --predictor runs/interlayer --tokens 2048
 
-Writes benchmarks/results/simulate_routing_real.{json,md,png}. Random-weight models must not be used for
+Writes benchmarks/results/simulate_routing_real.{json,md,png} and simulate_routing_real_<first profile>.md (the
+short version README shows). Random-weight models must not be used for
 these figures (their routing flatters caches); --model exists for other *trained* checkpoints.
 """
 
@@ -25,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from specmoe.bench.environment import environment
-from specmoe.io import write_json
+from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import PreGatePredictor, load_predictor
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
-from specmoe.sim.report import sweep_markdown, write_sweep_report
+from specmoe.sim.report import sweep_markdown, sweep_summary, write_sweep_report
 from specmoe.sim.shapes import PRESETS, ModelShape
 from specmoe.sim.stream import RoutingStream
 from specmoe.sim.sweep import SweepSettings, run_sweep
@@ -107,7 +108,12 @@ def main(argv=None) -> int:
     ap.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="simulate_routing_real")
+    ap.add_argument("--report-only", action="store_true", help="only remake the .md/.png from the existing JSON")
     args = ap.parse_args(argv)
+    json_path = args.out / f"{args.name}.json"
+    if args.report_only:
+        write_reports(json_path, args.profiles[0])
+        return 0
 
     model, windows, described = load_model_and_windows(args)
     moe = find_moe_layers(model)
@@ -131,12 +137,18 @@ def main(argv=None) -> int:
     sweep.update(environment=environment("cpu"), model=described, geometry=geometry.to_dict(),
                  trained_predictors={p.name: str(path) for p, path in zip(predictors[2:], args.predictor)},
                  stream={"description": f"{described}: {stream.num_passes} decode steps"}, goal=goal_check(sweep))
-    json_path = args.out / f"{args.name}.json"
     write_json(json_path, sweep)
-    md, png = write_sweep_report(json_path)
+    write_reports(json_path, first)
     print(sweep_markdown(sweep))
-    print(f"wrote {json_path}, {md}, {png}")
     return 0
+
+
+def write_reports(json_path: Path, profile: str) -> None:
+    """The full .md/.png and README's short version (<name>_<profile>.md), all from the JSON."""
+    md, png = write_sweep_report(json_path)
+    summary = json_path.with_name(f"{json_path.stem}_{profile}.md")
+    write_text(summary, sweep_summary(read_json(json_path), profile))
+    print(f"wrote {md}, {summary}, {png}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ def _label(run: dict) -> str:
     return run["policy"] if run["predictor"] == "none" else f"{run['predictor']} + {run['policy']}"
 
 
-def runs_table(sweep: dict, profile: str, shape: str) -> str:
-    """Every run of one profile and shape: speed, cache figures, and distance to the bound."""
-    runs = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == shape]
+def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
+    """Every run of one profile and shape (at `capacities` only, if given; the max-fit capacity is named
+    "max"): speed, cache figures, and distance to the bound."""
+    runs = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == shape and
+            (capacities is None or r["capacity"] in capacities or ("max" in capacities and r["max_fit"]))]
     rows = []
     for r in sorted(runs, key=lambda r: (r["capacity"], r["predictor"] != "none", r["predictor"], r["policy"])):
         per_tok = max(r["tokens"], 1)
@@ -84,6 +86,26 @@ def sweep_markdown(sweep: dict) -> str:
                   f"{b['tok_s']:.1f} tok/s with {b['predictor']} + {b['policy']}).", ""]
     if env:
         parts.append(f"Simulated on {environment_line(env)}.")
+    return "\n".join(parts) + "\n"
+
+
+def sweep_summary(sweep: dict, profile: str, capacities=(0.25, "max")) -> str:
+    """The short version for README: one profile's memory table and its runs at a few capacities."""
+    intro = (f"**Simulated decode on {profile}.** Routing: {sweep.get('stream', {}).get('description', 'none')}. "
+             f"Compute model `{sweep['compute']['name']}` (host overheads assumed, not yet checked on a GPU).")
+    parts = [intro, "", memory_table(sweep, profile), ""]
+    for shape in dict.fromkeys(r["shape"] for r in sweep["runs"] if r["profile"] == profile):
+        parts += [f"*{profile}: {shape}, capacities {', '.join(map(str, capacities))}; bound = max(compute time, "
+                  "Belady-MIN miss bytes / host->device bandwidth)*", "", runs_table(sweep, profile, shape, capacities),
+                  ""]
+    goal = sweep.get("goal")
+    if goal and goal.get("best") and goal["profile"] == profile:
+        b = goal["best"]
+        parts += [f"Goal: {goal['shape']} within {goal['profile']}'s memory at >= {goal['tok_s']:g} tok/s: "
+                  f"**{'met' if goal['met'] else 'not met'}** (largest capacity that fits: {goal['capacity']:.3f}; best "
+                  f"{b['tok_s']:.1f} tok/s with {b['predictor']} + {b['policy']}).", ""]
+    if sweep.get("environment"):
+        parts.append(f"Simulated on {environment_line(sweep['environment'])}.")
     return "\n".join(parts) + "\n"
 
 
