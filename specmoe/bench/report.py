@@ -66,8 +66,8 @@ def bench_table(result: dict) -> str:
     note = (f"\n\n{result.get('model', '')}, {result['geometry']}. Decode tok/s and TTFT are medians over "
             f"{len(result['variants'][0].get('decode_tok_s_runs', []))} prompts ({s['new_tokens']} new tokens, "
             f"warm-up excluded; accelerate: {s['accelerate_new_tokens']}). Hit rate, prefetch precision/recall, "
-            "bytes and stall are over all timed calls. Bound: max(unwrapped time per token, Belady-MIN miss bytes "
-            "per token / measured host->device rate) on the recorded routing. "
+            "bytes and stall are over all timed calls. Bound: max(compute time per token (fastest run with every "
+            "expert resident), Belady-MIN miss bytes per token / measured host->device rate) on the recorded routing. "
             f"{environment_line(result['environment'])}.")
     return markdown_table(headers, rows) + note
 
@@ -75,7 +75,7 @@ def bench_table(result: dict) -> str:
 def goals_table(goals: dict) -> str:
     """Ratios at the goal capacity per predictor, against the issue's targets."""
     t = goals["targets"]
-    rows = [[("LRU on demand" if p == "none" else p), _fmt(r["decode_tok_s"], ".1f"),
+    rows = [[("LRU on demand" if p == "none" else Path(p).name), _fmt(r["decode_tok_s"], ".1f"),
              _fmt(r["vs_unwrapped"], ".2f"), _fmt(r["vs_accelerate"], ".1f"), _fmt(r["vs_lru"], ".2f")]
             for p, r in goals["per_predictor"].items()]
     met = ", ".join(f"{k}: {'—' if v is None else ('met' if v else 'NOT met')}" for k, v in goals["met"].items())
@@ -96,7 +96,7 @@ def bench_plot(result: dict, path) -> None:
     wrapped = [v for v in result["variants"] if v["kind"] == "specmoe"]
     for pred in dict.fromkeys(v["predictor"] for v in wrapped):
         pts = sorted((v["capacity"], v["decode_tok_s"], v["stats"]["hit_rate"]) for v in wrapped if v["predictor"] == pred)
-        label = "LRU on demand" if pred == "none" else Path(pred).name
+        label = next(v.get("label", pred) for v in wrapped if v["predictor"] == pred)
         ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
     for v, style in ((next((v for v in result["variants"] if v["kind"] == "unwrapped"), None), "--"),
