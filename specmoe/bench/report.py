@@ -127,7 +127,7 @@ def write_bench_report(json_path) -> tuple[Path, Path]:
     json_path = Path(json_path)
     result = read_json(json_path, what="bench result")
     md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
-    text = f"# {result.get('model', 'benchmark')}\n\n{bench_table(result)}\n"
+    text = f"**{result.get('model', 'benchmark')}**\n\n{bench_table(result)}\n"
     if result.get("goals"):
         text += "\n" + goals_table(result["goals"]) + "\n"
     write_text(md, text)
