@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "predictors", help="traces + trained predictors")
     ap.add_argument("--recollect", action="store_true", help="collect traces even if matching ones exist")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where predictors.json/.md/.png go")
+    ap.add_argument("--package", type=Path, default=None, metavar="DIR",
+                    help="also save the trained predictor with the best recall@k one layer ahead to DIR (the demo "
+                         "ships specmoe/reference/predictors/hidden-l2 from this)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -119,6 +122,10 @@ def main(argv=None) -> int:
     for d, g in read_json(paths["json"])["goal"].items():
         print(f"lookahead {d}: best trained {g['best_trained']} recall@k {g['recall@k']:.4f} vs pre-gate "
               f"{g['pregate']:.4f}, history {g['history']:.4f}: {'met' if g['met'] else 'NOT met'}")
+    if args.package:
+        best = read_json(paths["json"])["goal"]["1"]["best_trained"]
+        save_predictor(predictors[best], args.package)
+        print(f"saved the {best} predictor to {args.package}")
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']} in {time.perf_counter() - start:.0f} s")
     return 0
 

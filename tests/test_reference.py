@@ -132,7 +132,7 @@ def test_demo_runs_end_to_end_on_a_small_setting(tmp_path, capsys):
     assert rc == 0
     result = json.loads((out / "demo.json").read_text())
     rows = {r["predictor"].split(" (")[0]: r for r in result["rows"]}
-    assert list(rows) == ["none", "pre-gate", "random", "oracle"]
+    assert list(rows) == ["none", "pre-gate", "hidden", "random", "oracle"]  # the packaged trained one too
     assert all(r["tokens_match"] for r in rows.values())
     assert rows["none"]["decode"]["prefetch_issued"] == 0
     assert rows["oracle"]["decode"]["misses"] == 0  # replaying each prompt's own routing never misses

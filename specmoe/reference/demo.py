@@ -38,7 +38,9 @@ from .model import CHECKPOINT_DIR, load_reference_model, load_reference_prompts,
 logger = logging.getLogger(__name__)
 
 # Trained predictors every demo compares (directories written by `save_predictor`); --predictor adds more.
-DEFAULT_TRAINED_PREDICTORS: tuple[Path, ...] = ()
+DEFAULT_TRAINED_PREDICTORS: tuple[Path, ...] = (
+    Path(__file__).parent / "predictors" / "hidden-l2",  # from benchmarks/predictors.py --package
+)
 
 COUNTERS = ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_moved")
 
@@ -244,10 +246,14 @@ def add_demo_arguments(parser) -> None:
                         help="a trained predictor directory to compare too (repeatable)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="another reference checkpoint directory")
     parser.add_argument("--out", type=Path, default=Path("specmoe-demo"), help="where demo.json/.md/.png go")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: the reference model's 64-wide matrices gain nothing "
+                             "from more, and spinning OpenMP threads make a busy machine several times slower)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def run_demo(args) -> int:
+    torch.set_num_threads(args.threads)
     cfg = DemoConfig(device=args.device, dtype=args.dtype, capacity=args.capacity, prompts=args.prompts,
                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                      repetition_penalty=args.repetition_penalty, predictors=tuple(args.predictor),
