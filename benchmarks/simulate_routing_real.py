@@ -8,8 +8,8 @@ it for every eviction policy, the oracle, the pre-gate and any trained predictor
 at the largest capacity that fits each GPU; every row shows its distance to the bound. The memory table
 covers all six model shapes (tok/s only where a trace of that routing geometry exists).
 
-    python benchmarks/simulate_routing_real.py                       # reference model, RTX 3090 + others
-    python benchmarks/simulate_routing_real.py --predictor runs/interlayer --tokens 2048
+    python benchmarks/simulate_routing_real.py          # reference model + its packaged trained predictor, 5 GPUs
+    python benchmarks/simulate_routing_real.py --predictor .cache/predictors/X --predictor .cache/predictors/Y
 
 Writes benchmarks/results/simulate_routing_real.{json,md,png} and simulate_routing_real_<first profile>.md (the
 short version README shows). Random-weight models must not be used for
@@ -88,6 +88,15 @@ def record_stream(model, windows: torch.Tensor) -> RoutingStream:
                                         num_experts=geometry.num_experts)
 
 
+def packaged_predictors() -> list[Path]:
+    """The trained predictors shipped with the reference model (see specmoe.reference.demo)."""
+    try:
+        from specmoe.reference.demo import DEFAULT_TRAINED_PREDICTORS
+    except ImportError:
+        return []
+    return [p for p in DEFAULT_TRAINED_PREDICTORS if (Path(p) / "config.json").is_file()]
+
+
 def goal_check(sweep: dict) -> dict:
     runs = [r for r in sweep["runs"] if r["shape"] == GOAL["shape"] and r["profile"] == GOAL["profile"] and r["max_fit"]
             and r["policy"] != "belady"]  # MIN needs the future: it is the bound, not a way to run
@@ -103,13 +112,16 @@ def main(argv=None) -> int:
     ap.add_argument("--text", nargs="+", type=Path, help="text files (default: the reference corpus' validation split)")
     ap.add_argument("--tokens", type=int, default=4096, help="decode steps to replay")
     ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--predictor", action="append", default=[], help="a saved trained predictor (repeatable)")
+    ap.add_argument("--predictor", action="append", default=None,
+                    help="a saved trained predictor (repeatable; default: the one packaged with the reference model)")
     ap.add_argument("--profiles", nargs="+", default=["rtx3090", "rtx4090", "a6000", "h100", "h200"])
     ap.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="simulate_routing_real")
     ap.add_argument("--report-only", action="store_true", help="only remake the .md/.png from the existing JSON")
     args = ap.parse_args(argv)
+    if args.predictor is None:
+        args.predictor = [str(p) for p in packaged_predictors()] if not args.model else []
     json_path = args.out / f"{args.name}.json"
     if args.report_only:
         write_reports(json_path, args.profiles[0])
