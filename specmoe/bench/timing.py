@@ -1,7 +1,7 @@
 """Timing generate calls: time to first token and decode tokens/s, medians over repeats, warm-up excluded.
 
 Decode speed is (N - 1) / (t(N tokens) - t(1 token)): the prefill and first token cancel out.
-On CUDA the device is synchronised before each clock read (wall time = device time for a whole call).
+On CUDA a call is timed with CUDA events recorded after a device sync, and the end event is waited on.
 """
 
 from __future__ import annotations
@@ -31,12 +31,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed_call(fn: Callable[[], object], device) -> tuple[float, object]:
+    """Seconds one call takes (CUDA events on a CUDA device, perf_counter elsewhere), and its result."""
+    device = torch.device(device)
     _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, out
     t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    return timed_call(fn, device)[0]
 
 
 def time_generate(

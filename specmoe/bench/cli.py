@@ -1,0 +1,132 @@
+"""`specmoe bench`: the side-by-side benchmark (see `specmoe.bench.compare`), written as JSON + markdown + PNG."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from ..io import write_json
+from .compare import BUILTIN_PREDICTORS, BenchSettings, run_benchmark
+from .report import bench_table, write_bench_report
+
+logger = logging.getLogger(__name__)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a local save_pretrained directory (default: the built-in reference model)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                   help="cache capacities, fractions of all experts")
+    p.add_argument("--predictors", nargs="+", default=list(BUILTIN_PREDICTORS),
+                   help=f"any of {', '.join(BUILTIN_PREDICTORS)}, or directories of saved predictors")
+    p.add_argument("--prompts", type=int, default=3, help="number of prompts (medians are over prompts)")
+    p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (text prompts: at most)")
+    p.add_argument("--prompts-file", type=Path, help="text file; prompts are its blank-line-separated paragraphs "
+                   "(default: the reference model's held-out prompts, or seeded random token ids with --model)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--lookahead", type=int, default=1, help="lookahead of the pre-gate and oracle predictors")
+    p.add_argument("--no-unwrapped", action="store_true", help="skip the all-on-device run (e.g. it does not fit)")
+    p.add_argument("--no-accelerate", action="store_true", help="skip accelerate's offload")
+    p.add_argument("--accelerate-capacity", type=float, default=0.5,
+                   help="accelerate gets the device budget of the cache at this capacity")
+    p.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens for the (slow) accelerate row")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a machine shared with other jobs, 1 is often fastest)")
+    p.add_argument("--out", type=Path, default=Path("specmoe-bench"), help="output directory")
+    p.add_argument("--name", default=None, help="file stem (default: bench_<device type>)")
+
+
+def _load(args, dtype):
+    """The model, a tokenizer (or None), default prompt texts (or None) and a display name."""
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
+        return model, tokenizer, None, str(args.model)
+    try:
+        from ..reference.model import load_reference_model, load_reference_prompts, load_reference_tokenizer
+    except ImportError:
+        raise SystemExit("this checkout has no reference model (specmoe.reference.model); pass --model PATH") from None
+    return (load_reference_model(device="cpu", dtype=dtype).eval(), load_reference_tokenizer(),
+            load_reference_prompts(), "specmoe reference model")
+
+
+def make_prompts(model, tokenizer, count: int, length: int, texts: list[str] | None = None,
+                 seed: int = 0) -> tuple[list[dict], str]:
+    """`count` prompts of at most `length` tokens from `texts` (needs a tokenizer), else seeded random token
+    ids. Returns the prompts and a description of their source."""
+    if texts is not None:
+        if tokenizer is None:
+            raise SystemExit("text prompts need a tokenizer, and none was found next to the model")
+        prompts = [tokenizer(t, return_tensors="pt")["input_ids"][:, :length] for t in texts if t.strip()][:count]
+        if len(prompts) < count:
+            raise SystemExit(f"only {len(prompts)} non-empty prompts were given; need {count}")
+        source = "text"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        vocab = model.config.get_text_config().vocab_size
+        prompts = [torch.randint(3, vocab, (1, length), generator=g) for _ in range(count)]
+        source = "random token ids"
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in prompts], source
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    settings = BenchSettings(
+        capacities=tuple(args.capacities), predictors=tuple(args.predictors), new_tokens=args.new_tokens,
+        warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
+        accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
+        accelerate_new_tokens=args.accelerate_tokens)
+    model, tokenizer, texts, name = _load(args, dtype)
+    model.generation_config.eos_token_id = None  # every call generates exactly N tokens
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0
+    if args.prompts_file is not None:
+        texts = [p for p in args.prompts_file.read_text().split("\n\n") if p.strip()]
+    prompts, source = make_prompts(model, tokenizer, args.prompts, args.prompt_len, texts)
+    stem = args.name or f"bench_{device.type}"
+    json_path = args.out / f"{stem}.json"
+
+    def save(partial):
+        write_json(json_path, {k: v for k, v in partial.items() if k != "routing"})
+
+    result = run_benchmark(model, prompts, settings, device, model_name=name, on_variant=save)
+    result["settings"].update(prompts=args.prompts, prompt_len=args.prompt_len, dtype=str(dtype),
+                              prompts_source=str(args.prompts_file) if args.prompts_file else
+                              ("reference model's held-out prompts" if texts else source))
+    try:  # lets `specmoe simulate --validate` replay this run
+        from ..sim.compute import count_ops
+        from ..sim.shapes import ModelShape
+
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        shape = ModelShape.from_config(model.config, name=name, dtype=dt, expert_dtype=dt)
+        result.update(shape=shape.to_dict(), op_counts=count_ops(shape.model_type).to_dict())
+    except ValueError as err:
+        logger.info("no simulator shape for this model (%s); --validate will need one", err)
+    routing = result.pop("routing")
+    if routing is not None:
+        from ..sim.stream import RoutingStream
+
+        passes = [ids for call in routing for ids in call]
+        calls = [{"prompt": i, "new_tokens": n, "timed": timed, "passes": len(r)}
+                 for (i, n, timed), r in zip(result["schedule"], routing)]
+        stream_path = args.out / f"{stem}.routing.safetensors"
+        RoutingStream.from_passes(passes, calls=calls, num_experts=result["geometry"]["num_experts"]).save(stream_path)
+        result["routing_file"] = stream_path.name
+    save(result)
+    md, png = write_bench_report(json_path)
+    print(bench_table(result))
+    print(f"\nwrote {json_path}, {md}, {png}")
+    return 0

@@ -1,0 +1,135 @@
+"""Markdown tables and PNG plots made from benchmark JSON (never typed by hand)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..io import read_json, write_bytes, write_text
+
+MiB = 2**20
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table; floats are printed as given (format them first), None as '—'."""
+    def cell(v):
+        return "—" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(x, spec=".2f"):
+    return None if x is None else format(x, spec)
+
+
+def environment_line(env: dict) -> str:
+    sha = str(env.get("git_sha"))
+    sha = sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
+    return (f"{env.get('device_name')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
+            f"git {sha} · {env.get('date')}")
+
+
+def bench_table(result: dict) -> str:
+    """The side-by-side table of a `specmoe bench` result, with ratios to the unwrapped model, accelerate and
+    LRU on demand at the same capacity."""
+    variants = result["variants"]
+    ref = {v["kind"]: v for v in variants if v["kind"] in ("unwrapped", "accelerate")}
+    lru = {v["capacity"]: v for v in variants if v["kind"] == "specmoe" and v["predictor"] == "none"}
+    rows = []
+    for v in variants:
+        tok = v["decode_tok_s"]
+        s = v.get("stats") or {}
+        mem = v.get("memory") or {}
+        base = lru.get(v["capacity"]) if v["kind"] == "specmoe" else None
+        rows.append([
+            v["name"], _fmt(tok, ".1f"), _fmt(v["ttft_s"] * 1e3, ".1f"),
+            _fmt(tok / ref["unwrapped"]["decode_tok_s"], ".2f") if "unwrapped" in ref else None,
+            _fmt(tok / ref["accelerate"]["decode_tok_s"], ".1f") if "accelerate" in ref else None,
+            _fmt(tok / base["decode_tok_s"], ".2f") if base else None,
+            _fmt(s.get("hit_rate"), ".3f"), _fmt(s.get("prefetch_precision"), ".2f"),
+            _fmt(s.get("prefetch_recall"), ".2f"),
+            _fmt(s["bytes_moved"] / MiB, ".0f") if "bytes_moved" in s else None,
+            _fmt(s["stall_s"] * 1e3, ".1f") if "stall_s" in s else None,
+            _fmt(mem["torch_peak_bytes"] / MiB, ".0f") if mem.get("torch_peak_bytes") else None,
+            _fmt(mem["nvml_peak_used_bytes"] / MiB, ".0f") if mem.get("nvml_peak_used_bytes") else None,
+            _fmt(v["bound"]["tok_s"], ".1f") if v.get("bound") else None,
+            _fmt(100 * v["fraction_of_bound"], ".0f") + "%" if v.get("bound") else None,
+            {True: "yes", False: "NO", None: None}[v.get("same_tokens")],
+        ])
+    headers = ["variant", "decode tok/s", "TTFT ms", "× unwrapped", "× accelerate", "× LRU", "hit rate",
+               "pf precision", "pf recall", "MiB moved", "stall ms", "peak MiB (torch)", "peak MiB (NVML)",
+               "bound tok/s", "of bound", "same tokens"]
+    s = result["settings"]
+    note = (f"\n\n{result.get('model', '')}, {result['geometry']}. Decode tok/s and TTFT are medians over "
+            f"{len(result['variants'][0].get('decode_tok_s_runs', []))} prompts ({s['new_tokens']} new tokens, "
+            f"warm-up excluded; accelerate: {s['accelerate_new_tokens']}). Hit rate, prefetch precision/recall, "
+            "bytes and stall are over all timed calls. Bound: max(compute time per token (fastest run with every "
+            "expert resident), Belady-MIN miss bytes per token / measured host->device rate) on the recorded routing. "
+            f"{environment_line(result['environment'])}.")
+    return markdown_table(headers, rows) + note
+
+
+def goals_table(goals: dict) -> str:
+    """Ratios at the goal capacity per predictor, against the issue's targets."""
+    t = goals["targets"]
+    rows = [[("LRU on demand" if p == "none" else Path(p).name), _fmt(r["decode_tok_s"], ".1f"),
+             _fmt(r["vs_unwrapped"], ".2f"), _fmt(r["vs_accelerate"], ".1f"), _fmt(r["vs_lru"], ".2f")]
+            for p, r in goals["per_predictor"].items()]
+    met = ", ".join(f"{k}: {'—' if v is None else ('met' if v else 'NOT met')}" for k, v in goals["met"].items())
+    return (f"Goals at capacity {goals['capacity']}: × unwrapped >= {t['vs_unwrapped']}, × accelerate >= "
+            f"{t['vs_accelerate']}, × LRU >= {t['vs_lru']}.\n\n"
+            + markdown_table(["predictor", "decode tok/s", "× unwrapped", "× accelerate", "× LRU"], rows)
+            + f"\n\nBest predictor: {goals['best_predictor']} ({met}).")
+
+
+def bench_plot(result: dict, path) -> None:
+    """Decode tok/s and hit rate against capacity, one line per predictor; unwrapped/accelerate as levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    wrapped = [v for v in result["variants"] if v["kind"] == "specmoe"]
+    for pred in dict.fromkeys(v["predictor"] for v in wrapped):
+        pts = sorted((v["capacity"], v["decode_tok_s"], v["stats"]["hit_rate"]) for v in wrapped if v["predictor"] == pred)
+        label = next(v.get("label", pred) for v in wrapped if v["predictor"] == pred)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    for v, style in ((next((v for v in result["variants"] if v["kind"] == "unwrapped"), None), "--"),
+                     (next((v for v in result["variants"] if v["kind"] == "accelerate"), None), ":")):
+        if v is not None:
+            ax1.axhline(v["decode_tok_s"], linestyle=style, color="gray", label=v["name"])
+    ax1.set(xlabel="cache capacity (fraction of experts)", ylabel="decode tokens/s", title="decode speed")
+    ax2.set(xlabel="cache capacity (fraction of experts)", ylabel="hit rate", title="expert hit rate", ylim=(0, 1.02))
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"{result.get('model', '')} on {result['environment'].get('device_name')}", fontsize=9)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+    """Render a matplotlib figure to PNG and write it atomically; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def write_bench_report(json_path) -> tuple[Path, Path]:
+    """Write <stem>.md and <stem>.png next to a bench JSON file, from it alone."""
+    json_path = Path(json_path)
+    result = read_json(json_path, what="bench result")
+    md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    text = f"**{result.get('model', 'benchmark')}**\n\n{bench_table(result)}\n"
+    if result.get("goals"):
+        text += "\n" + goals_table(result["goals"]) + "\n"
+    write_text(md, text)
+    bench_plot(result, png)
+    return md, png

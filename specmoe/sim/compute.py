@@ -1,0 +1,316 @@
+"""How long compute takes: the device side from bytes and FLOPs (roofline), the host side from op counts.
+
+Decoding one token at batch 1 in PyTorch eager is often bound by the host launching kernels, not by the GPU
+running them, so the simulator keeps two clocks. Host time is (aten ops) x (seconds per op) plus the
+runtime's own bookkeeping; the op counts are measured by running a tiny model of the same family under a
+counting dispatch mode (`count_ops`). Device time is max(bytes / bandwidth, FLOPs / FLOP/s), each derated by
+an efficiency. The per-op and efficiency constants are the uncertain part: `specmoe simulate --validate`
+fits the host scale to a GPU measurement and reports the error before and after.
+"""
+
+# Shape legend: T tokens, E experts, H hidden, k top-k, L MoE layers
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .hardware import HardwareProfile
+from .shapes import ModelShape
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpCounts:
+    """Aten ops the host dispatches, measured on a tiny model of one family (see `count_ops`).
+
+    Args:
+        layer: per decoder layer, outside the experts call (norms, attention, router, shared experts).
+        experts: per experts call.
+        per_pass: per forward pass outside the decoder layers, generate's loop included.
+        wrapper: added per MoE layer call by SpeculativeMoE (no predictor).
+        predictor: added per MoE layer call by a one-layer-ahead pre-gate predictor (its own `predict` and
+            the runtime's ranking of the scores).
+        pregate_predict: of `predictor`, the pre-gate's own `predict` (the rest is the runtime's).
+    """
+
+    layer: float
+    experts: float
+    per_pass: float
+    wrapper: float = 0.0
+    predictor: float = 0.0
+    pregate_predict: float = 0.0
+    source: str = ""
+
+    def for_predictor(self, predict_ops: float) -> "OpCounts":
+        """These counts with another predictor, whose `predict` dispatches `predict_ops` ops per MoE layer
+        (see `count_predictor_ops`), in place of the pre-gate."""
+        return replace(self, predictor=max(0.0, self.predictor - self.pregate_predict) + predict_ops)
+
+    def __post_init__(self):
+        for name in ("layer", "experts", "per_pass", "wrapper", "predictor", "pregate_predict"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+                raise ValueError(f"OpCounts.{name} must be a number >= 0, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """Software constants of the compute model.
+
+    Args:
+        name: preset name.
+        op_s: host seconds to dispatch one aten op (and launch its kernel).
+        sync_s: one device->host synchronisation (generate's per step, the runtime's per MoE layer).
+        wrapper_s: the runtime's Python bookkeeping per MoE layer call, besides its ops.
+        copy_issue_s: host seconds to issue one expert copy (cudaMemcpyAsync + event record).
+        mem_efficiency: achieved fraction of peak device memory bandwidth when streaming weights.
+        flops_efficiency: achieved fraction of peak bf16 FLOP/s.
+        source: where the constants come from.
+    """
+
+    name: str = "hf-eager"
+    op_s: float = 5e-6
+    sync_s: float = 15e-6
+    wrapper_s: float = 60e-6
+    copy_issue_s: float = 8e-6
+    mem_efficiency: float = 0.8
+    flops_efficiency: float = 0.6
+    source: str = ""
+
+    def __post_init__(self):
+        for name in ("op_s", "sync_s", "wrapper_s", "copy_issue_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not (0 <= value < 1e-1):
+                raise ValueError(f"ComputeModel.{name} must be seconds in [0, 0.1), got {value!r}")
+        for name in ("mem_efficiency", "flops_efficiency"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not (0 < value <= 1):
+                raise ValueError(f"ComputeModel.{name} must be a fraction in (0, 1], got {value!r}")
+
+    def scale_host(self, factor: float) -> "ComputeModel":
+        """The same model with every host-side constant multiplied by `factor` (for calibration)."""
+        if not (factor > 0 and math.isfinite(factor)):
+            raise ValueError(f"host scale factor must be positive, got {factor}")
+        return replace(self, name=f"{self.name} (host x{factor:.3g})", op_s=self.op_s * factor,
+                       sync_s=self.sync_s * factor, wrapper_s=self.wrapper_s * factor,
+                       copy_issue_s=self.copy_issue_s * factor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ComputeModel":
+        if name not in COMPUTE_MODELS:
+            raise ValueError(f"unknown compute model {name!r}; choose one of {sorted(COMPUTE_MODELS)}")
+        return COMPUTE_MODELS[name]
+
+
+COMPUTE_MODELS = {
+    "hf-eager": ComputeModel(
+        "hf-eager", source="assumed: ~5 us per eager aten op on a GPU host (PyTorch dispatch + kernel launch); "
+        "60 us of runtime Python per MoE layer; 80% of peak memory bandwidth, 60% of peak FLOP/s. Not measured "
+        "on a GPU yet: `specmoe simulate --validate` fits the host scale to a measurement."),
+    "roofline": ComputeModel(
+        "roofline", op_s=0.0, sync_s=0.0, wrapper_s=0.0, copy_issue_s=0.0, mem_efficiency=1.0, flops_efficiency=1.0,
+        source="hardware limits only: no host overhead, peak bandwidth and FLOP/s"),
+}
+
+
+@dataclass(frozen=True)
+class PassCosts:
+    """Host and device seconds of the pieces of one forward pass of T tokens (see `pass_costs`)."""
+
+    host_layer: float  # per MoE layer, outside the experts call
+    dev_layer: float
+    host_experts: float  # per experts call
+    dev_expert: float  # device seconds per distinct expert (its weights) ...
+    dev_expert_tokens: float  # ... plus per token-expert pair (its FLOPs)
+    host_pass: float  # per pass: dense layers, embedding, head, generate loop
+    dev_pass: float
+    host_wrapper: float  # per MoE layer call, wrapped only (sync included)
+    host_predictor: float
+    sync: float
+    copy_issue: float
+
+
+def _device_seconds(nbytes: float, flops: float, profile: HardwareProfile, model: ComputeModel) -> float:
+    return max(nbytes / (profile.memory_bytes_per_s * model.mem_efficiency),
+               flops / (profile.bf16_flops * model.flops_efficiency))
+
+
+def pass_costs(shape: ModelShape, profile: HardwareProfile, model: ComputeModel, ops: OpCounts, tokens: int,
+               context: int) -> PassCosts:
+    """Costs of one forward pass of `tokens` new tokens after `context` cached ones."""
+    T, b = tokens, shape.dtype_bytes
+    ctx = context + tokens
+    layer_params = shape.layer_nonexpert_params
+    kv_read = ctx * shape.kv_values_per_token * b
+    score_flops = 4 * shape.attention_heads * shape.attention_head_dim * T * ctx
+    dev_layer = _device_seconds(layer_params * b + kv_read, 2 * T * layer_params + score_flops, profile, model)
+    dense = shape.dense_layers * (shape.attention_params + shape.norm_params + shape.dense_mlp_params)
+    head = shape.lm_head_params or shape.embed_params  # generate computes logits of the last token only
+    dev_pass = _device_seconds((dense + head + shape.final_norm_params) * b + shape.dense_layers * kv_read,
+                               2 * T * dense + 2 * head, profile, model)
+    eff_bw = profile.memory_bytes_per_s * model.mem_efficiency
+    eff_flops = profile.bf16_flops * model.flops_efficiency
+    return PassCosts(
+        host_layer=ops.layer * model.op_s,
+        dev_layer=dev_layer,
+        host_experts=ops.experts * model.op_s,
+        dev_expert=shape.expert_bytes / eff_bw,
+        dev_expert_tokens=2 * shape.expert_params / eff_flops,
+        host_pass=(ops.per_pass + shape.dense_layers * ops.layer) * model.op_s + model.sync_s,
+        dev_pass=dev_pass,
+        host_wrapper=ops.wrapper * model.op_s + model.wrapper_s + model.sync_s,
+        host_predictor=ops.predictor * model.op_s,
+        sync=model.sync_s,
+        copy_issue=model.copy_issue_s,
+    )
+
+
+def expert_device_seconds(costs: PassCosts, distinct: int, pairs: int) -> float:
+    """Device time of an experts call reading `distinct` experts for `pairs` token-expert pairs."""
+    return max(distinct * costs.dev_expert, pairs * costs.dev_expert_tokens)
+
+
+# ---- op counting ---------------------------------------------------------------------------------------------
+_TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
+             shared_expert_intermediate_size=64, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
+             qk_rope_head_dim=8, v_head_dim=16, sliding_window=32, layer_types=None)
+
+
+@functools.lru_cache(maxsize=None)
+def count_ops(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k: int = 2) -> OpCounts:
+    """Count the aten ops one decode step dispatches, per region, on a tiny random model of `model_type`.
+
+    Runs `generate` for 2 and 3 new tokens under a counting TorchDispatchMode (the difference is one decode
+    step with generate's loop), unwrapped, wrapped by SpeculativeMoE (capacity 1.0, compute="pool"), and
+    wrapped with a pre-gate predictor. Takes about a second; cached per process.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..predictors import PreGatePredictor
+    from ..runtime.adapters import find_moe_layers
+    from ..runtime.wrapper import SpeculativeMoE
+
+    values = dict(_TINY, num_hidden_layers=num_layers, num_experts_per_tok=top_k, num_experts=num_experts,
+                  num_local_experts=num_experts, n_routed_experts=num_experts, n_shared_experts=1,
+                  first_k_dense_replace=0, decoder_sparse_step=1, mlp_only_layers=[], n_group=1, topk_group=1)
+    if model_type.startswith("deepseek"):
+        values["num_key_value_heads"] = values["num_attention_heads"]  # MLA has no grouped KV heads
+    config = AutoConfig.for_model(model_type, **values)
+    config.pad_token_id = 0
+    config.eos_token_id = None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    moe = find_moe_layers(model)
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.region, self.n = "pass", {"pass": 0, "layer": 0, "experts": 0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[self.region] += 1
+            return func(*args, **(kwargs or {}))
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    ids = torch.randint(2, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def step_counts(generate) -> dict:
+        out = {}
+        with torch.no_grad():  # warm-up: lazy initialisation is not part of a step
+            generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        for n in (2, 3):
+            counter = Count()
+            handles = []
+            for layer in layers:
+                handles.append(layer.register_forward_pre_hook(lambda *a: setattr(counter, "region", "layer")))
+                handles.append(layer.register_forward_hook(lambda *a: setattr(counter, "region", "pass")))
+            for m in moe.layers:
+                handles.append(m.experts.register_forward_pre_hook(lambda *a: setattr(counter, "region", "experts")))
+                handles.append(m.experts.register_forward_hook(lambda *a: setattr(counter, "region", "layer")))
+            try:
+                with torch.no_grad(), counter:
+                    generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            out[n] = counter.n
+        return {k: out[3][k] - out[2][k] for k in out[3]}
+
+    plain = step_counts(model.generate)
+    logger.debug("op counts of %s: %s", model_type, plain)
+    smoe = SpeculativeMoE(model, None, cache_capacity=1.0, compute="pool", device="cpu")  # same ops as `plain`
+    wrapped = step_counts(smoe.generate)
+    smoe.unwrap()
+    smoe = SpeculativeMoE(model, PreGatePredictor(lookahead=1), cache_capacity=1.0, compute="pool", device="cpu")
+    predicted = step_counts(smoe.generate)
+    smoe.unwrap()
+    L = moe.geometry.num_layers
+    pregate = count_predictor_ops(PreGatePredictor(lookahead=1), moe.geometry, [layer.router for layer in moe.layers])
+    total = lambda c: sum(c.values())  # noqa: E731
+    return OpCounts(
+        layer=plain["layer"] / len(layers),
+        experts=plain["experts"] / L,
+        per_pass=plain["pass"],
+        wrapper=max(0.0, (total(wrapped) - total(plain)) / L),
+        predictor=max(0.0, (total(predicted) - total(wrapped)) / L),
+        pregate_predict=pregate,
+        source=f"counted on a tiny random {model_type} (transformers {_version('transformers')}, torch "
+               f"{torch.__version__}), one decode step of generate",
+    )
+
+
+class _OpCounter:
+    """A TorchDispatchMode counting aten ops (made lazily: the mode class is private API)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.n += 1
+                return func(*args, **(kwargs or {}))
+
+        return Count()
+
+
+def count_predictor_ops(predictor, geometry, routers=()) -> float:
+    """Aten ops one decode-step `predict` call dispatches, averaged over the MoE layers (hidden and history
+    random, one token). Binds the predictor to `geometry` (and `routers`) first."""
+    predictor.bind(geometry, list(routers))
+    predictor.reset()
+    g = torch.Generator().manual_seed(0)
+    history = torch.randint(0, geometry.num_experts, (1, geometry.num_layers, geometry.top_k), generator=g)
+    counter = _OpCounter()
+    with torch.no_grad():
+        for layer in range(geometry.num_layers):
+            hidden = torch.randn(1, geometry.hidden_size, generator=g)
+            with counter:
+                predictor.predict(layer, hidden, history[:, : layer + 1])
+    return counter.n / geometry.num_layers
+
+
+def _version(pkg: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "?"

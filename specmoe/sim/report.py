@@ -1,0 +1,144 @@
+"""Markdown tables and PNG plots of simulator sweeps, made from their JSON alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bench.report import environment_line, markdown_table, save_figure
+from ..io import read_json, write_text
+
+GiB, MiB = 2**30, 2**20
+
+
+def _label(run: dict) -> str:
+    return run["policy"] if run["predictor"] == "none" else f"{run['predictor']} + {run['policy']}"
+
+
+def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
+    """Every run of one profile and shape (at `capacities` only, if given; the max-fit capacity is named
+    "max"): speed, cache figures, and distance to the bound."""
+    runs = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == shape and
+            (capacities is None or r["capacity"] in capacities or ("max" in capacities and r["max_fit"]))]
+    rows = []
+    for r in sorted(runs, key=lambda r: (r["capacity"], r["predictor"] != "none", r["predictor"], r["policy"])):
+        per_tok = max(r["tokens"], 1)
+        rows.append([f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else ""), _label(r), f"{r['tok_s']:.1f}",
+                     f"{r['hit_rate']:.3f}", f"{r['prefetch_precision']:.2f}" if r["prefetch_issued"] else None,
+                     f"{r['bytes_moved'] / per_tok / MiB:.0f}", f"{1e3 * r['stall_s'] / per_tok:.2f}",
+                     f"{r['bound_tok_s']:.1f}", f"{100 * r['fraction_of_bound']:.0f}%", f"{r['device_bytes'] / GiB:.1f}"])
+    return markdown_table(["capacity", "policy / predictor", "tok/s", "hit rate", "pf precision", "MiB moved/token",
+                           "stall ms/token", "bound tok/s", "of bound", "weights+cache GiB"], rows)
+
+
+def memory_table(sweep: dict, profile: str) -> str:
+    """Item 4: device memory unwrapped and wrapped per capacity, the largest capacity that fits, tok/s there."""
+    plans = [m for m in sweep["memory"] if m["profile"] == profile]
+    if not plans:
+        return ""
+    caps = [row["capacity"] for row in plans[0]["wrapped"]]
+    ceilings = {(c["shape"], c["profile"]): c["tok_s"] for c in sweep["ceilings"]}
+    with_runs = any(r["profile"] == profile for r in sweep["runs"])
+    rows = []
+    for m in plans:
+        at_max = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == m["shape"] and r["max_fit"]]
+        lru = next((r for r in at_max if r["policy"] == "lru" and r["predictor"] == "none"), None)
+        real = [r for r in at_max if r["policy"] != "belady"]  # MIN needs the future: a bound, not an option
+        best = max(real, key=lambda r: r["tok_s"]) if real else None
+        row = [m["shape"], f"{m['unwrapped_bytes'] / GiB:.1f}" + ("" if m["unwrapped_fits"] else " ✗"),
+               *[f"{w['device_bytes'] / GiB:.1f}" + ("" if w["fits"] else " ✗") for w in m["wrapped"]],
+               f"{m['max_capacity']:.3f} ({m['max_slots']} slots)"]
+        if with_runs:
+            row += [f"{lru['tok_s']:.1f}" if lru else None, f"{best['tok_s']:.1f} ({_label(best)})" if best else None,
+                    f"{best['bound_tok_s']:.1f}" if best else None]
+        rows.append(row + [f"{ceilings.get((m['shape'], profile), 0):.1f}"])
+    headers = ["model", "unwrapped GiB", *[f"wrapped @{c:g} GiB" for c in caps], "largest capacity that fits"]
+    if with_runs:
+        headers += ["tok/s there (LRU)", "tok/s there (best)", "bound tok/s"]
+    headers += ["all-resident tok/s (if it fit)"]
+    m0 = plans[0]
+    note = (f"\n\nDevice memory = weights on the device + KV cache of one {m0['context']}-token sequence + "
+            f"{m0['reserve_bytes'] / GiB:.1f} GiB reserve (CUDA context, allocator, activations; assumed). "
+            "✗: does not fit. All tok/s figures are simulated. All-resident tok/s is the compute-bound ceiling "
+            "(routing-independent at batch 1)")
+    note += ("; '—' where no trace of that model's routing geometry exists (hit rates need learned routing of the "
+             "same L/E/k)." if with_runs else ".")
+    return markdown_table(headers, rows) + note
+
+
+def sweep_markdown(sweep: dict) -> str:
+    env = sweep.get("environment", {})
+    profiles = list(dict.fromkeys(m["profile"] for m in sweep["memory"]))
+    intro = (f"Routing: {sweep.get('stream', {}).get('description', 'none')}. Compute model "
+             f"`{sweep['compute']['name']}` ({sweep['compute']['source']}).")
+    if sweep["runs"]:
+        intro += (" Every table's bound is max(compute time, Belady-MIN miss bytes / host->device bandwidth); "
+                  "'of bound' is tok/s over the bound's.")
+    parts = [f"**Simulated decode on {', '.join(profiles)}.** {intro}", ""]
+    for profile in profiles:
+        parts += [f"*{profile}: device memory*", "", memory_table(sweep, profile), ""]
+        for shape in dict.fromkeys(r["shape"] for r in sweep["runs"] if r["profile"] == profile):
+            parts += [f"*{profile}: {shape}*", "", runs_table(sweep, profile, shape), ""]
+    goal = sweep.get("goal")
+    if goal and goal.get("best"):
+        b = goal["best"]
+        parts += [f"Goal: {goal['shape']} within {goal['profile']}'s memory at >= {goal['tok_s']:g} tok/s: "
+                  f"**{'met' if goal['met'] else 'not met'}** (largest capacity that fits: {goal['capacity']:.3f}; best "
+                  f"{b['tok_s']:.1f} tok/s with {b['predictor']} + {b['policy']}).", ""]
+    if env:
+        parts.append(f"Simulated on {environment_line(env)}.")
+    return "\n".join(parts) + "\n"
+
+
+def sweep_summary(sweep: dict, profile: str, capacities=(0.25, "max")) -> str:
+    """The short version for README: one profile's memory table and its runs at a few capacities."""
+    intro = (f"**Simulated decode on {profile}.** Routing: {sweep.get('stream', {}).get('description', 'none')}. "
+             f"Compute model `{sweep['compute']['name']}` (host overheads assumed, not yet checked on a GPU).")
+    parts = [intro, "", memory_table(sweep, profile), ""]
+    for shape in dict.fromkeys(r["shape"] for r in sweep["runs"] if r["profile"] == profile):
+        parts += [f"*{profile}: {shape}, capacities {', '.join(map(str, capacities))}; bound = max(compute time, "
+                  "Belady-MIN miss bytes / host->device bandwidth)*", "", runs_table(sweep, profile, shape, capacities),
+                  ""]
+    goal = sweep.get("goal")
+    if goal and goal.get("best") and goal["profile"] == profile:
+        b = goal["best"]
+        parts += [f"Goal: {goal['shape']} within {goal['profile']}'s memory at >= {goal['tok_s']:g} tok/s: "
+                  f"**{'met' if goal['met'] else 'not met'}** (largest capacity that fits: {goal['capacity']:.3f}; best "
+                  f"{b['tok_s']:.1f} tok/s with {b['predictor']} + {b['policy']}).", ""]
+    if sweep.get("environment"):
+        parts.append(f"Simulated on {environment_line(sweep['environment'])}.")
+    return "\n".join(parts) + "\n"
+
+
+def sweep_plot(sweep: dict, path) -> bool:
+    """tok/s against capacity per policy/predictor, with the bound, one panel per (profile, shape) with runs.
+    Returns False (and writes nothing) when there are no runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["profile"], r["shape"]) for r in sweep["runs"]))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (profile, shape) in zip(axes[0], panels):
+        runs = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == shape]
+        for label in dict.fromkeys(_label(r) for r in runs):
+            pts = sorted((r["capacity"], r["tok_s"]) for r in runs if _label(r) == label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        bound = sorted({(r["capacity"], r["bound_tok_s"]) for r in runs})
+        ax.plot([b[0] for b in bound], [b[1] for b in bound], "k--", label="bound")
+        ax.set(xlabel="cache capacity (fraction of experts)", ylabel="decode tok/s (simulated)",
+               title=f"{shape} on {profile}")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return True
+
+
+def write_sweep_report(json_path) -> tuple[Path, Path | None]:
+    """<stem>.md and <stem>.png (None without runs to plot) next to a sweep JSON, from it alone."""
+    json_path = Path(json_path)
+    sweep = read_json(json_path, what="simulation result")
+    md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    write_text(md, sweep_markdown(sweep))
+    return md, png if sweep_plot(sweep, png) else None

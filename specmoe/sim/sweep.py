@@ -1,0 +1,135 @@
+"""Sweeps of the simulator: profiles x shapes x capacities x (policy, predictor), each run next to its bound,
+and the device-memory plan of every shape (what `specmoe simulate` and the benchmark scripts write).
+"""
+
+# Shape legend: N tokens, L MoE layers, k top-k, E experts
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .bounds import DEVICE_RESERVE_BYTES, demand_bound, memory_plan
+from .compute import ComputeModel, count_ops
+from .engine import simulate
+from .hardware import HardwareProfile
+from .predictions import PredictorReplay
+from .shapes import ModelShape
+from .stream import RoutingStream
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What to simulate.
+
+    Args:
+        capacities: cache capacities (fractions of all experts); the largest that fits each profile is added
+            when `add_max_fit` is set.
+        policies: eviction policies run without a predictor (demand fetching).
+        prefetch_policies: eviction policies run with each predictor.
+        context: KV tokens read per decode step.
+        warmup_passes: passes replayed before measuring.
+        compute: the compute model preset.
+        add_max_fit: also run at the largest capacity that fits each profile's memory.
+        memory_context: context length of the KV cache in the memory plan.
+    """
+
+    capacities: tuple[float, ...] = (0.25, 0.5, 0.75)
+    policies: tuple[str, ...] = ("lru", "lfu", "prediction-aware", "belady")
+    prefetch_policies: tuple[str, ...] = ("lru", "prediction-aware")
+    context: int = 512
+    warmup_passes: int = 64
+    compute: str = "hf-eager"
+    add_max_fit: bool = True
+    memory_context: int = 2048
+
+    def __post_init__(self):
+        if any(not (0 < c <= 1) for c in self.capacities):
+            raise ValueError(f"capacities must be fractions in (0, 1], got {self.capacities}")
+        if not self.policies and not self.prefetch_policies:
+            raise ValueError("give at least one policy")
+        if self.warmup_passes < 0 or self.context < 0:
+            raise ValueError("warmup_passes and context must be >= 0")
+        ComputeModel.from_name(self.compute)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def synthetic_stream(shape: ModelShape, passes: int = 8, seed: int = 0) -> RoutingStream:
+    """Random routing of `shape`'s geometry: only for figures that do not depend on routing (compute time)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.stack([torch.randperm(shape.num_experts, generator=g)[: shape.top_k]
+                                    for _ in range(shape.moe_layers)]) for _ in range(passes)])
+    return RoutingStream.from_sequences(ids, num_experts=shape.num_experts)
+
+
+def compute_ceiling(shape: ModelShape, profile: HardwareProfile, compute: ComputeModel, context: int) -> float:
+    """Decode tok/s of the unwrapped model, every expert resident (independent of routing at batch 1)."""
+    run = simulate(synthetic_stream(shape), shape, profile, None, ops=count_ops(shape.model_type), compute=compute,
+                   context=context)
+    return run.tok_s
+
+
+def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profiles: Sequence[HardwareProfile],
+              settings: SweepSettings, predictors: Sequence[PredictorReplay] = (), progress: bool = True) -> dict:
+    """Simulate every combination; shapes whose geometry differs from the stream's get memory rows and the
+    compute ceiling only (their routing was never recorded).
+
+    Args:
+        stream: the routing (None: memory and ceilings only).
+        predictors: predictors replayed on `stream` (`replay_predictor`, `replay_oracle`); each runs with every
+            policy of `prefetch_policies`.
+
+    Returns:
+        {"settings", "runs": [...], "memory": [...], "ceilings": [...]}
+    """
+    compute = ComputeModel.from_name(settings.compute)
+    by_name = {p.name: p for p in predictors}
+    out = {"settings": settings.to_dict(), "compute": compute.to_dict(), "runs": [], "memory": [], "ceilings": [],
+           "reserve_bytes": DEVICE_RESERVE_BYTES,
+           "predictors": {p.name: {"lookahead": p.lookahead, "predict_ops": p.predict_ops} for p in predictors}}
+    jobs = []
+    for profile in profiles:
+        for shape in shapes:
+            plan = memory_plan(shape, profile, settings.capacities, context=settings.memory_context)
+            out["memory"].append(plan)
+            out["ceilings"].append({"shape": shape.name, "profile": profile.name,
+                                    "tok_s": compute_ceiling(shape, profile, compute, settings.context)})
+            if stream is None or not stream.matches(shape.moe_layers, shape.top_k, shape.num_experts):
+                continue
+            caps = list(settings.capacities)
+            if settings.add_max_fit and plan["max_slots"] > 0 and plan["max_capacity"] not in caps:
+                caps.append(plan["max_capacity"])
+            for cap in sorted(caps):
+                jobs.append((profile, shape, cap, cap == plan["max_capacity"]))
+    combos = [(p, "none") for p in settings.policies] + \
+             [(p, name) for name in by_name for p in settings.prefetch_policies]
+    bar = tqdm(total=len(jobs) * (len(combos) + 1), desc="simulate", unit="run", disable=not progress)
+    for profile, shape, cap, is_max in jobs:
+        ops = count_ops(shape.model_type)
+        kw = dict(ops=ops, compute=compute, context=settings.context, warmup_passes=settings.warmup_passes)
+        unwrapped = simulate(stream, shape, profile, None, **kw)
+        belady = simulate(stream, shape, profile, cap, policy="belady", **kw)
+        bound = demand_bound(stream, shape, profile, cap, ops=ops, unwrapped=unwrapped, belady=belady)
+        bar.update(1)
+        for policy, pred in combos:
+            if (policy, pred) == ("belady", "none"):
+                run = belady
+            elif pred == "none":
+                run = simulate(stream, shape, profile, cap, policy=policy, **kw)
+            else:
+                p = by_name[pred]
+                ops_p = ops if p.predict_ops is None else ops.for_predictor(p.predict_ops)
+                run = simulate(stream, shape, profile, cap, policy=policy, candidates=p.candidates,
+                               **{**kw, "ops": ops_p, "lookahead": p.lookahead})
+            out["runs"].append({"profile": profile.name, "shape": shape.name, "capacity": cap, "max_fit": is_max,
+                                "policy": policy, "predictor": pred, **run.to_dict(),
+                                "bound_tok_s": bound.tok_s, "fraction_of_bound": bound.fraction(run),
+                                "bound": bound.to_dict(), "unwrapped_tok_s": unwrapped.tok_s})
+            bar.update(1)
+    bar.close()
+    return out
