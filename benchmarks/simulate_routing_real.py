@@ -10,6 +10,8 @@ covers all six model shapes (tok/s only where a trace of that routing geometry e
 
     python benchmarks/simulate_routing_real.py          # reference model + its packaged trained predictor, 5 GPUs
     python benchmarks/simulate_routing_real.py --predictor .cache/predictors/X --predictor .cache/predictors/Y
+    python benchmarks/simulate_routing_real.py --name simulate_compression --shapes qwen1.5-moe-a2.7b \
+        --compression none int8 int4-g128 --profiles rtx3090 --capacities 0.25 0.5   # compressed experts
 
 Writes benchmarks/results/simulate_routing_real.{json,md,png} and simulate_routing_real_<first profile>.md (the
 short version README shows). Random-weight models must not be used for
@@ -116,6 +118,9 @@ def main(argv=None) -> int:
                     help="a saved trained predictor (repeatable; default: the one packaged with the reference model)")
     ap.add_argument("--profiles", nargs="+", default=["rtx3090", "rtx4090", "a6000", "h100", "h200"])
     ap.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--shapes", nargs="+", default=list(PRESETS), choices=list(PRESETS), metavar="SHAPE")
+    ap.add_argument("--compression", nargs="+", default=["none"], metavar="SCHEME",
+                    help="host storage of experts (none, int8, int4-g128, ...): each shape once per scheme")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="simulate_routing_real")
     ap.add_argument("--report-only", action="store_true", help="only remake the .md/.png from the existing JSON")
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
         predictor = load_predictor(path, geometry=geometry)
         name = predictor.kind if all(predictor.kind != p.name for p in predictors) else Path(path).name
         predictors.append(replay_predictor(stream, predictor, geometry, routers, name))
-    shapes = [ModelShape.from_name(name) for name in PRESETS]
+    shapes = [ModelShape.from_name(name).compressed(c) for name in args.shapes for c in args.compression]
     settings = SweepSettings(capacities=tuple(args.capacities))
     first, rest = args.profiles[0], args.profiles[1:]
     sweep = run_sweep(stream, shapes, [HardwareProfile.from_name(first)], settings, predictors)

@@ -127,3 +127,15 @@ def test_simulate_cli_sweep(tmp_path):
     with pytest.raises(SystemExit, match="L=16"):
         main(["simulate", "--trace", str(tmp_path / "stream.safetensors"), "--shapes", "mixtral-8x7b",
               "--out", str(tmp_path)])
+
+
+def test_compression_script_smoke(tmp_path):
+    script = _load_script("compression")
+    out = tmp_path / "compression.json"
+    assert script.main(["--tiny", "qwen2_moe", "--schemes", "none", "int8", "--windows", "2", "--window", "16",
+                        "--decode-tokens", "3", "--out", str(out)]) == 0
+    none, int8 = json.loads(out.read_text())["rows"]
+    assert int8["host_expert_bytes"] < none["host_expert_bytes"] == none["slot_bytes"]
+    assert int8["bytes_moved"] < none["bytes_moved"]  # same misses, smaller copies
+    assert abs(int8["perplexity_change"]) < 0.05 and int8["real_shape"]["ratio"] > 1.9
+    assert "| int8 |" in out.with_suffix(".md").read_text()

@@ -197,3 +197,15 @@ def test_from_passes_keeps_pass_structure():
     shape = tiny_shape(layers=3, experts=8, top_k=2)
     run = simulate(stream, shape, PROFILES["h100"], 2, ops=OPS)  # 2 slots: the prefill layer needs chunks
     assert run.tokens == 7 and len(run.pass_times) == 3 and run.pass_times[0] > run.pass_times[1]
+
+
+def test_compressed_experts_move_fewer_bytes_and_same_misses():
+    shape = tiny_shape(layers=4, experts=8, top_k=2, hidden=512)
+    stream = random_stream(60, 4, 8, 2, seed=3)
+    plain = simulate(stream, shape, PROFILES["rtx3090"], 0.5, ops=OPS, policy="lru")
+    int4 = simulate(stream, shape.compressed("int4-g128"), PROFILES["rtx3090"], 0.5, ops=OPS, policy="lru")
+    assert int4.misses == plain.misses > 0  # routing and cache behaviour do not change
+    ratio = shape.slot_bytes / shape.compressed("int4-g128").transfer_bytes
+    assert 3 < ratio < 4
+    assert int4.bytes_moved * ratio == pytest.approx(plain.bytes_moved)
+    assert int4.stall_s < plain.stall_s  # copies are shorter even with the dequantization added

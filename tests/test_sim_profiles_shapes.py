@@ -120,3 +120,15 @@ def test_kv_bytes_sliding_window_caps_growth():
     s = ModelShape.from_name("gpt-oss-20b")
     assert s.kv_bytes(256) - s.kv_bytes(128) == 12 * 128 * s.kv_values_per_token * 2  # only the 12 full layers grow
     assert s.kv_bytes(0) == 0
+
+
+def test_compressed_shape_transfer_bytes():
+    shape = ModelShape.from_name("qwen1.5-moe-a2.7b")
+    assert shape.transfer_bytes == shape.slot_bytes and shape.compression == "none"
+    int8 = shape.compressed("int8")
+    assert int8.name == "qwen1.5-moe-a2.7b+int8" and int8.slot_bytes == shape.slot_bytes
+    assert 1.9 < shape.slot_bytes / int8.transfer_bytes < 2.0  # int8 codes + one fp16 scale per row
+    assert 3.5 < shape.slot_bytes / shape.compressed("int4-g128").transfer_bytes < 4.0
+    assert int8.compressed("none") == shape
+    with pytest.raises(ValueError):
+        shape.compressed("int3")

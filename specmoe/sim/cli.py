@@ -21,6 +21,8 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"model shapes: {', '.join(sorted(PRESETS))}")
     p.add_argument("--profiles", nargs="+", default=["rtx3090"], choices=sorted(PROFILES), metavar="PROFILE",
                    help=f"hardware profiles: {', '.join(sorted(PROFILES))}")
+    p.add_argument("--compression", nargs="+", default=["none"], metavar="SCHEME",
+                   help="host storage of experts to simulate: none, int8, int4-g128, ... (each shape once per scheme)")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "prediction-aware", "belady"])
     p.add_argument("--predictors", nargs="+", default=["oracle"],
@@ -97,7 +99,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(text)
         print(f"\nwrote {json_path}, {md_path}")
         return 0
-    shapes = [ModelShape.from_name(s) for s in args.shapes]
+    shapes = [ModelShape.from_name(s).compressed(c) for s in args.shapes for c in args.compression]
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]
     settings = SweepSettings(capacities=tuple(args.capacities), policies=tuple(args.policies),
                              context=args.context, warmup_passes=args.warmup, compute=args.compute)

@@ -151,8 +151,11 @@ class _Replay:
         self.context = context
         self.wrapped = capacity is not None
         self.num_slots = resolve_capacity(capacity, L, E, shape.slot_bytes) if self.wrapped else None
-        self.slot_bytes = shape.slot_bytes
-        self.copy_s = profile.copy_seconds(self.slot_bytes)
+        self.transfer_bytes = shape.transfer_bytes
+        self.copy_s = profile.copy_seconds(self.transfer_bytes)
+        if shape.compression != "none":  # dequantize on the copy stream: read compressed, write the slot
+            dequant_bytes = self.transfer_bytes + shape.slot_bytes
+            self.copy_s += dequant_bytes / (profile.memory_bytes_per_s * compute.mem_efficiency)
         self.res = SimResult(num_slots=self.num_slots, device_bytes=device_weight_bytes(shape, self.num_slots))
         self.h = self.g = 0.0  # host and device clocks
         self.engine_free = 0.0  # when the copy engine finishes the last copy issued
@@ -257,7 +260,7 @@ class _Replay:
         self.engine_free = max(self.engine_free, self.h) + self.copy_s
         self.ready[slot] = self.engine_free
         self.res.copies += 1
-        self.res.bytes_moved += self.slot_bytes
+        self.res.bytes_moved += self.transfer_bytes
         return slot
 
     def _acquire(self, layer: int, experts: list[int], c) -> list[int]:

@@ -9,13 +9,14 @@ gives the parameter count of a live model (the tests check it against tiny model
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ..geometry import MoEGeometry
 from ..runtime.adapters import ExpertTensorSpec
+from ..runtime.compression import make_codec
 from ..runtime.store import ExpertLayout
 from .published import PRESETS
 
@@ -57,6 +58,7 @@ class ModelShape:
     expert_dtype: str = "bf16"
     sliding_window: int = 0  # 0: none
     sliding_layers: int = 0  # layers with a sliding window (their KV stops growing)
+    compression: str = "none"  # host storage of experts: "none", "int8", "int4-g128", ... (runtime.compression)
     source: str = ""
     config: dict = field(default_factory=dict, compare=False)  # the config values it was built from
 
@@ -85,6 +87,8 @@ class ModelShape:
             raise ValueError(f"ModelShape {self.name}: an expert needs at least one tensor")
         if self.sliding_layers > self.num_layers:
             raise ValueError(f"ModelShape {self.name}: more sliding-window layers than layers")
+        if self.compression != "none":
+            self.transfer_bytes  # noqa: B018 -- a bad scheme or an incompressible expert fails here
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -120,6 +124,17 @@ class ModelShape:
     def slot_bytes(self) -> int:
         """Bytes of one cache slot / host buffer as the runtime lays it out (tensors 256-B aligned)."""
         return ExpertLayout(self.expert_specs).nbytes
+
+    @property
+    def transfer_bytes(self) -> int:
+        """Bytes one expert copy moves host->device: the slot, or its compressed layout."""
+        codec = make_codec(self.compression, ExpertLayout(self.expert_specs))
+        return codec.layout.nbytes if codec else self.slot_bytes
+
+    def compressed(self, scheme: str) -> "ModelShape":
+        """The same model with its experts stored on the host as `scheme`, named "<name>+<scheme>"."""
+        base = self.name.partition("+")[0]
+        return replace(self, name=base if scheme == "none" else f"{base}+{scheme}", compression=scheme)
 
     @property
     def routed_expert_params(self) -> int:
@@ -173,7 +188,8 @@ class ModelShape:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["expert_specs"] = [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self.expert_specs]
-        out.update(expert_bytes=self.expert_bytes, slot_bytes=self.slot_bytes, nonexpert_bytes=self.nonexpert_bytes,
+        out.update(expert_bytes=self.expert_bytes, slot_bytes=self.slot_bytes, transfer_bytes=self.transfer_bytes,
+                   nonexpert_bytes=self.nonexpert_bytes,
                    total_params=self.total_params, active_params=self.active_params)
         return out
 
