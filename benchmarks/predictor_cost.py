@@ -163,11 +163,11 @@ def main(argv=None) -> int:
             pred = predictors.get(pname)
             if pred is not None:
                 predict_us[pname].append(decode_latency_us(pred, trace, calls=4 * geo.num_layers, device=device))
-            smoe.predictor = pred
+            smoe.set_predictor(pred)
             timing = time_generate(smoe.generate, inputs, args.new_tokens, repeats=1, warmup=1 if r == 0 else 0,
                                    device=device)
             decode[pname].append(timing.decode_tok_s)
-    smoe.predictor = None
+    smoe.set_predictor(None)
     base = statistics.median(decode["none"])
     rows = {}
     for pname, pred in predictors.items():
