@@ -165,8 +165,7 @@ def simulated_table(sweep: dict, profile: str = "rtx3090", predictors=("none", "
 
 def report(result: dict, md_path: Path) -> None:
     env, rows = result["environment"], result["rows"]
-    lines = ["# Compressed expert storage", "",
-             f"Model: {result['described']['model']}. Capacity {result['settings']['capacity']}, no predictor. "
+    lines = [f"Model: {result['described']['model']}. Capacity {result['settings']['capacity']}, no predictor. "
              f"{result['settings']['windows']} held-out windows of {result['settings']['window']} tokens. "
              f"{env['device_name']}, torch {env['torch']}, git {env['git_sha']}.", "",
              "| scheme | perplexity | change | expert bytes (slot / copy) | decode hit rate | decode kB moved / token "
