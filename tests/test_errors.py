@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specmoe import MoEGeometry, SpeculativeMoE
 from specmoe.predictors import PreGatePredictor, RandomPredictor
-from specmoe.runtime.wrapper import parse_bytes, resolve_capacity
+from specmoe.runtime.capacity import parse_bytes, resolve_capacity
 
 
 def snapshot(model):

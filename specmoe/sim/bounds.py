@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..runtime.wrapper import resolve_capacity
+from ..runtime.capacity import resolve_capacity
 from .compute import ComputeModel, OpCounts
 from .engine import SimResult, simulate
 from .hardware import GiB, HardwareProfile

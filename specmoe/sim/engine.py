@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..runtime.cache import ExpertCache
-from ..runtime.wrapper import resolve_capacity
+from ..runtime.capacity import resolve_capacity
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
 from .policies import make_sim_policy
