@@ -178,7 +178,7 @@ def report(result: dict, md_path: Path) -> None:
                   f"{r['generate_tok_s_cpu']:.1f}") if "generate_tok_s_cpu" in r else "- | - | -"
         lines.append(f"| {r['scheme']} | {r['perplexity']:.3f} | {change} | {r['slot_bytes']} / "
                      f"{r['host_expert_bytes']} | {decode} | {b['slot_bytes'] / 2**20:.2f} / "
-                     f"{b['transfer_bytes'] / 2**20:.2f} MiB ({b['ratio']:.2f}x less) |")
+                     f"{b['transfer_bytes'] / 2**20:.2f} MiB" + (f" ({b['ratio']:.2f}x less)" if b["ratio"] > 1 else "") + " |")
     lines += ["", NOTE, ""]
     if SIMULATED.is_file():
         from specmoe.io import read_json
