@@ -129,6 +129,19 @@ def test_simulate_cli_sweep(tmp_path):
               "--out", str(tmp_path)])
 
 
+def test_simulate_cli_compressed_experts(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(64, generator=g)[:8] for _ in range(30 * 16)]).view(30, 16, 8)
+    RoutingStream.from_sequences(ids).save(tmp_path / "stream.safetensors")
+    assert main(["simulate", "--trace", str(tmp_path / "stream.safetensors"), "--shapes", "olmoe-1b-7b",
+                 "--compression", "none", "int8", "--profiles", "rtx3090", "--capacities", "0.25", "--policies", "lru",
+                 "--predictors", "none", "--warmup", "4", "--out", str(tmp_path), "--name", "c"]) == 0
+    runs = {r["shape"]: r for r in json.loads((tmp_path / "c.json").read_text())["runs"] if r["capacity"] == 0.25}
+    plain, int8 = runs["olmoe-1b-7b"], runs["olmoe-1b-7b+int8"]
+    assert int8["misses"] == plain["misses"] and 1.9 < plain["bytes_moved"] / int8["bytes_moved"] < 2.0
+    assert int8["tok_s"] > plain["tok_s"]
+
+
 def test_compression_script_smoke(tmp_path):
     script = _load_script("compression")
     out = tmp_path / "compression.json"
