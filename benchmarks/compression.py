@@ -64,19 +64,6 @@ def load(args):
         "model": "the reference model (specmoe.reference, float32 on CPU)", "text": corpus.describe()}
 
 
-@torch.no_grad()
-def mean_nll(call, windows: torch.Tensor, batch: int) -> float:
-    """Mean next-token cross-entropy in nats over windows [N, T]."""
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch):
-        x = windows[i : i + batch]  # [b, T]
-        logits = call(input_ids=x).logits.float()  # [b, T, V]
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(),
-                                                   reduction="sum").item()
-        count += x[:, 1:].numel()
-    return total / count
-
-
 def real_shape_bytes(scheme: str, shape_name: str = "qwen1.5-moe-a2.7b") -> dict:
     """Bytes of one expert of a real model (bfloat16 slot) and what a copy moves under `scheme`."""
     from specmoe.sim.shapes import ModelShape
@@ -91,6 +78,7 @@ def run(args) -> dict:
 
     from specmoe import SpeculativeMoE
     from specmoe.bench import environment
+    from specmoe.reference.evaluation import evaluate_loss
 
     torch.set_num_threads(args.threads)
     original, windows, described = load(args)
@@ -101,7 +89,7 @@ def run(args) -> dict:
                               compression=None if scheme == "none" else scheme)
         smoe.reset_stats()
         t0 = time.perf_counter()
-        nll = mean_nll(smoe, windows, args.batch)
+        nll = evaluate_loss(smoe, windows, batch_size=args.batch)
         eval_s = time.perf_counter() - t0
         stats, memory = smoe.stats, smoe.memory()
         row = {"scheme": scheme, "nll": nll, "perplexity": math.exp(nll), "eval_s": eval_s,

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from specmoe import SpeculativeMoE
-from specmoe.bench import environment, time_generate
+from specmoe.bench import environment, sync_device, time_generate
 from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import (
     HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, PreGatePredictor, RandomPredictor, load_predictor,
@@ -52,16 +52,12 @@ def time_moe_layers(smoe, blocks, inputs, new_tokens: int, device) -> list[float
     """Wall times (s) of every MoE block call during decode steps (calls on a single token)."""
     times, starts = [], {}
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def pre(module, args):
-        sync()
+        sync_device(device)
         starts[id(module)] = time.perf_counter()
 
     def post(module, args, output):
-        sync()
+        sync_device(device)
         if args and args[0].shape[-2] == 1:  # [B, 1, H]: a decode step
             times.append(time.perf_counter() - starts[id(module)])
 

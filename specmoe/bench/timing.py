@@ -26,7 +26,8 @@ class GenerateTiming:
         return vars(self).copy()
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -34,7 +35,7 @@ def _sync(device: torch.device) -> None:
 def timed_call(fn: Callable[[], object], device) -> tuple[float, object]:
     """Seconds one call takes (CUDA events on a CUDA device, perf_counter elsewhere), and its result."""
     device = torch.device(device)
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import environment
+from ..bench import environment, sync_device
 from ..io import write_json
 from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
 from ..runtime.adapters import find_moe_layers
@@ -124,8 +124,7 @@ def _timed_generate(generate, ids: torch.Tensor, cfg: DemoConfig, device: torch.
     first token)."""
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync_device(device)
 
     clock = _PhaseClock(sync, stats)
     sync()

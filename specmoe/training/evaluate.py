@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..bench.timing import sync_device
 from ..predictors.base import Predictor
 from ..traces.dataset import RoutingTrace
 from .metrics import RECALL_MULTIPLES, TOP_N, PredictionMetrics
@@ -53,11 +54,6 @@ class EvalConfig:
             raise ValueError("EvalConfig.multiples and top_n must be non-empty lists of positive ints")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _passes(trace: RoutingTrace, pass_tokens: int) -> list[tuple[int, int]]:
     """Token ranges [start, end) of whole consecutive sequences, each about pass_tokens long (at least one)."""
     out, off = [], trace.offsets.tolist()
@@ -86,10 +82,10 @@ def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 48
         layer = i % L
         h = hidden[layer][tok : tok + 1] if layer in hidden else torch.zeros(1, trace.geometry.hidden_size, device=device)
         hist = ids[tok : tok + 1, : layer + 1]
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         predictor.predict(layer, h, hist)
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     warm = times[L:] if len(times) > 2 * L else times  # the first round of layers warms caches up
     return statistics.median(warm) * 1e6
@@ -135,10 +131,10 @@ def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace
             nxt_ids = torch.cat([ids[1:], ids[-1:]])  # [T, L, k] the next token's routing
             for layer in range(L):
                 hidden = trace.hidden[layer][start:end].to(device)
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
                 scores = predictor.predict(layer, hidden, ids_dev[:, : layer + 1])
-                _sync(device)
+                sync_device(device)
                 spent += time.perf_counter() - t0
                 for t, s in scores.items():
                     d = t - layer
