@@ -33,6 +33,16 @@ WEIGHTS_NAME = "model.safetensors"
 PREDICTORS: dict[str, type["Predictor"]] = {}
 
 
+def rank_by_votes(top: list[int], m: int) -> list[int]:
+    """How the runtime orders one target layer's prefetch candidates: `top` holds each token's m best-scored
+    experts, best first (flattened [T * m]); every token votes 1 + (m - rank) / (m + 1) for each of them, so
+    experts chosen by more tokens come first, then by their best rank; ties keep first appearance."""
+    votes: dict[int, float] = {}
+    for j, e in enumerate(top):
+        votes[e] = votes.get(e, 0.0) + 1.0 + (m - j % m) / (m + 1)
+    return sorted(votes, key=votes.__getitem__, reverse=True)
+
+
 def register_predictor(name: str):
     """Class decorator: make a predictor type loadable by `load_predictor` under `name`."""
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..predictors.base import Predictor
+from ..predictors.base import Predictor, rank_by_votes
 from .adapters import FusedExperts, ModelMoE, MoELayer, find_moe_layers
 from .cache import ExpertCache, SlotPool
 from .capacity import resolve_capacity
@@ -360,12 +360,7 @@ class SpeculativeMoE:
                     if self.moe.first_decode_layer:  # encoder-decoder: the next pass starts elsewhere
                         continue
                     t -= L
-                # rank the target's candidates: chosen by more tokens first, then by their best rank
-                votes: dict[int, float] = {}
-                chunk = host[n + i * T * m : n + (i + 1) * T * m]
-                for j, e in enumerate(chunk):
-                    votes[e] = votes.get(e, 0.0) + 1.0 + (m - j % m) / (m + 1)
-                queue.extend((t, e) for e in sorted(votes, key=votes.__getitem__, reverse=True))
+                queue.extend((t, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
         self._predicted = set(queue)
         self._queue = [key for key in queue if key not in self.cache.slot_of]
         return needed

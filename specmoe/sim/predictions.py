@@ -3,7 +3,7 @@
 The result, `candidates[p][l]`, is the ranked list of (layer, expert) keys the runtime would queue for
 prefetch after routing layer l of pass p: the same ranking as `SpeculativeMoE` (per target layer, each
 token's top-`width` experts vote with rank weights; targets past the last layer name the next pass's layers).
-Keep `_ranked` in step with `SpeculativeMoE._route`.
+Both use `specmoe.predictors.base.rank_by_votes`.
 """
 
 # Shape legend: N tokens, T tokens of one pass, E experts, L MoE layers, k top-k, H hidden, m prefetch width
@@ -16,20 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..geometry import MoEGeometry
+from ..predictors.base import rank_by_votes
 from .stream import RoutingStream
 
 Key = tuple[int, int]
 Candidates = list[list[list[Key]]]  # [pass][layer] -> ranked keys
-
-
-def _ranked(top: torch.Tensor) -> list[int]:
-    """Experts of top [T, m] (each token's best first), ranked as the runtime ranks them: rank-weighted votes
-    (1 + (m - rank) / (m + 1) per token), most votes first, ties in order of first appearance."""
-    m = top.shape[1]
-    votes: dict[int, float] = {}
-    for j, e in enumerate(top.flatten().tolist()):
-        votes[e] = votes.get(e, 0.0) + 1.0 + (m - j % m) / (m + 1)
-    return sorted(votes, key=votes.__getitem__, reverse=True)
 
 
 def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry, routers=(),
@@ -76,8 +67,8 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
         per_layer = []
         for layer in range(L):
             keys: list[Key] = []
-            for target in sorted(top[layer]):
-                keys.extend((target % L, e) for e in _ranked(top[layer][target][a:b]))
+            for target, best in sorted(top[layer].items()):  # best [N, m]
+                keys.extend((target % L, e) for e in rank_by_votes(best[a:b].flatten().tolist(), best.shape[1]))
             per_layer.append(keys)
         out.append(per_layer)
     return out
