@@ -1,4 +1,4 @@
-"""`specmoe collect | train | eval | bench | simulate | demo`.
+"""`specmoe collect | import-routing | train | eval | bench | simulate | demo`.
 
 Each command lives with the component it drives: module M defines `add_<name>_arguments(parser)` and
 `run_<name>(args) -> int`, imported only when that command runs (so `specmoe demo` never imports the
@@ -14,6 +14,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("specmoe.traces.cli", "run a model over text and write routing traces"),
+    "import-routing": ("specmoe.traces.cli", "write a trace directory from routing recorded elsewhere (vLLM, ...)"),
     "train": ("specmoe.training.cli", "train a speculation predictor on routing traces"),
     "eval": ("specmoe.training.cli", "evaluate predictors on held-out traces"),
     "bench": ("specmoe.bench.cli", "latency, hit-rate and memory benchmarks"),
@@ -39,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        getattr(module, f"add_{argv[0]}_arguments")(sub.choices[argv[0]])
+        getattr(module, f"add_{argv[0].replace('-', '_')}_arguments")(sub.choices[argv[0]])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(args._module)
-    return int(getattr(module, f"run_{args.command}")(args) or 0)
+    return int(getattr(module, f"run_{args.command.replace('-', '_')}")(args) or 0)
 
 
 if __name__ == "__main__":

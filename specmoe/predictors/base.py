@@ -32,6 +32,10 @@ WEIGHTS_NAME = "model.safetensors"
 
 PREDICTORS: dict[str, type["Predictor"]] = {}
 
+# Kinds that read the hidden state entering a layer; the others need only the routing history, so they run on
+# routing-only traces (`specmoe import-routing`), where the hidden state is absent.
+READS_HIDDEN = frozenset({"pregate", "hidden"})
+
 
 def rank_by_votes(top: list[int], m: int) -> list[int]:
     """How the runtime orders one target layer's prefetch candidates: `top` holds each token's m best-scored

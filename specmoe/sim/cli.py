@@ -17,8 +17,9 @@ from .sweep import SweepSettings, run_sweep
 def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", type=Path, help="a routing stream (.safetensors from specmoe bench / capture) or a "
                    "trace directory from `specmoe collect` (its windows replayed as decode)")
-    p.add_argument("--shapes", nargs="+", default=["qwen1.5-moe-a2.7b"], choices=sorted(PRESETS), metavar="SHAPE",
-                   help=f"model shapes: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--shapes", nargs="+", default=None, choices=sorted(PRESETS), metavar="SHAPE",
+                   help=f"model shapes: {', '.join(sorted(PRESETS))} (default: those of the trace's routing "
+                        f"geometry, else {DEFAULT_SHAPE})")
     p.add_argument("--profiles", nargs="+", default=["rtx3090"], choices=sorted(PROFILES), metavar="PROFILE",
                    help=f"hardware profiles: {', '.join(sorted(PROFILES))}")
     p.add_argument("--compression", nargs="+", default=["none"], metavar="SCHEME",
@@ -26,8 +27,8 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "prediction-aware", "belady"])
     p.add_argument("--predictors", nargs="+", default=["oracle"],
-                   help="oracle, pregate, or directories of saved predictors (pregate and saved predictors need "
-                        "--model for routers and hidden states in the trace)")
+                   help="oracle, pregate, or directories of saved predictors (pregate and hidden-state predictors "
+                        "need --model for routers and hidden states in the trace; history and interlayer do not)")
     p.add_argument("--model", help="model whose routers the pre-gate uses (default: the reference model)")
     p.add_argument("--lookahead", type=int, default=1, help="lookahead of the oracle and the pre-gate")
     p.add_argument("--compute", default="hf-eager", choices=["hf-eager", "roofline"])
@@ -41,6 +42,21 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help="compare the simulator with a measured run (benchmarks/shape_real.py output) instead")
     p.add_argument("--validate-profile", choices=sorted(PROFILES),
                    help="profile for --validate (default: matched from the measured device's name)")
+
+
+DEFAULT_SHAPE = "qwen1.5-moe-a2.7b"
+
+
+def shapes_for(stream) -> list[str]:
+    """The preset shapes whose routing geometry (L, k, E) matches the stream's; [DEFAULT_SHAPE] when none does
+    (the run then says that the trace matches no shape)."""
+    found = [name for name in sorted(PRESETS) if stream.matches(*_geometry(name))]
+    return found or [DEFAULT_SHAPE]
+
+
+def _geometry(name: str) -> tuple[int, int, int]:
+    shape = ModelShape.from_name(name)
+    return shape.moe_layers, shape.top_k, shape.num_experts
 
 
 def _routers(model_path: str | None):
@@ -63,6 +79,7 @@ def _routers(model_path: str | None):
 def _replays(stream, names, lookahead, model_path, num_experts):
     """The named predictors replayed on `stream`."""
     from ..predictors import PreGatePredictor, load_predictor
+    from ..predictors.base import READS_HIDDEN
     from .predictions import replay_oracle, replay_predictor
 
     out = []
@@ -72,6 +89,12 @@ def _replays(stream, names, lookahead, model_path, num_experts):
             continue
         if name == "oracle":
             out.append(replay_oracle(stream, num_experts, lookahead))
+            continue
+        saved = load_predictor(name) if name != "pregate" else None
+        if saved is not None and saved.kind not in READS_HIDDEN and saved.geometry is not None:
+            # routing history only: runs on routing-only traces, no model needed
+            out.append(replay_predictor(stream, saved, saved.geometry, [None] * saved.geometry.num_layers,
+                                        Path(name).name))
             continue
         if geometry is None:
             geometry, routers = _routers(model_path)
@@ -99,13 +122,15 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(text)
         print(f"\nwrote {json_path}, {md_path}")
         return 0
+    stream = load_stream(args.trace) if args.trace else None
+    if args.shapes is None:
+        args.shapes = shapes_for(stream) if stream is not None else [DEFAULT_SHAPE]
     shapes = [ModelShape.from_name(s).compressed(c) for s in args.shapes for c in args.compression]
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]
     settings = SweepSettings(capacities=tuple(args.capacities), policies=tuple(args.policies),
                              context=args.context, warmup_passes=args.warmup, compute=args.compute)
-    stream, predictors, described = None, [], "none (memory and ceilings only)"
-    if args.trace:
-        stream = load_stream(args.trace)
+    predictors, described = [], "none (memory and ceilings only)"
+    if stream is not None:
         if args.max_passes:
             stream = stream.select_passes(0, min(args.max_passes, stream.num_passes))
         matching = [s for s in shapes if stream.matches(s.moe_layers, s.top_k, s.num_experts)]

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..geometry import MoEGeometry
-from ..predictors.base import rank_by_votes
+from ..predictors.base import READS_HIDDEN, rank_by_votes
 from .stream import RoutingStream
 
 Key = tuple[int, int]
@@ -32,7 +32,7 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
     `oracle_candidates` instead.
 
     Args:
-        stream: the routing stream, with hidden states of every layer the predictor is called at.
+        stream: the routing stream, with hidden states of every layer if the predictor reads them.
         predictor: the predictor; it is bound to `geometry` and `routers` here.
         geometry: the model's routing geometry.
         routers: the model's RouterWeights per MoE layer (for the pre-gate).
@@ -44,7 +44,7 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
     L, E, k = geometry.num_layers, geometry.num_experts, geometry.top_k
     stream.check_geometry(L, k, E, what="predictor's geometry")
     missing = [layer for layer in range(L) if layer not in stream.hidden]
-    if missing:
+    if missing and getattr(predictor, "kind", None) in READS_HIDDEN:
         raise ValueError(f"the stream has no hidden states for MoE layers {missing}; record it with "
                          "capture_routing(model, hidden_layers=range(L)) to replay a predictor")
     predictor.bind(geometry, list(routers))
@@ -55,7 +55,9 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
         for a in tqdm(range(0, N, chunk), desc="predict", unit="chunk", disable=not progress):
             predictor.reset()  # each chunk is called like one forward pass: layers in order, same tokens
             for layer in range(L):
-                hidden = stream.hidden[layer][a : a + chunk].float()  # [n, H]
+                n = min(chunk, N - a)
+                hidden = stream.hidden[layer][a : a + chunk].float() if layer in stream.hidden else \
+                    torch.zeros(1, geometry.hidden_size).expand(n, -1)  # [n, H] (read by none of them)
                 scores = predictor.predict(layer, hidden, stream.ids[a : a + chunk, : layer + 1])
                 for target, s in scores.items():
                     parts[layer].setdefault(target, []).append(s.float().topk(m, dim=-1).indices.cpu())  # [n, m]

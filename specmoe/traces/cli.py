@@ -94,3 +94,41 @@ def run_collect(args: argparse.Namespace) -> int:
     print(f"wrote {manifest.num_tokens} tokens in {manifest.num_sequences} sequences ({len(manifest.shards)} shards, "
           f"{manifest.geometry}) to {args.out}")
     return 0
+
+
+def add_import_routing_arguments(p: argparse.ArgumentParser) -> None:
+    from .importers import FORMATS, RAGGED
+
+    p.add_argument("format", choices=sorted(FORMATS),
+                   help="jsonl: the interchange format (see README); moe-beyond: MoE-Beyond's CSVs "
+                        "(DeepSeek-V2-Lite-Chat); speculative-moe: the speculative-moe vLLM logger's JSONL (Mixtral)")
+    p.add_argument("inputs", nargs="+", type=Path, help="files, or directories of *.csv / *.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="trace directory to write")
+    p.add_argument("--model", default=None, help="model id for the manifest (default: the format's model, or the "
+                   "JSONL header's)")
+    p.add_argument("--num-experts", type=int, default=None,
+                   help="E (default: the format's model's; for jsonl the header's, else the largest id + 1)")
+    p.add_argument("--hidden-size", type=int, default=None, help="H of the model (default: the format's model's)")
+    p.add_argument("--dtype", default="unknown", help="the dtype the model ran in, if known (manifest only)")
+    p.add_argument("--max-sequences", type=int, default=None, help="import only the first N sequences")
+    p.add_argument("--ragged", choices=RAGGED, default="truncate",
+                   help="a sequence whose layers end at different tokens: keep the tokens all layers have "
+                        "(default, with a warning) or refuse it")
+    p.add_argument("--shard-tokens", type=int, default=1 << 16, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace a trace already in --out")
+
+
+def run_import_routing(args: argparse.Namespace) -> int:
+    from .importers import import_routing
+
+    try:
+        manifest = import_routing(args.format, args.inputs, args.out, model=args.model, num_experts=args.num_experts,
+                                  hidden_size=args.hidden_size, dtype=args.dtype, max_sequences=args.max_sequences,
+                                  ragged=args.ragged, shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(f"specmoe import-routing: {err}") from None
+    dropped = manifest.source["records_dropped"]
+    print(f"wrote {manifest.num_tokens} tokens in {manifest.num_sequences} sequences ({manifest.geometry}, "
+          f"{manifest.model}, no hidden states" + (f", {dropped} ragged records dropped" if dropped else "") +
+          f") to {args.out}")
+    return 0

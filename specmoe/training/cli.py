@@ -77,6 +77,11 @@ def run_train(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, eval_every=args.eval_every, patience=args.patience,
                          val_tokens=args.val_tokens, seed=args.seed, device=args.device, max_minutes=args.max_minutes)
     splits = _load_splits(args, hidden=args.predictor == "hidden")
+    from .evaluate import unavailable
+
+    why = unavailable(args.predictor, splits["train"])
+    if why and args.predictor == "hidden":
+        raise SystemExit(f"specmoe train: {why} (a routing-only trace trains history or interlayer)")
     predictor, record = fit_predictor(args.predictor, splits, lookahead=args.lookahead, wrap=args.wrap,
                                       config=config, **predictor_options(args))
     save_predictor(predictor, args.out)
@@ -105,17 +110,25 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..bench import environment
     from ..io import read_json
     from ..predictors import load_predictor
-    from .evaluate import EvalConfig, baseline_predictors, bind_all, describe, eval_settings, evaluate_predictors
+    from .evaluate import (
+        EvalConfig, baseline_predictors, bind_all, describe, eval_settings, evaluate_predictors, unavailable,
+    )
     from .report import build_report, write_report
 
     splits = _load_splits(args)
     test = splits[args.split]
+    if unavailable("pregate", test):
+        print(f"note: skipping pregate: {unavailable('pregate', test)}")
     predictors = baseline_predictors(splits["train"], args.lookahead, seed=args.seed)
     for path in args.predictors:
         name = path.name
         if name in predictors:
             name = f"{name} ({path})"
-        predictors[name] = load_predictor(path, geometry=test.geometry)
+        predictor = load_predictor(path, geometry=test.geometry)
+        if unavailable(predictor.kind, test):
+            print(f"note: skipping {path}: {unavailable(predictor.kind, test)}")
+            continue
+        predictors[name] = predictor
         log = path / TRAINING_LOG
         if log.is_file():
             trained = read_json(log, what="training log")

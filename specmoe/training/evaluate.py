@@ -20,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bench.timing import sync_device
-from ..predictors.base import Predictor
+from ..predictors.base import READS_HIDDEN, Predictor
 from ..traces.dataset import RoutingTrace
 from .metrics import RECALL_MULTIPLES, TOP_N, PredictionMetrics
 
 logger = logging.getLogger(__name__)
+
+NEEDS_ROUTERS = frozenset({"pregate"})  # ... and the model's routers (a trained `hidden` carries its own)
 
 
 @dataclass(frozen=True)
@@ -104,14 +106,16 @@ def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace
         µs per token per layer in the replay}}}; metrics are `PredictionMetrics.result()` dicts.
 
     Raises:
-        ValueError: the trace lacks hidden states at some MoE layer (predictors read them), or is empty.
+        ValueError: the trace lacks hidden states at some MoE layer and a predictor reads them, or is empty.
     """
     geo = trace.geometry
     L, E, k = geo.num_layers, geo.num_experts, geo.top_k
     missing = sorted(set(range(L)) - set(trace.hidden))
-    if missing:
-        raise ValueError(f"evaluation replays the hidden states of every MoE layer; the trace lacks layers "
-                         f"{missing[:8]}{'...' if len(missing) > 8 else ''} (collect with --hidden-layers all)")
+    readers = [name for name, p in predictors.items() if p.kind in READS_HIDDEN]
+    if missing and readers:
+        raise ValueError(f"{readers} read the hidden states of every MoE layer; the trace lacks layers "
+                         f"{missing[:8]}{'...' if len(missing) > 8 else ''} (collect with --hidden-layers all, or "
+                         "leave those predictors out: see `unavailable`)")
     if trace.num_tokens == 0:
         raise ValueError("the evaluation trace is empty")
     device = torch.device(config.device)
@@ -130,7 +134,8 @@ def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace
             nxt = has_next[start:end]  # [T]
             nxt_ids = torch.cat([ids[1:], ids[-1:]])  # [T, L, k] the next token's routing
             for layer in range(L):
-                hidden = trace.hidden[layer][start:end].to(device)
+                hidden = trace.hidden[layer][start:end].to(device) if layer in trace.hidden else \
+                    torch.zeros(1, geo.hidden_size, device=device).expand(end - start, -1)  # read by none of them
                 sync_device(device)
                 t0 = time.perf_counter()
                 scores = predictor.predict(layer, hidden, ids_dev[:, : layer + 1])
@@ -180,23 +185,31 @@ def eval_settings(config: EvalConfig, trace: RoutingTrace, extra: Mapping | None
     return out
 
 
+def unavailable(kind: str, trace: RoutingTrace) -> str | None:
+    """Why a predictor of `kind` cannot run on `trace` (a routing-only trace, e.g. from `specmoe
+    import-routing`, has no hidden states and no routers), or None when it can."""
+    lacks = []
+    if kind in READS_HIDDEN and set(trace.hidden) != set(range(trace.geometry.num_layers)):
+        lacks.append("the hidden states of every MoE layer")
+    if kind in NEEDS_ROUTERS and trace.routers is None:
+        lacks.append("the model's routers")
+    return f"{kind} needs {' and '.join(lacks)}, which the trace does not hold" if lacks else None
+
+
 def baseline_predictors(train: RoutingTrace, lookahead: int, seed: int = 0,
                         progress: bool = True) -> dict[str, Predictor]:
     """The baselines every evaluation shows: pre-gate (with wrap), history (counted on `train`), random.
 
-    Raises:
-        ValueError: the trace has no saved routers (the pre-gate needs them).
+    The pre-gate is left out of traces without routers or hidden states (`unavailable` says why).
     """
     from ..predictors import HistoryPredictor, PreGatePredictor, RandomPredictor
 
-    if train.routers is None:
-        raise ValueError("the trace has no routers.safetensors; the pre-gate baseline needs the model's routers "
-                         "(collect again with specmoe collect)")
-    return {
-        "pregate": PreGatePredictor(lookahead=lookahead, wrap=True),
-        "history": HistoryPredictor.fit(train, lookahead=lookahead, progress=progress),
-        "random": RandomPredictor(seed=seed, lookahead=lookahead),
-    }
+    out: dict[str, Predictor] = {}
+    if unavailable("pregate", train) is None:
+        out["pregate"] = PreGatePredictor(lookahead=lookahead, wrap=True)
+    out["history"] = HistoryPredictor.fit(train, lookahead=lookahead, progress=progress)
+    out["random"] = RandomPredictor(seed=seed, lookahead=lookahead)
+    return out
 
 
 def bind_all(predictors: Mapping[str, Predictor], trace: RoutingTrace) -> None:
