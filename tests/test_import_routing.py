@@ -195,3 +195,27 @@ def test_simulate_an_imported_trace_with_its_own_shape(tmp_path):
     assert {r["predictor"] for r in sweep["runs"]} == {"none", "oracle", "history"}
     runs = {(r["policy"], r["predictor"], r["capacity"]): r for r in sweep["runs"]}
     assert runs[("belady", "none", 0.25)]["misses"] <= runs[("lru", "none", 0.25)]["misses"]
+
+
+def test_real_routing_benchmark_smoke(tmp_path):
+    """benchmarks/real_routing.py on a tiny imported Mixtral-geometry trace: held-out rows only, JSON + md."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "real_routing.py"
+    spec = importlib.util.spec_from_file_location("real_routing", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    routing = make_routing(sequences=4, tokens=3, layers=32, experts=8, k=2)
+    src = write_jsonl(tmp_path / "r.jsonl", routing, shuffle=False,
+                      names=("problem_id", "token_idx", "layer", "experts", "gating_probs"))
+    import_routing("speculative-moe", [src], tmp_path / "trace", progress=False)
+    assert script.main([str(tmp_path / "trace"), "--policies", "lru", "belady", "--capacities", "0.25",
+                        "--predictors", "none", "history", "--warmup", "1", "--out", str(tmp_path),
+                        "--name", "rr"]) == 0
+    result = json.loads((tmp_path / "rr.json").read_text())
+    (t,) = result["traces"]
+    assert t["shape"] == "mixtral-8x7b" and result["settings"]["simulated"] is True
+    assert t["simulated_passes"] == t["split_tokens"]["test"] < t["trace_tokens"]  # held-out sequences only
+    assert {r["predictor"] for r in t["sweep"]["runs"]} == {"none", "history"}
+    assert "simulated" in (tmp_path / "rr.md").read_text()

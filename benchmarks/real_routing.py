@@ -1,0 +1,199 @@
+"""Real routing, simulated: eviction policies x cache capacities x predictors on routing that real models
+produced, imported with `specmoe import-routing` (no hidden states, so the predictors are the oracle and
+those that read only the routing history: history and interlayer).
+
+Each trace's sequences are split by a seeded permutation: history and interlayer are fitted on the training
+sequences (interlayer stops early on the validation ones) and every row is simulated on the held-out test
+sequences only, replayed as decode (teacher-forced routing; a sequence of n tokens = n decode steps) on the
+hardware profile with the model shape that matches the trace's geometry. A trace of fewer than 3 sequences
+trains on its longest one (validating on it too) and tests on the others. All figures are simulated.
+
+    specmoe import-routing moe-beyond DIR/training_data_eamc --out traces/deepseek
+    specmoe import-routing speculative-moe DIR/humaneval_2_routing.jsonl --out traces/mixtral
+    python benchmarks/real_routing.py traces/deepseek traces/mixtral --max-passes 1500
+    python benchmarks/real_routing.py traces/deepseek --policies default lru belady --name real_routing_default
+
+Writes benchmarks/results/<name>.{json,md,png}.
+"""
+
+# Shape legend: N tokens, S sequences, L MoE layers, k top-k, E experts
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from specmoe.bench.environment import environment
+from specmoe.io import write_json, write_text
+from specmoe.sim.cli import shapes_for
+from specmoe.sim.hardware import HardwareProfile
+from specmoe.sim.predictions import replay_oracle, replay_predictor
+from specmoe.sim.report import environment_line, runs_table
+from specmoe.sim.shapes import ModelShape
+from specmoe.sim.stream import RoutingStream
+from specmoe.sim.sweep import SweepSettings, run_sweep
+from specmoe.traces import load_traces, split_sequences
+from specmoe.training.fit import fit_predictor
+from specmoe.training.loop import TrainConfig
+
+RESULTS = Path(__file__).parent / "results"
+PREDICTORS = ("none", "oracle", "history", "interlayer")
+
+
+def split(trace, seed: int) -> tuple[dict, str]:
+    """{"train", "val", "test"} RoutingTraces of whole sequences, and how they were chosen."""
+    if trace.num_sequences >= 3:
+        return trace.split((0.8, 0.1, 0.1), seed=seed), f"seeded split by sequence (seed {seed}): 80/10/10 %"
+    if trace.num_sequences < 2:
+        raise SystemExit("a trace of one sequence cannot hold out a test sequence; import more")
+    lengths = (trace.offsets[1:] - trace.offsets[:-1]).tolist()
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    rest = [s for s in range(len(lengths)) if s != longest]
+    train = trace.select([longest])
+    return ({"train": train, "val": train, "test": trace.select(rest)},
+            f"{trace.num_sequences} sequences: the longest ({lengths[longest]} tokens) trains and validates, "
+            "the others are tested")
+
+
+def run_trace(directory: Path, args) -> dict:
+    t0 = time.perf_counter()
+    trace = load_traces(directory, hidden=False)
+    geo, manifest = trace.geometry, trace.manifest
+    splits, how = split(trace, args.seed)
+    test = splits["test"]
+    stream = RoutingStream.from_trace(test)
+    if args.max_passes and stream.num_passes > args.max_passes:
+        stream = stream.select_passes(0, args.max_passes)
+    shapes = [s for s in shapes_for(stream) if ModelShape.from_name(s).geometry.num_experts == geo.num_experts]
+    if not shapes:
+        raise SystemExit(f"{directory}: no preset model shape has the trace's geometry {geo}")
+    shape = ModelShape.from_name(shapes[0])
+    replays, trained = [], {}
+    for name in args.predictors:
+        if name == "none":
+            continue
+        if name == "oracle":
+            replays.append(replay_oracle(stream, geo.num_experts, args.lookahead))
+            continue
+        config = TrainConfig(steps=args.train_steps, max_minutes=args.train_minutes, device="cpu", seed=args.seed)
+        options = {"dim": 64, "layers": 2, "heads": 4, "ff": 128} if name == "interlayer" else {}
+        predictor, record = fit_predictor(name, splits, lookahead=args.lookahead, config=config, **options)
+        trained[name] = {k: record[k] for k in ("kind", "train_tokens", "val_tokens", "options")}
+        if "result" in record:
+            trained[name].update(best_val_recall=record["result"]["best_val_recall"],
+                                 steps_run=record["result"]["steps_run"], stopped=record["result"]["stopped"])
+        replays.append(replay_predictor(stream, predictor, geo, [None] * geo.num_layers, name))
+    policies = tuple(args.policies)
+    settings = SweepSettings(capacities=tuple(args.capacities), policies=policies,
+                             prefetch_policies=tuple(p for p in policies if p != "belady"),
+                             warmup_passes=args.warmup, context=args.context)
+    sweep = run_sweep(stream, [shape], [HardwareProfile.from_name(args.profile)], settings, replays)
+    return {
+        "trace": str(directory), "model": manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
+        "source_format": manifest.source.get("format"), "trace_tokens": trace.num_tokens,
+        "trace_sequences": trace.num_sequences, "split": how,
+        "split_tokens": {k: v.num_tokens for k, v in splits.items()},
+        "split_sequences": {k: v.num_sequences for k, v in splits.items()},
+        "simulated_passes": stream.num_passes, "trained": trained, "sweep": sweep,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    parts = [f"**Real routing, simulated decode on {s['profile']}** (policies x capacities x predictors; tok/s and "
+             "expert hit rate from the simulator, not measured on a GPU; 'of bound' is tok/s over "
+             "max(compute, Belady-MIN miss bytes / PCIe)).", ""]
+    for t in result["traces"]:
+        parts += [f"*{t['model']} ({t['source_format']}, {t['trace_sequences']} sequences, {t['trace_tokens']} tokens) "
+                  f"as {t['shape']}: {t['split']}; {t['simulated_passes']} held-out decode steps simulated "
+                  f"(warm-up {s['warmup']} excluded)*", "",
+                  runs_table(t["sweep"], s["profile"], t["shape"]), ""]
+        for name, rec in t["trained"].items():
+            extra = f", val recall@k {rec['best_val_recall']:.3f} after {rec['steps_run']} steps" \
+                if "best_val_recall" in rec else ""
+            parts.append(f"- {name}: fitted on {rec['train_tokens']} training tokens{extra}")
+        parts.append("")
+    parts.append(f"Settings: policies {', '.join(s['policies'])}; capacities {s['capacities']} + max fit; "
+                 f"lookahead {s['lookahead']}; context {s['context']}; max passes {s['max_passes']}. "
+                 f"Simulated on {environment_line(result['environment'])}.")
+    return "\n".join(parts) + "\n"
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    traces = result["traces"]
+    fig, axes = plt.subplots(1, len(traces), figsize=(6.5 * len(traces), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], traces):
+        runs = t["sweep"]["runs"]
+        for key in dict.fromkeys((r["policy"], r["predictor"]) for r in runs):
+            rows = sorted((r for r in runs if (r["policy"], r["predictor"]) == key), key=lambda r: r["capacity"])
+            style = "-" if key[1] == "none" else "--"
+            ax.plot([r["capacity"] for r in rows], [r["tok_s"] for r in rows], style, marker="o",
+                    label=key[0] if key[1] == "none" else f"{key[1]} + {key[0]}")
+        bound = sorted({(r["capacity"], r["bound_tok_s"]) for r in runs})
+        ax.plot([c for c, _ in bound], [b for _, b in bound], ":", color="black", label="bound")
+        ax.set_title(f"{t['shape']} ({t['source_format']}), simulated {result['settings']['profile']}", fontsize=9)
+        ax.set_xlabel("cache capacity (fraction of experts)")
+        ax.set_ylabel("decode tok/s (simulated)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("traces", nargs="+", type=Path, help="trace directories written by specmoe import-routing")
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "belady"],
+                   help="eviction policies (any `specmoe simulate --policies` name); belady runs without a predictor")
+    p.add_argument("--capacities", type=float, nargs="+", default=[0.1, 0.25, 0.5],
+                   help="fractions of all experts; the largest that fits the profile is added")
+    p.add_argument("--predictors", nargs="+", default=list(PREDICTORS), choices=PREDICTORS)
+    p.add_argument("--profile", default="rtx3090")
+    p.add_argument("--lookahead", type=int, default=1)
+    p.add_argument("--context", type=int, default=512, help="KV tokens read per decode step")
+    p.add_argument("--warmup", type=int, default=16, help="decode steps replayed before measuring")
+    p.add_argument("--max-passes", type=int, default=1500, help="simulate the first N held-out decode steps")
+    p.add_argument("--train-steps", type=int, default=600, help="interlayer optimizer steps at most")
+    p.add_argument("--train-minutes", type=float, default=1.5, help="interlayer training wall-time limit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
+    p.add_argument("--name", default="real_routing")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    traces = [run_trace(d, args) for d in args.traces]
+    result = {
+        "environment": environment("cpu"),
+        "settings": {"profile": args.profile, "policies": args.policies, "capacities": args.capacities,
+                     "predictors": args.predictors, "lookahead": args.lookahead, "context": args.context,
+                     "warmup": args.warmup, "max_passes": args.max_passes, "train_steps": args.train_steps,
+                     "train_minutes": args.train_minutes, "seed": args.seed, "simulated": True,
+                     "command": "python benchmarks/real_routing.py " + " ".join(sys.argv[1:] if argv is None else argv)},
+        "traces": traces,
+    }
+    json_path = args.out / f"{args.name}.json"
+    write_json(json_path, result)
+    md = markdown(result)
+    write_text(json_path.with_suffix(".md"), f"# Real routing (simulated)\n\n{md}")
+    png = json_path.with_suffix(".png")
+    wrote = [json_path, json_path.with_suffix(".md")] + ([png] if plot(result, png) else [])
+    print(md)
+    print("wrote " + ", ".join(map(str, wrote)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
