@@ -29,6 +29,7 @@ import torch
 
 from specmoe.bench.environment import environment
 from specmoe.io import write_json, write_text
+from specmoe.sim.bounds import memory_plan
 from specmoe.sim.cli import shapes_for
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
@@ -87,18 +88,22 @@ def run_trace(directory: Path, args) -> dict:
             trained[name].update(best_val_recall=record["result"]["best_val_recall"],
                                  steps_run=record["result"]["steps_run"], stopped=record["result"]["stopped"])
         replays.append(replay_predictor(stream, predictor, geo, [None] * geo.num_layers, name))
+    profile = HardwareProfile.from_name(args.profile)
+    fits = memory_plan(shape, profile, (), context=SweepSettings().memory_context)["max_capacity"]
+    capacities = tuple(c for c in args.capacities if c < fits)  # the largest that fits is added by the sweep
     policies = tuple(args.policies)
-    settings = SweepSettings(capacities=tuple(args.capacities), policies=policies,
+    settings = SweepSettings(capacities=capacities, policies=policies,
                              prefetch_policies=tuple(p for p in policies if p != "belady"),
                              warmup_passes=args.warmup, context=args.context)
-    sweep = run_sweep(stream, [shape], [HardwareProfile.from_name(args.profile)], settings, replays)
+    sweep = run_sweep(stream, [shape], [profile], settings, replays)
     return {
         "trace": str(directory), "model": manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
         "source_format": manifest.source.get("format"), "trace_tokens": trace.num_tokens,
         "trace_sequences": trace.num_sequences, "split": how,
         "split_tokens": {k: v.num_tokens for k, v in splits.items()},
         "split_sequences": {k: v.num_sequences for k, v in splits.items()},
-        "simulated_passes": stream.num_passes, "trained": trained, "sweep": sweep,
+        "simulated_passes": stream.num_passes, "trained": trained, "sweep": sweep, "max_fit_capacity": fits,
+        "capacities_left_out": [c for c in args.capacities if c not in capacities],
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -113,6 +118,9 @@ def markdown(result: dict) -> str:
                   f"as {t['shape']}: {t['split']}; {t['simulated_passes']} held-out decode steps simulated "
                   f"(warm-up {s['warmup']} excluded)*", "",
                   runs_table(t["sweep"], s["profile"], t["shape"]), ""]
+        if t["capacities_left_out"]:
+            parts += [f"Capacities {t['capacities_left_out']} do not fit {s['profile']}'s memory with this model "
+                      f"(largest: {t['max_fit_capacity']:.3f}) and are left out.", ""]
         for name, rec in t["trained"].items():
             extra = f", val recall@k {rec['best_val_recall']:.3f} after {rec['steps_run']} steps" \
                 if "best_val_recall" in rec else ""
