@@ -74,6 +74,8 @@ def test_jsonl_round_trip(tmp_path):
     assert manifest.model == "org/tiny-moe" and manifest.hidden_layers == ()
     assert manifest.source["hidden_states"] is False
     assert manifest.source["weights"] == "recorded"
+    first = import_routing("jsonl", [src], tmp_path / "two", max_sequences=2, progress=False)
+    assert first.num_sequences == 2 and first.model == "org/tiny-moe" and first.geometry == trace.geometry
 
 
 def test_moe_beyond_csv_round_trip(tmp_path):
@@ -130,6 +132,7 @@ def _rec(**kw):
     ([json.dumps({"seq": 0, "token": 0, "experts": [1, 2]})], "missing fields \\['layer'\\]"),
     ([_rec(weights=[0.5])], "weights must be a list of 2 numbers"),
     ([_rec(token=-1)], "token -1 is below 0"),
+    ([json.dumps({"specmoe_routing": 1, "num_experts": "8"}), _rec()], ":1: header fields \\['num_experts'\\]"),
 ])
 def test_bad_jsonl_is_refused_in_one_line(tmp_path, lines, message):
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")

@@ -197,9 +197,10 @@ def _lines(path: Path, progress: bool) -> Iterator[tuple[int, str]]:
                 yield number, line
 
 
-def read_jsonl(paths: Sequence[Path], fmt: str, checker: _Checker, progress: bool = True):
-    """Sequences of the interchange JSONL (fmt "jsonl") or the speculative-moe logger JSONL, in the order
-    they first appear. Yields _Sequence objects, then returns the header record (or {})."""
+def read_jsonl(paths: Sequence[Path], fmt: str, checker: _Checker,
+               progress: bool = True) -> tuple[list[_Sequence], dict]:
+    """(sequences of the interchange JSONL (fmt "jsonl") or the speculative-moe logger JSONL in the order they
+    first appear, the header record or {})."""
     names = {"jsonl": ("seq", "token", "layer", "experts", "weights"),
              "speculative-moe": ("problem_id", "token_idx", "layer", "experts", "gating_probs")}[fmt]
     seq_key, token_key, layer_key, ids_key, weights_key = names
@@ -219,6 +220,10 @@ def read_jsonl(paths: Sequence[Path], fmt: str, checker: _Checker, progress: boo
                 if fmt != "jsonl" or number != 1 or sequences:
                     raise RoutingImportError(f"{where}: a specmoe_routing header must be the first line of the "
                                              "first file")
+                bad = [k for k in ("num_experts", "hidden_size") if k in record and
+                       (not isinstance(record[k], int) or isinstance(record[k], bool) or record[k] < 1)]
+                if bad:
+                    raise RoutingImportError(f"{where}: header fields {bad} must be positive ints")
                 header = record
                 continue
             missing = [k for k in (seq_key, token_key, layer_key, ids_key) if k not in record]
@@ -232,8 +237,7 @@ def read_jsonl(paths: Sequence[Path], fmt: str, checker: _Checker, progress: boo
             token = _int_field(record, token_key, where)
             ids, weights = checker.ids(record[ids_key], record.get(weights_key), where)
             sequences.setdefault(str(seq), _Sequence(str(seq))).add(layer, token, ids, weights)
-    yield from sequences.values()
-    return header
+    return list(sequences.values()), header
 
 
 def _natural_key(path: Path):
@@ -337,14 +341,13 @@ def import_routing(fmt: str, inputs: Sequence, out, *, model: str | None = None,
     spec = FORMATS[fmt]
     files = input_files(inputs, fmt)
     checker = _Checker(num_experts)
-    reader = read_moe_beyond(files, checker, progress) if fmt == "moe-beyond" else \
-        read_jsonl(files, fmt, checker, progress)
-    sequences, names, dropped, header = [], [], 0, {}
-    while max_sequences is None or len(sequences) < max_sequences:
-        try:
-            seq = next(reader)
-        except StopIteration as stop:
-            header = stop.value or {}
+    if fmt == "moe-beyond":
+        reader, header = read_moe_beyond(files, checker, progress), {}  # lazily, file by file
+    else:
+        reader, header = read_jsonl(files, fmt, checker, progress)
+    sequences, names, dropped = [], [], 0
+    for seq in reader:
+        if max_sequences is not None and len(sequences) == max_sequences:
             break
         ids, weights, cut = seq.build(ragged)
         if sequences and ids.shape[1] != sequences[0][0].shape[1]:
