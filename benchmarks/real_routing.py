@@ -10,7 +10,7 @@ trains on its longest one (validating on it too) and tests on the others. All fi
 
     specmoe import-routing moe-beyond DIR/training_data_eamc --out traces/deepseek
     specmoe import-routing speculative-moe DIR/humaneval_2_routing.jsonl --out traces/mixtral
-    python benchmarks/real_routing.py traces/deepseek traces/mixtral --max-passes 1500
+    python benchmarks/real_routing.py traces/deepseek traces/mixtral   # about 15 min on 2 busy cores
     python benchmarks/real_routing.py traces/deepseek --policies default lru belady --name real_routing_default
 
 Writes benchmarks/results/<name>.{json,md,png}.
@@ -80,7 +80,8 @@ def run_trace(directory: Path, args) -> dict:
         if name == "oracle":
             replays.append(replay_oracle(stream, geo.num_experts, args.lookahead))
             continue
-        config = TrainConfig(steps=args.train_steps, max_minutes=args.train_minutes, device="cpu", seed=args.seed)
+        config = TrainConfig(steps=args.train_steps, warmup_steps=max(1, min(100, args.train_steps // 10)),
+                             max_minutes=args.train_minutes, device="cpu", seed=args.seed)
         options = {"dim": 64, "layers": 2, "heads": 4, "ff": 128} if name == "interlayer" else {}
         predictor, record = fit_predictor(name, splits, lookahead=args.lookahead, config=config, **options)
         trained[name] = {k: record[k] for k in ("kind", "train_tokens", "val_tokens", "options")}
@@ -174,21 +175,23 @@ def main(argv=None) -> int:
     p.add_argument("--lookahead", type=int, default=1)
     p.add_argument("--context", type=int, default=512, help="KV tokens read per decode step")
     p.add_argument("--warmup", type=int, default=16, help="decode steps replayed before measuring")
-    p.add_argument("--max-passes", type=int, default=1500, help="simulate the first N held-out decode steps")
+    p.add_argument("--max-passes", type=int, default=600, help="simulate the first N held-out decode steps")
     p.add_argument("--train-steps", type=int, default=600, help="interlayer optimizer steps at most")
-    p.add_argument("--train-minutes", type=float, default=1.5, help="interlayer training wall-time limit")
+    p.add_argument("--train-minutes", type=float, default=2.5, help="interlayer training wall-time limit")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (training)")
     p.add_argument("--name", default="real_routing")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     traces = [run_trace(d, args) for d in args.traces]
     result = {
         "environment": environment("cpu"),
         "settings": {"profile": args.profile, "policies": args.policies, "capacities": args.capacities,
                      "predictors": args.predictors, "lookahead": args.lookahead, "context": args.context,
                      "warmup": args.warmup, "max_passes": args.max_passes, "train_steps": args.train_steps,
-                     "train_minutes": args.train_minutes, "seed": args.seed, "simulated": True,
+                     "train_minutes": args.train_minutes, "seed": args.seed, "threads": args.threads, "simulated": True,
                      "command": "python benchmarks/real_routing.py " + " ".join(sys.argv[1:] if argv is None else argv)},
         "traces": traces,
     }
