@@ -143,7 +143,8 @@ def split_sequences(num_sequences: int, fractions: tuple[float, float, float] = 
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three positive numbers (train, val, test) summing to 1, got {fractions}")
     if num_sequences < 3:
-        raise ValueError(f"a split needs at least 3 sequences, the trace has {num_sequences}; collect more text")
+        raise ValueError(f"a split needs at least 3 sequences, the trace has {num_sequences}; collect or import "
+                         "more sequences")
     n_val = max(1, round(fractions[1] * num_sequences))
     n_test = max(1, round(fractions[2] * num_sequences))
     n_train = num_sequences - n_val - n_test
