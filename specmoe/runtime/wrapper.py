@@ -91,6 +91,9 @@ class SpeculativeMoE:
         compression: None (default) or "int8" / "int4" / "int4-g128": the host keeps experts compressed
             (`specmoe.kernels.quant`), copies move the compressed bytes and slots are dequantized on the
             device. Changes numerics (and `unwrap()` returns the dequantized experts).
+        expert_source: where the experts' bytes come from when the model's experts modules do not hold them
+            (`specmoe.load_offloaded` builds the model with its experts on the meta device and passes a
+            `runtime.loading.CheckpointExperts`); an object with ``build_store(moe, layout, codec)``.
 
     Raises:
         TypeError: not an MoE model of a supported layout, or a predictor/capacity of the wrong type.
@@ -111,6 +114,7 @@ class SpeculativeMoE:
         max_prefetch_inflight: int | None = None,
         compute: str | None = None,
         compression: str | None = None,
+        expert_source=None,
     ):
         # ---- validate everything before touching the model ------------------------------------
         if getattr(model, "_specmoe_wrapper", None) is not None:
@@ -126,11 +130,12 @@ class SpeculativeMoE:
         self.codec = make_codec(compression, layout)
         staging = 2 * self.codec.layout.nbytes if self.codec else 0  # one per copy stream
         self._check_device_memory(model, moe, num_slots * layout.nbytes + staging)
-        self.prefetch_width = prefetch_width or geo.top_k
+        for name, value in (("prefetch_width", prefetch_width), ("max_prefetch_inflight", max_prefetch_inflight)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 (or None for the default), got {value!r}")
+        self.prefetch_width = prefetch_width if prefetch_width is not None else geo.top_k
         self._inflight_bound = max_prefetch_inflight  # None: follows the predictor's lookahead
         self.max_prefetch_inflight = self._default_inflight(predictor, geo)
-        if self.prefetch_width < 1 or self.max_prefetch_inflight < 1:
-            raise ValueError("prefetch_width and max_prefetch_inflight must be >= 1")
         self.compute = compute or "auto"
         if self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
@@ -151,14 +156,21 @@ class SpeculativeMoE:
         self._orig_devices = _model_devices(model)
         self._orig_expert_device = [next(iter(layer.layout.expert_tensors(layer.experts, 0).values())).device
                                     for layer in moe.layers]
+        # experts never materialised (streamed from a checkpoint) come back to host memory on unwrap()
+        self._orig_expert_device = [torch.device("cpu") if d.type == "meta" else d for d in self._orig_expert_device]
         self._saved: list[dict] = []
         self._handles: list = []
 
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
-            self.store = HostStore(self.codec.layout if self.codec else layout, geo.num_layers, geo.num_experts)
+            if expert_source is not None:
+                self.store = expert_source.build_store(moe, layout, self.codec)
+                self._saved = [layer.layout.remove(layer.experts) for layer in moe.layers]  # meta tensors
+            else:
+                self.store = HostStore(self.codec.layout if self.codec else layout, geo.num_layers, geo.num_experts)
             big = self.store.nbytes > 2**30  # a progress bar only where it takes a while
-            for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
+            for layer in tqdm(moe.layers if expert_source is None else (), desc="experts -> host store",
+                              unit="layer", disable=not big, leave=False):
                 for e in range(geo.num_experts):
                     tensors = layer.layout.expert_tensors(layer.experts, e)
                     self.store.write((layer.index, e), self.codec.encode(tensors) if self.codec else tensors)
@@ -180,11 +192,18 @@ class SpeculativeMoE:
         self.reset_stats()
 
     # ---- public API -----------------------------------------------------------------------------
+    def _check_wrapped(self, what: str) -> None:
+        if self.__dict__.get("pool") is None:
+            raise RuntimeError(f"{what} on a SpeculativeMoE after unwrap(): the model is no longer offloaded; use "
+                               "the model unwrap() returned, or wrap it again")
+
     def __call__(self, *args, **kwargs):
+        self._check_wrapped("call")
         return self.model(*self._to_device(args), **self._to_device(kwargs))
 
     def generate(self, *args, **kwargs):
         """`model.generate` with the runtime in the loop; the predictor starts afresh."""
+        self._check_wrapped("generate")
         self._reset_state()
         return self.model.generate(*self._to_device(args), **self._to_device(kwargs))
 
@@ -193,7 +212,9 @@ class SpeculativeMoE:
 
         Raises:
             TypeError / ValueError: as the constructor, for a non-predictor or another geometry.
+            RuntimeError: after `unwrap()`.
         """
+        self._check_wrapped("set_predictor")
         if predictor is not None:
             _check_predictor(predictor)
             predictor.bind(self.geometry, [layer.router for layer in self.moe.layers])
@@ -203,7 +224,7 @@ class SpeculativeMoE:
 
     def _default_inflight(self, predictor, geo) -> int:
         lookahead = getattr(predictor, "lookahead", 1) if predictor is not None else 1
-        return self._inflight_bound or 2 * geo.top_k * lookahead
+        return self._inflight_bound if self._inflight_bound is not None else 2 * geo.top_k * lookahead
 
     @property
     def stats(self) -> Stats:
