@@ -41,12 +41,13 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
     _one_line_error(capsys, ["generate", "--prompt", "x", "--model", "no-such-org/no-such-model"], "no-such-org")
 
 
-def test_a_subprocess_shows_no_traceback_and_v_adds_it(tmp_path):
+def test_a_subprocess_shows_no_traceback_and_v_adds_it(tmp_path, capsys, caplog):
     argv = [sys.executable, "-m", "specmoe.cli", "simulate", "--trace", str(tmp_path / "missing")]
     quiet = subprocess.run(argv, capture_output=True, text=True)
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and len(quiet.stderr.strip().splitlines()) == 1
-    loud = subprocess.run(argv[:3] + ["-v"] + argv[3:], capture_output=True, text=True)  # `specmoe -v simulate ...`
-    assert loud.returncode == 2 and "Traceback" in loud.stderr
+    with caplog.at_level("ERROR", logger="specmoe"):
+        assert main(["-v", "simulate", "--trace", str(tmp_path / "missing")]) == 2
+    assert any(r.exc_info for r in caplog.records)  # -v logs the traceback
 
 
 def test_v_before_or_after_the_command(tmp_path, capsys):
