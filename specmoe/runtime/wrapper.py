@@ -34,6 +34,20 @@ from .store import ExpertLayout, HostStore
 from .transfer import make_engine
 
 COMPUTE = ("auto", "gather", "pool", "triton")
+_MISSING = object()  # an attribute that was not set on the instance
+
+
+def _check_materialised(model: nn.Module, moe: ModelMoE, streamed: bool) -> None:
+    """Refuse a model whose weights are on the meta device (accelerate's disk or CPU offload), before any change."""
+    expert_ids = {id(p) for layer in moe.layers for p in layer.experts.parameters()} if streamed else set()
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in expert_ids]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} weights of this model are on the meta device (e.g. {meta[0]}): it was loaded with "
+            "accelerate offloading (device_map with 'disk' or 'cpu' entries), whose hooks load weights at each call. "
+            "SpeculativeMoE offloads the experts itself: load the model without offloading, or let "
+            "specmoe.load_offloaded(path) stream it from its safetensors files (it never holds the whole model in "
+            "memory)")
 
 
 def _model_devices(model: nn.Module) -> set[torch.device]:
@@ -120,6 +134,7 @@ class SpeculativeMoE:
         if getattr(model, "_specmoe_wrapper", None) is not None:
             raise ValueError("this model is already wrapped by SpeculativeMoE; call .unwrap() on that wrapper first")
         moe: ModelMoE = find_moe_layers(model)
+        _check_materialised(model, moe, streamed=expert_source is not None)
         geo = moe.geometry
         _check_predictor(predictor)
         layout = ExpertLayout(moe.specs)
@@ -160,6 +175,7 @@ class SpeculativeMoE:
         self._orig_expert_device = [torch.device("cpu") if d.type == "meta" else d for d in self._orig_expert_device]
         self._saved: list[dict] = []
         self._handles: list = []
+        self._patches: list[tuple[nn.Module, str, object]] = []  # (module, attribute, what was there)
 
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
@@ -277,19 +293,34 @@ class SpeculativeMoE:
         if isinstance(layer.layout, FusedExperts):
             if self._model_compute == "pool":
                 layer.layout.bind_pool(experts, self.pool.views)
-            experts.forward = lambda *a, _l=layer, **kw: self._fused_forward(_l, a, kw)
+            self._patch_forward(experts, lambda *a, _l=layer, **kw: self._fused_forward(_l, a, kw))
         else:
-            experts.forward = lambda *a, _l=layer, **kw: self._modulelist_forward(_l, a, kw)
+            self._patch_forward(experts, lambda *a, _l=layer, **kw: self._modulelist_forward(_l, a, kw))
             for e, expert in enumerate(layer.layout.experts_list(experts)):
                 self._handles.append(expert.register_forward_pre_hook(self._expert_pre_hook(layer, e)))
                 self._handles.append(expert.register_forward_hook(self._expert_post_hook(layer)))
+
+    def _patch_forward(self, module: nn.Module, forward: Callable) -> None:
+        """Route `module`'s calls to `forward`, composing with an accelerate hook as `add_hook_to_module` does:
+        where a hook is installed, its `_old_forward` (what the hook calls) is replaced, so the hook's
+        pre/post-forward keep running; elsewhere the instance's `forward`. `_restore_model` puts back exactly
+        what was there."""
+        attr = "_old_forward" if getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__ \
+            else "forward"
+        self._patches.append((module, attr, module.__dict__.get(attr, _MISSING)))
+        setattr(module, attr, forward)
 
     def _restore_model(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for module, attr, old in reversed(getattr(self, "_patches", [])):
+            if old is _MISSING:
+                module.__dict__.pop(attr, None)
+            else:
+                setattr(module, attr, old)
+        self._patches = []
         for layer, saved in zip(self.moe.layers, self._saved):
-            layer.experts.__dict__.pop("forward", None)
             data = {}
             if self.codec is not None:  # decompressed copies
                 host = self.codec.decode_layer(self.store, layer.index)
