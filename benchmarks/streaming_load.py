@@ -83,14 +83,15 @@ def measure(kind: str, directory: Path, capacity: float, new_tokens: int, prompt
         smoe = load_offloaded(directory, device="cpu", cache_capacity=capacity, host_store=kind)
         generate, store_path, cache_bytes = smoe.generate, smoe.store_path, smoe.memory()["cache_bytes"]
     load_s = time.perf_counter() - t0
-    after_load = _rss_bytes()
+    after_load, peak_load = _rss_bytes(), _peak_rss_bytes()
     ids = torch.randint(3, CONFIG["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0))
     clock = FirstTokenClock("cpu")
     with torch.no_grad():
         out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, streamer=clock)
     decode_s = clock.decode_seconds()
-    return {"kind": kind, "rss_after_imports": base, "rss_after_load": after_load, "peak_rss": _peak_rss_bytes(),
+    return {"kind": kind, "rss_after_imports": base, "rss_after_load": after_load, "peak_rss_load": peak_load,
+            "peak_rss": _peak_rss_bytes(),
             "load_s": load_s, "decode_tok_s": (new_tokens - 1) / decode_s, "store_path": store_path,
             "cache_bytes": cache_bytes,
             "tokens": out[0, prompt_len:].tolist()}
@@ -99,22 +100,22 @@ def measure(kind: str, directory: Path, capacity: float, new_tokens: int, prompt
 def _markdown(result: dict) -> str:
     gib = 2**30
     e = result["checkpoint"]["expert_bytes"]
-    lines = ["| load | peak RSS raise (GiB) | raise / expert bytes | same, less the cache pool | RSS after load (GiB) "
-             "| load s | decode tok/s | tokens = from_pretrained | host store |",
+    lines = ["| load | loading: peak RSS raise (GiB) | / expert bytes | with generate: peak RSS raise (GiB) | "
+             "/ expert bytes | load s | decode tok/s | tokens = from_pretrained | host store |",
              "|---|---:|---:|---:|---:|---:|---:|:---:|---|"]
     for r in result["runs"]:
+        load = r["peak_rss_load"] - r["rss_after_imports"]
         raise_ = r["peak_rss"] - r["rss_after_imports"]
-        lines.append(f"| {r['kind']} | {raise_ / gib:.2f} | {raise_ / e:.2f} | {(raise_ - r['cache_bytes']) / e:.2f} | "
-                     f"{r['rss_after_load'] / gib:.2f} | "
+        lines.append(f"| {r['kind']} | {load / gib:.2f} | {load / e:.2f} | {raise_ / gib:.2f} | {raise_ / e:.2f} | "
                      f"{r['load_s']:.1f} | {r['decode_tok_s']:.2f} | {'yes' if r['same_tokens'] else 'NO'} | "
                      f"{r['store_path'] or 'everything in host memory'} |")
     s = result["settings"]
     env = result["environment"]
     lines += ["", f"Random-weight Mixtral-style checkpoint, bf16, {result['checkpoint']['shards']} safetensors shards, "
               f"{e / gib:.2f} GiB of experts ({result['checkpoint']['total_bytes'] / gib:.2f} GiB in all); one fresh "
-              f"process per row; peak RSS raise = ru_maxrss - RSS after imports; wrapped rows: cache capacity "
-              f"{s['capacity']} (on a CPU the cache pool is host memory too; on a GPU it "
-              f"would be device memory, hence the column without it), {s['new_tokens']} greedy tokens after a "
+              f"process per row; peak RSS raise = ru_maxrss (after loading; after generating too) - RSS after "
+              f"imports; wrapped rows: cache capacity {s['capacity']} (on a CPU the cache pool is host memory too, "
+              f"filled during generate; on a GPU it is device memory), {s['new_tokens']} greedy tokens after a "
               f"{s['prompt_len']}-token prompt, 1 torch thread, page cache warm. {env['device_name']}, torch "
               f"{env['torch']}, transformers {env['transformers']}, git {env['git_sha']}."]
     return "\n".join(lines)
@@ -166,6 +167,8 @@ def main(argv=None) -> int:
     for r in runs:
         r["same_tokens"] = reference is not None and r["tokens"] == reference
         r["peak_rss_raise_over_expert_bytes"] = (r["peak_rss"] - r["rss_after_imports"]) / checkpoint["expert_bytes"]
+        r["load_peak_rss_raise_over_expert_bytes"] = (r["peak_rss_load"] - r["rss_after_imports"]) / \
+            checkpoint["expert_bytes"]
     from specmoe.bench import environment
     from specmoe.io import write_json
 
@@ -173,7 +176,9 @@ def main(argv=None) -> int:
               "settings": {"capacity": args.capacity, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
                            "config": CONFIG, "dtype": "bfloat16", "shard": args.shard},
               "runs": runs,
-              "goal": {"mmap_raise_under_half_expert_bytes": next(
+              "goal": {"mmap_load_raise_under_half_expert_bytes": next(
+                  (r["load_peak_rss_raise_over_expert_bytes"] < 0.5 for r in runs if r["kind"] == "mmap"), None),
+                       "mmap_raise_with_generate_under_half_expert_bytes": next(
                   (r["peak_rss_raise_over_expert_bytes"] < 0.5 for r in runs if r["kind"] == "mmap"), None),
                        "mmap_same_tokens": next((r["same_tokens"] for r in runs if r["kind"] == "mmap"), None)}}
     write_json(args.out / "streaming_load.json", result)

@@ -87,3 +87,26 @@ def test_bad_host_store_and_pickle_only_checkpoints_are_refused(tmp_path):
     torch.save({}, tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_offloaded(tmp_path, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("host_store", ["ram", "mmap"])
+def test_streamed_model_on_cuda_gives_the_saved_models_tokens(tmp_path, host_store):
+    model = build_tiny("qwen2_moe", dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    inputs = make_inputs(model)
+    ref = _reference(model.to("cuda"), {k: v.cuda() for k, v in inputs.items()}).cpu()
+    smoe = load_offloaded(tmp_path, device="cuda", cache_capacity=0.25, predictor=PreGatePredictor(),
+                          host_store=host_store)
+    assert smoe.store_path.startswith(host_store)
+    assert torch.equal(_reference(smoe, inputs).cpu(), ref)
+
+
+def test_modulelist_experts_fall_back_to_from_pretrained_and_say_so(tmp_path, caplog):
+    model = build_tiny("switch_transformers")
+    model.save_pretrained(tmp_path)
+    inputs = make_inputs(model)
+    with caplog.at_level("WARNING"):
+        smoe = load_offloaded(tmp_path, device="cpu")
+    assert "cannot stream" in caplog.text and smoe.store_path.startswith("ram: copied from the model")
+    assert torch.equal(_reference(smoe, inputs), _reference(model, inputs))
