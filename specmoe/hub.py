@@ -52,7 +52,8 @@ def resolve_model(spec, *, revision: str | None = None, cache_dir=None) -> Path:
             + (" and HF_HUB_OFFLINE is set: unset it to download, or download it elsewhere first" if offline else
                " and could not be downloaded (no network?)")) from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"hub model {spec!r} does not exist (or is gated: log in with `hf auth login`)") from None
+        raise FileNotFoundError(f"hub model {spec!r} does not exist (or is gated: log in with `hf auth login`)") \
+            from None
     except HfHubHTTPError as err:
         raise FileNotFoundError(f"hub model {spec!r} could not be fetched: {err}") from None
     logger.info("model %s -> %s", spec, local)

@@ -20,7 +20,11 @@ REPO = "tiny-org/tiny-moe"
 def _hub_cache(model_dir, cache) -> str:
     """Lay `model_dir` out as huggingface_hub's cache does (blobs, a snapshot of symlinks, refs/main), with
     huggingface_hub's own helpers; returns the commit hash."""
-    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision, _create_symlink, repo_folder_name
+    from huggingface_hub.file_download import (
+        _cache_commit_hash_for_specific_revision,
+        _create_symlink,
+        repo_folder_name,
+    )
 
     storage = cache / repo_folder_name(repo_id=REPO, repo_type="model")
     commit = hashlib.sha1(b"tiny").hexdigest()

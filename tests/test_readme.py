@@ -37,7 +37,8 @@ def test_every_readme_python_snippet_runs_as_pasted(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "model")
     monkeypatch.chdir(tmp_path)  # "predictors/interlayer" is relative to where the user is
     geometry = find_moe_layers(load_reference_model()).geometry
-    save_predictor(InterLayerPredictor(geometry, dim=16, layers=1, heads=2, ff=16), tmp_path / "predictors" / "interlayer")
+    save_predictor(InterLayerPredictor(geometry, dim=16, layers=1, heads=2, ff=16),
+                   tmp_path / "predictors" / "interlayer")
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert len(blocks) >= 3
     namespace = {"path": str(tmp_path / "model"), "input_ids": make_inputs(model)["input_ids"]}

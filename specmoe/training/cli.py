@@ -55,13 +55,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-router-init", dest="router_init", action="store_false",
                    help="hidden: start from random weights instead of the next layers' routers")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps at most (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per training batch (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="tokens per training batch (default %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up steps (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every this many steps (default %(default)s)")
-    p.add_argument("--patience", type=int, default=d.patience, help="stop after this many validations without improvement (default %(default)s)")
-    p.add_argument("--val-tokens", type=int, default=d.val_tokens, help="validation tokens per evaluation (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up steps (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="validate every this many steps (default %(default)s)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many validations without improvement (default %(default)s)")
+    p.add_argument("--val-tokens", type=int, default=d.val_tokens,
+                   help="validation tokens per evaluation (default %(default)s)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this much wall time")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, batches and dropout")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
