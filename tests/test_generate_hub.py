@@ -115,3 +115,15 @@ def test_eval_refuses_nan_hidden_states(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "t"), "--out", str(tmp_path / "e"), "--latency-calls", "1"]) == 2
     err = capsys.readouterr().err
     assert "NaN" in err and "hidden states" in err
+
+
+def test_generate_chat_applies_the_template(tmp_path, capsys):
+    model = build_tiny("mixtral")
+    model.save_pretrained(tmp_path)
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    tokenizer.save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--chat", "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+    assert "[2 tokens" in capsys.readouterr().out
