@@ -20,6 +20,7 @@ setup(
         "torch>=2.4",
         "transformers>=5.0,<6",
         "accelerate>=1.0",
+        "huggingface_hub>=0.24",
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "tqdm>=4.60",

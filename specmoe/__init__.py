@@ -6,7 +6,8 @@ experts upcoming layers will need so that copies overlap compute.
 
 from ._version import __version__
 from .geometry import MoEGeometry
+from .runtime.adapters import find_moe_layers
 from .runtime.loading import load_offloaded
 from .runtime.wrapper import SpeculativeMoE
 
-__all__ = ["MoEGeometry", "SpeculativeMoE", "load_offloaded", "__version__"]
+__all__ = ["MoEGeometry", "SpeculativeMoE", "find_moe_layers", "load_offloaded", "__version__"]

@@ -1,8 +1,11 @@
-"""`specmoe collect | import-routing | train | eval | bench | simulate | demo`.
+"""`specmoe collect | import-routing | train | eval | bench | simulate | demo | generate`.
 
 Each command lives with the component it drives: module M defines `add_<name>_arguments(parser)` and
 `run_<name>(args) -> int`, imported only when that command runs (so `specmoe demo` never imports the
 simulator, and a broken optional dependency only breaks its own command).
+
+A user error (a missing file, an existing output, a bad value) prints one line and exits with status 2, as
+argparse does for bad options; `-v` adds the traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import importlib
 import logging
 import sys
 
+from ._version import __version__
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("specmoe.traces.cli", "run a model over text and write routing traces"),
     "import-routing": ("specmoe.traces.cli", "write a trace directory from routing recorded elsewhere (vLLM, ...)"),
@@ -20,31 +25,76 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("specmoe.bench.cli", "latency, hit-rate and memory benchmarks"),
     "simulate": ("specmoe.sim.cli", "replay traces on a hardware profile"),
     "demo": ("specmoe.reference.demo", "the built-in default: reference model, traces, wrapped generation"),
+    "generate": ("specmoe.generate", "generate text from a prompt with the experts offloaded, streaming tokens"),
 }
+
+# What a user's input can cause: missing/existing files and directories, bad values, a model of the wrong kind.
+USER_ERRORS = (OSError, ValueError, TypeError)
+
+logger = logging.getLogger("specmoe")
+
+
+def _verbose_parent() -> argparse.ArgumentParser:
+    """-v accepted after the command too (`specmoe demo -v`); SUPPRESS keeps a -v given before it."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log at INFO level, and show the traceback of an error")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specmoe", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, and show the traceback "
+                        "of an error")
+    parser.add_argument("--version", action="version", version=f"specmoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[_verbose_parent()])
         p.set_defaults(_module=module)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand: the first argument that is not an option (the top level takes no option values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     # Import only the chosen command's module to add its arguments.
-    if argv and argv[0] in COMMANDS:
-        module = importlib.import_module(COMMANDS[argv[0]][0])
+    command = _command_of(argv)
+    if command in COMMANDS:
+        module = importlib.import_module(COMMANDS[command][0])
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        getattr(module, f"add_{argv[0].replace('-', '_')}_arguments")(sub.choices[argv[0]])
+        getattr(module, f"add_{command.replace('-', '_')}_arguments")(sub.choices[command])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(args._module)
-    return int(getattr(module, f"run_{args.command.replace('-', '_')}")(args) or 0)
+    try:
+        return int(getattr(module, f"run_{args.command.replace('-', '_')}")(args) or 0)
+    except USER_ERRORS as err:
+        message, error = _one_line(err), err
+    except SystemExit as err:  # raise SystemExit("message") is a user error too; SystemExit(0/1) passes
+        if not isinstance(err.code, str):
+            raise
+        message, error = " ".join(err.code.split()), err
+    except KeyboardInterrupt:
+        print(f"specmoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.verbose:
+        logger.error("specmoe %s failed", args.command, exc_info=error)
+    print(f"specmoe {args.command}: error: {message}" + ("" if args.verbose else " (-v shows the traceback)"),
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -178,5 +178,4 @@ def test_collect_cli(tmp_path):
     data = json.loads((out / "manifest.json").read_text())
     assert data["tokens"] == data["sequences"] * 16 and 0 < data["tokens"] <= 200
     assert data["source"]["files_available"] == 3 and data["hidden_layers"] == [0]
-    with pytest.raises(FileExistsError):
-        main(args)
+    assert main(args) == 2  # an existing trace without --overwrite: a one-line user error

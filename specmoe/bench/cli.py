@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a local save_pretrained directory (default: the built-in reference model)")
+    p.add_argument("--model", help="a save_pretrained directory or a hub id (default: the built-in reference model)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -28,8 +28,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt (text prompts: at most)")
     p.add_argument("--prompts-file", type=Path, help="text file; prompts are its blank-line-separated paragraphs "
                    "(default: the reference model's held-out prompts, or seeded random token ids with --model)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=32, help="N, tokens per timed generate call (default 32)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generate calls per variant (default 1)")
     p.add_argument("--lookahead", type=int, default=1, help="lookahead of the pre-gate and oracle predictors")
     p.add_argument("--no-unwrapped", action="store_true", help="skip the all-on-device run (e.g. it does not fit)")
     p.add_argument("--no-accelerate", action="store_true", help="skip accelerate's offload")
@@ -47,9 +47,12 @@ def _load(args, dtype):
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+        from ..hub import resolve_model
+
+        path = resolve_model(args.model)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError):
             tokenizer = None
         return model, tokenizer, None, str(args.model)

@@ -2,7 +2,8 @@
 no predictor (LRU on demand), the pre-gate, trained predictors and the oracle, over a sweep of capacities.
 
 Every variant runs the same schedule of generate calls: `warmup` untimed calls, then for each prompt one call
-of 1 new token (time to first token) and one of N (decode tok/s = (N-1) / (t_N - t_1)); medians over prompts.
+of 1 new token (time to first token) and one of N, whose decode phase is timed directly, from its first new token
+(a streamer marks it) to its end: decode tok/s = (N-1) / that time; medians over prompts.
 The routing of every call is recorded once, untimed (on the unwrapped model, else on the largest cache): the
 oracle replays it exactly, each row's bound is computed on it, and the simulator can replay it.
 """
@@ -15,6 +16,7 @@ import copy
 import gc
 import logging
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +31,7 @@ from ..traces.capture import capture_routing
 from .environment import environment
 from .memory import DeviceMemoryMonitor
 from .offload import accelerate_offload
-from .timing import timed_call
+from .timing import sync_device, timed_call
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +95,36 @@ class Schedule:
         return cls(calls)
 
 
+class FirstTokenClock:
+    """A generate streamer that marks the first new token (after a device sync): the decode phase is timed
+    from there to the end of the call, not inferred from two calls."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.puts, self.first = 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt; the second, the prefill's token
+            sync_device(self.device)
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+    def decode_seconds(self) -> float:
+        """Seconds from the first new token until now (call it after the generate call, device synced)."""
+        if self.first is None:
+            raise RuntimeError("generate produced no new token: nothing to time")
+        sync_device(self.device)
+        return time.perf_counter() - self.first
+
+
 def run_schedule(generate: Callable, prompts: Sequence[dict], schedule: Schedule, device,
                  before_call: Callable[[int], None] | None = None,
                  after_warmup: Callable[[], None] | None = None) -> dict:
     """Time every call of `schedule`; returns medians, per-prompt figures and the N-token outputs."""
-    durations, outputs = [], {}
+    durations, outputs, decode_s = [], {}, {}
     warm_done = False
     for ci, (i, n, timed) in enumerate(schedule.calls):
         if timed and not warm_done:
@@ -106,18 +133,17 @@ def run_schedule(generate: Callable, prompts: Sequence[dict], schedule: Schedule
                 after_warmup()
         if before_call:
             before_call(ci)
+        clock = FirstTokenClock(device) if timed and n > 1 else None
+        extra = {"streamer": clock} if clock else {}
         with torch.no_grad():
-            dt, out = timed_call(lambda: generate(**prompts[i], max_new_tokens=n, min_new_tokens=n, do_sample=False),
-                                 device)
+            dt, out = timed_call(lambda: generate(**prompts[i], max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                  **extra), device)
         durations.append(dt)
-        if timed and n > 1:
+        if clock is not None:
+            decode_s[i] = (n - 1, clock.decode_seconds())
             outputs[i] = out.detach().cpu()
-    ttft, total = {}, {}
-    for (i, n, timed), dt in zip(schedule.calls, durations):
-        if timed:
-            (ttft if n == 1 else total)[i] = dt
-    n_new = max(n for _, n, _ in schedule.calls)
-    decode = [(n_new - 1) / max(total[i] - ttft[i], 1e-9) for i in sorted(total)]
+    ttft = {i: dt for (i, n, timed), dt in zip(schedule.calls, durations) if timed and n == 1}
+    decode = [tokens / seconds for tokens, seconds in (decode_s[i] for i in sorted(decode_s))]
     return {"decode_tok_s": statistics.median(decode), "ttft_s": statistics.median(ttft.values()),
             "decode_tok_s_runs": decode, "ttft_s_runs": [ttft[i] for i in sorted(ttft)], "call_s": durations,
             "outputs": outputs}

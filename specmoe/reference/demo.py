@@ -231,20 +231,32 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
+def ignored_output_dir(path: Path) -> Path:
+    """Create an output directory that git ignores wherever it is (a `.gitignore` of `*` inside it), so that a
+    demo run in a checkout leaves `git status` clean."""
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / ".gitignore"
+    if not marker.exists():
+        marker.write_text("# written by specmoe: outputs of a run, not sources\n*\n")
+    return path
+
+
 def add_demo_arguments(parser) -> None:
     d = DemoConfig()
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bf16 on GPU)")
     parser.add_argument("--capacity", type=float, default=d.capacity, help="cache capacity, share of all experts")
     parser.add_argument("--prompts", type=int, default=d.prompts, help="measured held-out prompts (+1 warm-up)")
-    parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="prompts are cut to this many tokens")
+    parser.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per prompt (>= 2)")
     parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                         help="on the greedy choice; 1.0 = plain greedy")
     parser.add_argument("--predictor", type=Path, action="append", default=[], metavar="PATH",
                         help="a trained predictor directory to compare too (repeatable)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="another reference checkpoint directory")
-    parser.add_argument("--out", type=Path, default=Path("specmoe-demo"), help="where demo.json/.md/.png go")
+    parser.add_argument("--out", type=Path, default=Path("specmoe-demo"),
+                        help="where demo.json/.md/.png go (default: ./specmoe-demo, which git ignores: it holds a "
+                             ".gitignore of its own)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: the reference model's 64-wide matrices gain nothing "
                              "from more, and spinning OpenMP threads make a busy machine several times slower)")
@@ -252,13 +264,16 @@ def add_demo_arguments(parser) -> None:
 
 
 def run_demo(args) -> int:
+    for path in args.predictor:  # fail now, not after the unwrapped runs
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--predictor {path}: not a saved predictor directory (no config.json)")
     torch.set_num_threads(args.threads)
     cfg = DemoConfig(device=args.device, dtype=args.dtype, capacity=args.capacity, prompts=args.prompts,
                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                      repetition_penalty=args.repetition_penalty, predictors=tuple(args.predictor),
                      checkpoint=args.checkpoint)
     result = run_demo_experiment(cfg, progress=not args.quiet)
-    args.out.mkdir(parents=True, exist_ok=True)
+    ignored_output_dir(args.out)
     write_json(args.out / "demo.json", result)
     table = format_table(result)
     (args.out / "demo.md").write_text(table + "\n")

@@ -12,11 +12,12 @@ def format_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|:---:|",
     ]
     decode_tokens = (s["new_tokens"] - 1) * s["prompts"]
+    spreads = []
     for row in result["rows"]:
         d = row["decode"]
         mib = d["bytes_moved"] / 2**20
         lines.append(f"| {row['predictor']} | {d['hit_rate']:.3f} | {d['misses']} | {mib:.1f} | "
-                     f"{mib / decode_tokens:.3f} | {row['decode_tok_s']:.1f} | "
+                     f"{mib / decode_tokens:.3f} | {_tok_s(row['decode_tok_s'], _measured(row), spreads)} | "
                      f"{'yes' if row['tokens_match'] else 'NO'} |")
     lines.append(f"| all experts resident (unwrapped) | 1 | 0 | 0 | 0 | "
                  f"{result['unwrapped']['decode_tok_s']:.1f} | - |")
@@ -28,10 +29,31 @@ def format_table(result: dict) -> str:
         f"experts = {s['num_slots']} slots of {s['slot_bytes'] / 1024:.1f} KiB; decode phase of {s['prompts']} "
         f"held-out prompts x {s['new_tokens'] - 1} tokens (after a warm-up prompt), batch 1, greedy with "
         f"repetition penalty {s['repetition_penalty']}; "
-        f"tok/s: median over prompts. {env['device_name']}, torch {env['torch']}, transformers "
+        f"tok/s: median (min-max) over the {s['prompts']} measured prompts, {_spread_note(spreads)}. "
+        f"{env['device_name']}, torch {env['torch']}, transformers "
         f"{env['transformers']}, git {env['git_sha']}.",
     ]
     return "\n".join(lines)
+
+
+def _measured(row: dict) -> list[float]:
+    """The decode tok/s of the measured prompts (the first prompt warms up)."""
+    return [r["decode_tok_s"] for r in row.get("runs", [])[1:]]
+
+
+def _tok_s(median: float, runs: list[float], spreads: list[float]) -> str:
+    if len(runs) < 2:
+        return f"{median:.1f}"
+    spreads.append((max(runs) - min(runs)) / median if median else 0.0)
+    return f"{median:.1f} ({min(runs):.1f}-{max(runs):.1f})"
+
+
+def _spread_note(spreads: list[float]) -> str:
+    """Says how far apart repeats were: differences between rows smaller than this are noise."""
+    if not spreads:
+        return "one prompt: no spread measured, so differences in tok/s between rows may be noise"
+    return (f"repeats spread up to {max(spreads):.0%} of the median; tok/s differences between rows smaller than "
+            "that are noise (on a shared CPU timings drift)")
 
 
 def plot_demo(result: dict, path) -> None:

@@ -313,7 +313,33 @@ def _find_router(parent: nn.Module, experts: nn.Module, num_experts: int) -> Rou
     return None
 
 
-def _top_k(model: nn.Module, parent: nn.Module, layout: ExpertsLayout) -> int:
+def _probe_top_k(parent: nn.Module, experts: nn.Module, hidden_size: int) -> int | None:
+    """k of the routing the router really produces: call it on two zero tokens and read the width of the expert
+    ids [T, k] it returns (PhiMoE's sparsemixer picks 2 whatever num_experts_per_tok says). None when the router
+    cannot be called so (no gate/router child, weights on the meta device, another signature)."""
+    for name, module in parent.named_children():
+        if name not in ROUTER_NAMES or module is experts:
+            continue
+        weight = next(iter(module.parameters()), None)
+        if weight is None or weight.device.type == "meta":
+            return None
+        try:  # the RNG is forked: a router with jitter must not shift the model's random stream
+            with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+                out = module(torch.zeros(2, hidden_size, dtype=weight.dtype, device=weight.device))
+        except Exception:  # noqa: BLE001 - any router we cannot probe falls back to the config
+            return None
+        ints = [o for o in (out if isinstance(out, tuple) else (out,))
+                if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dim() == 2 and o.shape[0] == 2]
+        return int(ints[-1].shape[1]) if ints else None
+    return None
+
+
+def _top_k(model: nn.Module, parent: nn.Module, layout: ExpertsLayout, experts: nn.Module | None = None,
+           hidden_size: int | None = None) -> int:
+    if isinstance(layout, FusedExperts) and hidden_size is not None:
+        probed = _probe_top_k(parent, experts, hidden_size)
+        if probed is not None:
+            return probed
     for m in parent.modules():
         k = getattr(m, "top_k", None)
         if isinstance(k, int) and k > 0:
@@ -351,7 +377,7 @@ def find_moe_layers(model: nn.Module) -> ModelMoE:
             router = _find_router(parent, module, layout.num_experts(module))
             if router is None:
                 continue
-            found.append((name, module, layout, router, _top_k(model, parent, layout)))
+            found.append((name, module, layout, router, _top_k(model, parent, layout, module, int(router.weight.shape[1]))))
             claimed.add(name)
             break
     if not found:

@@ -13,7 +13,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(text: str) -> int:
-    """'8GiB' -> 8589934592; '1.5GB' -> 1500000000; '4096' -> 4096."""
+    """'8GiB' -> 8589934592; '1.5GB' -> 1500000000; '4096B' -> 4096."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", text.lower())
     if not m or m.group(2) not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a memory size; write it like '8GiB', '512MiB' or '2GB'")
@@ -29,6 +29,10 @@ def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_nbytes:
             f"got {type(capacity).__name__}"
         )
     if isinstance(capacity, str):
+        if re.fullmatch(r"\s*[\d.]+\s*", capacity):
+            raise ValueError(f"cache_capacity {capacity!r} is a string without a unit: pass a fraction as a float "
+                             f"({capacity.strip()} rather than '{capacity.strip()}'), a slot count as an int, or a "
+                             "budget with a unit such as '8GiB'")
         budget = parse_bytes(capacity)
         slots = budget // expert_nbytes
         if slots < 1:

@@ -1,19 +1,50 @@
-"""Load a local checkpoint with experts in host memory and the rest on the device.
+"""Load a checkpoint (a local directory or a hub id) with its experts in a host store and the rest on the device,
+never holding the whole model in host memory.
 
-The checkpoint is read by transformers onto the CPU (safetensors, with its own key conversions), so the
-device never holds the whole model; `SpeculativeMoE` then moves the experts into the host store layer by
-layer (each layer's tensors are freed as soon as they are stored) and the non-expert weights to the device.
+1. The model is built on the meta device (parameters only; buffers such as rotary tables are computed).
+2. The non-expert weights are read tensor by tensor from the safetensors shards, straight to the target device,
+   and put in place with ``load_state_dict(..., assign=True)`` (as gpt-fast does); tied weights are re-tied.
+3. The experts are never materialised in the model: `CheckpointExperts` gives `SpeculativeMoE` a host store
+   built from the files (`specmoe.runtime.checkpoint.ExpertPlan` replays transformers' key conversions):
+
+   * ``host_store="ram"``: an arena in host memory, filled expert by expert (direct byte ranges read into
+     their rows; other layouts built with tensor ops); with ``compression``, each expert is quantized as it is
+     read, so the peak is about the compressed store plus one expert.
+   * ``host_store="mmap"``: the experts stay in the checkpoint files (`runtime.store.FileStore`); each copy reads
+     the expert's byte ranges through the OS page cache, the RAM tier. This needs every expert tensor to be a
+     plain byte range of the files (the hub's per-expert keys, or fused tensors stored as the model holds them)
+     and no compression; otherwise the store is built in RAM expert by expert, and the log and
+     ``smoe.store_path`` say so and why.
+
+   Not done here: a pinned staging ring for CUDA copies from the files (copies read into pageable buffers), and
+   read-ahead of prefetched experts from disk on worker threads.
+
+A model whose conversions specmoe does not replay, or with ModuleList experts, loads through transformers'
+`from_pretrained` on the CPU instead (the whole model in host memory once), with a warning.
 """
+
+# Shape legend: L MoE layers, E experts, B bytes per expert (padded)
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .adapters import FusedExperts, ModelMoE, find_moe_layers
+from .checkpoint import ExpertPlan, SafetensorsCheckpoint
+from .store import ExpertLayout, FileStore, HostStore
 from .wrapper import SpeculativeMoE
+
+logger = logging.getLogger(__name__)
+
+HOST_STORES = ("ram", "mmap")
 
 
 def _model_class(config):
@@ -24,33 +55,166 @@ def _model_class(config):
     return AutoModelForCausalLM
 
 
-def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dtype=None, **wrapper_kwargs):
-    """Load a `save_pretrained` directory straight into a `SpeculativeMoE`.
+class CheckpointExperts:
+    """The experts of a checkpoint, as `SpeculativeMoE(expert_source=...)` wants them."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, plan: ExpertPlan, kind: str):
+        self.checkpoint, self.plan, self.kind = checkpoint, plan, kind
+        self.path = ""  # which store was built, and why: set by build_store
+
+    def _ranges(self, moe: ModelMoE, layout: ExpertLayout):
+        """(layer, e) -> per tensor the byte ranges that make it, or (None, reason)."""
+        out = {}
+        for layer in moe.layers:
+            for e in range(moe.geometry.num_experts):
+                parts = []
+                for spec in layout.specs:
+                    r = self.plan.direct_ranges(f"{layer.name}.{spec.name}", e, spec.shape, spec.dtype)
+                    if r is None:
+                        return None, f"{layer.name}.{spec.name} is not stored as plain bytes of the files " \
+                                     "(transposed, concatenated on another dim, or of another dtype)"
+                    parts.append(r)
+                out[(layer.index, e)] = parts
+        return out, ""
+
+    def build_store(self, moe: ModelMoE, layout: ExpertLayout, codec):
+        geo = moe.geometry
+        ranges, why = self._ranges(moe, layout)
+        if self.kind == "mmap" and ranges is not None and codec is None:
+            self.path = "mmap: experts read from the checkpoint files at copy time"
+            logger.info(self.path)
+            return FileStore(layout, geo.num_layers, geo.num_experts, self.checkpoint, ranges)
+        if self.kind == "mmap":
+            why = "compression re-encodes them" if codec is not None else why
+            self.path = f"ram: built expert by expert from the checkpoint, because {why}"
+            logger.warning("host_store='mmap' cannot serve copies from the files (%s); the experts are built into "
+                           "host memory instead", why)
+        else:
+            self.path = "ram: built expert by expert from the checkpoint" + (
+                " (byte ranges read into place)" if ranges is not None and codec is None else "")
+        store = HostStore(codec.layout if codec else layout, geo.num_layers, geo.num_experts)
+        reader = FileStore(layout, geo.num_layers, geo.num_experts, self.checkpoint, ranges) if ranges else None
+        big = layout.nbytes * len(store) > 2**30
+        for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
+            for e in range(geo.num_experts):
+                key = (layer.index, e)
+                if reader is not None and codec is None:
+                    reader.read_into(key, store[key])  # the files' bytes straight into the arena row
+                    continue
+                tensors = {s.name: self.plan.expert_tensor(f"{layer.name}.{s.name}", e, s.shape, s.dtype)
+                           for s in layout.specs}
+                store.write(key, codec.encode(tensors) if codec else tensors)
+        self.checkpoint.close()  # the files are not read again
+        return store
+
+
+def _meta_model(path: Path, config, dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    cls = _model_class(config)
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=dtype)
+        else:
+            model = cls.from_config(config, dtype=dtype)
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    return model.eval()
+
+
+def _checkpoint_dtype(checkpoint: SafetensorsCheckpoint, config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((e.dtype for e in checkpoint.entries.values() if e.dtype.is_floating_point), torch.float32)
+
+
+def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], device, dtype) -> None:
+    """Read every non-expert tensor to `device` and assign it into the meta model."""
+    wanted = [k for k in model.state_dict() if k not in expert_keys]
+    missing = [k for k in wanted if k not in plan.nonexpert]
+    state = {}
+    for key in wanted:
+        if key in plan.nonexpert:
+            t = plan.checkpoint.read(plan.nonexpert[key])
+            state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in expert_keys]
+    if still:
+        raise KeyError(f"the checkpoint has no tensors for {still[:5]}{' ...' if len(still) > 5 else ''} "
+                       f"(keys looked for: {missing[:5]})")
+    for module in model.modules():  # buffers computed at construction (rotary tables) follow to the device
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != torch.device(device):
+                module._buffers[name] = buf.to(device)
+
+
+def load_streaming(path: Path, *, device, dtype=None, host_store: str = "ram"):
+    """(meta model with the non-expert weights on `device`, CheckpointExperts). Raises NotImplementedError
+    where a conversion is not replayed, TypeError for a model without fused MoE experts."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    checkpoint = SafetensorsCheckpoint(path)
+    dtype = dtype or _checkpoint_dtype(checkpoint, config)
+    model = _meta_model(path, config, dtype)
+    moe = find_moe_layers(model)
+    if not all(isinstance(layer.layout, FusedExperts) for layer in moe.layers):
+        raise NotImplementedError("ModuleList experts")
+    expert_keys = {f"{layer.name}.{s.name}" for layer in moe.layers for s in moe.specs}
+    plan = ExpertPlan(checkpoint, model, sorted(expert_keys))
+    _load_nonexpert(model, plan, expert_keys, device, dtype)
+    return model, CheckpointExperts(checkpoint, plan, host_store)
+
+
+def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dtype=None, host_store: str = "ram",
+                   **wrapper_kwargs):
+    """Load a checkpoint straight into a `SpeculativeMoE`, streaming it from its safetensors files.
 
     Args:
-        path: a local directory with config.json and safetensors weights (nothing is downloaded).
+        path: a local directory with config.json and safetensors weights, or a hub id ("org/name", resolved
+            through huggingface_hub's cache; HF_HUB_OFFLINE is respected).
         device: the compute device (default: CUDA when present, else CPU).
         cache_capacity: as for `SpeculativeMoE`.
         predictor: as for `SpeculativeMoE`.
         dtype: load in this dtype (default: the checkpoint's).
-        **wrapper_kwargs: passed on to `SpeculativeMoE`.
+        host_store: "ram" (experts copied into host memory) or "mmap" (experts read from the checkpoint files;
+            see the module docstring for when that falls back to "ram").
+        **wrapper_kwargs: passed on to `SpeculativeMoE` (compression, policy, ...).
 
     Returns:
-        The wrapped model, ready for `.generate`.
+        The wrapped model, ready for `.generate`; ``smoe.store_path`` says which host store was built.
 
     Raises:
-        FileNotFoundError: `path` is not a directory with a config.json.
-        TypeError / ValueError: as `SpeculativeMoE` (dense model, bad capacity, ...).
+        FileNotFoundError: `path` is neither a checkpoint directory nor a hub id in the cache.
+        TypeError / ValueError: as `SpeculativeMoE` (dense model, bad capacity, ...), or a bad `host_store`.
     """
-    path = Path(path)
+    from ..hub import resolve_model
+
+    if host_store not in HOST_STORES:
+        raise ValueError(f"host_store must be one of {HOST_STORES}, got {host_store!r}")
+    path = resolve_model(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json); "
                                 "load_offloaded reads what save_pretrained writes")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = _model_class(config).from_pretrained(
-        path, dtype=dtype if dtype is not None else "auto", device_map="cpu", local_files_only=True
-    )
-    model.eval()
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return SpeculativeMoE(model, predictor, cache_capacity, device=device, **wrapper_kwargs)
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    try:
+        model, source = load_streaming(path, device=device, dtype=dtype, host_store=host_store)
+    except NotImplementedError as err:
+        logger.warning("cannot stream %s (%s not replayed); loading it whole on the CPU with from_pretrained", path,
+                       err)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model = _model_class(config).from_pretrained(
+            path, dtype=dtype if dtype is not None else "auto", device_map="cpu", local_files_only=True
+        ).eval()
+        source = None
+    smoe = SpeculativeMoE(model, predictor, cache_capacity, device=device, expert_source=source, **wrapper_kwargs)
+    smoe.store_path = source.path if source is not None else "ram: copied from the model loaded by from_pretrained"
+    logger.info("loaded %s in %.1f s; host store: %s", path, time.perf_counter() - t0, smoe.store_path)
+    return smoe

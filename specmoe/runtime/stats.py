@@ -37,6 +37,15 @@ class Stats:
         for layer in self.per_layer:
             self.total.add(layer)
 
+    # The totals read directly: ``stats.hits`` is ``stats.total.hits``.
+    hits = property(lambda self: self.total.hits, doc="routed experts found resident or in flight, all layers")
+    hits_in_flight = property(lambda self: self.total.hits_in_flight, doc="of the hits, those still copying")
+    misses = property(lambda self: self.total.misses, doc="routed experts fetched on demand, all layers")
+    prefetch_issued = property(lambda self: self.total.prefetch_issued)
+    prefetch_used = property(lambda self: self.total.prefetch_used)
+    prefetch_wasted = property(lambda self: self.total.prefetch_wasted)
+    bytes_moved = property(lambda self: self.total.bytes_moved, doc="host -> device bytes, all layers")
+
     @property
     def hit_rate(self) -> float:
         n = self.total.hits + self.total.misses
@@ -60,6 +69,11 @@ class Stats:
             "chunked_calls": self.chunked_calls,
             "per_layer": [asdict(s) for s in self.per_layer],
         }
+
+    def summary(self) -> str:
+        """One line: hit rate, MiB moved and stall."""
+        return (f"hit rate {self.hit_rate:.3f} ({self.hits} hits, {self.misses} misses), "
+                f"{self.bytes_moved / 2**20:.1f} MiB moved, stall {self.stall_s * 1e3:.1f} ms")
 
     def __str__(self) -> str:
         t = self.total

@@ -136,3 +136,62 @@ class HostStore(Mapping):
         if self.pinned:
             unpin_tensor(self.arena)
             self.pinned = False
+
+
+class FileStore(Mapping):
+    """The `host_store="mmap"` backend: every expert stays in the checkpoint files, and the OS page cache is the
+    RAM tier. ``store[(layer, e)]`` reads the expert's byte ranges (`os.preadv`, nothing mapped, so the
+    process's resident memory does not grow with the experts it has touched) into a new [B] buffer laid out as
+    `layout`, which the copy engine then moves to a slot.
+
+    Args:
+        ranges: (layer, expert) -> per tensor of `layout.specs`, the [(file, offset, nbytes)] that make it.
+    """
+
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, checkpoint, ranges: dict):
+        self.layout = layout
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.checkpoint = checkpoint
+        self.ranges = ranges
+        self.pinned = False
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        if key not in self.ranges:
+            raise KeyError(key)
+        buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8)  # [B]
+        self.read_into(key, buffer)
+        return buffer
+
+    def read_into(self, key: tuple[int, int], buffer: torch.Tensor) -> None:
+        for spec, parts in zip(self.layout.specs, self.ranges[key]):
+            at = self.layout.offsets[spec.name]
+            for file, offset, nbytes in parts:
+                self.checkpoint.read_range(file, offset, buffer[at : at + nbytes])
+                at += nbytes
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((layer, e) for layer in range(self.num_layers) for e in range(self.num_experts))
+
+    def __len__(self) -> int:
+        return self.num_layers * self.num_experts
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # host memory held: none (the files and the page cache hold the experts)
+
+    def expert(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self.layout.unpack(self[key])
+
+    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """A layer's experts read into one new [E, B] buffer, as typed views name -> [E, *shape]."""
+        rows = torch.empty(self.num_experts, self.layout.nbytes, dtype=torch.uint8)  # [E, B]
+        for e in range(self.num_experts):
+            self.read_into((layer, e), rows[e])
+        return self.layout.views(rows)
+
+    def pin(self) -> None:
+        pass  # copies read into fresh pageable buffers; see the module docstring of runtime.loading
+
+    def close(self) -> None:
+        self.checkpoint.close()

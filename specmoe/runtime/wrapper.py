@@ -34,6 +34,20 @@ from .store import ExpertLayout, HostStore
 from .transfer import make_engine
 
 COMPUTE = ("auto", "gather", "pool", "triton")
+_MISSING = object()  # an attribute that was not set on the instance
+
+
+def _check_materialised(model: nn.Module, moe: ModelMoE, streamed: bool) -> None:
+    """Refuse a model whose weights are on the meta device (accelerate's disk or CPU offload), before any change."""
+    expert_ids = {id(p) for layer in moe.layers for p in layer.experts.parameters()} if streamed else set()
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in expert_ids]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} weights of this model are on the meta device (e.g. {meta[0]}): it was loaded with "
+            "accelerate offloading (device_map with 'disk' or 'cpu' entries), whose hooks load weights at each call. "
+            "SpeculativeMoE offloads the experts itself: load the model without offloading, or let "
+            "specmoe.load_offloaded(path) stream it from its safetensors files (it never holds the whole model in "
+            "memory)")
 
 
 def _model_devices(model: nn.Module) -> set[torch.device]:
@@ -91,6 +105,9 @@ class SpeculativeMoE:
         compression: None (default) or "int8" / "int4" / "int4-g128": the host keeps experts compressed
             (`specmoe.kernels.quant`), copies move the compressed bytes and slots are dequantized on the
             device. Changes numerics (and `unwrap()` returns the dequantized experts).
+        expert_source: where the experts' bytes come from when the model's experts modules do not hold them
+            (`specmoe.load_offloaded` builds the model with its experts on the meta device and passes a
+            `runtime.loading.CheckpointExperts`); an object with ``build_store(moe, layout, codec)``.
 
     Raises:
         TypeError: not an MoE model of a supported layout, or a predictor/capacity of the wrong type.
@@ -111,11 +128,13 @@ class SpeculativeMoE:
         max_prefetch_inflight: int | None = None,
         compute: str | None = None,
         compression: str | None = None,
+        expert_source=None,
     ):
         # ---- validate everything before touching the model ------------------------------------
         if getattr(model, "_specmoe_wrapper", None) is not None:
             raise ValueError("this model is already wrapped by SpeculativeMoE; call .unwrap() on that wrapper first")
         moe: ModelMoE = find_moe_layers(model)
+        _check_materialised(model, moe, streamed=expert_source is not None)
         geo = moe.geometry
         _check_predictor(predictor)
         layout = ExpertLayout(moe.specs)
@@ -126,11 +145,12 @@ class SpeculativeMoE:
         self.codec = make_codec(compression, layout)
         staging = 2 * self.codec.layout.nbytes if self.codec else 0  # one per copy stream
         self._check_device_memory(model, moe, num_slots * layout.nbytes + staging)
-        self.prefetch_width = prefetch_width or geo.top_k
+        for name, value in (("prefetch_width", prefetch_width), ("max_prefetch_inflight", max_prefetch_inflight)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 (or None for the default), got {value!r}")
+        self.prefetch_width = prefetch_width if prefetch_width is not None else geo.top_k
         self._inflight_bound = max_prefetch_inflight  # None: follows the predictor's lookahead
         self.max_prefetch_inflight = self._default_inflight(predictor, geo)
-        if self.prefetch_width < 1 or self.max_prefetch_inflight < 1:
-            raise ValueError("prefetch_width and max_prefetch_inflight must be >= 1")
         self.compute = compute or "auto"
         if self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
@@ -151,14 +171,22 @@ class SpeculativeMoE:
         self._orig_devices = _model_devices(model)
         self._orig_expert_device = [next(iter(layer.layout.expert_tensors(layer.experts, 0).values())).device
                                     for layer in moe.layers]
+        # experts never materialised (streamed from a checkpoint) come back to host memory on unwrap()
+        self._orig_expert_device = [torch.device("cpu") if d.type == "meta" else d for d in self._orig_expert_device]
         self._saved: list[dict] = []
         self._handles: list = []
+        self._patches: list[tuple[nn.Module, str, object]] = []  # (module, attribute, what was there)
 
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
-            self.store = HostStore(self.codec.layout if self.codec else layout, geo.num_layers, geo.num_experts)
+            if expert_source is not None:
+                self.store = expert_source.build_store(moe, layout, self.codec)
+                self._saved = [layer.layout.remove(layer.experts) for layer in moe.layers]  # meta tensors
+            else:
+                self.store = HostStore(self.codec.layout if self.codec else layout, geo.num_layers, geo.num_experts)
             big = self.store.nbytes > 2**30  # a progress bar only where it takes a while
-            for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
+            for layer in tqdm(moe.layers if expert_source is None else (), desc="experts -> host store",
+                              unit="layer", disable=not big, leave=False):
                 for e in range(geo.num_experts):
                     tensors = layer.layout.expert_tensors(layer.experts, e)
                     self.store.write((layer.index, e), self.codec.encode(tensors) if self.codec else tensors)
@@ -180,11 +208,18 @@ class SpeculativeMoE:
         self.reset_stats()
 
     # ---- public API -----------------------------------------------------------------------------
+    def _check_wrapped(self, what: str) -> None:
+        if self.__dict__.get("pool") is None:
+            raise RuntimeError(f"{what} on a SpeculativeMoE after unwrap(): the model is no longer offloaded; use "
+                               "the model unwrap() returned, or wrap it again")
+
     def __call__(self, *args, **kwargs):
+        self._check_wrapped("call")
         return self.model(*self._to_device(args), **self._to_device(kwargs))
 
     def generate(self, *args, **kwargs):
         """`model.generate` with the runtime in the loop; the predictor starts afresh."""
+        self._check_wrapped("generate")
         self._reset_state()
         return self.model.generate(*self._to_device(args), **self._to_device(kwargs))
 
@@ -193,7 +228,9 @@ class SpeculativeMoE:
 
         Raises:
             TypeError / ValueError: as the constructor, for a non-predictor or another geometry.
+            RuntimeError: after `unwrap()`.
         """
+        self._check_wrapped("set_predictor")
         if predictor is not None:
             _check_predictor(predictor)
             predictor.bind(self.geometry, [layer.router for layer in self.moe.layers])
@@ -203,7 +240,7 @@ class SpeculativeMoE:
 
     def _default_inflight(self, predictor, geo) -> int:
         lookahead = getattr(predictor, "lookahead", 1) if predictor is not None else 1
-        return self._inflight_bound or 2 * geo.top_k * lookahead
+        return self._inflight_bound if self._inflight_bound is not None else 2 * geo.top_k * lookahead
 
     @property
     def stats(self) -> Stats:
@@ -256,19 +293,34 @@ class SpeculativeMoE:
         if isinstance(layer.layout, FusedExperts):
             if self._model_compute == "pool":
                 layer.layout.bind_pool(experts, self.pool.views)
-            experts.forward = lambda *a, _l=layer, **kw: self._fused_forward(_l, a, kw)
+            self._patch_forward(experts, lambda *a, _l=layer, **kw: self._fused_forward(_l, a, kw))
         else:
-            experts.forward = lambda *a, _l=layer, **kw: self._modulelist_forward(_l, a, kw)
+            self._patch_forward(experts, lambda *a, _l=layer, **kw: self._modulelist_forward(_l, a, kw))
             for e, expert in enumerate(layer.layout.experts_list(experts)):
                 self._handles.append(expert.register_forward_pre_hook(self._expert_pre_hook(layer, e)))
                 self._handles.append(expert.register_forward_hook(self._expert_post_hook(layer)))
+
+    def _patch_forward(self, module: nn.Module, forward: Callable) -> None:
+        """Route `module`'s calls to `forward`, composing with an accelerate hook as `add_hook_to_module` does:
+        where a hook is installed, its `_old_forward` (what the hook calls) is replaced, so the hook's
+        pre/post-forward keep running; elsewhere the instance's `forward`. `_restore_model` puts back exactly
+        what was there."""
+        attr = "_old_forward" if getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__ \
+            else "forward"
+        self._patches.append((module, attr, module.__dict__.get(attr, _MISSING)))
+        setattr(module, attr, forward)
 
     def _restore_model(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for module, attr, old in reversed(getattr(self, "_patches", [])):
+            if old is _MISSING:
+                module.__dict__.pop(attr, None)
+            else:
+                setattr(module, attr, old)
+        self._patches = []
         for layer, saved in zip(self.moe.layers, self._saved):
-            layer.experts.__dict__.pop("forward", None)
             data = {}
             if self.codec is not None:  # decompressed copies
                 host = self.codec.decode_layer(self.store, layer.index)

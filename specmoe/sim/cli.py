@@ -4,6 +4,7 @@ simulator against a GPU measurement (`--validate`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..bench.environment import environment
@@ -24,20 +25,23 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"hardware profiles: {', '.join(sorted(PROFILES))}")
     p.add_argument("--compression", nargs="+", default=["none"], metavar="SCHEME",
                    help="host storage of experts to simulate: none, int8, int4-g128, ... (each shape once per scheme)")
-    p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "prediction-aware", "belady"])
+    p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="cache capacities, fractions of all experts (default 0.25 0.5 0.75)")
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "prediction-aware", "belady"],
+                   help="eviction policies: lru, lfu, prediction-aware, belady (default: all four)")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
                    help="oracle, pregate, or directories of saved predictors (pregate and hidden-state predictors "
                         "need --model for routers and hidden states in the trace; history and interlayer do not)")
-    p.add_argument("--model", help="model whose routers the pre-gate uses (default: the reference model)")
+    p.add_argument("--model", help="model whose routers the pre-gate uses: a directory or hub id (default: the reference model)")
     p.add_argument("--lookahead", type=int, default=1, help="lookahead of the oracle and the pre-gate")
-    p.add_argument("--compute", default="hf-eager", choices=["hf-eager", "roofline"])
+    p.add_argument("--compute", default="hf-eager", choices=["hf-eager", "roofline"],
+                   help="compute-time model: hf-eager (transformers' eager kernels, default) or roofline")
     p.add_argument("--context", type=int, default=512, help="KV tokens read per decode step")
     p.add_argument("--warmup", type=int, default=64, help="passes replayed before measuring")
     p.add_argument("--max-passes", type=int, default=None, help="replay only the first N passes")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: specmoe-sim/, or the measured JSON's directory with --validate)")
-    p.add_argument("--name", default="simulate")
+    p.add_argument("--name", default="simulate", help="file stem of the outputs (default: simulate)")
     p.add_argument("--validate", type=Path, metavar="RESULT_JSON",
                    help="compare the simulator with a measured run (benchmarks/shape_real.py output) instead")
     p.add_argument("--validate-profile", choices=sorted(PROFILES),
@@ -65,7 +69,9 @@ def _routers(model_path: str | None):
     if model_path:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+        from ..hub import resolve_model
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(model_path), local_files_only=True)
     else:
         try:
             from ..reference.model import load_reference_model
@@ -138,6 +144,11 @@ def run_simulate(args: argparse.Namespace) -> int:
             raise SystemExit(f"the trace has L={stream.num_layers} k={stream.top_k} E={stream.num_experts or '?'}; "
                              f"none of {args.shapes} has that routing geometry (without --trace their memory rows "
                              "are still computed)")
+        if settings.warmup_passes >= stream.num_passes:  # a short trace: keep at least one measured pass
+            warmup = stream.num_passes // 2
+            print(f"note: the trace has {stream.num_passes} passes, not more than --warmup {settings.warmup_passes}; "
+                  f"warming up on {warmup}")
+            settings = dataclasses.replace(settings, warmup_passes=warmup)
         num_experts = matching[0].num_experts
         predictors = _replays(stream, args.predictors, args.lookahead, args.model, num_experts)
         described = f"{args.trace} ({stream.num_passes} passes, {stream.num_tokens} tokens)"

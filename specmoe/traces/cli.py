@@ -27,11 +27,14 @@ def load_model_and_tokenizer(spec: str, device=None, dtype: str | None = None):
         return load_reference_model(device=device, dtype=torch_dtype), load_reference_tokenizer(), "specmoe-reference"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(spec)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {spec!r} is neither 'reference' nor a local model directory")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, local_files_only=True)
+    from ..hub import has_tokenizer, resolve_model
+
+    path = resolve_model(spec)
+    if not has_tokenizer(path):  # before loading the model or scanning any text
+        raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
+                                "collect needs the model's tokenizer: save it there with tokenizer.save_pretrained")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype or torch.float32, local_files_only=True)
     return model.to(device).eval(), tokenizer, str(path)
 
 
@@ -60,7 +63,7 @@ def default_text(spec: str, pattern: str = "*.py") -> tuple[list[Path], dict]:
 
 
 def add_collect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=REFERENCE, help="'reference' (default) or a save_pretrained directory")
+    p.add_argument("--model", default=REFERENCE, help="'reference' (default), a save_pretrained directory or a hub id")
     p.add_argument("--out", type=Path, required=True, help="trace directory to write")
     p.add_argument("--text", nargs="+", type=Path, default=None,
                    help="text files or directories (default: the reference model's held-out corpus files, or for "

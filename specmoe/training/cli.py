@@ -18,15 +18,23 @@ TRAINING_LOG = "training.json"
 def _add_split_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("traces", type=Path, help="trace directory written by `specmoe collect`")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split by sequence")
-    p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                   help="shares of the sequences for train/val/test (default 0.8 0.1 0.1)")
     p.add_argument("--max-tokens", type=int, default=None, help="load at most about this many trace tokens")
     p.add_argument("--lookahead", type=int, default=2, help="target layers l+1..l+D (default 2)")
 
 
 def _load_splits(args, hidden: bool = True):
+    import torch
+
     from ..traces.dataset import load_traces
 
     trace = load_traces(args.traces, hidden=hidden, max_tokens=args.max_tokens)
+    for layer, h in trace.hidden.items():  # [N, H]
+        bad = int((~torch.isfinite(h)).any(dim=-1).sum())
+        if bad:
+            raise ValueError(f"{args.traces}: {bad} of {h.shape[0]} hidden states entering MoE layer {layer} are "
+                             "NaN or infinite; collect the trace again (e.g. with --dtype float32)")
     return trace.split(tuple(args.fractions), seed=args.split_seed)
 
 
@@ -46,14 +54,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ff", type=int, default=None, help="feed-forward width (interlayer)")
     p.add_argument("--no-router-init", dest="router_init", action="store_false",
                    help="hidden: start from random weights instead of the next layers' routers")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--val-tokens", type=int, default=d.val_tokens)
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps at most (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="tokens per training batch (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up steps (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="validate every this many steps (default %(default)s)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many validations without improvement (default %(default)s)")
+    p.add_argument("--val-tokens", type=int, default=d.val_tokens,
+                   help="validation tokens per evaluation (default %(default)s)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this much wall time")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, batches and dropout")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")

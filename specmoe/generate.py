@@ -1,0 +1,136 @@
+"""`specmoe generate`: load a model with its experts offloaded, generate from a prompt, stream the tokens.
+
+    specmoe generate --prompt "def fibonacci(n):"                      # the packaged reference model
+    specmoe generate --model Qwen/Qwen1.5-MoE-A2.7B --chat --prompt "Why is the sky blue?" --capacity 0.25
+
+The model loads through `specmoe.load_offloaded` (experts streamed from the safetensors into the host store,
+never the whole model in memory); tokens are printed as they come through transformers' `TextStreamer`, and
+one line of runtime figures ends the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REFERENCE = "reference"
+PREDICTORS = ("pregate", "none")
+COMPRESSION = ("none", "int8", "int4", "int4-g128")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=REFERENCE,
+                   help="'reference' (default: the packaged reference model), a save_pretrained directory or a hub id")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--capacity", default="0.5",
+                   help="device cache: a fraction of all experts in (0, 1], a slot count, or a budget like 8GiB "
+                        "(default 0.5)")
+    p.add_argument("--predictor", default="pregate",
+                   help="pregate (default), none (LRU on demand), or a saved predictor directory")
+    p.add_argument("--compression", default="none", choices=COMPRESSION,
+                   help="keep the experts compressed on the host (changes numerics; default none)")
+    p.add_argument("--host-store", default="ram", choices=("ram", "mmap"),
+                   help="ram: experts copied into host memory (default); mmap: read from the checkpoint files")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default: the checkpoint's; float32 for the reference model on CPU)")
+
+
+def parse_capacity(text: str) -> float | int | str:
+    """'0.5' -> 0.5, '96' -> 96 slots, '8GiB' -> '8GiB'."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _predictor(name: str, geometry=None):
+    from .predictors import PreGatePredictor, load_predictor
+
+    if name == "none":
+        return None
+    if name == "pregate":
+        return PreGatePredictor()
+    if not (Path(name) / "config.json").is_file():
+        raise FileNotFoundError(f"--predictor {name!r}: not one of {', '.join(PREDICTORS)} nor a saved predictor "
+                                "directory (config.json + model.safetensors)")
+    return load_predictor(name)
+
+
+class _StreamClock:
+    """Prints tokens as they come (transformers' TextStreamer) and marks the first new token's time."""
+
+    def __init__(self, tokenizer):
+        from transformers import TextStreamer
+
+        self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.puts, self.first = 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+        self.text.put(value)
+
+    def end(self):
+        self.text.end()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .bench.timing import sync_device
+    from .runtime.loading import load_offloaded
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.model == REFERENCE:
+        from .reference.model import CHECKPOINT_DIR, default_dtype, load_reference_tokenizer
+
+        path, tokenizer = CHECKPOINT_DIR, load_reference_tokenizer()
+        dtype = dtype or default_dtype(device)
+    else:
+        from .hub import resolve_model
+
+        path = resolve_model(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    predictor = _predictor(args.predictor)
+    smoe = load_offloaded(path, device=device, cache_capacity=parse_capacity(args.capacity), predictor=predictor,
+                          dtype=dtype, host_store=args.host_store,
+                          compression=None if args.compression == "none" else args.compression)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {args.model} has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty after tokenization")
+    streamer = _StreamClock(tokenizer)
+    sys.stdout.write(args.prompt if not args.chat else "")
+    sys.stdout.flush()
+    with torch.no_grad():
+        out = smoe.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                            do_sample=False, streamer=streamer,
+                            pad_token_id=smoe.model.generation_config.pad_token_id or tokenizer.pad_token_id
+                            or tokenizer.eos_token_id)
+    sync_device(device)
+    end = time.perf_counter()
+    new = out.shape[1] - ids.shape[1]
+    decode_s = end - streamer.first if streamer.first is not None else 0.0
+    tok_s = f"{(new - 1) / decode_s:.1f} tok/s decode" if new > 1 and decode_s > 0 else "no decode step"
+    print(f"[{new} tokens, {tok_s}; {smoe.stats.summary()}]")
+    return 0
