@@ -72,7 +72,7 @@ def test_every_option_of_every_command_has_help():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, (module, _) in COMMANDS.items():
         p = sub.choices[name]
-        getattr(importlib.import_module(module), f"add_{name}_arguments")(p)
+        getattr(importlib.import_module(module), f"add_{name.replace('-', '_')}_arguments")(p)
         bare = [a.option_strings or a.dest for a in p._actions
                 if not a.help and not isinstance(a, argparse._HelpAction)]
         assert not bare, f"specmoe {name}: no help text for {bare}"

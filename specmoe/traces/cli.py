@@ -129,7 +129,7 @@ def run_import_routing(args: argparse.Namespace) -> int:
                                   hidden_size=args.hidden_size, dtype=args.dtype, max_sequences=args.max_sequences,
                                   ragged=args.ragged, shard_tokens=args.shard_tokens, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise SystemExit(f"specmoe import-routing: {err}") from None
+        raise SystemExit(str(err)) from None
     dropped = manifest.source["records_dropped"]
     print(f"wrote {manifest.num_tokens} tokens in {manifest.num_sequences} sequences ({manifest.geometry}, "
           f"{manifest.model}, no hidden states" + (f", {dropped} ragged records dropped" if dropped else "") +
