@@ -16,11 +16,11 @@ On CPU the kernels run in triton's interpreter when TRITON_INTERPRET=1 was set b
 from .jit import triton_runs_on
 from .launch_config import LaunchConfigs, MoEKernelConfig, launch_configs, shape_key
 from .experts_kernel import align_pairs, fused_experts, kernel_activation, moe_experts
-from .quant import QuantFormat, dequantize, dequantize_into, fake_quantize, quantize
+from .quant import QuantFormat, QuantizedStack, dequantize, dequantize_into, fake_quantize, quantize
 from .reference import ACTIVATIONS, experts_reference
 
 __all__ = [
-    "ACTIVATIONS", "LaunchConfigs", "MoEKernelConfig", "QuantFormat", "align_pairs", "dequantize",
+    "ACTIVATIONS", "LaunchConfigs", "MoEKernelConfig", "QuantFormat", "QuantizedStack", "align_pairs", "dequantize",
     "dequantize_into", "experts_reference", "fake_quantize", "fused_experts", "kernel_activation",
     "launch_configs", "moe_experts", "quantize", "shape_key", "triton_runs_on",
 ]
