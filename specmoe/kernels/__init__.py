@@ -3,8 +3,8 @@
 * `experts_kernel`: one MoE layer's routed experts (gate/up, activation, down, weighted top-k sum) computed
   from the cache's slot pool through the expert->slot table (`fused_experts`; `moe_experts` falls back to
   `reference.experts_reference` where Triton cannot run).
-* `quant`: int8 per-channel / int4 group-wise expert compression and the dequantize kernel that rebuilds a
-  slot on the device.
+* `quant`: int8 per-channel / int4 group-wise expert compression, `QuantizedStack` (a compressed slot pool's
+  matrices, which `fused_experts` / `experts_reference` read directly) and a dequantize kernel.
 * `launch_config`: launch configurations as data (`configs/*.json`, per device, shape and token bucket),
   with a logged fallback to untuned defaults; `benchmarks/autotune_moe_kernel.py` writes them on a GPU.
 * `measure`: the kernel vs transformers' experts on one slot pool (benchmark and autotune scripts).

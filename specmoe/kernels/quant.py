@@ -1,5 +1,6 @@
-"""Compressed expert weights: int8 per-channel and int4 group-wise, quantized on the host, dequantized on the
-device by a Triton kernel (with a PyTorch reference that is also the CPU fallback).
+"""Compressed expert weights: int8 per-channel and int4 group-wise, quantized on the host and kept compressed in
+the cache slots; the fused experts kernel dequantizes them in registers (`QuantizedStack` is how it receives a
+compressed pool), and `dequantize` is the PyTorch reference (also a Triton dequantize kernel, `dequantize_into`).
 
 A matrix W [N, K] (the stored 2-D weight; rows are output channels for transformers' [out, in] weights) is
 held as:
