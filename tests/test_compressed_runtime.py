@@ -173,3 +173,15 @@ def test_fallback_says_why_once(caplog):
     assert caplog.text.count("cannot run the model's experts on compressed slots") == 1
     with pytest.warns(UserWarning):
         smoe.unwrap()
+
+
+@needs_triton
+def test_kernel_fallback_for_unsupported_layers_says_why(caplog):
+    model = build_tiny("gpt_oss")  # transposed experts with biases: the kernel does not apply
+    with caplog.at_level(logging.INFO, logger="specmoe.runtime.fused_compute"):
+        smoe = SpeculativeMoE(model, None, compression="int4", compute="triton")
+    assert smoe._fused.activation == {}
+    lines = [r.getMessage() for r in caplog.records if "does not support it" in r.getMessage()]
+    assert len(lines) == 2 and all("dequantized into a scratch" in line for line in lines)  # one per MoE layer
+    with pytest.warns(UserWarning):
+        smoe.unwrap()
