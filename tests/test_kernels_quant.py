@@ -1,5 +1,5 @@
 """Compressed experts: int8 / int4 round trips within their error bounds, the dequantize kernel against the
-reference, the codec's byte layouts, and wrapped compressed models against quantize-dequantized models."""
+reference, the codec's byte layouts (the runtime with compressed slots: test_compressed_runtime.py)."""
 
 # Shape legend: N rows, K columns, G group size
 
@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import build_tiny, make_inputs
+from conftest import build_tiny
 
 from specmoe import SpeculativeMoE
 from specmoe.kernels import QuantFormat, dequantize, dequantize_into, fake_quantize, quantize
@@ -125,53 +125,6 @@ def test_codec_round_trip(scheme):
     for name, got in codec.slot_layout.unpack(dst).items():
         want = tensors[name] if tensors[name].dim() == 1 else fake_quantize(tensors[name], codec.fmt)
         assert torch.equal(got, want), name
-
-
-def fake_quantized(model, fmt):
-    moe = find_moe_layers(model)
-    with torch.no_grad():
-        for layer in moe.layers:
-            for e in range(moe.geometry.num_experts):
-                for t in layer.layout.expert_tensors(layer.experts, e).values():
-                    if t.dim() == 2:
-                        t.copy_(fake_quantize(t, fmt))
-    return model
-
-
-@pytest.mark.parametrize("family,scheme,transfer,kernel", [
-    ("mixtral", "int8", None, False), ("qwen2_moe", "int4", "thread", False), ("gpt_oss", "int4", None, False),
-    ("switch_transformers", "int8", None, False), ("olmoe", "int4", None, True)])
-def test_compressed_model_equals_quantize_dequantized_model(family, scheme, transfer, kernel):
-    """`kernel`: slots are rebuilt by the dequantize kernel (interpreted on CPU), else by the reference."""
-    if kernel and not triton_runs_on(DEVICE):
-        pytest.skip("Triton cannot run here")
-    fmt = QuantFormat.parse(scheme)
-    model = build_tiny(family)
-    reference = fake_quantized(build_tiny(family), fmt)
-    original = build_tiny(family)
-    inputs = make_inputs(model, batch=2, length=6, left_pad=True)
-    new = 2 if kernel else 4
-    extra = {"decoder_input_ids": inputs["input_ids"][:, :3]} if model.config.is_encoder_decoder else {}
-    with torch.no_grad():
-        want_tokens = reference.generate(**inputs, max_new_tokens=new, do_sample=False)
-        want_logits = reference(**inputs, **extra).logits
-        orig_logits = original(**inputs, **extra).logits
-
-    smoe = SpeculativeMoE(model, None, cache_capacity=0.5, compression=scheme, transfer=transfer)
-    with torch.no_grad(), (contextlib.nullcontext() if kernel else reference_dequant()):
-        tokens = smoe.generate(**inputs, max_new_tokens=new, do_sample=False)
-        logits = smoe(**inputs, **extra).logits
-    stats, memory = smoe.stats, smoe.memory()
-    smoe.unwrap()
-
-    assert torch.equal(tokens, want_tokens)
-    torch.testing.assert_close(logits, want_logits, atol=2e-5, rtol=1e-4)
-    assert (logits - orig_logits).abs().max() > 1e-4  # compression did change the numerics
-    swaps = stats.total.misses + stats.total.prefetch_issued
-    assert swaps > 0 and stats.total.bytes_moved == swaps * memory["host_expert_bytes"]
-    assert memory["host_expert_bytes"] * 3 < memory["slot_bytes"]  # fp32 experts: int8 ~4x, int4 ~6x smaller
-    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
-        assert torch.equal(got, want), name  # unwrap gives back the dequantized experts
 
 
 def test_unknown_compression_is_refused_before_touching_the_model():

@@ -126,7 +126,8 @@ def test_compressed_shape_transfer_bytes():
     shape = ModelShape.from_name("qwen1.5-moe-a2.7b")
     assert shape.transfer_bytes == shape.slot_bytes and shape.compression == "none"
     int8 = shape.compressed("int8")
-    assert int8.name == "qwen1.5-moe-a2.7b+int8" and int8.slot_bytes == shape.slot_bytes
+    assert int8.name == "qwen1.5-moe-a2.7b+int8" and int8.uncompressed_slot_bytes == shape.slot_bytes
+    assert int8.slot_bytes == int8.transfer_bytes  # slots hold the compressed expert
     assert 1.9 < shape.slot_bytes / int8.transfer_bytes < 2.0  # int8 codes + one fp16 scale per row
     assert 3.5 < shape.slot_bytes / shape.compressed("int4-g128").transfer_bytes < 4.0
     assert int8.compressed("none") == shape

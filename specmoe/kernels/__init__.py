@@ -3,8 +3,8 @@
 * `experts_kernel`: one MoE layer's routed experts (gate/up, activation, down, weighted top-k sum) computed
   from the cache's slot pool through the expert->slot table (`fused_experts`; `moe_experts` falls back to
   `reference.experts_reference` where Triton cannot run).
-* `quant`: int8 per-channel / int4 group-wise expert compression and the dequantize kernel that rebuilds a
-  slot on the device.
+* `quant`: int8 per-channel / int4 group-wise expert compression, `QuantizedStack` (a compressed slot pool's
+  matrices, which `fused_experts` / `experts_reference` read directly) and a dequantize kernel.
 * `launch_config`: launch configurations as data (`configs/*.json`, per device, shape and token bucket),
   with a logged fallback to untuned defaults; `benchmarks/autotune_moe_kernel.py` writes them on a GPU.
 * `measure`: the kernel vs transformers' experts on one slot pool (benchmark and autotune scripts).
@@ -16,11 +16,11 @@ On CPU the kernels run in triton's interpreter when TRITON_INTERPRET=1 was set b
 from .jit import triton_runs_on
 from .launch_config import LaunchConfigs, MoEKernelConfig, launch_configs, shape_key
 from .experts_kernel import align_pairs, fused_experts, kernel_activation, moe_experts
-from .quant import QuantFormat, dequantize, dequantize_into, fake_quantize, quantize
+from .quant import QuantFormat, QuantizedStack, dequantize, dequantize_into, fake_quantize, quantize
 from .reference import ACTIVATIONS, experts_reference
 
 __all__ = [
-    "ACTIVATIONS", "LaunchConfigs", "MoEKernelConfig", "QuantFormat", "align_pairs", "dequantize",
+    "ACTIVATIONS", "LaunchConfigs", "MoEKernelConfig", "QuantFormat", "QuantizedStack", "align_pairs", "dequantize",
     "dequantize_into", "experts_reference", "fake_quantize", "fused_experts", "kernel_activation",
     "launch_configs", "moe_experts", "quantize", "shape_key", "triton_runs_on",
 ]

@@ -24,6 +24,7 @@ import torch
 
 from .jit import interpreting, jit, triton_runs_on
 from .launch_config import MoEKernelConfig, launch_configs, shape_key
+from .quant import QuantizedStack
 from .reference import ACTIVATIONS, experts_reference
 
 try:  # triton is optional: without it every entry point falls back to the torch reference
@@ -39,11 +40,36 @@ _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, g
 
 
 @jit
+def _load_weight(w, s, z, rows, cols, stride_n, stride_k, stride_sn, mask, wdt: tl.constexpr,
+                 QBITS: tl.constexpr, GROUP: tl.constexpr):
+    """A tile of one slot's weight matrix at (rows, cols) (broadcastable index tiles), in the weights' dtype.
+
+    QBITS 0: plain weights. 8: int8 codes times the row's scale. 4: two codes per byte (even column in the
+    low nibble), code * scale + zero of the (row, column group). Same math as `quant.dequantize`: float32,
+    then one rounding to the weights' dtype.
+    """
+    if QBITS == 0:
+        return tl.load(w + rows * stride_n + cols * stride_k, mask=mask, other=0.0)
+    if QBITS == 8:
+        q = tl.load(w + rows * stride_n + cols * stride_k, mask=mask, other=0).to(tl.float32)
+        scale = tl.load(s + rows * stride_sn, mask=mask, other=0.0).to(tl.float32)
+        return (q * scale).to(wdt)
+    byte = tl.load(w + rows * stride_n + (cols // 2) * stride_k, mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((cols % 2) * 4)) & 15
+    g = rows * stride_sn + cols // GROUP
+    scale = tl.load(s + g, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z + g, mask=mask, other=0.0).to(tl.float32)
+    return (code.to(tl.float32) * scale + zero).to(wdt)
+
+
+@jit
 def _fused_experts_kernel(
     x_ptr,  # [T, H] in the weights' dtype
     out_ptr,  # [T, H] float32, zeroed
-    w1_ptr,  # gate_up [S, 2I, H], slot-strided
-    w2_ptr,  # down [S, H, I], slot-strided
+    w1_ptr,  # gate_up [S, 2I, H] slot-strided (compressed: qweight [S, 2I, H] int8 / [S, 2I, Hp/2] uint8)
+    w2_ptr,  # down [S, H, I] slot-strided (compressed: qweight [S, H, I] int8 / [S, H, Ip/2] uint8)
+    s1_ptr, z1_ptr,  # compressed gate_up: scales [S, 2I] f32 (int8) / [S, 2I, Hp/G] f16 and zeros (int4)
+    s2_ptr, z2_ptr,  # compressed down: scales [S, H] / [S, H, Ip/G] and zeros
     table_ptr,  # [E] expert -> slot, -1 absent
     pairs_ptr,  # [num_blocks * BLOCK_T] sorted pair ids, P = padding (unused when BLOCK_T == 1)
     block_expert_ptr,  # [num_blocks] expert of each block, -1 = nothing to do
@@ -52,7 +78,10 @@ def _fused_experts_kernel(
     stride_xt, stride_ot,
     stride_w1s, stride_w1n, stride_w1k,
     stride_w2s, stride_w2n, stride_w2k,
+    stride_s1s, stride_s1n, stride_s2s, stride_s2n,
     ACT: tl.constexpr,
+    QBITS: tl.constexpr,  # 0: plain weights; 8 / 4: compressed slots, dequantized in registers
+    GROUP: tl.constexpr,  # int4 group size along K
     DOT_F32: tl.constexpr,  # dots in float32 ("ieee"): fp32 weights, or bf16 under the interpreter
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -81,6 +110,11 @@ def _fused_experts_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w1 = w1_ptr + slot * stride_w1s
     w2 = w2_ptr + slot * stride_w2s
+    s1 = s1_ptr + slot * stride_s1s
+    z1 = z1_ptr + slot * stride_s1s
+    s2 = s2_ptr + slot * stride_s2s
+    z2 = z2_ptr + slot * stride_s2s
+    wdt = x_ptr.dtype.element_ty  # the weights' (dequantized) dtype
 
     # ---- gate and up for this I-tile, reduced over all of H ---------------------------------------
     acc_g = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
@@ -91,8 +125,10 @@ def _fused_experts_kernel(
         xt = tl.load(x_ptr + token[:, None] * stride_xt + kk[None, :],
                      mask=pmask[:, None] & kmask[None, :], other=0.0)  # [BT, BK]
         wmask = kmask[:, None] & imask[None, :]
-        wg = tl.load(w1 + offs_i[None, :] * stride_w1n + kk[:, None] * stride_w1k, mask=wmask, other=0.0)  # [BK, BI]
-        wu = tl.load(w1 + (offs_i[None, :] + I) * stride_w1n + kk[:, None] * stride_w1k, mask=wmask, other=0.0)
+        wg = _load_weight(w1, s1, z1, offs_i[None, :], kk[:, None], stride_w1n, stride_w1k, stride_s1n, wmask,
+                          wdt, QBITS, GROUP)  # [BK, BI]
+        wu = _load_weight(w1, s1, z1, offs_i[None, :] + I, kk[:, None], stride_w1n, stride_w1k, stride_s1n, wmask,
+                          wdt, QBITS, GROUP)
         if BLOCK_T == 1:
             xf = xt.to(tl.float32)[:, :, None]  # [1, BK, 1]
             acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=1)
@@ -112,14 +148,14 @@ def _fused_experts_kernel(
     else:  # tanh gelu: 0.5 x (1 + tanh(y)) = x sigmoid(2y)
         y = 0.7978845608028654 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
         gate = acc_g / (1.0 + tl.exp(-2.0 * y))
-    h = (gate * acc_u).to(w2_ptr.dtype.element_ty)  # [BT, BI]
+    h = (gate * acc_u).to(wdt)  # [BT, BI]
 
     # ---- down for this I-tile, weighted, added into the output ------------------------------------
     for n0 in range(0, H, BLOCK_H):
         nn = n0 + tl.arange(0, BLOCK_H)  # [BH]
         nmask = nn < H
-        wd = tl.load(w2 + nn[None, :] * stride_w2n + offs_i[:, None] * stride_w2k,
-                     mask=imask[:, None] & nmask[None, :], other=0.0)  # [BI, BH]
+        wd = _load_weight(w2, s2, z2, nn[None, :], offs_i[:, None], stride_w2n, stride_w2k, stride_s2n,
+                          imask[:, None] & nmask[None, :], wdt, QBITS, GROUP)  # [BI, BH]
         if BLOCK_T == 1:
             part = tl.sum(h.to(tl.float32)[:, :, None] * wd.to(tl.float32)[None, :, :], axis=1)  # [1, BH]
         elif DOT_F32:
@@ -164,38 +200,61 @@ def align_pairs(flat_ids: torch.Tensor, num_experts: int, block_t: int) -> tuple
     return pairs[: n_blocks * block_t], block_expert
 
 
+def _geometry(w) -> tuple[int, int, int, torch.dtype]:
+    """(S, N, K, dtype) of a slot pool view [S, N, K] or a QuantizedStack."""
+    if isinstance(w, QuantizedStack):
+        return (w.num, *w.shape, w.dtype)
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        raise ValueError(f"expert weights must be 3-D slot pool views or QuantizedStacks, got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    return (*w.shape, w.dtype)
+
+
 def _check(hidden, ids, weights, gate_up, down, table, activation) -> None:
     if activation not in _ACT_CODE:
         raise ValueError(f"activation {activation!r} is not supported by the kernel; choose one of {ACTIVATIONS}")
     if hidden.dim() != 2 or ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"expected hidden [T, H], ids [T, k], weights [T, k]; got {tuple(hidden.shape)}, "
                          f"{tuple(ids.shape)}, {tuple(weights.shape)}")
-    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
-        raise ValueError(f"expected gate_up [S, 2I, H] and down [S, H, I]; got {tuple(gate_up.shape)}, "
-                         f"{tuple(down.shape)}")
+    if isinstance(gate_up, QuantizedStack) != isinstance(down, QuantizedStack):
+        raise ValueError("gate_up and down must both be compressed (QuantizedStack) or both plain tensors")
+    if isinstance(gate_up, QuantizedStack) and gate_up.fmt != down.fmt:
+        raise ValueError(f"gate_up and down must share one compression format, got {gate_up.fmt} and {down.fmt}")
+    s1, i2, h1, dt1 = _geometry(gate_up)
+    s2, h2, i1, dt2 = _geometry(down)
     H = hidden.shape[1]
-    I2 = gate_up.shape[1]
-    if I2 % 2 or gate_up.shape[2] != H or tuple(down.shape[1:]) != (H, I2 // 2):
-        raise ValueError(f"hidden size {H} and gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)} do not "
+    if s1 != s2 or i2 % 2 or h1 != H or (h2, i1) != (H, i2 // 2):
+        raise ValueError(f"hidden size {H} and gate_up {(s1, i2, h1)} / down {(s2, h2, i1)} do not "
                          "form gate_up [S, 2I, H], down [S, H, I]")
-    if gate_up.dtype not in DTYPES or down.dtype != gate_up.dtype:
-        raise ValueError(f"expert weights must share one of {DTYPES}; got {gate_up.dtype} and {down.dtype}")
-    if gate_up.stride(-1) != 1 or down.stride(-1) != 1:
+    if dt1 not in DTYPES or dt2 != dt1:
+        raise ValueError(f"expert weights must share one of {DTYPES}; got {dt1} and {dt2}")
+    if not isinstance(gate_up, QuantizedStack) and (gate_up.stride(-1) != 1 or down.stride(-1) != 1):
         raise ValueError("expert weights must be contiguous along their last dim (slot pool views are)")
     if ids.dtype.is_floating_point or table.dtype.is_floating_point or table.dim() != 1:
         raise ValueError(f"ids and table must be integer tensors, table [E]; got {ids.dtype}, {table.dtype} "
                          f"{tuple(table.shape)}")
-    devices = {t.device for t in (hidden, ids, weights, gate_up, down, table)}
+    devices = {t.device for t in (hidden, ids, weights, table)} | {w.device for w in (gate_up, down)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _kernel_weights(w) -> tuple:
+    """(weight, scale, zero, weight strides [3], scale strides [2]) kernel arguments of a view or a stack."""
+    if not isinstance(w, QuantizedStack):
+        return w, w, w, (w.stride(0), w.stride(1), w.stride(2)), (0, 0)
+    scale, zero = w.qscale, w.qzero if w.qzero is not None else w.qscale
+    if zero.stride() != scale.stride():
+        raise ValueError("int4 scales and zeros of a QuantizedStack must share their strides (slot views do)")
+    q = w.qweight
+    return q, scale, zero, (q.stride(0), q.stride(1), q.stride(2)), (scale.stride(0), scale.stride(1))
 
 
 def fused_experts(
     hidden: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: torch.Tensor | QuantizedStack,
+    down: torch.Tensor | QuantizedStack,
     table: torch.Tensor,
     activation: str = "silu",
     config: MoEKernelConfig | None = None,
@@ -206,8 +265,9 @@ def fused_experts(
         hidden: [T, H] hidden states (cast to the weights' dtype).
         ids: [T, k] expert ids; negative ids contribute nothing.
         weights: [T, k] routing weights.
-        gate_up: [S, 2I, H] slot pool view, rows gate then up; any stride over S, contiguous last dim.
-        down: [S, H, I] slot pool view.
+        gate_up: [S, 2I, H] slot pool view, rows gate then up; any stride over S, contiguous last dim. Or a
+            `QuantizedStack` of S compressed [2I, H] matrices (a compressed pool), dequantized in registers.
+        down: [S, H, I] slot pool view, or a `QuantizedStack` of [H, I] matrices (same format as gate_up).
         table: [E] expert -> slot (the layer's row of the cache table), -1 = absent (contributes nothing).
         activation: "silu", "gelu" or "gelu_tanh".
         config: launch configuration; default from `launch_configs(device)` for this shape and T.
@@ -225,14 +285,15 @@ def fused_experts(
                            "TRITON_INTERPRET=1); use specmoe.kernels.moe_experts for the automatic fallback")
     T, H = hidden.shape
     k = ids.shape[1]
-    inter = down.shape[-1]
+    S, inter2, _, wdtype = _geometry(gate_up)
+    inter = inter2 // 2
     P = T * k
     if config is None:
-        config = launch_configs(hidden.device).config_for(shape_key(gate_up.dtype, H, inter, k), T)
+        config = launch_configs(hidden.device).config_for(shape_key(wdtype, H, inter, k), T)
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)  # [T, H]
     if P == 0:
         return out.to(hidden.dtype)
-    x = hidden.to(gate_up.dtype).contiguous()  # [T, H]
+    x = hidden.to(wdtype).contiguous()  # [T, H]
     flat = ids.reshape(-1)
     if config.block_t == 1:
         block_expert = flat.to(torch.int32)  # [P]: pair m is block m
@@ -240,15 +301,19 @@ def fused_experts(
     else:
         pairs, block_expert = align_pairs(flat, table.numel(), config.block_t)
     rw = weights.reshape(-1).contiguous()  # [P]
-    dot_f32 = gate_up.dtype == torch.float32 or (interpreting() and gate_up.dtype == torch.bfloat16)
+    dot_f32 = wdtype == torch.float32 or (interpreting() and wdtype == torch.bfloat16)
+    qbits, group = 0, 16
+    if isinstance(gate_up, QuantizedStack):
+        qbits, group = (8 if gate_up.fmt.scheme == "int8" else 4), gate_up.fmt.group_size
+    w1, s1, z1, w1_strides, s1_strides = _kernel_weights(gate_up)
+    w2, s2, z2, w2_strides, s2_strides = _kernel_weights(down)
     grid = (block_expert.numel(), triton.cdiv(inter, config.block_i))
     _fused_experts_kernel[grid](
-        x, out, gate_up, down, table.contiguous(), pairs, block_expert, rw,
+        x, out, w1, w2, s1, z1, s2, z2, table.contiguous(), pairs, block_expert, rw,
         H, inter, P, k,
         x.stride(0), out.stride(0),
-        gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
-        down.stride(0), down.stride(1), down.stride(2),
-        ACT=_ACT_CODE[activation], DOT_F32=dot_f32,
+        *w1_strides, *w2_strides, *s1_strides, *s2_strides,
+        ACT=_ACT_CODE[activation], QBITS=qbits, GROUP=group, DOT_F32=dot_f32,
         BLOCK_T=config.block_t, BLOCK_K=config.block_k, BLOCK_I=config.block_i, BLOCK_H=config.block_h,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -257,7 +322,8 @@ def fused_experts(
 
 def moe_experts(hidden, ids, weights, gate_up, down, table, activation: str = "silu",
                 config: MoEKernelConfig | None = None) -> torch.Tensor:
-    """`fused_experts` where Triton runs on the tensors' device, else the PyTorch reference (logged once).
+    """`fused_experts` where Triton runs on the tensors' device, else the PyTorch reference (logged once);
+    gate_up/down may be compressed (`QuantizedStack`).
 
     Same arguments, result and errors as `fused_experts` (minus the RuntimeError).
     """

@@ -6,6 +6,10 @@ ours through the expert->slot table, transformers' (a real ``MixtralExperts`` mo
 ``config._experts_implementation`` = grouped_mm / batched_mm / eager) with expert ids remapped to slots
 ("pool" compute). Times are medians of CUDA-event timings after warm-up, with the L2 cache flushed before
 each run (weights come from HBM, as they do when a layer's experts are used once per token).
+
+Compressed slots: implementation "triton-<scheme>" (e.g. "triton-int4-g128") runs the kernel on a second pool
+holding the same experts compressed in the runtime's own compressed layout (`ExpertCodec`), dequantizing in
+registers.
 """
 
 # Shape legend: T tokens, E experts, H hidden, I intermediate, k top-k, S slots
@@ -24,6 +28,12 @@ from .experts_kernel import moe_experts
 from .launch_config import MoEKernelConfig
 
 IMPLEMENTATIONS = ("triton", "grouped_mm", "batched_mm", "eager")
+COMPRESSED_PREFIX = "triton-"  # + a compression scheme: the kernel on compressed slots
+
+
+def compression_of(implementation: str) -> str | None:
+    """"triton-int4-g128" -> "int4-g128"; None for the uncompressed implementations."""
+    return implementation[len(COMPRESSED_PREFIX):] if implementation.startswith(COMPRESSED_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -88,12 +98,48 @@ class ExpertsProblem:
         self.weights = torch.softmax(torch.randn(tokens, k, generator=g), -1).to(device, dtype)  # [T, k]
         self.hidden = torch.randn(tokens, H, generator=g).to(device, dtype)  # [T, H]
         self._modules: dict[str, torch.nn.Module] = {}
+        self._compressed: dict[str, tuple] = {}
 
     @property
     def weight_bytes_touched(self) -> int:
         """Bytes of expert weights the routing needs (each distinct expert once)."""
         n = int(torch.unique(self.ids).numel())
         return n * 3 * self.shape.intermediate * self.shape.hidden * self.dtype.itemsize
+
+    def bytes_touched(self, implementation: str) -> int:
+        """Bytes of expert weights `implementation` reads (compressed slots: the compressed bytes)."""
+        scheme = compression_of(implementation)
+        if scheme is None:
+            return self.weight_bytes_touched
+        codec = self.compressed_pool(scheme)[0]
+        return int(torch.unique(self.ids).numel()) * codec.layout.nbytes
+
+    def compressed_pool(self, scheme: str) -> tuple:
+        """(codec, {"gate_up_proj": QuantizedStack, "down_proj": QuantizedStack}): the pool's experts
+        compressed into a pool of the runtime's compressed layout (built once per scheme)."""
+        if scheme not in self._compressed:
+            from ..runtime.adapters import ExpertTensorSpec
+            from ..runtime.compression import make_codec
+            from ..runtime.store import ExpertLayout
+
+            H, I = self.shape.hidden, self.shape.intermediate
+            layout = ExpertLayout((ExpertTensorSpec("gate_up_proj", (2 * I, H), self.dtype),
+                                   ExpertTensorSpec("down_proj", (H, I), self.dtype)))
+            codec = make_codec(scheme, layout)
+            data = torch.empty(self.num_slots, codec.layout.nbytes, dtype=torch.uint8, device=self.device)  # [S, Bc]
+            for s in range(self.num_slots):
+                codec.layout.pack(data[s], codec.encode({"gate_up_proj": self.gate_up[s], "down_proj": self.down[s]}))
+            self._compressed[scheme] = (codec, codec.weights(codec.layout.views(data)), data)
+        return self._compressed[scheme][:2]
+
+    def reference(self, implementation: str) -> torch.Tensor:
+        """The PyTorch reference of what `implementation` computes (compressed: the dequantized experts)."""
+        from .reference import experts_reference
+
+        scheme = compression_of(implementation)
+        gate_up, down = ((self.gate_up, self.down) if scheme is None else
+                         (lambda w: (w["gate_up_proj"], w["down_proj"]))(self.compressed_pool(scheme)[1]))
+        return experts_reference(self.hidden, self.ids, self.weights, gate_up, down, self.table, "silu")
 
     def _module(self, implementation: str) -> torch.nn.Module:
         """transformers' MixtralExperts running `implementation` on the pool (ids are slot ids)."""
@@ -117,6 +163,10 @@ class ExpertsProblem:
         """A no-argument callable computing the layer's routed experts with `implementation`."""
         if implementation == "triton":
             args = (self.hidden, self.ids, self.weights, self.gate_up, self.down, self.table)
+            return lambda: moe_experts(*args, "silu", config)
+        if compression_of(implementation) is not None:
+            weights = self.compressed_pool(compression_of(implementation))[1]
+            args = (self.hidden, self.ids, self.weights, weights["gate_up_proj"], weights["down_proj"], self.table)
             return lambda: moe_experts(*args, "silu", config)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")

@@ -1,5 +1,6 @@
-"""Compressed expert weights: int8 per-channel and int4 group-wise, quantized on the host, dequantized on the
-device by a Triton kernel (with a PyTorch reference that is also the CPU fallback).
+"""Compressed expert weights: int8 per-channel and int4 group-wise, quantized on the host and kept compressed in
+the cache slots; the fused experts kernel dequantizes them in registers (`QuantizedStack` is how it receives a
+compressed pool), and `dequantize` is the PyTorch reference (also a Triton dequantize kernel, `dequantize_into`).
 
 A matrix W [N, K] (the stored 2-D weight; rows are output channels for transformers' [out, in] weights) is
 held as:
@@ -111,16 +112,78 @@ def quantize(w: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
 
 def dequantize(parts: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int],
                dtype: torch.dtype) -> torch.Tensor:
-    """The PyTorch reference: rebuild the [N, K] matrix in `dtype` from `quantize`'s parts."""
+    """The PyTorch reference: rebuild the [..., N, K] matrices in `dtype` from `quantize`'s parts (any leading
+    dims, e.g. a stack of slots [n, N, K])."""
     n, k = shape
     q = parts[".qweight"]
     if fmt.scheme == "int8":
-        return (q.float() * parts[".qscale"].float()[:, None]).to(dtype)
-    codes = torch.stack([q & 15, q >> 4], dim=-1).view(n, -1)[:, :k].float()  # [N, K]
+        return (q.float() * parts[".qscale"].float()[..., None]).to(dtype)
+    codes = torch.stack([q & 15, q >> 4], dim=-1).view(*q.shape[:-2], n, -1)[..., :k].float()  # [..., N, K]
     group = torch.arange(k, device=q.device) // fmt.group_size  # [K]
-    scale = parts[".qscale"].float()[:, group]  # [N, K]
-    zero = parts[".qzero"].float()[:, group]
+    scale = parts[".qscale"].float()[..., group]  # [..., N, K]
+    zero = parts[".qzero"].float()[..., group]
     return (codes * scale + zero).to(dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedStack:
+    """S compressed [N, K] matrices, e.g. one weight of every slot of a compressed slot pool (views, no copy).
+
+    Args:
+        fmt: how they are compressed.
+        shape: (N, K) of one matrix.
+        dtype: what they dequantize to (the model's expert dtype).
+        qweight: [S, N, K] int8 or [S, N, Kp/2] uint8.
+        qscale: [S, N] float32 (int8) or [S, N, Kp/G] float16 (int4).
+        qzero: [S, N, Kp/G] float16 (int4), None for int8.
+    """
+
+    fmt: QuantFormat
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    qweight: torch.Tensor
+    qscale: torch.Tensor
+    qzero: torch.Tensor | None = None
+
+    def __post_init__(self):
+        got = {".qweight": self.qweight, ".qscale": self.qscale}
+        if self.qzero is not None:
+            got[".qzero"] = self.qzero
+        want = self.fmt.parts(tuple(self.shape))
+        s = self.qweight.shape[0]
+        if set(got) != set(want):
+            raise ValueError(f"{self.fmt} needs parts {sorted(want)}, got {sorted(got)}")
+        for sfx, (shape, dt) in want.items():
+            t = got[sfx]
+            if tuple(t.shape) != (s, *shape) or t.dtype != dt or t.stride(-1) != 1:
+                raise ValueError(f"part {sfx} of {s} {tuple(self.shape)} matrices under {self.fmt} should be "
+                                 f"{dt} {(s, *shape)} contiguous in its last dim; got {t.dtype} {tuple(t.shape)}")
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int],
+                   dtype: torch.dtype) -> "QuantizedStack":
+        """From {suffix: [S, ...]} as `quantize` names them (e.g. a slot pool's views of one weight)."""
+        return cls(fmt, tuple(shape), dtype, parts[".qweight"], parts[".qscale"], parts.get(".qzero"))
+
+    @property
+    def num(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def parts(self, index=None) -> dict[str, torch.Tensor]:
+        """{suffix: part} of all matrices, or of those at `index` (an int or a [n] tensor of slots)."""
+        out = {".qweight": self.qweight, ".qscale": self.qscale}
+        if self.qzero is not None:
+            out[".qzero"] = self.qzero
+        return out if index is None else {k: v[index] for k, v in out.items()}
+
+    def dequantize(self, index=None) -> torch.Tensor:
+        """Matrix `index` (int) -> [N, K], matrices at a [n] tensor of slots -> [n, N, K], or all of them
+        (None) -> [S, N, K], in `dtype` (the PyTorch reference)."""
+        return dequantize(self.parts(index), self.fmt, self.shape, self.dtype)
 
 
 def fake_quantize(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:

@@ -15,6 +15,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+from .quant import QuantizedStack
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
@@ -56,8 +58,9 @@ def experts_reference(
         hidden: [T, H] hidden states.
         ids: [T, k] expert ids (any integer dtype).
         weights: [T, k] routing weights.
-        gate_up: [S, 2I, H] slot pool view (rows: gate then up).
-        down: [S, H, I] slot pool view.
+        gate_up: [S, 2I, H] slot pool view (rows: gate then up), or a `QuantizedStack` of compressed
+            [2I, H] matrices (a compressed pool): only the routed slots are dequantized, one at a time.
+        down: [S, H, I] slot pool view, or a `QuantizedStack` of [H, I] matrices.
         table: [E] expert -> slot of this layer, -1 when absent.
         activation: one of ACTIVATIONS.
 
@@ -66,6 +69,7 @@ def experts_reference(
     """
     T, H = hidden.shape
     k = ids.shape[1]
+    compressed = isinstance(gate_up, QuantizedStack)
     inter = down.shape[-1]
     wdt = gate_up.dtype
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)  # [T, H]
@@ -75,8 +79,10 @@ def experts_reference(
         rows = torch.nonzero(slots == s).flatten()  # [n] pair indices
         tokens = rows // k  # [n]
         x = hidden[tokens].to(wdt).float()  # [n, H]
-        gu = x @ gate_up[s].float().t()  # [n, 2I]
+        w1 = gate_up.dequantize(s) if compressed else gate_up[s]  # [2I, H]
+        w2 = down.dequantize(s) if compressed else down[s]  # [H, I]
+        gu = x @ w1.float().t()  # [n, 2I]
         h = (activate(gu[:, :inter], activation) * gu[:, inter:]).to(wdt).float()  # [n, I]
-        y = h @ down[s].float().t()  # [n, H]
+        y = h @ w2.float().t()  # [n, H]
         out.index_add_(0, tokens, y * w[rows, None])
     return out.to(hidden.dtype)

@@ -77,17 +77,52 @@ def make_policy(policy) -> object:
 
 
 class SlotPool:
-    """S expert slots on the device in the store's byte layout: data [S, B] and typed views [S, *shape]."""
+    """S expert slots on the device in the store's byte layout: data [S, B] and typed views [S, *shape].
 
-    def __init__(self, layout: ExpertLayout, num_slots: int, device: torch.device):
+    With a codec (compression.py) the store's layout is the compressed one, so is every slot's: a copy moves
+    the compressed bytes straight in, and B is the compressed size. `weights` gives what compute reads
+    (QuantizedStacks for the fused kernel); `gather` and `expert_views` give the experts' own layout
+    (dequantized into a scratch when compressed) for the model's implementation.
+
+    Args:
+        layout: the byte layout of one slot (the store's).
+        num_slots: S.
+        device: where the slots live.
+        codec: the store's `ExpertCodec` when experts are compressed (its `layout` must be `layout`).
+    """
+
+    def __init__(self, layout: ExpertLayout, num_slots: int, device: torch.device, codec=None):
+        if codec is not None and codec.layout.nbytes != layout.nbytes:
+            raise ValueError("a compressed slot pool needs the codec's compressed layout")
         self.layout = layout
         self.num_slots = num_slots
+        self.codec = codec
         self.data = torch.empty(num_slots, layout.nbytes, dtype=torch.uint8, device=device)  # [S, B]
-        self.views = layout.views(self.data)  # name -> [S, *shape]
+        self.views = layout.views(self.data)  # name -> [S, *shape] (compressed parts when compressed)
+        self.weights = codec.weights(self.views) if codec is not None else self.views  # name -> [S, ...] / stack
 
     @property
     def nbytes(self) -> int:
         return self.data.numel()
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec is not None
+
+    def gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The experts in `slots` [n] as a compact copy in their own layout: name -> [n, *shape] (one gather;
+        compressed slots are dequantized into the new buffer)."""
+        compact = self.data.index_select(0, slots)  # [n, B]
+        if self.codec is None:
+            return self.layout.views(compact)
+        return self.codec.slot_layout.views(self.codec.decode_rows(compact))
+
+    def expert_views(self, slot: int) -> tuple[dict[str, torch.Tensor], int]:
+        """(views, index) such that views[name][index] is the expert in `slot` in its own layout: the pool's
+        views, or a dequantized scratch of that one expert when compressed."""
+        if self.codec is None:
+            return self.views, slot
+        return self.codec.slot_layout.views(self.codec.decode_rows(self.data[slot : slot + 1])), 0
 
 
 class ExpertCache:

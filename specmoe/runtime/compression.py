@@ -1,16 +1,21 @@
-"""Compressed host storage of experts (opt-in): what the host store holds and how a slot is rebuilt from it.
+"""Compressed experts (opt-in): the layout the host store *and the device slots* hold, and how it is read.
 
-With compression the host store keeps each expert in a *compressed layout* (int8 or int4 matrices plus
-scales, `specmoe.kernels.quant`), so a swap moves 2-4x fewer bytes over PCIe. The copy engine copies the
-compressed bytes into a device staging buffer and `ExpertCodec.decode` dequantizes them into the slot, in
-the slot's usual (uncompressed) layout, on the same stream, before the slot's ready event. Everything after
-the slot (compute, `gather`/`pool`/`triton`) is unchanged. Without compression none of this is used.
+With compression every expert lives in a *compressed layout* (int8 or int4 matrices plus scales,
+`specmoe.kernels.quant`) in the host store, in flight over PCIe and in its cache slot: a swap is one copy of
+the compressed bytes straight into the slot, and a slot costs `layout.nbytes` (2-4x less than bf16), so a
+memory budget holds 2-4x more experts. Compute reads the slots as they are:
 
-Compression changes numerics: the model computes with quantize-dequantized experts, and `unwrap()` gives
-those back (the original weights are not kept).
+* the fused experts kernel (`compute="triton"`, or "auto" on CUDA) takes the pool's `QuantizedStack`s and
+  dequantizes in registers;
+* elsewhere (layers the kernel does not support, CPU without Triton) the routed slots are dequantized on the
+  fly into a small scratch in the experts' own layout and the model's implementation runs on it
+  (`SlotPool.gather`, `SlotPool.expert_views`).
+
+Compression changes numerics: the model computes with quantize-dequantized experts. The originals are not
+kept, so `unwrap()` gives back the dequantized experts (with a warning).
 """
 
-# Shape legend: L MoE layers, E experts, B bytes per expert (slot layout), Bc bytes per compressed expert
+# Shape legend: L MoE layers, E experts, n slots, B bytes per expert (uncompressed layout), Bc compressed
 
 from __future__ import annotations
 
@@ -18,21 +23,21 @@ from collections.abc import Mapping
 
 import torch
 
-from ..kernels.quant import QuantFormat, compressible, dequantize, dequantize_into, quantize
+from ..kernels.quant import QuantFormat, QuantizedStack, compressible, dequantize, dequantize_into, quantize
 from .adapters import ExpertTensorSpec
 from .store import ExpertLayout
 
 
 class ExpertCodec:
-    """Encode an expert's tensors into the compressed layout; decode compressed bytes into a slot.
+    """Encode an expert's tensors into the compressed layout; read compressed bytes back.
 
     Args:
-        layout: the slot (uncompressed) layout of one expert.
+        layout: the uncompressed layout of one expert (the model's own tensors).
         fmt: the compression format.
 
     Attributes:
-        layout: the compressed layout (what the host store holds), `layout.nbytes` = Bc.
-        slot_layout: the uncompressed layout (what a cache slot holds), `slot_layout.nbytes` = B.
+        layout: the compressed layout (what the host store and every slot hold), `layout.nbytes` = Bc.
+        slot_layout: the uncompressed layout (what a dequantized scratch holds), `slot_layout.nbytes` = B.
     """
 
     def __init__(self, layout: ExpertLayout, fmt: QuantFormat):
@@ -49,14 +54,15 @@ class ExpertCodec:
             else:
                 specs.append(spec)
         self.layout = ExpertLayout(tuple(specs))
+        self._specs = {s.name: s for s in layout.specs}
 
     @property
     def ratio(self) -> float:
-        """Bytes of an uncompressed slot over bytes of a compressed expert (B / Bc)."""
+        """Bytes of an uncompressed expert over bytes of a compressed one (B / Bc)."""
         return self.slot_layout.nbytes / self.layout.nbytes
 
     def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """An expert's tensors (slot layout names) -> its compressed tensors (compressed layout names)."""
+        """An expert's tensors (uncompressed names) -> its compressed tensors (compressed layout names)."""
         out = {}
         for spec in self.slot_layout.specs:
             t = tensors[spec.name]
@@ -66,9 +72,30 @@ class ExpertCodec:
                 out[spec.name] = t
         return out
 
+    def weights(self, views: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | QuantizedStack]:
+        """Compressed views [N, ...] (e.g. a slot pool's) -> name -> QuantizedStack of N matrices for the
+        compressed tensors, the view itself for the others. No copy."""
+        out = {}
+        for spec in self.slot_layout.specs:
+            if spec.name in self.compressed:
+                out[spec.name] = QuantizedStack.from_parts(self._parts(views, spec.name), self.fmt, spec.shape,
+                                                           spec.dtype)
+            else:
+                out[spec.name] = views[spec.name]
+        return out
+
+    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantize compressed buffers rows [n, Bc] into a new scratch [n, B] (uncompressed layout), on
+        rows' device and the current stream (PyTorch ops, batched over n)."""
+        out = torch.empty(rows.shape[0], self.slot_layout.nbytes, dtype=torch.uint8, device=rows.device)
+        dst = self.slot_layout.views(out)
+        for name, w in self.weights(self.layout.views(rows)).items():
+            dst[name].copy_(w.dequantize() if isinstance(w, QuantizedStack) else w)
+        return out
+
     def decode(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Rebuild a slot: dst [B] uint8 (slot layout) from src [Bc] uint8 (compressed layout), both on the
-        same device, on the current stream."""
+        """Dequantize one expert: dst [B] uint8 (uncompressed layout) from src [Bc] uint8, same device (the
+        dequantize kernel where Triton runs, else the PyTorch reference)."""
         packed = self.layout.unpack(src)
         slot = self.slot_layout.unpack(dst)
         for name, view in slot.items():
@@ -78,7 +105,7 @@ class ExpertCodec:
                 view.copy_(packed[name])
 
     def decode_tensors(self, src: torch.Tensor) -> dict[str, torch.Tensor]:
-        """An expert's tensors (new tensors, slot layout names) from its compressed bytes, with the reference."""
+        """An expert's tensors (new tensors, uncompressed names) from its compressed bytes, with the reference."""
         packed = self.layout.unpack(src)
         out = {}
         for spec in self.slot_layout.specs:
@@ -94,7 +121,7 @@ class ExpertCodec:
         return {name: torch.stack([x[name] for x in experts]) for name in experts[0]}
 
     @staticmethod
-    def _parts(packed: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    def _parts(packed: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
         return {k[len(name):]: v for k, v in packed.items() if k.startswith(name + ".q")}
 
 

@@ -12,9 +12,8 @@ All engines share one interface, so the wrapper's logic is the same on CUDA and 
 CUDA: a high-priority demand stream and a prefetch stream, one ready event and one release event per slot.
 CPU: ``SyncCopyEngine`` copies at once; ``ThreadedCopyEngine`` copies on a worker thread with a priority queue.
 
-With a codec (compressed host storage, see compression.py) a copy moves the compressed bytes and the codec
-rebuilds the slot: on CUDA into a staging buffer per stream (reuse is ordered by the stream itself), then a
-dequantize kernel into the slot, both before the slot's ready event; on CPU straight from the host buffer.
+With compressed experts (compression.py) the store and the slots share the compressed layout, so a copy is
+the same single copy of fewer bytes; nothing here knows about compression.
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ import torch
 class CopyEngine:
     kind = "base"
 
-    def __init__(self, num_slots: int, codec=None):
+    def __init__(self, num_slots: int):
         self.num_slots = num_slots
-        self.codec = codec  # None, or an object with decode(dst, src) (runtime.compression.ExpertCodec)
         self.stall_s = 0.0  # time compute spent waiting for copies (resolved lazily on CUDA)
         self.waits = 0  # how many times compute had to wait
 
@@ -41,12 +39,6 @@ class CopyEngine:
 
     def ready(self, slot: int) -> bool:
         return True
-
-    def _move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if self.codec is None:
-            dst.copy_(src)
-        else:
-            self.codec.decode(dst, src)
 
     def wait(self, slots) -> None:
         pass
@@ -79,7 +71,7 @@ class SyncCopyEngine(CopyEngine):
 
     def copy_in(self, slot, dst, src, demand):
         t0 = time.perf_counter()
-        self._move(dst, src)
+        dst.copy_(src)
         self.stall_s += time.perf_counter() - t0
         self.waits += 1
 
@@ -89,8 +81,8 @@ class ThreadedCopyEngine(CopyEngine):
 
     kind = "thread"
 
-    def __init__(self, num_slots: int, codec=None):
-        super().__init__(num_slots, codec)
+    def __init__(self, num_slots: int):
+        super().__init__(num_slots)
         self._done = [threading.Event() for _ in range(num_slots)]
         for ev in self._done:
             ev.set()
@@ -107,7 +99,7 @@ class ThreadedCopyEngine(CopyEngine):
                 return
             slot, dst, src = job
             try:
-                self._move(dst, src)
+                dst.copy_(src)
             except BaseException as err:  # surfaced on the next wait()
                 self._error = err
             self._done[slot].set()
@@ -146,8 +138,8 @@ class CudaCopyEngine(CopyEngine):
 
     kind = "cuda"
 
-    def __init__(self, num_slots: int, device: torch.device, codec=None):
-        super().__init__(num_slots, codec)
+    def __init__(self, num_slots: int, device: torch.device):
+        super().__init__(num_slots)
         self.device = device
         low, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
         self.demand_stream = torch.cuda.Stream(device, priority=high)
@@ -156,22 +148,12 @@ class CudaCopyEngine(CopyEngine):
         self._released = [torch.cuda.Event() for _ in range(num_slots)]  # recorded after compute read the slot
         self._recorded = [False] * num_slots
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._staging = None  # per stream: compressed bytes on their way into a slot
-        if codec is not None:
-            nbytes = codec.layout.nbytes
-            self._staging = {demand: torch.empty(nbytes, dtype=torch.uint8, device=device)
-                             for demand in (True, False)}  # one per stream
 
     def copy_in(self, slot, dst, src, demand):
         stream = self.demand_stream if demand else self.prefetch_stream
         stream.wait_event(self._released[slot])  # never overwrite a slot compute may still read
         with torch.cuda.stream(stream):
-            if self.codec is None:
-                dst.copy_(src, non_blocking=True)
-            else:
-                stage = self._staging[demand]  # the stream orders its reuse after the previous decode
-                stage.copy_(src, non_blocking=True)
-                self.codec.decode(dst, stage)
+            dst.copy_(src, non_blocking=True)
             self._ready[slot].record(stream)
         self._recorded[slot] = True
 
@@ -221,18 +203,17 @@ class CudaCopyEngine(CopyEngine):
 ENGINES = ("sync", "thread", "cuda")
 
 
-def make_engine(kind: str | None, num_slots: int, device: torch.device, codec=None) -> CopyEngine:
-    """`kind` None picks "cuda" for a CUDA device and "sync" otherwise; `codec` rebuilds slots from
-    compressed bytes (None: plain copies)."""
+def make_engine(kind: str | None, num_slots: int, device: torch.device) -> CopyEngine:
+    """`kind` None picks "cuda" for a CUDA device and "sync" otherwise."""
     kind = kind or ("cuda" if device.type == "cuda" else "sync")
     if kind == "cuda":
         if device.type != "cuda":
             raise ValueError(f"transfer='cuda' needs a CUDA device, the cache is on {device}")
-        return CudaCopyEngine(num_slots, device, codec)
+        return CudaCopyEngine(num_slots, device)
     if kind == "sync":
-        return SyncCopyEngine(num_slots, codec)
+        return SyncCopyEngine(num_slots)
     if kind == "thread":
         if device.type == "cuda":
             raise ValueError("transfer='thread' is the CPU engine; on CUDA use 'cuda' (streams and events)")
-        return ThreadedCopyEngine(num_slots, codec)
+        return ThreadedCopyEngine(num_slots)
     raise ValueError(f"unknown transfer engine {kind!r}; choose one of {ENGINES}")

@@ -17,6 +17,8 @@ Prefetches never change results: a wrong guess costs bandwidth, not correctness.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -34,6 +36,7 @@ from .store import ExpertLayout, HostStore
 from .transfer import make_engine
 
 COMPUTE = ("auto", "gather", "pool", "triton")
+logger = logging.getLogger(__name__)
 _MISSING = object()  # an attribute that was not set on the instance
 
 
@@ -73,6 +76,20 @@ def _check_predictor(predictor) -> None:
                         f"got {type(predictor).__name__}")
 
 
+def _compressed_fallback(compute: str, model_compute: str) -> str:
+    """What runs the model's experts implementation on compressed slots: it cannot read them in place
+    ("pool"), so the routed slots are dequantized into a scratch ("gather")."""
+    if model_compute == "pool":
+        if compute == "pool":
+            logger.info("compute='pool' cannot run the model's experts on compressed slots; dequantizing the "
+                        "routed slots into a scratch instead (compute='gather')")
+        return "gather"
+    if compute in ("gather", "auto"):
+        logger.info("compressed slots without the fused kernel (compute=%r): routed slots are dequantized into "
+                    "a scratch for the model's experts implementation", compute)
+    return model_compute
+
+
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
     t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
@@ -102,9 +119,11 @@ class SpeculativeMoE:
             (SiLU/GELU experts with concatenated gate/up, no bias), the model's implementation elsewhere;
             "auto" (default) is "pool" on CUDA, switching to the kernel for the shapes where the tuned
             launch configs (`specmoe/kernels/configs`) measured it faster, and "gather" elsewhere.
-        compression: None (default) or "int8" / "int4" / "int4-g128": the host keeps experts compressed
-            (`specmoe.kernels.quant`), copies move the compressed bytes and slots are dequantized on the
-            device. Changes numerics (and `unwrap()` returns the dequantized experts).
+        compression: None (default) or "int8" / "int4" / "int4-g128": experts stay compressed
+            (`specmoe.kernels.quant`) in the host store, over PCIe and in the cache slots, so a capacity
+            budget holds 2-4x more experts; the fused kernel dequantizes in registers, and elsewhere the
+            routed slots are dequantized into a scratch for the model's implementation. Changes numerics
+            (`unwrap()` returns the dequantized experts, with a warning).
         expert_source: where the experts' bytes come from when the model's experts modules do not hold them
             (`specmoe.load_offloaded` builds the model with its experts on the meta device and passes a
             `runtime.loading.CheckpointExperts`); an object with ``build_store(moe, layout, codec)``.
@@ -138,13 +157,14 @@ class SpeculativeMoE:
         geo = moe.geometry
         _check_predictor(predictor)
         layout = ExpertLayout(moe.specs)
-        num_slots = resolve_capacity(cache_capacity, geo.num_layers, geo.num_experts, layout.nbytes)
+        self.codec = make_codec(compression, layout)  # compressed experts: store, copies and slots
+        store_layout = self.codec.layout if self.codec else layout
+        num_slots = resolve_capacity(cache_capacity, geo.num_layers, geo.num_experts, store_layout.nbytes)
         self.device = resolve_device(model, device)
         if predictor is not None:
             predictor.bind(geo, [layer.router for layer in moe.layers])
-        self.codec = make_codec(compression, layout)
-        staging = 2 * self.codec.layout.nbytes if self.codec else 0  # one per copy stream
-        self._check_device_memory(model, moe, num_slots * layout.nbytes + staging)
+        scratch = geo.top_k * layout.nbytes if self.codec else 0  # dequantized routed experts (fallback path)
+        self._check_device_memory(model, moe, num_slots * store_layout.nbytes + scratch)
         for name, value in (("prefetch_width", prefetch_width), ("max_prefetch_inflight", max_prefetch_inflight)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an int >= 1 (or None for the default), got {value!r}")
@@ -157,8 +177,11 @@ class SpeculativeMoE:
         # what runs where the fused kernel is not used: the model's implementation on the pool or a gather
         self._model_compute = (self.compute if self.compute in ("gather", "pool")
                                else "pool" if self.device.type == "cuda" else "gather")
+        if self.codec is not None:
+            self._model_compute = _compressed_fallback(self.compute, self._model_compute)
         use_kernel = self.compute == "triton" or (self.compute == "auto" and self.device.type == "cuda")
-        self._fused = FusedKernelCompute(self.compute, self.device, self._model_compute) if use_kernel else None
+        self._fused = (FusedKernelCompute(self.compute, self.device, self._model_compute,
+                                          compressed=self.codec is not None) if use_kernel else None)
         for layer in moe.layers if self._fused is not None else ():
             if isinstance(layer.layout, FusedExperts):
                 self._fused.plan(layer)  # reads the experts module: before its tensors leave it
@@ -194,10 +217,9 @@ class SpeculativeMoE:
             model.to(self.device)
             if self.device.type == "cuda":
                 self.store.pin()
-            self.pool = SlotPool(layout, num_slots, self.device)
+            self.pool = SlotPool(self.store.layout, num_slots, self.device, self.codec)  # compressed if so
             self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, policy)
-            compressed = {"codec": self.codec} if self.codec else {}  # copies that rebuild slots from compressed bytes
-            self.engine = make_engine(transfer, num_slots, self.device, **compressed)
+            self.engine = make_engine(transfer, num_slots, self.device)
             for layer in moe.layers:
                 self._install(layer)
         except BaseException:
@@ -259,18 +281,26 @@ class SpeculativeMoE:
         self.engine.reset_stall()
 
     def memory(self) -> dict[str, int]:
-        """Bytes: non-expert weights on the device, the cache pool, and the host store."""
+        """Bytes: non-expert weights on the device, the cache pool, and the host store. With compression a
+        slot holds an expert's compressed bytes (`slot_bytes` = `host_expert_bytes` < `expert_bytes`)."""
         nonexpert = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
                         if t.device == self.device)
-        slot_layout = self.codec.slot_layout if self.codec else self.store.layout
+        expert_layout = self.codec.slot_layout if self.codec else self.store.layout
         return {"nonexpert_bytes": nonexpert, "cache_bytes": self.pool.nbytes, "host_store_bytes": self.store.nbytes,
-                "slot_bytes": slot_layout.nbytes, "host_expert_bytes": self.store.layout.nbytes,
-                "num_slots": self.num_slots}
+                "slot_bytes": self.pool.layout.nbytes, "host_expert_bytes": self.store.layout.nbytes,
+                "expert_bytes": expert_layout.nbytes, "num_slots": self.num_slots}
 
     def unwrap(self) -> nn.Module:
-        """Undo the wrapping: experts back in the model where they were, forwards restored. Returns the model."""
+        """Undo the wrapping: experts back in the model where they were, forwards restored. Returns the model.
+
+        With compression the original experts were not kept: the model gets its experts back dequantized
+        (what the wrapped model computed with), and a warning says so.
+        """
         if self.pool is None:
             return self.model
+        if self.codec is not None:
+            warnings.warn(f"unwrap() after compression={str(self.codec.fmt)!r}: the model gets back its experts "
+                          "dequantized, not the original weights (they were not kept)", UserWarning, stacklevel=2)
         self.engine.synchronize()
         self._restore_model()
         self.engine.close()
@@ -521,19 +551,18 @@ class SpeculativeMoE:
         experts, layout = layer.experts, layer.layout
         E = self.geometry.num_experts
         table = self.cache.table[layer.index]  # [E] expert -> slot
-        if self._fused is not None and self._fused.wanted(layer, ids, self.pool.views):
+        if self._fused is not None and self._fused.wanted(layer, ids, self.pool.weights):
             hidden = layout.routing(experts, args, kwargs, self.geometry.top_k)[0]  # [T, H]
             if partial:  # experts outside the chunk contribute nothing: they are absent for the kernel
                 member = torch.zeros(E, dtype=torch.bool, device=ids.device)
                 member[_to_device(chosen, ids.device)] = True
                 table = torch.where(member, table, torch.full_like(table, -1))
-            return self._fused(layer, hidden, ids, weights, self.pool.views, table)
+            return self._fused(layer, hidden, ids, weights, self.pool.weights, table)
         chosen_t = _to_device(chosen, ids.device)  # [n]
         if self._model_compute == "gather":
             lut = torch.zeros(E, dtype=torch.long, device=ids.device)  # [E] expert -> compact index
             lut[chosen_t] = torch.arange(len(chosen), device=ids.device)
-            compact = self.pool.data.index_select(0, table[chosen_t])  # [n, B]: one gather of n experts
-            layout.bind_pool(experts, self.pool.layout.views(compact))
+            layout.bind_pool(experts, self.pool.gather(table[chosen_t]))  # [n, ...]: one gather (dequantized)
             new_ids = lut[ids]  # [T, k]
         else:
             new_ids = table[ids]  # [T, k] slot ids
@@ -569,7 +598,7 @@ class SpeculativeMoE:
             if slot is None:  # not announced by the routing (or too many experts): fetch it alone
                 (slot,) = self._acquire(layer.index, [e])
                 module._specmoe_lazy_slot = slot
-            layer.layout.bind_expert(module, self.pool.views, slot)
+            layer.layout.bind_expert(module, *self.pool.expert_views(slot))
 
         return hook
 

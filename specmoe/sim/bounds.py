@@ -65,7 +65,8 @@ def memory_plan(shape: ModelShape, profile: HardwareProfile, capacities=(0.125, 
 
     Device memory = weights on the device (all, or non-expert + slots) + the KV cache of one `context`-token
     sequence + `reserve` (CUDA context, allocator slack, activations: an assumption, 1 GiB by default; the
-    GPU benchmark records NVML's view next to torch's to check it).
+    GPU benchmark records NVML's view next to torch's to check it). With compression a slot holds the
+    compressed expert (`shape.slot_bytes`); "unwrapped" is the model as it was (experts uncompressed).
     """
     L, E = shape.moe_layers, shape.num_experts
     fixed = shape.kv_bytes(context) + reserve
@@ -85,7 +86,9 @@ def memory_plan(shape: ModelShape, profile: HardwareProfile, capacities=(0.125, 
         "reserve_bytes": reserve,
         "kv_bytes": shape.kv_bytes(context),
         "nonexpert_bytes": shape.nonexpert_bytes,
+        "compression": shape.compression,
         "slot_bytes": shape.slot_bytes,
+        "uncompressed_slot_bytes": shape.uncompressed_slot_bytes,
         "unwrapped_bytes": unwrapped,
         "unwrapped_fits": unwrapped <= profile.memory_bytes,
         "wrapped": rows,

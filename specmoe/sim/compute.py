@@ -166,7 +166,7 @@ def pass_costs(shape: ModelShape, profile: HardwareProfile, model: ComputeModel,
         host_layer=ops.layer * model.op_s,
         dev_layer=dev_layer,
         host_experts=ops.experts * model.op_s,
-        dev_expert=shape.expert_bytes / eff_bw,
+        dev_expert=(shape.slot_bytes if shape.compression != "none" else shape.expert_bytes) / eff_bw,  # bytes read
         dev_expert_tokens=2 * shape.expert_params / eff_flops,
         host_pass=(ops.per_pass + shape.dense_layers * ops.layer) * model.op_s + model.sync_s,
         dev_pass=dev_pass,

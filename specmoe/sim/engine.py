@@ -153,9 +153,6 @@ class _Replay:
         self.num_slots = resolve_capacity(capacity, L, E, shape.slot_bytes) if self.wrapped else None
         self.transfer_bytes = shape.transfer_bytes
         self.copy_s = profile.copy_seconds(self.transfer_bytes)
-        if shape.compression != "none":  # dequantize on the copy stream: read compressed, write the slot
-            dequant_bytes = self.transfer_bytes + shape.slot_bytes
-            self.copy_s += dequant_bytes / (profile.memory_bytes_per_s * compute.mem_efficiency)
         self.res = SimResult(num_slots=self.num_slots, device_bytes=device_weight_bytes(shape, self.num_slots))
         self.h = self.g = 0.0  # host and device clocks
         self.engine_free = 0.0  # when the copy engine finishes the last copy issued

@@ -44,21 +44,23 @@ def memory_table(sweep: dict, profile: str) -> str:
         lru = next((r for r in at_max if r["policy"] == "lru" and r["predictor"] == "none"), None)
         real = [r for r in at_max if r["policy"] != "belady"]  # MIN needs the future: a bound, not an option
         best = max(real, key=lambda r: r["tok_s"]) if real else None
-        row = [m["shape"], f"{m['unwrapped_bytes'] / GiB:.1f}" + ("" if m["unwrapped_fits"] else " ✗"),
+        row = [m["shape"], f"{m['slot_bytes'] / 2**20:.1f}",
+               f"{m['unwrapped_bytes'] / GiB:.1f}" + ("" if m["unwrapped_fits"] else " ✗"),
                *[f"{w['device_bytes'] / GiB:.1f}" + ("" if w["fits"] else " ✗") for w in m["wrapped"]],
                f"{m['max_capacity']:.3f} ({m['max_slots']} slots)"]
         if with_runs:
             row += [f"{lru['tok_s']:.1f}" if lru else None, f"{best['tok_s']:.1f} ({_label(best)})" if best else None,
                     f"{best['bound_tok_s']:.1f}" if best else None]
         rows.append(row + [f"{ceilings.get((m['shape'], profile), 0):.1f}"])
-    headers = ["model", "unwrapped GiB", *[f"wrapped @{c:g} GiB" for c in caps], "largest capacity that fits"]
+    headers = ["model", "slot MiB", "unwrapped GiB", *[f"wrapped @{c:g} GiB" for c in caps], "largest capacity that fits"]
     if with_runs:
         headers += ["tok/s there (LRU)", "tok/s there (best)", "bound tok/s"]
     headers += ["all-resident tok/s (if it fit)"]
     m0 = plans[0]
     note = (f"\n\nDevice memory = weights on the device + KV cache of one {m0['context']}-token sequence + "
             f"{m0['reserve_bytes'] / GiB:.1f} GiB reserve (CUDA context, allocator, activations; assumed). "
-            "✗: does not fit. All tok/s figures are simulated. All-resident tok/s is the compute-bound ceiling "
+            "✗: does not fit. A slot holds one expert (compressed, for '+int4'/'+int8' rows). "
+            "All tok/s figures are simulated. All-resident tok/s is the compute-bound ceiling "
             "(routing-independent at batch 1)")
     note += ("; '—' where no trace of that model's routing geometry exists (hit rates need learned routing of the "
              "same L/E/k)." if with_runs else ".")

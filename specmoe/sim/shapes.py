@@ -58,7 +58,7 @@ class ModelShape:
     expert_dtype: str = "bf16"
     sliding_window: int = 0  # 0: none
     sliding_layers: int = 0  # layers with a sliding window (their KV stops growing)
-    compression: str = "none"  # host storage of experts: "none", "int8", "int4-g128", ... (runtime.compression)
+    compression: str = "none"  # experts in store and slots: "none", "int8", "int4-g128", ... (runtime.compression)
     source: str = ""
     config: dict = field(default_factory=dict, compare=False)  # the config values it was built from
 
@@ -121,18 +121,24 @@ class ModelShape:
         return sum(s.nbytes for s in self.expert_specs)
 
     @property
-    def slot_bytes(self) -> int:
-        """Bytes of one cache slot / host buffer as the runtime lays it out (tensors 256-B aligned)."""
+    def uncompressed_slot_bytes(self) -> int:
+        """Bytes of one expert in its own layout as the runtime lays it out (tensors 256-B aligned)."""
         return ExpertLayout(self.expert_specs).nbytes
 
     @property
-    def transfer_bytes(self) -> int:
-        """Bytes one expert copy moves host->device: the slot, or its compressed layout."""
+    def slot_bytes(self) -> int:
+        """Bytes of one cache slot / host buffer: the expert's layout, or its compressed layout (compressed
+        experts stay compressed in the store, over PCIe and in the slots)."""
         codec = make_codec(self.compression, ExpertLayout(self.expert_specs))
-        return codec.layout.nbytes if codec else self.slot_bytes
+        return codec.layout.nbytes if codec else self.uncompressed_slot_bytes
+
+    @property
+    def transfer_bytes(self) -> int:
+        """Bytes one expert copy moves host->device: one slot."""
+        return self.slot_bytes
 
     def compressed(self, scheme: str) -> "ModelShape":
-        """The same model with its experts stored on the host as `scheme`, named "<name>+<scheme>"."""
+        """The same model with its experts compressed as `scheme` (store and slots), named "<name>+<scheme>"."""
         base = self.name.partition("+")[0]
         return replace(self, name=base if scheme == "none" else f"{base}+{scheme}", compression=scheme)
 
@@ -189,6 +195,7 @@ class ModelShape:
         out = asdict(self)
         out["expert_specs"] = [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self.expert_specs]
         out.update(expert_bytes=self.expert_bytes, slot_bytes=self.slot_bytes, transfer_bytes=self.transfer_bytes,
+                   uncompressed_slot_bytes=self.uncompressed_slot_bytes,
                    nonexpert_bytes=self.nonexpert_bytes,
                    total_params=self.total_params, active_params=self.active_params)
         return out
