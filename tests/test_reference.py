@@ -9,10 +9,11 @@ from specmoe.cli import main as cli_main
 from specmoe.predictors import RandomPredictor, save_predictor
 from specmoe.reference.corpus import CorpusConfig, load_corpus
 from specmoe.reference.data import eval_windows
-from specmoe.reference.model import (CHECKPOINT_DIR, PRESETS, build_config, build_random_model,
+from specmoe.reference.model import (CHECKPOINT_DIR, PRESETS, build_config,
                                      load_reference_model, load_reference_prompts, load_reference_tokenizer)
 from specmoe.reference.routing_stats import routing_statistics
 from specmoe.reference.train import TrainConfig, lr_factor, train
+from specmoe.sim.synthetic import build_random_model
 from specmoe.runtime.adapters import find_moe_layers
 
 
@@ -46,7 +47,7 @@ def test_packaged_checkpoint_loads_with_qwen15_geometry_and_fits_25mb(reference)
 def test_trained_routing_is_far_from_uniform_and_from_random_weights(reference, heldout_windows):
     model, _ = reference
     trained = routing_statistics(model, heldout_windows).summary()
-    random = routing_statistics(build_random_model(model.config, seed=0), heldout_windows).summary()
+    random = routing_statistics(build_random_model(model.config, dtype=torch.float32, seed=0, progress=False), heldout_windows).summary()
     # A random router can hardly tell experts apart (softmax entropy ~ log E); a trained one is decisive.
     assert random["router_entropy"] > 0.98
     assert trained["router_entropy"] < random["router_entropy"] - 0.1
@@ -98,7 +99,8 @@ def test_train_config_validation_and_schedule():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_build_their_geometry_with_the_load_balancing_loss_on(name):
     p = PRESETS[name]
-    model = build_random_model(build_config(p, vocab_size=300, eos_token_id=0)).train()
+    model = build_random_model(build_config(p, vocab_size=300, eos_token_id=0), dtype=torch.float32,
+                               progress=False, trainable=True).train()
     geo = find_moe_layers(model).geometry
     assert (geo.num_layers, geo.num_experts, geo.top_k) == (p.num_layers, p.num_experts, p.top_k)
     x = torch.randint(1, 300, (2, 16))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
+from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
@@ -275,13 +275,8 @@ def _routing_from_wrapped(model, prompts, schedule, device, capacity):
 
 
 def _make_predictor(name: str, settings: BenchSettings, geometry, routing):
-    if name == "none":
-        return None
-    if name == "pregate":
-        return PreGatePredictor(lookahead=settings.lookahead)
-    if name == "oracle":
-        return OraclePredictor(routing[0], lookahead=settings.lookahead)
-    return load_predictor(name, geometry=geometry)
+    return make_predictor(name, lookahead=settings.lookahead, geometry=geometry,
+                          routing=routing[0] if name == "oracle" else None)
 
 
 def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, settings, geometry, routing, reference,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..bench import environment, sync_device
 from ..io import write_json
-from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
+from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
 from ..runtime.stats import Stats
 from ..runtime.wrapper import SpeculativeMoE
@@ -142,11 +142,11 @@ def _timed_generate(generate, ids: torch.Tensor, cfg: DemoConfig, device: torch.
 def _predictor_specs(cfg: DemoConfig, geometry, routing: list[list[torch.Tensor]]):
     """(name, make(prompt index) -> predictor or None, per_prompt) for each predictor compared."""
     specs = [("none (LRU on demand)", lambda i: None, False),
-             ("pre-gate", lambda i: PreGatePredictor(), False)]
+             ("pre-gate", lambda i: make_predictor("pregate"), False)]
     for path in (*DEFAULT_TRAINED_PREDICTORS, *cfg.predictors):
-        trained = load_predictor(path, geometry=geometry)  # fails here, before any run, on a bad file
+        trained = make_predictor(path, geometry=geometry)  # fails here, before any run, on a bad file
         specs.append((f"{trained.kind} ({Path(path).name})", lambda i, p=trained: p, False))
-    specs.append(("oracle (replays routing)", lambda i: OraclePredictor(routing[i]), True))
+    specs.append(("oracle (replays routing)", lambda i: make_predictor("oracle", routing=routing[i]), True))
     return specs
 
 

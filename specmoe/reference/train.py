@@ -32,7 +32,8 @@ from ..runtime.adapters import find_moe_layers
 from .corpus import CorpusConfig, load_corpus
 from .data import encode_documents, eval_windows, random_windows
 from .evaluation import evaluate_loss, unigram_loss
-from .model import PROMPTS_NAME, PRESETS, TRAINING_NAME, build_config, build_random_model, get_preset
+from ..sim.synthetic import build_random_model
+from .model import PROMPTS_NAME, PRESETS, TRAINING_NAME, build_config, get_preset
 from .tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     val_stream = encode_documents(tokenizer, val_texts)
     val = eval_windows(val_stream, cfg.seq_len, max(1, cfg.val_tokens // cfg.seq_len))
     config = build_config(preset, len(tokenizer), tokenizer.eos_token_id)
-    model = build_random_model(config, seed=cfg.seed).train()
+    model = build_random_model(config, dtype=torch.float32, seed=cfg.seed, progress=False, trainable=True).train()
     geometry = find_moe_layers(model).geometry
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s, %s, %.2fM parameters; %d train tokens", cfg.preset, geometry, n_params / 1e6,

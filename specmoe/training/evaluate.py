@@ -187,15 +187,16 @@ def baseline_predictors(train: RoutingTrace, lookahead: int, seed: int = 0,
     Raises:
         ValueError: the trace has no saved routers (the pre-gate needs them).
     """
-    from ..predictors import HistoryPredictor, PreGatePredictor, RandomPredictor
+    from ..predictors import HistoryPredictor, make_predictor
 
     if train.routers is None:
         raise ValueError("the trace has no routers.safetensors; the pre-gate baseline needs the model's routers "
                          "(collect again with specmoe collect)")
     return {
-        "pregate": PreGatePredictor(lookahead=lookahead, wrap=True),
+        # evaluation scores the next token's first layers too, so the pre-gate guesses them as well
+        "pregate": make_predictor("pregate", lookahead=lookahead, wrap=True),
         "history": HistoryPredictor.fit(train, lookahead=lookahead, progress=progress),
-        "random": RandomPredictor(seed=seed, lookahead=lookahead),
+        "random": make_predictor("random", seed=seed, lookahead=lookahead),
     }
 
 
