@@ -82,7 +82,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from specmoe import SpeculativeMoE
-    from specmoe.bench import environment
+    from specmoe.measure import environment
     from specmoe.reference.evaluation import evaluate_loss
 
     torch.set_num_threads(args.threads)

@@ -38,9 +38,9 @@ def run(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from specmoe.bench import environment
+    from specmoe.bench.kernel_problem import IMPLEMENTATIONS, PRESETS, ExpertsProblem, max_abs_diff
     from specmoe.kernels import launch_configs, shape_key
-    from specmoe.kernels.measure import IMPLEMENTATIONS, PRESETS, ExpertsProblem, max_abs_diff, time_fn
+    from specmoe.measure import environment, time_fn
 
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from specmoe import SpeculativeMoE
-from specmoe.bench import environment, sync_device, time_generate
+from specmoe.measure import environment, sync_device, time_generate
 from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import (
     HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, make_predictor,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from specmoe.bench import environment
+from specmoe.measure import environment
 from specmoe.io import read_json, write_json
 from specmoe.reference.corpus import CorpusConfig, load_corpus
 from specmoe.reference.data import encode_documents, eval_windows

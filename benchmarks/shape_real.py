@@ -26,9 +26,9 @@ import torch
 
 from specmoe.bench.compare import BenchSettings, run_benchmark
 from specmoe.bench.report import write_bench_report
-from specmoe.bench.transfer_rate import measure_h2d
 from specmoe.io import write_json
-from specmoe.sim.compute import count_ops
+from specmoe.measure import measure_h2d
+from specmoe.sim.compute import load_op_counts
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.shapes import PRESETS, ModelShape
 from specmoe.sim.stream import RoutingStream
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     tag = f"{published.name}_{device_tag(device)}" + ("_smoke" if args.smoke else "")
     json_path = args.out / f"shape_real_{tag}.json"
     extras = {"benchmark": "shape_real", "shape": shape.to_dict(), "scaled_down": args.smoke,
-              "op_counts": count_ops(shape.model_type).to_dict(),
+              "op_counts": load_op_counts(shape.model_type).to_dict(),
               "copy_microbenchmark": measure_h2d(shape.slot_bytes, device)}
 
     stream_path = json_path.with_name(json_path.stem + ".routing.safetensors")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specmoe.bench.environment import environment
+from specmoe.measure import environment
 from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import make_predictor
 from specmoe.runtime.adapters import find_moe_layers

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
 from specmoe import SpeculativeMoE
-from specmoe.bench import environment, time_generate
+from specmoe.measure import environment, time_generate
 from specmoe.io import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"

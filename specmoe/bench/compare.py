@@ -22,14 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..measure import DeviceMemoryMonitor, environment, measure_h2d, timed_call
 from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
-from .environment import environment
-from .memory import DeviceMemoryMonitor
 from .offload import accelerate_offload
-from .timing import timed_call
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +214,6 @@ def _add_bounds(result: dict, routing, schedule: Schedule, num_experts: int, dev
     measured run with every expert resident (unwrapped, or capacity 1.0)."""
     from ..sim.bounds import measured_bound
     from ..sim.stream import RoutingStream
-    from .transfer_rate import measure_h2d
 
     wrapped = [v for v in result["variants"] if v["kind"] == "specmoe"]
     if not wrapped:

@@ -1,7 +1,10 @@
-"""Timing generate calls: time to first token and decode tokens/s, medians over repeats, warm-up excluded.
+"""The one clock of specmoe's measurements: a call, a generate call, a kernel, the first token of a stream.
 
-Decode speed is (N - 1) / (t(N tokens) - t(1 token)): the prefill and first token cancel out.
-On CUDA a call is timed with CUDA events recorded after a device sync, and the end event is waited on.
+- `timed_call`: seconds of one call (CUDA events after a device sync on CUDA, perf_counter elsewhere).
+- `time_generate`: time to first token and decode tokens/s, medians over repeats, warm-up excluded. Decode
+  speed is (N - 1) / (t(N tokens) - t(1 token)): the prefill and first token cancel out.
+- `time_fn`: median microseconds of a small function (kernels), the L2 cache flushed before each run.
+- `FirstTokenClock`: a generate streamer that marks when the first new token exists.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ class GenerateTiming:
         return vars(self).copy()
 
 
-def sync_device(device: torch.device) -> None:
+def sync_device(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op off CUDA)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -81,3 +85,72 @@ def time_generate(
         total.append(_timed(lambda: run(new_tokens), device))
     decode = [(new_tokens - 1) / max(t - f, 1e-9) for t, f in zip(total, ttft)]
     return GenerateTiming(statistics.median(ttft), statistics.median(decode), new_tokens, ttft, total)
+
+
+class _L2Flush:
+    def __init__(self, device: torch.device, nbytes: int = 256 * 2**20):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 20,
+            flush_l2: bool = True) -> dict:
+    """Median time of `fn` in microseconds (CUDA events on CUDA, perf_counter elsewhere).
+
+    Args:
+        flush_l2: on CUDA, overwrite 256 MiB before each run, so weights come from HBM as they do when a
+            layer's experts are used once per token.
+
+    Returns:
+        {"median_us", "min_us", "repeats"}.
+    """
+    device = torch.device(device)
+    flush = _L2Flush(device) if flush_l2 else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            flush()
+            times.append(timed_call(fn, device)[0] * 1e6)
+    return {"median_us": statistics.median(times), "min_us": min(times), "repeats": repeats}
+
+
+class FirstTokenClock:
+    """A generate streamer that marks the first new token: the time then, and `on_first()`'s value then.
+
+    Example:
+        clock = FirstTokenClock(device)
+        t0 = clock.start()
+        model.generate(..., streamer=clock)
+        ttft, decode_s = clock.first_s - t0, clock.stop() - clock.first_s
+    """
+
+    def __init__(self, device, on_first: Callable[[], object] | None = None):
+        self.device = torch.device(device)
+        self.on_first = on_first
+        self.puts, self.first_s, self.first_value = 0, 0.0, None
+
+    def now(self) -> float:
+        """perf_counter after the device's queued work is done."""
+        sync_device(self.device)
+        return time.perf_counter()
+
+    def start(self) -> float:
+        self.puts, self.first_s, self.first_value = 0, 0.0, None
+        return self.now()
+
+    def stop(self) -> float:
+        return self.now()
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt; the second, the prefill's token
+            self.first_s = self.now()
+            self.first_value = self.on_first() if self.on_first is not None else None
+
+    def end(self):
+        pass

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import environment
+from ..measure import environment
 from ..io import write_json
 from ..runtime.adapters import find_moe_layers
 from ..training.config import TrainConfig

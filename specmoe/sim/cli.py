@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench.environment import environment
+from ..measure import environment
 from ..io import write_json, write_text
 from .hardware import PROFILES, HardwareProfile
 from .shapes import PRESETS, ModelShape

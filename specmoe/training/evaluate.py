@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..bench.timing import sync_device
+from ..measure import sync_device
 from ..predictors.base import Predictor
 from ..traces.dataset import RoutingTrace
 from .metrics import RECALL_MULTIPLES, TOP_N, PredictionMetrics

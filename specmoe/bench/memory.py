@@ -1,0 +1,5 @@
+"""Moved to `specmoe.measure.memory`; kept so old imports work."""
+
+from ..measure.memory import DeviceMemoryMonitor
+
+__all__ = ["DeviceMemoryMonitor"]
