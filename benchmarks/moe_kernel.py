@@ -23,7 +23,8 @@ RESULTS = Path(__file__).parent / "results"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=None, help="expert geometries (default: all but 'tiny')")
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 32, 128, 512, 2048])
+    p.add_argument("--tokens", nargs="+", type=int, default=None,
+                   help="tokens per layer call (default: 1 2 4 8 32 128 512 2048; --smoke: 1 3 33)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--slots", type=int, default=64, help="slot pool size S (the runtime's cache)")
     p.add_argument("--implementations", nargs="+", default=None, help="default: triton grouped_mm batched_mm eager")
@@ -48,10 +49,11 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype)
     presets = args.presets or ([] if args.smoke else [n for n in PRESETS if n != "tiny"])
     if args.smoke:
-        presets, tokens, repeats = ["tiny"], [1, 3, 33], 2
+        presets, tokens, repeats = ["tiny"], args.tokens or [1, 3, 33], 2
         impls = args.implementations or ["triton", "grouped_mm", "eager"]
     else:
-        tokens, repeats, impls = args.tokens, args.repeats, args.implementations or list(IMPLEMENTATIONS)
+        tokens = args.tokens or [1, 2, 4, 8, 32, 128, 512, 2048]
+        repeats, impls = args.repeats, args.implementations or list(IMPLEMENTATIONS)
     unknown = [n for n in presets if n not in PRESETS]
     if unknown:
         raise SystemExit(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")

@@ -38,6 +38,33 @@ def _nvml_handle(device: torch.device):
         return None, None
 
 
+_NVML = None
+
+
+def nvml_devices() -> list[dict] | None:
+    """Every NVIDIA device as NVML sees it now (name, driver, total and used bytes), without touching CUDA;
+    None without nvidia-ml-py or a driver."""
+    global _NVML
+    try:
+        if _NVML is None:
+            import pynvml  # nvidia-ml-py, an optional dependency
+
+            pynvml.nvmlInit()
+            _NVML = pynvml
+        nv = _NVML
+        driver = nv.nvmlSystemGetDriverVersion()
+        out = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            handle = nv.nvmlDeviceGetHandleByIndex(i)
+            name, info = nv.nvmlDeviceGetName(handle), nv.nvmlDeviceGetMemoryInfo(handle)
+            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
+                        "driver": driver.decode() if isinstance(driver, bytes) else str(driver),
+                        "total_bytes": int(info.total), "used_bytes": int(info.used)})
+        return out
+    except Exception:  # ImportError, no driver, no permission: no figures, never a failure
+        return None
+
+
 class DeviceMemoryMonitor:
     """Context manager recording peak device memory while it is open.
 
