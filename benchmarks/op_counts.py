@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from specmoe.io import read_json, write_json
@@ -30,7 +29,7 @@ from specmoe.measure import environment
 from specmoe.predictors import make_predictor
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.wrapper import SpeculativeMoE
-from specmoe.sim.compute import OP_COUNTS_FILE, OpCounts, count_predictor_ops
+from specmoe.sim.compute import OP_COUNTS_FILE, OpCounts, count_predictor_ops, op_counter
 
 # the simulator's shape presets' families, and the other decoder-only families the runtime supports
 FAMILIES = ("qwen2_moe", "mixtral", "olmoe", "qwen3_moe", "deepseek_v2", "gpt_oss", "granitemoe", "phimoe")
@@ -39,18 +38,6 @@ _TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num
              num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
              shared_expert_intermediate_size=64, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
              qk_rope_head_dim=8, v_head_dim=16, sliding_window=32, layer_types=None)
-
-
-class _RegionCounter(TorchDispatchMode):
-    """Counts aten ops by the region the model is in ("pass", "layer" or "experts")."""
-
-    def __init__(self):
-        super().__init__()
-        self.region, self.n = "pass", {"pass": 0, "layer": 0, "experts": 0}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n[self.region] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def tiny_model(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k: int = 2) -> torch.nn.Module:
@@ -78,7 +65,7 @@ def count_ops(model_type: str) -> OpCounts:
         with torch.no_grad():  # warm-up: lazy initialisation is not part of a step
             generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
         for n in (2, 3):
-            counter = _RegionCounter()
+            counter = op_counter(("pass", "layer", "experts"))
             handles = []
             for layer in layers:
                 handles.append(layer.register_forward_pre_hook(lambda *a: setattr(counter, "region", "layer")))

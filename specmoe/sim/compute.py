@@ -208,22 +208,23 @@ def load_op_counts(model_type: str, path: Path | None = None) -> OpCounts:
 count_ops = load_op_counts  # the name callers used when the counting ran here
 
 
-class _OpCounter:
-    """A TorchDispatchMode counting aten ops (made lazily: the mode class is private API)."""
+def op_counter(regions: tuple[str, ...] = ("all",)):
+    """A TorchDispatchMode counting the aten ops dispatched while it is active, by `.region` (the first of
+    `regions` to begin with; set it to attribute ops to another): `.n[region]`. Made lazily (the mode class
+    is private PyTorch API). The one op counter of the project (the predictors' cost here, the model families'
+    calibration in benchmarks/op_counts.py)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.region, self.n = regions[0], dict.fromkeys(regions, 0)
 
-        class Count(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.n = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[self.region] += 1
+            return func(*args, **(kwargs or {}))
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.n += 1
-                return func(*args, **(kwargs or {}))
-
-        return Count()
+    return OpCounter()
 
 
 def count_predictor_ops(predictor, geometry, routers=()) -> float:
@@ -233,10 +234,10 @@ def count_predictor_ops(predictor, geometry, routers=()) -> float:
     predictor.reset()
     g = torch.Generator().manual_seed(0)
     history = torch.randint(0, geometry.num_experts, (1, geometry.num_layers, geometry.top_k), generator=g)
-    counter = _OpCounter()
+    counter = op_counter()
     with torch.no_grad():
         for layer in range(geometry.num_layers):
             hidden = torch.randn(1, geometry.hidden_size, generator=g)
             with counter:
                 predictor.predict(layer, hidden, history[:, : layer + 1])
-    return counter.n / geometry.num_layers
+    return counter.n["all"] / geometry.num_layers
