@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from ..measure import sync_device
+from ..measure import timed_call
 from ..predictors.base import Predictor
 from ..traces.dataset import RoutingTrace
 from .metrics import RECALL_MULTIPLES, TOP_N, PredictionMetrics
@@ -69,7 +68,8 @@ def _passes(trace: RoutingTrace, pass_tokens: int) -> list[tuple[int, int]]:
 def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 480, device="cpu") -> float:
     """Median wall time (µs) of one `predict` call for one token (a decode step), over layers and tokens.
 
-    The device is synchronised around each call, so on CUDA this is the time until the scores exist.
+    Timed with `specmoe.measure.timed_call` (after a device sync; CUDA events on CUDA, so this is the time until
+    the scores exist).
     """
     device = torch.device(device)
     L = trace.geometry.num_layers
@@ -82,11 +82,7 @@ def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 48
         layer = i % L
         h = hidden[layer][tok : tok + 1] if layer in hidden else torch.zeros(1, trace.geometry.hidden_size, device=device)
         hist = ids[tok : tok + 1, : layer + 1]
-        sync_device(device)
-        t0 = time.perf_counter()
-        predictor.predict(layer, h, hist)
-        sync_device(device)
-        times.append(time.perf_counter() - t0)
+        times.append(timed_call(lambda: predictor.predict(layer, h, hist), device)[0])
     warm = times[L:] if len(times) > 2 * L else times  # the first round of layers warms caches up
     return statistics.median(warm) * 1e6
 
@@ -131,11 +127,8 @@ def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace
             nxt_ids = torch.cat([ids[1:], ids[-1:]])  # [T, L, k] the next token's routing
             for layer in range(L):
                 hidden = trace.hidden[layer][start:end].to(device)
-                sync_device(device)
-                t0 = time.perf_counter()
-                scores = predictor.predict(layer, hidden, ids_dev[:, : layer + 1])
-                sync_device(device)
-                spent += time.perf_counter() - t0
+                seconds, scores = timed_call(lambda: predictor.predict(layer, hidden, ids_dev[:, : layer + 1]), device)
+                spent += seconds
                 for t, s in scores.items():
                     d = t - layer
                     if d > D:
