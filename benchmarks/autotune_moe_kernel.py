@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from specmoe.bench import environment
+    from specmoe.bench.kernel_problem import PRESETS, ExpertsProblem, max_abs_diff
     from specmoe.io import read_json, write_json
     from specmoe.kernels import MoEKernelConfig, shape_key
     from specmoe.kernels.launch_config import CONFIG_DIR, FORMAT, device_slug, read_device_file
-    from specmoe.kernels.measure import PRESETS, ExpertsProblem, max_abs_diff, time_fn
+    from specmoe.measure import environment, time_fn
 
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

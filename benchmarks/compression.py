@@ -48,10 +48,15 @@ def parse_args(argv=None):
 def load(args):
     """(model, eval windows [N, T], description of model and text)."""
     if args.tiny:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import build_tiny  # the test suite's tiny models: smoke runs only
+        from specmoe.sim.shapes import PRESETS, ModelShape
+        from specmoe.sim.synthetic import build_random_model, smoke_config
 
-        model = build_tiny(args.tiny)
+        shapes = {ModelShape.from_name(name).model_type: name for name in PRESETS}
+        if args.tiny not in shapes:
+            raise SystemExit(f"--tiny {args.tiny}: no preset shape of that family; choose one of {sorted(shapes)}")
+        config = smoke_config(ModelShape.from_name(shapes[args.tiny]))  # the family at tiny sizes: smoke runs only
+        model = build_random_model(config, dtype=torch.float32, progress=False)
+        model.generation_config.eos_token_id = None
         g = torch.Generator().manual_seed(0)
         windows = torch.randint(2, model.config.vocab_size, (args.windows, args.window), generator=g)
         return model, windows, {"model": f"tiny random {args.tiny} (smoke test, not a result)",
@@ -108,7 +113,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from specmoe import SpeculativeMoE
-    from specmoe.bench import environment
+    from specmoe.measure import environment
     from specmoe.reference.evaluation import evaluate_loss
 
     torch.set_num_threads(args.threads)

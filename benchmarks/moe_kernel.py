@@ -25,7 +25,8 @@ RESULTS = Path(__file__).parent / "results"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=None, help="expert geometries (default: all but 'tiny')")
-    p.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8, 32, 128, 512, 2048])
+    p.add_argument("--tokens", nargs="+", type=int, default=None,
+                   help="tokens per layer call (default: 1 2 4 8 32 128 512 2048; --smoke: 1 3 33)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--slots", type=int, default=64, help="slot pool size S (the runtime's cache)")
     p.add_argument("--implementations", nargs="+", default=None, help="default: triton grouped_mm batched_mm eager")
@@ -42,10 +43,10 @@ def run(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from specmoe.bench import environment
+    from specmoe.bench.kernel_problem import IMPLEMENTATIONS, PRESETS, ExpertsProblem, max_abs_diff
     from specmoe.kernels import launch_configs, shape_key
-    from specmoe.kernels.measure import (COMPRESSED_PREFIX, IMPLEMENTATIONS, PRESETS, ExpertsProblem, compression_of,
-                                         max_abs_diff, time_fn)
+    from specmoe.bench.kernel_problem import COMPRESSED_PREFIX, compression_of
+    from specmoe.measure import environment, time_fn
 
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -54,11 +55,12 @@ def run(args) -> dict:
     presets = args.presets or ([] if args.smoke else [n for n in PRESETS if n != "tiny"])
     compression = args.compression
     if args.smoke:
-        presets, tokens, repeats = ["tiny"], [1, 3, 33], 2
+        presets, tokens, repeats = ["tiny"], args.tokens or [1, 3, 33], 2
         impls = args.implementations or ["triton", "grouped_mm", "eager"]
         compression = compression[-1:]  # one compressed scheme: the script, not figures
     else:
-        tokens, repeats, impls = args.tokens, args.repeats, args.implementations or list(IMPLEMENTATIONS)
+        tokens = args.tokens or [1, 2, 4, 8, 32, 128, 512, 2048]
+        repeats, impls = args.repeats, args.implementations or list(IMPLEMENTATIONS)
     impls = list(impls) + [COMPRESSED_PREFIX + c for c in compression]
     unknown = [n for n in presets if n not in PRESETS]
     if unknown:

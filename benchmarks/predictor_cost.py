@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from specmoe import SpeculativeMoE
-from specmoe.bench import environment, sync_device, time_generate
+from specmoe.measure import environment, sync_device, time_generate
 from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import (
-    HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, PreGatePredictor, RandomPredictor, load_predictor,
+    HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, make_predictor,
 )
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.traces import RoutingTrace, capture_routing
@@ -133,11 +133,11 @@ def main(argv=None) -> int:
     inputs = {"input_ids": torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=g).to(device)}
     trace = captured_trace(model, moe, inputs, args.new_tokens)
 
-    predictors = {"pregate": PreGatePredictor(lookahead=2, wrap=True),
+    predictors = {"pregate": make_predictor("pregate", lookahead=2, wrap=True),  # as specmoe eval scores it
                   "history": HistoryPredictor.fit(trace, lookahead=2, progress=False),
-                  "random": RandomPredictor(lookahead=2)}
+                  "random": make_predictor("random", lookahead=2)}
     if args.predictors:
-        predictors.update({p.name: load_predictor(p, geometry=geo) for p in args.predictors})
+        predictors.update({p.name: make_predictor(p, geometry=geo) for p in args.predictors})
     else:
         torch.manual_seed(0)
         predictors["interlayer"] = InterLayerPredictor(geo)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from specmoe.bench import environment
+from specmoe.measure import environment
 from specmoe.io import read_json
 from specmoe.predictors import save_predictor
 from specmoe.traces import collect_traces, load_traces, read_manifest, text_files, token_windows

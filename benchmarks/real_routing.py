@@ -37,7 +37,7 @@ from specmoe.sim.report import environment_line, runs_table
 from specmoe.sim.shapes import ModelShape
 from specmoe.sim.stream import RoutingStream
 from specmoe.sim.sweep import SweepSettings, run_sweep
-from specmoe.traces import load_traces, split_sequences
+from specmoe.traces import load_traces
 from specmoe.training.fit import fit_predictor
 from specmoe.training.loop import TrainConfig
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from specmoe.bench import environment
+from specmoe.measure import environment
 from specmoe.io import read_json, write_json
 from specmoe.reference.corpus import CorpusConfig, load_corpus
 from specmoe.reference.data import encode_documents, eval_windows
 from specmoe.reference.evaluation import evaluate_loss, unigram_loss
-from specmoe.reference.model import (CHECKPOINT_DIR, TRAINING_NAME, build_random_model, load_reference_model,
-                                     load_reference_tokenizer)
+from specmoe.reference.model import CHECKPOINT_DIR, TRAINING_NAME, load_reference_model, load_reference_tokenizer
 from specmoe.reference.routing_stats import plot_routing, routing_statistics
+from specmoe.sim.synthetic import build_random_model
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "reference_model"
@@ -43,7 +43,7 @@ def measure(args) -> dict:
     train_stream = encode_documents(tokenizer, split.texts("train"))
     trained = load_reference_model("cpu", torch.float32, path=args.checkpoint)
     random = build_random_model(AutoConfig.from_pretrained(str(args.checkpoint), local_files_only=True),
-                                seed=args.seed)
+                                dtype=torch.float32, seed=args.seed, progress=False)
     models = {"trained": trained, "random weights": random}
     losses = {name: evaluate_loss(m, windows, progress=True) for name, m in models.items()}
     losses["unigram"] = unigram_loss(train_stream, windows, len(tokenizer))

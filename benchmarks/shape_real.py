@@ -26,13 +26,13 @@ import torch
 
 from specmoe.bench.compare import BenchSettings, run_benchmark
 from specmoe.bench.report import write_bench_report
-from specmoe.bench.synthetic import build_random_model, smoke_config
-from specmoe.bench.transfer_rate import measure_h2d
 from specmoe.io import write_json
-from specmoe.sim.compute import count_ops
+from specmoe.measure import measure_h2d
+from specmoe.sim.compute import load_op_counts
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.shapes import PRESETS, ModelShape
 from specmoe.sim.stream import RoutingStream
+from specmoe.sim.synthetic import build_random_model, smoke_config
 
 RESULTS = Path(__file__).parent / "results"
 GOALS = {"vs_unwrapped": 0.85, "vs_accelerate": 10.0, "vs_lru": 2.0}
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     tag = f"{published.name}_{device_tag(device)}" + ("_smoke" if args.smoke else "")
     json_path = args.out / f"shape_real_{tag}.json"
     extras = {"benchmark": "shape_real", "shape": shape.to_dict(), "scaled_down": args.smoke,
-              "op_counts": count_ops(shape.model_type).to_dict(),
+              "op_counts": load_op_counts(shape.model_type).to_dict(),
               "copy_microbenchmark": measure_h2d(shape.slot_bytes, device)}
 
     stream_path = json_path.with_name(json_path.stem + ".routing.safetensors")
@@ -127,14 +127,20 @@ def main(argv=None) -> int:
         if any(v["kind"] == "specmoe" for v in partial["variants"]):
             write_bench_report(json_path)
 
-    model = build_random_model(config, dtype=dtype, device="cpu", experts_device="cpu", seed=0)
+    def random_model():
+        model = build_random_model(config, dtype=dtype, device="cpu", experts_device="cpu", seed=0)
+        model.generation_config.eos_token_id = None  # every prompt runs its full length
+        model.generation_config.pad_token_id = 0
+        return model
+
+    model = random_model()
     g = torch.Generator().manual_seed(1)
     prompts = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                for ids in (torch.randint(3, config.vocab_size, (1, args.prompt_len), generator=g)
                            for _ in range(args.prompts))]
     result = run_benchmark(
         model, prompts, settings, device, model_name=f"{shape.name}, random weights",
-        make_offload_copy=lambda: build_random_model(config, dtype=dtype, device="cpu", experts_device="cpu", seed=0),
+        make_offload_copy=random_model,
         on_variant=save)
     save(result)
     md, png = write_bench_report(json_path)

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specmoe.bench.environment import environment
+from specmoe.measure import environment
 from specmoe.io import read_json, write_json, write_text
-from specmoe.predictors import PreGatePredictor, load_predictor
+from specmoe.predictors import make_predictor
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
@@ -137,9 +137,9 @@ def main(argv=None) -> int:
     geometry, routers = moe.geometry, [layer.router for layer in moe.layers]
     stream = record_stream(model, windows)
     predictors = [replay_oracle(stream, geometry.num_experts, lookahead=1),
-                  replay_predictor(stream, PreGatePredictor(lookahead=1), geometry, routers, "pregate")]
+                  replay_predictor(stream, make_predictor("pregate"), geometry, routers, "pregate")]
     for path in args.predictor:  # named by their type ("hidden", "interlayer", ...), the path if two share one
-        predictor = load_predictor(path, geometry=geometry)
+        predictor = make_predictor(path, geometry=geometry)
         name = predictor.kind if all(predictor.kind != p.name for p in predictors) else Path(path).name
         predictors.append(replay_predictor(stream, predictor, geometry, routers, name))
     shapes = [ModelShape.from_name(name).compressed(c) for name in args.shapes for c in args.compression]

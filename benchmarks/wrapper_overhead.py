@@ -21,17 +21,17 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
 from specmoe import SpeculativeMoE
-from specmoe.bench import environment, time_generate
+from specmoe.measure import environment, time_generate
 from specmoe.io import write_json, write_text
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def qwen15_geometry_model(hidden: int, dtype: torch.dtype) -> torch.nn.Module:
+def qwen15_geometry_model(hidden: int, dtype: torch.dtype, layers: int = 24) -> torch.nn.Module:
     """Qwen2-MoE with Qwen1.5-MoE-A2.7B's routing geometry (24 layers, 60 experts, top-4, shared expert)."""
     cfg = Qwen2MoeConfig(
         vocab_size=8192, hidden_size=hidden, intermediate_size=4 * hidden, moe_intermediate_size=hidden // 2 * 2,
-        shared_expert_intermediate_size=2 * hidden, num_hidden_layers=24, num_attention_heads=4,
+        shared_expert_intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=4, num_experts=60, num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[],
         max_position_embeddings=512, tie_word_embeddings=False,
     )
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a local save_pretrained directory (default: Qwen1.5 geometry, random weights)")
     ap.add_argument("--hidden", type=int, default=64, help="hidden size of the default model")
+    ap.add_argument("--layers", type=int, default=24, help="decoder layers of the default model (24: Qwen1.5's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
         name = args.model
     else:
-        base = qwen15_geometry_model(args.hidden, dtype)
-        name = f"qwen2_moe L=24 E=60 k=4 H={args.hidden} (random weights)"
+        base = qwen15_geometry_model(args.hidden, dtype, args.layers)
+        name = f"qwen2_moe L={args.layers} E=60 k=4 H={args.hidden} (random weights)"
     base.generation_config.eos_token_id = None
     wrapped_model = copy.deepcopy(base)
     base.to(device)

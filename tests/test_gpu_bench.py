@@ -8,8 +8,7 @@ import torch
 from conftest import build_tiny, make_inputs
 
 from specmoe.bench.compare import BenchSettings, run_benchmark
-from specmoe.bench.memory import DeviceMemoryMonitor
-from specmoe.bench.transfer_rate import measure_h2d
+from specmoe.measure import DeviceMemoryMonitor, measure_h2d
 
 pytestmark = pytest.mark.gpu
 

@@ -77,3 +77,23 @@ def test_atomic_writes_leave_no_temp_files_and_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
+
+
+def test_one_factory_by_name(tmp_path):
+    from specmoe.predictors import make_predictor
+
+    assert make_predictor("none") is None
+    pregate = make_predictor("pregate", lookahead=2)
+    assert isinstance(pregate, PreGatePredictor) and pregate.config() == {"lookahead": 2, "wrap": False}
+    assert make_predictor("pregate", wrap=True).wrap
+    assert make_predictor("random", seed=4).config() == {"seed": 4, "lookahead": 1}
+    routing = [torch.randint(0, 8, (2, 3, 2))]
+    assert torch.equal(make_predictor("oracle", routing=routing).routing[0], routing[0])
+    bound(RandomPredictor(seed=9)).save(tmp_path / "saved")
+    assert make_predictor(tmp_path / "saved", geometry=GEO).config()["seed"] == 9
+    with pytest.raises(ValueError, match="routing="):
+        make_predictor("oracle")
+    with pytest.raises(ValueError, match="unknown predictor 'pregat'.*none, pregate"):
+        make_predictor("pregat")
+    with pytest.raises(ValueError, match="predictor at"):
+        make_predictor(tmp_path / "saved", geometry=MoEGeometry(2, 8, 2, 16))

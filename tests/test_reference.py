@@ -9,10 +9,12 @@ from specmoe.cli import main as cli_main
 from specmoe.predictors import RandomPredictor, save_predictor
 from specmoe.reference.corpus import CorpusConfig, load_corpus
 from specmoe.reference.data import eval_windows
-from specmoe.reference.model import (CHECKPOINT_DIR, PRESETS, build_config, build_random_model,
+from specmoe.reference.model import (CHECKPOINT_DIR, PRESETS, build_config,
                                      load_reference_model, load_reference_prompts, load_reference_tokenizer)
 from specmoe.reference.routing_stats import routing_statistics
-from specmoe.reference.train import TrainConfig, lr_factor, train
+from specmoe.reference.train import DEFAULT_TRAINING, ReferenceRecipe, main, train
+from specmoe.sim.synthetic import build_random_model
+from specmoe.training import TrainConfig
 from specmoe.runtime.adapters import find_moe_layers
 
 
@@ -46,7 +48,7 @@ def test_packaged_checkpoint_loads_with_qwen15_geometry_and_fits_25mb(reference)
 def test_trained_routing_is_far_from_uniform_and_from_random_weights(reference, heldout_windows):
     model, _ = reference
     trained = routing_statistics(model, heldout_windows).summary()
-    random = routing_statistics(build_random_model(model.config, seed=0), heldout_windows).summary()
+    random = routing_statistics(build_random_model(model.config, dtype=torch.float32, seed=0, progress=False), heldout_windows).summary()
     # A random router can hardly tell experts apart (softmax entropy ~ log E); a trained one is decisive.
     assert random["router_entropy"] > 0.98
     assert trained["router_entropy"] < random["router_entropy"] - 0.1
@@ -86,19 +88,37 @@ def test_corpus_splits_by_file_deterministically(tmp_path):
 
 def test_train_config_validation_and_schedule():
     with pytest.raises(ValueError, match="preset"):
-        TrainConfig(preset="gpt5")
+        ReferenceRecipe(preset="gpt5")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
-    cfg = TrainConfig(warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(0, 0.0, cfg) == pytest.approx(0.1)
-    assert lr_factor(50, 0.0, cfg) == pytest.approx(1.0)
-    assert lr_factor(50, 1.0, cfg) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="steps or max_minutes"):
+        TrainConfig(steps=None)
+    cfg = TrainConfig(warmup_steps=10, min_lr_ratio=0.1, steps=100, max_minutes=1.0)
+    assert cfg.lr_factor(0, 0.0) == pytest.approx(0.1)
+    assert cfg.lr_factor(50, 0.0) == pytest.approx(1.0)
+    assert cfg.lr_factor(50, 1.0) == pytest.approx(0.1)
+    assert cfg.lr_factor(50, 0.5) == pytest.approx(0.55)
+    assert cfg.progress(25, 0.0) == 0.25 and cfg.progress(25, 45.0) == 0.75  # whichever is further
+    assert cfg.progress(25, 45.0, budget_s=30.0) == 1.5
+
+
+def test_recorded_recipe_flags_still_parse(monkeypatch):
+    """training.json of the committed checkpoint says --minutes and --eval-every-steps: they still work, and
+    --steps replaces the time budget."""
+    seen = {}
+    monkeypatch.setattr("specmoe.reference.train.train", lambda recipe, cfg, out, corpus, progress: seen.update(
+        recipe=recipe, cfg=cfg) or {"steps": 0, "tokens_seen": 0, "train_loop_s": 0, "initial_val_loss": 0.0,
+                                    "final_val_loss": 0.0, "unigram_val_loss": 0.0})
+    assert main(["--out", "x", "--minutes", "3", "--steps", "7", "--eval-every-steps", "5", "--seq-len", "64", "-q"]) == 0
+    assert seen["cfg"].steps == 7 and seen["cfg"].max_minutes is None and seen["cfg"].eval_every == 5
+    assert seen["recipe"].seq_len == 64 and seen["cfg"].lr == DEFAULT_TRAINING.lr
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_build_their_geometry_with_the_load_balancing_loss_on(name):
     p = PRESETS[name]
-    model = build_random_model(build_config(p, vocab_size=300, eos_token_id=0)).train()
+    model = build_random_model(build_config(p, vocab_size=300, eos_token_id=0), dtype=torch.float32,
+                               progress=False, trainable=True).train()
     geo = find_moe_layers(model).geometry
     assert (geo.num_layers, geo.num_experts, geo.top_k) == (p.num_layers, p.num_experts, p.top_k)
     x = torch.randint(1, 300, (2, 16))
@@ -113,9 +133,9 @@ def test_training_recipe_writes_a_loadable_checkpoint(tmp_path):
     src.mkdir()
     for i in range(12):  # a tiny corpus of real stdlib-like code
         (src / f"mod{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40)))
-    cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, vocab_size=300, val_tokens=64, num_prompts=2,
-                      warmup_steps=1)
-    record = train(cfg, tmp_path / "ck", CorpusConfig(root=src, val_fraction=0.2), progress=False)
+    recipe = ReferenceRecipe(seq_len=32, vocab_size=300, num_prompts=2)
+    cfg = TrainConfig(steps=2, batch_size=2, val_tokens=64, warmup_steps=1)
+    record = train(recipe, cfg, tmp_path / "ck", CorpusConfig(root=src, val_fraction=0.2), progress=False)
     assert record["steps"] == 2 and record["corpus"]["train_files"] + record["corpus"]["val_files"] == 12
     model = load_reference_model(path=tmp_path / "ck")
     assert find_moe_layers(model).geometry.num_experts == 60

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 import torch
@@ -49,9 +50,17 @@ def test_demand_copies_jump_queued_prefetches():
 
 def test_sync_engine_copies_at_once_and_counts_stall():
     eng = SyncCopyEngine(1)
-    dst = torch.zeros(1000)
-    eng.copy_in(0, dst, torch.ones(1000), demand=True)
-    assert eng.ready(0) and torch.all(dst == 1) and eng.stall_seconds() >= 0 and eng.waits == 1
+    dst = torch.zeros(1 << 20)
+    t0 = time.perf_counter()
+    eng.copy_in(0, dst, torch.ones(1 << 20), demand=True)
+    wall = time.perf_counter() - t0
+    assert eng.ready(0) and torch.all(dst == 1) and eng.waits == 1
+    first = eng.stall_seconds()
+    assert 0 < first <= wall  # the copy itself is the stall: counted, and not more than the call took
+    eng.copy_in(0, dst, torch.full((1 << 20,), 2.0), demand=False)  # a prefetch stalls too on this engine
+    assert eng.stall_seconds() > first and eng.waits == 2 and torch.all(dst == 2)
+    eng.reset_stall()
+    assert eng.stall_seconds() == 0 and eng.waits == 0
 
 
 def test_engine_choice():

@@ -1,6 +1,9 @@
 """The wrapped model gives the unwrapped model's greedy tokens and logits, for every family, capacity and
 predictor, right or wrong; and unwrapping gives the model back as it was."""
 
+import contextlib
+import sys
+
 import pytest
 import torch
 from conftest import build_tiny, make_inputs
@@ -100,21 +103,53 @@ def test_device_holds_non_experts_plus_slots():
     smoe.unwrap()
 
 
+@contextlib.contextmanager
+def count_host_reads(packages=("specmoe.runtime", "specmoe.predictors")):
+    """Count tensor -> Python reads (each one a device->host sync on CUDA) made by code in `packages`:
+    {(module, method): calls}."""
+    counts: dict[tuple[str, str], int] = {}
+    names = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero")
+    original = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(name, method):
+        def wrapped(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith(packages):
+                counts[(caller, name)] = counts.get((caller, name), 0) + 1
+            return method(self, *args, **kwargs)
+        return wrapped
+
+    for name, method in original.items():
+        setattr(torch.Tensor, name, counting(name, method))
+    try:
+        yield counts
+    finally:
+        for name, method in original.items():
+            setattr(torch.Tensor, name, method)
+
+
 def test_stats_are_consistent():
     model = build_tiny("olmoe")
     inputs = make_inputs(model, batch=2)
     smoe = SpeculativeMoE(model, PreGatePredictor(), cache_capacity=0.5)
-    with capture_routing(model) as cap:
+    with capture_routing(model) as cap, count_host_reads() as reads:
         greedy(smoe.generate, inputs)
     s = smoe.stats
     distinct = sum(len(set(p.ids[:, layer].flatten().tolist()) - {-1}) for p in cap.passes for layer in range(2))
     assert s.total.hits + s.total.misses == distinct
     assert s.total.bytes_moved == (s.total.misses + s.total.prefetch_issued) * smoe.memory()["slot_bytes"]
     assert s.total.prefetch_used + s.total.prefetch_wasted <= s.total.prefetch_issued
-    assert s.host_syncs == s.layer_calls == 2 * len(cap.passes)
+    # the counter is checked against the tensor reads the runtime and predictor really made: one per layer call
+    assert sum(reads.values()) == s.host_syncs == s.layer_calls == 2 * len(cap.passes), reads
+    for name in ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_moved"):
+        assert getattr(s.total, name) == sum(getattr(layer, name) for layer in s.per_layer)
+    text = str(s)  # the printed report shows these figures, not others
+    assert f"hit rate {s.hit_rate:.3f} ({s.total.hits} hits" in text and f"{s.total.misses} misses" in text
+    rows = [tuple(int(x) for x in line.split()) for line in text.splitlines()[-len(s.per_layer):]]
+    assert rows == [(i, l.hits, l.misses, l.prefetch_issued, l.prefetch_used, l.prefetch_wasted)
+                    for i, l in enumerate(s.per_layer)]
     smoe.reset_stats()
     assert smoe.stats.total.hits == 0 and smoe.stats.layer_calls == 0
-    assert "hit rate" in str(s)
     smoe.unwrap()
 
 

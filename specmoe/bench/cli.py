@@ -110,12 +110,12 @@ def run_bench(args: argparse.Namespace) -> int:
                               prompts_source=str(args.prompts_file) if args.prompts_file else
                               ("reference model's held-out prompts" if texts else source))
     try:  # lets `specmoe simulate --validate` replay this run
-        from ..sim.compute import count_ops
+        from ..sim.compute import load_op_counts
         from ..sim.shapes import ModelShape
 
         dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
         shape = ModelShape.from_config(model.config, name=name, dtype=dt, expert_dtype=dt)
-        result.update(shape=shape.to_dict(), op_counts=count_ops(shape.model_type).to_dict())
+        result.update(shape=shape.to_dict(), op_counts=load_op_counts(shape.model_type).to_dict())
     except ValueError as err:
         logger.info("no simulator shape for this model (%s); --validate will need one", err)
     routing = result.pop("routing")

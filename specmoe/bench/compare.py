@@ -24,14 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
+from ..measure import DeviceMemoryMonitor, environment, measure_h2d, sync_device, timed_call
+from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
-from .environment import environment
-from .memory import DeviceMemoryMonitor
 from .offload import accelerate_offload
-from .timing import sync_device, timed_call
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +240,6 @@ def _add_bounds(result: dict, routing, schedule: Schedule, num_experts: int, dev
     measured run with every expert resident (unwrapped, or capacity 1.0)."""
     from ..sim.bounds import measured_bound
     from ..sim.stream import RoutingStream
-    from .transfer_rate import measure_h2d
 
     wrapped = [v for v in result["variants"] if v["kind"] == "specmoe"]
     if not wrapped:
@@ -301,13 +298,8 @@ def _routing_from_wrapped(model, prompts, schedule, device, capacity):
 
 
 def _make_predictor(name: str, settings: BenchSettings, geometry, routing):
-    if name == "none":
-        return None
-    if name == "pregate":
-        return PreGatePredictor(lookahead=settings.lookahead)
-    if name == "oracle":
-        return OraclePredictor(routing[0], lookahead=settings.lookahead)
-    return load_predictor(name, geometry=geometry)
+    return make_predictor(name, lookahead=settings.lookahead, geometry=geometry,
+                          routing=routing[0] if name == "oracle" else None)
 
 
 def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, settings, geometry, routing, reference,

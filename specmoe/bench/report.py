@@ -1,35 +1,14 @@
-"""Markdown tables and PNG plots made from benchmark JSON (never typed by hand)."""
+"""The `specmoe bench` report: its markdown tables and PNG plot, made from its JSON (never typed by hand).
+
+Generic result-file helpers live in `specmoe.measure.results` (re-exported here for old imports)."""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import read_json, write_bytes, write_text
-
-MiB = 2**20
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A GitHub markdown table; floats are printed as given (format them first), None as '—'."""
-    def cell(v):
-        return "—" if v is None else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(x, spec=".2f"):
-    return None if x is None else format(x, spec)
-
-
-def environment_line(env: dict) -> str:
-    sha = str(env.get("git_sha"))
-    sha = sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
-    return (f"{env.get('device_name')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
-            f"git {sha} · {env.get('date')}")
+from ..io import read_json, write_text
+from ..measure.results import MiB, environment_line, markdown_table, save_figure
+from ..measure.results import fmt as _fmt
 
 
 def bench_table(result: dict) -> str:
@@ -111,17 +90,6 @@ def bench_plot(result: dict, path) -> None:
     save_figure(fig, path)
 
 
-def save_figure(fig, path) -> None:
-    """Render a matplotlib figure to PNG and write it atomically; closes the figure."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
-
-
 def write_bench_report(json_path) -> tuple[Path, Path]:
     """Write <stem>.md and <stem>.png next to a bench JSON file, from it alone."""
     json_path = Path(json_path)
@@ -133,3 +101,7 @@ def write_bench_report(json_path) -> tuple[Path, Path]:
     write_text(md, text)
     bench_plot(result, png)
     return md, png
+
+
+__all__ = ["MiB", "bench_plot", "bench_table", "environment_line", "goals_table", "markdown_table", "save_figure",
+           "write_bench_report"]

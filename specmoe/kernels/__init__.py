@@ -7,9 +7,9 @@
   matrices, which `fused_experts` / `experts_reference` read directly) and a dequantize kernel.
 * `launch_config`: launch configurations as data (`configs/*.json`, per device, shape and token bucket),
   with a logged fallback to untuned defaults; `benchmarks/autotune_moe_kernel.py` writes them on a GPU.
-* `measure`: the kernel vs transformers' experts on one slot pool (benchmark and autotune scripts).
 * `compile_check`: compile every kernel variant for a CUDA arch without a GPU.
 
+The benchmark problem (the kernel vs transformers' experts on one slot pool) is `specmoe.bench.kernel_problem`.
 On CPU the kernels run in triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported.
 """
 

@@ -1,6 +1,7 @@
 """Speculation predictors: policy that scores the experts upcoming MoE layers will need."""
 
 from .base import PREDICTORS, Predictor, load_predictor, register_predictor, save_predictor
+from .factory import make_predictor
 from .hidden import HiddenStatePredictor
 from .history import HistoryPredictor
 from .interlayer import InterLayerPredictor
@@ -19,6 +20,7 @@ __all__ = [
     "RandomPredictor",
     "TrainablePredictor",
     "load_predictor",
+    "make_predictor",
     "register_predictor",
     "save_predictor",
 ]

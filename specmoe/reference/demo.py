@@ -18,16 +18,15 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import environment, sync_device
 from ..io import write_json
-from ..predictors import OraclePredictor, PreGatePredictor, load_predictor
+from ..measure import FirstTokenClock, environment
+from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
 from ..runtime.stats import Stats
 from ..runtime.wrapper import SpeculativeMoE
@@ -88,24 +87,6 @@ class DemoConfig:
                              f"got {self.dtype!r}")
 
 
-class _PhaseClock:
-    """A generate streamer that marks the first new token: its time and the runtime's counters then."""
-
-    def __init__(self, sync: Callable[[], None], stats: Callable[[], Stats | None]):
-        self.sync, self.stats = sync, stats
-        self.puts, self.first_s, self.first_stats = 0, 0.0, None
-
-    def put(self, value):
-        self.puts += 1
-        if self.puts == 2:  # the first put is the prompt; the second, the prefill's token
-            self.sync()
-            self.first_s = time.perf_counter()
-            self.first_stats = self.stats()
-
-    def end(self):
-        pass
-
-
 def _counters(stats: Stats) -> dict[str, int]:
     return {c: getattr(stats.total, c) for c in COUNTERS}
 
@@ -123,30 +104,24 @@ def _timed_generate(generate, ids: torch.Tensor, cfg: DemoConfig, device: torch.
     """Greedy-generate exactly `cfg.new_tokens`; returns (new token ids, ttft s, decode tok/s, counters at the
     first token)."""
 
-    def sync():
-        sync_device(device)
-
-    clock = _PhaseClock(sync, stats)
-    sync()
-    t0 = time.perf_counter()
+    clock = FirstTokenClock(device, on_first=stats)  # the runtime's counters at the first token
+    t0 = clock.start()
     with torch.no_grad():
         out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.new_tokens,
                        min_new_tokens=cfg.new_tokens, do_sample=False, repetition_penalty=cfg.repetition_penalty,
                        streamer=clock)
-    sync()
-    t_end = time.perf_counter()
-    decode_s = max(t_end - clock.first_s, 1e-9)
-    return out[0, ids.shape[1]:].cpu(), clock.first_s - t0, (cfg.new_tokens - 1) / decode_s, clock.first_stats
+    decode_s = max(clock.stop() - clock.first_s, 1e-9)
+    return out[0, ids.shape[1]:].cpu(), clock.first_s - t0, (cfg.new_tokens - 1) / decode_s, clock.first_value
 
 
 def _predictor_specs(cfg: DemoConfig, geometry, routing: list[list[torch.Tensor]]):
     """(name, make(prompt index) -> predictor or None, per_prompt) for each predictor compared."""
     specs = [("none (LRU on demand)", lambda i: None, False),
-             ("pre-gate", lambda i: PreGatePredictor(), False)]
+             ("pre-gate", lambda i: make_predictor("pregate"), False)]
     for path in (*DEFAULT_TRAINED_PREDICTORS, *cfg.predictors):
-        trained = load_predictor(path, geometry=geometry)  # fails here, before any run, on a bad file
+        trained = make_predictor(path, geometry=geometry)  # fails here, before any run, on a bad file
         specs.append((f"{trained.kind} ({Path(path).name})", lambda i, p=trained: p, False))
-    specs.append(("oracle (replays routing)", lambda i: OraclePredictor(routing[i]), True))
+    specs.append(("oracle (replays routing)", lambda i: make_predictor("oracle", routing=routing[i]), True))
     return specs
 
 

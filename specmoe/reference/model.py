@@ -107,15 +107,6 @@ def build_config(preset: ModelPreset, vocab_size: int, eos_token_id: int):
     return AutoConfig.for_model(p.architecture, **common, **extra)
 
 
-def build_random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A model of `config` with transformers' random initialisation (seeded), in eval mode: the comparison
-    every learned-routing figure is set against."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-
-
 def _checked_dir(path) -> Path:
     path = Path(path) if path is not None else CHECKPOINT_DIR
     for name in ("config.json", "model.safetensors", "tokenizer.json"):

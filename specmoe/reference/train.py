@@ -4,7 +4,7 @@
     python -m specmoe.reference.train --out /tmp/ref --steps 300                       # a fixed number of steps
     python -m specmoe.reference.train --out /tmp/olmoe --preset olmoe
 
-Everything happens inside the budget (`--minutes`, wall clock): corpus scan, BPE tokenizer, AdamW with a
+Everything happens inside the budget (`--max-minutes`, wall clock): corpus scan, BPE tokenizer, AdamW with a
 cosine learning rate that follows the elapsed share of the budget, periodic validation, and the save. The
 router's load-balancing loss is on (`output_router_logits=True`, weight `router_aux_loss_coef`), so experts
 are used. The output directory holds what `save_pretrained` writes (safetensors, weights in bfloat16), the
@@ -20,79 +20,59 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..bench import environment
+from ..measure import environment
 from ..io import write_json
 from ..runtime.adapters import find_moe_layers
+from ..training.config import TrainConfig
 from .corpus import CorpusConfig, load_corpus
 from .data import encode_documents, eval_windows, random_windows
 from .evaluation import evaluate_loss, unigram_loss
-from .model import PROMPTS_NAME, PRESETS, TRAINING_NAME, build_config, build_random_model, get_preset
+from ..sim.synthetic import build_random_model
+from .model import PROMPTS_NAME, PRESETS, TRAINING_NAME, build_config, get_preset
 from .tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
+# How the reference model is optimised (the one TrainConfig; `--max-minutes` or `--steps` change the budget).
+DEFAULT_TRAINING = TrainConfig(steps=None, max_minutes=10.0, batch_size=8, lr=6e-3, min_lr_ratio=0.1, warmup_steps=20,
+                               weight_decay=0.1, grad_clip=1.0, eval_every=250, val_tokens=16384, seed=0, device="cpu")
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    """Settings of a training run (all recorded in training.json).
+class ReferenceRecipe:
+    """What the reference model is and reads (all recorded in training.json); how it is optimised is a
+    `specmoe.training.TrainConfig`.
 
     Args:
         preset: model shape, a key of `specmoe.reference.model.PRESETS`.
-        minutes: wall-clock budget of the whole run; the learning rate follows the elapsed share of it.
-        steps: train exactly this many steps instead (the schedule follows steps; no time limit).
-        batch_size, seq_len: windows per step and tokens per window.
-        lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip: AdamW and its cosine schedule.
+        seq_len: tokens per training window.
         vocab_size: BPE vocabulary.
-        eval_every_s: seconds between validation passes (time budget mode); eval_every_steps otherwise.
-        val_tokens: validation tokens scored per pass.
+        eval_every_s: seconds between validation passes when training to a time budget (the
+            TrainConfig's eval_every steps otherwise).
         num_prompts, prompt_chars: held-out snippets saved for the demo.
-        seed: seeds the weights, the batches and the corpus split.
     """
 
     preset: str = "qwen1.5-moe"
-    minutes: float = 10.0
-    steps: int | None = None
-    batch_size: int = 8
     seq_len: int = 128
-    lr: float = 6e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
     vocab_size: int = 4096
     eval_every_s: float = 120.0
-    eval_every_steps: int = 250
-    val_tokens: int = 16384
     num_prompts: int = 8
     prompt_chars: int = 240
-    seed: int = 0
 
     def __post_init__(self):
         get_preset(self.preset)
-        if self.steps is None and not self.minutes > 0:
-            raise ValueError(f"TrainConfig.minutes must be > 0 (or give steps), got {self.minutes}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"TrainConfig.steps must be >= 1, got {self.steps}")
-        for name in ("batch_size", "seq_len", "vocab_size", "val_tokens", "num_prompts", "prompt_chars"):
+        for name in ("seq_len", "vocab_size", "num_prompts", "prompt_chars"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
-            raise ValueError("TrainConfig needs lr > 0 and min_lr_ratio in [0, 1]")
+                raise ValueError(f"ReferenceRecipe.{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len > get_preset(self.preset).max_positions:
-            raise ValueError(f"TrainConfig.seq_len {self.seq_len} exceeds the preset's max_positions")
-
-
-def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine from 1 to `min_lr_ratio` as progress goes 0 -> 1."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps)
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return warm * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos)
+            raise ValueError(f"ReferenceRecipe.seq_len {self.seq_len} exceeds the preset's max_positions")
 
 
 def heldout_prompts(texts: list[str], count: int, chars: int) -> list[str]:
@@ -130,11 +110,13 @@ def _save(model, tokenizer, out: Path, prompts: list[str], record: dict) -> None
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: bool = True) -> dict:
+def train(recipe: ReferenceRecipe, cfg: TrainConfig = DEFAULT_TRAINING, out=None, corpus: CorpusConfig | None = None,
+          progress: bool = True) -> dict:
     """Run the whole recipe and write the checkpoint to `out`.
 
     Args:
-        cfg: the training settings.
+        recipe: the model and its data.
+        cfg: the optimisation settings (steps or a time budget, AdamW, schedule; trained on the CPU).
         out: output directory (replaced if it exists).
         corpus: which text (default: the standard library, split by file with `cfg.seed`).
         progress: show tqdm bars.
@@ -142,22 +124,24 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     Returns:
         The training record also written to `out/training.json`.
     """
+    if out is None:
+        raise ValueError("train() needs out=, the checkpoint directory to write")
     t0, cpu0 = time.perf_counter(), time.process_time()
-    deadline = t0 + cfg.minutes * 60 if cfg.steps is None else math.inf
+    deadline = t0 + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     out = Path(out)
     torch.manual_seed(cfg.seed)
     split = load_corpus(corpus or CorpusConfig(seed=cfg.seed))
     train_texts, val_texts = split.texts("train"), split.texts("val")
-    preset = get_preset(cfg.preset)
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size, model_max_length=preset.max_positions)
+    preset = get_preset(recipe.preset)
+    tokenizer = train_tokenizer(train_texts, recipe.vocab_size, model_max_length=preset.max_positions)
     train_stream = encode_documents(tokenizer, train_texts)
     val_stream = encode_documents(tokenizer, val_texts)
-    val = eval_windows(val_stream, cfg.seq_len, max(1, cfg.val_tokens // cfg.seq_len))
+    val = eval_windows(val_stream, recipe.seq_len, max(1, cfg.val_tokens // recipe.seq_len))
     config = build_config(preset, len(tokenizer), tokenizer.eos_token_id)
-    model = build_random_model(config, seed=cfg.seed).train()
+    model = build_random_model(config, dtype=torch.float32, seed=cfg.seed, progress=False, trainable=True).train()
     geometry = find_moe_layers(model).geometry
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s, %s, %.2fM parameters; %d train tokens", cfg.preset, geometry, n_params / 1e6,
+    logger.info("model %s, %s, %.2fM parameters; %d train tokens", recipe.preset, geometry, n_params / 1e6,
                 train_stream.numel())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -168,7 +152,7 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     def validate(step: int) -> float:
         t = time.perf_counter()
         loss = evaluate_loss(model, val)
-        evals.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len,
+        evals.append({"step": step, "tokens": step * cfg.batch_size * recipe.seq_len,
                       "elapsed_s": round(time.perf_counter() - t0, 2), "val_loss": loss})
         return time.perf_counter() - t
 
@@ -179,20 +163,20 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     loop_start = time.perf_counter()
     loop_budget = deadline - reserve - loop_start
     if loop_budget <= 0:
-        raise ValueError(f"--minutes {cfg.minutes} leaves no time to train after preparation "
+        raise ValueError(f"--max-minutes {cfg.max_minutes} leaves no time to train after preparation "
                          f"({loop_start - t0:.0f} s); give more minutes or --steps")
     bar = tqdm(total=cfg.steps or round(loop_budget), unit="step" if cfg.steps else "s", desc="train",
                disable=not progress)
     step, last_eval, window = 0, loop_start, []
     while True:
         now = time.perf_counter()
-        progress_frac = step / cfg.steps if cfg.steps else (now - loop_start) / loop_budget
+        progress_frac = cfg.progress(step, now - loop_start, budget_s=loop_budget if cfg.max_minutes else None)
         if progress_frac >= 1.0:
             break
-        factor = lr_factor(step, progress_frac, cfg)
+        factor = cfg.lr_factor(step, progress_frac)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * factor
-        x = random_windows(train_stream, cfg.batch_size, cfg.seq_len, gen)  # [B, T]
+        x = random_windows(train_stream, cfg.batch_size, recipe.seq_len, gen)  # [B, T]
         out_ = model(input_ids=x, labels=x, output_router_logits=True)
         opt.zero_grad(set_to_none=True)
         out_.loss.backward()
@@ -209,7 +193,7 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
                             "train_loss": lm, "aux_loss": ax})
             bar.set_postfix(step=step, loss=f"{lm:.3f}", aux=f"{ax:.3f}")
             window = []
-        due = (step % cfg.eval_every_steps == 0) if cfg.steps else (after - last_eval >= cfg.eval_every_s)
+        due = (step % cfg.eval_every == 0) if cfg.steps else (after - last_eval >= recipe.eval_every_s)
         if due and (cfg.steps or after + eval_s + reserve < deadline):
             validate(step)
             last_eval = time.perf_counter()
@@ -218,11 +202,12 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     if evals[-1]["step"] != step:
         validate(step)
     model.eval()
+    settings = {**asdict(recipe), **{k: v for k, v in asdict(cfg).items() if k not in ("device", "patience")}}
     record = {
         "recipe": "python -m specmoe.reference.train --out DIR " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v is not None),
-        "settings": asdict(cfg),
-        "preset": {"name": cfg.preset, **asdict(preset)},
+            f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v is not None),
+        "settings": settings,
+        "preset": {"name": recipe.preset, **asdict(preset)},
         "model_class": type(model).__name__,
         "geometry": geometry.to_dict(),
         "parameters": n_params,
@@ -230,9 +215,9 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
         "tokenizer": {"kind": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer),
                       "train_tokens": train_stream.numel(), "val_tokens": val_stream.numel()},
         "steps": step,
-        "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+        "tokens_seen": step * cfg.batch_size * recipe.seq_len,
         "train_loop_s": round(loop_s, 1),
-        "tokens_per_s": round(step * cfg.batch_size * cfg.seq_len / loop_s, 1),
+        "tokens_per_s": round(step * cfg.batch_size * recipe.seq_len / loop_s, 1),
         "val_windows": list(val.shape),
         "initial_val_loss": evals[0]["val_loss"],
         "final_val_loss": evals[-1]["val_loss"],
@@ -241,7 +226,7 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
         "history": history,
         "environment": environment("cpu"),
     }
-    _save(model, tokenizer, out, heldout_prompts(val_texts, cfg.num_prompts, cfg.prompt_chars), record)
+    _save(model, tokenizer, out, heldout_prompts(val_texts, recipe.num_prompts, recipe.prompt_chars), record)
     record["wall_time_s"] = round(time.perf_counter() - t0, 1)  # the whole run, the save included
     record["cpu_time_s"] = round(time.process_time() - cpu0, 1)  # all threads: what a shared machine gave us
     write_json(out / TRAINING_NAME, record)
@@ -249,18 +234,23 @@ def train(cfg: TrainConfig, out, corpus: CorpusConfig | None = None, progress: b
     return record
 
 
+_SKIPPED = ("device", "patience")  # the reference model trains on the CPU and never stops early
+_ALIASES = {"max_minutes": ["--minutes"], "eval_every": ["--eval-every-steps"]}  # flags of older training.json
+
+
 def main(argv=None) -> int:
-    defaults = TrainConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (replaced)")
-    for f in fields(TrainConfig):  # every setting is a flag, so training.json's recipe runs as written
-        flag = f"--{f.name.replace('_', '-')}"
+    # every setting is a flag, so training.json's recipe runs as written
+    for defaults, f in [(ReferenceRecipe(), f) for f in fields(ReferenceRecipe)] + \
+            [(DEFAULT_TRAINING, f) for f in fields(TrainConfig) if f.name not in _SKIPPED]:
+        flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
         if f.name == "preset":
-            ap.add_argument(flag, default=defaults.preset, choices=sorted(PRESETS))
+            ap.add_argument(*flags, default=defaults.preset, choices=sorted(PRESETS))
         elif f.name == "steps":
-            ap.add_argument(flag, type=int, default=None, help="train this many steps instead of to a time budget")
+            ap.add_argument(*flags, type=int, default=None, help="train this many steps instead of to a time budget")
         else:
-            ap.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
+            ap.add_argument(*flags, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name))
     ap.add_argument("--corpus-root", type=Path, default=None, help="directory of *.py files (default: stdlib)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; 1 is far faster on a machine shared with other jobs)")
@@ -269,9 +259,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    recipe = ReferenceRecipe(**{f.name: getattr(args, f.name) for f in fields(ReferenceRecipe)})
+    cfg = replace(DEFAULT_TRAINING, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in _SKIPPED})
+    if cfg.steps is not None:  # --steps replaces the time budget (recorded recipes give both and mean steps)
+        cfg = replace(cfg, max_minutes=None)
     corpus = CorpusConfig(root=args.corpus_root, seed=cfg.seed)
-    record = train(cfg, args.out, corpus, progress=not args.quiet)
+    record = train(recipe, cfg, args.out, corpus, progress=not args.quiet)
     print(f"{record['steps']} steps, {record['tokens_seen']} tokens in {record['train_loop_s']} s; val loss "
           f"{record['initial_val_loss']:.3f} -> {record['final_val_loss']:.3f} (unigram "
           f"{record['unigram_val_loss']:.3f}); wrote {args.out}")

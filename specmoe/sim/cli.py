@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..bench.environment import environment
+from ..measure import environment
 from ..io import write_json, write_text
 from .hardware import PROFILES, HardwareProfile
 from .shapes import PRESETS, ModelShape
@@ -84,7 +84,7 @@ def _routers(model_path: str | None):
 
 def _replays(stream, names, lookahead, model_path, num_experts):
     """The named predictors replayed on `stream`."""
-    from ..predictors import PreGatePredictor, load_predictor
+    from ..predictors import load_predictor, make_predictor
     from ..predictors.base import READS_HIDDEN
     from .predictions import replay_oracle, replay_predictor
 
@@ -104,11 +104,8 @@ def _replays(stream, names, lookahead, model_path, num_experts):
             continue
         if geometry is None:
             geometry, routers = _routers(model_path)
-        if name == "pregate":
-            out.append(replay_predictor(stream, PreGatePredictor(lookahead=lookahead), geometry, routers, "pregate"))
-        else:
-            out.append(replay_predictor(stream, load_predictor(name, geometry=geometry), geometry, routers,
-                                        Path(name).name))
+        predictor = make_predictor(name, lookahead=lookahead, geometry=geometry)
+        out.append(replay_predictor(stream, predictor, geometry, routers, Path(name).name))
     return out
 
 

@@ -2,8 +2,9 @@
 
 Decoding one token at batch 1 in PyTorch eager is often bound by the host launching kernels, not by the GPU
 running them, so the simulator keeps two clocks. Host time is (aten ops) x (seconds per op) plus the
-runtime's own bookkeeping; the op counts are measured by running a tiny model of the same family under a
-counting dispatch mode (`count_ops`). Device time is max(bytes / bandwidth, FLOPs / FLOP/s), each derated by
+runtime's own bookkeeping; the op counts are calibration data (`calibration/op_counts.json`, read by
+`load_op_counts`), measured by `benchmarks/op_counts.py` on a tiny model of each family under a counting
+dispatch mode. Device time is max(bytes / bandwidth, FLOPs / FLOP/s), each derated by
 an efficiency. The per-op and efficiency constants are the uncertain part: `specmoe simulate --validate`
 fits the host scale to a GPU measurement and reports the error before and after.
 """
@@ -16,9 +17,11 @@ import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
+from ..io import read_json
 from .hardware import HardwareProfile
 from .shapes import ModelShape
 
@@ -27,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OpCounts:
-    """Aten ops the host dispatches, measured on a tiny model of one family (see `count_ops`).
+    """Aten ops the host dispatches, measured on a tiny model of one family (see `load_op_counts`).
 
     Args:
         layer: per decoder layer, outside the experts call (norms, attention, router, shared experts).
@@ -182,113 +185,46 @@ def expert_device_seconds(costs: PassCosts, distinct: int, pairs: int) -> float:
     return max(distinct * costs.dev_expert, pairs * costs.dev_expert_tokens)
 
 
-# ---- op counting ---------------------------------------------------------------------------------------------
-_TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
-             shared_expert_intermediate_size=64, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
-             qk_rope_head_dim=8, v_head_dim=16, sliding_window=32, layer_types=None)
+# ---- op counts: calibration data ------------------------------------------------------------------------------
+CALIBRATION_DIR = Path(__file__).parent / "calibration"
+OP_COUNTS_FILE = CALIBRATION_DIR / "op_counts.json"  # written by benchmarks/op_counts.py
 
 
 @functools.lru_cache(maxsize=None)
-def count_ops(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k: int = 2) -> OpCounts:
-    """Count the aten ops one decode step dispatches, per region, on a tiny random model of `model_type`.
+def load_op_counts(model_type: str, path: Path | None = None) -> OpCounts:
+    """The op counts of `model_type`, from the calibration file that `benchmarks/op_counts.py` writes.
 
-    Runs `generate` for 2 and 3 new tokens under a counting TorchDispatchMode (the difference is one decode
-    step with generate's loop), unwrapped, wrapped by SpeculativeMoE (capacity 1.0, compute="pool"), and
-    wrapped with a pre-gate predictor. Takes about a second; cached per process.
+    Raises:
+        ValueError: the file has no counts for this family (the message says how to add them).
     """
+    path = Path(path) if path is not None else OP_COUNTS_FILE
+    families = read_json(path, what="op-count calibration").get("families", {})
+    if model_type not in families:
+        raise ValueError(f"no op counts for model family {model_type!r} in {path} (it has {', '.join(sorted(families))});"
+                         f" count them with `python benchmarks/op_counts.py --families {model_type}`")
+    return OpCounts(**families[model_type])
+
+
+count_ops = load_op_counts  # the name callers used when the counting ran here
+
+
+def op_counter(regions: tuple[str, ...] = ("all",)):
+    """A TorchDispatchMode counting the aten ops dispatched while it is active, by `.region` (the first of
+    `regions` to begin with; set it to attribute ops to another): `.n[region]`. Made lazily (the mode class
+    is private PyTorch API). The one op counter of the project (the predictors' cost here, the model families'
+    calibration in benchmarks/op_counts.py)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..predictors import PreGatePredictor
-    from ..runtime.adapters import find_moe_layers
-    from ..runtime.wrapper import SpeculativeMoE
-
-    values = dict(_TINY, num_hidden_layers=num_layers, num_experts_per_tok=top_k, num_experts=num_experts,
-                  num_local_experts=num_experts, n_routed_experts=num_experts, n_shared_experts=1,
-                  first_k_dense_replace=0, decoder_sparse_step=1, mlp_only_layers=[], n_group=1, topk_group=1)
-    if model_type.startswith("deepseek"):
-        values["num_key_value_heads"] = values["num_attention_heads"]  # MLA has no grouped KV heads
-    config = AutoConfig.for_model(model_type, **values)
-    config.pad_token_id = 0
-    config.eos_token_id = None
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    moe = find_moe_layers(model)
-
-    class Count(TorchDispatchMode):
+    class OpCounter(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.region, self.n = "pass", {"pass": 0, "layer": 0, "experts": 0}
+            self.region, self.n = regions[0], dict.fromkeys(regions, 0)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n[self.region] += 1
             return func(*args, **(kwargs or {}))
 
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    ids = torch.randint(2, 128, (1, 6), generator=torch.Generator().manual_seed(0))
-
-    def step_counts(generate) -> dict:
-        out = {}
-        with torch.no_grad():  # warm-up: lazy initialisation is not part of a step
-            generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-        for n in (2, 3):
-            counter = Count()
-            handles = []
-            for layer in layers:
-                handles.append(layer.register_forward_pre_hook(lambda *a: setattr(counter, "region", "layer")))
-                handles.append(layer.register_forward_hook(lambda *a: setattr(counter, "region", "pass")))
-            for m in moe.layers:
-                handles.append(m.experts.register_forward_pre_hook(lambda *a: setattr(counter, "region", "experts")))
-                handles.append(m.experts.register_forward_hook(lambda *a: setattr(counter, "region", "layer")))
-            try:
-                with torch.no_grad(), counter:
-                    generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            finally:
-                for h in handles:
-                    h.remove()
-            out[n] = counter.n
-        return {k: out[3][k] - out[2][k] for k in out[3]}
-
-    plain = step_counts(model.generate)
-    logger.debug("op counts of %s: %s", model_type, plain)
-    smoe = SpeculativeMoE(model, None, cache_capacity=1.0, compute="pool", device="cpu")  # same ops as `plain`
-    wrapped = step_counts(smoe.generate)
-    smoe.unwrap()
-    smoe = SpeculativeMoE(model, PreGatePredictor(lookahead=1), cache_capacity=1.0, compute="pool", device="cpu")
-    predicted = step_counts(smoe.generate)
-    smoe.unwrap()
-    L = moe.geometry.num_layers
-    pregate = count_predictor_ops(PreGatePredictor(lookahead=1), moe.geometry, [layer.router for layer in moe.layers])
-    total = lambda c: sum(c.values())  # noqa: E731
-    return OpCounts(
-        layer=plain["layer"] / len(layers),
-        experts=plain["experts"] / L,
-        per_pass=plain["pass"],
-        wrapper=max(0.0, (total(wrapped) - total(plain)) / L),
-        predictor=max(0.0, (total(predicted) - total(wrapped)) / L),
-        pregate_predict=pregate,
-        source=f"counted on a tiny random {model_type} (transformers {_version('transformers')}, torch "
-               f"{torch.__version__}), one decode step of generate",
-    )
-
-
-class _OpCounter:
-    """A TorchDispatchMode counting aten ops (made lazily: the mode class is private API)."""
-
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Count(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.n = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.n += 1
-                return func(*args, **(kwargs or {}))
-
-        return Count()
+    return OpCounter()
 
 
 def count_predictor_ops(predictor, geometry, routers=()) -> float:
@@ -298,19 +234,10 @@ def count_predictor_ops(predictor, geometry, routers=()) -> float:
     predictor.reset()
     g = torch.Generator().manual_seed(0)
     history = torch.randint(0, geometry.num_experts, (1, geometry.num_layers, geometry.top_k), generator=g)
-    counter = _OpCounter()
+    counter = op_counter()
     with torch.no_grad():
         for layer in range(geometry.num_layers):
             hidden = torch.randn(1, geometry.hidden_size, generator=g)
             with counter:
                 predictor.predict(layer, hidden, history[:, : layer + 1])
-    return counter.n / geometry.num_layers
-
-
-def _version(pkg: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return "?"
+    return counter.n["all"] / geometry.num_layers

@@ -18,9 +18,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 
-from ..runtime.cache import LFUPolicy, LRUPolicy
-
-Key = tuple[int, int]
+from ..runtime.cache import Key, LFUPolicy, LRUPolicy
 NEVER = float("inf")
 
 

@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 
 from ..geometry import MoEGeometry
 from ..predictors.base import READS_HIDDEN, rank_by_votes
+from ..runtime.cache import Key
 from .stream import RoutingStream
-
-Key = tuple[int, int]
 Candidates = list[list[list[Key]]]  # [pass][layer] -> ranked keys
 
 

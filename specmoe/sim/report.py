@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bench.report import environment_line, markdown_table, save_figure
+from ..measure.results import environment_line, markdown_table, save_figure
 from ..io import read_json, write_text
 
 GiB, MiB = 2**30, 2**20

@@ -185,12 +185,6 @@ class ModelShape:
         windowed = min(context, self.sliding_window) if self.sliding_window else context
         return (full * context + self.sliding_layers * windowed) * self.kv_values_per_token * self.dtype_bytes
 
-    def flops_per_token(self, context: int = 0) -> float:
-        """Forward FLOPs of one token: 2 per active weight (embedding lookup excluded) + attention scores."""
-        weights = self.active_params - self.embed_params
-        scores = 4 * self.num_layers * self.attention_heads * self.attention_head_dim * context
-        return 2.0 * weights + scores
-
     def to_dict(self) -> dict:
         out = asdict(self)
         out["expert_specs"] = [{"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype)} for s in self.expert_specs]

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bounds import DEVICE_RESERVE_BYTES, demand_bound, memory_plan
-from .compute import ComputeModel, count_ops
+from .compute import ComputeModel, load_op_counts
 from .engine import simulate
 from .hardware import HardwareProfile
 from .predictions import PredictorReplay
@@ -69,7 +69,7 @@ def synthetic_stream(shape: ModelShape, passes: int = 8, seed: int = 0) -> Routi
 
 def compute_ceiling(shape: ModelShape, profile: HardwareProfile, compute: ComputeModel, context: int) -> float:
     """Decode tok/s of the unwrapped model, every expert resident (independent of routing at batch 1)."""
-    run = simulate(synthetic_stream(shape), shape, profile, None, ops=count_ops(shape.model_type), compute=compute,
+    run = simulate(synthetic_stream(shape), shape, profile, None, ops=load_op_counts(shape.model_type), compute=compute,
                    context=context)
     return run.tok_s
 
@@ -110,7 +110,7 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
              [(p, name) for name in by_name for p in settings.prefetch_policies]
     bar = tqdm(total=len(jobs) * (len(combos) + 1), desc="simulate", unit="run", disable=not progress)
     for profile, shape, cap, is_max in jobs:
-        ops = count_ops(shape.model_type)
+        ops = load_op_counts(shape.model_type)
         kw = dict(ops=ops, compute=compute, context=settings.context, warmup_passes=settings.warmup_passes)
         unwrapped = simulate(stream, shape, profile, None, **kw)
         belady = simulate(stream, shape, profile, cap, policy="belady", **kw)

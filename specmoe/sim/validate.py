@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 
 from ..io import read_json
-from .compute import ComputeModel, OpCounts, count_ops
+from .compute import ComputeModel, OpCounts, load_op_counts
 from .engine import simulate
 from .hardware import HardwareProfile
 from .predictions import oracle_candidates
@@ -124,7 +124,7 @@ def validate_measurement(json_path, profile: HardwareProfile | None = None, comp
     device_name = result["environment"].get("device_name", "")
     profile = profile or HardwareProfile.for_device_name(device_name)
     compute = compute or ComputeModel.from_name("hf-eager")
-    ops = OpCounts(**result["op_counts"]) if "op_counts" in result else count_ops(shape.model_type)
+    ops = OpCounts(**result["op_counts"]) if "op_counts" in result else load_op_counts(shape.model_type)
     settings = result["settings"]
     lookahead = int(settings.get("lookahead", 1))
     context = int(settings.get("prompt_len", 32)) + int(settings["new_tokens"]) // 2
@@ -178,7 +178,7 @@ def validate_measurement(json_path, profile: HardwareProfile | None = None, comp
 
 
 def validation_table(report: dict) -> str:
-    from ..bench.report import markdown_table
+    from ..measure.results import markdown_table
 
     rows = [[r["setting"], r["variant"] + (" (fitted)" if r["fitted"] else ""), f"{r['measured_tok_s']:.2f}",
              f"{r['simulated_tok_s']:.2f}", f"{100 * r['error']:+.1f}%",

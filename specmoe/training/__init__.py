@@ -2,7 +2,8 @@
 
 from .evaluate import EvalConfig, evaluate_predictors
 from .fit import build_predictor, fit_predictor
-from .loop import TrainConfig, TrainResult, train_predictor
+from .config import TrainConfig
+from .loop import TrainResult, train_predictor
 from .metrics import PredictionMetrics
 
 __all__ = [

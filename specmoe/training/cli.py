@@ -81,7 +81,7 @@ def predictor_options(args) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..bench import environment
+    from ..measure import environment
     from ..io import write_json
     from ..predictors import save_predictor
     from .fit import fit_predictor
@@ -121,7 +121,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..bench import environment
+    from ..measure import environment
     from ..io import read_json
     from ..predictors import load_predictor
     from .evaluate import (

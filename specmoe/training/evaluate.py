@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from ..bench.timing import sync_device
+from ..measure import timed_call
 from ..predictors.base import READS_HIDDEN, Predictor
 from ..traces.dataset import RoutingTrace
 from .metrics import RECALL_MULTIPLES, TOP_N, PredictionMetrics
@@ -71,7 +70,8 @@ def _passes(trace: RoutingTrace, pass_tokens: int) -> list[tuple[int, int]]:
 def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 480, device="cpu") -> float:
     """Median wall time (µs) of one `predict` call for one token (a decode step), over layers and tokens.
 
-    The device is synchronised around each call, so on CUDA this is the time until the scores exist.
+    Timed with `specmoe.measure.timed_call` (after a device sync; CUDA events on CUDA, so this is the time until
+    the scores exist).
     """
     device = torch.device(device)
     L = trace.geometry.num_layers
@@ -84,11 +84,7 @@ def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 48
         layer = i % L
         h = hidden[layer][tok : tok + 1] if layer in hidden else torch.zeros(1, trace.geometry.hidden_size, device=device)
         hist = ids[tok : tok + 1, : layer + 1]
-        sync_device(device)
-        t0 = time.perf_counter()
-        predictor.predict(layer, h, hist)
-        sync_device(device)
-        times.append(time.perf_counter() - t0)
+        times.append(timed_call(lambda: predictor.predict(layer, h, hist), device)[0])
     warm = times[L:] if len(times) > 2 * L else times  # the first round of layers warms caches up
     return statistics.median(warm) * 1e6
 
@@ -136,11 +132,8 @@ def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace
             for layer in range(L):
                 hidden = trace.hidden[layer][start:end].to(device) if layer in trace.hidden else \
                     torch.zeros(1, geo.hidden_size, device=device).expand(end - start, -1)  # read by none of them
-                sync_device(device)
-                t0 = time.perf_counter()
-                scores = predictor.predict(layer, hidden, ids_dev[:, : layer + 1])
-                sync_device(device)
-                spent += time.perf_counter() - t0
+                seconds, scores = timed_call(lambda: predictor.predict(layer, hidden, ids_dev[:, : layer + 1]), device)
+                spent += seconds
                 for t, s in scores.items():
                     d = t - layer
                     if d > D:
@@ -202,13 +195,14 @@ def baseline_predictors(train: RoutingTrace, lookahead: int, seed: int = 0,
 
     The pre-gate is left out of traces without routers or hidden states (`unavailable` says why).
     """
-    from ..predictors import HistoryPredictor, PreGatePredictor, RandomPredictor
+    from ..predictors import HistoryPredictor, make_predictor
 
     out: dict[str, Predictor] = {}
     if unavailable("pregate", train) is None:
-        out["pregate"] = PreGatePredictor(lookahead=lookahead, wrap=True)
+        # evaluation scores the next token's first layers too, so the pre-gate guesses them as well
+        out["pregate"] = make_predictor("pregate", lookahead=lookahead, wrap=True)
     out["history"] = HistoryPredictor.fit(train, lookahead=lookahead, progress=progress)
-    out["random"] = RandomPredictor(seed=seed, lookahead=lookahead)
+    out["random"] = make_predictor("random", seed=seed, lookahead=lookahead)
     return out
 
 

@@ -4,8 +4,7 @@ present.
 
 Each step draws a batch of (token, source MoE layer l) rows from the training trace, uniformly; the
 targets are the experts routed at layers l+1..l+D (the next token's first layers for targets past the last
-layer). With a time budget the cosine schedule follows the larger of the step and the time fractions, so a
-run cut short by the clock still ends at the low learning rate.
+layer). The schedule is `TrainConfig.lr_factor`, the one every training loop uses.
 """
 
 # Shape legend: B batch tokens, E experts, k top-k, D lookahead, L MoE layers
@@ -13,8 +12,8 @@ run cut short by the clock still ends at the low learning rate.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -24,50 +23,10 @@ from tqdm.auto import tqdm
 
 from ..predictors.trainable import TrainablePredictor
 from ..traces.dataset import RoutingTrace
+from .config import TrainConfig
 from .metrics import PredictionMetrics
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings.
-
-    Args:
-        steps: optimizer steps at most.
-        batch_size: (token, source layer) rows per step.
-        lr: peak learning rate (AdamW), reached after `warmup_steps`, then cosine decay to 10% of it.
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps.
-        eval_every: steps between validations.
-        patience: validations without improvement before stopping early.
-        val_tokens: validation tokens (a fixed seeded sample, each at every source layer).
-        seed: seeds the batches, the validation sample and dropout.
-        device: "cpu", "cuda", ...; None: CUDA when present, else CPU.
-        max_minutes: stop after this much wall time (None: no limit).
-    """
-
-    steps: int = 3000
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    eval_every: int = 250
-    patience: int = 4
-    val_tokens: int = 1024
-    seed: int = 0
-    device: str | None = None
-    max_minutes: float | None = None
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "patience", "val_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig needs lr > 0, weight_decay >= 0, warmup_steps >= 0; got lr={self.lr}, "
-                             f"weight_decay={self.weight_decay}, warmup_steps={self.warmup_steps}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"TrainConfig.max_minutes must be > 0 or None, got {self.max_minutes}")
 
 
 @dataclass
@@ -154,14 +113,6 @@ def train_predictor(predictor: TrainablePredictor, train: RoutingTrace, val: Rou
     base_lrs = [group["lr"] for group in opt.param_groups]
     budget = 60 * config.max_minutes if config.max_minutes is not None else None
 
-    def lr_factor(step: int, elapsed: float) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        done = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        if budget is not None:
-            done = max(done, elapsed / budget)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
     layers = torch.tensor(source_layers(predictor))
     start = time.perf_counter()
     recall0, loss0 = validate(predictor, val, val_tokens)
@@ -169,18 +120,19 @@ def train_predictor(predictor: TrainablePredictor, train: RoutingTrace, val: Rou
     best = (recall0, 0, copy.deepcopy(module.state_dict()))
     bad_evals, stopped, running, step = 0, "steps", None, 0
     module.train()
-    bar = tqdm(range(1, config.steps + 1), desc=f"train {predictor.kind}", unit="step", disable=not progress)
+    steps = range(1, config.steps + 1) if config.steps else itertools.count(1)
+    bar = tqdm(steps, total=config.steps, desc=f"train {predictor.kind}", unit="step", disable=not progress)
     for step in bar:
-        elapsed = time.perf_counter() - start
+        factor = config.lr_factor(step - 1, config.progress(step - 1, time.perf_counter() - start))
         for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * lr_factor(step - 1, elapsed)
+            group["lr"] = base * factor
         tok = torch.randint(train.num_tokens, (config.batch_size,), generator=gen)
         lay = layers[torch.randint(len(layers), (config.batch_size,), generator=gen)]
         ids, valid = train.targets(lay, tok, predictor.lookahead, predictor.wrap)
         loss = bce_loss(predictor.train_logits(train, lay, tok), ids.to(device), valid.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
         opt.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         out_of_time = budget is not None and time.perf_counter() - start > budget

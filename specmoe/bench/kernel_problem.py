@@ -1,11 +1,11 @@
-"""Measuring the fused experts kernel against transformers' experts implementations on the same slot pool.
+"""The kernel benchmark's problem: one MoE layer's routed experts computed from a pool of S slots, as the
+runtime does, by the fused kernel and by transformers' experts implementations alike.
 
 Used by ``benchmarks/moe_kernel.py`` (figures) and ``benchmarks/autotune_moe_kernel.py`` (launch configs).
-Every implementation computes one MoE layer's routed experts from a pool of S slots, as the runtime does:
-ours through the expert->slot table, transformers' (a real ``MixtralExperts`` module bound to the pool,
-``config._experts_implementation`` = grouped_mm / batched_mm / eager) with expert ids remapped to slots
-("pool" compute). Times are medians of CUDA-event timings after warm-up, with the L2 cache flushed before
-each run (weights come from HBM, as they do when a layer's experts are used once per token).
+Ours reads through the expert->slot table; transformers' (a real ``MixtralExperts`` module bound to the pool,
+``config._experts_implementation`` = grouped_mm / batched_mm / eager) gets expert ids remapped to slots
+("pool" compute). Timing is `specmoe.measure.time_fn`: medians of CUDA-event timings after warm-up, the L2
+cache flushed before each run (weights come from HBM, as they do when a layer's experts are used once per token).
 
 Compressed slots: implementation "triton-<scheme>" (e.g. "triton-int4-g128") runs the kernel on a second pool
 holding the same experts compressed in the runtime's own compressed layout (`ExpertCodec`), dequantizing in
@@ -16,16 +16,14 @@ registers.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels.experts_kernel import moe_experts
+from ..kernels.launch_config import MoEKernelConfig
 from ..runtime.adapters import FusedExperts
-from .experts_kernel import moe_experts
-from .launch_config import MoEKernelConfig
 
 IMPLEMENTATIONS = ("triton", "grouped_mm", "batched_mm", "eager")
 COMPRESSED_PREFIX = "triton-"  # + a compression scheme: the kernel on compressed slots
@@ -177,46 +175,6 @@ class ExpertsProblem:
             return module(hidden, table[ids], weights)  # remapping ids is part of the "pool" path's cost
 
         return run
-
-
-class _L2Flush:
-    def __init__(self, device: torch.device, nbytes: int = 256 * 2**20):
-        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-
-    def __call__(self):
-        if self.buf is not None:
-            self.buf.zero_()
-
-
-def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 20,
-            flush_l2: bool = True) -> dict:
-    """Median time of `fn` in microseconds (CUDA events on CUDA, perf_counter elsewhere).
-
-    Returns:
-        {"median_us", "min_us", "repeats"}.
-    """
-    device = torch.device(device)
-    flush = _L2Flush(device) if flush_l2 else (lambda: None)
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            for _ in range(repeats):
-                flush()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3)
-        else:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
-    return {"median_us": statistics.median(times), "min_us": min(times), "repeats": repeats}
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,71 @@
+"""benchmarks/gpu_check.py, the one command of a GPU session, runs its whole path on CPU (--smoke), records a
+failing or stuck step and still runs the others."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # before exec: its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_or_stuck_step_is_recorded_and_the_others_run(gpu_check, tmp_path):
+    @gpu_check.step("boom", timeout_s=5, smoke_timeout_s=5)
+    def boom(ctx):
+        raise ValueError("this step is broken")
+
+    @gpu_check.step("stuck", timeout_s=2, smoke_timeout_s=2)
+    def stuck(ctx):
+        ctx.run("-c", "import time; time.sleep(60)")
+        return {}
+
+    @gpu_check.step("fine", timeout_s=5, smoke_timeout_s=5)
+    def fine(ctx):
+        return {"answer": 42, "tag": ctx.tag}
+
+    with pytest.raises(ValueError, match="two gpu_check steps"):
+        gpu_check.step("fine", timeout_s=1)(lambda ctx: {})
+    assert gpu_check.main(["--smoke", "--only", "boom", "stuck", "fine", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
+    steps = report["steps"]
+    assert list(steps) == ["boom", "stuck", "fine"]
+    assert steps["boom"]["status"] == "failed" and "this step is broken" in steps["boom"]["error"]
+    assert steps["stuck"]["status"] == "timeout" and steps["stuck"]["seconds"] < 10
+    assert steps["fine"] == {**steps["fine"], "status": "ok", "result": {"answer": 42, "tag": "cpu_smoke"}}
+    assert "| boom | failed |" in (tmp_path / "gpu_check_cpu_smoke.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
+    """The same path a GPU session runs, at tiny sizes (about a minute of CPU time)."""
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
+    steps = report["steps"]
+    assert list(steps) == [s.name for s in gpu_check.STEPS] == [
+        "nvml", "shape_real", "simulate_validate", "wrapper_overhead", "moe_kernel", "gpu_tests"]
+    assert all(s["status"] in ("ok", "skipped") for s in steps.values()), steps
+    rows = steps["shape_real"]["result"]["rows"]
+    grid = {(r["capacity"], r["predictor"]) for r in rows if r["capacity"] is not None}
+    assert grid == {(c, p) for c in (0.25, 0.5, 1.0) for p in ("none", "pregate")}
+    assert all(r["same_tokens"] for r in rows if r["same_tokens"] is not None)
+    assert any(r["stall_s"] is not None and r["overlap"] is not None for r in rows)
+    assert steps["simulate_validate"]["result"]["rows"]
+    assert steps["wrapper_overhead"]["result"]["ratio"] > 0
+    assert {x["tokens"] for x in steps["moe_kernel"]["result"]["speedups"]} == {1, 33}
+    tests = steps["gpu_tests"]["result"]
+    assert tests["tests"] > 0 and tests["failures"] + tests["errors"] == 0
+    for name in ("gpu_check_cpu_smoke.md", "shape_real_qwen1.5-moe-a2.7b_cpu_smoke.json",
+                 "shape_real_qwen1.5-moe-a2.7b_cpu_smoke.validation.json", "wrapper_overhead_cpu_smoke.json",
+                 "moe_kernel_cpu_smoke.json"):
+        assert (tmp_path / name).exists(), name
