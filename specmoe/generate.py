@@ -55,16 +55,12 @@ def parse_capacity(text: str) -> float | int | str:
 
 
 def _predictor(name: str, geometry=None):
-    from .predictors import PreGatePredictor, load_predictor
+    from .predictors import make_predictor
 
-    if name == "none":
-        return None
-    if name == "pregate":
-        return PreGatePredictor()
-    if not (Path(name) / "config.json").is_file():
+    if name not in PREDICTORS and not (Path(name) / "config.json").is_file():
         raise FileNotFoundError(f"--predictor {name!r}: not one of {', '.join(PREDICTORS)} nor a saved predictor "
                                 "directory (config.json + model.safetensors)")
-    return load_predictor(name)
+    return make_predictor(name, geometry=geometry)
 
 
 class _StreamClock:
@@ -89,7 +85,7 @@ class _StreamClock:
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .bench.timing import sync_device
+    from .measure import sync_device
     from .runtime.loading import load_offloaded
 
     if args.max_new_tokens < 1:
