@@ -17,6 +17,8 @@ Prefetches never change results: a wrong guess costs bandwidth, not correctness.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -29,11 +31,14 @@ from .cache import ExpertCache, SlotPool
 from .capacity import resolve_capacity
 from .compression import make_codec
 from .fused_compute import FusedKernelCompute
+from .host_compute import HostExperts
+from .misses import MissCosts, check_misses, hottest, split_misses
 from .stats import LayerStats, Stats
 from .store import ExpertLayout, HostStore
 from .transfer import make_engine
 
 COMPUTE = ("auto", "gather", "pool", "triton")
+logger = logging.getLogger(__name__)
 
 
 def _model_devices(model: nn.Module) -> set[torch.device]:
@@ -91,6 +96,15 @@ class SpeculativeMoE:
         compression: None (default) or "int8" / "int4" / "int4-g128": the host keeps experts compressed
             (`specmoe.kernels.quant`), copies move the compressed bytes and slots are dequantized on the
             device. Changes numerics (and `unwrap()` returns the dequantized experts).
+        misses: where routed experts that are not resident run. "fetch" (default): copied into a slot.
+            "host": computed on the host from the host store by a worker thread while the device computes
+            the resident ones (`runtime.host_compute`). "auto": per miss, whichever a cost model says
+            finishes first (`runtime.misses.split_misses`). Prefetches always go to the device.
+        miss_costs: the `MissCosts` for "auto"; default: measured at start-up on this model's experts
+            (a fraction of a second; `self.miss_costs` holds them to pass next time).
+        placement: routing frequencies [L][E] (e.g. counted from a trace): the hottest experts are loaded
+            into the slots at start-up, a static placement like llama.cpp's. With misses="host" and no
+            predictor nothing is ever copied again.
 
     Raises:
         TypeError: not an MoE model of a supported layout, or a predictor/capacity of the wrong type.
@@ -111,6 +125,9 @@ class SpeculativeMoE:
         max_prefetch_inflight: int | None = None,
         compute: str | None = None,
         compression: str | None = None,
+        misses: str = "fetch",
+        miss_costs: MissCosts | None = None,
+        placement=None,
     ):
         # ---- validate everything before touching the model ------------------------------------
         if getattr(model, "_specmoe_wrapper", None) is not None:
@@ -131,6 +148,7 @@ class SpeculativeMoE:
         self.max_prefetch_inflight = self._default_inflight(predictor, geo)
         if self.prefetch_width < 1 or self.max_prefetch_inflight < 1:
             raise ValueError("prefetch_width and max_prefetch_inflight must be >= 1")
+        self.misses = check_misses(misses)
         self.compute = compute or "auto"
         if self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
@@ -172,6 +190,12 @@ class SpeculativeMoE:
             self.engine = make_engine(transfer, num_slots, self.device, **compressed)
             for layer in moe.layers:
                 self._install(layer)
+            self._host = HostExperts(self.store, self.codec) if self.misses != "fetch" else None
+            self.miss_costs = miss_costs
+            if self.misses == "auto" and miss_costs is None:
+                self.miss_costs = self._measure_miss_costs()
+            if placement is not None:
+                self._place(placement)
         except BaseException:
             self._restore_model()
             raise
@@ -237,6 +261,8 @@ class SpeculativeMoE:
         self.engine.synchronize()
         self._restore_model()
         self.engine.close()
+        if self._host is not None:
+            self._host.close()
         self.pool = self.cache = None
         return self.model
 
@@ -285,6 +311,59 @@ class SpeculativeMoE:
             self.store.close()
         self.model._specmoe_wrapper = None
 
+    def _place(self, frequencies) -> None:
+        """Load the hottest experts of frequencies [L][E] into the slots (a static placement)."""
+        freq = torch.as_tensor(frequencies)
+        if tuple(freq.shape) != (self.geometry.num_layers, self.geometry.num_experts):
+            raise ValueError(f"placement must be routing frequencies [L, E] = "
+                             f"{[self.geometry.num_layers, self.geometry.num_experts]}, got {list(freq.shape)}")
+        for key in hottest(freq.tolist(), self.num_slots):
+            slot, _ = self.cache.assign(key, lambda s: True)
+            self.engine.copy_in(slot, self.pool.data[slot], self.store[key], demand=True)
+        self.engine.synchronize()
+
+    def _measure_miss_costs(self, repeats: int = 3) -> MissCosts:
+        """Time one expert copy into a slot and one expert computed on the host (1 and k tokens), here."""
+        import time
+
+        def best(fn) -> float:
+            fn()  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        def copy():
+            self.engine.copy_in(0, self.pool.data[0], self.store[(0, 0)], demand=True)
+            self.engine.synchronize()
+
+        layer = self.moe.layers[0]
+        dtype = next(s.dtype for s in self.pool.layout.specs if s.dtype.is_floating_point)
+        k = max(2, self.geometry.top_k)
+
+        def host(tokens):
+            hidden = torch.randn(tokens, self.geometry.hidden_size).to(dtype)
+            if isinstance(layer.layout, FusedExperts):
+                ids, w = torch.zeros(tokens, 1, dtype=torch.long), torch.ones(tokens, 1)
+                return lambda: self._host.compute(layer, hidden, ids, w, [0])
+            expert = layer.layout.experts_list(layer.experts)[0]
+            tensors, rows = self._host.tensors(0, [0])
+
+            def run():
+                layer.layout.bind_expert(expert, tensors, 0)
+                with torch.no_grad():
+                    type(expert).forward(expert, hidden)
+            return run
+
+        copy_s = best(copy)
+        one, many = best(host(1)), best(host(k))
+        costs = MissCosts(copy_s, one, max(0.0, many - one) / (k - 1),
+                          source=f"measured at start-up on {self.device}: one expert copied, one computed on the host")
+        logger.info("misses='auto': %s", costs)
+        return costs
+
     def _check_device_memory(self, model: nn.Module, moe: ModelMoE, pool_bytes: int) -> None:
         """Refuse a cache that cannot fit next to the non-expert weights (CUDA only)."""
         if self.device.type != "cuda":
@@ -326,6 +405,8 @@ class SpeculativeMoE:
         self._prefetched: dict[int, tuple[int, int]] = {}  # slot -> key, prefetched and not yet used
         self._in_use: set[int] = set()  # slots the layer being computed reads
         self._bound: dict[int, int] = {}  # modulelist layout: expert -> slot for the current layer
+        self._on_host: set[int] = set()  # modulelist layout: experts of the current layer computed on the host
+        self._tokens: Counter = Counter()  # expert -> tokens routed to it in the current layer call
 
     def _route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> list[int]:
         """Record routing, run the predictor, and with one host sync learn the routed and predicted experts.
@@ -352,6 +433,7 @@ class SpeculativeMoE:
         self._host_syncs += 1
         n = ids.numel()
         needed = sorted(set(host[:n]) - {-1})
+        self._tokens = Counter(host[:n])  # expert -> tokens routed to it in this call
         queue = []
         if targets:
             m = (len(host) - n) // (len(targets) * T)
@@ -440,13 +522,38 @@ class SpeculativeMoE:
             self.engine.wait_host(s)
         self._inflight.clear()
 
+    def _split(self, layer: int, needed: list[int]) -> tuple[list[int], list[int]]:
+        """(experts the device computes, experts the host computes) of a layer call; host ones count as misses."""
+        if self._host is None:
+            return needed, []
+        missing = [e for e in needed if (layer, e) not in self.cache.slot_of]
+        _, host = split_misses(missing, self._tokens, self.misses, self.miss_costs)
+        stats = self._layer_stats[layer]
+        stats.misses += len(host)
+        stats.host_computed += len(host)
+        return [e for e in needed if e not in set(host)], host
+
     def _fused_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, ids, weights = layer.layout.routing(layer.experts, args, kwargs, self.geometry.top_k)
-        needed = self._route(layer.index, hidden, ids)
+        needed, host = self._split(layer.index, self._route(layer.index, hidden, ids))
+        if host:  # the host starts at once; its output joins the device's at the end
+            job = self._host.submit(layer, hidden, ids.reshape(hidden.shape[0], -1), weights, host)
+            total = self._device_experts(layer, args, kwargs, hidden, ids, weights, needed, partial=True)
+            out = job.result().to(self.device, non_blocking=True)  # [T, H] float32
+            total = out if total is None else total.float() + out
+            return total.to(hidden.dtype)
+        return self._device_experts(layer, args, kwargs, hidden, ids, weights, needed, partial=False)
+
+    def _device_experts(self, layer: MoELayer, args, kwargs, hidden, ids, weights, needed: list[int],
+                        partial: bool) -> torch.Tensor | None:
+        """The routed experts in `needed` computed on the slots (None when there are none and `partial`)."""
+        if not needed and partial:
+            self._pump()
+            return None
         if len(needed) <= self.num_slots:
             slots = self._acquire(layer.index, needed)
             self._pump()
-            out = self._compute(layer, args, kwargs, ids, weights, needed, partial=False)
+            out = self._compute(layer, args, kwargs, ids, weights, needed, partial=partial)
             self._release(slots)
             return out
 
@@ -461,7 +568,7 @@ class SpeculativeMoE:
             total = part if total is None else total + part
             self._release(slots)
         self._pump()
-        return total.to(hidden.dtype)
+        return total if partial else total.to(hidden.dtype)
 
     def _compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool):
         """Run the model's own experts implementation for the routed experts in `chosen` (all resident).
@@ -497,7 +604,8 @@ class SpeculativeMoE:
     def _modulelist_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         experts, layout = layer.experts, layer.layout
         hidden, ids, _ = layout.routing(experts, args, kwargs, self.geometry.top_k)
-        needed = self._route(layer.index, hidden, ids)
+        needed, host = self._split(layer.index, self._route(layer.index, hidden, ids))
+        self._on_host = set(host)  # these run on the host, one by one, inside the family's loop (hooks below)
         if len(needed) <= self.num_slots:
             slots = self._acquire(layer.index, needed)
             self._bound = dict(zip(needed, slots))
@@ -508,11 +616,16 @@ class SpeculativeMoE:
         self._pump()
         out = type(experts).forward(experts, *args, **kwargs)
         self._release(slots)
-        self._bound = {}
+        self._bound, self._on_host = {}, set()
         return out
 
     def _expert_pre_hook(self, layer: MoELayer, e: int):
         def hook(module, args):
+            if e in self._on_host:  # computed from the host store: its input crosses to the host
+                tensors, rows = self._host.tensors(layer.index, [e])  # name -> [E, *shape], or [1, *shape]
+                layer.layout.bind_expert(module, tensors, e if rows is None else 0)
+                module._specmoe_on_host = True
+                return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
             slot = self._bound.get(e)
             if slot is None:  # not announced by the routing (or too many experts): fetch it alone
                 (slot,) = self._acquire(layer.index, [e])
@@ -523,6 +636,8 @@ class SpeculativeMoE:
 
     def _expert_post_hook(self, layer: MoELayer):
         def hook(module, args, output):
+            if module.__dict__.pop("_specmoe_on_host", False):
+                return output.to(self.device) if isinstance(output, torch.Tensor) else output
             slot = module.__dict__.pop("_specmoe_lazy_slot", None)
             if slot is not None:
                 self._release([slot])
