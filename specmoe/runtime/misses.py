@@ -34,16 +34,18 @@ class MissCosts:
         copy_s: one expert copied host->device (the store's bytes; with compression, decode included).
         host_s: host compute of one expert for one token ...
         host_token_s: ... plus this per further token routed to it.
+        host_call_s: once per layer call that uses the host: the hidden states crossing both ways.
         source: how the numbers were obtained ("measured ...", "profile ...").
     """
 
     copy_s: float
     host_s: float
     host_token_s: float = 0.0
+    host_call_s: float = 0.0
     source: str = ""
 
     def __post_init__(self):
-        for name in ("copy_s", "host_s", "host_token_s"):
+        for name in ("copy_s", "host_s", "host_token_s", "host_call_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"MissCosts.{name} must be seconds >= 0, got {value!r}")
@@ -74,7 +76,7 @@ def split_misses(misses: list[int], tokens: dict[int, int], mode: str, costs: Mi
         return [], list(misses)
     if costs is None:
         raise ValueError("misses='auto' needs MissCosts (measured at start-up or given)")
-    copy_clock, host_clock = copy_backlog_s, 0.0
+    copy_clock, host_clock = copy_backlog_s, getattr(costs, "host_call_s", 0.0)
     to_host: set[int] = set()
     for e in sorted(misses, key=lambda e: -tokens.get(e, 1)):
         host_done = host_clock + costs.host_seconds(tokens.get(e, 1))

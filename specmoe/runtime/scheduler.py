@@ -97,6 +97,7 @@ class Scheduler:
         self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
         self._in_use: set[int] = set()  # slots the layer being computed reads
         self._last_layer: int | None = None  # the next call starts a pass
+        self._guessing = False  # the current call came with prefetch candidates
 
     def reset_stats(self) -> None:
         self.stats = [LayerStats() for _ in range(self.num_layers)]
@@ -118,6 +119,7 @@ class Scheduler:
         self._last_layer, self._tokens = layer, tokens
         self.layer_calls += 1
         self._predicted = predicted = set(candidates)
+        self._guessing = bool(candidates)
         slot_of = self.cache.slot_of
         self._queue = [key for key in reversed(candidates) if key not in slot_of]
         if self._observe is not None:
@@ -146,8 +148,11 @@ class Scheduler:
 
     def split(self, layer: int, routed: list[int], tokens) -> tuple[list[int], list[int]]:
         """(experts the device computes, experts the host computes) of `routed`; `tokens` maps an expert to the
-        tokens routed to it. Only experts that are not resident (nor in flight) can go to the host; those count
-        as misses (and `host_computed`) here, the rest are acquired by `run`."""
+        tokens routed to it. Only experts that are neither resident nor in flight can go to the host; those count
+        as misses (and `host_computed`) here, the rest are acquired by `run`. With "auto" and no prediction for
+        this call, the experts the host computes are also queued for copying (as prefetches: never evicting a
+        busy slot), so they are resident the next time; with a prediction the link is left to it (prediction
+        decides what is worth moving, the host takes what was not predicted)."""
         if self.misses == "fetch" or not routed:
             return routed, []
         slot_of = self.cache.slot_of
@@ -160,6 +165,8 @@ class Scheduler:
         stats = self.stats[layer]
         stats.misses += len(host)
         stats.host_computed += len(host)
+        if self.misses == "auto" and not self._guessing:
+            self._queue[:0] = [(layer, e) for e in reversed(host)]
         on_host = set(host)
         return [e for e in routed if e not in on_host], host
 

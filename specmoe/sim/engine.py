@@ -9,6 +9,10 @@ Two clocks, host `h` and device `g`, and one copy engine. Per MoE layer of a pas
    predictor's candidates (bounded in flight; never evicting a slot in use, in flight, or predicted);
 3. the experts call runs on the device once its experts' copies have landed; the wait is *stall*.
 
+With misses="host"/"auto" (a `HostProfile` given), the scheduler's `split` sends some missed experts to the
+host: the layer's hidden state crosses PCIe, a host worker (its own clock `w`) computes them from RAM while the
+device computes the resident ones, and the layer ends when both have (the host's output crossing back).
+
 Unwrapped (capacity None) every expert is resident: steps 2-3 cost nothing but the experts call.
 Every decision of step 2 (acquire, evict, prefetch, chunk; the counters) is the runtime's own scheduler
 (`specmoe.runtime.scheduler`), driven here by `ClockEngine`, a copy engine on a clock.
@@ -18,13 +22,16 @@ Every decision of step 2 (acquire, evict, prefetch, chunk; the counters) is the 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..runtime.cache import ExpertCache
 from ..runtime.capacity import resolve_capacity
+from ..runtime.misses import check_misses, hottest
 from ..runtime.scheduler import Scheduler
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
+from .host import HostProfile, expert_format
 from .policies import make_sim_policy
 from .predictions import Candidates
 from .shapes import ModelShape
@@ -43,7 +50,9 @@ class SimResult:
     stall_s: float = 0.0
     hits: int = 0
     hits_in_flight: int = 0
-    misses: int = 0
+    misses: int = 0  # routed experts not resident: fetched, or computed on the host
+    host_computed: int = 0  # of the misses, those computed on the host
+    host_s: float = 0.0  # seconds the host worker spent on experts (and their hidden states crossing)
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
@@ -104,6 +113,9 @@ def simulate(
     context: int = 512,
     warmup_passes: int = 0,
     transfer: str = "stream",
+    misses: str = "fetch",
+    host: HostProfile | None = None,
+    placement=None,
 ) -> SimResult:
     """Replay `stream` on `profile` with `shape`'s sizes.
 
@@ -121,6 +133,11 @@ def simulate(
         warmup_passes: passes replayed before measuring (the cache warms up; their time is not counted).
         transfer: "stream" (copies on a copy engine, overlapping compute, as the runtime's CUDA engine) or
             "sync" (the host copies and waits, as its synchronous CPU engine: no copy is ever in flight).
+        misses: as `SpeculativeMoE`: "fetch", "host" or "auto" (the last two need `host`).
+        host: the host's profile (`specmoe.sim.host.HostProfile`), for misses computed on the host.
+        placement: a static placement: routing frequencies [L][E], or "trace" (counted over this stream): the
+            hottest experts fill the slots before the first pass (llama.cpp-style; with misses="host" and no
+            candidates nothing is ever copied).
 
     Returns:
         A SimResult over the measured passes (`pass_times` holds every pass).
@@ -137,13 +154,47 @@ def simulate(
         raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
     if policy == "belady" and candidates is not None:
         raise ValueError("Belady's MIN is the optimal *demand* cache: simulate it without candidates")
+    if check_misses(misses) != "fetch" and host is None:
+        raise ValueError(f"misses={misses!r} needs a host profile (host=HostProfile.from_name('3090-box'))")
     replay = _Replay(stream, shape, profile, capacity, ops, compute or ComputeModel.from_name("hf-eager"), policy,
-                     candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context, transfer == "sync")
+                     candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context, transfer == "sync",
+                     misses, host)
+    if placement is not None and replay.sched is not None:
+        replay.place(stream_frequencies(stream) if isinstance(placement, str) and placement == "trace" else placement)
     return replay.run(warmup_passes)
 
 
+def stream_frequencies(stream: RoutingStream) -> list[list[int]]:
+    """[L][E] how often each expert was routed to over the whole stream."""
+    L, E = stream.num_layers, stream.num_experts
+    counts = [[0] * E for _ in range(L)]
+    for ids in stream.passes():
+        for row in ids.tolist():  # [L][k]
+            for layer, experts in enumerate(row):
+                for e in experts:
+                    if e >= 0:
+                        counts[layer][e] += 1
+    return counts
+
+
+class HostMissCosts:
+    """`runtime.misses` costs from profiles: one expert's copy, and its host compute for a number of tokens."""
+
+    def __init__(self, copy_s: float, host: HostProfile, shape: ModelShape, host_call_s: float = 0.0):
+        self.copy_s, self.host, self.shape, self.host_call_s = copy_s, host, shape, host_call_s
+        self.fmt = expert_format(shape.expert_dtype, shape.compression)
+        self._by_tokens: dict[int, float] = {}
+
+    def host_seconds(self, tokens: int) -> float:
+        t = self._by_tokens.get(tokens)
+        if t is None:
+            t = self._by_tokens[tokens] = self.host.expert_seconds(self.shape.transfer_bytes, self.shape.expert_params,
+                                                                   tokens, self.fmt)
+        return t
+
+
 TRANSFERS = ("stream", "sync")
-_COUNTERS = ("hits", "hits_in_flight", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_moved")
+_COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_moved")
 
 
 class ClockEngine:
@@ -179,9 +230,14 @@ class ClockEngine:
     def release(self, slots) -> None:
         pass
 
+    def backlog_s(self) -> float:
+        """Copy time queued ahead of a copy issued now."""
+        return max(0.0, self.free - self.h)
 
-def _routing_lists(passes: list, k: int) -> list[list[tuple[list[int], int]]]:
-    """Per pass, per MoE layer: (distinct routed experts ascending, token-expert pairs), as plain lists, once."""
+
+def _routing_lists(passes: list, k: int, tokens: bool = False) -> list[list[tuple]]:
+    """Per pass, per MoE layer: (distinct routed experts ascending, token-expert pairs[, expert -> tokens]), as
+    plain lists, once."""
     out = []
     for ids in passes:
         rows = ids.tolist()  # [T][L][k]
@@ -189,7 +245,8 @@ def _routing_lists(passes: list, k: int) -> list[list[tuple[list[int], int]]]:
         for layer in range(ids.shape[1]):
             chosen = [e for row in rows for e in row[layer] if e >= 0] if len(rows) > 1 else [
                 e for e in rows[0][layer] if e >= 0]
-            per_layer.append((sorted(set(chosen)), len(chosen)))
+            entry = (sorted(set(chosen)), len(chosen))
+            per_layer.append(entry + (Counter(chosen),) if tokens else entry)
         out.append(per_layer)
     return out
 
@@ -198,7 +255,7 @@ class _Replay:
     """State of one simulated run (see the module docstring for the order of events)."""
 
     def __init__(self, stream, shape, profile, capacity, ops, compute, policy, candidates, max_inflight, context,
-                 sync_copies=False):
+                 sync_copies=False, misses="fetch", host=None):
         L, E = shape.moe_layers, shape.num_experts
         self.stream, self.shape, self.profile, self.ops, self.compute = stream, shape, profile, ops, compute
         self.passes = stream.passes()
@@ -212,22 +269,38 @@ class _Replay:
             copy_s += dequant_bytes / (profile.memory_bytes_per_s * compute.mem_efficiency)
         self.res = SimResult(num_slots=self.num_slots, device_bytes=device_weight_bytes(shape, self.num_slots))
         self.engine = ClockEngine(self.num_slots or 0, copy_s, compute.copy_issue_s, sync_copies)
-        self.sched = None
+        self.sched = costs = None
         if self.wrapped:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
-            self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes)
+            crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)  # one token, both ways
+            costs = HostMissCosts(copy_s, host, shape, crossing) if host is not None else None
+            self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
+        self.host_costs = costs
+        self.on_host = self.wrapped and misses != "fetch"
+        T_bytes = shape.hidden_size * shape.dtype_bytes  # one token's hidden state
+        self.hidden_s = (lambda T: profile.copy_seconds(T * T_bytes)) if self.on_host else None
+
+    def place(self, frequencies) -> None:
+        """Fill the slots with the hottest experts of frequencies [L][E] before the first pass."""
+        cache = self.sched.cache
+        for key in hottest(frequencies, self.num_slots):
+            slot, _ = cache.assign(key, lambda s: True)
+            self.engine.ready_at[slot] = 0.0
 
     def run(self, warmup_passes: int) -> SimResult:
         res, L, eng, sched = self.res, self.shape.moe_layers, self.engine, self.sched
         S = self.num_slots
         candidates = self.candidates
         costs_by_tokens: dict[int, object] = {}
-        routing = _routing_lists(self.passes, self.shape.top_k)
+        routing = _routing_lists(self.passes, self.shape.top_k, tokens=self.on_host)
         before, stall = None, 0.0
         g = 0.0  # the device clock (the host's is the engine's)
+        w = 0.0  # the host worker's clock (misses computed on the host)
+        host_busy = host_before = 0.0
         for p, per_layer in enumerate(routing):
             if p == warmup_passes:
                 before, stall_before = (sched.totals() if sched is not None else None), stall
+                host_before = host_busy
             T = self.passes[p].shape[0]
             c = costs_by_tokens.get(T)
             if c is None:
@@ -236,7 +309,7 @@ class _Replay:
             host_call = c.host_wrapper + (c.host_predictor if candidates is not None else 0.0)
             cands = candidates[p] if candidates is not None else None
             start = eng.h = g = max(eng.h, g)
-            for layer, (needed, pairs) in enumerate(per_layer):
+            for layer, (needed, pairs, *tokens) in enumerate(per_layer):
                 h = eng.h + host_layer
                 g = max(g + dev_layer, h)
                 if sched is None or not pairs:  # unwrapped (every expert resident), or the layer did not run
@@ -246,8 +319,19 @@ class _Replay:
                 # the runtime's experts call: sync, route, acquire, pump, compute
                 eng.h = max(h, g) + host_call
                 sched.begin(layer, T, needed, cands[layer] if cands is not None else ())
+                on_host = ()
+                if tokens:
+                    needed, on_host = sched.split(layer, needed, tokens[0])
+                if on_host:  # the hidden state crosses, the worker computes beside the device, the output returns
+                    cross = self.hidden_s(T)
+                    start_w = max(w, eng.h)
+                    w = start_w + cross + sum(self.host_costs.host_seconds(tokens[0][e]) for e in on_host)
+                    host_busy += w - start_w
+                    pairs -= sum(tokens[0][e] for e in on_host)
                 n = len(needed)
                 for chunk, slots in sched.run(layer, needed):
+                    if not chunk:  # every routed expert runs on the host
+                        continue
                     landed = max([eng.ready_at[s] for s in slots], default=0.0)
                     free_at = max(g, eng.h)
                     if landed > free_at:
@@ -256,6 +340,9 @@ class _Replay:
                     eng.h += host_experts
                     work = expert_device_seconds(c, len(chunk), pairs if len(chunk) == n else pairs * len(chunk) // n)
                     g = max(free_at + work, eng.h)
+                if on_host:  # the runtime waits for the host's output, then adds it on the device
+                    eng.h = max(eng.h, w)
+                    g = max(g, w + cross, eng.h)
             eng.h += c.host_pass
             g = max(g + c.dev_pass, eng.h)
             end = eng.h = g = max(eng.h, g)
@@ -268,6 +355,7 @@ class _Replay:
             after = sched.totals()
             for name in _COUNTERS:
                 setattr(res, name, getattr(after, name) - getattr(before, name))
-            res.copies = res.misses + res.prefetch_issued
+            res.copies = res.misses - res.host_computed + res.prefetch_issued
             res.stall_s = stall - stall_before
+            res.host_s = host_busy - host_before
         return res
