@@ -160,13 +160,13 @@ def simulate(
                      candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context, transfer == "sync",
                      misses, host)
     if placement is not None and replay.sched is not None:
-        replay.place(stream_frequencies(stream) if isinstance(placement, str) and placement == "trace" else placement)
+        replay.place(stream_frequencies(stream, shape.num_experts) if isinstance(placement, str) and placement == "trace" else placement)
     return replay.run(warmup_passes)
 
 
-def stream_frequencies(stream: RoutingStream) -> list[list[int]]:
+def stream_frequencies(stream: RoutingStream, num_experts: int) -> list[list[int]]:
     """[L][E] how often each expert was routed to over the whole stream."""
-    L, E = stream.num_layers, stream.num_experts
+    L, E = stream.num_layers, num_experts
     counts = [[0] * E for _ in range(L)]
     for ids in stream.passes():
         for row in ids.tolist():  # [L][k]
