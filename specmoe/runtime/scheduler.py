@@ -199,9 +199,14 @@ class Scheduler:
         self._in_use.difference_update(slots)
 
     def pump(self) -> None:
-        """Issue queued prefetches, best first, while fewer than the bound are in flight."""
+        """Issue queued prefetches, best first, while fewer than the bound are in flight. With misses="auto" and
+        an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
+        an expert: a copy issued then would land after the host could have computed it."""
         queue, inflight, slot_of = self._queue, self._inflight, self.cache.slot_of
+        backlog = getattr(self.engine, "backlog_s", None) if self.misses == "auto" else None
         while queue:
+            if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
+                break
             if len(inflight) >= self.max_inflight:
                 ready = self.engine.ready
                 inflight = self._inflight = {s for s in inflight if not ready(s)}
