@@ -6,6 +6,8 @@ measured at a small cache-resident expert).
     python benchmarks/host_compute.py            # ~5 min on 2 cores; writes benchmarks/results/host_compute.{json,md}
     python benchmarks/host_compute.py --quick    # the small shape only, 1 and 8 tokens
 
+    python benchmarks/host_compute.py --threads 2 # torch's default here (2 cores)
+
 The experts are computed exactly as the runtime computes missed experts with misses="host" (`HostExperts`,
 torch ops; int8/int4 decoded by the codec first). Times are the minimum over repeats (the machine is shared;
 the spread and the load average are recorded next to each figure).
@@ -121,8 +123,12 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a machine shared with other jobs, OpenMP's spinning threads "
+                         "made a 16x16 expert take 85 ms at 2 threads against 0.4 ms at 1, measured here)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     result = run(args.quick)
     name = NAME + ("_quick" if args.quick else "")
     write_json(args.out / f"{name}.json", result)
