@@ -2,12 +2,13 @@
 
 Per MoE layer call, once the router has chosen and the predictor has ranked its candidates:
 
-`start(layer, tokens, routed, candidates)` queues the candidates that are not resident (best first), lets the
-eviction policy observe the routing and the prediction (`observe`, `observe_time`), acquires the routed
-experts (resident or in flight: hits; the rest fetched on demand, ahead of any queued prefetch) and pumps
-prefetches within the in-flight bound while compute runs on the slots it returns; `release(slots)` once that
-compute is issued. A layer that needs more distinct experts than there are slots (`start` returns None) lets
-its prefetches land and runs `chunks(layer, routed)` of at most S experts each, prefetching after the last.
+1. `begin(layer, tokens, routed, candidates)`: queue the candidates that are not resident (best first); the
+   eviction policy observes the routing and the prediction (`observe`, `observe_time`);
+2. `run(layer, routed)` yields (experts, slots) to compute on. `start` acquires the routed experts (resident or
+   in flight: hits; the rest fetched on demand, ahead of any queued prefetch), then pumps prefetches within the
+   in-flight bound while compute runs; `release(slots)` once that compute is issued. A layer that needs more
+   distinct experts than there are slots lets its prefetches land and runs `chunks` of at most S experts
+   each, prefetching after the last. (The simulator calls `start` / `chunks` itself: no generator per step.)
 
 A prefetch never evicts a slot that is in use, in flight or predicted; a demand fetch may wait for copies in
 flight when nothing else can go. The scheduler owns the counters (per MoE layer: hits, misses, prefetches
@@ -53,16 +54,15 @@ class Scheduler:
 
     Args:
         cache: the slot cache and its eviction policy; a policy's optional `bind(cache, num_layers)` is called
-            here, its optional `observe(layer, predicted, routed)` and `observe_time(t)` at each `start`
+            here, its optional `observe(layer, predicted, routed)` and `observe_time(t)` at each `begin`
             (t = pass * L + layer, passes counted as the runtime sees them).
         engine: the copies (`SlotEngine`).
-        num_layers, num_experts: L and E.
+        num_layers: L.
         max_inflight: bound on prefetch copies in flight.
         copy_bytes: bytes one copy moves (counted in `bytes_moved`).
     """
 
-    def __init__(self, cache: ExpertCache, engine: SlotEngine, num_layers: int, num_experts: int, max_inflight: int,
-                 copy_bytes: int):
+    def __init__(self, cache: ExpertCache, engine: SlotEngine, num_layers: int, max_inflight: int, copy_bytes: int):
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.cache = cache
@@ -71,7 +71,7 @@ class Scheduler:
         self.num_layers = num_layers
         self.max_inflight = max_inflight
         self.copy_bytes = copy_bytes
-        self._keys = [[(layer, e) for e in range(num_experts)] for layer in range(num_layers)]  # made once
+        self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
         policy = cache.policy
         if callable(getattr(policy, "bind", None)):
             policy.bind(cache, num_layers)
@@ -116,11 +116,9 @@ class Scheduler:
         return out
 
     # ---- one MoE layer call -----------------------------------------------------------------------------------
-    def start(self, layer: int, tokens: int, routed: list[int], candidates: Sequence[Key]) -> list[int] | None:
-        """Layer `layer` of a pass of `tokens` tokens was routed to `routed` (distinct, ascending) and the prediction
-        ranked `candidates` (keys, best first). Queues the candidates that are not resident, lets the eviction
-        policy observe, acquires the routed experts and issues prefetches: returns their slots, for the caller to
-        compute on and then `release`. None when they do not fit in the slots at once: compute `chunks`."""
+    def begin(self, layer: int, tokens: int, routed: list[int], candidates: Sequence[Key]) -> None:
+        """Layer `layer` of a pass of `tokens` tokens was routed to `routed` (distinct, ascending); `candidates`
+        are the prediction's keys, best first."""
         if self._last_layer is None or layer <= self._last_layer or tokens != self._tokens:
             self._pass += 1
         self._last_layer, self._tokens = layer, tokens
@@ -138,10 +136,24 @@ class Scheduler:
             self._observe(layer, predicted, routed)
         if self._observe_time is not None:
             self._observe_time(self._pass * self.num_layers + layer)
+
+    def run(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (experts, slots) to compute on, once (all of `routed`: `start`) or per chunk of at most S experts
+        (`chunks`); the caller issues the compute before asking for the next."""
+        slots = self.start(layer, routed)
+        if slots is None:
+            yield from self.chunks(layer, routed)
+            return
+        yield routed, slots
+        self.release(slots)
+
+    def start(self, layer: int, routed: list[int]) -> list[int] | None:
+        """Acquire all of `routed` and issue prefetches while compute runs: returns their slots, for the caller to
+        compute on and then `release`. None when they do not fit in the slots at once: compute `chunks`."""
         if len(routed) > self.num_slots:
             return None
         slots = self.acquire(layer, routed)
-        if queue:
+        if self._queue:
             self.pump()
         return slots
 

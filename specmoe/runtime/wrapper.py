@@ -170,7 +170,7 @@ class SpeculativeMoE:
             compressed = {"codec": self.codec} if self.codec else {}  # copies that rebuild slots from compressed bytes
             self.engine = make_engine(transfer, num_slots, self.device, **compressed)
             self.scheduler = Scheduler(self.cache, StoreToPool(self.engine, self.store, self.pool.data), geo.num_layers,
-                                       geo.num_experts, self.max_prefetch_inflight, self.store.layout.nbytes)
+                                       self.max_prefetch_inflight, self.store.layout.nbytes)  # compressed bytes
             for layer in moe.layers:
                 self._install(layer)
         except BaseException:
@@ -327,10 +327,9 @@ class SpeculativeMoE:
         self._bound: dict[int, int] = {}  # modulelist layout: expert -> slot for the current chunk
         self._routed: set[int] = set()  # modulelist layout: experts routed at the current layer
 
-    def _route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int] | None]:
+    def _route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> list[int]:
         """Record routing, run the predictor, and with one host sync learn the routed and predicted experts;
-        hand both to the scheduler. Returns the distinct routed experts (ascending) and their slots (None: they
-        do not fit at once, compute the scheduler's chunks)."""
+        hand both to the scheduler. Returns the distinct routed experts, ascending."""
         geo = self.geometry
         L = geo.num_layers
         T = hidden.shape[0]
@@ -358,18 +357,19 @@ class SpeculativeMoE:
             m = (len(host) - n) // (len(targets) * T)
             for i, t in enumerate(targets):
                 candidates.extend((t % L, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
-        return needed, self.scheduler.start(layer, T, needed, candidates)
+        self.scheduler.begin(layer, T, needed, candidates)
+        return needed
 
     def _fused_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, ids, weights = layer.layout.routing(layer.experts, args, kwargs, self.geometry.top_k)
-        needed, slots = self._route(layer.index, hidden, ids)
-        if slots is not None:
-            out = self._compute(layer, args, kwargs, ids, weights, needed, partial=False)
-            self.scheduler.release(slots)
+        needed = self._route(layer.index, hidden, ids)
+        if len(needed) <= self.num_slots:
+            for chosen, _ in self.scheduler.run(layer.index, needed):
+                out = self._compute(layer, args, kwargs, ids, weights, chosen, partial=False)
             return out
         # More distinct experts than slots: compute in chunks of at most S experts, masking the rest.
         total = None
-        for chunk, _ in self.scheduler.chunks(layer.index, needed):
+        for chunk, _ in self.scheduler.run(layer.index, needed):
             part = self._compute(layer, args, kwargs, ids, weights, chunk, partial=True).float()
             total = part if total is None else total + part
         return total.to(hidden.dtype)
@@ -406,21 +406,16 @@ class SpeculativeMoE:
         return type(experts).forward(experts, *a, **kw)
 
     def _modulelist_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
-        """One call of the model's own forward; the per-expert hooks bind each expert to its slot (with more
-        routed experts than slots, taking the scheduler's next chunk when an expert is not in the current one)."""
+        """One call of the model's own forward; the per-expert hooks bind each expert to its slot, taking the
+        scheduler's next chunk when an expert is not in the current one."""
         experts, layout = layer.experts, layer.layout
         hidden, ids, _ = layout.routing(experts, args, kwargs, self.geometry.top_k)
-        needed, slots = self._route(layer.index, hidden, ids)
-        if slots is not None:
-            self._bound = dict(zip(needed, slots))
-        else:
-            self._chunks = self.scheduler.chunks(layer.index, needed)
-            self._routed = set(needed)
-            self._next_chunk()
+        needed = self._route(layer.index, hidden, ids)
+        self._chunks = self.scheduler.run(layer.index, needed)
+        self._routed = set(needed)
+        self._next_chunk()
         out = type(experts).forward(experts, *args, **kwargs)
-        if slots is not None:
-            self.scheduler.release(slots)
-        for _ in self._chunks:  # release the last chunk, then prefetch
+        for _ in self._chunks:  # release the last chunk (and prefetch, after chunks)
             pass
         self._bound, self._routed = {}, set()
         return out

@@ -222,7 +222,7 @@ class _Replay:
         self.sched = None
         if self.wrapped:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
-            self.sched = Scheduler(cache, self.engine, L, E, max_inflight, shape.transfer_bytes)
+            self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes)
 
     def run(self, warmup_passes: int) -> SimResult:
         res, eng, sched, candidates = self.res, self.engine, self.sched, self.candidates
@@ -260,7 +260,8 @@ class _Replay:
                     continue
                 # the runtime's experts call: sync, route, acquire, pump, compute
                 eng.h = (h if h > g else g) + host_call
-                slots = sched.start(layer, T, needed, cands[layer] if cands is not None else ())
+                sched.begin(layer, T, needed, cands[layer] if cands is not None else ())
+                slots = sched.start(layer, needed)
                 if slots is not None:
                     h = eng.h
                     free_at = g if g > h else h
