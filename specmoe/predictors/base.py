@@ -37,10 +37,8 @@ def top_candidates(scores: torch.Tensor, m: int) -> torch.Tensor:
     """Each row's m best-scored experts, best first (ties: the lower id first), -1 for any that scores no more
     than its row's minimum: a constant row (e.g. all zero, as the oracle leaves rows it knows nothing about)
     names none. scores [..., E] -> [..., m]. Runs where the scores are (no host sync)."""
-    scores = scores.float()
-    vals, idx = scores.sort(dim=-1, descending=True, stable=True)  # [..., E]
-    floor = scores.amin(dim=-1, keepdim=True)  # [..., 1]
-    return torch.where(vals[..., :m] > floor, idx[..., :m], -1)  # [..., m]
+    vals, idx = scores.float().sort(dim=-1, descending=True, stable=True)  # [..., E]
+    return torch.where(vals > vals[..., -1:], idx, -1)[..., :m]  # [..., m]; vals[..., -1:] is the row's minimum
 
 
 def rank_by_votes(top: list[int], m: int) -> list[int]:

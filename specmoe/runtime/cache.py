@@ -95,7 +95,7 @@ class ExpertCache:
     table where `device` is None, as in the simulator)."""
 
     def __init__(self, num_slots: int, num_layers: int, num_experts: int, device: torch.device | None, policy="lru"):
-        self.num_slots = num_slots
+        self.num_slots, self.num_experts = num_slots, num_experts
         self.policy = make_policy(policy)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * num_slots

@@ -4,11 +4,11 @@ Per MoE layer call, once the router has chosen and the predictor has ranked its 
 
 1. `begin(layer, tokens, routed, candidates)`: queue the candidates that are not resident (best first); the
    eviction policy observes the routing and the prediction (`observe`, `observe_time`);
-2. `run(layer, routed)` yields (experts, slots) to compute on: the routed experts are acquired (resident or in
-   flight: hits; the rest fetched on demand, ahead of any queued prefetch), then prefetches are pumped within
-   the in-flight bound while compute runs. A layer that needs more distinct experts than there are slots lets
-   its prefetches land and runs in chunks of at most S experts, prefetching after the last chunk;
-3. slots are released after the compute that reads them has been issued.
+2. `run(layer, routed)` yields (experts, slots) to compute on. `start` acquires the routed experts (resident or
+   in flight: hits; the rest fetched on demand, ahead of any queued prefetch), then pumps prefetches within the
+   in-flight bound while compute runs; `release(slots)` once that compute is issued. A layer that needs more
+   distinct experts than there are slots lets its prefetches land and runs `chunks` of at most S experts
+   each, prefetching after the last. (The simulator calls `start` / `chunks` itself: no generator per step.)
 
 Between 1 and 2, `split(layer, routed, tokens)` decides where each routed expert that is not resident runs
 (`misses`: "fetch" copies it, "host" computes it on the host from the store, "auto" asks `misses.split_misses`
@@ -79,6 +79,7 @@ class Scheduler:
         self.copy_bytes = copy_bytes
         self.misses = check_misses(misses)  # where routed experts that are not resident run (see `split`)
         self.miss_costs = miss_costs
+        self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
         policy = cache.policy
         if callable(getattr(policy, "bind", None)):
             policy.bind(cache, num_layers)
@@ -86,16 +87,29 @@ class Scheduler:
         self._observe_time = getattr(policy, "observe_time", None)
         self._pass = -1  # passes seen, never reset: the policy's clock only rises
         self._tokens = None
-        self.reset()
-        self.reset_stats()
-
-    def reset(self) -> None:
-        """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
+        # The containers below are cleared in place, never rebound: the closures see them.
         self._queue: list[Key] = []  # prefetch candidates, best LAST (popped from the end)
         self._predicted: set[Key] = set()  # what the latest prediction wants kept
         self._inflight: set[int] = set()  # slots with a prefetch copy that may not have landed
         self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
         self._in_use: set[int] = set()  # slots the layer being computed reads
+        self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
+        in_use, copying, predicted, ready, key_of = self._in_use, self._copying, self._predicted, engine.ready, cache.key_of
+
+        def evictable(slot: int) -> bool:  # for a demand fetch
+            return slot not in in_use and (slot not in copying or ready(slot))
+
+        def evictable_for_guess(slot: int) -> bool:  # for a prefetch: never a predicted expert
+            return slot not in in_use and (slot not in copying or ready(slot)) and key_of[slot] not in predicted
+
+        self._evictable, self._evictable_for_guess = evictable, evictable_for_guess
+        self.reset()
+        self.reset_stats()
+
+    def reset(self) -> None:
+        """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
+        for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._in_use):
+            container.clear()
         self._last_layer: int | None = None  # the next call starts a pass
         self._guessing = False  # the current call came with prefetch candidates
 
@@ -118,25 +132,45 @@ class Scheduler:
             self._pass += 1
         self._last_layer, self._tokens = layer, tokens
         self.layer_calls += 1
-        self._predicted = predicted = set(candidates)
         self._guessing = bool(candidates)
-        slot_of = self.cache.slot_of
-        self._queue = [key for key in reversed(candidates) if key not in slot_of]
+        predicted, queue = self._predicted, self._queue
+        if predicted:
+            predicted.clear()
+        if candidates:
+            predicted.update(candidates)
+            slot_of = self.cache.slot_of
+            queue[:] = [key for key in reversed(candidates) if key not in slot_of]
+        elif queue:
+            queue.clear()
         if self._observe is not None:
             self._observe(layer, predicted, routed)
         if self._observe_time is not None:
             self._observe_time(self._pass * self.num_layers + layer)
 
     def run(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield (experts, slots) to compute on, once (all of `routed`) or per chunk of at most S experts;
-        the caller issues the compute before asking for the next."""
-        S = self.num_slots
-        if len(routed) <= S:
-            slots = self.acquire(layer, routed)
-            self.pump()
-            yield routed, slots
-            self.release(slots)
+        """Yield (experts, slots) to compute on, once (all of `routed`: `start`) or per chunk of at most S experts
+        (`chunks`); the caller issues the compute before asking for the next."""
+        slots = self.start(layer, routed)
+        if slots is None:
+            yield from self.chunks(layer, routed)
             return
+        yield routed, slots
+        self.release(slots)
+
+    def start(self, layer: int, routed: list[int]) -> list[int] | None:
+        """Acquire all of `routed` and issue prefetches while compute runs: returns their slots, for the caller to
+        compute on and then `release`. None when they do not fit in the slots at once: compute `chunks`."""
+        if len(routed) > self.num_slots:
+            return None
+        slots = self.acquire(layer, routed)
+        if self._queue:
+            self.pump()
+        return slots
+
+    def chunks(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """More routed experts than slots: let the prefetches land, then yield (experts, slots) per chunk of at
+        most S experts (the caller issues its compute before asking for the next), then prefetch."""
+        S = self.num_slots
         self.chunked_calls += 1
         self.land_prefetches()
         for i in range(0, len(routed), S):
@@ -173,24 +207,38 @@ class Scheduler:
     # ---- the steps --------------------------------------------------------------------------------------------
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         """Make `experts` of `layer` resident and in use; compute waits for their copies. Returns their slots."""
-        stats, cache, engine = self.stats[layer], self.cache, self.engine
-        slot_of, in_use, prefetched = cache.slot_of, self._in_use, self._prefetched
+        engine = self.engine
+        slot_of, touch, ready = self.cache.slot_of, self.cache.policy.touch, engine.ready
+        in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
         slots = []
+        hits = in_flight = used = misses = 0
         for e in experts:
-            key = (layer, e)
-            slot = slot_of.get(key)
-            if slot is not None:
-                stats.hits += 1
-                if not engine.ready(slot):
-                    stats.hits_in_flight += 1
-                if prefetched.pop(slot, None) is not None:
-                    stats.prefetch_used += 1
-                cache.touch(slot)
+            slot = slot_of.get(keys[e])
+            if slot is None:
+                misses += 1
+                in_use.update(slots)  # what this call holds already may not be evicted
+                slot = self._take_slot(keys[e], True)
             else:
-                stats.misses += 1
-                slot = self._take_slot(key, True)
-            in_use.add(slot)
+                hits += 1
+                if slot in copying:
+                    if ready(slot):
+                        copying.discard(slot)
+                    else:
+                        in_flight += 1
+                if slot in prefetched:
+                    del prefetched[slot]
+                    used += 1
+                touch(slot)
             slots.append(slot)
+        in_use.update(slots)
+        stats = self.stats[layer]
+        if hits:
+            stats.hits += hits
+            stats.hits_in_flight += in_flight
+            stats.prefetch_used += used
+        if misses:
+            stats.misses += misses
+            stats.bytes_moved += misses * self.copy_bytes
         engine.wait(slots)
         return slots
 
@@ -202,15 +250,16 @@ class Scheduler:
         """Issue queued prefetches, best first, while fewer than the bound are in flight. With misses="auto" and
         an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
         an expert: a copy issued then would land after the host could have computed it."""
-        queue, inflight, slot_of = self._queue, self._inflight, self.cache.slot_of
+        queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
         backlog = getattr(self.engine, "backlog_s", None) if self.misses == "auto" else None
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
                 break
-            if len(inflight) >= self.max_inflight:
+            if len(inflight) >= bound:
                 ready = self.engine.ready
-                inflight = self._inflight = {s for s in inflight if not ready(s)}
-                if len(inflight) >= self.max_inflight:
+                for s in [s for s in inflight if ready(s)]:
+                    inflight.discard(s)
+                if len(inflight) >= bound:
                     break
             key = queue.pop()
             if key in slot_of:
@@ -221,7 +270,9 @@ class Scheduler:
                 break
             inflight.add(slot)
             self._prefetched[slot] = key
-            self.stats[key[0]].prefetch_issued += 1
+            stats = self.stats[key[0]]
+            stats.prefetch_issued += 1
+            stats.bytes_moved += self.copy_bytes
 
     def land_prefetches(self) -> None:
         """The host waits for every prefetch in flight (before a chunked layer needs every slot)."""
@@ -230,13 +281,6 @@ class Scheduler:
         self._inflight.clear()
 
     # ---- slots ------------------------------------------------------------------------------------------------
-    def _evictable(self, slot: int) -> bool:
-        return slot not in self._in_use and self.engine.ready(slot)
-
-    def _evictable_for_guess(self, slot: int) -> bool:
-        return (slot not in self._in_use and self.engine.ready(slot)
-                and self.cache.key_of[slot] not in self._predicted)
-
     def _take_slot(self, key: Key, demand: bool) -> int | None:
         """Give `key` a slot and start its copy. A demand fetch may wait for copies in flight; a prefetch never
         does, and never evicts a predicted expert (None: no slot for it)."""
@@ -246,7 +290,7 @@ class Scheduler:
             if not demand:
                 return None
             engine = self.engine
-            for s in range(self.num_slots):  # every other slot is in use or in flight: let those copies land
+            for s in list(self._copying):  # every other slot is in use or in flight: let those copies land
                 if s not in self._in_use and not engine.ready(s):
                     engine.wait_host(s)
             got = cache.assign(key, self._evictable)
@@ -257,5 +301,5 @@ class Scheduler:
         if wasted is not None:
             self.stats[wasted[0]].prefetch_wasted += 1
         self.engine.copy_in(slot, key, demand)
-        self.stats[key[0]].bytes_moved += self.copy_bytes
+        self._copying.add(slot)
         return slot

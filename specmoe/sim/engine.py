@@ -160,7 +160,8 @@ def simulate(
                      candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context, transfer == "sync",
                      misses, host)
     if placement is not None and replay.sched is not None:
-        replay.place(stream_frequencies(stream, shape.num_experts) if isinstance(placement, str) and placement == "trace" else placement)
+        trace = isinstance(placement, str) and placement == "trace"
+        replay.place(stream_frequencies(stream, shape.num_experts) if trace else placement)
     return replay.run(warmup_passes)
 
 
@@ -194,7 +195,8 @@ class HostMissCosts:
 
 
 TRANSFERS = ("stream", "sync")
-_COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted", "bytes_moved")
+_COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+             "bytes_moved")
 
 
 class ClockEngine:
@@ -235,20 +237,33 @@ class ClockEngine:
         return max(0.0, self.free - self.h)
 
 
-def _routing_lists(passes: list, k: int, tokens: bool = False) -> list[list[tuple]]:
-    """Per pass, per MoE layer: (distinct routed experts ascending, token-expert pairs[, expert -> tokens]), as
-    plain lists, once."""
-    out = []
-    for ids in passes:
-        rows = ids.tolist()  # [T][L][k]
-        per_layer = []
-        for layer in range(ids.shape[1]):
-            chosen = [e for row in rows for e in row[layer] if e >= 0] if len(rows) > 1 else [
-                e for e in rows[0][layer] if e >= 0]
-            entry = (sorted(set(chosen)), len(chosen))
-            per_layer.append(entry + (Counter(chosen),) if tokens else entry)
-        out.append(per_layer)
-    return out
+def _routing_lists(stream: RoutingStream) -> tuple[list, list]:
+    """Per pass, per MoE layer: the distinct routed experts (ascending) and the token-expert pairs, as plain lists
+    made once (a decode pass's rows are the sorted ids themselves: no copy per layer)."""
+    ids = stream.ids.sort(dim=-1).values  # [N, L, k]
+    N, L, k = ids.shape
+    plain = ((ids[..., 0] >= 0) & (ids[..., 1:] != ids[..., :-1]).all(-1)).all(-1).tolist()  # [N]: no -1, no repeats
+    rows = ids.tolist()  # [N][L][k]
+    off = stream.pass_offsets.tolist()
+    full = [k] * L
+    needed, pairs = [], []
+    for a, b in zip(off[:-1], off[1:]):
+        if b - a == 1 and plain[a]:
+            needed.append(rows[a])
+            pairs.append(full)
+            continue
+        chosen = [[e for t in range(a, b) for e in rows[t][layer] if e >= 0] for layer in range(L)]
+        needed.append([sorted(set(c)) for c in chosen])
+        pairs.append([len(c) for c in chosen])
+    return needed, pairs
+
+
+def _expert_tokens(stream: RoutingStream) -> list[list[Counter]]:
+    """Per pass, per MoE layer: expert -> tokens routed to it (for misses computed on the host)."""
+    rows = stream.ids.tolist()  # [N][L][k]
+    off = stream.pass_offsets.tolist()
+    return [[Counter(e for t in range(a, b) for e in rows[t][layer] if e >= 0) for layer in range(stream.num_layers)]
+            for a, b in zip(off[:-1], off[1:])]
 
 
 class _Replay:
@@ -288,64 +303,96 @@ class _Replay:
             self.engine.ready_at[slot] = 0.0
 
     def run(self, warmup_passes: int) -> SimResult:
-        res, L, eng, sched = self.res, self.shape.moe_layers, self.engine, self.sched
-        S = self.num_slots
-        candidates = self.candidates
+        res, eng, sched, candidates = self.res, self.engine, self.sched, self.candidates
+        ready_at = eng.ready_at
         costs_by_tokens: dict[int, object] = {}
-        routing = _routing_lists(self.passes, self.shape.top_k, tokens=self.on_host)
-        before, stall = None, 0.0
-        g = 0.0  # the device clock (the host's is the engine's)
+        routing, routed_pairs = _routing_lists(self.stream)
+        counts = _expert_tokens(self.stream) if self.on_host else None
+        tokens = self.stream.pass_tokens()
+        before, stall, stall_before = None, 0.0, 0.0
+        g = 0.0  # the device clock (the host's is the engine's: the scheduler's copies move it)
         w = 0.0  # the host worker's clock (misses computed on the host)
         host_busy = host_before = 0.0
         for p, per_layer in enumerate(routing):
             if p == warmup_passes:
                 before, stall_before = (sched.totals() if sched is not None else None), stall
                 host_before = host_busy
-            T = self.passes[p].shape[0]
+            T = tokens[p]
             c = costs_by_tokens.get(T)
             if c is None:
                 c = costs_by_tokens[T] = pass_costs(self.shape, self.profile, self.compute, self.ops, T, self.context)
             host_layer, dev_layer, host_experts = c.host_layer, c.dev_layer, c.host_experts
+            dev_expert, dev_pair = c.dev_expert, c.dev_expert_tokens
             host_call = c.host_wrapper + (c.host_predictor if candidates is not None else 0.0)
             cands = candidates[p] if candidates is not None else None
-            start = eng.h = g = max(eng.h, g)
-            for layer, (needed, pairs, *tokens) in enumerate(per_layer):
-                h = eng.h + host_layer
-                g = max(g + dev_layer, h)
+            pairs_of = routed_pairs[p]
+            h = eng.h
+            start = h = g = h if h > g else g
+            for layer, needed in enumerate(per_layer):
+                pairs = pairs_of[layer]
+                h += host_layer
+                g += dev_layer
+                if h > g:
+                    g = h
                 if sched is None or not pairs:  # unwrapped (every expert resident), or the layer did not run
-                    eng.h = h + host_experts
-                    g = max(g + expert_device_seconds(c, len(needed), pairs), eng.h)
+                    h += host_experts
+                    g += expert_device_seconds(c, len(needed), pairs)
+                    if h > g:
+                        g = h
                     continue
                 # the runtime's experts call: sync, route, acquire, pump, compute
-                eng.h = max(h, g) + host_call
+                eng.h = (h if h > g else g) + host_call
                 sched.begin(layer, T, needed, cands[layer] if cands is not None else ())
                 on_host = ()
-                if tokens:
-                    needed, on_host = sched.split(layer, needed, tokens[0])
-                if on_host:  # the hidden state crosses, the worker computes beside the device, the output returns
-                    cross = self.hidden_s(T)
-                    start_w = max(w, eng.h)
-                    w = start_w + cross + sum(self.host_costs.host_seconds(tokens[0][e]) for e in on_host)
-                    host_busy += w - start_w
-                    pairs -= sum(tokens[0][e] for e in on_host)
+                if counts is not None:
+                    per_expert = counts[p][layer]
+                    needed, on_host = sched.split(layer, needed, per_expert)
+                    if on_host:  # the hidden state crosses, the worker computes beside the device
+                        cross = self.hidden_s(T)
+                        start_w = w if w > eng.h else eng.h
+                        w = start_w + cross + sum(self.host_costs.host_seconds(per_expert[e]) for e in on_host)
+                        host_busy += w - start_w
+                        pairs -= sum(per_expert[e] for e in on_host)
+                slots = sched.start(layer, needed)
+                if slots is not None and not needed:  # every routed expert runs on the host
+                    sched.release(slots)
+                    h = eng.h = w if w > eng.h else eng.h
+                    g = max(g, w + cross, h)
+                    continue
+                if slots is not None:
+                    h = eng.h
+                    free_at = g if g > h else h
+                    for s in slots:  # compute waits for the last copy to land
+                        if ready_at[s] > free_at:
+                            stall += ready_at[s] - free_at
+                            free_at = ready_at[s]
+                    h += host_experts
+                    work = len(needed) * dev_expert
+                    if pairs * dev_pair > work:
+                        work = pairs * dev_pair  # expert_device_seconds
+                    g = free_at + work
+                    if h > g:
+                        g = h
+                    sched.release(slots)
+                    if on_host:  # the runtime waits for the host's output, then adds it on the device
+                        h = eng.h = w if w > eng.h else eng.h
+                        g = max(g, w + cross, h)
+                    continue
                 n = len(needed)
-                for chunk, slots in sched.run(layer, needed):
-                    if not chunk:  # every routed expert runs on the host
-                        continue
-                    landed = max([eng.ready_at[s] for s in slots], default=0.0)
+                for chunk, slots in sched.chunks(layer, needed):
                     free_at = max(g, eng.h)
-                    if landed > free_at:
-                        stall += landed - free_at
-                        free_at = landed
+                    landed = max([ready_at[s] for s in slots] + [free_at])
+                    stall += landed - free_at
                     eng.h += host_experts
-                    work = expert_device_seconds(c, len(chunk), pairs if len(chunk) == n else pairs * len(chunk) // n)
-                    g = max(free_at + work, eng.h)
-                if on_host:  # the runtime waits for the host's output, then adds it on the device
-                    eng.h = max(eng.h, w)
+                    g = max(landed + expert_device_seconds(c, len(chunk), pairs * len(chunk) // n), eng.h)
+                if on_host:
+                    eng.h = w if w > eng.h else eng.h
                     g = max(g, w + cross, eng.h)
-            eng.h += c.host_pass
-            g = max(g + c.dev_pass, eng.h)
-            end = eng.h = g = max(eng.h, g)
+                h = eng.h
+            h += c.host_pass
+            g += c.dev_pass
+            end = h = g = h if h > g else g
+            eng.h = h
             res.pass_times.append(end - start)
             if p >= warmup_passes:
                 res.passes += 1

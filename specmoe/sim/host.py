@@ -232,7 +232,8 @@ def measure_host_profile(refresh: bool = False) -> HostProfile:
         description=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
                     f"{torch.__version__} with {torch.get_num_threads()} threads",
         source="measured here: RAM read bandwidth from a 256 MiB reduction; kernels from the runtime's host "
-               "experts (HostExperts) at a 1024x512 expert (1.6M weights), 1 and 8 tokens, minimum of 5; fp32 FLOP/s from a "
+               "experts (HostExperts) at a 1024x512 expert (1.6M weights), 1 and 8 tokens, minimum of 5; fp32 "
+               "FLOP/s from a "
                "512x512 matmul",
     )
     logger.info("host profile measured: %.1f GB/s, kernels %s", bandwidth / GB,

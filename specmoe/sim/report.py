@@ -26,7 +26,8 @@ def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
         per_tok = max(r["tokens"], 1)
         rows.append([f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else ""), _label(r), f"{r['tok_s']:.1f}",
                      f"{r['hit_rate']:.3f}", f"{r['prefetch_precision']:.2f}" if r["prefetch_issued"] else None,
-                     f"{(r['misses'] - r.get('host_computed', 0)) / per_tok:.2f} / {r.get('host_computed', 0) / per_tok:.2f}",
+                     f"{(r['misses'] - r.get('host_computed', 0)) / per_tok:.2f} / "
+                     f"{r.get('host_computed', 0) / per_tok:.2f}",
                      f"{r['bytes_moved'] / per_tok / MiB:.0f}", f"{1e3 * r['stall_s'] / per_tok:.2f}",
                      f"{r['bound_tok_s']:.1f}", f"{100 * r['fraction_of_bound']:.0f}%", f"{r['device_bytes'] / GiB:.1f}"])
     return markdown_table(["capacity", "policy / predictor", "tok/s", "hit rate", "pf precision",
