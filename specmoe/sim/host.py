@@ -233,8 +233,7 @@ def measure_host_profile(refresh: bool = False) -> HostProfile:
                     f"{torch.__version__} with {torch.get_num_threads()} threads",
         source="measured here: RAM read bandwidth from a 256 MiB reduction; kernels from the runtime's host "
                "experts (HostExperts) at a 1024x512 expert (1.6M weights), 1 and 8 tokens, minimum of 5; fp32 "
-               "FLOP/s from a "
-               "512x512 matmul",
+               "FLOP/s from a 512x512 matmul",
     )
     logger.info("host profile measured: %.1f GB/s, kernels %s", bandwidth / GB,
                 {fmt: f"{k.weights_per_s / 1e9:.2f} Gw/s, {k.flops / 1e9:.1f} GFLOP/s" for fmt, k in kernels})
