@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..measure import DeviceMemoryMonitor, environment, measure_h2d, sync_device, timed_call
 from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
+from ..runtime.misses import check_misses
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
 from .offload import accelerate_offload
@@ -50,6 +51,7 @@ class BenchSettings:
         accelerate: also run accelerate's offload with the device budget of the cache at `accelerate_capacity`.
         accelerate_new_tokens: N for the accelerate row (it is slow; fewer tokens keep the run short).
         policy: the cache's eviction policy.
+        misses: where missed experts run ("fetch", "host", "auto"; `SpeculativeMoE`'s misses).
     """
 
     capacities: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -62,6 +64,7 @@ class BenchSettings:
     accelerate_capacity: float = 0.5
     accelerate_new_tokens: int = 8
     policy: str = "lru"
+    misses: str = "fetch"
 
     def __post_init__(self):
         if not self.capacities or any(not (0 < c <= 1) for c in self.capacities):
@@ -74,6 +77,7 @@ class BenchSettings:
             raise ValueError("warmup must be >= 0 and lookahead >= 1")
         if not 0 < self.accelerate_capacity <= 1:
             raise ValueError(f"accelerate_capacity must be in (0, 1], got {self.accelerate_capacity}")
+        check_misses(self.misses)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -321,7 +325,8 @@ def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, set
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            smoe = SpeculativeMoE(model, predictor, cache_capacity=capacity, device=device, policy=settings.policy)
+            smoe = SpeculativeMoE(model, predictor, cache_capacity=capacity, device=device, policy=settings.policy,
+                                  misses=settings.misses)
             wrapped[:] = [capacity, smoe]
         else:
             smoe = wrapped[1]

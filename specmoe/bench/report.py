@@ -30,6 +30,7 @@ def bench_table(result: dict) -> str:
             _fmt(tok / base["decode_tok_s"], ".2f") if base else None,
             _fmt(s.get("hit_rate"), ".3f"), _fmt(s.get("prefetch_precision"), ".2f"),
             _fmt(s.get("prefetch_recall"), ".2f"),
+            f"{s['misses'] - s.get('host_computed', 0)} / {s.get('host_computed', 0)}" if "misses" in s else None,
             _fmt(s["bytes_moved"] / MiB, ".0f") if "bytes_moved" in s else None,
             _fmt(s["stall_s"] * 1e3, ".1f") if "stall_s" in s else None,
             _fmt(mem["torch_peak_bytes"] / MiB, ".0f") if mem.get("torch_peak_bytes") else None,
@@ -39,7 +40,7 @@ def bench_table(result: dict) -> str:
             {True: "yes", False: "NO", None: None}[v.get("same_tokens")],
         ])
     headers = ["variant", "decode tok/s", "TTFT ms", "× unwrapped", "× accelerate", "× LRU", "hit rate",
-               "pf precision", "pf recall", "MiB moved", "stall ms", "peak MiB (torch)", "peak MiB (NVML)",
+               "pf precision", "pf recall", "misses fetched / host", "MiB moved", "stall ms", "peak MiB (torch)", "peak MiB (NVML)",
                "bound tok/s", "of bound", "same tokens"]
     s = result["settings"]
     note = (f"\n\n{result.get('model', '')}, {result['geometry']}. Decode tok/s and TTFT are medians over "

@@ -37,13 +37,23 @@ PREDICTORS: dict[str, type["Predictor"]] = {}
 READS_HIDDEN = frozenset({"pregate", "hidden"})
 
 
+def top_candidates(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Each row's m best-scored experts, best first (ties: the lower id first), -1 for any that scores no more
+    than its row's minimum: a constant row (e.g. all zero, as the oracle leaves rows it knows nothing about)
+    names none. scores [..., E] -> [..., m]. Runs where the scores are (no host sync)."""
+    vals, idx = scores.float().sort(dim=-1, descending=True, stable=True)  # [..., E]
+    return torch.where(vals > vals[..., -1:], idx, -1)[..., :m]  # [..., m]; vals[..., -1:] is the row's minimum
+
+
 def rank_by_votes(top: list[int], m: int) -> list[int]:
-    """How the runtime orders one target layer's prefetch candidates: `top` holds each token's m best-scored
-    experts, best first (flattened [T * m]); every token votes 1 + (m - rank) / (m + 1) for each of them, so
-    experts chosen by more tokens come first, then by their best rank; ties keep first appearance."""
+    """How the runtime and the simulator order one target layer's prefetch candidates: `top` holds each token's
+    m best-scored experts, best first (flattened [T * m], -1 where a token names fewer, see `top_candidates`);
+    every token votes 1 + (m - rank) / (m + 1) for each of them, so experts chosen by more tokens come first,
+    then by their best rank; ties keep first appearance."""
     votes: dict[int, float] = {}
     for j, e in enumerate(top):
-        votes[e] = votes.get(e, 0.0) + 1.0 + (m - j % m) / (m + 1)
+        if e >= 0:
+            votes[e] = votes.get(e, 0.0) + 1.0 + (m - j % m) / (m + 1)
     return sorted(votes, key=votes.__getitem__, reverse=True)
 
 

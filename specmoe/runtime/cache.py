@@ -126,14 +126,16 @@ class SlotPool:
 
 
 class ExpertCache:
-    """Which expert is in which slot, on the host (dicts) and on the device (table [L, E], -1 = absent)."""
+    """Which expert is in which slot, on the host (dicts) and on the device (table [L, E], -1 = absent; no
+    table where `device` is None, as in the simulator)."""
 
-    def __init__(self, num_slots: int, num_layers: int, num_experts: int, device: torch.device, policy="lru"):
-        self.num_slots = num_slots
+    def __init__(self, num_slots: int, num_layers: int, num_experts: int, device: torch.device | None, policy="lru"):
+        self.num_slots, self.num_experts = num_slots, num_experts
         self.policy = make_policy(policy)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * num_slots
-        self.table = torch.full((num_layers, num_experts), -1, dtype=torch.long, device=device)  # [L, E]
+        self.table = (None if device is None else
+                      torch.full((num_layers, num_experts), -1, dtype=torch.long, device=device))  # [L, E]
         self._free = list(range(num_slots - 1, -1, -1))
 
     def lookup(self, key: Key) -> int | None:
@@ -151,16 +153,18 @@ class ExpertCache:
         if self._free:
             slot = self._free.pop()
         else:
-            slot = self.policy.victim(lambda s: allowed(s))
+            slot = self.policy.victim(allowed)
             if slot is None:
                 return None
             evicted = self.key_of[slot]
             del self.slot_of[evicted]
-            self.table[evicted] = -1
+            if self.table is not None:
+                self.table[evicted] = -1
             self.policy.forget(slot)
         self.key_of[slot] = key
         self.slot_of[key] = slot
-        self.table[key] = slot
+        if self.table is not None:
+            self.table[key] = slot
         self.policy.touch(slot)
         return slot, evicted
 

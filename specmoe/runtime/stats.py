@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 class LayerStats:
     hits: int = 0  # routed experts found resident or already in flight
     hits_in_flight: int = 0  # of the hits, those whose copy had not finished (compute waited on its event)
-    misses: int = 0  # routed experts fetched on demand
+    misses: int = 0  # routed experts not resident: fetched on demand, or computed on the host (misses="host"/"auto")
+    host_computed: int = 0  # of the misses, those computed on the host from the host store
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched experts later routed to before being evicted
     prefetch_wasted: int = 0  # prefetched experts evicted without being used
@@ -79,6 +80,7 @@ class Stats:
         t = self.total
         lines = [
             f"hit rate {self.hit_rate:.3f} ({t.hits} hits, {t.hits_in_flight} on in-flight copies; {t.misses} misses)",
+            f"misses: {t.misses - t.host_computed} fetched, {t.host_computed} computed on the host",
             f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted "
             f"(precision {self.prefetch_precision:.3f})",
             f"moved {t.bytes_moved / 2**20:.1f} MiB host->device; compute stalled {self.stall_s * 1e3:.2f} ms "

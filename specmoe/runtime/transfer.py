@@ -200,6 +200,18 @@ class CudaCopyEngine(CopyEngine):
         self.waits = 0
 
 
+class StoreToPool:
+    """A copy engine as the scheduler sees it (`scheduler.SlotEngine`): copies named by expert key, from the
+    host store into the slot pool."""
+
+    def __init__(self, engine: CopyEngine, store, pool_data: torch.Tensor):
+        self.engine, self.store, self.pool_data = engine, store, pool_data  # pool_data [S, B]
+        self.ready, self.wait, self.wait_host, self.release = engine.ready, engine.wait, engine.wait_host, engine.release
+
+    def copy_in(self, slot: int, key: tuple[int, int], demand: bool) -> None:
+        self.engine.copy_in(slot, self.pool_data[slot], self.store[key], demand=demand)
+
+
 ENGINES = ("sync", "thread", "cuda")
 
 

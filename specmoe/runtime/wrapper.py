@@ -18,22 +18,27 @@ Prefetches never change results: a wrong guess costs bandwidth, not correctness.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..predictors.base import Predictor, rank_by_votes
+from ..predictors.base import Predictor, rank_by_votes, top_candidates
 from .adapters import FusedExperts, ModelMoE, MoELayer, find_moe_layers
 from .cache import ExpertCache, SlotPool
 from .capacity import resolve_capacity
 from .compression import make_codec
 from .fused_compute import FusedKernelCompute
+from .host_compute import HostExperts
+from .misses import MissCosts, check_misses, hottest
 from .stats import LayerStats, Stats
 from .store import ExpertLayout, HostStore
-from .transfer import make_engine
+from .scheduler import Scheduler
+from .transfer import StoreToPool, make_engine
 
 COMPUTE = ("auto", "gather", "pool", "triton")
 logger = logging.getLogger(__name__)
@@ -127,6 +132,15 @@ class SpeculativeMoE:
         expert_source: where the experts' bytes come from when the model's experts modules do not hold them
             (`specmoe.load_offloaded` builds the model with its experts on the meta device and passes a
             `runtime.loading.CheckpointExperts`); an object with ``build_store(moe, layout, codec)``.
+        misses: where routed experts that are not resident run. "fetch" (default): copied into a slot.
+            "host": computed on the host from the host store by a worker thread while the device computes
+            the resident ones (`runtime.host_compute`). "auto": per miss, whichever a cost model says
+            finishes first (`runtime.misses.split_misses`). Prefetches always go to the device.
+        miss_costs: the `MissCosts` for "auto"; default: measured at start-up on this model's experts
+            (a fraction of a second; `self.miss_costs` holds them to pass next time).
+        placement: routing frequencies [L][E] (e.g. counted from a trace): the hottest experts are loaded
+            into the slots at start-up, a static placement like llama.cpp's. With misses="host" and no
+            predictor nothing is ever copied again.
 
     Raises:
         TypeError: not an MoE model of a supported layout, or a predictor/capacity of the wrong type.
@@ -148,6 +162,9 @@ class SpeculativeMoE:
         compute: str | None = None,
         compression: str | None = None,
         expert_source=None,
+        misses: str = "fetch",
+        miss_costs: MissCosts | None = None,
+        placement=None,
     ):
         # ---- validate everything before touching the model ------------------------------------
         if getattr(model, "_specmoe_wrapper", None) is not None:
@@ -171,6 +188,7 @@ class SpeculativeMoE:
         self.prefetch_width = prefetch_width if prefetch_width is not None else geo.top_k
         self._inflight_bound = max_prefetch_inflight  # None: follows the predictor's lookahead
         self.max_prefetch_inflight = self._default_inflight(predictor, geo)
+        self.misses = check_misses(misses)
         self.compute = compute or "auto"
         if self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
@@ -220,8 +238,17 @@ class SpeculativeMoE:
             self.pool = SlotPool(self.store.layout, num_slots, self.device, self.codec)  # compressed if so
             self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, policy)
             self.engine = make_engine(transfer, num_slots, self.device)
+            self.scheduler = Scheduler(self.cache, StoreToPool(self.engine, self.store, self.pool.data), geo.num_layers,
+                                       self.max_prefetch_inflight, self.store.layout.nbytes)  # compressed bytes
             for layer in moe.layers:
                 self._install(layer)
+            self._host = HostExperts(self.store, self.codec) if self.misses != "fetch" else None
+            self.miss_costs = miss_costs
+            if self.misses == "auto" and miss_costs is None:
+                self.miss_costs = self._measure_miss_costs()
+            self.scheduler.misses, self.scheduler.miss_costs = self.misses, self.miss_costs
+            if placement is not None:
+                self._place(placement)
         except BaseException:
             self._restore_model()
             raise
@@ -267,17 +294,17 @@ class SpeculativeMoE:
     @property
     def stats(self) -> Stats:
         return Stats(
-            per_layer=[LayerStats(**vars(x)) for x in self._layer_stats],
+            per_layer=[LayerStats(**vars(x)) for x in self.scheduler.stats],
             stall_s=self.engine.stall_seconds(),
             stall_waits=self.engine.waits,
             host_syncs=self._host_syncs,
-            layer_calls=self._layer_calls,
-            chunked_calls=self._chunked_calls,
+            layer_calls=self.scheduler.layer_calls,
+            chunked_calls=self.scheduler.chunked_calls,
         )
 
     def reset_stats(self) -> None:
-        self._layer_stats = [LayerStats() for _ in range(self.geometry.num_layers)]
-        self._host_syncs = self._layer_calls = self._chunked_calls = 0
+        self.scheduler.reset_stats()
+        self._host_syncs = 0
         self.engine.reset_stall()
 
     def memory(self) -> dict[str, int]:
@@ -304,6 +331,8 @@ class SpeculativeMoE:
         self.engine.synchronize()
         self._restore_model()
         self.engine.close()
+        if self._host is not None:
+            self._host.close()
         self.pool = self.cache = None
         return self.model
 
@@ -367,6 +396,57 @@ class SpeculativeMoE:
             self.store.close()
         self.model._specmoe_wrapper = None
 
+    def _place(self, frequencies) -> None:
+        """Load the hottest experts of frequencies [L][E] into the slots (a static placement)."""
+        freq = torch.as_tensor(frequencies)
+        if tuple(freq.shape) != (self.geometry.num_layers, self.geometry.num_experts):
+            raise ValueError(f"placement must be routing frequencies [L, E] = "
+                             f"{[self.geometry.num_layers, self.geometry.num_experts]}, got {list(freq.shape)}")
+        for key in hottest(freq.tolist(), self.num_slots):
+            slot, _ = self.cache.assign(key, lambda s: True)
+            self.engine.copy_in(slot, self.pool.data[slot], self.store[key], demand=True)
+        self.engine.synchronize()
+
+    def _measure_miss_costs(self, repeats: int = 3) -> MissCosts:
+        """Time one expert copy into a slot and one expert computed on the host (1 and k tokens), here."""
+        def best(fn) -> float:
+            fn()  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        def copy():
+            self.engine.copy_in(0, self.pool.data[0], self.store[(0, 0)], demand=True)
+            self.engine.synchronize()
+
+        layer = self.moe.layers[0]
+        dtype = next(s.dtype for s in self.pool.layout.specs if s.dtype.is_floating_point)
+        k = max(2, self.geometry.top_k)
+
+        def host(tokens):
+            hidden = torch.randn(tokens, self.geometry.hidden_size).to(dtype)
+            if isinstance(layer.layout, FusedExperts):
+                ids, w = torch.zeros(tokens, 1, dtype=torch.long), torch.ones(tokens, 1)
+                return lambda: self._host.compute(layer, hidden, ids, w, [0])
+            expert = layer.layout.experts_list(layer.experts)[0]
+            tensors, rows = self._host.tensors(0, [0])
+
+            def run():
+                layer.layout.bind_expert(expert, tensors, 0)
+                with torch.no_grad():
+                    type(expert).forward(expert, hidden)
+            return run
+
+        copy_s = best(copy)
+        one, many = best(host(1)), best(host(k))
+        costs = MissCosts(copy_s, one, max(0.0, many - one) / (k - 1),
+                          source=f"measured at start-up on {self.device}: one expert copied, one computed on the host")
+        logger.info("misses='auto': %s", costs)
+        return costs
+
     def _check_device_memory(self, model: nn.Module, moe: ModelMoE, pool_bytes: int) -> None:
         """Refuse a cache that cannot fit next to the non-expert weights (CUDA only)."""
         if self.device.type != "cuda":
@@ -396,27 +476,27 @@ class SpeculativeMoE:
             return type(obj)(self._to_device(v) for v in obj)
         return obj
 
-    # ---- the hot path -----------------------------------------------------------------------------
+    # ---- the hot path: routing and prediction here, every decision in the scheduler -------------------------------
     def _reset_state(self) -> None:
         if self.predictor is not None:
             self.predictor.reset()
         self._last_layer: int | None = None
         self._history: torch.Tensor | None = None  # [T, L, k] ids routed in the current pass
-        self._queue: list[tuple[int, int]] = []  # prefetch candidates, best first
-        self._predicted: set[tuple[int, int]] = set()  # what the latest prediction wants kept
-        self._inflight: set[int] = set()  # slots with a prefetch copy that may not have landed
-        self._prefetched: dict[int, tuple[int, int]] = {}  # slot -> key, prefetched and not yet used
-        self._in_use: set[int] = set()  # slots the layer being computed reads
-        self._bound: dict[int, int] = {}  # modulelist layout: expert -> slot for the current layer
+        self.scheduler.max_inflight = self.max_prefetch_inflight
+        self.scheduler.reset()
+        self._chunks = iter(())  # modulelist layout: the scheduler's chunks of the current layer
+        self._bound: dict[int, int] = {}  # modulelist layout: expert -> slot for the current chunk
+        self._routed: set[int] = set()  # modulelist layout: experts routed at the current layer
+        self._on_host: set[int] = set()  # modulelist layout: experts of the current layer computed on the host
+        self._tokens: Counter = Counter()  # expert -> tokens routed to it in the current layer call
 
     def _route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> list[int]:
-        """Record routing, run the predictor, and with one host sync learn the routed and predicted experts.
-        Returns the distinct routed experts; leaves prefetch candidates in self._queue."""
+        """Record routing, run the predictor, and with one host sync learn the routed and predicted experts;
+        hand both to the scheduler. Returns the distinct routed experts, ascending."""
         geo = self.geometry
         L = geo.num_layers
         T = hidden.shape[0]
         ids = ids.reshape(T, -1).long()  # [T, k]
-        self._layer_calls += 1
         targets: list[int] = []
         parts = [ids.flatten()]
         if self.predictor is not None:
@@ -424,125 +504,47 @@ class SpeculativeMoE:
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
             self._history[:, layer] = ids
             scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
-            if scores:
-                targets = sorted(scores)
+            # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
+            targets = sorted(t for t in scores if t < L or not self.moe.first_decode_layer)
+            if targets:
                 m = min(self.prefetch_width, geo.num_experts)
-                stacked = torch.stack([scores[t].float() for t in targets])  # [n_targets, T, E]
-                parts.append(stacked.topk(m, dim=-1).indices.flatten())  # [n_targets * T * m], best first
+                stacked = torch.stack([scores[t] for t in targets])  # [n_targets, T, E]
+                parts.append(top_candidates(stacked, m).flatten())  # [n_targets * T * m], best first, -1: none
         self._last_layer = layer
         host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self._host_syncs += 1
         n = ids.numel()
         needed = sorted(set(host[:n]) - {-1})
-        queue = []
+        candidates = []
         if targets:
             m = (len(host) - n) // (len(targets) * T)
             for i, t in enumerate(targets):
-                if t >= L:
-                    if self.moe.first_decode_layer:  # encoder-decoder: the next pass starts elsewhere
-                        continue
-                    t -= L
-                queue.extend((t, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
-        self._predicted = set(queue)
-        self._queue = [key for key in queue if key not in self.cache.slot_of]
+                candidates.extend((t % L, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
+        self.scheduler.begin(layer, T, needed, candidates)
+        self._tokens = Counter(host[:n])  # expert -> tokens routed to it in this call
         return needed
-
-    def _evictable(self, slot: int) -> bool:
-        return slot not in self._in_use and self.engine.ready(slot)
-
-    def _take_slot(self, key, demand: bool) -> int | None:
-        """Assign `key` a slot and start its copy. Demand may wait for in-flight copies; prefetch never does."""
-        if demand:
-            allowed = self._evictable
-        else:
-            allowed = lambda s: self._evictable(s) and self.cache.key_of[s] not in self._predicted  # noqa: E731
-        got = self.cache.assign(key, allowed)
-        if got is None and demand:
-            for s in range(self.num_slots):  # every other slot is in use or in flight: let copies land
-                if s not in self._in_use and not self.engine.ready(s):
-                    self.engine.wait_host(s)
-            got = self.cache.assign(key, self._evictable)
-            if got is None:
-                raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
-        if got is None:
-            return None
-        slot, evicted = got
-        if slot in self._prefetched:
-            self._layer_stats[self._prefetched.pop(slot)[0]].prefetch_wasted += 1
-        self.engine.copy_in(slot, self.pool.data[slot], self.store[key], demand=demand)
-        self._layer_stats[key[0]].bytes_moved += self.store.layout.nbytes  # compressed bytes when compressed
-        return slot
-
-    def _acquire(self, layer: int, experts: list[int]) -> list[int]:
-        """Make the routed experts resident and pinned for this layer; compute waits for their copies."""
-        stats = self._layer_stats[layer]
-        slots = []
-        for e in experts:
-            key = (layer, e)
-            slot = self.cache.lookup(key)
-            if slot is not None:
-                stats.hits += 1
-                if not self.engine.ready(slot):
-                    stats.hits_in_flight += 1
-                if self._prefetched.pop(slot, None) is not None:
-                    stats.prefetch_used += 1
-                self.cache.touch(slot)
-            else:
-                stats.misses += 1
-                slot = self._take_slot(key, demand=True)
-            self._in_use.add(slot)
-            slots.append(slot)
-        self.engine.wait(slots)
-        return slots
-
-    def _release(self, slots: list[int]) -> None:
-        self.engine.release(slots)
-        self._in_use.difference_update(slots)
-
-    def _pump(self) -> None:
-        """Issue queued prefetches, best first, while fewer than the bound are in flight."""
-        while self._queue:
-            if len(self._inflight) >= self.max_prefetch_inflight:
-                self._inflight = {s for s in self._inflight if not self.engine.ready(s)}
-                if len(self._inflight) >= self.max_prefetch_inflight:
-                    break
-            key = self._queue.pop(0)
-            if key in self.cache.slot_of:
-                continue
-            slot = self._take_slot(key, demand=False)
-            if slot is None:  # nothing may be evicted for a guess
-                self._queue.clear()
-                break
-            self._inflight.add(slot)
-            self._prefetched[slot] = key
-            self._layer_stats[key[0]].prefetch_issued += 1
-
-    def _let_prefetches_land(self) -> None:
-        for s in self._inflight:
-            self.engine.wait_host(s)
-        self._inflight.clear()
 
     def _fused_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, ids, weights = layer.layout.routing(layer.experts, args, kwargs, self.geometry.top_k)
-        needed = self._route(layer.index, hidden, ids)
+        needed, host = self.scheduler.split(layer.index, self._route(layer.index, hidden, ids), self._tokens)
+        if host:  # the host starts at once on its worker; its output joins the device's at the end
+            job = self._host.submit(layer, hidden, ids.reshape(hidden.shape[0], -1), weights, host)
+            total = None
+            for chunk, _ in self.scheduler.run(layer.index, needed):
+                if chunk:
+                    part = self._compute(layer, args, kwargs, ids, weights, chunk, partial=True).float()
+                    total = part if total is None else total + part
+            out = job.result().to(self.device, non_blocking=True)  # [T, H] float32
+            return (out if total is None else total + out).to(hidden.dtype)
         if len(needed) <= self.num_slots:
-            slots = self._acquire(layer.index, needed)
-            self._pump()
-            out = self._compute(layer, args, kwargs, ids, weights, needed, partial=False)
-            self._release(slots)
+            for chosen, _ in self.scheduler.run(layer.index, needed):
+                out = self._compute(layer, args, kwargs, ids, weights, chosen, partial=False)
             return out
-
         # More distinct experts than slots: compute in chunks of at most S experts, masking the rest.
-        self._chunked_calls += 1
-        self._let_prefetches_land()
         total = None
-        for i in range(0, len(needed), self.num_slots):
-            chunk = needed[i : i + self.num_slots]
-            slots = self._acquire(layer.index, chunk)
+        for chunk, _ in self.scheduler.run(layer.index, needed):
             part = self._compute(layer, args, kwargs, ids, weights, chunk, partial=True).float()
             total = part if total is None else total + part
-            self._release(slots)
-        self._pump()
         return total.to(hidden.dtype)
 
     def _compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool):
@@ -576,27 +578,38 @@ class SpeculativeMoE:
         return type(experts).forward(experts, *a, **kw)
 
     def _modulelist_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
+        """One call of the model's own forward; the per-expert hooks bind each expert to its slot, taking the
+        scheduler's next chunk when an expert is not in the current one."""
         experts, layout = layer.experts, layer.layout
         hidden, ids, _ = layout.routing(experts, args, kwargs, self.geometry.top_k)
-        needed = self._route(layer.index, hidden, ids)
-        if len(needed) <= self.num_slots:
-            slots = self._acquire(layer.index, needed)
-            self._bound = dict(zip(needed, slots))
-        else:  # experts are fetched one at a time by the per-expert hooks
-            self._chunked_calls += 1
-            self._let_prefetches_land()
-            slots, self._bound = [], {}
-        self._pump()
+        needed, host = self.scheduler.split(layer.index, self._route(layer.index, hidden, ids), self._tokens)
+        self._on_host = set(host)  # these run on the host, one by one, inside the family's loop (hooks below)
+        self._chunks = self.scheduler.run(layer.index, needed)
+        self._routed = set(needed)
+        self._next_chunk()
         out = type(experts).forward(experts, *args, **kwargs)
-        self._release(slots)
-        self._bound = {}
+        for _ in self._chunks:  # release the last chunk (and prefetch, after chunks)
+            pass
+        self._bound, self._routed, self._on_host = {}, set(), set()
         return out
+
+    def _next_chunk(self) -> bool:
+        chunk, slots = next(self._chunks, ((), ()))
+        self._bound = dict(zip(chunk, slots))
+        return bool(chunk)
 
     def _expert_pre_hook(self, layer: MoELayer, e: int):
         def hook(module, args):
+            if e in self._on_host:  # computed from the host store: its input crosses to the host
+                tensors, rows = self._host.tensors(layer.index, [e])  # name -> [E, *shape], or [1, *shape]
+                layer.layout.bind_expert(module, tensors, e if rows is None else 0)
+                module._specmoe_on_host = True
+                return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
             slot = self._bound.get(e)
-            if slot is None:  # not announced by the routing (or too many experts): fetch it alone
-                (slot,) = self._acquire(layer.index, [e])
+            while slot is None and e in self._routed and self._next_chunk():  # in a later chunk
+                slot = self._bound.get(e)
+            if slot is None:  # not announced by the routing (or visited out of order): fetch it alone
+                (slot,) = self.scheduler.acquire(layer.index, [e])
                 module._specmoe_lazy_slot = slot
             layer.layout.bind_expert(module, *self.pool.expert_views(slot))
 
@@ -604,8 +617,10 @@ class SpeculativeMoE:
 
     def _expert_post_hook(self, layer: MoELayer):
         def hook(module, args, output):
+            if module.__dict__.pop("_specmoe_on_host", False):
+                return output.to(self.device) if isinstance(output, torch.Tensor) else output
             slot = module.__dict__.pop("_specmoe_lazy_slot", None)
             if slot is not None:
-                self._release([slot])
+                self.scheduler.release([slot])
 
         return hook

@@ -3,6 +3,11 @@
 No cache of S slots can move fewer expert bytes than Belady's MIN with demand fetching (prefetching moves
 the same experts earlier, or more), and no run is faster than its compute alone, so a run of the stream takes
 at least max(compute time, MIN miss bytes / host->device bandwidth).
+
+When misses may also be computed on the host, a miss costs either its copy or its host compute, and the two
+run side by side: no placement misses fewer accesses than Belady's MIN *with bypass* (a newcomer used last is
+not loaded), so a run takes at least max(device compute, copied bytes / bandwidth, host compute) for the best
+split of those misses between the link and the host (`host_bound`).
 """
 
 # Shape legend: L MoE layers, E experts, S slots
@@ -122,3 +127,96 @@ def measured_bound(stream: RoutingStream, num_experts: int, slots: int, slot_byt
     per_token = max(compute_s_per_token, transfer)
     return {"min_misses": misses, "passes": passes, "compute_s_per_token": compute_s_per_token,
             "transfer_s_per_token": transfer, "h2d_bytes_per_s": h2d_bytes_per_s, "tok_s": 1 / per_token}
+
+
+def bypass_misses(stream: RoutingStream, slots: int, warmup_passes: int = 0) -> list[int]:
+    """Belady's MIN with bypass over `stream` with `slots` slots: an access to an expert that is not resident
+    either loads it (evicting the resident expert used furthest in the future) or, when it is itself used
+    furthest in the future, leaves the cache as it is (computed elsewhere: on the host). No placement, static
+    or dynamic, misses fewer accesses. Returns, per miss in the measured passes, the tokens routed to it."""
+    import heapq
+    from collections import Counter
+
+    calls = []  # (time, key, tokens) per (pass, layer, distinct expert), in order
+    for p, ids in enumerate(stream.passes()):
+        rows = ids.tolist()  # [T][L][k]
+        for layer in range(stream.num_layers):
+            counts = Counter(e for row in rows for e in row[layer] if e >= 0)
+            calls.extend((p, (layer, e), n) for e, n in sorted(counts.items()))
+    never = len(calls)
+    next_use = [never] * len(calls)
+    seen: dict = {}
+    for i in range(len(calls) - 1, -1, -1):
+        key = calls[i][1]
+        next_use[i] = seen.get(key, never)
+        seen[key] = i
+    resident: dict = {}  # key -> its next use
+    heap: list = []  # (-next use, key), lazily deleted
+    out = []
+    for i, (p, key, n) in enumerate(calls):
+        nxt = next_use[i]
+        if key in resident:
+            resident[key] = nxt
+            heapq.heappush(heap, (-nxt, key))
+            continue
+        if p >= warmup_passes:
+            out.append(n)
+        if len(resident) < slots:
+            resident[key] = nxt
+            heapq.heappush(heap, (-nxt, key))
+            continue
+        while heap and resident.get(heap[0][1]) != -heap[0][0]:
+            heapq.heappop(heap)  # stale entries
+        far, victim = -heap[0][0], heap[0][1]
+        if nxt >= far:
+            continue  # bypass: the newcomer is needed last
+        heapq.heappop(heap)
+        del resident[victim]
+        resident[key] = nxt
+        heapq.heappush(heap, (-nxt, key))
+    return out
+
+
+@dataclass
+class HostBound:
+    """max(device compute, PCIe bytes / bandwidth, host compute) under the best placement (module docstring):
+    Belady-with-bypass misses, each either copied (`copy_s`) or computed on the host, split between the two so
+    that the slower side is as short as it can be."""
+
+    compute_s: float  # the unwrapped model, all experts resident (an upper estimate of the device's share)
+    misses: int  # Belady's MIN with bypass
+    fetched: int  # of them, copied in the best split
+    transfer_s: float  # fetched * copy time (bytes / bandwidth)
+    host_s: float  # the rest computed on the host
+    tokens: int
+
+    @property
+    def time_s(self) -> float:
+        return max(self.compute_s, self.transfer_s, self.host_s)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.time_s if self.time_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "time_s": self.time_s, "tok_s": self.tok_s}
+
+
+def host_bound(stream: RoutingStream, shape: ModelShape, profile: HardwareProfile, host, capacity, *, ops: OpCounts,
+               compute: ComputeModel | None = None, context: int = 512, warmup_passes: int = 0,
+               unwrapped: SimResult | None = None) -> HostBound:
+    """The bound at `capacity` when misses may run on the host (`host`: a `sim.host.HostProfile`)."""
+    from .engine import HostMissCosts
+
+    unwrapped = unwrapped or simulate(stream, shape, profile, None, ops=ops, compute=compute, context=context,
+                                      warmup_passes=warmup_passes)
+    slots = resolve_capacity(capacity, shape.moe_layers, shape.num_experts, shape.slot_bytes)
+    misses = bypass_misses(stream, slots, warmup_passes)
+    costs = HostMissCosts(profile.copy_seconds(shape.transfer_bytes), host, shape)
+    host_times = sorted((costs.host_seconds(n) for n in misses), reverse=True)  # fetch the costliest on the host
+    suffix = [0.0] * (len(host_times) + 1)
+    for i in range(len(host_times) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + host_times[i]
+    best = min(range(len(host_times) + 1), key=lambda f: max(f * costs.copy_s, suffix[f]))
+    return HostBound(compute_s=unwrapped.time_s, misses=len(misses), fetched=best, transfer_s=best * costs.copy_s,
+                     host_s=suffix[best], tokens=unwrapped.tokens)

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..measure import environment
 from ..io import write_json, write_text
 from .hardware import PROFILES, HardwareProfile
+from .host import HOST_PROFILES
 from .shapes import PRESETS, ModelShape
 from .stream import load_stream
 from .sweep import SweepSettings, run_sweep
@@ -27,6 +28,15 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help="host storage of experts to simulate: none, int8, int4-g128, ... (each shape once per scheme)")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                    help="cache capacities, fractions of all experts (default 0.25 0.5 0.75)")
+    p.add_argument("--misses", nargs="+", default=["fetch"], choices=["fetch", "host", "auto"],
+                   help="where missed experts run: copied to the device (fetch), computed on the host (host), or "
+                        "per miss by the cost model (auto); host/auto need --host")
+    p.add_argument("--host", default=None, metavar="PROFILE",
+                   help=f"host profile for misses run on the host: {', '.join(sorted(HOST_PROFILES))} or "
+                        "this-machine (measured here, a few seconds)")
+    p.add_argument("--placement", action="store_true",
+                   help="also run a static placement (the trace's hottest experts resident, misses on the host, "
+                        "never copied: llama.cpp's --n-cpu-moe baseline); needs --host")
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "prediction-aware", "belady"],
                    help="eviction policies: lru, lfu, prediction-aware, belady (default: all four)")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
@@ -131,7 +141,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     shapes = [ModelShape.from_name(s).compressed(c) for s in args.shapes for c in args.compression]
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]
     settings = SweepSettings(capacities=tuple(args.capacities), policies=tuple(args.policies),
-                             context=args.context, warmup_passes=args.warmup, compute=args.compute)
+                             context=args.context, warmup_passes=args.warmup, compute=args.compute,
+                             misses=tuple(args.misses), host=args.host, placement=args.placement)
     predictors, described = [], "none (memory and ceilings only)"
     if stream is not None:
         if args.max_passes:

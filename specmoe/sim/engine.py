@@ -9,20 +9,29 @@ Two clocks, host `h` and device `g`, and one copy engine. Per MoE layer of a pas
    predictor's candidates (bounded in flight; never evicting a slot in use, in flight, or predicted);
 3. the experts call runs on the device once its experts' copies have landed; the wait is *stall*.
 
+With misses="host"/"auto" (a `HostProfile` given), the scheduler's `split` sends some missed experts to the
+host: the layer's hidden state crosses PCIe, a host worker (its own clock `w`) computes them from RAM while the
+device computes the resident ones, and the layer ends when both have (the host's output crossing back).
+
 Unwrapped (capacity None) every expert is resident: steps 2-3 cost nothing but the experts call.
-Cache slots, eviction and prefetch bookkeeping reuse the runtime's `ExpertCache` and policies.
+Every decision of step 2 (acquire, evict, prefetch, chunk; the counters) is the runtime's own scheduler
+(`specmoe.runtime.scheduler`), driven here by `ClockEngine`, a copy engine on a clock.
 """
 
 # Shape legend: T tokens, E experts, L MoE layers, k top-k, S slots, P passes
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..runtime.cache import ExpertCache
 from ..runtime.capacity import resolve_capacity
+from ..runtime.misses import check_misses, hottest
+from ..runtime.scheduler import Scheduler
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
+from .host import HostProfile, expert_format
 from .policies import make_sim_policy
 from .predictions import Candidates
 from .shapes import ModelShape
@@ -41,7 +50,9 @@ class SimResult:
     stall_s: float = 0.0
     hits: int = 0
     hits_in_flight: int = 0
-    misses: int = 0
+    misses: int = 0  # routed experts not resident: fetched, or computed on the host
+    host_computed: int = 0  # of the misses, those computed on the host
+    host_s: float = 0.0  # seconds the host worker spent on experts (and their hidden states crossing)
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
@@ -101,6 +112,10 @@ def simulate(
     lookahead: int = 1,
     context: int = 512,
     warmup_passes: int = 0,
+    transfer: str = "stream",
+    misses: str = "fetch",
+    host: HostProfile | None = None,
+    placement=None,
 ) -> SimResult:
     """Replay `stream` on `profile` with `shape`'s sizes.
 
@@ -116,6 +131,13 @@ def simulate(
         max_prefetch_inflight / lookahead: as `SpeculativeMoE` (the bound defaults to 2 * k * lookahead).
         context: tokens already in the KV cache when a pass starts (attention reads them).
         warmup_passes: passes replayed before measuring (the cache warms up; their time is not counted).
+        transfer: "stream" (copies on a copy engine, overlapping compute, as the runtime's CUDA engine) or
+            "sync" (the host copies and waits, as its synchronous CPU engine: no copy is ever in flight).
+        misses: as `SpeculativeMoE`: "fetch", "host" or "auto" (the last two need `host`).
+        host: the host's profile (`specmoe.sim.host.HostProfile`), for misses computed on the host.
+        placement: a static placement: routing frequencies [L][E], or "trace" (counted over this stream): the
+            hottest experts fill the slots before the first pass (llama.cpp-style; with misses="host" and no
+            candidates nothing is ever copied).
 
     Returns:
         A SimResult over the measured passes (`pass_times` holds every pass).
@@ -128,177 +150,256 @@ def simulate(
         raise ValueError(f"candidates cover {len(candidates)} passes, the stream has {stream.num_passes}")
     if not 0 <= warmup_passes < stream.num_passes:
         raise ValueError(f"warmup_passes must be in [0, {stream.num_passes}), got {warmup_passes}")
+    if transfer not in TRANSFERS:
+        raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
     if policy == "belady" and candidates is not None:
         raise ValueError("Belady's MIN is the optimal *demand* cache: simulate it without candidates")
+    if check_misses(misses) != "fetch" and host is None:
+        raise ValueError(f"misses={misses!r} needs a host profile (host=HostProfile.from_name('3090-box'))")
     replay = _Replay(stream, shape, profile, capacity, ops, compute or ComputeModel.from_name("hf-eager"), policy,
-                     candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context)
+                     candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context, transfer == "sync",
+                     misses, host)
+    if placement is not None and replay.sched is not None:
+        trace = isinstance(placement, str) and placement == "trace"
+        replay.place(stream_frequencies(stream, shape.num_experts) if trace else placement)
     return replay.run(warmup_passes)
 
 
-_COUNTERS = ("hits", "hits_in_flight", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted", "copies",
-             "bytes_moved", "stall_s")
+def stream_frequencies(stream: RoutingStream, num_experts: int) -> list[list[int]]:
+    """[L][E] how often each expert was routed to over the whole stream."""
+    L, E = stream.num_layers, num_experts
+    counts = [[0] * E for _ in range(L)]
+    for ids in stream.passes():
+        for row in ids.tolist():  # [L][k]
+            for layer, experts in enumerate(row):
+                for e in experts:
+                    if e >= 0:
+                        counts[layer][e] += 1
+    return counts
+
+
+class HostMissCosts:
+    """`runtime.misses` costs from profiles: one expert's copy, and its host compute for a number of tokens."""
+
+    def __init__(self, copy_s: float, host: HostProfile, shape: ModelShape, host_call_s: float = 0.0):
+        self.copy_s, self.host, self.shape, self.host_call_s = copy_s, host, shape, host_call_s
+        self.fmt = expert_format(shape.expert_dtype, shape.compression)
+        self._by_tokens: dict[int, float] = {}
+
+    def host_seconds(self, tokens: int) -> float:
+        t = self._by_tokens.get(tokens)
+        if t is None:
+            t = self._by_tokens[tokens] = self.host.expert_seconds(self.shape.transfer_bytes, self.shape.expert_params,
+                                                                   tokens, self.fmt)
+        return t
+
+
+TRANSFERS = ("stream", "sync")
+_COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+             "bytes_moved")
+
+
+class ClockEngine:
+    """The simulator's copy engine (`specmoe.runtime.scheduler.SlotEngine`): one FIFO copy queue on a clock.
+
+    `h` is the host clock; a copy costs the host `issue_s` to issue and lands `copy_s` after the engine is free
+    (with `sync`, the host waits for it: the runtime's synchronous engine). Compute waits are the compute model's
+    (`_Replay.run` reads `ready_at`)."""
+
+    def __init__(self, num_slots: int, copy_s: float, issue_s: float, sync: bool = False):
+        self.copy_s, self.issue_s, self.sync = copy_s, issue_s, sync
+        self.h = 0.0
+        self.free = 0.0  # when the last copy issued lands
+        self.ready_at = [0.0] * num_slots  # when the copy into each slot lands
+
+    def ready(self, slot: int) -> bool:
+        return self.ready_at[slot] <= self.h
+
+    def copy_in(self, slot: int, key, demand: bool) -> None:
+        self.h += self.issue_s
+        self.free = (self.free if self.free > self.h else self.h) + self.copy_s
+        self.ready_at[slot] = self.free
+        if self.sync:
+            self.h = self.free
+
+    def wait(self, slots) -> None:
+        pass
+
+    def wait_host(self, slot: int) -> None:
+        if self.ready_at[slot] > self.h:
+            self.h = self.ready_at[slot]
+
+    def release(self, slots) -> None:
+        pass
+
+    def backlog_s(self) -> float:
+        """Copy time queued ahead of a copy issued now."""
+        return max(0.0, self.free - self.h)
+
+
+def _routing_lists(stream: RoutingStream) -> tuple[list, list]:
+    """Per pass, per MoE layer: the distinct routed experts (ascending) and the token-expert pairs, as plain lists
+    made once (a decode pass's rows are the sorted ids themselves: no copy per layer)."""
+    ids = stream.ids.sort(dim=-1).values  # [N, L, k]
+    N, L, k = ids.shape
+    plain = ((ids[..., 0] >= 0) & (ids[..., 1:] != ids[..., :-1]).all(-1)).all(-1).tolist()  # [N]: no -1, no repeats
+    rows = ids.tolist()  # [N][L][k]
+    off = stream.pass_offsets.tolist()
+    full = [k] * L
+    needed, pairs = [], []
+    for a, b in zip(off[:-1], off[1:]):
+        if b - a == 1 and plain[a]:
+            needed.append(rows[a])
+            pairs.append(full)
+            continue
+        chosen = [[e for t in range(a, b) for e in rows[t][layer] if e >= 0] for layer in range(L)]
+        needed.append([sorted(set(c)) for c in chosen])
+        pairs.append([len(c) for c in chosen])
+    return needed, pairs
+
+
+def _expert_tokens(stream: RoutingStream) -> list[list[Counter]]:
+    """Per pass, per MoE layer: expert -> tokens routed to it (for misses computed on the host)."""
+    rows = stream.ids.tolist()  # [N][L][k]
+    off = stream.pass_offsets.tolist()
+    return [[Counter(e for t in range(a, b) for e in rows[t][layer] if e >= 0) for layer in range(stream.num_layers)]
+            for a, b in zip(off[:-1], off[1:])]
 
 
 class _Replay:
     """State of one simulated run (see the module docstring for the order of events)."""
 
-    def __init__(self, stream, shape, profile, capacity, ops, compute, policy, candidates, max_inflight, context):
+    def __init__(self, stream, shape, profile, capacity, ops, compute, policy, candidates, max_inflight, context,
+                 sync_copies=False, misses="fetch", host=None):
         L, E = shape.moe_layers, shape.num_experts
         self.stream, self.shape, self.profile, self.ops, self.compute = stream, shape, profile, ops, compute
         self.passes = stream.passes()
         self.candidates = candidates
-        self.max_inflight = max_inflight
         self.context = context
         self.wrapped = capacity is not None
         self.num_slots = resolve_capacity(capacity, L, E, shape.slot_bytes) if self.wrapped else None
-        self.transfer_bytes = shape.transfer_bytes
-        self.copy_s = profile.copy_seconds(self.transfer_bytes)
+        copy_s = profile.copy_seconds(shape.transfer_bytes)  # compressed slots: the compressed bytes, no dequantize
         self.res = SimResult(num_slots=self.num_slots, device_bytes=device_weight_bytes(shape, self.num_slots))
-        self.h = self.g = 0.0  # host and device clocks
-        self.engine_free = 0.0  # when the copy engine finishes the last copy issued
-        self.ready = [0.0] * (self.num_slots or 0)  # when the copy into each slot lands
-        self.prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not used yet
-        self.inflight: set[int] = set()
-        self.in_use: set[int] = set()
-        self.predicted: set[Key] = set()
-        self.measuring = False
-        self.cache = None
+        self.engine = ClockEngine(self.num_slots or 0, copy_s, compute.copy_issue_s, sync_copies)
+        self.sched = costs = None
         if self.wrapped:
-            pol = make_sim_policy(policy, self.passes, L)
-            self.cache = ExpertCache(self.num_slots, L, E, "cpu", pol)
-            if hasattr(pol, "bind"):
-                pol.bind(self.cache, L)
-        self._observe = getattr(self.cache.policy, "observe", None) if self.wrapped else None
-        self._observe_time = getattr(self.cache.policy, "observe_time", None) if self.wrapped else None
+            cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
+            crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)  # one token, both ways
+            costs = HostMissCosts(copy_s, host, shape, crossing) if host is not None else None
+            self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
+        self.host_costs = costs
+        self.on_host = self.wrapped and misses != "fetch"
+        T_bytes = shape.hidden_size * shape.dtype_bytes  # one token's hidden state
+        self.hidden_s = (lambda T: profile.copy_seconds(T * T_bytes)) if self.on_host else None
+
+    def place(self, frequencies) -> None:
+        """Fill the slots with the hottest experts of frequencies [L][E] before the first pass."""
+        cache = self.sched.cache
+        for key in hottest(frequencies, self.num_slots):
+            slot, _ = cache.assign(key, lambda s: True)
+            self.engine.ready_at[slot] = 0.0
 
     def run(self, warmup_passes: int) -> SimResult:
-        res, L, k = self.res, self.shape.moe_layers, self.shape.top_k
+        res, eng, sched, candidates = self.res, self.engine, self.sched, self.candidates
+        ready_at = eng.ready_at
         costs_by_tokens: dict[int, object] = {}
-        before = {name: 0 for name in _COUNTERS}
-        for p, ids in enumerate(self.passes):
+        routing, routed_pairs = _routing_lists(self.stream)
+        counts = _expert_tokens(self.stream) if self.on_host else None
+        tokens = self.stream.pass_tokens()
+        before, stall, stall_before = None, 0.0, 0.0
+        g = 0.0  # the device clock (the host's is the engine's: the scheduler's copies move it)
+        w = 0.0  # the host worker's clock (misses computed on the host)
+        host_busy = host_before = 0.0
+        for p, per_layer in enumerate(routing):
             if p == warmup_passes:
-                self.measuring = True
-                before = {name: getattr(res, name) for name in _COUNTERS}
-            T = ids.shape[0]
+                before, stall_before = (sched.totals() if sched is not None else None), stall
+                host_before = host_busy
+            T = tokens[p]
             c = costs_by_tokens.get(T)
             if c is None:
                 c = costs_by_tokens[T] = pass_costs(self.shape, self.profile, self.compute, self.ops, T, self.context)
-            start = self.h = self.g = max(self.h, self.g)
-            routed = ids.tolist()  # [T][L][k]
-            for layer in range(L):
-                self.h += c.host_layer
-                self.g = max(self.g + c.dev_layer, self.h)
-                chosen = [row[layer][j] for row in routed for j in range(k) if row[layer][j] >= 0]
-                needed = sorted(set(chosen))
-                if self.wrapped:
-                    self._wrapped_layer(p, layer, needed, len(chosen), c)
-                else:
-                    self.h += c.host_experts
-                    self.g = max(self.g + expert_device_seconds(c, len(needed), len(chosen)), self.h)
-            self.h += c.host_pass
-            self.g = max(self.g + c.dev_pass, self.h)
-            end = self.h = self.g = max(self.h, self.g)
+            host_layer, dev_layer, host_experts = c.host_layer, c.dev_layer, c.host_experts
+            dev_expert, dev_pair = c.dev_expert, c.dev_expert_tokens
+            host_call = c.host_wrapper + (c.host_predictor if candidates is not None else 0.0)
+            cands = candidates[p] if candidates is not None else None
+            pairs_of = routed_pairs[p]
+            h = eng.h
+            start = h = g = h if h > g else g
+            for layer, needed in enumerate(per_layer):
+                pairs = pairs_of[layer]
+                h += host_layer
+                g += dev_layer
+                if h > g:
+                    g = h
+                if sched is None or not pairs:  # unwrapped (every expert resident), or the layer did not run
+                    h += host_experts
+                    g += expert_device_seconds(c, len(needed), pairs)
+                    if h > g:
+                        g = h
+                    continue
+                # the runtime's experts call: sync, route, acquire, pump, compute
+                eng.h = (h if h > g else g) + host_call
+                sched.begin(layer, T, needed, cands[layer] if cands is not None else ())
+                on_host = ()
+                if counts is not None:
+                    per_expert = counts[p][layer]
+                    needed, on_host = sched.split(layer, needed, per_expert)
+                    if on_host:  # the hidden state crosses, the worker computes beside the device
+                        cross = self.hidden_s(T)
+                        start_w = w if w > eng.h else eng.h
+                        w = start_w + cross + sum(self.host_costs.host_seconds(per_expert[e]) for e in on_host)
+                        host_busy += w - start_w
+                        pairs -= sum(per_expert[e] for e in on_host)
+                slots = sched.start(layer, needed)
+                if slots is not None and not needed:  # every routed expert runs on the host
+                    sched.release(slots)
+                    h = eng.h = w if w > eng.h else eng.h
+                    g = max(g, w + cross, h)
+                    continue
+                if slots is not None:
+                    h = eng.h
+                    free_at = g if g > h else h
+                    for s in slots:  # compute waits for the last copy to land
+                        if ready_at[s] > free_at:
+                            stall += ready_at[s] - free_at
+                            free_at = ready_at[s]
+                    h += host_experts
+                    work = len(needed) * dev_expert
+                    if pairs * dev_pair > work:
+                        work = pairs * dev_pair  # expert_device_seconds
+                    g = free_at + work
+                    if h > g:
+                        g = h
+                    sched.release(slots)
+                    if on_host:  # the runtime waits for the host's output, then adds it on the device
+                        h = eng.h = w if w > eng.h else eng.h
+                        g = max(g, w + cross, h)
+                    continue
+                n = len(needed)
+                for chunk, slots in sched.chunks(layer, needed):
+                    free_at = max(g, eng.h)
+                    landed = max([ready_at[s] for s in slots] + [free_at])
+                    stall += landed - free_at
+                    eng.h += host_experts
+                    g = max(landed + expert_device_seconds(c, len(chunk), pairs * len(chunk) // n), eng.h)
+                if on_host:
+                    eng.h = w if w > eng.h else eng.h
+                    g = max(g, w + cross, eng.h)
+                h = eng.h
+            h += c.host_pass
+            g += c.dev_pass
+            end = h = g = h if h > g else g
+            eng.h = h
             res.pass_times.append(end - start)
-            if self.measuring:
+            if p >= warmup_passes:
                 res.passes += 1
                 res.tokens += T
                 res.time_s += end - start
-        for name in _COUNTERS:  # the warm-up's counters are not part of the result
-            setattr(res, name, getattr(res, name) - before[name])
+        if sched is not None:  # the warm-up's counters are not part of the result
+            after = sched.totals()
+            for name in _COUNTERS:
+                setattr(res, name, getattr(after, name) - getattr(before, name))
+            res.copies = res.misses - res.host_computed + res.prefetch_issued
+            res.stall_s = stall - stall_before
+            res.host_s = host_busy - host_before
         return res
-
-    # ---- the runtime's experts call: sync, route, acquire, pump, compute ---------------------------------
-    def _wrapped_layer(self, p: int, layer: int, needed: list[int], pairs: int, c) -> None:
-        cache, L = self.cache, self.shape.moe_layers
-        self.h = max(self.h, self.g) + c.host_wrapper + (c.host_predictor if self.candidates is not None else 0.0)
-        queue = list(self.candidates[p][layer]) if self.candidates is not None else []
-        self.predicted = set(queue)
-        self.queue = [key for key in queue if key not in cache.slot_of]
-        if self._observe is not None:
-            self._observe(layer, self.predicted, needed)
-        if self._observe_time is not None:
-            self._observe_time(p * L + layer)
-        if len(needed) <= self.num_slots:
-            slots = self._acquire(layer, needed, c)
-            self._pump(c)
-            self._run_experts(slots, len(needed), pairs, c)
-            self.in_use.clear()
-            return
-        # more distinct experts than slots: prefetches land first, then chunks of at most S experts
-        self.h = max([self.h] + [self.ready[s] for s in self.inflight])
-        self.inflight.clear()
-        for i in range(0, len(needed), self.num_slots):
-            chunk = needed[i : i + self.num_slots]
-            slots = self._acquire(layer, chunk, c)
-            self._run_experts(slots, len(chunk), pairs * len(chunk) // len(needed), c)
-            self.in_use.clear()
-        self._pump(c)
-
-    def _evictable(self, slot: int) -> bool:
-        return slot not in self.in_use and self.ready[slot] <= self.h
-
-    def _take_slot(self, key: Key, demand: bool, c) -> int | None:
-        cache = self.cache
-        if demand:
-            got = cache.assign(key, self._evictable)
-            if got is None:  # every other slot is in use or in flight: let those copies land
-                self.h = max([self.h] + [self.ready[s] for s in range(self.num_slots) if s not in self.in_use])
-                got = cache.assign(key, self._evictable)
-                if got is None:
-                    raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
-        else:
-            got = cache.assign(key, lambda s: self._evictable(s) and cache.key_of[s] not in self.predicted)
-            if got is None:
-                return None
-        slot, _ = got
-        if self.prefetched.pop(slot, None) is not None:
-            self.res.prefetch_wasted += 1
-        self.h += c.copy_issue
-        self.engine_free = max(self.engine_free, self.h) + self.copy_s
-        self.ready[slot] = self.engine_free
-        self.res.copies += 1
-        self.res.bytes_moved += self.transfer_bytes
-        return slot
-
-    def _acquire(self, layer: int, experts: list[int], c) -> list[int]:
-        res, slots = self.res, []
-        for e in experts:
-            key = (layer, e)
-            slot = self.cache.lookup(key)
-            if slot is not None:
-                res.hits += 1
-                if self.ready[slot] > self.h:
-                    res.hits_in_flight += 1
-                if self.prefetched.pop(slot, None) is not None:
-                    res.prefetch_used += 1
-                self.cache.touch(slot)
-            else:
-                res.misses += 1
-                slot = self._take_slot(key, True, c)
-            self.in_use.add(slot)
-            slots.append(slot)
-        return slots
-
-    def _pump(self, c) -> None:
-        while self.queue:
-            if len(self.inflight) >= self.max_inflight:
-                self.inflight = {s for s in self.inflight if self.ready[s] > self.h}
-                if len(self.inflight) >= self.max_inflight:
-                    break
-            key = self.queue.pop(0)
-            if key in self.cache.slot_of:
-                continue
-            slot = self._take_slot(key, False, c)
-            if slot is None:  # nothing may be evicted for a guess
-                self.queue.clear()
-                break
-            self.inflight.add(slot)
-            self.prefetched[slot] = key
-            self.res.prefetch_issued += 1
-
-    def _run_experts(self, slots: list[int], distinct: int, pairs: int, c) -> None:
-        landed = max((self.ready[s] for s in slots), default=0.0)
-        free_at = max(self.g, self.h)
-        self.res.stall_s += max(0.0, landed - free_at)
-        self.h += c.host_experts
-        self.g = max(max(free_at, landed) + expert_device_seconds(c, distinct, pairs), self.h)

@@ -2,8 +2,9 @@
 
 The result, `candidates[p][l]`, is the ranked list of (layer, expert) keys the runtime would queue for
 prefetch after routing layer l of pass p: the same ranking as `SpeculativeMoE` (per target layer, each
-token's top-`width` experts vote with rank weights; targets past the last layer name the next pass's layers).
-Both use `specmoe.predictors.base.rank_by_votes`.
+token's top-`width` experts vote with rank weights, rows that carry no information name none; targets past
+the last layer name the next pass's layers). Both use `specmoe.predictors.base.top_candidates` and
+`rank_by_votes`.
 """
 
 # Shape legend: N tokens, T tokens of one pass, E experts, L MoE layers, k top-k, H hidden, m prefetch width
@@ -16,14 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..geometry import MoEGeometry
-from ..predictors.base import READS_HIDDEN, rank_by_votes
+from ..predictors.base import READS_HIDDEN, rank_by_votes, top_candidates
 from ..runtime.cache import Key
 from .stream import RoutingStream
 Candidates = list[list[list[Key]]]  # [pass][layer] -> ranked keys
 
 
 def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry, routers=(),
-                         width: int | None = None, chunk: int = 4096, progress: bool = True) -> Candidates:
+                         width: int | None = None, chunk: int = 4096, progress: bool = True,
+                         wrap: bool = True) -> Candidates:
     """Run a `specmoe.predictors.Predictor` over a stream's hidden states and routing history.
 
     Scores are computed for many tokens per call (each token with its own hidden state and history, which
@@ -36,6 +38,8 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
         geometry: the model's routing geometry.
         routers: the model's RouterWeights per MoE layer (for the pre-gate).
         width: experts per token per target layer (default: top-k, as the runtime).
+        wrap: keep targets past the last layer (the next pass's first layers); False for encoder-decoder
+            models, whose next pass starts elsewhere (as the runtime does).
 
     Raises:
         ValueError: the stream lacks the hidden states the predictor needs, or its geometry differs.
@@ -59,7 +63,8 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
                     torch.zeros(1, geometry.hidden_size).expand(n, -1)  # [n, H] (read by none of them)
                 scores = predictor.predict(layer, hidden, stream.ids[a : a + chunk, : layer + 1])
                 for target, s in scores.items():
-                    parts[layer].setdefault(target, []).append(s.float().topk(m, dim=-1).indices.cpu())  # [n, m]
+                    if wrap or target < L:
+                        parts[layer].setdefault(target, []).append(top_candidates(s, m).cpu())  # [n, m]
     top = [{t: torch.cat(v) for t, v in per.items()} for per in parts]  # layer -> target -> [N, m]
     off = stream.pass_offsets.tolist()
     out: Candidates = []
@@ -75,27 +80,47 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
     return out
 
 
-def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 1) -> Candidates:
+def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 1, width: int | None = None,
+                      wrap: bool = True) -> Candidates:
     """The oracle: at layer l of pass p, the experts actually routed at layers l+1..l+lookahead (past the last
-    layer: the next pass's first layers), ranked by how many tokens use them. Equivalent to
-    `OraclePredictor` with the runtime's default prefetch width (top-k)."""
+    layer: the next pass's first layers), exactly as the runtime ranks `OraclePredictor`'s scores: token t of
+    the current pass scores 1 for the experts of the target pass's tokens t, t + T, ... (0 elsewhere), so a
+    row with nothing routed names none, and ties go to the lower id.
+
+    Args:
+        width: experts per token per target layer (default: top-k, as the runtime).
+        wrap: keep targets past the last layer; False for encoder-decoder models (as the runtime does).
+    """
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
     L, E = stream.num_layers, num_experts
-    passes = stream.passes()
+    m = min(width or stream.top_k, E)
+    passes = [ids.tolist() for ids in stream.passes()]  # [P][T][L][k]
+    memo: dict[tuple[int, int, int], list[int]] = {}  # (source pass, target layer, tokens now) -> ranked ids
+
+    def ranked(src: int, tl: int, T: int) -> list[int]:
+        got = memo.get((src, tl, T))
+        if got is None:
+            rows: list[set[int]] = [set() for _ in range(T)]  # the experts scoring 1 in each row
+            for j, token in enumerate(passes[src]):
+                rows[j % T].update(e for e in token[tl] if e >= 0)
+            top: list[int] = []
+            for row in rows:  # top_candidates of a 0/1 row: its ones, ascending; none if it is constant
+                best = sorted(row)[:m] if len(row) < E else []
+                top += best + [-1] * (m - len(best))
+            got = memo[(src, tl, T)] = rank_by_votes(top, m)
+        return got
+
     out: Candidates = []
-    for p, ids in enumerate(passes):
+    for p, routed in enumerate(passes):
+        T = len(routed)
         per_layer = []
         for layer in range(L):
             keys: list[Key] = []
-            for target in range(layer + 1, layer + 1 + lookahead):
+            for target in range(layer + 1, min(layer + 1 + lookahead, 2 * L if wrap else L)):
                 src, tl = (p, target) if target < L else (p + 1, target - L)
-                if src >= len(passes):
-                    continue
-                routed = passes[src][:, tl]  # [T', k]
-                routed = routed[routed >= 0]
-                counts = torch.bincount(routed, minlength=E)
-                keys.extend((tl, e) for e in sorted(counts.nonzero().flatten().tolist(), key=lambda e: (-int(counts[e]), e)))
+                if src < len(passes):
+                    keys.extend((tl, e) for e in ranked(src, tl, T))
             per_layer.append(keys)
         out.append(per_layer)
     return out

@@ -11,7 +11,9 @@ GiB, MiB = 2**30, 2**20
 
 
 def _label(run: dict) -> str:
-    return run["policy"] if run["predictor"] == "none" else f"{run['predictor']} + {run['policy']}"
+    label = run["policy"] if run["predictor"] == "none" else f"{run['predictor']} + {run['policy']}"
+    mode = run.get("misses_mode", "fetch")
+    return label if mode == "fetch" else f"{label}, misses={mode}"
 
 
 def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
@@ -24,9 +26,12 @@ def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
         per_tok = max(r["tokens"], 1)
         rows.append([f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else ""), _label(r), f"{r['tok_s']:.1f}",
                      f"{r['hit_rate']:.3f}", f"{r['prefetch_precision']:.2f}" if r["prefetch_issued"] else None,
+                     f"{(r['misses'] - r.get('host_computed', 0)) / per_tok:.2f} / "
+                     f"{r.get('host_computed', 0) / per_tok:.2f}",
                      f"{r['bytes_moved'] / per_tok / MiB:.0f}", f"{1e3 * r['stall_s'] / per_tok:.2f}",
                      f"{r['bound_tok_s']:.1f}", f"{100 * r['fraction_of_bound']:.0f}%", f"{r['device_bytes'] / GiB:.1f}"])
-    return markdown_table(["capacity", "policy / predictor", "tok/s", "hit rate", "pf precision", "MiB moved/token",
+    return markdown_table(["capacity", "policy / predictor", "tok/s", "hit rate", "pf precision",
+                           "misses/token fetched / host", "MiB moved/token",
                            "stall ms/token", "bound tok/s", "of bound", "weights+cache GiB"], rows)
 
 
@@ -75,6 +80,12 @@ def sweep_markdown(sweep: dict) -> str:
     if sweep["runs"]:
         intro += (" Every table's bound is max(compute time, Belady-MIN miss bytes / host->device bandwidth); "
                   "'of bound' is tok/s over the bound's.")
+        if any(r.get("misses_mode", "fetch") != "fetch" for r in sweep["runs"]):
+            host = sweep.get("host") or {}
+            intro += (f" Rows with misses=host/auto compute missed experts on the host (profile `{host.get('name')}`: "
+                      f"{host.get('description', '')}); their bound is max(device compute, copied bytes / bandwidth, "
+                      "host compute) for Belady-with-bypass misses split at best between the link and the host. "
+                      "'static' is the stream's hottest experts resident, misses on the host, nothing copied.")
     parts = [f"**Simulated decode on {', '.join(profiles)}.** {intro}", ""]
     for profile in profiles:
         parts += [f"*{profile}: device memory*", "", memory_table(sweep, profile), ""]

@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .bounds import DEVICE_RESERVE_BYTES, demand_bound, memory_plan
+from ..runtime.misses import check_misses
+from .bounds import DEVICE_RESERVE_BYTES, demand_bound, host_bound, memory_plan
 from .compute import ComputeModel, load_op_counts
 from .engine import simulate
 from .hardware import HardwareProfile
+from .host import HostProfile
 from .predictions import PredictorReplay
 from .shapes import ModelShape
 from .stream import RoutingStream
@@ -35,6 +37,9 @@ class SweepSettings:
         compute: the compute model preset.
         add_max_fit: also run at the largest capacity that fits each profile's memory.
         memory_context: context length of the KV cache in the memory plan.
+        misses: where misses run ("fetch", "host", "auto"; `SpeculativeMoE`'s misses), each run once per mode.
+        host: the host profile (`sim.host.HostProfile` preset or "this-machine") for misses run on the host.
+        placement: also run the static placement (hottest experts of the stream resident, misses on the host).
     """
 
     capacities: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -45,6 +50,9 @@ class SweepSettings:
     compute: str = "hf-eager"
     add_max_fit: bool = True
     memory_context: int = 2048
+    misses: tuple[str, ...] = ("fetch",)
+    host: str | None = None
+    placement: bool = False
 
     def __post_init__(self):
         if any(not (0 < c <= 1) for c in self.capacities):
@@ -54,6 +62,10 @@ class SweepSettings:
         if self.warmup_passes < 0 or self.context < 0:
             raise ValueError("warmup_passes and context must be >= 0")
         ComputeModel.from_name(self.compute)
+        for mode in self.misses:
+            check_misses(mode)
+        if (set(self.misses) - {"fetch"} or self.placement) and self.host is None:
+            raise ValueError("misses 'host'/'auto' and the static placement need a host profile (host='3090-box')")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,9 +100,11 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
         {"settings", "runs": [...], "memory": [...], "ceilings": [...]}
     """
     compute = ComputeModel.from_name(settings.compute)
+    host = HostProfile.from_name(settings.host) if settings.host else None
     by_name = {p.name: p for p in predictors}
     out = {"settings": settings.to_dict(), "compute": compute.to_dict(), "runs": [], "memory": [], "ceilings": [],
            "reserve_bytes": DEVICE_RESERVE_BYTES,
+           "host": host.to_dict() if host else None,
            "predictors": {p.name: {"lookahead": p.lookahead, "predict_ops": p.predict_ops} for p in predictors}}
     jobs = []
     for profile in profiles:
@@ -106,8 +120,10 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
                 caps.append(plan["max_capacity"])
             for cap in sorted(caps):
                 jobs.append((profile, shape, cap, cap == plan["max_capacity"]))
-    combos = [(p, "none") for p in settings.policies] + \
-             [(p, name) for name in by_name for p in settings.prefetch_policies]
+    combos = [(p, "none", m) for p in settings.policies for m in settings.misses if p != "belady" or m == "fetch"] + \
+             [(p, name, m) for name in by_name for p in settings.prefetch_policies for m in settings.misses]
+    if settings.placement:
+        combos.append(("static", "none", "host"))
     bar = tqdm(total=len(jobs) * (len(combos) + 1), desc="simulate", unit="run", disable=not progress)
     for profile, shape, cap, is_max in jobs:
         ops = load_op_counts(shape.model_type)
@@ -115,21 +131,30 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
         unwrapped = simulate(stream, shape, profile, None, **kw)
         belady = simulate(stream, shape, profile, cap, policy="belady", **kw)
         bound = demand_bound(stream, shape, profile, cap, ops=ops, unwrapped=unwrapped, belady=belady)
+        hbound = host_bound(stream, shape, profile, host, cap, unwrapped=unwrapped, **kw) if host else None
         bar.update(1)
-        for policy, pred in combos:
-            if (policy, pred) == ("belady", "none"):
+        for policy, pred, misses in combos:
+            where = dict(misses=misses, host=host) if misses != "fetch" else {}
+            if (policy, pred, misses) == ("belady", "none", "fetch"):
                 run = belady
+            elif policy == "static":  # llama.cpp-like: the stream's hottest experts resident, never copied
+                run = simulate(stream, shape, profile, cap, placement="trace", **where, **kw)
             elif pred == "none":
-                run = simulate(stream, shape, profile, cap, policy=policy, **kw)
+                run = simulate(stream, shape, profile, cap, policy=policy, **where, **kw)
             else:
                 p = by_name[pred]
                 ops_p = ops if p.predict_ops is None else ops.for_predictor(p.predict_ops)
-                run = simulate(stream, shape, profile, cap, policy=policy, candidates=p.candidates,
+                run = simulate(stream, shape, profile, cap, policy=policy, candidates=p.candidates, **where,
                                **{**kw, "ops": ops_p, "lookahead": p.lookahead})
+            if hbound is not None and misses != "fetch":
+                bound_used = hbound
+            else:
+                bound_used = bound
             out["runs"].append({"profile": profile.name, "shape": shape.name, "capacity": cap, "max_fit": is_max,
-                                "policy": policy, "predictor": pred, **run.to_dict(),
-                                "bound_tok_s": bound.tok_s, "fraction_of_bound": bound.fraction(run),
-                                "bound": bound.to_dict(), "unwrapped_tok_s": unwrapped.tok_s})
+                                "policy": policy, "predictor": pred, "misses_mode": misses, **run.to_dict(),
+                                "bound_tok_s": bound_used.tok_s,
+                                "fraction_of_bound": run.tok_s / bound_used.tok_s if bound_used.tok_s else 0.0,
+                                "bound": bound_used.to_dict(), "unwrapped_tok_s": unwrapped.tok_s})
             bar.update(1)
     bar.close()
     return out

@@ -1,0 +1,163 @@
+"""Simulator speed: CPU time per MoE layer step of `specmoe.sim.simulate`, this checkout against a baseline.
+
+A decode stream with DeepSeek-V2-Lite's routing geometry (26 MoE layers, 64 experts, top-6; synthetic: each
+layer's experts drawn from its own Zipf popularity, a token keeping the previous token's experts at a layer
+with probability 0.5; seeded) is replayed on the RTX 3090 profile at capacity 0.25 in the settings a sweep runs
+most: LRU demand fetching, the oracle's prefetches + LRU, and Belady's MIN. The figure is process CPU seconds
+of one `simulate` call / (passes * MoE layers), the minimum over --repeats (the machine may be shared: CPU time
+and the minimum are the least disturbed by other processes). Candidates are built outside the timed part
+(a sweep builds them once for many runs).
+
+The baseline's `specmoe/` is taken from git (`git archive REF`, default the merge-base with main) and measured in a subprocess,
+alternating with this checkout's, so both see the same machine load:
+
+    python benchmarks/sim_speed.py                    # this checkout vs where it left main
+    python benchmarks/sim_speed.py --baseline 50ac884 --stream routing.safetensors --tokens 6000
+
+Writes benchmarks/results/sim_speed.{json,md} (machine, versions, git shas, settings, every figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+GOAL = 5.0  # speed-up of this checkout over the baseline, every setting
+SETTINGS = ("lru", "oracle+lru", "belady")
+
+
+def synthetic_decode(tokens: int, layers: int, experts: int, top_k: int, reuse: float = 0.5, seed: int = 0):
+    """[tokens, layers, top_k] routing ids (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    popularity = torch.arange(1, experts + 1).float().pow(-0.8)
+    probs = torch.stack([popularity[torch.randperm(experts, generator=g)] for _ in range(layers)])  # [L, E]
+    fresh = probs.repeat(tokens, 1).multinomial(top_k, generator=g).view(tokens, layers, top_k)  # [N, L, k]
+    keep = torch.rand(tokens, layers, generator=g) < reuse  # [N, L]
+    ids = fresh.clone()
+    for t in range(1, tokens):
+        ids[t, keep[t]] = ids[t - 1, keep[t]]
+    return ids
+
+
+def worker(tokens: int, capacity: float, stream_file: str | None = None) -> dict:
+    """One timed `simulate` per setting with whichever specmoe is importable; returns the figures."""
+    from specmoe.sim.compute import count_ops
+    from specmoe.sim.engine import simulate
+    from specmoe.sim.hardware import HardwareProfile
+    from specmoe.sim.predictions import oracle_candidates
+    from specmoe.sim.shapes import ModelShape
+    from specmoe.sim.stream import RoutingStream
+
+    shape = ModelShape.from_name("deepseek-v2-lite")
+    if stream_file:
+        stream = RoutingStream.load(stream_file)
+        stream = stream.select_passes(0, min(tokens, stream.num_passes))
+    else:
+        ids = synthetic_decode(tokens, shape.moe_layers, shape.num_experts, shape.top_k)
+        stream = RoutingStream.from_sequences(ids, num_experts=shape.num_experts)
+    profile, ops = HardwareProfile.from_name("rtx3090"), count_ops(shape.model_type)
+    runs = {"lru": dict(policy="lru"), "oracle+lru": dict(policy="lru", candidates=oracle_candidates(stream, 64)),
+            "belady": dict(policy="belady")}
+    simulate(stream.select_passes(0, 20), shape, profile, capacity, ops=ops)  # warm-up: first calls, lazy imports
+    out = {}
+    for name, kw in runs.items():
+        t0 = time.process_time()
+        run = simulate(stream, shape, profile, capacity, ops=ops, **kw)
+        seconds = time.process_time() - t0
+        out[name] = {"us_per_layer_step": seconds / (stream.num_passes * shape.moe_layers) * 1e6,
+                     "hits": run.hits, "misses": run.misses, "prefetch_issued": run.prefetch_issued,
+                     "prefetch_used": run.prefetch_used, "tok_s": run.tok_s}
+    return out
+
+
+def _run_worker(code_root: Path, tokens: int, capacity: float, stream_file: str | None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tokens", str(tokens), "--capacity", str(capacity)]
+    cmd += ["--stream", str(Path(stream_file).resolve())] if stream_file else []
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=code_root)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _git(*args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, check=True).stdout
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", help="git ref whose specmoe/ is the 'before' (default: where this branch left main)")
+    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--capacity", type=float, default=0.25)
+    ap.add_argument("--stream", help="replay this routing stream (RoutingStream.save; its first --tokens passes) "
+                                     "instead of the synthetic one, e.g. real routing you may not redistribute")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(RESULTS / "sim_speed.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        torch.set_num_threads(1)
+        print(json.dumps(worker(args.tokens, args.capacity, args.stream)))
+        return 0
+
+    from specmoe.bench.environment import environment
+    from specmoe.io import write_json, write_text
+
+    ref = args.baseline or _git("merge-base", "HEAD", "main").decode().strip()
+    baseline_sha = _git("rev-parse", ref).decode().strip()
+    samples: dict[str, list[dict]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=BytesIO(_git("archive", "--format=tar", baseline_sha, "specmoe"))) as tar:
+            tar.extractall(tmp, filter="data")
+        for i in range(args.repeats):  # alternate, so that both see the same load
+            for label, root in (("before", Path(tmp)), ("after", ROOT)):
+                samples[label].append(_run_worker(root, args.tokens, args.capacity, args.stream))
+                print(f"round {i + 1}/{args.repeats} {label}: " + ", ".join(
+                    f"{k} {v['us_per_layer_step']:.1f}" for k, v in samples[label][-1].items()), flush=True)
+
+    rows = {}
+    for name in SETTINGS:
+        best = {label: min(s[name]["us_per_layer_step"] for s in samples[label]) for label in samples}
+        same = {k: samples["after"][0][name][k] for k in ("hits", "misses", "prefetch_issued", "prefetch_used")}
+        rows[name] = {"before_us": best["before"], "after_us": best["after"], "speedup": best["before"] / best["after"],
+                      "after_counters": same,
+                      "before_counters": {k: samples["before"][0][name][k] for k in same}}
+    data = {
+        "environment": environment(),
+        "baseline": {"ref": args.baseline or "merge-base of HEAD and main", "git_sha": baseline_sha},
+        "settings": {"shape": "deepseek-v2-lite", "profile": "rtx3090", "capacity": args.capacity,
+                     "stream": (f"{Path(args.stream).name}, first {args.tokens} passes" if args.stream
+                                else f"synthetic decode, {args.tokens} tokens (seed 0)"), "repeats": args.repeats,
+                     "timer": "process CPU time, minimum over repeats"},
+        "goal_speedup": GOAL,
+        "rows": rows,
+        "samples": samples,
+    }
+    out = Path(args.out)
+    write_json(out, data)
+    lines = ["| setting | before (µs / layer step) | after (µs / layer step) | speed-up | same counters |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        same = "yes" if r["before_counters"] == r["after_counters"] else "no"
+        lines.append(f"| {name} | {r['before_us']:.1f} | {r['after_us']:.1f} | {r['speedup']:.1f}x | {same} |")
+    s = data["settings"]
+    lines.append(f"\nSimulator CPU time per MoE layer step: {s['stream']}, {s['shape']} on {s['profile']}, capacity "
+                 f"{s['capacity']}; before = {baseline_sha[:7]}, after = "
+                 f"{data['environment'].get('git_sha', '?')[:7]}; {s['timer']} of {s['repeats']}.")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Experts computed where they live: routed experts that are not resident run on the host, from the store.
+
+At batch-1 decode a missed expert costs its bytes over PCIe when it is copied, but only its bytes over the
+host's memory bus when the host computes it (Fiddler, kTransformers, llama.cpp's ``--n-cpu-moe``). With
+``misses="host"`` (or ``"auto"`` deciding so) the wrapper hands those experts to `HostExperts`: the layer's
+hidden states cross to the host once, a worker thread computes the host experts from the store's buffers
+while the device computes the resident ones, and the partial outputs are summed on the device.
+
+The host runs the family's own (eager) experts code on views of the store: no copy of an uncompressed
+expert, and the same activation, gating, biases and layouts as the model. A compressed store (int8/int4,
+`compression.py`) is decoded expert by expert with torch ops first; that decode is part of the host's cost
+and `benchmarks/host_compute.py` measures it.
+"""
+
+# Shape legend: T tokens, E experts, H hidden, k top-k, n experts computed here, B bytes per expert
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .adapters import FusedExperts, MoELayer
+
+logger = logging.getLogger(__name__)
+
+
+def eager_forward(experts: nn.Module):
+    """The family's own experts loop (what `use_experts_implementation` wraps): it touches only the experts
+    that tokens were routed to, so it reads each host expert once and no other."""
+    forward = type(experts).forward
+    return getattr(forward, "__wrapped__", forward)
+
+
+def only(ids: torch.Tensor, weights: torch.Tensor, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing restricted to `chosen` experts: other routes get weight 0 and point at chosen[0], so no other
+    expert is read. ids [T, k] long, weights [T, k] -> the same shapes."""
+    member = torch.zeros(int(max(ids.max().item(), max(chosen))) + 1, dtype=torch.bool, device=ids.device)
+    member[torch.tensor(chosen, device=ids.device)] = True
+    keep = member[ids.clamp_min(0)] & (ids >= 0)  # [T, k]
+    new_ids = torch.where(keep, ids, torch.full_like(ids, chosen[0]))
+    return new_ids, weights * keep
+
+
+class HostExperts:
+    """Compute routed experts on the host from a `HostStore`, on one worker thread.
+
+    Args:
+        store: the host store (uncompressed slot layout, or a codec's compressed layout).
+        codec: the store's `ExpertCodec` when compressed, else None.
+
+    The worker is one thread: host experts of one layer are computed in order, one layer at a time, which is
+    how the wrapper uses it (submit, compute the resident experts on the device, then `result`).
+    """
+
+    def __init__(self, store, codec=None):
+        self.store = store
+        self.codec = codec
+        self._clones: dict[int, nn.Module] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specmoe-host")
+        self.busy_s = 0.0  # seconds the worker spent computing (its own clock)
+        self.calls = 0
+
+    # ---- what the worker runs -------------------------------------------------------------------------------
+    def _module(self, layer: MoELayer) -> nn.Module:
+        """A shallow clone of the layer's experts module whose tensors the host binds (the original keeps the
+        device's). Made once per layer."""
+        with self._lock:
+            clone = self._clones.get(layer.index)
+            if clone is None:
+                clone = copy.copy(layer.experts)
+                clone.__dict__ = dict(layer.experts.__dict__)
+                clone.__dict__.pop("forward", None)  # the wrapper's patched forward stays on the original
+                self._clones[layer.index] = clone
+            return clone
+
+    def tensors(self, layer: int, chosen: list[int]) -> tuple[dict[str, torch.Tensor], list[int] | None]:
+        """The host tensors of `chosen` experts of `layer`: (name -> [E or n, *shape], lut) where lut maps
+        expert ids to rows (None: rows are expert ids, views of the store without a copy)."""
+        if self.codec is None:
+            return self.store.layer_tensors(layer), None
+        decoded = [self.codec.decode_tensors(self.store[(layer, e)]) for e in chosen]  # n x name -> [*shape]
+        return {name: torch.stack([d[name] for d in decoded]) for name in decoded[0]}, chosen
+
+    def compute(self, layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                chosen: list[int]) -> torch.Tensor:
+        """The routed experts in `chosen` for hidden [T, H], ids/weights [T, k] (host tensors): [T, H] float32.
+
+        Raises:
+            TypeError: a layer whose experts are not the fused layout (modulelist experts run per expert,
+                see the wrapper's hooks).
+        """
+        if not isinstance(layer.layout, FusedExperts):
+            raise TypeError(f"host compute of a whole layer needs fused experts; {layer.name} is {layer.layout.name}")
+        start = time.perf_counter()
+        try:
+            views, lut = self.tensors(layer.index, chosen)
+            ids, weights = only(ids, weights, chosen)
+            if lut is not None:  # compact rows: expert id -> row
+                table = torch.zeros(int(ids.max().item()) + 1, dtype=torch.long)
+                table[torch.tensor(lut)] = torch.arange(len(lut))
+                ids = table[ids]
+            module = self._module(layer)
+            layer.layout.bind_pool(module, views)
+            with torch.no_grad():
+                out = eager_forward(module)(module, hidden, ids, weights)  # [T, H]
+            return out.float()
+        finally:
+            self.busy_s += time.perf_counter() - start
+            self.calls += 1
+
+    # ---- what the wrapper calls -----------------------------------------------------------------------------
+    def submit(self, layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+               chosen: list[int]) -> Future:
+        """Start computing `chosen` experts on the worker. hidden [T, H], ids/weights [T, k] on any device:
+        they cross to the host here (once). Returns a future of the [T, H] float32 host output."""
+        host = torch.device("cpu")
+        hidden, ids, weights = (t.to(host) for t in (hidden, ids, weights))
+        return self._pool.submit(self.compute, layer, hidden, ids, weights, list(chosen))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._clones.clear()

@@ -1,0 +1,305 @@
+"""The hot-path decisions of expert offloading, in one place for the runtime and the simulator.
+
+Per MoE layer call, once the router has chosen and the predictor has ranked its candidates:
+
+1. `begin(layer, tokens, routed, candidates)`: queue the candidates that are not resident (best first); the
+   eviction policy observes the routing and the prediction (`observe`, `observe_time`);
+2. `run(layer, routed)` yields (experts, slots) to compute on. `start` acquires the routed experts (resident or
+   in flight: hits; the rest fetched on demand, ahead of any queued prefetch), then pumps prefetches within the
+   in-flight bound while compute runs; `release(slots)` once that compute is issued. A layer that needs more
+   distinct experts than there are slots lets its prefetches land and runs `chunks` of at most S experts
+   each, prefetching after the last. (The simulator calls `start` / `chunks` itself: no generator per step.)
+
+Between 1 and 2, `split(layer, routed, tokens)` decides where each routed expert that is not resident runs
+(`misses`: "fetch" copies it, "host" computes it on the host from the store, "auto" asks `misses.split_misses`
+with `miss_costs` and the copy engine's backlog); `run` then acquires only the experts the device computes.
+
+A prefetch never evicts a slot that is in use, in flight or predicted; a demand fetch may wait for copies in
+flight when nothing else can go. The scheduler owns the counters (per MoE layer: hits, misses, prefetches
+issued/used/wasted, bytes moved) and drives the copies through a small engine protocol (`SlotEngine`): the
+runtime's copy engines (`transfer.StoreToPool`: CUDA streams, a thread, or synchronous copies) or the
+simulator's clock (`specmoe.sim.engine.ClockEngine`), so a simulated figure comes from the runtime's decisions.
+"""
+
+# Shape legend: L MoE layers, E experts, S slots
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from .cache import ExpertCache
+from .misses import MissCosts, check_misses, split_misses
+from .stats import LayerStats
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class SlotEngine(Protocol):
+    """What the scheduler asks of copies into cache slots."""
+
+    def ready(self, slot: int) -> bool:
+        """Whether the last copy into `slot` has landed (without waiting)."""
+
+    def copy_in(self, slot: int, key: Key, demand: bool) -> None:
+        """Start copying expert `key` into `slot` (after the compute that last read it)."""
+
+    def wait(self, slots: list[int]) -> None:
+        """Compute about to read `slots` waits for their copies (the host need not)."""
+
+    def wait_host(self, slot: int) -> None:
+        """The host waits until the copy into `slot` has landed."""
+
+    def release(self, slots: list[int]) -> None:
+        """The compute issued so far is the last to read `slots`."""
+
+
+class Scheduler:
+    """Acquire, evict, prefetch and chunk for one slot cache (see the module docstring).
+
+    Args:
+        cache: the slot cache and its eviction policy; a policy's optional `bind(cache, num_layers)` is called
+            here, its optional `observe(layer, predicted, routed)` and `observe_time(t)` at each `begin`
+            (t = pass * L + layer, passes counted as the runtime sees them).
+        engine: the copies (`SlotEngine`).
+        num_layers: L.
+        max_inflight: bound on prefetch copies in flight.
+        copy_bytes: bytes one copy moves (counted in `bytes_moved`).
+    """
+
+    def __init__(self, cache: ExpertCache, engine: SlotEngine, num_layers: int, max_inflight: int, copy_bytes: int,
+                 misses: str = "fetch", miss_costs: MissCosts | None = None):
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        self.cache = cache
+        self.engine = engine
+        self.num_slots = cache.num_slots
+        self.num_layers = num_layers
+        self.max_inflight = max_inflight
+        self.copy_bytes = copy_bytes
+        self.misses = check_misses(misses)  # where routed experts that are not resident run (see `split`)
+        self.miss_costs = miss_costs
+        self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
+        policy = cache.policy
+        if callable(getattr(policy, "bind", None)):
+            policy.bind(cache, num_layers)
+        self._observe = getattr(policy, "observe", None)
+        self._observe_time = getattr(policy, "observe_time", None)
+        self._pass = -1  # passes seen, never reset: the policy's clock only rises
+        self._tokens = None
+        # The containers below are cleared in place, never rebound: the closures see them.
+        self._queue: list[Key] = []  # prefetch candidates, best LAST (popped from the end)
+        self._predicted: set[Key] = set()  # what the latest prediction wants kept
+        self._inflight: set[int] = set()  # slots with a prefetch copy that may not have landed
+        self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
+        self._in_use: set[int] = set()  # slots the layer being computed reads
+        self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
+        in_use, copying, predicted, ready, key_of = self._in_use, self._copying, self._predicted, engine.ready, cache.key_of
+
+        def evictable(slot: int) -> bool:  # for a demand fetch
+            return slot not in in_use and (slot not in copying or ready(slot))
+
+        def evictable_for_guess(slot: int) -> bool:  # for a prefetch: never a predicted expert
+            return slot not in in_use and (slot not in copying or ready(slot)) and key_of[slot] not in predicted
+
+        self._evictable, self._evictable_for_guess = evictable, evictable_for_guess
+        self.reset()
+        self.reset_stats()
+
+    def reset(self) -> None:
+        """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
+        for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._in_use):
+            container.clear()
+        self._last_layer: int | None = None  # the next call starts a pass
+        self._guessing = False  # the current call came with prefetch candidates
+
+    def reset_stats(self) -> None:
+        self.stats = [LayerStats() for _ in range(self.num_layers)]
+        self.layer_calls = 0
+        self.chunked_calls = 0  # layer calls that needed more distinct experts than there are slots
+
+    def totals(self) -> LayerStats:
+        out = LayerStats()
+        for s in self.stats:
+            out.add(s)
+        return out
+
+    # ---- one MoE layer call -----------------------------------------------------------------------------------
+    def begin(self, layer: int, tokens: int, routed: list[int], candidates: Sequence[Key]) -> None:
+        """Layer `layer` of a pass of `tokens` tokens was routed to `routed` (distinct, ascending); `candidates`
+        are the prediction's keys, best first."""
+        if self._last_layer is None or layer <= self._last_layer or tokens != self._tokens:
+            self._pass += 1
+        self._last_layer, self._tokens = layer, tokens
+        self.layer_calls += 1
+        self._guessing = bool(candidates)
+        predicted, queue = self._predicted, self._queue
+        if predicted:
+            predicted.clear()
+        if candidates:
+            predicted.update(candidates)
+            slot_of = self.cache.slot_of
+            queue[:] = [key for key in reversed(candidates) if key not in slot_of]
+        elif queue:
+            queue.clear()
+        if self._observe is not None:
+            self._observe(layer, predicted, routed)
+        if self._observe_time is not None:
+            self._observe_time(self._pass * self.num_layers + layer)
+
+    def run(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (experts, slots) to compute on, once (all of `routed`: `start`) or per chunk of at most S experts
+        (`chunks`); the caller issues the compute before asking for the next."""
+        slots = self.start(layer, routed)
+        if slots is None:
+            yield from self.chunks(layer, routed)
+            return
+        yield routed, slots
+        self.release(slots)
+
+    def start(self, layer: int, routed: list[int]) -> list[int] | None:
+        """Acquire all of `routed` and issue prefetches while compute runs: returns their slots, for the caller to
+        compute on and then `release`. None when they do not fit in the slots at once: compute `chunks`."""
+        if len(routed) > self.num_slots:
+            return None
+        slots = self.acquire(layer, routed)
+        if self._queue:
+            self.pump()
+        return slots
+
+    def chunks(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+        """More routed experts than slots: let the prefetches land, then yield (experts, slots) per chunk of at
+        most S experts (the caller issues its compute before asking for the next), then prefetch."""
+        S = self.num_slots
+        self.chunked_calls += 1
+        self.land_prefetches()
+        for i in range(0, len(routed), S):
+            chunk = routed[i : i + S]
+            slots = self.acquire(layer, chunk)
+            yield chunk, slots
+            self.release(slots)
+        self.pump()
+
+    def split(self, layer: int, routed: list[int], tokens) -> tuple[list[int], list[int]]:
+        """(experts the device computes, experts the host computes) of `routed`; `tokens` maps an expert to the
+        tokens routed to it. Only experts that are neither resident nor in flight can go to the host; those count
+        as misses (and `host_computed`) here, the rest are acquired by `run`. With "auto" and no prediction for
+        this call, the experts the host computes are also queued for copying (as prefetches: never evicting a
+        busy slot), so they are resident the next time; with a prediction the link is left to it (prediction
+        decides what is worth moving, the host takes what was not predicted)."""
+        if self.misses == "fetch" or not routed:
+            return routed, []
+        slot_of = self.cache.slot_of
+        missing = [e for e in routed if (layer, e) not in slot_of]
+        backlog = getattr(self.engine, "backlog_s", None)
+        _, host = split_misses(missing, tokens, self.misses, self.miss_costs,
+                               copy_backlog_s=backlog() if backlog is not None else 0.0)
+        if not host:
+            return routed, []
+        stats = self.stats[layer]
+        stats.misses += len(host)
+        stats.host_computed += len(host)
+        if self.misses == "auto" and not self._guessing:
+            self._queue[:0] = [(layer, e) for e in reversed(host)]
+        on_host = set(host)
+        return [e for e in routed if e not in on_host], host
+
+    # ---- the steps --------------------------------------------------------------------------------------------
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Make `experts` of `layer` resident and in use; compute waits for their copies. Returns their slots."""
+        engine = self.engine
+        slot_of, touch, ready = self.cache.slot_of, self.cache.policy.touch, engine.ready
+        in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
+        slots = []
+        hits = in_flight = used = misses = 0
+        for e in experts:
+            slot = slot_of.get(keys[e])
+            if slot is None:
+                misses += 1
+                in_use.update(slots)  # what this call holds already may not be evicted
+                slot = self._take_slot(keys[e], True)
+            else:
+                hits += 1
+                if slot in copying:
+                    if ready(slot):
+                        copying.discard(slot)
+                    else:
+                        in_flight += 1
+                if slot in prefetched:
+                    del prefetched[slot]
+                    used += 1
+                touch(slot)
+            slots.append(slot)
+        in_use.update(slots)
+        stats = self.stats[layer]
+        if hits:
+            stats.hits += hits
+            stats.hits_in_flight += in_flight
+            stats.prefetch_used += used
+        if misses:
+            stats.misses += misses
+            stats.bytes_moved += misses * self.copy_bytes
+        engine.wait(slots)
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        self.engine.release(slots)
+        self._in_use.difference_update(slots)
+
+    def pump(self) -> None:
+        """Issue queued prefetches, best first, while fewer than the bound are in flight. With misses="auto" and
+        an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
+        an expert: a copy issued then would land after the host could have computed it."""
+        queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
+        backlog = getattr(self.engine, "backlog_s", None) if self.misses == "auto" else None
+        while queue:
+            if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
+                break
+            if len(inflight) >= bound:
+                ready = self.engine.ready
+                for s in [s for s in inflight if ready(s)]:
+                    inflight.discard(s)
+                if len(inflight) >= bound:
+                    break
+            key = queue.pop()
+            if key in slot_of:
+                continue
+            slot = self._take_slot(key, False)
+            if slot is None:  # nothing may be evicted for a guess
+                queue.clear()
+                break
+            inflight.add(slot)
+            self._prefetched[slot] = key
+            stats = self.stats[key[0]]
+            stats.prefetch_issued += 1
+            stats.bytes_moved += self.copy_bytes
+
+    def land_prefetches(self) -> None:
+        """The host waits for every prefetch in flight (before a chunked layer needs every slot)."""
+        for s in self._inflight:
+            self.engine.wait_host(s)
+        self._inflight.clear()
+
+    # ---- slots ------------------------------------------------------------------------------------------------
+    def _take_slot(self, key: Key, demand: bool) -> int | None:
+        """Give `key` a slot and start its copy. A demand fetch may wait for copies in flight; a prefetch never
+        does, and never evicts a predicted expert (None: no slot for it)."""
+        cache = self.cache
+        got = cache.assign(key, self._evictable if demand else self._evictable_for_guess)
+        if got is None:
+            if not demand:
+                return None
+            engine = self.engine
+            for s in list(self._copying):  # every other slot is in use or in flight: let those copies land
+                if s not in self._in_use and not engine.ready(s):
+                    engine.wait_host(s)
+            got = cache.assign(key, self._evictable)
+            if got is None:
+                raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
+        slot = got[0]
+        wasted = self._prefetched.pop(slot, None)
+        if wasted is not None:
+            self.stats[wasted[0]].prefetch_wasted += 1
+        self.engine.copy_in(slot, key, demand)
+        self._copying.add(slot)
+        return slot

@@ -1,0 +1,73 @@
+"""Synthetic experts for timing the runtime's host kernels at any shape and format, without a checkpoint.
+
+One SwiGLU expert (gate_up [2I, H], down [H, I], the layout of Mixtral, Qwen-MoE and DeepSeek experts) in a
+one-expert `HostStore`, raw or compressed, computed by `HostExperts` exactly as the runtime does it.
+"""
+
+# Shape legend: T tokens, H hidden, I expert intermediate
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..runtime.adapters import FusedExperts, MoELayer
+from ..runtime.compression import make_codec
+from ..runtime.host_compute import HostExperts
+from ..runtime.store import ExpertLayout, HostStore
+
+COMPRESSION = {"bf16": None, "int8": "int8", "int4": "int4"}  # host kernel format -> store compression
+
+
+class SyntheticExpert:
+    """A one-expert host store of shape (H, I) in `fmt` ("bf16", "int8", "int4") with random weights.
+
+    Attributes:
+        layer: a `MoELayer` whose experts module (on the meta device) drives `HostExperts`.
+        host: the `HostExperts` computing from `store`.
+        nbytes: bytes of the expert in the store (what one host compute reads).
+        weights: weights of the expert.
+    """
+
+    def __init__(self, fmt: str, hidden: int, inter: int, seed: int = 0):
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+        if fmt not in COMPRESSION:
+            raise ValueError(f"format must be one of {sorted(COMPRESSION)}, got {fmt!r}")
+        config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=1,
+                               num_experts_per_tok=1)
+        with torch.device("meta"):
+            experts = MixtralExperts(config).to(torch.bfloat16)
+        layout = FusedExperts()
+        slot_layout = ExpertLayout(layout.tensor_specs(experts))
+        layout.remove(experts)
+        codec = make_codec(COMPRESSION[fmt], slot_layout)
+        self.store = HostStore(codec.layout if codec else slot_layout, 1, 1)
+        g = torch.Generator().manual_seed(seed)
+        for name, view in self.store.expert((0, 0)).items():  # plausible values, no NaN or denormals
+            if view.dtype.is_floating_point:
+                view.copy_(torch.rand(view.shape, generator=g) * 0.02 + (0.001 if ".q" in name else -0.01))
+            else:
+                view.copy_(torch.randint(-100, 100, view.shape, generator=g).to(view.dtype))
+        self.layer = MoELayer(0, f"synthetic {fmt} H={hidden} I={inter}", experts, None, layout)
+        self.host = HostExperts(self.store, codec)
+        self.nbytes = self.store.layout.nbytes
+        self.weights = 3 * hidden * inter
+        self.hidden_size = hidden
+
+    def runner(self, tokens: int) -> Callable[[], torch.Tensor]:
+        """A call computing the expert for `tokens` tokens on this thread, as the host worker does."""
+        hidden = torch.randn(tokens, self.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        ids = torch.zeros(tokens, 1, dtype=torch.long)
+        weights = torch.ones(tokens, 1)
+        return lambda: self.host.compute(self.layer, hidden, ids, weights, [0])
+
+    def close(self) -> None:
+        self.host.close()
+
+
+def host_expert_timer(fmt: str, hidden: int, inter: int, tokens: int = 1) -> Callable[[], torch.Tensor]:
+    """A callable running one synthetic expert of shape (H, I) in `fmt` for `tokens` tokens."""
+    return SyntheticExpert(fmt, hidden, inter).runner(tokens)
