@@ -9,6 +9,7 @@ from pathlib import Path
 from ..bench.environment import environment
 from ..io import write_json, write_text
 from .hardware import PROFILES, HardwareProfile
+from .policies import POLICY_NAMES, resolve_policy_name
 from .shapes import PRESETS, ModelShape
 from .stream import load_stream
 from .sweep import SweepSettings, run_sweep
@@ -24,7 +25,11 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", nargs="+", default=["none"], metavar="SCHEME",
                    help="host storage of experts to simulate: none, int8, int4-g128, ... (each shape once per scheme)")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "prediction-aware", "belady"])
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"], choices=POLICY_NAMES,
+                   metavar="POLICY", help=f"eviction policies without a predictor: {', '.join(POLICY_NAMES)} "
+                   "(default: the runtime's default)")
+    p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], choices=POLICY_NAMES[:-1],
+                   metavar="POLICY", help="eviction policies run with each predictor")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
                    help="oracle, pregate, or directories of saved predictors (pregate and saved predictors need "
                         "--model for routers and hidden states in the trace)")
@@ -101,7 +106,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         return 0
     shapes = [ModelShape.from_name(s).compressed(c) for s in args.shapes for c in args.compression]
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]
-    settings = SweepSettings(capacities=tuple(args.capacities), policies=tuple(args.policies),
+    settings = SweepSettings(capacities=tuple(args.capacities),
+                             policies=tuple(dict.fromkeys(map(resolve_policy_name, args.policies))),
+                             prefetch_policies=tuple(dict.fromkeys(map(resolve_policy_name, args.prefetch_policies))),
                              context=args.context, warmup_passes=args.warmup, compute=args.compute)
     stream, predictors, described = None, [], "none (memory and ceilings only)"
     if args.trace:
