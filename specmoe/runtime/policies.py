@@ -161,7 +161,7 @@ class HitDensityPolicy(LRUPolicy):
         self.layer, self.predicted, self._score = layer, predicted, None
         experts = np.arange(self.E)
         used = np.zeros(self.E, dtype=bool)
-        used[list(routed)] = True
+        used[[int(e) for e in routed]] = True
         bucket = self._bucket(np.full(self.E, layer), experts)
         self.trials += np.bincount(bucket, minlength=self.trials.size)
         self.hits += np.bincount(bucket[used], minlength=self.hits.size)
