@@ -28,8 +28,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"], choices=POLICY_NAMES,
                    metavar="POLICY", help=f"eviction policies without a predictor: {', '.join(POLICY_NAMES)} "
                    "(default: the runtime's default)")
-    p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], choices=POLICY_NAMES[:-1],
-                   metavar="POLICY", help="eviction policies run with each predictor")
+    p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], metavar="POLICY",
+                   choices=[name for name in POLICY_NAMES if name != "belady"],
+                   help="eviction policies run with each predictor")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
                    help="oracle, pregate, or directories of saved predictors (pregate and saved predictors need "
                         "--model for routers and hidden states in the trace)")
