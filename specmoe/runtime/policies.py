@@ -139,6 +139,8 @@ class HitDensityPolicy(LRUPolicy):
         self._score: np.ndarray | None = None  # [S] cached for the current layer step
 
     def bind(self, cache, num_layers: int) -> None:
+        if cache is self.cache:  # the cache binds its policy, and so may the scheduler: once is enough
+            return
         L, E, S = num_layers, int(cache.table.shape[1]), cache.num_slots
         self.cache, self.L, self.E = cache, L, E
         self.freq = np.full((L, E), 1.0 / E)  # [L, E] decayed share of visits that routed each expert
