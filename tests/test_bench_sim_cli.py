@@ -11,6 +11,7 @@ from conftest import build_tiny, make_inputs
 
 from specmoe import SpeculativeMoE
 from specmoe.cli import main
+from specmoe.runtime.policies import DEFAULT_POLICY
 from specmoe.sim.compute import OpCounts
 from specmoe.sim.engine import simulate
 from specmoe.sim.hardware import HardwareProfile
@@ -111,7 +112,7 @@ def test_simulate_cli_sweep(tmp_path):
     ids = torch.stack([torch.randperm(64, generator=g)[:8] for _ in range(40 * 16)]).view(40, 16, 8)
     RoutingStream.from_sequences(ids).save(tmp_path / "stream.safetensors")
     rc = main(["simulate", "--trace", str(tmp_path / "stream.safetensors"), "--shapes", "olmoe-1b-7b",
-               "qwen1.5-moe-a2.7b", "--profiles", "rtx3090", "--capacities", "0.5", "--policies", "lru", "belady",
+               "qwen1.5-moe-a2.7b", "--profiles", "rtx3090", "--capacities", "0.5", "--policies", "lru", "default", "belady",
                "--predictors", "oracle", "--warmup", "8", "--out", str(tmp_path), "--name", "s"])
     assert rc == 0
     sweep = json.loads((tmp_path / "s.json").read_text())
@@ -122,6 +123,7 @@ def test_simulate_cli_sweep(tmp_path):
     for r in sweep["runs"]:
         assert 0 < r["fraction_of_bound"] <= 1 + 1e-9
     assert runs[("belady", "none", 0.5)]["misses"] <= runs[("lru", "none", 0.5)]["misses"]
+    assert ("default", "none", 0.5) not in runs and (DEFAULT_POLICY, "none", 0.5) in runs  # named as it runs
     md = (tmp_path / "s.md").read_text()
     assert "bound" in md and "largest capacity that fits" in md and (tmp_path / "s.png").exists()
     assert main(["simulate", "--trace", str(tmp_path / "stream.safetensors"), "--shapes", "mixtral-8x7b",

@@ -67,30 +67,14 @@ def test_belady_equals_brute_force_optimum(seed, top_k):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_belady_never_misses_more_than_lru_lfu_or_prediction_aware(seed):
+def test_belady_never_misses_more_than_the_deployable_policies(seed):
     shape = tiny_shape(layers=4, experts=16, top_k=2)
     stream = random_stream(passes=150, layers=4, experts=16, top_k=2, seed=seed)
     for cap in (0.25, 0.5):
         minimum = simulate(stream, shape, PROFILES["rtx3090"], cap, ops=OPS, policy="belady").misses
-        for policy in ("lru", "lfu", "prediction-aware"):
+        for policy in ("lru", "lfu", "hit-density"):
             assert minimum <= simulate(stream, shape, PROFILES["rtx3090"], cap, ops=OPS, policy=policy).misses
         assert minimum < simulate(stream, shape, PROFILES["rtx3090"], cap, ops=OPS, policy="lru").misses
-
-
-def test_prediction_aware_spares_predicted_experts():
-    from specmoe.runtime.cache import ExpertCache
-    from specmoe.sim.policies import PredictionAwarePolicy
-
-    policy = PredictionAwarePolicy()
-    cache = ExpertCache(3, 2, 8, "cpu", policy)
-    policy.bind(cache, 2)
-    for e in range(3):
-        cache.assign((0, e), lambda s: True)  # LRU order: (0,0), (0,1), (0,2)
-    policy.observe(1, {(0, 0)}, routed=[5])
-    slot, evicted = cache.assign((1, 5), lambda s: True)
-    assert evicted == (0, 1)  # (0, 0) is older but predicted
-    policy.observe(1, {(0, 0), (0, 2), (1, 5)})
-    assert cache.assign((1, 6), lambda s: True)[1] == (0, 0)  # everything predicted: plain LRU
 
 
 def test_monotonic_in_capacity_and_bandwidth():
@@ -118,9 +102,9 @@ def test_bound_holds_and_oracle_prefetch_beats_demand():
     for cap in (8, 24):
         bound = demand_bound(stream, shape, profile, cap, ops=OPS)
         runs = {policy: simulate(stream, shape, profile, cap, ops=OPS, policy=policy)
-                for policy in ("lru", "lfu", "prediction-aware", "belady")}
-        runs["oracle"] = simulate(stream, shape, profile, cap, ops=OPS, candidates=oracle)
-        runs["oracle-pa"] = simulate(stream, shape, profile, cap, ops=OPS, candidates=oracle, policy="prediction-aware")
+                for policy in ("lru", "lfu", "hit-density", "belady")}
+        runs["oracle"] = simulate(stream, shape, profile, cap, ops=OPS, candidates=oracle, policy="lru")
+        runs["oracle-hd"] = simulate(stream, shape, profile, cap, ops=OPS, candidates=oracle, policy="hit-density")
         for name, run in runs.items():
             assert run.time_s >= bound.time_s * (1 - 1e-9), name
             assert run.bytes_moved >= bound.min_bytes, name

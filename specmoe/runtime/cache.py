@@ -1,6 +1,6 @@
 """The device-side expert cache: a slot pool shared by all MoE layers, expert->slot tables, eviction policy.
 
-The cache owns bookkeeping only; the copies themselves belong to a copy engine (transfer.py) and the
+The cache owns bookkeeping only (eviction policies live in policies.py); the copies themselves belong to a copy engine (transfer.py) and the
 decision of what to load belongs to the wrapper. A slot that is in use (pinned for the layer being computed)
 or whose copy is in flight is never chosen as a victim.
 """
@@ -9,71 +9,14 @@ or whose copy is in flight is never chosen as a victim.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
+from .policies import DEFAULT_POLICY, POLICIES, LFUPolicy, LRUPolicy, make_policy  # noqa: F401 (old imports)
 from .store import ExpertLayout
 
 Key = tuple[int, int]  # (layer, expert)
-
-
-class LRUPolicy:
-    """Least recently used: the victim is the slot touched longest ago among those allowed."""
-
-    name = "lru"
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()
-
-    def touch(self, slot: int) -> None:
-        self._order[slot] = None
-        self._order.move_to_end(slot)
-
-    def forget(self, slot: int) -> None:
-        self._order.pop(slot, None)
-
-    def victim(self, allowed: Callable[[int], bool]) -> int | None:
-        return next((s for s in self._order if allowed(s)), None)
-
-
-class LFUPolicy:
-    """Least frequently used (ties: least recently used); counts restart when a slot gets a new expert."""
-
-    name = "lfu"
-
-    def __init__(self) -> None:
-        self._count: dict[int, int] = {}
-        self._lru = LRUPolicy()
-
-    def touch(self, slot: int) -> None:
-        self._count[slot] = self._count.get(slot, 0) + 1
-        self._lru.touch(slot)
-
-    def forget(self, slot: int) -> None:
-        self._count.pop(slot, None)
-        self._lru.forget(slot)
-
-    def victim(self, allowed: Callable[[int], bool]) -> int | None:
-        best, best_count = None, None
-        for s in self._lru._order:  # oldest first, so ties go to the least recent
-            if allowed(s) and (best_count is None or self._count[s] < best_count):
-                best, best_count = s, self._count[s]
-        return best
-
-
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
-
-
-def make_policy(policy) -> object:
-    if isinstance(policy, str):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown eviction policy {policy!r}; choose one of {sorted(POLICIES)}")
-        return POLICIES[policy]()
-    if not all(callable(getattr(policy, m, None)) for m in ("touch", "forget", "victim")):
-        raise TypeError("an eviction policy needs touch(slot), forget(slot) and victim(allowed) methods")
-    return policy
 
 
 class SlotPool:
@@ -129,7 +72,7 @@ class ExpertCache:
     """Which expert is in which slot, on the host (dicts) and on the device (table [L, E], -1 = absent; no
     table where `device` is None, as in the simulator)."""
 
-    def __init__(self, num_slots: int, num_layers: int, num_experts: int, device: torch.device | None, policy="lru"):
+    def __init__(self, num_slots: int, num_layers: int, num_experts: int, device: torch.device | None, policy=DEFAULT_POLICY):
         self.num_slots, self.num_experts = num_slots, num_experts
         self.policy = make_policy(policy)
         self.slot_of: dict[Key, int] = {}
@@ -137,6 +80,8 @@ class ExpertCache:
         self.table = (None if device is None else
                       torch.full((num_layers, num_experts), -1, dtype=torch.long, device=device))  # [L, E]
         self._free = list(range(num_slots - 1, -1, -1))
+        if hasattr(self.policy, "bind"):  # policies that reason about (layer, expert) keys read key_of / slot_of
+            self.policy.bind(self, num_layers)
 
     def lookup(self, key: Key) -> int | None:
         return self.slot_of.get(key)

@@ -155,7 +155,7 @@ class SpeculativeMoE:
         cache_capacity: float | int | str = 0.5,
         *,
         device=None,
-        policy="lru",
+        policy="hit-density",
         transfer: str | None = None,
         prefetch_width: int | None = None,
         max_prefetch_inflight: int | None = None,

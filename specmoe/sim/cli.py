@@ -11,6 +11,7 @@ from ..measure import environment
 from ..io import write_json, write_text
 from .hardware import PROFILES, HardwareProfile
 from .host import HOST_PROFILES
+from .policies import POLICY_NAMES, resolve_policy_name
 from .shapes import PRESETS, ModelShape
 from .stream import load_stream
 from .sweep import SweepSettings, run_sweep
@@ -37,8 +38,12 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", action="store_true",
                    help="also run a static placement (the trace's hottest experts resident, misses on the host, "
                         "never copied: llama.cpp's --n-cpu-moe baseline); needs --host")
-    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "prediction-aware", "belady"],
-                   help="eviction policies: lru, lfu, prediction-aware, belady (default: all four)")
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"], choices=POLICY_NAMES,
+                   metavar="POLICY", help=f"eviction policies without a predictor: {', '.join(POLICY_NAMES)} "
+                   "(default: the runtime's default)")
+    p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], metavar="POLICY",
+                   choices=[name for name in POLICY_NAMES if name != "belady"],
+                   help="eviction policies run with each predictor")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
                    help="oracle, pregate, or directories of saved predictors (pregate and hidden-state predictors "
                         "need --model for routers and hidden states in the trace; history and interlayer do not)")
@@ -140,7 +145,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         args.shapes = shapes_for(stream) if stream is not None else [DEFAULT_SHAPE]
     shapes = [ModelShape.from_name(s).compressed(c) for s in args.shapes for c in args.compression]
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]
-    settings = SweepSettings(capacities=tuple(args.capacities), policies=tuple(args.policies),
+    settings = SweepSettings(capacities=tuple(args.capacities),
+                             policies=tuple(dict.fromkeys(map(resolve_policy_name, args.policies))),
+                             prefetch_policies=tuple(dict.fromkeys(map(resolve_policy_name, args.prefetch_policies))),
                              context=args.context, warmup_passes=args.warmup, compute=args.compute,
                              misses=tuple(args.misses), host=args.host, placement=args.placement)
     predictors, described = [], "none (memory and ceilings only)"

@@ -1,9 +1,6 @@
-"""Eviction policies for the simulator, with the runtime's policy interface (`touch`, `forget`, `victim`).
+"""Eviction policies for the simulator: the runtime's own (`specmoe.runtime.policies`: lru, lfu, hit-density,
+"default") and one that needs the future, so it exists only here:
 
-LRU and LFU are the runtime's own (`specmoe.runtime.cache`). Two more need to know keys, not just slots,
-so the simulator binds them to its `ExpertCache` (`bind`) and tells them where it is (`observe`):
-
-* `PredictionAwarePolicy`: LRU that spares what the latest prediction wants and evicts unused wrong guesses first.
 * `BeladyPolicy`: Belady's MIN, evicting the expert whose next use is farthest in the future. With demand
   fetching only it gives the fewest misses any cache of that size can have: the bound every policy and
   predictor is compared with.
@@ -18,38 +15,9 @@ import heapq
 import itertools
 from collections.abc import Callable
 
-from ..runtime.cache import Key, LFUPolicy, LRUPolicy
+from ..runtime.cache import Key
+from ..runtime.policies import DEFAULT_POLICY, POLICIES, make_policy
 NEVER = float("inf")
-
-
-class PredictionAwarePolicy(LRUPolicy):
-    """LRU that never evicts an expert the latest prediction wants while anything else can go.
-
-    The runtime already spares predicted experts when it evicts for a *prefetch*; this policy spares them for
-    demand fetches too. Without a predictor it is LRU. (Evicting unused wrong guesses first was tried and moved
-    more bytes: a wrongly guessed expert is often a popular one that a later token uses.)
-    """
-
-    name = "prediction-aware"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cache = None
-        self.predicted: set[Key] = set()
-
-    def bind(self, cache, num_layers: int) -> None:
-        self.cache = cache
-
-    def observe(self, layer: int, predicted: set[Key], routed=()) -> None:
-        """Layer `layer` was just routed to `routed`; `predicted` is what the predictor now wants."""
-        self.predicted = predicted
-
-    def victim(self, allowed: Callable[[int], bool]) -> int | None:
-        if self.predicted:
-            spare = super().victim(lambda s: allowed(s) and self.cache.key_of[s] not in self.predicted)
-            if spare is not None:
-                return spare
-        return super().victim(allowed)
 
 
 class BeladyPolicy:
@@ -119,23 +87,25 @@ def future_uses(passes, num_layers: int) -> dict[Key, list[int]]:
     return future
 
 
-POLICY_NAMES = ("lru", "lfu", "prediction-aware", "belady")
+POLICY_NAMES = (*POLICIES, "default", "belady")
 
 
 def make_sim_policy(name: str, passes=None, num_layers: int | None = None):
-    """A fresh policy object by name; "belady" needs the stream's passes to know the future.
+    """A fresh policy object by name ("default": the runtime's default, DEFAULT_POLICY); "belady" needs the
+    stream's passes to know the future.
 
     Raises:
         ValueError: an unknown name.
     """
-    if name == "lru":
-        return LRUPolicy()
-    if name == "lfu":
-        return LFUPolicy()
-    if name == "prediction-aware":
-        return PredictionAwarePolicy()
     if name == "belady":
         if passes is None or num_layers is None:
             raise ValueError("the belady policy needs the routing stream's passes (its future)")
         return BeladyPolicy(future_uses(passes, num_layers))
-    raise ValueError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES}")
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES}")
+    return make_policy(name)
+
+
+def resolve_policy_name(name: str) -> str:
+    """The policy a name runs ("default" -> DEFAULT_POLICY), for labels in results."""
+    return DEFAULT_POLICY if name == "default" else name

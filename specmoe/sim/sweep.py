@@ -18,6 +18,7 @@ from .compute import ComputeModel, load_op_counts
 from .engine import simulate
 from .hardware import HardwareProfile
 from .host import HostProfile
+from .policies import DEFAULT_POLICY, POLICY_NAMES
 from .predictions import PredictorReplay
 from .shapes import ModelShape
 from .stream import RoutingStream
@@ -43,8 +44,8 @@ class SweepSettings:
     """
 
     capacities: tuple[float, ...] = (0.25, 0.5, 0.75)
-    policies: tuple[str, ...] = ("lru", "lfu", "prediction-aware", "belady")
-    prefetch_policies: tuple[str, ...] = ("lru", "prediction-aware")
+    policies: tuple[str, ...] = ("lru", "lfu", DEFAULT_POLICY, "belady")
+    prefetch_policies: tuple[str, ...] = ("lru", DEFAULT_POLICY)
     context: int = 512
     warmup_passes: int = 64
     compute: str = "hf-eager"
@@ -59,6 +60,10 @@ class SweepSettings:
             raise ValueError(f"capacities must be fractions in (0, 1], got {self.capacities}")
         if not self.policies and not self.prefetch_policies:
             raise ValueError("give at least one policy")
+        unknown = [p for p in self.policies + self.prefetch_policies if p not in POLICY_NAMES]
+        if unknown or "belady" in self.prefetch_policies:
+            raise ValueError(f"unknown policies {unknown or ['belady (needs demand fetching)']}: choose from "
+                             f"{POLICY_NAMES} (belady only without a predictor)")
         if self.warmup_passes < 0 or self.context < 0:
             raise ValueError("warmup_passes and context must be >= 0")
         ComputeModel.from_name(self.compute)
