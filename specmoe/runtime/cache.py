@@ -102,6 +102,8 @@ class ExpertCache:
         self.table = (None if device is None else
                       torch.full((num_layers, num_experts), -1, dtype=torch.long, device=device))  # [L, E]
         self._free = list(range(num_slots - 1, -1, -1))
+        if hasattr(self.policy, "bind"):  # policies that reason about (layer, expert) keys read key_of / slot_of
+            self.policy.bind(self, num_layers)
 
     def lookup(self, key: Key) -> int | None:
         return self.slot_of.get(key)

@@ -53,9 +53,9 @@ class Scheduler:
     """Acquire, evict, prefetch and chunk for one slot cache (see the module docstring).
 
     Args:
-        cache: the slot cache and its eviction policy; a policy's optional `bind(cache, num_layers)` is called
-            here, its optional `observe(layer, predicted, routed)` and `observe_time(t)` at each `begin`
-            (t = pass * L + layer, passes counted as the runtime sees them).
+        cache: the slot cache and its eviction policy (which the cache `bind`s, where it has that method); the
+            policy's optional `observe(layer, predicted, routed)` and `observe_time(t)` are called at each
+            `begin` (t = pass * L + layer, passes counted as the runtime sees them).
         engine: the copies (`SlotEngine`).
         num_layers: L.
         max_inflight: bound on prefetch copies in flight.
@@ -72,9 +72,7 @@ class Scheduler:
         self.max_inflight = max_inflight
         self.copy_bytes = copy_bytes
         self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
-        policy = cache.policy
-        if callable(getattr(policy, "bind", None)):
-            policy.bind(cache, num_layers)
+        policy = cache.policy  # bound to the cache by the cache (`bind`)
         self._observe = getattr(policy, "observe", None)
         self._observe_time = getattr(policy, "observe_time", None)
         self._pass = -1  # passes seen, never reset: the policy's clock only rises
@@ -88,11 +86,17 @@ class Scheduler:
         self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
         in_use, copying, predicted, ready, key_of = self._in_use, self._copying, self._predicted, engine.ready, cache.key_of
 
-        def evictable(slot: int) -> bool:  # for a demand fetch
-            return slot not in in_use and (slot not in copying or ready(slot))
+        def evictable(slot: int) -> bool:  # for a demand fetch: not in use, its copy landed
+            if slot in in_use:
+                return False
+            if slot in copying:
+                if not ready(slot):
+                    return False
+                copying.discard(slot)
+            return True
 
-        def evictable_for_guess(slot: int) -> bool:  # for a prefetch: never a predicted expert
-            return slot not in in_use and (slot not in copying or ready(slot)) and key_of[slot] not in predicted
+        def evictable_for_guess(slot: int) -> bool:  # for a prefetch: never a predicted expert either
+            return key_of[slot] not in predicted and evictable(slot)
 
         self._evictable, self._evictable_for_guess = evictable, evictable_for_guess
         self.reset()
@@ -176,6 +180,7 @@ class Scheduler:
         engine = self.engine
         slot_of, touch, ready = self.cache.slot_of, self.cache.policy.touch, engine.ready
         in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
+        inflight = self._inflight
         slots = []
         hits = in_flight = used = misses = 0
         for e in experts:
@@ -189,6 +194,7 @@ class Scheduler:
                 if slot in copying:
                     if ready(slot):
                         copying.discard(slot)
+                        inflight.discard(slot)
                     else:
                         in_flight += 1
                 if slot in prefetched:
@@ -217,9 +223,10 @@ class Scheduler:
         queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
         while queue:
             if len(inflight) >= bound:
-                ready = self.engine.ready
+                ready, copying = self.engine.ready, self._copying
                 for s in [s for s in inflight if ready(s)]:
                     inflight.discard(s)
+                    copying.discard(s)
                 if len(inflight) >= bound:
                     break
             key = queue.pop()
