@@ -1,18 +1,18 @@
 """Simulator speed: CPU time per MoE layer step of `specmoe.sim.simulate`, this checkout against a baseline.
 
-A decode stream with DeepSeek-V2-Lite's routing geometry (26 MoE layers, 64 experts, top-6; synthetic: each
-layer's experts drawn from its own Zipf popularity, a token keeping the previous token's experts at a layer
+A decode stream with DeepSeek-V2-Lite's routing geometry (26 MoE layers, 64 experts, top-6; synthetic, seeded:
+each layer's experts drawn from its own Zipf popularity, a token keeping the previous token's experts at a layer
 with probability 0.2, which puts LRU's hit rate at capacity 0.25 (0.52) near that of DeepSeek-V2-Lite's real
-routing (0.49 on MoE-Beyond's traces); seeded) is replayed on the RTX 3090 profile at capacity 0.25 in the settings a sweep runs
-most: LRU demand fetching, the oracle's prefetches + LRU, and Belady's MIN. The figure is process CPU seconds
-of one `simulate` call / (passes * MoE layers), the minimum over --repeats (the machine may be shared: CPU time
-and the minimum are the least disturbed by other processes). Candidates are built outside the timed part
-(a sweep builds them once for many runs).
+routing (0.49 on MoE-Beyond's traces)) is replayed on the RTX 3090 profile at capacity 0.25 in the settings a
+sweep runs most: LRU demand fetching, the oracle's prefetches + LRU, and Belady's MIN. Two figures per setting,
+in process CPU µs per MoE layer step (passes * MoE layers), the minimum over --repeats (the machine may be
+shared: CPU time and the minimum are the least disturbed by other processes): `simulate` alone, and a run,
+i.e. its inputs too (the oracle's candidates; Belady's future is built inside `simulate`).
 
-The baseline's `specmoe/` is taken from git (`git archive REF`, default the merge-base with main) and measured in a subprocess,
-alternating with this checkout's, so both see the same machine load:
+The baseline's `specmoe/` is taken from git (`git archive REF`, default 50ac884: main before the shared scheduler)
+and measured in a subprocess, alternating with this checkout's, so both see the same machine load:
 
-    python benchmarks/sim_speed.py                    # this checkout vs where it left main
+    python benchmarks/sim_speed.py                    # this checkout vs 50ac884
     python benchmarks/sim_speed.py --baseline 50ac884 --stream routing.safetensors --tokens 6000
 
 Writes benchmarks/results/sim_speed.{json,md} (machine, versions, git shas, settings, every figure).
@@ -35,7 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-GOAL = 5.0  # speed-up of this checkout over the baseline, every setting
+GOAL = 5.0  # speed-up of this checkout over the baseline (issue 10)
+BASELINE = "50ac884"  # main when issue 10 was filed: the simulator kept its own copy of the runtime's decisions
 SETTINGS = ("lru", "oracle+lru", "belady")
 
 
@@ -89,7 +90,8 @@ def worker(tokens: int, capacity: float, stream_file: str | None = None) -> dict
 
 def _run_worker(code_root: Path, tokens: int, capacity: float, stream_file: str | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tokens", str(tokens), "--capacity", str(capacity)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tokens", str(tokens),
+           "--capacity", str(capacity)]
     cmd += ["--stream", str(Path(stream_file).resolve())] if stream_file else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=code_root)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -101,7 +103,7 @@ def _git(*args: str) -> bytes:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--baseline", help="git ref whose specmoe/ is the 'before' (default: where this branch left main)")
+    ap.add_argument("--baseline", default=BASELINE, help=f"git ref whose specmoe/ is the 'before' (default {BASELINE})")
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--capacity", type=float, default=0.25)
     ap.add_argument("--stream", help="replay this routing stream (RoutingStream.save; its first --tokens passes) "
@@ -118,8 +120,7 @@ def main(argv=None) -> int:
     from specmoe.bench.environment import environment
     from specmoe.io import write_json, write_text
 
-    ref = args.baseline or _git("merge-base", "HEAD", "main").decode().strip()
-    baseline_sha = _git("rev-parse", ref).decode().strip()
+    baseline_sha = _git("rev-parse", args.baseline).decode().strip()
     samples: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(fileobj=BytesIO(_git("archive", "--format=tar", baseline_sha, "specmoe"))) as tar:
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         "environment": environment(),  # machine and versions (its git_sha is that of the installed specmoe)
         "after": {"git_sha": _git("rev-parse", "HEAD").decode().strip(),
                   "dirty": bool(_git("status", "--porcelain", "--", "specmoe").strip())},
-        "baseline": {"ref": args.baseline or "merge-base of HEAD and main", "git_sha": baseline_sha},
+        "baseline": {"ref": args.baseline, "git_sha": baseline_sha},
         "settings": {"shape": "deepseek-v2-lite", "profile": "rtx3090", "capacity": args.capacity,
                      "stream": (f"{Path(args.stream).name}, first {args.tokens} passes" if args.stream
                                 else f"synthetic decode, {args.tokens} tokens (seed 0)"), "repeats": args.repeats,

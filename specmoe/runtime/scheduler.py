@@ -84,7 +84,8 @@ class Scheduler:
         self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
         self._in_use: set[int] = set()  # slots the layer being computed reads
         self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
-        in_use, copying, predicted, ready, key_of = self._in_use, self._copying, self._predicted, engine.ready, cache.key_of
+        in_use, copying, predicted, key_of = self._in_use, self._copying, self._predicted, cache.key_of
+        ready = engine.ready
 
         def evictable(slot: int) -> bool:  # for a demand fetch: not in use, its copy landed
             if slot in in_use:
