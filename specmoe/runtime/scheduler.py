@@ -55,7 +55,7 @@ class Scheduler:
     Args:
         cache: the slot cache and its eviction policy (which the cache `bind`s, where it has that method); the
             policy's optional `observe(layer, predicted, routed)` and `observe_time(t)` are called at each
-            `begin` (t = pass * L + layer, passes counted as the runtime sees them).
+            `begin` (t = pass * L + layer, passes counted as the runtime sees them; `routed` is read-only).
         engine: the copies (`SlotEngine`).
         num_layers: L.
         max_inflight: bound on prefetch copies in flight.
@@ -137,8 +137,8 @@ class Scheduler:
             queue[:] = [key for key in reversed(candidates) if key not in slot_of]
         elif queue:
             queue.clear()
-        if self._observe is not None:
-            self._observe(layer, predicted, routed)
+        if self._observe is not None:  # a snapshot: the scheduler's own set changes at the next call
+            self._observe(layer, frozenset(predicted), routed)
         if self._observe_time is not None:
             self._observe_time(self._pass * self.num_layers + layer)
 
