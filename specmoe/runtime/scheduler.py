@@ -58,9 +58,9 @@ class Scheduler:
     """Acquire, evict, prefetch and chunk for one slot cache (see the module docstring).
 
     Args:
-        cache: the slot cache and its eviction policy; a policy's optional `bind(cache, num_layers)` is called
-            here, its optional `observe(layer, predicted, routed)` and `observe_time(t)` at each `begin`
-            (t = pass * L + layer, passes counted as the runtime sees them).
+        cache: the slot cache and its eviction policy (which the cache `bind`s, where it has that method); the
+            policy's optional `observe(layer, predicted, routed)` and `observe_time(t)` are called at each
+            `begin` (t = pass * L + layer, passes counted as the runtime sees them; `routed` is read-only).
         engine: the copies (`SlotEngine`).
         num_layers: L.
         max_inflight: bound on prefetch copies in flight.
@@ -80,9 +80,7 @@ class Scheduler:
         self.misses = check_misses(misses)  # where routed experts that are not resident run (see `split`)
         self.miss_costs = miss_costs
         self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
-        policy = cache.policy
-        if callable(getattr(policy, "bind", None)):
-            policy.bind(cache, num_layers)
+        policy = cache.policy  # bound to the cache by the cache (`bind`)
         self._observe = getattr(policy, "observe", None)
         self._observe_time = getattr(policy, "observe_time", None)
         self._pass = -1  # passes seen, never reset: the policy's clock only rises
@@ -94,13 +92,20 @@ class Scheduler:
         self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
         self._in_use: set[int] = set()  # slots the layer being computed reads
         self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
-        in_use, copying, predicted, ready, key_of = self._in_use, self._copying, self._predicted, engine.ready, cache.key_of
+        in_use, copying, predicted, key_of = self._in_use, self._copying, self._predicted, cache.key_of
+        ready = engine.ready
 
-        def evictable(slot: int) -> bool:  # for a demand fetch
-            return slot not in in_use and (slot not in copying or ready(slot))
+        def evictable(slot: int) -> bool:  # for a demand fetch: not in use, its copy landed
+            if slot in in_use:
+                return False
+            if slot in copying:
+                if not ready(slot):
+                    return False
+                copying.discard(slot)
+            return True
 
-        def evictable_for_guess(slot: int) -> bool:  # for a prefetch: never a predicted expert
-            return slot not in in_use and (slot not in copying or ready(slot)) and key_of[slot] not in predicted
+        def evictable_for_guess(slot: int) -> bool:  # for a prefetch: never a predicted expert either
+            return key_of[slot] not in predicted and evictable(slot)
 
         self._evictable, self._evictable_for_guess = evictable, evictable_for_guess
         self.reset()
@@ -142,8 +147,8 @@ class Scheduler:
             queue[:] = [key for key in reversed(candidates) if key not in slot_of]
         elif queue:
             queue.clear()
-        if self._observe is not None:
-            self._observe(layer, predicted, routed)
+        if self._observe is not None:  # a snapshot: the scheduler's own set changes at the next call
+            self._observe(layer, frozenset(predicted), routed)
         if self._observe_time is not None:
             self._observe_time(self._pass * self.num_layers + layer)
 
@@ -210,6 +215,7 @@ class Scheduler:
         engine = self.engine
         slot_of, touch, ready = self.cache.slot_of, self.cache.policy.touch, engine.ready
         in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
+        inflight = self._inflight
         slots = []
         hits = in_flight = used = misses = 0
         for e in experts:
@@ -223,6 +229,7 @@ class Scheduler:
                 if slot in copying:
                     if ready(slot):
                         copying.discard(slot)
+                        inflight.discard(slot)
                     else:
                         in_flight += 1
                 if slot in prefetched:
@@ -256,9 +263,10 @@ class Scheduler:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
                 break
             if len(inflight) >= bound:
-                ready = self.engine.ready
+                ready, copying = self.engine.ready, self._copying
                 for s in [s for s in inflight if ready(s)]:
                     inflight.discard(s)
+                    copying.discard(s)
                 if len(inflight) >= bound:
                     break
             key = queue.pop()

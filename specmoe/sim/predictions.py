@@ -99,6 +99,9 @@ def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 
     memo: dict[tuple[int, int, int], list[int]] = {}  # (source pass, target layer, tokens now) -> ranked ids
 
     def ranked(src: int, tl: int, T: int) -> list[int]:
+        if T == 1 and len(passes[src]) == 1:  # one token scoring its own experts: they rank ascending
+            row = sorted({e for e in passes[src][0][tl] if e >= 0})
+            return row[:m] if len(row) < E else []
         got = memo.get((src, tl, T))
         if got is None:
             rows: list[set[int]] = [set() for _ in range(T)]  # the experts scoring 1 in each row
@@ -111,16 +114,20 @@ def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 
             got = memo[(src, tl, T)] = rank_by_votes(top, m)
         return got
 
+    key = [[(layer, e) for e in range(E)] for layer in range(L)]  # made once
+    last = 2 * L if wrap else L
     out: Candidates = []
     for p, routed in enumerate(passes):
         T = len(routed)
         per_layer = []
         for layer in range(L):
             keys: list[Key] = []
-            for target in range(layer + 1, min(layer + 1 + lookahead, 2 * L if wrap else L)):
+            stop = layer + 1 + lookahead
+            for target in range(layer + 1, stop if stop < last else last):
                 src, tl = (p, target) if target < L else (p + 1, target - L)
                 if src < len(passes):
-                    keys.extend((tl, e) for e in ranked(src, tl, T))
+                    row = key[tl]
+                    keys += [row[e] for e in ranked(src, tl, T)]
             per_layer.append(keys)
         out.append(per_layer)
     return out
