@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..measure import DeviceMemoryMonitor, environment, measure_h2d, sync_device, timed_call
 from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
+from ..runtime.policies import DEFAULT_POLICY
 from ..runtime.misses import check_misses
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
@@ -63,7 +64,7 @@ class BenchSettings:
     accelerate: bool = True
     accelerate_capacity: float = 0.5
     accelerate_new_tokens: int = 8
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     misses: str = "fetch"
 
     def __post_init__(self):

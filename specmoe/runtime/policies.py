@@ -141,7 +141,7 @@ class HitDensityPolicy(LRUPolicy):
     def bind(self, cache, num_layers: int) -> None:
         if cache is self.cache:  # the cache binds its policy, and so may the scheduler: once is enough
             return
-        L, E, S = num_layers, int(cache.table.shape[1]), cache.num_slots
+        L, E, S = num_layers, cache.num_experts, cache.num_slots
         self.cache, self.L, self.E = cache, L, E
         self.freq = np.full((L, E), 1.0 / E)  # [L, E] decayed share of visits that routed each expert
         self.last = np.full((L, E), -(_MAX_RECENCY + 1), dtype=np.int64)  # [L, E] visit it was last routed at

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from ..runtime.cache import ExpertCache
 from ..runtime.capacity import resolve_capacity
 from ..runtime.misses import check_misses, hottest
+from ..runtime.policies import DEFAULT_POLICY
 from ..runtime.scheduler import Scheduler
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
@@ -106,7 +107,7 @@ def simulate(
     *,
     ops: OpCounts,
     compute: ComputeModel | None = None,
-    policy: str = "lru",
+    policy: str = DEFAULT_POLICY,
     candidates: Candidates | None = None,
     max_prefetch_inflight: int | None = None,
     lookahead: int = 1,
@@ -125,7 +126,7 @@ def simulate(
             simulates the unwrapped model with every expert on the device.
         ops: the family's op counts (`count_ops(shape.model_type)`).
         compute: software constants (default: the "hf-eager" preset).
-        policy: "lru", "lfu", "prediction-aware" or "belady" (Belady's MIN: demand fetching only).
+        policy: the runtime's default ("hit-density"), "lru", "lfu" or "belady" (Belady's MIN: demand fetching only).
         candidates: per pass and layer, the ranked keys a predictor would prefetch (`predictions.py`, where
             the prefetch width is applied); None: no predictor (demand fetching only).
         max_prefetch_inflight / lookahead: as `SpeculativeMoE` (the bound defaults to 2 * k * lookahead).

@@ -57,7 +57,7 @@ def _per_call_oracle(stream: RoutingStream, num_experts: int, lookahead: int):
     return out
 
 
-def _sim_variant(variant: dict, stream, shape, profile, compute, ops, lookahead, context) -> dict | None:
+def _sim_variant(variant: dict, stream, shape, profile, compute, ops, lookahead, context, policy) -> dict | None:
     if variant["kind"] == "unwrapped":
         capacity, candidates = None, None
     elif variant["kind"] == "specmoe" and variant["predictor"] in ("none", "oracle"):
@@ -77,7 +77,7 @@ def _sim_variant(variant: dict, stream, shape, profile, compute, ops, lookahead,
         probe = OraclePredictor([stream.ids[:1]] * 2, lookahead=lookahead)
         ops = ops.for_predictor(count_predictor_ops(probe, shape.geometry))
     run = simulate(stream, shape, profile, capacity, ops=ops, compute=compute, candidates=candidates,
-                   lookahead=lookahead, context=context, warmup_passes=warmup)
+                   lookahead=lookahead, context=context, warmup_passes=warmup, policy=policy)
     return {**_calls_timing(stream, run.pass_times), "hit_rate": run.hit_rate if capacity is not None else None,
             "stall_s": run.stall_s}
 
@@ -127,11 +127,12 @@ def validate_measurement(json_path, profile: HardwareProfile | None = None, comp
     ops = OpCounts(**result["op_counts"]) if "op_counts" in result else load_op_counts(shape.model_type)
     settings = result["settings"]
     lookahead = int(settings.get("lookahead", 1))
+    policy = settings.get("policy", "lru")  # the measured run's eviction policy (older results: LRU)
     context = int(settings.get("prompt_len", 32)) + int(settings["new_tokens"]) // 2
     measured = {v["name"]: v for v in result["variants"]}
 
     def run(variant, prof, comp):
-        return _sim_variant(variant, stream, shape, prof, comp, ops, lookahead, context)
+        return _sim_variant(variant, stream, shape, prof, comp, ops, lookahead, context, policy)
 
     settings_out = {"spec": (profile, compute)}
     fits: dict = {}
