@@ -35,14 +35,20 @@ class LRUPolicy:
         self._order: OrderedDict[int, None] = OrderedDict()
 
     def touch(self, slot: int) -> None:
-        self._order[slot] = None
-        self._order.move_to_end(slot)
+        order = self._order
+        if slot in order:
+            order.move_to_end(slot)
+        else:
+            order[slot] = None
 
     def forget(self, slot: int) -> None:
         self._order.pop(slot, None)
 
     def victim(self, allowed: Callable[[int], bool]) -> int | None:
-        return next((s for s in self._order if allowed(s)), None)
+        for s in self._order:  # oldest first (a plain loop: the simulator's hottest call)
+            if allowed(s):
+                return s
+        return None
 
 
 class LFUPolicy:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 from collections.abc import Callable
@@ -33,6 +32,7 @@ class BeladyPolicy:
         self.future = future
         self.cache = None
         self.now = 0
+        self._next: dict[Key, int] = {}  # key -> index into future[key] of its first use after `now`
         self._heap: list[tuple[float, int, int, int]] = []  # (-next use, tiebreak, slot, version)
         self._version: dict[int, int] = {}
         self._tie = itertools.count()
@@ -41,12 +41,20 @@ class BeladyPolicy:
         self.cache = cache
 
     def observe_time(self, now: int) -> None:
+        if now < self.now:
+            self._next.clear()  # the clock went back (a new replay): search from the start again
         self.now = now
 
     def next_use(self, key: Key) -> float:
-        times = self.future.get(key, ())
-        i = bisect.bisect_right(times, self.now)
-        return times[i] if i < len(times) else NEVER
+        """The first use of `key` after now. The clock only rises, so each key's index only moves forward."""
+        times = self.future.get(key)
+        if times is None:
+            return NEVER
+        i, now, n = self._next.get(key, 0), self.now, len(times)
+        while i < n and times[i] <= now:
+            i += 1
+        self._next[key] = i
+        return times[i] if i < n else NEVER
 
     def touch(self, slot: int) -> None:
         version = self._version.get(slot, 0) + 1
@@ -78,12 +86,19 @@ class BeladyPolicy:
 def future_uses(passes, num_layers: int) -> dict[Key, list[int]]:
     """For each (layer, expert), the sorted times pass * L + layer at which it is routed."""
     future: dict[Key, list[int]] = {}
+    keys = [[(layer, e) for e in range(4096)] for layer in range(num_layers)]  # tuples built once
     for p, ids in enumerate(passes):
+        rows = ids.tolist()  # [T][L][k]: one conversion per pass
+        base = p * num_layers
         for layer in range(num_layers):
-            t = p * num_layers + layer
-            for e in set(ids[:, layer].flatten().tolist()):
-                if e >= 0:
-                    future.setdefault((layer, e), []).append(t)
+            seen = {e for row in rows for e in row[layer] if e >= 0}
+            for e in seen:
+                key = keys[layer][e] if e < 4096 else (layer, e)
+                times = future.get(key)
+                if times is None:
+                    future[key] = [base + layer]
+                else:
+                    times.append(base + layer)
     return future
 
 
