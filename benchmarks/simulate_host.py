@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from specmoe.bench.environment import environment
 from specmoe.bench.report import markdown_table
 from specmoe.io import write_json, write_text
+from specmoe.runtime.policies import DEFAULT_POLICY
 from specmoe.sim.bounds import host_bound, memory_plan
 from specmoe.sim.compute import count_ops
 from specmoe.sim.engine import simulate
@@ -83,7 +84,7 @@ def run(args) -> dict:
                              (shape.moe_layers * shape.num_experts), "max_fit": cap == plan["max_slots"],
                              "predictor": predictor, "misses_mode": misses, **r.to_dict(),
                              "unwrapped_tok_s": unwrapped.tok_s, "bound_tok_s": bound.tok_s,
-                             "passes_replayed": stream.num_passes, "warmup_passes": warmup})
+                             "passes_replayed": stream.num_passes, "warmup_passes": warmup, "policy": DEFAULT_POLICY})
     return {"name": "simulate_host", "environment": environment("cpu"), "gpu": gpu.to_dict(),
             "host": host.to_dict(), "anchors": ANCHORS, "rows": rows, "bounds": bounds,
             "settings": {"max_passes": args.max_passes, "warmup": args.warmup}}
@@ -100,7 +101,8 @@ def markdown(result: dict) -> str:
             base = fetch.get((r["capacity"], "none" if r["predictor"] == "static" else r["predictor"]))
             rows.append([f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else ""),
                          "static placement" if r["predictor"] == "static" else
-                         ("LRU" if r["predictor"] == "none" else "oracle + LRU"), r["misses_mode"],
+                         (r.get("policy", "lru") if r["predictor"] == "none" else f"oracle + {r.get('policy', 'lru')}"),
+                         r["misses_mode"],
                          f"{r['tok_s']:.1f}", f"{r['tok_s'] / r['unwrapped_tok_s']:.2f}",
                          f"{r['tok_s'] / base:.2f}" if base else None,
                          f"{(r['misses'] - r['host_computed']) / per_tok:.2f} / {r['host_computed'] / per_tok:.2f}",
