@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+
+from ..measure import time_fn
 
 logger = logging.getLogger(__name__)
 
@@ -175,15 +176,10 @@ HOST_PROFILES: dict[str, HostProfile] = {p.name: p for p in (
 
 # ---- "this machine": measured -----------------------------------------------------------------------------
 def _median_time(fn, repeats: int, best: bool = False) -> float:
-    """Median (or with `best`, minimum: a shared machine's least disturbed run) of `repeats` timed calls."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[0] if best else times[len(times) // 2]
+    """Median (or with `best`, minimum: a shared machine's least disturbed run) seconds of `repeats` timed calls,
+    after one warm-up (`specmoe.measure.time_fn` on the CPU)."""
+    t = time_fn(fn, "cpu", warmup=1, repeats=repeats, flush_l2=False)
+    return (t["min_us"] if best else t["median_us"]) / 1e6
 
 
 def measure_memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
