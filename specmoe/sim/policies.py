@@ -57,9 +57,20 @@ class BeladyPolicy:
         return times[i] if i < n else NEVER
 
     def touch(self, slot: int) -> None:
-        version = self._version.get(slot, 0) + 1
-        self._version[slot] = version
-        heapq.heappush(self._heap, (-self.next_use(self.cache.key_of[slot]), next(self._tie), slot, version))
+        versions = self._version
+        version = versions.get(slot, 0) + 1
+        versions[slot] = version
+        key = self.cache.key_of[slot]
+        times = self.future.get(key)  # next_use, inlined: the simulator's hottest call under Belady
+        if times is None:
+            nxt = NEVER
+        else:
+            i, now, n = self._next.get(key, 0), self.now, len(times)
+            while i < n and times[i] <= now:
+                i += 1
+            self._next[key] = i
+            nxt = times[i] if i < n else NEVER
+        heapq.heappush(self._heap, (-nxt, next(self._tie), slot, version))
 
     def forget(self, slot: int) -> None:
         self._version[slot] = self._version.get(slot, 0) + 1
