@@ -35,6 +35,7 @@ from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
 from specmoe.sim.report import environment_line, runs_table
 from specmoe.sim.shapes import ModelShape
+from specmoe.sim.policies import resolve_policy_name
 from specmoe.sim.stream import RoutingStream
 from specmoe.sim.sweep import SweepSettings, run_sweep
 from specmoe.traces import load_traces
@@ -92,7 +93,7 @@ def run_trace(directory: Path, args) -> dict:
     profile = HardwareProfile.from_name(args.profile)
     fits = memory_plan(shape, profile, (), context=SweepSettings().memory_context)["max_capacity"]
     capacities = tuple(c for c in args.capacities if c < fits)  # the largest that fits is added by the sweep
-    policies = tuple(args.policies)
+    policies = tuple(dict.fromkeys(map(resolve_policy_name, args.policies)))  # "default" -> the runtime's
     settings = SweepSettings(capacities=capacities, policies=policies,
                              prefetch_policies=tuple(p for p in policies if p != "belady"),
                              warmup_passes=args.warmup, context=args.context)
@@ -166,7 +167,7 @@ def plot(result: dict, path: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("traces", nargs="+", type=Path, help="trace directories written by specmoe import-routing")
-    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "belady"],
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"],
                    help="eviction policies (any `specmoe simulate --policies` name); belady runs without a predictor")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.1, 0.25, 0.5],
                    help="fractions of all experts; the largest that fits the profile is added")
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
     traces = [run_trace(d, args) for d in args.traces]
     result = {
         "environment": environment("cpu"),
-        "settings": {"profile": args.profile, "policies": args.policies, "capacities": args.capacities,
+        "settings": {"profile": args.profile, "policies": list(dict.fromkeys(map(resolve_policy_name, args.policies))), "capacities": args.capacities,
                      "predictors": args.predictors, "lookahead": args.lookahead, "context": args.context,
                      "warmup": args.warmup, "max_passes": args.max_passes, "train_steps": args.train_steps,
                      "train_minutes": args.train_minutes, "seed": args.seed, "threads": args.threads, "simulated": True,
