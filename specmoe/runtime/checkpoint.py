@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import struct
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class SafetensorsCheckpoint:
                                     "specmoe reads safetensors only: re-save the model with save_pretrained")
         self.entries: dict[str, Entry] = {}
         self._fds: dict[Path, int] = {}
+        self._open_lock = threading.Lock()
         for f in files:
             self._read_header(f)
 
@@ -100,7 +102,10 @@ class SafetensorsCheckpoint:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with self._open_lock:  # read-ahead workers call this too
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
     def read_range(self, file: Path, offset: int, out: torch.Tensor) -> None:

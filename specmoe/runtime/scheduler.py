@@ -83,6 +83,7 @@ class Scheduler:
         policy = cache.policy  # bound to the cache by the cache (`bind`)
         self._observe = getattr(policy, "observe", None)
         self._observe_time = getattr(policy, "observe_time", None)
+        self._read_ahead = getattr(engine, "read_ahead", None)  # only engines over a file-backed store
         self._pass = -1  # passes seen, never reset: the policy's clock only rises
         self._tokens = None
         # The containers below are cleared in place, never rebound: the closures see them.
@@ -281,6 +282,8 @@ class Scheduler:
             stats = self.stats[key[0]]
             stats.prefetch_issued += 1
             stats.bytes_moved += self.copy_bytes
+        if self._read_ahead is not None:  # a file-backed store reads the waiting candidates from disk meanwhile
+            self._read_ahead(queue[::-1])
 
     def land_prefetches(self) -> None:
         """The host waits for every prefetch in flight (before a chunked layer needs every slot)."""

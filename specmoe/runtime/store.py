@@ -142,7 +142,8 @@ class FileStore(Mapping):
     """The `host_store="mmap"` backend: every expert stays in the checkpoint files, and the OS page cache is the
     RAM tier. ``store[(layer, e)]`` reads the expert's byte ranges (`os.preadv`, nothing mapped, so the
     process's resident memory does not grow with the experts it has touched) into a new [B] buffer laid out as
-    `layout`, which the copy engine then moves to a slot.
+    `layout`; copies into cache slots read through a bounded staging ring instead (`staging`: pinned on CUDA,
+    prefetches read ahead on worker threads).
 
     Args:
         ranges: (layer, expert) -> per tensor of `layout.specs`, the [(file, offset, nbytes)] that make it.
@@ -155,6 +156,7 @@ class FileStore(Mapping):
         self.checkpoint = checkpoint
         self.ranges = ranges
         self.pinned = False
+        self._rings: list = []
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         if key not in self.ranges:
@@ -190,8 +192,20 @@ class FileStore(Mapping):
             self.read_into((layer, e), rows[e])
         return self.layout.views(rows)
 
+    def staging(self, engine, pinned: bool = False, size: int = 8, workers: int = 2):
+        """The bounded ring copies read through (`runtime.staging.StagingRing`; pinned on CUDA), closed with
+        the store."""
+        from .staging import StagingRing
+
+        ring = StagingRing(self, engine, size=size, pinned=pinned, workers=workers)
+        self._rings.append(ring)
+        return ring
+
     def pin(self) -> None:
-        pass  # copies read into fresh pageable buffers; see the module docstring of runtime.loading
+        pass  # copies go through a staging ring, pinned on CUDA (`staging`)
 
     def close(self) -> None:
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
         self.checkpoint.close()

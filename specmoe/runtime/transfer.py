@@ -207,9 +207,18 @@ class StoreToPool:
     def __init__(self, engine: CopyEngine, store, pool_data: torch.Tensor):
         self.engine, self.store, self.pool_data = engine, store, pool_data  # pool_data [S, B]
         self.ready, self.wait, self.wait_host, self.release = engine.ready, engine.wait, engine.wait_host, engine.release
+        staging = getattr(store, "staging", None)  # file-backed stores read through a bounded ring (staging.py)
+        self.ring = staging(engine, pinned=pool_data.device.type == "cuda") if staging is not None else None
+        if self.ring is not None:
+            self.read_ahead = self.ring.read_ahead  # the scheduler hands it the prefetches waiting their turn
 
     def copy_in(self, slot: int, key: tuple[int, int], demand: bool) -> None:
-        self.engine.copy_in(slot, self.pool_data[slot], self.store[key], demand=demand)
+        if self.ring is None:
+            self.engine.copy_in(slot, self.pool_data[slot], self.store[key], demand=demand)
+            return
+        i, src = self.ring.source(key)
+        self.engine.copy_in(slot, self.pool_data[slot], src, demand=demand)
+        self.ring.copied(i, slot)
 
 
 ENGINES = ("sync", "thread", "cuda")
