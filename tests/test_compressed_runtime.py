@@ -178,7 +178,7 @@ def test_fallback_says_why_once(caplog):
 @needs_triton
 def test_kernel_fallback_for_unsupported_layers_says_why(caplog):
     model = build_tiny("gpt_oss")  # transposed experts with biases: the kernel does not apply
-    with caplog.at_level(logging.INFO, logger="specmoe.runtime.fused_compute"):
+    with caplog.at_level(logging.INFO, logger="specmoe.runtime.compute"):
         smoe = SpeculativeMoE(model, None, compression="int4", compute="triton")
     assert smoe.experts_compute.kernel.activation == {}
     lines = [r.getMessage() for r in caplog.records if "does not support it" in r.getMessage()]
