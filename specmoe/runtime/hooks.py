@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 
@@ -86,3 +87,60 @@ def restore_experts(layers, saved: list[dict], store, codec, devices: list[torch
             data[name] = torch.empty(view.shape, dtype=view.dtype, device=devices[layer.index])
             data[name].copy_(view)
         layer.layout.restore(layer.experts, kept, data)
+
+
+class PassMarker:
+    """The one signal that a forward pass starts: a forward pre-hook on the model's top-level module.
+
+    Encoder-decoder models also get it on their encoder, which `generate` runs alone before the decoding passes
+    (that run is a pass of its own, as capture records it); an encoder run inside the model's own forward is
+    part of that pass: calls nest, and only the outermost starts a pass. `index` counts the passes since the
+    marker was attached (-1: none yet) and never goes back. Listeners get the index of each pass as it starts.
+
+    One marker per model, shared by its users (the wrapper, `traces.capture_routing`): `attach` returns the
+    model's marker, making it at the first call; `detach` removes its hooks after the last user.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.index = -1
+        self.listeners: list[Callable[[int], None]] = []
+        self._depth = 0
+        self._users = 0
+        entries = [model]
+        encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+        if encoder is not None and encoder is not model:
+            entries.append(encoder)
+        self._handles = []
+        for module in entries:
+            self._handles.append(module.register_forward_pre_hook(self._pre))
+            self._handles.append(module.register_forward_hook(self._post, always_call=True))
+
+    def _pre(self, module, args):
+        if self._depth == 0:
+            self.index += 1
+            for listener in self.listeners:
+                listener(self.index)
+        self._depth += 1
+
+    def _post(self, module, args, output):
+        self._depth = max(0, self._depth - 1)
+
+    @classmethod
+    def attach(cls, model: nn.Module, listener: Callable[[int], None]) -> "PassMarker":
+        marker = model.__dict__.get("_specmoe_passes")
+        if marker is None:
+            marker = cls(model)
+            model.__dict__["_specmoe_passes"] = marker
+        marker._users += 1
+        marker.listeners.append(listener)
+        return marker
+
+    def detach(self, model: nn.Module, listener: Callable[[int], None]) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+        self._users -= 1
+        if self._users <= 0:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            model.__dict__.pop("_specmoe_passes", None)

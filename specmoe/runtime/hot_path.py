@@ -2,6 +2,7 @@
 
 `HotPath` is what the installed `hooks.ExpertsHook`s call. Per MoE layer call (the router has just chosen):
 
+- `start_pass`: the wrapper's pass-start hook (`hooks.PassMarker`) hands on the index of each forward pass;
 - `route`: record the routing, run the predictor, and with ONE device->host sync learn the routed experts and
   the predictor's ranked candidates; hand both to the scheduler (`Scheduler.begin`);
 - `fused_forward` (experts stored as stacked tensors): compute on the slots the scheduler yields, with the
@@ -47,11 +48,16 @@ class HotPath:
         self.num_slots = scheduler.num_slots
         self.predictor = None
         self.host_syncs = 0
+        self.pass_index = 0  # the forward pass running, as the wrapper's pass-start hook counts them
         self.reset()
+
+    def start_pass(self, index: int) -> None:
+        """Forward pass `index` starts (the wrapper's one pass-start signal, `hooks.PassMarker`)."""
+        self.pass_index = index
+        self._history = None
 
     def reset(self) -> None:
         """Forget the current pass (a new generate call)."""
-        self._last_layer: int | None = None
         self._history: torch.Tensor | None = None  # [T, L, k] ids routed in the current pass
         self._chunks = iter(())  # modulelist layout: the scheduler's chunks of the current layer
         self._chunk_slots: dict[int, int] = {}  # modulelist layout: expert -> slot for the current chunk
@@ -69,7 +75,7 @@ class HotPath:
         targets: list[int] = []
         parts = [ids.flatten()]
         if self.predictor is not None:
-            if self._last_layer is None or layer <= self._last_layer or self._history.shape[0] != T:
+            if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module called alone)
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
             self._history[:, layer] = ids
             scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
@@ -79,7 +85,6 @@ class HotPath:
                 m = min(self.prefetch_width, geo.num_experts)
                 stacked = torch.stack([scores[t] for t in targets])  # [n_targets, T, E]
                 parts.append(top_candidates(stacked, m).flatten())  # [n_targets * T * m], best first, -1: none
-        self._last_layer = layer
         host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self.host_syncs += 1
         n = ids.numel()
@@ -89,7 +94,7 @@ class HotPath:
             m = (len(host) - n) // (len(targets) * T)
             for i, t in enumerate(targets):
                 candidates.extend((t % L, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
-        self.scheduler.begin(layer, T, needed, candidates)
+        self.scheduler.begin(self.pass_index, layer, needed, candidates)
         self._tokens = Counter(host[:n])  # expert -> tokens routed to it in this call
         return needed
 

@@ -31,7 +31,7 @@ from .checks import (check_device_memory, check_materialised, check_positive, ch
                      resolve_device)
 from .compression import make_codec
 from .compute import COMPUTE, build_compute, choose_compute
-from .hooks import ExpertsHook, new_store, offload_experts, restore_experts
+from .hooks import ExpertsHook, PassMarker, new_store, offload_experts, restore_experts
 from .host_compute import HostExperts, measure_miss_costs, place_hottest
 from .hot_path import HotPath
 from .misses import MissCosts, check_misses
@@ -145,6 +145,7 @@ class SpeculativeMoE:
         self._orig_expert_device = [torch.device("cpu") if d.type == "meta" else d for d in self._orig_expert_device]
         self._saved: list[dict] = []
         self._hooks: list[ExpertsHook] = []
+        self._passes: PassMarker | None = None
 
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
@@ -175,6 +176,7 @@ class SpeculativeMoE:
             self._restore_model()
             raise
         model._specmoe_wrapper = self
+        self._passes = PassMarker.attach(model, self._start_pass)  # the one pass-start signal, removed at unwrap
         self._reset_state()
         self.reset_stats()
 
@@ -278,6 +280,9 @@ class SpeculativeMoE:
                 self._hooks.append(ExpertsHook(layer, self.hot.modulelist_forward, self.hot.expert_hooks))
 
     def _restore_model(self) -> None:
+        if self._passes is not None:
+            self._passes.detach(self.model, self._start_pass)
+            self._passes = None
         for hook in reversed(self._hooks):
             hook.remove()
         self._hooks = []
@@ -299,7 +304,16 @@ class SpeculativeMoE:
             return type(obj)(self._to_device(v) for v in obj)
         return obj
 
+    def _start_pass(self, index: int) -> None:
+        """A forward pass of the model starts: the hot path and the scheduler get its index (never going back),
+        the predictor its index since its last reset."""
+        self.hot.start_pass(index)
+        start = getattr(self.predictor, "start_pass", None)
+        if start is not None:
+            start(index - self._first_pass)
+
     def _reset_state(self) -> None:
+        self._first_pass = self._passes.index + 1  # the predictor counts passes from here
         if self.predictor is not None:
             self.predictor.reset()
         self.hot.predictor = self.predictor

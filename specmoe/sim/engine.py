@@ -287,7 +287,7 @@ class _Replay:
                     continue
                 # the runtime's experts call: sync, route, acquire, pump, compute
                 eng.h = (h if h > g else g) + host_call
-                sched.begin(layer, T, needed, cands[layer] if cands is not None else ())
+                sched.begin(p, layer, needed, cands[layer] if cands is not None else ())
                 on_host = ()
                 if counts is not None:
                     per_expert = counts[p][layer]
