@@ -11,6 +11,11 @@ inside the experts call (the router has just chosen the top-k):
    or the fused Triton kernel (`specmoe.kernels`) reading slots through the expert->slot table.
 
 Prefetches never change results: a wrong guess costs bandwidth, not correctness.
+
+This module only meets the parts: `checks` (validation, device, memory), `hooks` (experts offloaded into the
+store and back, one `ExpertsHook` per MoE layer, and the `PassMarker` pass-start pre-hook), `scheduler` (every
+decision), `hot_path` (steps 1-4 over explicit state), `compute` (gather / pool / kernel, chosen once) and
+`host_compute` (misses computed on the host, static placement, miss costs).
 """
 
 # Shape legend: T tokens, E experts, H hidden, k top-k, L MoE layers, S slots, B bytes per expert
