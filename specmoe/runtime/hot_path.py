@@ -26,6 +26,20 @@ from .adapters import MoELayer
 from .scheduler import Scheduler
 
 
+class ListCall:
+    """The state of one ModuleList layer call, which its experts' hooks read: the scheduler's chunks (`run`), the
+    routed experts, those computed on the host, and expert -> slot of the current chunk."""
+
+    def __init__(self, chunks=(), routed=(), on_host=()):
+        self.chunks, self.routed, self.on_host = iter(chunks), set(routed), set(on_host)
+        self.slots: dict[int, int] = {}
+
+    def next_chunk(self) -> bool:
+        chunk, slots = next(self.chunks, ((), ()))
+        self.slots = dict(zip(chunk, slots))
+        return bool(chunk)
+
+
 class HotPath:
     """The per-call state of the runtime and the functions over it.
 
@@ -59,15 +73,12 @@ class HotPath:
     def reset(self) -> None:
         """Forget the current pass (a new generate call)."""
         self._history: torch.Tensor | None = None  # [T, L, k] ids routed in the current pass
-        self._chunks = iter(())  # modulelist layout: the scheduler's chunks of the current layer
-        self._chunk_slots: dict[int, int] = {}  # modulelist layout: expert -> slot for the current chunk
-        self._routed: set[int] = set()  # modulelist layout: experts routed at the current layer
-        self._on_host: set[int] = set()  # modulelist layout: experts of the current layer computed on the host
-        self._tokens: Counter = Counter()  # expert -> tokens routed to it in the current layer call
+        self._call = ListCall()  # the ModuleList layer call running (none: empty)
 
-    def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> list[int]:
+    def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int]]:
         """Record routing, run the predictor, and with one host sync learn the routed and predicted experts;
-        hand both to the scheduler. Returns the distinct routed experts, ascending."""
+        hand both to the scheduler. Returns (routed experts the device computes, those the host computes),
+        each ascending (`Scheduler.split`)."""
         geo = self.geometry
         L = geo.num_layers
         T = hidden.shape[0]
@@ -75,7 +86,7 @@ class HotPath:
         targets: list[int] = []
         parts = [ids.flatten()]
         if self.predictor is not None:
-            if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module called alone)
+            if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
             self._history[:, layer] = ids
             scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
@@ -95,12 +106,11 @@ class HotPath:
             for i, t in enumerate(targets):
                 candidates.extend((t % L, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
         self.scheduler.begin(self.pass_index, layer, needed, candidates)
-        self._tokens = Counter(host[:n])  # expert -> tokens routed to it in this call
-        return needed
+        return self.scheduler.split(layer, needed, Counter(host[:n]))  # expert -> tokens routed to it
 
     def fused_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, ids, weights = layer.layout.routing(layer.experts, args, kwargs, self.geometry.top_k)
-        needed, host = self.scheduler.split(layer.index, self.route(layer.index, hidden, ids), self._tokens)
+        needed, host = self.route(layer.index, hidden, ids)
         compute = self.experts_compute.compute
         if not host and len(needed) <= self.num_slots:
             for chosen, _ in self.scheduler.run(layer.index, needed):
@@ -123,33 +133,28 @@ class HotPath:
         scheduler's next chunk when an expert is not in the current one."""
         experts, layout = layer.experts, layer.layout
         hidden, ids, _ = layout.routing(experts, args, kwargs, self.geometry.top_k)
-        needed, host = self.scheduler.split(layer.index, self.route(layer.index, hidden, ids), self._tokens)
-        self._on_host = set(host)  # these run on the host, one by one, inside the family's loop (hooks below)
-        self._chunks = self.scheduler.run(layer.index, needed)
-        self._routed = set(needed)
-        self._next_chunk()
+        needed, host = self.route(layer.index, hidden, ids)
+        # experts on the host run one by one inside the family's loop, as the others (hooks below)
+        call = self._call = ListCall(self.scheduler.run(layer.index, needed), needed, host)
+        call.next_chunk()
         out = type(experts).forward(experts, *args, **kwargs)
-        for _ in self._chunks:  # release the last chunk (and prefetch, after chunks)
+        for _ in call.chunks:  # release the last chunk (and prefetch, after chunks)
             pass
-        self._chunk_slots, self._routed, self._on_host = {}, set(), set()
+        self._call = ListCall()
         return out
-
-    def _next_chunk(self) -> bool:
-        chunk, slots = next(self._chunks, ((), ()))
-        self._chunk_slots = dict(zip(chunk, slots))
-        return bool(chunk)
 
     def expert_hooks(self, layer: MoELayer, e: int):
         """(forward pre-hook, forward hook) of expert e of a ModuleList layer: bind it to its slot (or to its host
         tensors), and after a lone fetch release the slot / bring a host output back."""
         def pre(module, args):
-            if e in self._on_host:  # computed from the host store: its input crosses to the host
+            call = self._call
+            if e in call.on_host:  # computed from the host store: its input crosses to the host
                 self.host.bind_expert(layer, module, e)
                 module._specmoe_on_host = True
                 return tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
-            slot = self._chunk_slots.get(e)
-            while slot is None and e in self._routed and self._next_chunk():  # in a later chunk
-                slot = self._chunk_slots.get(e)
+            slot = call.slots.get(e)
+            while slot is None and e in call.routed and call.next_chunk():  # in a later chunk
+                slot = call.slots.get(e)
             if slot is None:  # not announced by the routing (or visited out of order): fetch it alone
                 (slot,) = self.scheduler.acquire(layer.index, [e])
                 module._specmoe_lazy_slot = slot
