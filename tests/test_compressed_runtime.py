@@ -128,7 +128,7 @@ def test_compressed_model_equals_dequantized_model(family, scheme, capacity, pre
 
     smoe = SpeculativeMoE(model, PREDICTORS[predictor](), cache_capacity=capacity, compression=scheme,
                           transfer=transfer, compute=compute)
-    assert smoe.pool.compressed and smoe._model_compute == "gather"
+    assert smoe.pool.compressed and smoe.experts_compute.model_compute == "gather"
     with torch.no_grad():
         tokens = smoe.generate(**inputs, max_new_tokens=new, do_sample=False)
         logits = smoe(**inputs, **extra).logits
@@ -167,9 +167,9 @@ def test_a_budget_buys_more_compressed_experts():
 
 def test_fallback_says_why_once(caplog):
     model = build_tiny("mixtral")
-    with caplog.at_level(logging.INFO, logger="specmoe.runtime.wrapper"):
+    with caplog.at_level(logging.INFO, logger="specmoe.runtime.compute"):
         smoe = SpeculativeMoE(model, None, compression="int8", compute="pool", device="cpu")
-    assert smoe._model_compute == "gather"
+    assert smoe.experts_compute.model_compute == "gather"
     assert caplog.text.count("cannot run the model's experts on compressed slots") == 1
     with pytest.warns(UserWarning):
         smoe.unwrap()
@@ -178,9 +178,9 @@ def test_fallback_says_why_once(caplog):
 @needs_triton
 def test_kernel_fallback_for_unsupported_layers_says_why(caplog):
     model = build_tiny("gpt_oss")  # transposed experts with biases: the kernel does not apply
-    with caplog.at_level(logging.INFO, logger="specmoe.runtime.fused_compute"):
+    with caplog.at_level(logging.INFO, logger="specmoe.runtime.compute"):
         smoe = SpeculativeMoE(model, None, compression="int4", compute="triton")
-    assert smoe._fused.activation == {}
+    assert smoe.experts_compute.kernel.activation == {}
     lines = [r.getMessage() for r in caplog.records if "does not support it" in r.getMessage()]
     assert len(lines) == 2 and all("dequantized into a scratch" in line for line in lines)  # one per MoE layer
     with pytest.warns(UserWarning):

@@ -12,7 +12,7 @@ from specmoe import SpeculativeMoE
 from specmoe.kernels import MoEKernelConfig, launch_config, shape_key
 from specmoe.kernels.jit import triton_runs_on
 from specmoe.runtime.adapters import find_moe_layers
-from specmoe.runtime.fused_compute import FusedKernelCompute
+from specmoe.runtime.compute import FusedKernelCompute
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -27,7 +27,7 @@ def test_triton_compute_gives_the_models_tokens(family, capacity):
         want_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         want_logits = model(**inputs).logits
     smoe = SpeculativeMoE(model, None, cache_capacity=capacity, device=DEVICE, compute="triton")
-    assert sorted(smoe._fused.activation) == [0, 1]  # the kernel computes every MoE layer
+    assert sorted(smoe.experts_compute.kernel.activation) == [0, 1]  # the kernel computes every MoE layer
     with torch.no_grad():
         tokens = smoe.generate(**inputs, max_new_tokens=3, do_sample=False)
         logits = smoe(**inputs).logits
@@ -43,9 +43,9 @@ def test_triton_compute_falls_back_for_unsupported_layers(caplog):
     inputs = make_inputs(model, batch=1, length=4)
     with torch.no_grad():
         want = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    with caplog.at_level(logging.INFO, logger="specmoe.runtime.fused_compute"):
+    with caplog.at_level(logging.INFO, logger="specmoe.runtime.compute"):
         smoe = SpeculativeMoE(model, None, cache_capacity=0.5, compute="triton")
-    assert smoe._fused.activation == {}
+    assert smoe.experts_compute.kernel.activation == {}
     assert "does not support it (is_concatenated=False)" in caplog.text
     with torch.no_grad():
         assert torch.equal(smoe.generate(**inputs, max_new_tokens=2, do_sample=False), want)
@@ -55,7 +55,7 @@ def test_triton_compute_falls_back_for_unsupported_layers(caplog):
 def test_compute_modes():
     model = build_tiny("mixtral")
     smoe = SpeculativeMoE(model, None, device="cpu")
-    assert smoe.compute == "auto" and smoe._model_compute == "gather" and smoe._fused is None
+    assert smoe.compute == "auto" and smoe.experts_compute.model_compute == "gather" and smoe.experts_compute.kernel is None
     smoe.unwrap()
     with pytest.raises(ValueError, match="compute must be one of"):
         SpeculativeMoE(model, None, compute="fast")
@@ -131,7 +131,7 @@ def test_auto_uses_the_kernel_only_where_measured_faster(config_dir, caplog):
     views = {"gate_up_proj": layer.experts.gate_up_proj, "down_proj": layer.experts.down_proj}
     key = shape_key(torch.float32, 64, 96, 2)
     write_tuned(config_dir, "cpu", key, {8: True, 64: False})
-    with caplog.at_level(logging.INFO, logger="specmoe.runtime.fused_compute"):
+    with caplog.at_level(logging.INFO, logger="specmoe.runtime.compute"):
         assert fused.wanted(layer, torch.zeros(1, 2, dtype=torch.long), views)
         assert not fused.wanted(layer, torch.zeros(40, 2, dtype=torch.long), views)
         assert not fused.wanted(layer, torch.zeros(50, 2, dtype=torch.long), views)

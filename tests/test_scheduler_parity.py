@@ -10,6 +10,7 @@ from specmoe import SpeculativeMoE
 from specmoe.predictors import HistoryPredictor, OraclePredictor, PreGatePredictor
 from specmoe.predictors.base import rank_by_votes, top_candidates
 from specmoe.runtime.adapters import find_moe_layers
+from specmoe.runtime.hooks import PassMarker
 from specmoe.sim.compute import OpCounts
 from specmoe.sim.engine import simulate
 from specmoe.sim.hardware import PROFILES
@@ -35,12 +36,16 @@ class record:
     hidden states exact so that a predictor scores them as it did in the run)."""
 
     def __init__(self, smoe):
-        self.smoe, self.passes, self.last = smoe, [], None
+        self.smoe, self.passes, self.new = smoe, [], True
+
+    def _start(self, index):
+        self.new = True
 
     def __enter__(self):
         geo = self.smoe.geometry
         self.handles = [layer.experts.register_forward_pre_hook(self._hook(layer), with_kwargs=True)
                         for layer in self.smoe.moe.layers]
+        self.marker = PassMarker.attach(self.smoe.model, self._start)  # the wrapper's pass starts
         self.geo = geo
         return self
 
@@ -48,10 +53,10 @@ class record:
         def hook(module, args, kwargs):
             hidden, ids, _ = layer.layout.routing(module, args, kwargs, self.geo.top_k)
             T = hidden.shape[0]
-            if self.last is None or layer.index <= self.last or self.passes[-1][0].shape[0] != T:
+            if self.new:
+                self.new = False
                 L = self.geo.num_layers
                 self.passes.append((torch.full((T, L, self.geo.top_k), -1), torch.zeros(T, L, self.geo.hidden_size)))
-            self.last = layer.index
             self.passes[-1][0][:, layer.index] = ids.reshape(T, -1)
             self.passes[-1][1][:, layer.index] = hidden.reshape(T, -1).float()
 
@@ -60,6 +65,7 @@ class record:
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
+        self.marker.detach(self.smoe.model, self._start)
 
     def stream(self) -> RoutingStream:
         ids = [p[0] for p in self.passes]

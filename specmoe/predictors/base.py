@@ -11,6 +11,10 @@ The runtime calls it once per MoE layer, between the router and the experts:
 * returns ``{target: scores [T, E]}`` for targets ``> layer``. A target ``>= L`` names layer ``target - L``
   of the next forward pass (the next token), so that the last layers of token t can prefetch for the first
   layers of token t+1. Higher score = more likely routed; the runtime prefetches the best few.
+
+Around those calls: ``bind(geometry, routers)`` once, ``reset()`` at each generate call, and
+``start_pass(index)`` as each forward pass starts (index from 0 after the reset; the runtime's one pass-start
+signal, so no predictor guesses passes).
 """
 
 # Shape legend: T tokens, E experts, H hidden, L MoE layers, k top-k
@@ -97,6 +101,10 @@ class Predictor:
 
     def reset(self) -> None:
         """A new generate call begins."""
+
+    def start_pass(self, index: int) -> None:
+        """Forward pass `index` (counted from 0 at the last `reset`) starts: the runtime marks pass starts (one
+        forward pre-hook on the model), so a predictor never guesses them from layer order or token counts."""
 
     def predict(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
         raise NotImplementedError

@@ -12,23 +12,6 @@ from ..geometry import MoEGeometry
 from .base import Predictor, register_predictor
 
 
-class _PassCounter:
-    """Tracks which forward pass a predict call belongs to: a new pass starts when the layer index does not
-    increase or the number of tokens changes."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.index, self._last_layer, self._tokens = -1, None, None
-
-    def step(self, layer: int, tokens: int) -> int:
-        if self._last_layer is None or layer <= self._last_layer or tokens != self._tokens:
-            self.index += 1
-        self._last_layer, self._tokens = layer, tokens
-        return self.index
-
-
 @register_predictor("oracle")
 class OraclePredictor(Predictor):
     """Replays given routing: the experts that will be routed score 1, the rest 0.
@@ -37,12 +20,14 @@ class OraclePredictor(Predictor):
         routing: one tensor per forward pass, [T, L, k] expert ids (-1 where a layer did not run), in the
             order the passes will run again (as `specmoe.traces.capture_routing` records them).
         lookahead: how many MoE layers ahead to reveal; targets past the last layer read the next pass.
+
+    Which pass is predicted comes from `start_pass` (the runtime calls it at each forward pass; 0 after `reset`).
     """
 
     def __init__(self, routing: Sequence[torch.Tensor], lookahead: int = 1, geometry: MoEGeometry | None = None):
         super().__init__(lookahead, geometry)
         self.routing = [r.long() for r in routing]
-        self._passes = _PassCounter()
+        self._pass = 0  # the forward pass being predicted (`start_pass`), 0 after a reset
         for i, r in enumerate(self.routing):
             if r.dim() != 3:
                 raise ValueError(f"routing[{i}] must be [T, L, k], got shape {tuple(r.shape)}")
@@ -55,12 +40,15 @@ class OraclePredictor(Predictor):
                                  f"{geometry.top_k}] for this model")
 
     def reset(self):
-        self._passes.reset()
+        self._pass = 0
+
+    def start_pass(self, index):
+        self._pass = index
 
     @torch.no_grad()
     def predict(self, layer, hidden, history):
         L, E = self.geometry.num_layers, self.geometry.num_experts
-        p = self._passes.step(layer, hidden.shape[0])
+        p = self._pass
         out = {}
         T = hidden.shape[0]
         for t in self.targets(layer):

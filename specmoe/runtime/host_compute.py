@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .adapters import FusedExperts, MoELayer
+from .misses import MissCosts, hottest
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,66 @@ class HostExperts:
         hidden, ids, weights = (t.to(host) for t in (hidden, ids, weights))
         return self._pool.submit(self.compute, layer, hidden, ids, weights, list(chosen))
 
+    def bind_expert(self, layer: MoELayer, module: nn.Module, e: int) -> None:
+        """Bind expert `e`'s host tensors to its module (ModuleList layouts: it runs on the host, in the family's
+        own loop)."""
+        tensors, rows = self.tensors(layer.index, [e])  # name -> [E, *shape], or [1, *shape]
+        layer.layout.bind_expert(module, tensors, e if rows is None else 0)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._clones.clear()
+
+
+def place_hottest(frequencies, num_layers: int, num_slots: int, cache, engine, pool, store) -> None:
+    """Load the hottest experts of routing frequencies [L][E] into the slots (a static placement, as llama.cpp's:
+    with misses="host" and no predictor nothing is ever copied again)."""
+    freq = torch.as_tensor(frequencies)
+    if tuple(freq.shape) != (num_layers, cache.num_experts):
+        raise ValueError(f"placement must be routing frequencies [L, E] = "
+                         f"{[num_layers, cache.num_experts]}, got {list(freq.shape)}")
+    for key in hottest(freq.tolist(), num_slots):
+        slot, _ = cache.assign(key, lambda s: True)
+        engine.copy_in(slot, pool.data[slot], store[key], demand=True)
+    engine.synchronize()
+
+
+def measure_miss_costs(host: HostExperts, layer: MoELayer, engine, pool, store, hidden_size: int, top_k: int,
+                       device, repeats: int = 3) -> MissCosts:
+    """Time one expert copy into a slot and one expert of `layer` computed on the host (1 and k tokens), here."""
+    def best(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def copy():
+        engine.copy_in(0, pool.data[0], store[(layer.index, 0)], demand=True)
+        engine.synchronize()
+
+    dtype = next(s.dtype for s in pool.layout.specs if s.dtype.is_floating_point)
+    k = max(2, top_k)
+
+    def on_host(tokens):
+        hidden = torch.randn(tokens, hidden_size).to(dtype)
+        if isinstance(layer.layout, FusedExperts):
+            ids, w = torch.zeros(tokens, 1, dtype=torch.long), torch.ones(tokens, 1)
+            return lambda: host.compute(layer, hidden, ids, w, [0])
+        expert = layer.layout.experts_list(layer.experts)[0]
+        tensors, rows = host.tensors(layer.index, [0])
+
+        def run():
+            layer.layout.bind_expert(expert, tensors, 0)
+            with torch.no_grad():
+                type(expert).forward(expert, hidden)
+        return run
+
+    copy_s = best(copy)
+    one, many = best(on_host(1)), best(on_host(k))
+    costs = MissCosts(copy_s, one, max(0.0, many - one) / (k - 1),
+                      source=f"measured at start-up on {device}: one expert copied, one computed on the host")
+    logger.info("misses='auto': %s", costs)
+    return costs

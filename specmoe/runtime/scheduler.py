@@ -2,7 +2,7 @@
 
 Per MoE layer call, once the router has chosen and the predictor has ranked its candidates:
 
-1. `begin(layer, tokens, routed, candidates)`: queue the candidates that are not resident (best first); the
+1. `begin(pass_index, layer, routed, candidates)`: queue the candidates that are not resident (best first); the
    eviction policy observes the routing and the prediction (`observe`, `observe_time`);
 2. `run(layer, routed)` yields (experts, slots) to compute on. `start` acquires the routed experts (resident or
    in flight: hits; the rest fetched on demand, ahead of any queued prefetch), then pumps prefetches within the
@@ -60,7 +60,8 @@ class Scheduler:
     Args:
         cache: the slot cache and its eviction policy (which the cache `bind`s, where it has that method); the
             policy's optional `observe(layer, predicted, routed)` and `observe_time(t)` are called at each
-            `begin` (t = pass * L + layer, passes counted as the runtime sees them; `routed` is read-only).
+            `begin` (t = pass_index * L + layer, the pass index its caller hands on: the runtime's pass-start hook,
+            the simulator's stream; `routed` is read-only).
         engine: the copies (`SlotEngine`).
         num_layers: L.
         max_inflight: bound on prefetch copies in flight.
@@ -84,8 +85,6 @@ class Scheduler:
         self._observe = getattr(policy, "observe", None)
         self._observe_time = getattr(policy, "observe_time", None)
         self._read_ahead = getattr(engine, "read_ahead", None)  # only engines over a file-backed store
-        self._pass = -1  # passes seen, never reset: the policy's clock only rises
-        self._tokens = None
         # The containers below are cleared in place, never rebound: the closures see them.
         self._queue: list[Key] = []  # prefetch candidates, best LAST (popped from the end)
         self._predicted: set[Key] = set()  # what the latest prediction wants kept
@@ -116,7 +115,6 @@ class Scheduler:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
         for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._in_use):
             container.clear()
-        self._last_layer: int | None = None  # the next call starts a pass
         self._guessing = False  # the current call came with prefetch candidates
 
     def reset_stats(self) -> None:
@@ -131,12 +129,10 @@ class Scheduler:
         return out
 
     # ---- one MoE layer call -----------------------------------------------------------------------------------
-    def begin(self, layer: int, tokens: int, routed: list[int], candidates: Sequence[Key]) -> None:
-        """Layer `layer` of a pass of `tokens` tokens was routed to `routed` (distinct, ascending); `candidates`
-        are the prediction's keys, best first."""
-        if self._last_layer is None or layer <= self._last_layer or tokens != self._tokens:
-            self._pass += 1
-        self._last_layer, self._tokens = layer, tokens
+    def begin(self, pass_index: int, layer: int, routed: list[int], candidates: Sequence[Key]) -> None:
+        """Layer `layer` of forward pass `pass_index` (counted by the caller, never going back: the policy's clock
+        only rises) was routed to `routed` (distinct, ascending); `candidates` are the prediction's keys, best
+        first."""
         self.layer_calls += 1
         self._guessing = bool(candidates)
         predicted, queue = self._predicted, self._queue
@@ -151,7 +147,7 @@ class Scheduler:
         if self._observe is not None:  # a snapshot: the scheduler's own set changes at the next call
             self._observe(layer, frozenset(predicted), routed)
         if self._observe_time is not None:
-            self._observe_time(self._pass * self.num_layers + layer)
+            self._observe_time(pass_index * self.num_layers + layer)
 
     def run(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
         """Yield (experts, slots) to compute on, once (all of `routed`: `start`) or per chunk of at most S experts

@@ -30,15 +30,16 @@ from ..runtime.capacity import resolve_capacity
 from ..runtime.misses import check_misses, hottest
 from ..runtime.policies import DEFAULT_POLICY
 from ..runtime.scheduler import Scheduler
+from .clock import ClockEngine, HostMissCosts
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
-from .host import HostProfile, expert_format
+from .host import HostProfile
 from .policies import make_sim_policy
 from .predictions import Candidates
 from .shapes import ModelShape
 from .stream import RoutingStream
 
-Key = tuple[int, int]
+__all__ = ["ClockEngine", "HostMissCosts", "SimResult", "device_weight_bytes", "simulate", "stream_frequencies"]
 
 
 @dataclass
@@ -179,63 +180,9 @@ def stream_frequencies(stream: RoutingStream, num_experts: int) -> list[list[int
     return counts
 
 
-class HostMissCosts:
-    """`runtime.misses` costs from profiles: one expert's copy, and its host compute for a number of tokens."""
-
-    def __init__(self, copy_s: float, host: HostProfile, shape: ModelShape, host_call_s: float = 0.0):
-        self.copy_s, self.host, self.shape, self.host_call_s = copy_s, host, shape, host_call_s
-        self.fmt = expert_format(shape.expert_dtype, shape.compression)
-        self._by_tokens: dict[int, float] = {}
-
-    def host_seconds(self, tokens: int) -> float:
-        t = self._by_tokens.get(tokens)
-        if t is None:
-            t = self._by_tokens[tokens] = self.host.expert_seconds(self.shape.transfer_bytes, self.shape.expert_params,
-                                                                   tokens, self.fmt)
-        return t
-
-
 TRANSFERS = ("stream", "sync")
 _COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
              "bytes_moved")
-
-
-class ClockEngine:
-    """The simulator's copy engine (`specmoe.runtime.scheduler.SlotEngine`): one FIFO copy queue on a clock.
-
-    `h` is the host clock; a copy costs the host `issue_s` to issue and lands `copy_s` after the engine is free
-    (with `sync`, the host waits for it: the runtime's synchronous engine). Compute waits are the compute model's
-    (`_Replay.run` reads `ready_at`)."""
-
-    def __init__(self, num_slots: int, copy_s: float, issue_s: float, sync: bool = False):
-        self.copy_s, self.issue_s, self.sync = copy_s, issue_s, sync
-        self.h = 0.0
-        self.free = 0.0  # when the last copy issued lands
-        self.ready_at = [0.0] * num_slots  # when the copy into each slot lands
-
-    def ready(self, slot: int) -> bool:
-        return self.ready_at[slot] <= self.h
-
-    def copy_in(self, slot: int, key, demand: bool) -> None:
-        self.h += self.issue_s
-        self.free = (self.free if self.free > self.h else self.h) + self.copy_s
-        self.ready_at[slot] = self.free
-        if self.sync:
-            self.h = self.free
-
-    def wait(self, slots) -> None:
-        pass
-
-    def wait_host(self, slot: int) -> None:
-        if self.ready_at[slot] > self.h:
-            self.h = self.ready_at[slot]
-
-    def release(self, slots) -> None:
-        pass
-
-    def backlog_s(self) -> float:
-        """Copy time queued ahead of a copy issued now."""
-        return max(0.0, self.free - self.h)
 
 
 def _routing_lists(stream: RoutingStream) -> tuple[list, list]:
@@ -340,7 +287,7 @@ class _Replay:
                     continue
                 # the runtime's experts call: sync, route, acquire, pump, compute
                 eng.h = (h if h > g else g) + host_call
-                sched.begin(layer, T, needed, cands[layer] if cands is not None else ())
+                sched.begin(p, layer, needed, cands[layer] if cands is not None else ())
                 on_host = ()
                 if counts is not None:
                     per_expert = counts[p][layer]

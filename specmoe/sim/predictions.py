@@ -57,6 +57,8 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
     with torch.no_grad():
         for a in tqdm(range(0, N, chunk), desc="predict", unit="chunk", disable=not progress):
             predictor.reset()  # each chunk is called like one forward pass: layers in order, same tokens
+            if hasattr(predictor, "start_pass"):
+                predictor.start_pass(0)
             for layer in range(L):
                 n = min(chunk, N - a)
                 hidden = stream.hidden[layer][a : a + chunk].float() if layer in stream.hidden else \

@@ -1,6 +1,8 @@
 """Record the routing a model actually does: per forward pass, per token, per MoE layer, the top-k ids.
 
-Works on plain and wrapped models alike (it hooks the experts modules' calls, which both go through).
+Works on plain and wrapped models alike (it hooks the experts modules' calls, which both go through). A pass
+starts where the model's one pass-start signal says (`runtime.hooks.PassMarker`: a forward pre-hook on the
+top-level model, shared with the wrapper), never guessed from layer order or token counts.
 """
 
 # Shape legend: T tokens, L MoE layers, k top-k, H hidden
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from ..runtime.adapters import ModelMoE, find_moe_layers
+from ..runtime.hooks import PassMarker
 
 
 @dataclass
@@ -40,11 +43,16 @@ class capture_routing:
 
     def __init__(self, model: nn.Module, hidden_layers: Sequence[int] = (), moe: ModelMoE | None = None):
         wrapper = getattr(model, "_specmoe_wrapper", None)  # a wrapped model's experts left the module
+        self.model = wrapper.model if wrapper is not None else model
         self.moe = moe or (wrapper.moe if wrapper is not None else find_moe_layers(model))
         self.hidden_layers = set(hidden_layers)
         self.passes: list[RoutedPass] = []
         self._handles = []
-        self._last_layer: int | None = None
+        self._marker: PassMarker | None = None
+        self._new_pass = True  # the next layer call starts a RoutedPass
+
+    def _start_pass(self, index: int) -> None:
+        self._new_pass = True
 
     def _hook(self, index: int):
         geo = self.moe.geometry
@@ -53,12 +61,12 @@ class capture_routing:
         def hook(module, args, kwargs):
             hidden, ids, weights = layer.layout.routing(module, args, kwargs, geo.top_k)
             T = hidden.shape[0]
-            if self._last_layer is None or index <= self._last_layer or self.passes[-1].ids.shape[0] != T:
+            if self._new_pass:
+                self._new_pass = False
                 self.passes.append(RoutedPass(
                     torch.full((T, geo.num_layers, geo.top_k), -1, dtype=torch.long),
                     torch.zeros(T, geo.num_layers, geo.top_k),
                 ))
-            self._last_layer = index
             cur = self.passes[-1]
             cur.ids[:, index] = ids.reshape(T, -1).long().cpu()
             if weights is not None and weights.numel() == T * geo.top_k:
@@ -69,6 +77,7 @@ class capture_routing:
         return hook
 
     def __enter__(self) -> "capture_routing":
+        self._marker = PassMarker.attach(self.model, self._start_pass)
         for layer in self.moe.layers:
             self._handles.append(layer.experts.register_forward_pre_hook(self._hook(layer.index), with_kwargs=True))
         return self
@@ -77,3 +86,6 @@ class capture_routing:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._marker is not None:
+            self._marker.detach(self.model, self._start_pass)
+            self._marker = None

@@ -80,8 +80,11 @@ def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 48
     hidden = {layer: h.to(device) for layer, h in trace.hidden.items()}
     ids = trace.ids.to(device)
     times = []
+    start_pass = getattr(predictor, "start_pass", None)
     for i, tok in enumerate(tokens.tolist()):
         layer = i % L
+        if layer == 0 and start_pass is not None:  # each round of layers is a decode pass of its own
+            start_pass(i // L)
         h = hidden[layer][tok : tok + 1] if layer in hidden else torch.zeros(1, trace.geometry.hidden_size, device=device)
         hist = ids[tok : tok + 1, : layer + 1]
         times.append(timed_call(lambda: predictor.predict(layer, h, hist), device)[0])
@@ -124,7 +127,10 @@ def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace
         per = {(d, layer): new() for d in range(1, D + 1) for layer in range(L)}
         predictor.reset()
         spent = 0.0
-        for start, end in tqdm(passes, desc=f"eval {name}", unit="pass", disable=not progress):
+        start_pass = getattr(predictor, "start_pass", None)
+        for p, (start, end) in enumerate(tqdm(passes, desc=f"eval {name}", unit="pass", disable=not progress)):
+            if start_pass is not None:  # the pass index, handed on as the runtime does (never guessed)
+                start_pass(p)
             ids = trace.ids[start:end]  # [T, L, k]
             ids_dev = ids.to(device)
             nxt = has_next[start:end]  # [T]

@@ -1,0 +1,229 @@
+"""How a fused-experts MoE layer's routed experts are computed on the slot pool: small strategies, one interface.
+
+``compute(layer, args, kwargs, ids, weights, chosen, partial) -> [T, H]`` runs the routed experts in `chosen`
+(all resident); with `partial`, routes to other experts get weight 0 (the caller sums the parts).
+
+- `GatherCompute`: the model's own experts implementation on a compact [n, ...] copy of the routed slots
+  (dequantized when the slots are compressed).
+- `PoolCompute`: the model's own implementation on all S slots, with expert ids remapped to slot ids, no copy.
+- `KernelCompute`: the fused Triton kernel (`FusedKernelCompute`) reading slots through the expert->slot table,
+  for the layers and shapes it is chosen for; one of the two above elsewhere. ``compute="triton"``: every MoE
+  layer the kernel supports, always (compressed slots too: the kernel dequantizes in registers; "auto" then takes
+  the kernel wherever Triton runs). ``compute="auto"`` (CUDA): only for the shapes where the tuned launch configs
+  of this GPU (`specmoe/kernels/configs/<device>.json`) record that the kernel measured faster than
+  transformers' experts implementation; elsewhere the model's implementation, and a log line saying so, once
+  per shape.
+
+`choose_compute` picks once, in the wrapper's constructor (before the experts leave their modules: the kernel
+plans read them); `build_compute` makes the strategy once the pool exists.
+"""
+
+# Shape legend: T tokens, E experts, H hidden, k top-k, S slots, n experts computed
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .adapters import FusedExperts, MoELayer
+
+COMPUTE = ("auto", "gather", "pool", "triton")
+logger = logging.getLogger(__name__)
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
+    t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
+def _compressed_fallback(compute: str, model_compute: str) -> str:
+    """What runs the model's experts implementation on compressed slots: it cannot read them in place
+    ("pool"), so the routed slots are dequantized into a scratch ("gather")."""
+    if model_compute == "pool":
+        if compute == "pool":
+            logger.info("compute='pool' cannot run the model's experts on compressed slots; dequantizing the "
+                        "routed slots into a scratch instead (compute='gather')")
+        return "gather"
+    if compute in ("gather", "auto"):
+        logger.info("compressed slots without the fused kernel (compute=%r): routed slots are dequantized into "
+                    "a scratch for the model's experts implementation", compute)
+    return model_compute
+
+
+def choose_compute(compute: str | None, device: torch.device, compressed: bool,
+                   layers: list[MoELayer]) -> tuple[str, str, FusedKernelCompute | None]:
+    """(compute, what runs the model's implementation: "gather" or "pool", the kernel or None), validated; plans
+    the kernel for the fused-experts layers it supports (reads their modules: call before the experts move)."""
+    compute = compute or "auto"
+    if compute not in COMPUTE:
+        raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
+    model_compute = compute if compute in ("gather", "pool") else "pool" if device.type == "cuda" else "gather"
+    if compressed:
+        model_compute = _compressed_fallback(compute, model_compute)
+    kernel = None
+    if compute == "triton" or (compute == "auto" and device.type == "cuda"):
+        kernel = FusedKernelCompute(compute, device, model_compute, compressed=compressed)
+        for layer in layers:
+            if isinstance(layer.layout, FusedExperts):
+                kernel.plan(layer)
+    return compute, model_compute, kernel
+
+
+class FusedKernelCompute:
+    """Per-layer plans and per-call choice for the fused experts kernel.
+
+    Args:
+        mode: "triton" or "auto".
+        device: the cache's device.
+        fallback: what runs instead ("pool" or "gather"), for log messages.
+        compressed: the slots hold compressed experts; the kernel reads them as they are, and the fallback
+            dequantizes the routed slots into a scratch, so "auto" takes the kernel wherever it runs.
+    """
+
+    def __init__(self, mode: str, device: torch.device, fallback: str, compressed: bool = False):
+        from .. import kernels  # imports triton: only when the kernel may be used
+
+        self.kernels = kernels
+        self.mode = mode
+        self.device = device
+        self.compressed = compressed
+        self.fallback = (f"{fallback} on the routed slots dequantized into a scratch" if compressed else fallback)
+        self.activation: dict[int, str] = {}  # MoE layer -> activation, for layers the kernel supports
+        self._logged: set[str] = set()
+        self.runs_here = kernels.triton_runs_on(device)  # else moe_experts falls back to the torch reference
+        if mode == "auto" and not self.runs_here:
+            logger.info("compute='auto': Triton cannot run on %s here; using %s", device, fallback)
+
+    def plan(self, layer: MoELayer) -> None:
+        activation, reason = self.kernels.kernel_activation(layer.experts)
+        if activation is None:
+            logger.info("MoE layer %s: the fused kernel does not support it (%s); using the model's experts "
+                        "implementation (%s)", layer.name, reason, self.fallback)
+        else:
+            self.activation[layer.index] = activation
+
+    def wanted(self, layer: MoELayer, ids: torch.Tensor, views: dict[str, torch.Tensor]) -> bool:
+        """Whether this call (routed ids [T, k]) runs the kernel."""
+        if layer.index not in self.activation:
+            return False
+        if self.mode == "triton":
+            return True
+        if not self.runs_here:
+            return False
+        if self.compressed:  # fewer bytes read than any dequantize-then-compute path
+            return True
+        gate_up, down = views["gate_up_proj"], views["down_proj"]  # [S, 2I, H], [S, H, I]
+        tokens, top_k = ids.shape
+        key = self.kernels.shape_key(gate_up.dtype, gate_up.shape[-1], down.shape[-1], top_k)
+        if self.kernels.launch_configs(self.device).kernel_faster(key, tokens):
+            return True
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.info("compute='auto': no measurement on %s says the fused kernel beats the model's experts "
+                        "implementation for %s at %d tokens; using %s", self.device, key, tokens, self.fallback)
+        return False
+
+    def __call__(self, layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 views: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
+        """[T, H] routed experts' output for hidden [T, H], ids/weights [T, k], the pool's weights (views, or
+        QuantizedStacks when compressed), table [E]."""
+        return self.kernels.moe_experts(hidden, ids, weights, views["gate_up_proj"], views["down_proj"], table,
+                                        self.activation[layer.index])
+
+
+class ModelCompute:
+    """The model's own experts implementation, on expert ids remapped into the pool (base of gather and pool).
+
+    Args:
+        pool: the `cache.SlotPool`.
+        table: [L, E] expert -> slot (-1: not resident), the cache's table.
+        num_experts: E.
+    """
+
+    name = ""
+    kernel: FusedKernelCompute | None = None
+
+    def __init__(self, pool, table: torch.Tensor, num_experts: int):
+        self.pool, self.table, self.num_experts = pool, table, num_experts
+
+    @property
+    def model_compute(self) -> str:
+        return self.name
+
+    def prepare(self, layer: MoELayer) -> None:
+        """Called once per fused-experts layer at install."""
+
+    def remap(self, layer: MoELayer, ids: torch.Tensor, chosen_t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool) -> torch.Tensor:
+        experts, layout = layer.experts, layer.layout
+        chosen_t = to_device(chosen, ids.device)  # [n]
+        new_ids = self.remap(layer, ids, chosen_t)  # [T, k]
+        if partial:
+            member = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
+            member[chosen_t] = True
+            keep = member[ids]  # [T, k]
+            new_ids = torch.where(keep, new_ids, torch.zeros_like(new_ids))  # any valid index; weight 0
+            weights = weights * keep
+        a, kw = layout.replace_call(args, kwargs, experts, new_ids, weights)
+        return type(experts).forward(experts, *a, **kw)
+
+
+class GatherCompute(ModelCompute):
+    """The routed slots copied into a compact [n, ...] buffer (one gather, dequantized if compressed)."""
+
+    name = "gather"
+
+    def remap(self, layer, ids, chosen_t):
+        table = self.table[layer.index]  # [E] expert -> slot
+        lut = torch.zeros(self.num_experts, dtype=torch.long, device=ids.device)  # [E] expert -> compact index
+        lut[chosen_t] = torch.arange(len(chosen_t), device=ids.device)
+        layer.layout.bind_pool(layer.experts, self.pool.gather(table[chosen_t]))  # [n, ...]
+        return lut[ids]
+
+
+class PoolCompute(ModelCompute):
+    """All S slots bound to the experts module once; ids become slot ids."""
+
+    name = "pool"
+
+    def prepare(self, layer):
+        layer.layout.bind_pool(layer.experts, self.pool.views)
+
+    def remap(self, layer, ids, chosen_t):
+        return self.table[layer.index][ids]  # [T, k] slot ids
+
+
+class KernelCompute:
+    """The fused kernel where `kernel.wanted` says so for this call, `fallback` elsewhere."""
+
+    def __init__(self, kernel: FusedKernelCompute, fallback: ModelCompute, top_k: int):
+        self.kernel, self.fallback, self.top_k = kernel, fallback, top_k
+        self.pool, self.table, self.num_experts = fallback.pool, fallback.table, fallback.num_experts
+
+    @property
+    def model_compute(self) -> str:
+        return self.fallback.name
+
+    def prepare(self, layer: MoELayer) -> None:
+        self.fallback.prepare(layer)
+
+    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool) -> torch.Tensor:
+        if not self.kernel.wanted(layer, ids, self.pool.weights):
+            return self.fallback.compute(layer, args, kwargs, ids, weights, chosen, partial)
+        hidden = layer.layout.routing(layer.experts, args, kwargs, self.top_k)[0]  # [T, H]
+        table = self.table[layer.index]  # [E] expert -> slot
+        if partial:  # experts outside the chunk contribute nothing: they are absent for the kernel
+            member = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
+            member[to_device(chosen, ids.device)] = True
+            table = torch.where(member, table, torch.full_like(table, -1))
+        return self.kernel(layer, hidden, ids, weights, self.pool.weights, table)
+
+
+def build_compute(model_compute: str, kernel: FusedKernelCompute | None, pool, table: torch.Tensor,
+                  num_experts: int, top_k: int) -> ModelCompute | KernelCompute:
+    strategy = (GatherCompute if model_compute == "gather" else PoolCompute)(pool, table, num_experts)
+    return KernelCompute(kernel, strategy, top_k) if kernel is not None else strategy
