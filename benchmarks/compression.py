@@ -6,7 +6,7 @@ many experts a GPU holds, per scheme.
     python benchmarks/compression.py --report results.json  # regenerate the markdown from a JSON
 
 For each scheme (none, int8, int4 with groups of 128, 64, 32) the model is wrapped with SpeculativeMoE at
---capacity with no predictor (LRU on demand), and the held-out windows are scored: perplexity, and the bytes
+--capacity with no predictor (on demand only), and the held-out windows are scored: perplexity, and the bytes
 the copies moved per token. A short greedy generation is timed too (decode tok/s on this machine; on a CPU
 there is no PCIe link, so it shows the cost of dequantizing, not the transfer saving). The bytes per expert
 are also given for bfloat16 experts, what a GPU run holds, and the memory plan of three real models on an

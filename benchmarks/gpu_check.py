@@ -17,9 +17,12 @@ started with `ctx.run`, killed at its deadline):
   measured pinned host->device rate)).
 * ``simulate_validate``: `specmoe simulate --validate` on that run (the simulator against the measurement).
 * ``wrapper_overhead``: SpeculativeMoE at capacity 1.0 with no predictor vs the unwrapped model (goal >= 0.97).
-* ``moe_kernel``: the fused experts kernel against transformers' grouped_mm at decode (1, 8) and prefill
-  (512, 2048) tokens (benchmarks/moe_kernel.py).
+* ``moe_kernel``: the fused experts kernel, on bf16 slots and on int8 / int4-g128 compressed slots, against
+  transformers' grouped_mm at decode (1, 8) and prefill (512, 2048) tokens (benchmarks/moe_kernel.py).
 * ``gpu_tests``: `pytest -m gpu` (the GPU-marked tests).
+* ``host_misses``: the shape_real run again at capacities 0.25 / 0.5 with misses="auto" (each miss copied or
+  computed on the host, whichever the start-up cost model says is faster), against the fetch rows (issue 12).
+  Last, so that a tight budget loses only it.
 
 A step that raises, exits non-zero or runs out of time is recorded as such and the others still run. To add a
 step (compressed slots, host compute of misses, ...), write `def my_step(ctx: Context) -> dict` below the
@@ -197,10 +200,12 @@ def moe_kernel(ctx: Context) -> dict:
     cells = {}
     for row in r["rows"]:
         cells.setdefault((row["preset"], row["tokens"]), {})[row["implementation"]] = row
-    speedups = [{"preset": p, "tokens": t, "triton_us": c["triton"]["median_us"], "grouped_mm_us":
-                 c["grouped_mm"]["median_us"], "speedup": c["grouped_mm"]["median_us"] / c["triton"]["median_us"],
-                 "max_abs_diff": c["triton"]["max_abs_diff_vs_grouped_mm"]}
-                for (p, t), c in sorted(cells.items()) if "triton" in c and "grouped_mm" in c]
+    speedups = [{"preset": p, "tokens": t, "implementation": impl, "us": c[impl]["median_us"],
+                 "grouped_mm_us": c["grouped_mm"]["median_us"],
+                 "speedup": c["grouped_mm"]["median_us"] / c[impl]["median_us"],
+                 "max_abs_diff": c[impl].get("max_abs_diff_vs_grouped_mm")}
+                for (p, t), c in sorted(cells.items()) if "grouped_mm" in c
+                for impl in sorted(c) if impl.startswith("triton")]  # bf16 slots and compressed slots
     return {"file": out.name, "launch_configs": r["settings"]["launch_configs"], "speedups": speedups}
 
 
@@ -222,6 +227,34 @@ def gpu_tests(ctx: Context) -> dict:
                   if case.find("failure") is not None or case.find("error") is not None]
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     return {**counts, "failed": failed, "status": "failed" if failed else "ok", "output_tail": tail[-1500:]}
+
+
+@step("host_misses", timeout_s=120, smoke_timeout_s=90)
+def host_misses(ctx: Context) -> dict:
+    """misses="auto" (copy or compute on the host, per miss) on the same shape, against the shape_real step's
+    misses="fetch" rows at the same capacities (issue 12)."""
+    args = ["benchmarks/shape_real.py", "--shape", SHAPE, "--capacities", "0.25", "0.5", "--predictors", "none",
+            "--no-accelerate", "--misses", "auto", "--out", str(ctx.out)]
+    if ctx.smoke:
+        args += ["--smoke", "--device", "cpu", "--prompts", "1", "--prompt-len", "6", "--new-tokens", "4",
+                 "--warmup", "0"]
+    else:
+        args += ["--prompts", "1", "--new-tokens", "32"]
+    ctx.run(*args)
+    path = _shape_real_json(ctx).with_name(_shape_real_json(ctx).stem + "_misses-auto.json")
+    result = _read(path)
+    fetch = _read(_shape_real_json(ctx)) if _shape_real_json(ctx).exists() else {"variants": []}
+    fetched = {(v.get("capacity"), v.get("predictor")): v["decode_tok_s"] for v in fetch["variants"]}
+    rows = []
+    for v in result["variants"]:
+        s = v.get("stats") or {}
+        base = fetched.get((v.get("capacity"), v.get("predictor")))
+        rows.append({"name": v["name"], "capacity": v.get("capacity"), "decode_tok_s": v["decode_tok_s"],
+                     "fetch_decode_tok_s": base, "auto_over_fetch": v["decode_tok_s"] / base if base else None,
+                     "host_computed": s.get("host_computed"), "misses": s.get("misses"),
+                     "same_tokens": v.get("same_tokens")})
+    return {"file": path.name, "rows": rows,
+            "status": "ok" if all(r["same_tokens"] is not False for r in rows) else "failed"}
 
 
 # ---- running ---------------------------------------------------------------------------------------------------

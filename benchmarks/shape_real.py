@@ -5,7 +5,7 @@ The model is built on the meta device and materialised on the host (random numbe
 is never all on the device unless the unwrapped row asks for it. Copy and compute times are real; routing is
 that of random weights (uniform-ish), so hit rates here say nothing about trained models: the oracle, which
 replays the recorded routing, gives the ceiling. The goal at 50% of experts resident: >= 0.85x the unwrapped
-model's decode tok/s, >= 10x accelerate's, >= 2x LRU on demand.
+model's decode tok/s, >= 10x accelerate's, >= 2x no predictor (on demand only).
 
     python benchmarks/shape_real.py --shape qwen1.5-moe-a2.7b          # on a GPU (about 6 min on an H100)
     python benchmarks/shape_real.py --shape olmoe-1b-7b
@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lookahead", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1, help="untimed generate calls per variant")
     ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--misses", default="fetch", choices=["fetch", "host", "auto"],
+                    help="where missed experts run (SpeculativeMoE's misses; the file name says it unless fetch)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -104,8 +106,10 @@ def main(argv=None) -> int:
     settings = BenchSettings(capacities=tuple(args.capacities), predictors=tuple(args.predictors),
                              new_tokens=args.new_tokens, warmup=args.warmup, lookahead=args.lookahead,
                              unwrapped=unwrapped,
-                             accelerate=not args.no_accelerate, accelerate_new_tokens=args.accelerate_tokens)
-    tag = f"{published.name}_{device_tag(device)}" + ("_smoke" if args.smoke else "")
+                             accelerate=not args.no_accelerate, accelerate_new_tokens=args.accelerate_tokens,
+                             misses=args.misses)
+    tag = f"{published.name}_{device_tag(device)}" + ("_smoke" if args.smoke else "") + \
+        (f"_misses-{args.misses}" if args.misses != "fetch" else "")
     json_path = args.out / f"shape_real_{tag}.json"
     extras = {"benchmark": "shape_real", "shape": shape.to_dict(), "scaled_down": args.smoke,
               "op_counts": load_op_counts(shape.model_type).to_dict(),

@@ -32,7 +32,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="device cache: a fraction of all experts in (0, 1], a slot count, or a budget like 8GiB "
                         "(default 0.5)")
     p.add_argument("--predictor", default="pregate",
-                   help="pregate (default), none (LRU on demand), or a saved predictor directory")
+                   help="pregate (default), none (on demand), or a saved predictor directory")
     p.add_argument("--compression", default="none", choices=COMPRESSION,
                    help="keep the experts compressed on the host (changes numerics; default none)")
     p.add_argument("--host-store", default="ram", choices=("ram", "mmap"),

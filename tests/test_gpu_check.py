@@ -53,7 +53,7 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     report = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
     steps = report["steps"]
     assert list(steps) == [s.name for s in gpu_check.STEPS] == [
-        "nvml", "shape_real", "simulate_validate", "wrapper_overhead", "moe_kernel", "gpu_tests"]
+        "nvml", "shape_real", "simulate_validate", "wrapper_overhead", "moe_kernel", "gpu_tests", "host_misses"]
     assert all(s["status"] in ("ok", "skipped") for s in steps.values()), steps
     rows = steps["shape_real"]["result"]["rows"]
     grid = {(r["capacity"], r["predictor"]) for r in rows if r["capacity"] is not None}
@@ -63,6 +63,11 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     assert steps["simulate_validate"]["result"]["rows"]
     assert steps["wrapper_overhead"]["result"]["ratio"] > 0
     assert {x["tokens"] for x in steps["moe_kernel"]["result"]["speedups"]} == {1, 33}
+    assert {x["implementation"] for x in steps["moe_kernel"]["result"]["speedups"]} >= {"triton", "triton-int4-g128"}
+    host = steps["host_misses"]["result"]["rows"]
+    assert {r["capacity"] for r in host if r["capacity"] is not None} == {0.25, 0.5}
+    assert all(r["same_tokens"] for r in host if r["same_tokens"] is not None)
+    assert all(r["misses"] > 0 and r["host_computed"] is not None for r in host if r["capacity"] is not None)
     tests = steps["gpu_tests"]["result"]
     assert tests["tests"] > 0 and tests["failures"] + tests["errors"] == 0
     for name in ("gpu_check_cpu_smoke.md", "shape_real_qwen1.5-moe-a2.7b_cpu_smoke.json",

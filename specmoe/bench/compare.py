@@ -1,5 +1,5 @@
 """Side by side, in one run on one machine: the unwrapped model, accelerate's offload, and SpeculativeMoE with
-no predictor (LRU on demand), the pre-gate, trained predictors and the oracle, over a sweep of capacities.
+no predictor (demand fetching only), the pre-gate, trained predictors and the oracle, over a sweep of capacities.
 
 Every variant runs the same schedule of generate calls: `warmup` untimed calls, then for each prompt one call
 of 1 new token (time to first token) and one of N, whose decode phase is timed directly, from its first new token
@@ -44,7 +44,7 @@ class BenchSettings:
 
     Args:
         capacities: cache capacities (fractions of all experts) for SpeculativeMoE.
-        predictors: "none" (LRU on demand), "pregate", "oracle", or paths of saved predictors.
+        predictors: "none" (demand fetching only), "pregate", "oracle", or paths of saved predictors.
         new_tokens: N, tokens per timed generate call.
         warmup: untimed generate calls before the timed ones (each variant).
         lookahead: lookahead of the pre-gate and the oracle.
@@ -71,7 +71,7 @@ class BenchSettings:
         if not self.capacities or any(not (0 < c <= 1) for c in self.capacities):
             raise ValueError(f"capacities must be fractions in (0, 1], got {self.capacities}")
         if not self.predictors:
-            raise ValueError("give at least one predictor ('none' is LRU on demand)")
+            raise ValueError("give at least one predictor ('none' fetches on demand only)")
         if self.new_tokens < 2 or self.accelerate_new_tokens < 2:
             raise ValueError("new_tokens and accelerate_new_tokens must be >= 2 to separate decode from prefill")
         if self.warmup < 0 or self.lookahead < 1:
@@ -336,7 +336,7 @@ def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, set
                               after_warmup=smoe.reset_stats)
         stats, memory = _stats(smoe), smoe.memory()
     outputs = timing.pop("outputs")
-    label = {"none": "LRU on demand", "pregate": "pre-gate", "oracle": "oracle"}.get(
+    label = {"none": f"{settings.policy} on demand", "pregate": "pre-gate", "oracle": "oracle"}.get(
         predictor_name, f"{getattr(predictor, 'kind', predictor_name)} (trained)")
     return {"name": f"specmoe {label} @ {capacity:g}", "label": label, "kind": "specmoe", "capacity": capacity,
             "predictor": predictor_name, **timing, "stats": stats, "runtime_memory": memory,

@@ -132,7 +132,7 @@ class ExpertsProblem:
 
     def reference(self, implementation: str) -> torch.Tensor:
         """The PyTorch reference of what `implementation` computes (compressed: the dequantized experts)."""
-        from .reference import experts_reference
+        from ..kernels.reference import experts_reference
 
         scheme = compression_of(implementation)
         gate_up, down = ((self.gate_up, self.down) if scheme is None else

@@ -1,6 +1,6 @@
 """One way to build a predictor from a name: what every CLI, benchmark and the demo call.
 
-    make_predictor("none")                                  # None: LRU on demand, no prefetching
+    make_predictor("none")                                  # None: demand fetching only, no prefetching
     make_predictor("pregate", lookahead=2)                  # the training-free pre-gate
     make_predictor("random", seed=3)                        # the floor
     make_predictor("oracle", routing=passes)                # the ceiling: replays recorded routing

@@ -4,7 +4,7 @@
    library's sources) and its held-out prompts.
 2. Run the unwrapped model (all experts resident) once per prompt, recording its tokens and, with
    `specmoe.traces.capture_routing`, its routing (the oracle's replay); then once more, timed.
-3. For each predictor (none = LRU on demand, the pre-gate, trained predictors given with --predictor, the
+3. For each predictor (none = demand fetching only, the pre-gate, trained predictors given with --predictor, the
    oracle), wrap the model in `SpeculativeMoE` at one cache capacity and generate the same prompts in a row
    (the cache stays warm from prompt to prompt, as in a server; the first prompt only warms it up).
    Counters are split at the first new token: the table shows the decode phase.
@@ -116,7 +116,7 @@ def _timed_generate(generate, ids: torch.Tensor, cfg: DemoConfig, device: torch.
 
 def _predictor_specs(cfg: DemoConfig, geometry, routing: list[list[torch.Tensor]]):
     """(name, make(prompt index) -> predictor or None, per_prompt) for each predictor compared."""
-    specs = [("none (LRU on demand)", lambda i: None, False),
+    specs = [("none (on demand)", lambda i: None, False),
              ("pre-gate", lambda i: make_predictor("pregate"), False)]
     for path in (*DEFAULT_TRAINED_PREDICTORS, *cfg.predictors):
         trained = make_predictor(path, geometry=geometry)  # fails here, before any run, on a bad file

@@ -184,6 +184,19 @@ class GatherCompute(ModelCompute):
         layer.layout.bind_pool(layer.experts, self.pool.gather(table[chosen_t]))  # [n, ...]
         return lut[ids]
 
+    def compute(self, layer, args, kwargs, ids, weights, chosen, partial):
+        try:
+            return super().compute(layer, args, kwargs, ids, weights, chosen, partial)
+        finally:  # drop the compact copy now, not at the layer's next call: memory holds one layer's gather
+            layer.layout.bind_pool(layer.experts, self._nothing())
+
+    def _nothing(self) -> dict[str, torch.Tensor]:
+        """Views of zero experts in the experts' own layout (what the module holds between calls)."""
+        if getattr(self, "_empty", None) is None:
+            layout = self.pool.codec.slot_layout if self.pool.compressed else self.pool.layout
+            self._empty = layout.views(torch.empty(0, layout.nbytes, dtype=torch.uint8, device=self.pool.data.device))
+        return self._empty
+
 
 class PoolCompute(ModelCompute):
     """All S slots bound to the experts module once; ids become slot ids."""
