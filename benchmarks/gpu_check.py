@@ -133,16 +133,20 @@ def _shape_real_json(ctx: Context) -> Path:
     return ctx.out / f"shape_real_{SHAPE}_{'cpu_smoke' if ctx.smoke else ctx.tag}.json"
 
 
-@step("shape_real", timeout_s=240, smoke_timeout_s=90)
-def shape_real(ctx: Context) -> dict:
-    args = ["benchmarks/shape_real.py", "--shape", SHAPE, "--capacities", "0.25", "0.5", "1.0",
-            "--predictors", "none", "pregate", "--no-accelerate", "--out", str(ctx.out)]
+def _run_shape_real(ctx: Context, *options: str, prompts: int) -> None:
+    """benchmarks/shape_real.py on SHAPE with `options`, at tiny sizes on CPU with --smoke."""
+    args = ["benchmarks/shape_real.py", "--shape", SHAPE, "--no-accelerate", "--out", str(ctx.out), *options]
     if ctx.smoke:
         args += ["--smoke", "--device", "cpu", "--prompts", "1", "--prompt-len", "6", "--new-tokens", "4",
                  "--warmup", "0"]
     else:
-        args += ["--prompts", "2", "--new-tokens", "32"]
+        args += ["--prompts", str(prompts), "--new-tokens", "32"]
     ctx.run(*args)
+
+
+@step("shape_real", timeout_s=240, smoke_timeout_s=90)
+def shape_real(ctx: Context) -> dict:
+    _run_shape_real(ctx, "--capacities", "0.25", "0.5", "1.0", "--predictors", "none", "pregate", prompts=2)
     result = _read(_shape_real_json(ctx))
     copy = result.get("copy_microbenchmark", {})
     rate = copy.get("pinned_h2d_bytes_per_s") or copy.get("pageable_h2d_bytes_per_s")
@@ -233,14 +237,7 @@ def gpu_tests(ctx: Context) -> dict:
 def host_misses(ctx: Context) -> dict:
     """misses="auto" (copy or compute on the host, per miss) on the same shape, against the shape_real step's
     misses="fetch" rows at the same capacities (issue 12)."""
-    args = ["benchmarks/shape_real.py", "--shape", SHAPE, "--capacities", "0.25", "0.5", "--predictors", "none",
-            "--no-accelerate", "--misses", "auto", "--out", str(ctx.out)]
-    if ctx.smoke:
-        args += ["--smoke", "--device", "cpu", "--prompts", "1", "--prompt-len", "6", "--new-tokens", "4",
-                 "--warmup", "0"]
-    else:
-        args += ["--prompts", "1", "--new-tokens", "32"]
-    ctx.run(*args)
+    _run_shape_real(ctx, "--capacities", "0.25", "0.5", "--predictors", "none", "--misses", "auto", prompts=1)
     path = _shape_real_json(ctx).with_name(_shape_real_json(ctx).stem + "_misses-auto.json")
     result = _read(path)
     fetch = _read(_shape_real_json(ctx)) if _shape_real_json(ctx).exists() else {"variants": []}

@@ -85,7 +85,20 @@ def unpin_tensor(t: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
-class HostStore(Mapping):
+class _ExpertKeys(Mapping):
+    """A mapping over every (layer, expert) of `num_layers` x `num_experts`."""
+
+    num_layers: int
+    num_experts: int
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((layer, e) for layer in range(self.num_layers) for e in range(self.num_experts))
+
+    def __len__(self) -> int:
+        return self.num_layers * self.num_experts
+
+
+class HostStore(_ExpertKeys):
     """Every expert of every MoE layer in one host arena [L*E, B]; ``store[(layer, e)]`` is a [B] buffer."""
 
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int):
@@ -105,12 +118,6 @@ class HostStore(Mapping):
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         return self.arena[self._row(key)]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((layer, e) for layer in range(self.num_layers) for e in range(self.num_experts))
-
-    def __len__(self) -> int:
-        return self.num_layers * self.num_experts
 
     @property
     def nbytes(self) -> int:
@@ -138,7 +145,7 @@ class HostStore(Mapping):
             self.pinned = False
 
 
-class FileStore(Mapping):
+class FileStore(_ExpertKeys):
     """The `host_store="mmap"` backend: every expert stays in the checkpoint files, and the OS page cache is the
     RAM tier. ``store[(layer, e)]`` reads the expert's byte ranges (`os.preadv`, nothing mapped, so the
     process's resident memory does not grow with the experts it has touched) into a new [B] buffer laid out as
@@ -171,12 +178,6 @@ class FileStore(Mapping):
             for file, offset, nbytes in parts:
                 self.checkpoint.read_range(file, offset, buffer[at : at + nbytes])
                 at += nbytes
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((layer, e) for layer in range(self.num_layers) for e in range(self.num_experts))
-
-    def __len__(self) -> int:
-        return self.num_layers * self.num_experts
 
     @property
     def nbytes(self) -> int:
