@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     json_path = args.out / f"{args.name}.json"
     write_json(json_path, result)
     md = markdown(result)
-    write_text(json_path.with_suffix(".md"), f"# Real routing (simulated)\n\n{md}")
+    write_text(json_path.with_suffix(".md"), md)  # README embeds it under its own heading
     png = json_path.with_suffix(".png")
     wrote = [json_path, json_path.with_suffix(".md")] + ([png] if plot(result, png) else [])
     print(md)
