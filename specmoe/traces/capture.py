@@ -32,7 +32,7 @@ class capture_routing:
     Example:
         with capture_routing(model) as cap:
             model.generate(**inputs, max_new_tokens=8)
-        oracle = OraclePredictor([p.ids for p in cap.passes])
+        oracle = OraclePredictor(cap.routing())
     """
 
     def __init__(self, model: nn.Module, hidden_layers: Sequence[int] = (), moe: ModelMoE | None = None):
