@@ -76,10 +76,8 @@ def captured_trace(model, moe, inputs, new_tokens: int) -> RoutingTrace:
     geo = moe.geometry
     with torch.no_grad(), capture_routing(model, hidden_layers=range(geo.num_layers), moe=moe) as cap:
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    passes = cap.passes
-    ids = torch.cat([p.ids for p in passes])
-    return RoutingTrace(geo, ids, torch.cat([p.weights for p in passes]), torch.tensor([0, ids.shape[0]]),
-                        {layer: torch.cat([p.hidden[layer] for p in passes]) for layer in range(geo.num_layers)},
+    routing = cap.routing()
+    return RoutingTrace(geo, routing.ids, routing.weights, routing.seq_offsets, routing.hidden,
                         routers=[layer.router for layer in moe.layers])
 
 

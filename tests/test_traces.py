@@ -26,7 +26,7 @@ def random_shard(tokens=(5, 7, 4), hidden_layers=(0, 2), seed=0) -> TraceShard:
     return TraceShard(
         ids=torch.randint(0, GEO.num_experts, (N, GEO.num_layers, GEO.top_k), generator=g),
         weights=torch.rand(N, GEO.num_layers, GEO.top_k, generator=g),
-        offsets=torch.tensor([0, *torch.tensor(tokens).cumsum(0).tolist()]),
+        seq_offsets=torch.tensor([0, *torch.tensor(tokens).cumsum(0).tolist()]),
         hidden={layer: torch.randn(N, GEO.hidden_size, generator=g).half() for layer in hidden_layers},
     )
 
@@ -179,3 +179,42 @@ def test_collect_cli(tmp_path):
     assert data["tokens"] == data["sequences"] * 16 and 0 < data["tokens"] <= 200
     assert data["source"]["files_available"] == 3 and data["hidden_layers"] == [0]
     assert main(args) == 2  # an existing trace without --overwrite: a one-line user error
+
+
+def test_routing_sequences_and_passes():
+    """One table: a prefill pass + decode passes per sequence; selecting sequences keeps their passes,
+    selecting passes cuts sequences at the ends, and a pass may not be cut by a sequence selection."""
+    from specmoe.traces import Routing
+
+    ids = torch.arange(7 * 2 * 1).reshape(7, 2, 1) % 5
+    r = Routing(ids, torch.tensor([0, 3, 4, 5, 7]), seq_offsets=torch.tensor([0, 4, 7]), num_experts=5,
+                weights=torch.rand(7, 2, 1))
+    assert (r.num_passes, r.num_sequences) == (4, 2) and r.sequence_of().tolist() == [0] * 4 + [1] * 3
+    back = r.select_sequences([1, 0])
+    assert back.pass_offsets.tolist() == [0, 1, 3, 6, 7] and back.seq_offsets.tolist() == [0, 3, 7]
+    assert torch.equal(back.ids, torch.cat([ids[4:], ids[:4]])) and torch.equal(back.weights[:3], r.weights[4:])
+    cut = r.select_passes(1, 3)
+    assert cut.pass_tokens() == [1, 1] and cut.seq_offsets.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="straddles"):
+        Routing(ids, torch.tensor([0, 5, 7]), seq_offsets=torch.tensor([0, 4, 7])).select_sequences([0])
+    with pytest.raises(ValueError, match="seq_offsets"):
+        Routing(ids, seq_offsets=torch.tensor([0, 4, 6]))
+
+
+def test_shards_and_traces_are_routing(tmp_path):
+    """Shards and loaded traces are the one routing table; a trace replays as a decode stream."""
+    from specmoe.sim import RoutingStream
+    from specmoe.traces import Routing, load_traces
+
+    with TraceWriter(tmp_path, manifest(), shard_tokens=8) as w:
+        for s in range(3):
+            shard = random_shard(seed=s)
+            w.add(shard.ids, shard.weights, shard.hidden)
+    trace = load_traces(tmp_path, progress=False)
+    assert RoutingStream is Routing and isinstance(trace, Routing)
+    assert isinstance(read_shard(tmp_path / "shard-00000.safetensors"), Routing)
+    assert trace.num_passes == trace.num_tokens == 48 and trace.num_sequences == 3 and trace.matches(3, 2, 8)
+    stream = RoutingStream.from_trace(trace)
+    assert torch.equal(stream.seq_offsets, trace.offsets) and torch.equal(stream.weights, trace.weights)
+    sub = trace.select([2, 0])
+    assert type(sub) is type(trace) and sub.geometry == trace.geometry and sub.num_sequences == 2

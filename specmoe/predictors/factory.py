@@ -50,8 +50,8 @@ def make_predictor(name: str | Path, *, lookahead: int = 1, geometry: MoEGeometr
         return RandomPredictor(seed=seed, lookahead=lookahead)
     if key == "oracle":
         if routing is None:
-            raise ValueError("the oracle predictor replays recorded routing: pass routing= (one [T, L, k] tensor "
-                             "per forward pass, e.g. from specmoe.traces.capture_routing)")
+            raise ValueError("the oracle predictor replays recorded routing: pass routing= (a Routing, e.g. "
+                             "specmoe.traces.capture_routing(...).routing(), or one [T, L, k] tensor per forward pass)")
         return OraclePredictor(routing, lookahead=lookahead)
     if not Path(key).exists():
         raise ValueError(f"unknown predictor {key!r}: give one of {', '.join(BUILTIN)} or the directory of a "

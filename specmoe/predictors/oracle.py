@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from ..geometry import MoEGeometry
@@ -17,15 +15,18 @@ class OraclePredictor(Predictor):
     """Replays given routing: the experts that will be routed score 1, the rest 0.
 
     Args:
-        routing: one tensor per forward pass, [T, L, k] expert ids (-1 where a layer did not run), in the
+        routing: a routing table with forward passes (`specmoe.traces.Routing`, e.g. `capture.routing()`),
+            or one tensor per forward pass, [T, L, k] expert ids (-1 where a layer did not run), in the
             order the passes will run again (as `specmoe.traces.capture_routing` records them).
         lookahead: how many MoE layers ahead to reveal; targets past the last layer read the next pass.
 
     Which pass is predicted comes from `start_pass` (the runtime calls it at each forward pass; 0 after `reset`).
     """
 
-    def __init__(self, routing: Sequence[torch.Tensor], lookahead: int = 1, geometry: MoEGeometry | None = None):
+    def __init__(self, routing, lookahead: int = 1, geometry: MoEGeometry | None = None):
         super().__init__(lookahead, geometry)
+        if hasattr(routing, "pass_offsets"):  # a Routing (traces sits above predictors: duck-typed)
+            routing = routing.passes()
         self.routing = [r.long() for r in routing]
         self._pass = 0  # the forward pass being predicted (`start_pass`), 0 after a reset
         for i, r in enumerate(self.routing):

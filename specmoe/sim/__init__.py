@@ -1,6 +1,6 @@
 """Trace-driven simulator: replay routing on a hardware profile with a real model's sizes.
 
-    stream = RoutingStream.from_passes(capture.passes)            # or load_stream(path)
+    stream = capture.routing()                                    # or load_stream(path)
     shape = ModelShape.from_name("qwen1.5-moe-a2.7b")
     run = simulate(stream, shape, HardwareProfile.from_name("rtx3090"), 0.5, ops=load_op_counts(shape.model_type))
 """

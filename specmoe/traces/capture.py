@@ -10,22 +10,16 @@ top-level model, shared with the wrapper), never guessed from layer order or tok
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..runtime.adapters import ModelMoE, find_moe_layers
 from ..runtime.hooks import PassMarker
+from .routing import Routing
 
 
-@dataclass
-class RoutedPass:
-    """One forward pass: ids/weights [T, L, k] (-1 / 0 where a layer did not run), hidden {layer: [T, H]}."""
-
-    ids: torch.Tensor
-    weights: torch.Tensor
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+RoutedPass = Routing  # one forward pass: a Routing with one pass (ids/weights [T, L, k], hidden {layer: [T, H]})
 
 
 class capture_routing:
@@ -38,7 +32,7 @@ class capture_routing:
     Example:
         with capture_routing(model) as cap:
             model.generate(**inputs, max_new_tokens=8)
-        oracle = OraclePredictor([p.ids for p in cap.passes])
+        oracle = OraclePredictor(cap.routing())
     """
 
     def __init__(self, model: nn.Module, hidden_layers: Sequence[int] = (), moe: ModelMoE | None = None):
@@ -46,10 +40,14 @@ class capture_routing:
         self.model = wrapper.model if wrapper is not None else model
         self.moe = moe or (wrapper.moe if wrapper is not None else find_moe_layers(model))
         self.hidden_layers = set(hidden_layers)
-        self.passes: list[RoutedPass] = []
+        self.passes: list[Routing] = []  # one single-pass Routing per forward call
         self._handles = []
         self._marker: PassMarker | None = None
-        self._new_pass = True  # the next layer call starts a RoutedPass
+        self._new_pass = True  # the next layer call starts a pass
+
+    def routing(self, calls: list[dict] | None = None) -> Routing:
+        """Every pass recorded so far as one Routing (passes in order, weights and common hidden layers kept)."""
+        return Routing.from_passes(self.passes, calls, num_experts=self.moe.geometry.num_experts)
 
     def _start_pass(self, index: int) -> None:
         self._new_pass = True
@@ -63,9 +61,9 @@ class capture_routing:
             T = hidden.shape[0]
             if self._new_pass:
                 self._new_pass = False
-                self.passes.append(RoutedPass(
-                    torch.full((T, geo.num_layers, geo.top_k), -1, dtype=torch.long),
-                    torch.zeros(T, geo.num_layers, geo.top_k),
+                self.passes.append(Routing(  # -1 / 0 where a layer did not run
+                    torch.full((T, geo.num_layers, geo.top_k), -1, dtype=torch.long), torch.tensor([0, T]),
+                    weights=torch.zeros(T, geo.num_layers, geo.top_k), num_experts=geo.num_experts,
                 ))
             cur = self.passes[-1]
             cur.ids[:, index] = ids.reshape(T, -1).long().cpu()

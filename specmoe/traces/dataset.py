@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from ..geometry import MoEGeometry
 from ..io import read_safetensors
 from ..runtime.adapters import RouterWeights
+from .routing import Routing
 from .shards import TraceManifest, read_manifest, read_shard
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-@dataclass
-class RoutingTrace:
-    """Routing of whole sequences, concatenated along tokens.
+class RoutingTrace(Routing):
+    """A loaded trace: a `Routing` of whole sequences (every token its own decode pass) that also knows its
+    geometry, its model's routers and its manifest; training's view (targets, context, splits).
 
     Args:
         geometry: routing geometry L/E/k/H.
@@ -42,21 +42,12 @@ class RoutingTrace:
         manifest: the manifest it was loaded from, if any.
     """
 
-    geometry: MoEGeometry
-    ids: torch.Tensor
-    weights: torch.Tensor
-    offsets: torch.Tensor
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    routers: list[RouterWeights] | None = None
-    manifest: TraceManifest | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def num_sequences(self) -> int:
-        return self.offsets.numel() - 1
+    def __init__(self, geometry: MoEGeometry, ids: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor,
+                 hidden: dict[int, torch.Tensor] | None = None, routers: list[RouterWeights] | None = None,
+                 manifest: TraceManifest | None = None):
+        super().__init__(ids, None, dict(hidden or {}), num_experts=geometry.num_experts, weights=weights,
+                         seq_offsets=offsets)
+        self.geometry, self.routers, self.manifest = geometry, routers, manifest
 
     @cached_property
     def has_next(self) -> torch.Tensor:
@@ -96,27 +87,11 @@ class RoutingTrace:
         ids = self.ids[tokens[:, None], src.clamp(min=0)]  # [B, C, k]
         return torch.where((src >= 0)[..., None], ids, -1)
 
-    def sequence_of(self) -> torch.Tensor:
-        """[N] long: the sequence index of every token."""
-        lengths = self.offsets[1:] - self.offsets[:-1]
-        return torch.repeat_interleave(torch.arange(self.num_sequences), lengths)
-
     def select(self, sequences: torch.Tensor | Iterable[int]) -> "RoutingTrace":
         """The trace of the given sequences only, in the given order."""
-        seq = torch.as_tensor(list(sequences) if not isinstance(sequences, torch.Tensor) else sequences).long()
-        starts, ends = self.offsets[seq], self.offsets[seq + 1]
-        lengths = ends - starts
-        index = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist())]) if len(seq) else \
-            torch.zeros(0, dtype=torch.long)
-        return RoutingTrace(
-            geometry=self.geometry,
-            ids=self.ids[index],
-            weights=self.weights[index],
-            offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-            hidden={layer: h[index] for layer, h in self.hidden.items()},
-            routers=self.routers,
-            manifest=self.manifest,
-        )
+        part = self.select_sequences(sequences)
+        return RoutingTrace(self.geometry, part.ids, part.weights, part.seq_offsets, part.hidden, self.routers,
+                            self.manifest)
 
     def split(self, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, "RoutingTrace"]:
         """{"train", "val", "test"}: disjoint sets of whole sequences (see `split_sequences`)."""

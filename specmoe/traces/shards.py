@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..geometry import MoEGeometry
 from ..io import read_json, read_safetensors, write_json, write_safetensors
+from .routing import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -36,52 +37,10 @@ MANIFEST_NAME = "manifest.json"
 ROUTERS_NAME = "routers.safetensors"
 
 
-@dataclass
-class TraceShard:
-    """Routing of whole sequences, concatenated along tokens.
-
-    Args:
-        ids: [N, L, k] expert ids, primary (highest weight) first; -1 where a token was not routed.
-        weights: [N, L, k] routing weights (0 where not routed).
-        offsets: [S + 1] token offsets of the sequences: sequence s is tokens offsets[s]:offsets[s+1].
-        hidden: {layer: [N, H]} hidden states entering those MoE layers (fp16).
-    """
-
-    ids: torch.Tensor
-    weights: torch.Tensor
-    offsets: torch.Tensor
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.ids.shape[0]
-
-    @property
-    def num_sequences(self) -> int:
-        return self.offsets.numel() - 1
-
-    def check(self, geometry: MoEGeometry, where: str) -> None:
-        """Raise ValueError (naming `where`) unless every tensor has the shape `geometry` implies."""
-        L, E, k, H = geometry.num_layers, geometry.num_experts, geometry.top_k, geometry.hidden_size
-        N = self.ids.shape[0] if self.ids.dim() == 3 else -1
-        problems = []
-        if tuple(self.ids.shape) != (N, L, k):
-            problems.append(f"ids has shape {tuple(self.ids.shape)}, expected [N, {L}, {k}]")
-        if tuple(self.weights.shape) != tuple(self.ids.shape):
-            problems.append(f"weights has shape {tuple(self.weights.shape)}, ids {tuple(self.ids.shape)}")
-        off = self.offsets
-        if off.dim() != 1 or off.numel() < 2 or off[0] != 0 or off[-1] != N or bool((off[1:] <= off[:-1]).any()):
-            problems.append(f"offsets must rise strictly from 0 to {N}, got {off.tolist()[:8]}...")
-        if N > 0 and self.ids.numel() and (int(self.ids.max()) >= E or int(self.ids.min()) < -1):
-            problems.append(f"expert ids outside [-1, {E})")
-        for layer, h in self.hidden.items():
-            if not 0 <= layer < L or tuple(h.shape) != (N, H):
-                problems.append(f"hidden.{layer} has shape {tuple(h.shape)}, expected [{N}, {H}] for a layer < {L}")
-        if problems:
-            raise ValueError(f"trace shard {where} does not match the geometry {geometry}: {'; '.join(problems)}")
+TraceShard = Routing  # a shard is routing of whole sequences, with weights (every token its own pass)
 
 
-def write_shard(path, shard: TraceShard, geometry: MoEGeometry) -> None:
+def write_shard(path, shard: Routing, geometry: MoEGeometry) -> None:
     """Write one shard atomically (a reader sees no file or the whole file).
 
     Raises:
@@ -100,7 +59,7 @@ def write_shard(path, shard: TraceShard, geometry: MoEGeometry) -> None:
     write_safetensors(path, tensors, metadata=metadata)
 
 
-def read_shard(path, geometry: MoEGeometry | None = None) -> TraceShard:
+def read_shard(path, geometry: MoEGeometry | None = None) -> Routing:
     """Read and check one shard written by `write_shard`.
 
     Args:
@@ -127,12 +86,15 @@ def read_shard(path, geometry: MoEGeometry | None = None) -> TraceShard:
     missing = [name for name in ("ids", "weights", "offsets") if name not in tensors]
     if missing:
         raise ValueError(f"trace shard {path} lacks tensors {missing}")
-    shard = TraceShard(
-        ids=tensors["ids"].long(),
-        weights=tensors["weights"].float(),
-        offsets=tensors["offsets"].long(),
-        hidden={int(name.split(".", 1)[1]): t for name, t in tensors.items() if name.startswith("hidden.")},
-    )
+    try:
+        shard = Routing(
+            ids=tensors["ids"].long(),
+            weights=tensors["weights"].float(),
+            seq_offsets=tensors["offsets"].long(),
+            hidden={int(name.split(".", 1)[1]): t for name, t in tensors.items() if name.startswith("hidden.")},
+        )
+    except ValueError as err:
+        raise ValueError(f"trace shard {path} is malformed: {err}") from None
     shard.check(declared, str(path))
     return shard
 
@@ -281,10 +243,10 @@ class TraceWriter:
         if not self._pending:
             return
         lengths = torch.tensor([ids.shape[0] for ids, _, _ in self._pending])
-        shard = TraceShard(
+        shard = Routing(
             ids=torch.cat([p[0] for p in self._pending]),
             weights=torch.cat([p[1] for p in self._pending]),
-            offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+            seq_offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
             hidden={layer: torch.cat([p[2][layer] for p in self._pending]) for layer in self.manifest.hidden_layers},
         )
         name = f"shard-{len(self._shards):05d}.safetensors"
