@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from .measure import FirstTokenClock
 
 REFERENCE = "reference"
 PREDICTORS = ("pregate", "none")
@@ -63,19 +64,17 @@ def _predictor(name: str, geometry=None):
     return make_predictor(name, geometry=geometry)
 
 
-class _StreamClock:
+class _StreamClock(FirstTokenClock):
     """Prints tokens as they come (transformers' TextStreamer) and marks the first new token's time."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, device):
         from transformers import TextStreamer
 
+        super().__init__(device)
         self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.puts, self.first = 0, None
 
     def put(self, value):
-        self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
+        super().put(value)
         self.text.put(value)
 
     def end(self):
@@ -85,7 +84,6 @@ class _StreamClock:
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .measure import sync_device
     from .runtime.loading import load_offloaded
 
     if args.max_new_tokens < 1:
@@ -115,7 +113,7 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise ValueError("the prompt is empty after tokenization")
-    streamer = _StreamClock(tokenizer)
+    streamer = _StreamClock(tokenizer, device)
     sys.stdout.write(args.prompt if not args.chat else "")
     sys.stdout.flush()
     with torch.no_grad():
@@ -123,10 +121,9 @@ def run_generate(args: argparse.Namespace) -> int:
                             do_sample=False, streamer=streamer,
                             pad_token_id=smoe.model.generation_config.pad_token_id or tokenizer.pad_token_id
                             or tokenizer.eos_token_id)
-    sync_device(device)
-    end = time.perf_counter()
+    end = streamer.stop()
     new = out.shape[1] - ids.shape[1]
-    decode_s = end - streamer.first if streamer.first is not None else 0.0
+    decode_s = end - streamer.first_s if streamer.puts >= 2 else 0.0
     tok_s = f"{(new - 1) / decode_s:.1f} tok/s decode" if new > 1 and decode_s > 0 else "no decode step"
     print(f"[{new} tokens, {tok_s}; {smoe.stats.summary()}]")
     return 0

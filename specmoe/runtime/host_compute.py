@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from ..measure import time_fn
 from .adapters import FusedExperts, MoELayer
 from .misses import MissCosts, hottest
 
@@ -152,14 +153,8 @@ def place_hottest(frequencies, num_layers: int, num_slots: int, cache, engine, p
 def measure_miss_costs(host: HostExperts, layer: MoELayer, engine, pool, store, hidden_size: int, top_k: int,
                        device, repeats: int = 3) -> MissCosts:
     """Time one expert copy into a slot and one expert of `layer` computed on the host (1 and k tokens), here."""
-    def best(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    def best(fn) -> float:  # seconds, the fastest of `repeats` after a warm-up (host clock: fn synchronizes)
+        return time_fn(fn, "cpu", warmup=1, repeats=repeats, flush_l2=False)["min_us"] / 1e6
 
     def copy():
         engine.copy_in(0, pool.data[0], store[(layer.index, 0)], demand=True)

@@ -76,7 +76,7 @@ def split_misses(misses: list[int], tokens: dict[int, int], mode: str, costs: Mi
         return [], list(misses)
     if costs is None:
         raise ValueError("misses='auto' needs MissCosts (measured at start-up or given)")
-    copy_clock, host_clock = copy_backlog_s, getattr(costs, "host_call_s", 0.0)
+    copy_clock, host_clock = copy_backlog_s, costs.host_call_s
     to_host: set[int] = set()
     for e in sorted(misses, key=lambda e: -tokens.get(e, 1)):
         host_done = host_clock + costs.host_seconds(tokens.get(e, 1))

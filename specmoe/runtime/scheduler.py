@@ -85,6 +85,7 @@ class Scheduler:
         self._observe = getattr(policy, "observe", None)
         self._observe_time = getattr(policy, "observe_time", None)
         self._read_ahead = getattr(engine, "read_ahead", None)  # only engines over a file-backed store
+        self._backlog = getattr(engine, "backlog_s", None)  # only engines that know their queued copy time
         # The containers below are cleared in place, never rebound: the closures see them.
         self._queue: list[Key] = []  # prefetch candidates, best LAST (popped from the end)
         self._predicted: set[Key] = set()  # what the latest prediction wants kept
@@ -193,7 +194,7 @@ class Scheduler:
             return routed, []
         slot_of = self.cache.slot_of
         missing = [e for e in routed if (layer, e) not in slot_of]
-        backlog = getattr(self.engine, "backlog_s", None)
+        backlog = self._backlog
         _, host = split_misses(missing, tokens, self.misses, self.miss_costs,
                                copy_backlog_s=backlog() if backlog is not None else 0.0)
         if not host:
@@ -255,7 +256,7 @@ class Scheduler:
         an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
         an expert: a copy issued then would land after the host could have computed it."""
         queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
-        backlog = getattr(self.engine, "backlog_s", None) if self.misses == "auto" else None
+        backlog = self._backlog if self.misses == "auto" else None
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
                 break
