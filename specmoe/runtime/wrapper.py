@@ -40,6 +40,7 @@ from .hooks import ExpertsHook, PassMarker, new_store, offload_experts, restore_
 from .host_compute import HostExperts, measure_miss_costs, place_hottest
 from .hot_path import HotPath
 from .misses import MissCosts, check_misses
+from .policies import DEFAULT_POLICY
 from .stats import LayerStats, Stats
 from .store import ExpertLayout
 from .scheduler import Scheduler
@@ -103,7 +104,7 @@ class SpeculativeMoE:
         cache_capacity: float | int | str = 0.5,
         *,
         device=None,
-        policy="hit-density",
+        policy=DEFAULT_POLICY,
         transfer: str | None = None,
         prefetch_width: int | None = None,
         max_prefetch_inflight: int | None = None,
@@ -144,10 +145,11 @@ class SpeculativeMoE:
         self.geometry = geo
         self.num_slots = num_slots
         self._orig_devices = model_devices(model)
-        self._orig_expert_device = [next(iter(layer.layout.expert_tensors(layer.experts, 0).values())).device
-                                    for layer in moe.layers]
-        # experts never materialised (streamed from a checkpoint) come back to host memory on unwrap()
-        self._orig_expert_device = [torch.device("cpu") if d.type == "meta" else d for d in self._orig_expert_device]
+        # where each layer's experts go back on unwrap(): where they were, or host memory for experts never
+        # materialised (streamed from a checkpoint, on the meta device)
+        self._orig_expert_device = [
+            d if d.type != "meta" else torch.device("cpu")
+            for d in (next(iter(layer.layout.expert_tensors(layer.experts, 0).values())).device for layer in moe.layers)]
         self._saved: list[dict] = []
         self._hooks: list[ExpertsHook] = []
         self._passes: PassMarker | None = None
@@ -163,7 +165,8 @@ class SpeculativeMoE:
             self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, policy)
             self.engine = make_engine(transfer, num_slots, self.device)
             self.scheduler = Scheduler(self.cache, StoreToPool(self.engine, self.store, self.pool.data), geo.num_layers,
-                                       self.max_prefetch_inflight, self.store.layout.nbytes)  # compressed bytes
+                                       self.max_prefetch_inflight, self.store.layout.nbytes,  # compressed bytes
+                                       misses=self.misses)
             self.experts_compute = build_compute(model_compute, kernel, self.pool, self.cache.table, geo.num_experts,
                                                  geo.top_k)
             self._host = HostExperts(self.store, self.codec) if self.misses != "fetch" else None
@@ -174,7 +177,7 @@ class SpeculativeMoE:
             if self.misses == "auto" and miss_costs is None:
                 self.miss_costs = measure_miss_costs(self._host, moe.layers[0], self.engine, self.pool, self.store,
                                                      geo.hidden_size, geo.top_k, self.device)
-            self.scheduler.misses, self.scheduler.miss_costs = self.misses, self.miss_costs
+            self.scheduler.miss_costs = self.miss_costs  # "auto" measures them on the engine and store just made
             if placement is not None:
                 place_hottest(placement, geo.num_layers, num_slots, self.cache, self.engine, self.pool, self.store)
         except BaseException:
