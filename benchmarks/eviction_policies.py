@@ -22,7 +22,7 @@ from specmoe.io import write_json, write_text
 from specmoe.runtime.policies import DEFAULT_POLICY
 from specmoe.sim.hardware import PROFILES, HardwareProfile
 from specmoe.sim.predictions import replay_oracle
-from specmoe.sim.shapes import PRESETS, ModelShape
+from specmoe.sim.shapes import PRESETS, ModelShape, matching_presets
 from specmoe.sim.stream import RoutingStream
 from specmoe.sim.sweep import SweepSettings, run_sweep
 
@@ -33,11 +33,11 @@ PREFETCH = ("lru", DEFAULT_POLICY)
 
 def shape_for(stream: RoutingStream, name: str | None) -> ModelShape:
     """The named preset, else the first preset whose routing geometry the stream has."""
+    found = matching_presets(stream)
     names = [name] if name else sorted(PRESETS)
     for n in names:
-        shape = ModelShape.from_name(n)
-        if stream.matches(shape.moe_layers, shape.top_k, shape.num_experts):
-            return shape
+        if n in found:
+            return ModelShape.from_name(n)
     raise SystemExit(f"no shape among {names} has the stream's geometry L={stream.num_layers} k={stream.top_k} "
                      f"E={stream.num_experts}; pass --shapes")
 

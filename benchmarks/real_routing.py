@@ -30,11 +30,10 @@ import torch
 from specmoe.bench.environment import environment
 from specmoe.io import write_json, write_text
 from specmoe.sim.bounds import memory_plan
-from specmoe.sim.cli import shapes_for
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
 from specmoe.sim.report import environment_line, runs_table
-from specmoe.sim.shapes import ModelShape
+from specmoe.sim.shapes import ModelShape, matching_presets
 from specmoe.sim.policies import resolve_policy_name
 from specmoe.sim.stream import RoutingStream
 from specmoe.sim.sweep import SweepSettings, run_sweep
@@ -70,7 +69,7 @@ def run_trace(directory: Path, args) -> dict:
     stream = RoutingStream.from_trace(test)
     if args.max_passes and stream.num_passes > args.max_passes:
         stream = stream.select_passes(0, args.max_passes)
-    shapes = [s for s in shapes_for(stream) if ModelShape.from_name(s).geometry.num_experts == geo.num_experts]
+    shapes = [s for s in matching_presets(stream) if ModelShape.from_name(s).geometry.num_experts == geo.num_experts]
     if not shapes:
         raise SystemExit(f"{directory}: no preset model shape has the trace's geometry {geo}")
     shape = ModelShape.from_name(shapes[0])

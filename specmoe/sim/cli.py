@@ -12,7 +12,7 @@ from ..io import write_json, write_text
 from .hardware import PROFILES, HardwareProfile
 from .host import HOST_PROFILES
 from .policies import POLICY_NAMES, resolve_policy_name
-from .shapes import PRESETS, ModelShape
+from .shapes import PRESETS, ModelShape, matching_presets
 from .stream import load_stream
 from .sweep import SweepSettings, run_sweep
 
@@ -69,13 +69,7 @@ DEFAULT_SHAPE = "qwen1.5-moe-a2.7b"
 def shapes_for(stream) -> list[str]:
     """The preset shapes whose routing geometry (L, k, E) matches the stream's; [DEFAULT_SHAPE] when none does
     (the run then says that the trace matches no shape)."""
-    found = [name for name in sorted(PRESETS) if stream.matches(*_geometry(name))]
-    return found or [DEFAULT_SHAPE]
-
-
-def _geometry(name: str) -> tuple[int, int, int]:
-    shape = ModelShape.from_name(name)
-    return shape.moe_layers, shape.top_k, shape.num_experts
+    return matching_presets(stream) or [DEFAULT_SHAPE]
 
 
 def _routers(model_path: str | None):

@@ -387,3 +387,10 @@ def _deepseek_v2(c: _Cfg):
 
 FAMILIES = {"qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "olmoe": _olmoe,
             "gpt_oss": _gpt_oss, "deepseek_v2": _deepseek_v2}
+
+
+def matching_presets(routing) -> list[str]:
+    """Names of the published shapes (`PRESETS`) whose routing geometry (MoE layers, top-k, experts) `routing`
+    (anything with `matches(num_layers, top_k, num_experts)`, e.g. a RoutingStream) has, sorted."""
+    shapes = [ModelShape.from_name(name) for name in sorted(PRESETS)]
+    return [s.name for s in shapes if routing.matches(s.moe_layers, s.top_k, s.num_experts)]
