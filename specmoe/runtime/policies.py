@@ -167,12 +167,15 @@ class HitDensityPolicy(LRUPolicy):
         if self.cache is None:
             return
         self.layer, self.predicted, self._score = layer, predicted, None
-        experts = np.arange(self.E)
-        used = np.zeros(self.E, dtype=bool)
-        used[[int(e) for e in routed]] = True
-        bucket = self._bucket(np.full(self.E, layer), experts)
+        used = list(routed)
+        # _bucket for every expert of one layer, on the layer's rows (this runs once per MoE layer call)
+        freq = self.freq[layer]
+        recency = np.minimum(self.visits[layer] - self.last[layer], _MAX_RECENCY)
+        rel = freq * self.E / freq.sum()
+        bucket = _RECENCY_BUCKET[recency] * self.F + np.minimum((rel * 2).astype(np.int64), self.F - 1)
         self.trials += np.bincount(bucket, minlength=self.trials.size)
-        self.hits += np.bincount(bucket[used], minlength=self.hits.size)
+        if used:
+            self.hits += np.bincount(bucket[used], minlength=self.hits.size)
         self.visits[layer] += 1
         self.last[layer, used] = self.visits[layer]
         row = self.freq[layer]
