@@ -32,12 +32,15 @@ from specmoe.runtime.wrapper import SpeculativeMoE
 from specmoe.sim.compute import OP_COUNTS_FILE, OpCounts, count_predictor_ops, op_counter
 
 # the simulator's shape presets' families, and the other decoder-only families the runtime supports
-FAMILIES = ("qwen2_moe", "mixtral", "olmoe", "qwen3_moe", "deepseek_v2", "gpt_oss", "granitemoe", "phimoe")
+FAMILIES = ("qwen2_moe", "mixtral", "olmoe", "qwen3_moe", "deepseek_v2", "gpt_oss", "granitemoe", "phimoe", "deepseek_v3",
+            "glm4_moe", "qwen3_next", "llama4_text")
 
 _TINY = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
              shared_expert_intermediate_size=64, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16,
-             qk_rope_head_dim=8, v_head_dim=16, sliding_window=32, layer_types=None)
+             qk_rope_head_dim=8, v_head_dim=16, sliding_window=32, layer_types=None,
+             full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+             linear_value_head_dim=16)  # qwen3_next: one linear-attention and one full-attention layer
 
 
 def tiny_model(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k: int = 2) -> torch.nn.Module:
@@ -46,6 +49,7 @@ def tiny_model(model_type: str, num_layers: int = 2, num_experts: int = 8, top_k
                   first_k_dense_replace=0, decoder_sparse_step=1, mlp_only_layers=[], n_group=1, topk_group=1)
     if model_type.startswith("deepseek"):
         values["num_key_value_heads"] = values["num_attention_heads"]  # MLA has no grouped KV heads
+        values["head_dim"] = values["qk_rope_head_dim"]  # V3's config: head_dim is the rotary part
     config = AutoConfig.for_model(model_type, **values)
     config.pad_token_id = 0
     config.eos_token_id = None

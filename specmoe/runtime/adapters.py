@@ -30,10 +30,20 @@ __all__ = ["ExpertTensorSpec", "ExpertsLayout", "FusedExperts", "MoELayer", "Mod
 
 SUPPORTED = (
     "experts modules decorated with transformers' `use_experts_implementation` (3-D gate_up_proj/down_proj: "
-    "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, Granite-MoE, Phi-MoE, GLM4-MoE, ...) and "
-    "ModuleList/ModuleDict experts next to a router (SwitchTransformers)"
+    "Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3/V4, GPT-OSS, Granite-MoE, Phi-MoE, GLM4-MoE, "
+    "...), Llama-4's and DBRX's experts, and ModuleList/ModuleDict experts next to a router (SwitchTransformers)"
 )
 ROUTER_NAMES = ("gate", "router")
+
+# Families transformers has whose MoE layers specmoe cannot offload, and what is missing (one line each).
+UNSUPPORTED = {
+    "jetmoe": "JetMoE's experts (JetMoeParallelExperts) take tokens pre-sorted by expert with per-expert counts, "
+              "and its attention is a mixture of experts too; specmoe has no layout for either",
+    "zaya": "Zaya's router is an MLP over router states carried from layer to layer (ZayaRouter), not a linear "
+            "[E, H] router: specmoe's predictors, traces and host misses need one",
+    "longcat_flash": "LongCat-Flash routes to zero-computation experts (ids past the real experts, zero_expert_num) "
+                     "that specmoe's expert table cannot hold",
+}
 
 
 @dataclass(frozen=True)
@@ -152,27 +162,38 @@ def find_moe_layers(model: nn.Module) -> ModelMoE:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
     modules = dict(model.named_modules())
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in UNSUPPORTED:
+        raise TypeError(f"{type(model).__name__} cannot be offloaded by specmoe: {UNSUPPORTED[model_type]}")
     found: list[tuple[str, nn.Module, ExpertsLayout, RouterWeights, int]] = []
     claimed: set[str] = set()
-    for name, module in modules.items():
-        if any(name.startswith(c + ".") for c in claimed):
-            continue
-        for layout_cls in LAYOUTS:
-            if not layout_cls.matches(module):
+    # Experts modules first, containers (ModuleList layouts) after: a ModuleList holding found experts (the
+    # decoder layers of a model whose layers look alike) is never taken for experts.
+    for containers in (False, True):
+        for name, module in modules.items():
+            if any(name.startswith(c + ".") or c == name for c in claimed):
                 continue
-            layout = layout_cls()
-            parent_name = name.rpartition(".")[0]
-            parent = modules[parent_name] if parent_name else model
-            router = _find_router(parent, module, layout.num_experts(module))
-            if router is None:
+            if containers and any(c.startswith(name + ".") for c in claimed):
                 continue
-            found.append((name, module, layout, router, _top_k(model, parent, layout, module, int(router.weight.shape[1]))))
-            claimed.add(name)
-            break
+            for layout_cls in LAYOUTS:
+                if (layout_cls is ModuleListExperts) != containers or not layout_cls.matches(module):
+                    continue
+                layout = layout_cls()
+                parent_name = name.rpartition(".")[0]
+                parent = modules[parent_name] if parent_name else model
+                router = _find_router(parent, module, layout.num_experts(module))
+                if router is None:
+                    continue
+                layout.attach(parent)
+                found.append((name, module, layout, router,
+                              _top_k(model, parent, layout, module, int(router.weight.shape[1]))))
+                claimed.add(name)
+                break
     if not found:
         raise TypeError(
             f"{type(model).__name__} has no MoE layers that specmoe can offload. Supported: {SUPPORTED}."
         )
+    found.sort(key=lambda f: list(modules).index(f[0]))  # forward order
     name0, mod0, layout0, router0, k0 = found[0]
     specs = layout0.tensor_specs(mod0)
     geometry = MoEGeometry(

@@ -69,6 +69,9 @@ class ExpertsLayout:
         """From an experts call, return (hidden [T, H], ids [T, k] long with -1 for no expert, weights or None)."""
         raise NotImplementedError
 
+    def attach(self, parent: nn.Module) -> None:
+        """Told the module that holds the experts and their router (layouts that adapt it use it)."""
+
 
 class FusedExperts(ExpertsLayout):
     """transformers' `use_experts_implementation` experts: 3-D parameters with the expert on dim 0."""
@@ -208,7 +211,172 @@ class ModuleListExperts(ExpertsLayout):
         return hidden, ids, weights
 
 
-LAYOUTS: tuple[type[ExpertsLayout], ...] = (FusedExperts, ModuleListExperts)
+class AdaptedExperts(FusedExperts):
+    """Fused experts whose family calls them another way: while offloaded, the MoE block (`parent`) and the
+    experts module run as subclasses with `block_forward` / `experts_forward` (the fused call, [T, H] in and out);
+    `restore` puts both classes back."""
+
+    block_forward: type | None = None
+    experts_forward: type | None = None
+
+    def attach(self, parent: nn.Module) -> None:
+        self.parent = parent
+
+    def remove(self, experts):
+        saved = super().remove(experts)
+        saved["classes"] = (type(self.parent), type(experts))
+        if self.block_forward is not None:
+            self.parent.__class__ = _fused_subclass(type(self.parent), self.block_forward)
+        if self.experts_forward is not None:
+            experts.__class__ = _fused_subclass(type(experts), self.experts_forward)
+        return saved
+
+    def restore(self, experts, saved, data):
+        super().restore(experts, saved, data)
+        self.parent.__class__, experts.__class__ = saved["classes"]
+
+
+class Llama4Experts(AdaptedExperts):
+    """Llama-4's experts (`Llama4TextExperts`: gate_up_proj [E, H, 2I], down_proj [E, I, H], no biases), which the
+    model calls with every token for every expert (`experts(routed_in [E*T, H])`, inputs scaled by the router's
+    sigmoid score, zero for experts not chosen). While offloaded the MoE block and its experts run as
+    `Llama4FusedMoe` / `Llama4FusedExperts`: the block calls ``experts(hidden [T, H], ids [T, k], scores [T, k])``
+    and expert e computes ``expert_e(hidden * score)`` for the tokens routed to it only; every other expert's
+    contribution is exactly zero in the original, so the outputs are the same. `restore` puts both classes back.
+    """
+
+    name = "llama4"
+    transposed = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        params = dict(module.named_parameters(recurse=False))
+        return (any(c.__name__ == "Llama4TextExperts" for c in type(module).__mro__)
+                and {"gate_up_proj", "down_proj"} <= set(params))
+
+    def num_experts(self, experts):
+        return int(experts.down_proj.shape[0])
+
+    def routing(self, experts, args, kwargs, top_k):
+        bound = _bind_call(experts, args, kwargs)
+        if len(bound) >= 3:  # the fused call of an offloaded layer
+            return bound[0], bound[1], bound[2]
+        routed = bound[0]  # [E*T, H]: token t's input to expert e at row e*T + t, zero where not routed
+        e = self.num_experts(experts)
+        rows = routed.view(e, -1, routed.shape[-1])  # [E, T, H]
+        vals, ids = rows.abs().amax(-1).t().topk(top_k, dim=-1)  # [T, k]
+        return rows[0], torch.where(vals > 0, ids, torch.full_like(ids, -1)), None
+
+
+class Llama4FusedMoe(nn.Module):
+    """`Llama4TextMoe` with its experts called on the routed ids only (see `Llama4Experts`)."""
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # [T, H]
+        router_scores, router_logits = self.router(hidden_states)  # [T, E] each
+        ids = router_logits.topk(self.top_k, dim=1).indices  # [T, k], the router's own choice
+        routed = self.experts(hidden_states, ids, router_scores.gather(1, ids))
+        out = self.shared_expert(hidden_states)
+        out.add_(routed)
+        return out, router_logits
+
+
+class Llama4FusedExperts(nn.Module):
+    """`Llama4TextExperts` called as ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``,
+    the weights scaling each expert's input as Llama-4 does; the slot pool binds [S, ...] views as for fused
+    experts (`num_experts` becomes S)."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)  # [T, H]
+        hit = torch.unique(top_k_index)
+        for e in hit.tolist():
+            if e < 0:
+                continue
+            token, pos = torch.where(top_k_index == e)
+            x = hidden_states[token] * top_k_weights[token, pos, None].to(hidden_states.dtype)
+            gate, up = torch.matmul(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.index_add_(0, token, torch.matmul(up * self.act_fn(gate), self.down_proj[e]).to(out.dtype))
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_subclass(base: type, mixin: type) -> type:
+    """A subclass of the model's class `base` with `mixin`'s forward (named after both, made once)."""
+    return type(f"{mixin.__name__}[{base.__name__}]", (mixin, base), {})
+
+
+class DbrxFusedFFN(nn.Module):
+    """`DbrxFFN` calling its experts on [T, H] tokens (DBRX passes [B, S, H] and gets [B, S, H] back)."""
+
+    def forward(self, hidden_states):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        top_k_weights, top_k_index = self.route_tokens_to_experts(self.router(flat))
+        return self.experts(flat, top_k_index, top_k_weights).view(hidden_states.shape)
+
+
+class DbrxFusedExperts(nn.Module):
+    """`DbrxExperts` returning [T, H] for [T, H] tokens."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return super().forward(hidden_states, top_k_index, top_k_weights).reshape(hidden_states.shape)
+
+
+class DbrxExperts(AdaptedExperts):
+    """DBRX's experts (`DbrxExperts`): called as fused experts, but the weights live in the child ``mlp`` as
+    w1, v1 (gate, up) and w2 (down, transposed), each [E*I, H]; one expert is [I, H] of each. While offloaded
+    the FFN block and the experts pass [T, H] tokens (`DbrxFusedFFN`, `DbrxFusedExperts`)."""
+
+    name = "dbrx"
+    block_forward = DbrxFusedFFN
+    experts_forward = DbrxFusedExperts
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        mlp = getattr(module, "mlp", None)
+        return (any(c.__name__ == "DbrxExperts" for c in type(module).__mro__) and mlp is not None
+                and all(isinstance(getattr(mlp, n, None), torch.Tensor) for n in ("w1", "v1", "w2")))
+
+    _NAMES = ("w1", "v1", "w2")
+
+    def num_experts(self, experts):
+        return int(experts.num_experts)
+
+    def _split(self, experts, n):  # [E*I, H] -> [E, I, H]
+        t = getattr(experts.mlp, n)
+        return t.view(self.num_experts(experts), -1, t.shape[-1])
+
+    def tensor_specs(self, experts):
+        return tuple(ExpertTensorSpec(n, tuple(self._split(experts, n).shape[1:]), getattr(experts.mlp, n).dtype)
+                     for n in self._NAMES)
+
+    def expert_tensors(self, experts, e):
+        return {n: self._split(experts, n)[e] for n in self._NAMES}
+
+    def remove(self, experts):
+        saved = {"requires_grad": {n: experts.mlp._parameters[n].requires_grad for n in self._NAMES},
+                 "num_experts": experts.num_experts, "classes": (type(self.parent), type(experts))}
+        for n in self._NAMES:
+            del experts.mlp._parameters[n]
+        self.parent.__class__ = _fused_subclass(type(self.parent), self.block_forward)
+        experts.__class__ = _fused_subclass(type(experts), self.experts_forward)
+        return saved
+
+    def restore(self, experts, saved, data):
+        for n, rg in saved["requires_grad"].items():
+            experts.mlp.__dict__.pop(n, None)
+            experts.mlp.register_parameter(n, nn.Parameter(data[n].reshape(-1, data[n].shape[-1]), requires_grad=rg))
+        experts.num_experts = saved["num_experts"]
+        self.parent.__class__, experts.__class__ = saved["classes"]
+
+    def bind_pool(self, experts, views):
+        for n, v in views.items():  # [S, I, H]: DBRX's forward views it as (-1, I, H), the same shape
+            experts.mlp.__dict__[n] = v
+        experts.num_experts = next(iter(views.values())).shape[0]
+
+
+Llama4Experts.block_forward, Llama4Experts.experts_forward = Llama4FusedMoe, Llama4FusedExperts
+
+LAYOUTS: tuple[type[ExpertsLayout], ...] = (FusedExperts, Llama4Experts, DbrxExperts, ModuleListExperts)
 
 
 def owner_of(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:

@@ -23,6 +23,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", nargs="+", default=None, choices=sorted(PRESETS), metavar="SHAPE",
                    help=f"model shapes: {', '.join(sorted(PRESETS))} (default: those of the trace's routing "
                         f"geometry, else {DEFAULT_SHAPE})")
+    p.add_argument("--shape-config", nargs="+", type=Path, default=[], metavar="CONFIG_JSON",
+                   help="model shapes from transformers config.json files (or model directories holding one): any "
+                        "MoE model transformers builds, its quantization_config read (MXFP4, FP8, GPTQ int4)")
     p.add_argument("--profiles", nargs="+", default=["rtx3090"], choices=sorted(PROFILES), metavar="PROFILE",
                    help=f"hardware profiles: {', '.join(sorted(PROFILES))}")
     p.add_argument("--compression", nargs="+", default=["none"], metavar="SCHEME",
@@ -66,10 +69,34 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
 DEFAULT_SHAPE = "qwen1.5-moe-a2.7b"
 
 
-def shapes_for(stream) -> list[str]:
-    """The preset shapes whose routing geometry (L, k, E) matches the stream's; [DEFAULT_SHAPE] when none does
-    (the run then says that the trace matches no shape)."""
-    return matching_presets(stream) or [DEFAULT_SHAPE]
+def shape_of_geometry(stream, like: str = DEFAULT_SHAPE) -> ModelShape:
+    """A shape for a stream whose routing geometry no preset has: `like`'s layer and expert sizes with the
+    stream's L, k and E (E: the stream's, else its largest id + 1), labelled as assumed in its name and source."""
+    E = stream.num_experts or (int(stream.ids.max()) + 1 if stream.ids.numel() else 1)
+    return ModelShape.from_name(like).with_routing(stream.num_layers, max(E, stream.top_k), stream.top_k)
+
+
+def resolve_shapes(args, stream) -> list[ModelShape]:
+    """--shapes (presets) and --shape-config (config.json files), each once per --compression scheme; without
+    either, the presets of the stream's geometry, else a shape of its geometry (`shape_of_geometry`)."""
+    try:
+        configs = [ModelShape.from_file(p) for p in args.shape_config]
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--shape-config: {err}") from None
+    if args.shapes is None:
+        if configs:
+            args.shapes = []
+        elif stream is None:
+            args.shapes = [DEFAULT_SHAPE]
+        else:
+            args.shapes = matching_presets(stream)
+            if not args.shapes:
+                assumed = shape_of_geometry(stream)
+                print(f"note: no published shape has the trace's routing geometry; replaying on {assumed.name} "
+                      f"({assumed.source})")
+                configs = [assumed]
+    base = [ModelShape.from_name(s) for s in args.shapes] + configs
+    return [s.compressed(c) for s in base for c in args.compression]
 
 
 def _routers(model_path: str | None):
@@ -135,9 +162,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"\nwrote {json_path}, {md_path}")
         return 0
     stream = load_stream(args.trace) if args.trace else None
-    if args.shapes is None:
-        args.shapes = shapes_for(stream) if stream is not None else [DEFAULT_SHAPE]
-    shapes = [ModelShape.from_name(s).compressed(c) for s in args.shapes for c in args.compression]
+    shapes = resolve_shapes(args, stream)
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]
     settings = SweepSettings(capacities=tuple(args.capacities),
                              policies=tuple(dict.fromkeys(map(resolve_policy_name, args.policies))),
@@ -151,8 +176,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         matching = [s for s in shapes if stream.matches(s.moe_layers, s.top_k, s.num_experts)]
         if not matching:
             raise SystemExit(f"the trace has L={stream.num_layers} k={stream.top_k} E={stream.num_experts or '?'}; "
-                             f"none of {args.shapes} has that routing geometry (without --trace their memory rows "
-                             "are still computed)")
+                             f"none of {[s.name for s in shapes]} has that routing geometry (without --trace their "
+                             "memory rows are still computed; without --shapes/--shape-config a shape of the trace's "
+                             "geometry is assumed)")
         if settings.warmup_passes >= stream.num_passes:  # a short trace: keep at least one measured pass
             warmup = stream.num_passes // 2
             print(f"note: the trace has {stream.num_passes} passes, not more than --warmup {settings.warmup_passes}; "

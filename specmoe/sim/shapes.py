@@ -15,15 +15,16 @@ from typing import Any
 import torch
 
 from ..geometry import MoEGeometry
+from ..kernels.prequant import PrequantFormat
 from ..runtime.adapters import ExpertTensorSpec
 from ..runtime.compression import make_codec
+from ..runtime.prequant_layout import expert_specs_as, prequant_values
 from ..runtime.store import ExpertLayout
 from .published import PRESETS
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-EXPERT_DTYPES = (*DTYPE_BYTES, "mxfp4")
+EXPERT_DTYPES = (*DTYPE_BYTES, "mxfp4", "fp8-b128", "gptq-int4-g128")  # and fp8-b<B>, gptq-int4-g<G>
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MXFP4_BLOCK = 32  # values sharing one e8m0 scale; two 4-bit values per byte
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ModelShape:
     sliding_window: int = 0  # 0: none
     sliding_layers: int = 0  # layers with a sliding window (their KV stops growing)
     compression: str = "none"  # experts in store and slots: "none", "int8", "int4-g128", ... (runtime.compression)
+    other_params: int = 0  # non-expert parameters the per-layer counts leave out (layers that differ, MTP heads)
     source: str = ""
     config: dict = field(default_factory=dict, compare=False)  # the config values it was built from
 
@@ -71,7 +73,7 @@ class ModelShape:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelShape.{name} must be a positive int, got {value!r}")
         for name in ("norm_params", "router_params", "shared_params", "dense_mlp_params", "lm_head_params",
-                     "final_norm_params", "sliding_window", "sliding_layers"):
+                     "final_norm_params", "sliding_window", "sliding_layers", "other_params"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelShape.{name} must be an int >= 0, got {value!r}")
@@ -81,7 +83,7 @@ class ModelShape:
             raise ValueError(f"ModelShape {self.name}: top_k {self.top_k} exceeds num_experts {self.num_experts}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"ModelShape.dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
-        if self.expert_dtype not in EXPERT_DTYPES:
+        if self.expert_dtype not in DTYPE_BYTES and PrequantFormat.parse(self.expert_dtype) is None:
             raise ValueError(f"ModelShape.expert_dtype must be one of {EXPERT_DTYPES}, got {self.expert_dtype!r}")
         if not self.expert_specs:
             raise ValueError(f"ModelShape {self.name}: an expert needs at least one tensor")
@@ -105,15 +107,11 @@ class ModelShape:
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one routed expert (an MXFP4 block of 32 values counts as 32 parameters)."""
-        n = 0
-        for spec in self.expert_specs:
-            count = _numel(spec.shape)
-            if self.expert_dtype == "mxfp4" and spec.name.endswith("_blocks"):
-                n += count * 2  # two values per byte
-            elif not spec.name.endswith("_scales"):
-                n += count
-        return n
+        """Parameters of one routed expert (a pre-quantized matrix counts its values, not its scales)."""
+        fmt = PrequantFormat.parse(self.expert_dtype)
+        if fmt is None:
+            return sum(_numel(spec.shape) for spec in self.expert_specs)
+        return sum(prequant_values(fmt, spec) for spec in self.expert_specs)
 
     @property
     def expert_bytes(self) -> int:
@@ -142,6 +140,17 @@ class ModelShape:
         base = self.name.partition("+")[0]
         return replace(self, name=base if scheme == "none" else f"{base}+{scheme}", compression=scheme)
 
+    def with_routing(self, moe_layers: int, num_experts: int, top_k: int) -> "ModelShape":
+        """This model's layer sizes with another routing geometry (L, E, k), named "<name>@L<L>-E<E>-k<k>": the
+        shape a trace of that geometry replays on when no published model has it (its source says so)."""
+        per_expert_router = self.router_params // self.num_experts
+        return replace(self, name=f"{self.name}@L{moe_layers}-E{num_experts}-k{top_k}", moe_layers=moe_layers,
+                       num_layers=self.dense_layers + moe_layers, num_experts=num_experts, top_k=top_k,
+                       router_params=per_expert_router * num_experts,
+                       sliding_layers=min(self.sliding_layers, self.dense_layers + moe_layers),
+                       source=f"assumed: {self.name}'s layer and expert sizes with the routing geometry L={moe_layers} "
+                              f"E={num_experts} k={top_k} (no published shape has it; pass --shape-config)")
+
     @property
     def routed_expert_params(self) -> int:
         return self.moe_layers * self.num_experts * self.expert_params
@@ -160,7 +169,7 @@ class ModelShape:
         """Everything but the routed experts: what stays on the device when they are offloaded."""
         return (self.moe_layers * self.layer_nonexpert_params
                 + self.dense_layers * (self.attention_params + self.norm_params + self.dense_mlp_params)
-                + self.embed_params + self.lm_head_params + self.final_norm_params)
+                + self.embed_params + self.lm_head_params + self.final_norm_params + self.other_params)
 
     @property
     def nonexpert_bytes(self) -> int:
@@ -212,29 +221,63 @@ class ModelShape:
             raise ValueError(f"unknown model shape {name!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS[key]
         return cls.from_config(preset["config"], name=key, source=preset["source"],
-                               expert_dtype=expert_dtype or preset.get("expert_dtype", "bf16"))
+                               expert_dtype=expert_dtype or preset.get("expert_dtype"))
 
     @classmethod
     def from_config(cls, config: Any, name: str | None = None, source: str = "", dtype: str = "bf16",
                     expert_dtype: str | None = None) -> "ModelShape":
         """The shape of a transformers config (a PretrainedConfig or a plain dict of config.json values).
 
-        Supported model types: see `FAMILIES`.
+        The families in `FAMILIES` are counted by formula; any other MoE model type transformers knows is built
+        on the meta device and counted (`sim.meta_shape`). The experts' dtype is read from the config's
+        `quantization_config` (MXFP4, block-scaled FP8, GPTQ int4) unless `expert_dtype` says otherwise.
 
         Raises:
-            ValueError: a model type this module cannot count.
+            ValueError: a config without a model type transformers knows, or without MoE layers specmoe finds.
         """
         values = config if isinstance(config, dict) else config.to_dict()
+        quant = values.get("quantization_config")
         if values.get("hidden_size") is None and isinstance(values.get("text_config"), dict):
-            values = values["text_config"]  # a multimodal wrapper: its language model
+            values = dict(values["text_config"])  # a multimodal wrapper: its language model
+            if quant and "quantization_config" not in values:
+                values["quantization_config"] = quant
         model_type = values.get("model_type")
-        if model_type not in FAMILIES:
-            raise ValueError(f"cannot derive a ModelShape for model_type {model_type!r}; supported: {sorted(FAMILIES)}")
-        counts = FAMILIES[model_type](_Cfg(values))
-        expert_dtype = expert_dtype or "bf16"
-        specs = counts.pop("expert_specs")(expert_dtype if expert_dtype != "mxfp4" else "mxfp4")
+        if expert_dtype is None:
+            fmt = PrequantFormat.from_quantization_config(values.get("quantization_config"))
+            expert_dtype = str(fmt) if fmt is not None else "bf16"
+        if model_type in FAMILIES:
+            counts = FAMILIES[model_type](_Cfg(values))
+            specs = counts.pop("expert_specs")(expert_dtype)
+        else:
+            from .meta_shape import count_on_meta
+
+            counts = count_on_meta(values)
+            specs = expert_specs_as(counts.pop("expert_specs"), expert_dtype, counts.pop("transposed"))
         return cls(name=name or model_type, model_type=model_type, dtype=dtype, expert_dtype=expert_dtype,
                    expert_specs=specs, source=source, config=dict(values), **counts)
+
+    @classmethod
+    def from_file(cls, path, name: str | None = None, expert_dtype: str | None = None) -> "ModelShape":
+        """The shape of a config.json file (or of a model directory holding one), named after its directory.
+
+        Raises:
+            FileNotFoundError: no config.json there. ValueError: not JSON, or a config `from_config` refuses.
+        """
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a JSON config: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} is not a JSON object (a transformers config.json)")
+        return cls.from_config(values, name=name or path.parent.name or path.stem, source=str(path),
+                               expert_dtype=expert_dtype)
 
     def to_config(self, **overrides):
         """A transformers config of this model (for building it on the meta device), with `overrides` applied."""
@@ -272,22 +315,14 @@ def _glu_expert_specs(hidden: int, inter: int, transposed: bool = False, bias: b
     """Fused experts as transformers stores them: gate_up [2I, H] and down [H, I] (or transposed), + biases."""
 
     def make(expert_dtype: str) -> tuple[ExpertTensorSpec, ...]:
-        if expert_dtype == "mxfp4":  # per matrix: 4-bit blocks of 32 along the input dim + one e8m0 scale each
-            specs = [ExpertTensorSpec("gate_up_proj_blocks", (2 * inter, hidden // MXFP4_BLOCK, 16), torch.uint8),
-                     ExpertTensorSpec("gate_up_proj_scales", (2 * inter, hidden // MXFP4_BLOCK), torch.uint8),
-                     ExpertTensorSpec("down_proj_blocks", (hidden, inter // MXFP4_BLOCK, 16), torch.uint8),
-                     ExpertTensorSpec("down_proj_scales", (hidden, inter // MXFP4_BLOCK), torch.uint8)]
-            bias_dtype = torch.bfloat16
-        else:
-            dt = _TORCH_DTYPE[expert_dtype]
-            gate_up = (hidden, 2 * inter) if transposed else (2 * inter, hidden)
-            down = (inter, hidden) if transposed else (hidden, inter)
-            specs = [ExpertTensorSpec("gate_up_proj", gate_up, dt), ExpertTensorSpec("down_proj", down, dt)]
-            bias_dtype = dt
+        gate_up = (hidden, 2 * inter) if transposed else (2 * inter, hidden)
+        down = (inter, hidden) if transposed else (hidden, inter)
+        f = torch.float32
+        specs = [ExpertTensorSpec("gate_up_proj", gate_up, f), ExpertTensorSpec("down_proj", down, f)]
         if bias:
-            specs += [ExpertTensorSpec("gate_up_proj_bias", (2 * inter,), bias_dtype),
-                      ExpertTensorSpec("down_proj_bias", (hidden,), bias_dtype)]
-        return tuple(specs)
+            specs += [ExpertTensorSpec("gate_up_proj_bias", (2 * inter,), f),
+                      ExpertTensorSpec("down_proj_bias", (hidden,), f)]
+        return expert_specs_as(specs, expert_dtype, transposed)
 
     return make
 
@@ -385,8 +420,66 @@ def _deepseek_v2(c: _Cfg):
                        dense_mlp=3 * H * c["intermediate_size"] if first_dense else 0)
 
 
+def _glm4_moe(c: _Cfg):
+    """GLM-4.5: grouped-query attention (q/k/v biases with attention_bias, optional q/k norms), shared experts,
+    dense first layers."""
+    H, L, I = c["hidden_size"], c["num_hidden_layers"], c["moe_intermediate_size"]
+    hd = c.get("head_dim", H // c["num_attention_heads"])
+    qk_norm = hd if c.get("use_qk_norm", False) else 0
+    first_dense = c.get("first_k_dense_replace", 0)
+    return _moe_common(c, _gqa(c, qkv_bias=c.get("attention_bias", False), o_bias=False, q_norm=qk_norm,
+                               k_norm=qk_norm), c["n_routed_experts"], L - first_dense, I, _glu_expert_specs(H, I),
+                       shared=3 * H * I * c.get("n_shared_experts", 0),
+                       dense_mlp=3 * H * c["intermediate_size"] if first_dense else 0)
+
+
+def _qwen3_next(c: _Cfg):
+    """Qwen3-Next: Gated DeltaNet (linear attention, a fixed state instead of KV) in 3 of 4 layers, gated
+    full attention in the others; per-layer attention and KV are averages over the layers (the remainder of the
+    attention average is `other_params`)."""
+    H, L = c["hidden_size"], c["num_hidden_layers"]
+    nh, nkv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    hd = c.get("head_dim", H // nh)
+    types = c.get("layer_types", None) or ["full_attention" if (i + 1) % c.get("full_attention_interval", 4) == 0
+                                           else "linear_attention" for i in range(L)]
+    full = sum(t == "full_attention" for t in types)
+    nk, nv = c["linear_num_key_heads"], c["linear_num_value_heads"]
+    dk, dv = c["linear_key_head_dim"], c["linear_value_head_dim"]
+    key, value = nk * dk, nv * dv
+    linear = (H * (2 * key + 2 * value) + H * 2 * nv + (2 * key + value) * c.get("linear_conv_kernel_dim", 4)
+              + 2 * nv + dv + value * H)
+    gated = 2 * H * nh * hd + 2 * H * nkv * hd + nh * hd * H + 2 * hd
+    attention = full * gated + (L - full) * linear
+    step, only = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers", []))
+    moe = sum(1 for i in range(L) if i not in only and step > 0 and (i + 1) % step == 0)
+    shared_i = c.get("shared_expert_intermediate_size", 0)
+    out = _moe_common(c, (attention // L, -(-2 * nkv * hd * full // L), nh, hd), c["num_experts"], moe,
+                      c["moe_intermediate_size"], _glu_expert_specs(H, c["moe_intermediate_size"]),
+                      shared=3 * H * shared_i + H if shared_i else 0,
+                      dense_mlp=3 * H * c["intermediate_size"] if moe < L else 0)
+    out["other_params"] = attention - L * (attention // L)
+    return out
+
+
+def _llama4_text(c: _Cfg):
+    """Llama-4's text model: MoE every `interleave_moe_layer_step` layers (routed experts stored transposed,
+    [H, 2I] and [I, H]) with a shared expert; dense layers use `intermediate_size_mlp`; chunked-attention layers
+    keep `attention_chunk_size` tokens of KV."""
+    H, L, I = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+    step = c.get("interleave_moe_layer_step", 1)
+    moe_layers = c.get("moe_layers", None) or list(range(step - 1, L, step))
+    out = _moe_common(c, _gqa(c, qkv_bias=c.get("attention_bias", False), o_bias=c.get("attention_bias", False)),
+                      c["num_local_experts"], len(moe_layers), I, _glu_expert_specs(H, I, transposed=True),
+                      shared=3 * H * I, dense_mlp=3 * H * c["intermediate_size_mlp"] if len(moe_layers) < L else 0)
+    types = c.get("layer_types", None) or []
+    out.update(sliding_window=c.get("attention_chunk_size", 0),
+               sliding_layers=sum(t == "chunked_attention" for t in types))
+    return out
+
+
 FAMILIES = {"qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "olmoe": _olmoe,
-            "gpt_oss": _gpt_oss, "deepseek_v2": _deepseek_v2}
+            "gpt_oss": _gpt_oss, "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v2,
+            "llama4_text": _llama4_text, "glm4_moe": _glm4_moe, "qwen3_next": _qwen3_next}  # others: counted on the meta device (sim.meta_shape)
 
 
 def matching_presets(routing) -> list[str]:

@@ -1,0 +1,217 @@
+"""Experts as their publishers ship them: MXFP4 (gpt-oss), block-scaled FP8 (DeepSeek-V3, Qwen3-FP8) and GPTQ
+int4, the tensors of one matrix in each format, and the PyTorch reference that dequantizes them.
+
+Unlike `quant.py` (formats specmoe makes itself from bf16 experts), these formats arrive from a checkpoint; the
+runtime keeps their bytes as published in the host store, over PCIe and in the slots, and dequantizes on use.
+A matrix W [N, K] (N output channels, K input channels: `y = x @ W.T`) is held as:
+
+* ``mxfp4`` (transformers' integrations/mxfp4.py, gpt-oss): ``_blocks`` uint8 [N, K/32, 16] (two e2m1 codes per
+  byte, even column in the low nibble) and ``_scales`` uint8 [N, K/32] (e8m0: 2**(s - 127) per 32 values).
+* ``fp8-b128`` (integrations/finegrained_fp8.py, `weight_block_size` [128, 128]): the weight itself as
+  float8_e4m3fn [N, K] and ``_scale_inv`` float32 [ceil(N/128), ceil(K/128)]; W = w * scale_inv per block.
+* ``gptq-int4-g128`` (GPTQ, `checkpoint_format` "gptq", `sym` either): ``.qweight`` int32 [K/8, N] (eight 4-bit
+  codes per int32 along K, lowest nibble first), ``.qzeros`` int32 [K/G, N/8] (packed along N, stored minus 1),
+  ``.scales`` float16 [K/G, N], ``.g_idx`` int32 [K]; W.T[k, n] = (q[k, n] - z[g_idx[k], n] - 1) * s[g_idx[k], n].
+
+The names are suffixes of the matrix's own name (``gate_up_proj_blocks``, ``down_proj_scale_inv``,
+``gate_up_proj.qweight``).
+"""
+
+# Shape legend: N rows (output channels), K columns (input channels), G group size, B FP8 block
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_BLOCK = 32
+KINDS = ("mxfp4", "fp8", "gptq-int4")
+
+
+@dataclass(frozen=True)
+class PrequantFormat:
+    """A publisher's expert format.
+
+    Args:
+        kind: "mxfp4", "fp8" (block-scaled e4m3) or "gptq-int4".
+        block: FP8 scale block (square, `weight_block_size`), or GPTQ `group_size`; ignored for MXFP4.
+    """
+
+    kind: str
+    block: int = 128
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"pre-quantized format must be one of {KINDS}, got {self.kind!r}")
+        if not (isinstance(self.block, int) and self.block >= 8):
+            raise ValueError(f"block/group size must be an int >= 8, got {self.block!r}")
+
+    def __str__(self) -> str:
+        return {"mxfp4": "mxfp4", "fp8": f"fp8-b{self.block}", "gptq-int4": f"gptq-int4-g{self.block}"}[self.kind]
+
+    @classmethod
+    def parse(cls, text: str) -> "PrequantFormat | None":
+        """'mxfp4', 'fp8-b128', 'gptq-int4-g128' -> a format; any other text (bf16, fp16, ...) -> None."""
+        text = str(text)
+        if text == "mxfp4":
+            return cls("mxfp4", MXFP4_BLOCK)
+        for kind, sep in (("fp8", "-b"), ("gptq-int4", "-g")):
+            if text == kind or text.startswith(kind + sep):
+                rest = text[len(kind) + len(sep):]
+                try:
+                    return cls(kind, int(rest) if rest else 128)
+                except ValueError:
+                    raise ValueError(f"cannot read expert format {text!r}; write e.g. '{kind}{sep}128'") from None
+        return None
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict | None) -> "PrequantFormat | None":
+        """The format of a config.json `quantization_config` (None when absent).
+
+        Raises:
+            ValueError: a quantization method or setting specmoe does not read (named in the message).
+        """
+        if not qc:
+            return None
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        method = str(qc.get("quant_method", "")).lower()
+        if method == "mxfp4":
+            return cls("mxfp4", MXFP4_BLOCK)
+        if method == "fp8":
+            block = qc.get("weight_block_size") or [128, 128]
+            if len(block) != 2 or block[0] != block[1]:
+                raise ValueError(f"FP8 weight_block_size {block} is not square; specmoe reads [B, B] blocks")
+            if qc.get("activation_scheme", "dynamic") != "dynamic":
+                raise ValueError("FP8 with static activation scales is not supported; specmoe reads "
+                                 "activation_scheme 'dynamic' (DeepSeek-V3, Qwen3-FP8)")
+            return cls("fp8", int(block[0]))
+        if method == "gptq":
+            if qc.get("bits", 4) != 4:
+                raise ValueError(f"GPTQ with {qc.get('bits')} bits is not supported; specmoe reads 4-bit GPTQ")
+            if qc.get("checkpoint_format", "gptq") not in ("gptq", None):
+                raise ValueError(f"GPTQ checkpoint_format {qc.get('checkpoint_format')!r} is not supported; "
+                                 "specmoe reads 'gptq'")
+            group = qc.get("group_size", 128)
+            if not isinstance(group, int) or group < 8:
+                raise ValueError(f"GPTQ group_size {group!r} is not supported; specmoe reads group sizes >= 8 "
+                                 "(not -1, per-channel)")
+            return cls("gptq-int4", group)
+        raise ValueError(f"quantization method {method!r} is not supported for experts; specmoe reads mxfp4, "
+                         "fp8 (block-scaled) and gptq (4-bit)")
+
+    # ---- layout --------------------------------------------------------------------------------------
+    def parts(self, n: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors of one W [N, K]: suffix -> (shape, dtype).
+
+        Raises:
+            ValueError: a matrix this format cannot hold (K not a multiple of the block / pack width).
+        """
+        if self.kind == "mxfp4":
+            if k % MXFP4_BLOCK:
+                raise ValueError(f"MXFP4 needs K a multiple of {MXFP4_BLOCK}, got [{n}, {k}]")
+            return {"_blocks": ((n, k // MXFP4_BLOCK, 16), torch.uint8), "_scales": ((n, k // MXFP4_BLOCK), torch.uint8)}
+        if self.kind == "fp8":
+            b = self.block
+            return {"": ((n, k), torch.float8_e4m3fn), "_scale_inv": ((math.ceil(n / b), math.ceil(k / b)), torch.float32)}
+        g = self.block
+        if k % g or k % 8 or n % 8:
+            raise ValueError(f"GPTQ int4 needs K a multiple of the group size {g} and of 8, N of 8; got [{n}, {k}]")
+        return {".qweight": ((k // 8, n), torch.int32), ".qzeros": ((k // g, n // 8), torch.int32),
+                ".scales": ((k // g, n), torch.float16), ".g_idx": ((k,), torch.int32)}
+
+    def values(self, suffix: str, shape: tuple[int, ...]) -> int:
+        """Weight values a part holds (0 for scales, zeros and indices): the parameter count of the matrix."""
+        numel = math.prod(shape)
+        return {"_blocks": 2 * numel, ".qweight": 8 * numel, "": numel}.get(suffix, 0)
+
+    # ---- reference dequantization --------------------------------------------------------------------
+    def dequantize(self, parts: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [N, K] in `dtype` from one matrix's parts (suffix -> tensor), or [M, N, K] from parts with a
+        leading dim M (a stack of experts)."""
+        if self.kind == "mxfp4":
+            return dequantize_mxfp4(parts["_blocks"], parts["_scales"], dtype)
+        if self.kind == "fp8":
+            return dequantize_fp8(parts[""], parts["_scale_inv"], self.block, dtype)
+        return dequantize_gptq(parts[".qweight"], parts[".qzeros"], parts[".scales"], parts[".g_idx"], dtype)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32] -> W [..., N, K] (transformers'
+    `_convert_moe_packed_tensors` before its transpose)."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.to(torch.uint8)
+    vals = torch.stack((lut[(b & 0x0F).long()], lut[(b >> 4).long()]), dim=-1).flatten(-2)  # [..., N, G, 32]
+    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1).float())
+    return vals.flatten(-2).to(dtype)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int, dtype=torch.float32) -> torch.Tensor:
+    """weight e4m3 [..., N, K], scale_inv [..., ceil(N/B), ceil(K/B)] -> W [..., N, K]."""
+    n, k = weight.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block, -2)[..., :n, :].repeat_interleave(block, -1)[..., :k]
+    return (weight.float() * s).to(dtype)
+
+
+def dequantize_gptq(qweight, qzeros, scales, g_idx, dtype=torch.float32) -> torch.Tensor:
+    """GPTQ int4 (see the module docstring) -> W [..., N, K]."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    q = (qweight.unsqueeze(-2) >> shifts.view(-1, 1)) & 0xF  # [..., K/8, 8, N]
+    q = q.flatten(-3, -2)  # [..., K, N]
+    z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)  # [..., K/G, N]
+    g = g_idx.long()
+    w = (q - z[..., g, :] - 1).float() * scales[..., g, :].float()  # [..., K, N]
+    return w.transpose(-1, -2).to(dtype)
+
+
+def quantize_gptq(w: torch.Tensor, group: int = 128) -> dict[str, torch.Tensor]:
+    """W [N, K] float -> GPTQ int4 parts (asymmetric, round-to-nearest per group, trivial g_idx): what a GPTQ
+    checkpoint holds, for tests and tiny checkpoints (not GPTQ's error-compensating solver)."""
+    n, k = w.shape
+    wt = w.float().T.reshape(k // group, group, n)  # [K/G, G, N]
+    lo, hi = wt.amin(1), wt.amax(1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8).half()
+    zero = (-lo / scale.float()).round().clamp(1, 15)  # stored minus 1: >= 1 keeps the stored value >= 0
+    q = (wt / scale.float().unsqueeze(1) + zero.unsqueeze(1)).round().clamp(0, 15).to(torch.int32).reshape(k, n)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    qweight = (q.reshape(k // 8, 8, n) << shifts.view(1, 8, 1)).sum(1, dtype=torch.int32)
+    zs = (zero.to(torch.int32) - 1).reshape(k // group, n // 8, 8)
+    qzeros = (zs << shifts).sum(-1, dtype=torch.int32)
+    return {".qweight": qweight, ".qzeros": qzeros, ".scales": scale,
+            ".g_idx": (torch.arange(k, dtype=torch.int32) // group)}
+
+
+def quantize_fp8(w: torch.Tensor, block: int = 128) -> dict[str, torch.Tensor]:
+    """W [N, K] float -> block-scaled e4m3 parts (absmax / 448 per block), as DeepSeek-V3's checkpoints hold."""
+    n, k = w.shape
+    nb, kb = math.ceil(n / block), math.ceil(k / block)
+    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32)
+    padded[:n, :k] = w.float()
+    blocks = padded.reshape(nb, block, kb, block)
+    scale = (blocks.abs().amax((1, 3)) / 448.0).clamp_min(1e-12)  # [nb, kb]
+    q = (blocks / scale[:, None, :, None]).reshape(nb * block, kb * block)[:n, :k].to(torch.float8_e4m3fn)
+    return {"": q, "_scale_inv": scale}
+
+
+def quantize_mxfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W [N, K] float -> MXFP4 parts (nearest e2m1 code after a power-of-two scale per 32 values)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // MXFP4_BLOCK, MXFP4_BLOCK)
+    amax = g.abs().amax(-1).clamp_min(2.0 ** -126)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)  # largest |value| maps to <= 6
+    scaled = g / torch.exp2(exp).unsqueeze(-1)
+    lut = torch.tensor(FP4_VALUES)
+    codes = (scaled.unsqueeze(-1) - lut).abs().argmin(-1).to(torch.uint8)  # [N, G, 32]
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return {"_blocks": blocks, "_scales": (exp + 127).to(torch.uint8)}
+
+
+def quantize(w: torch.Tensor, fmt: PrequantFormat) -> dict[str, torch.Tensor]:
+    """W [N, K] -> the parts of `fmt` (the publishers' own quantizers do better; these make test checkpoints)."""
+    if fmt.kind == "mxfp4":
+        return quantize_mxfp4(w)
+    if fmt.kind == "fp8":
+        return quantize_fp8(w, fmt.block)
+    return quantize_gptq(w, fmt.block)
