@@ -29,6 +29,8 @@ import torch
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_BLOCK = 32
 KINDS = ("mxfp4", "fp8", "gptq-int4")
+SUFFIXES = {"mxfp4": ("_blocks", "_scales"), "fp8": ("", "_scale_inv"),
+            "gptq-int4": (".qweight", ".qzeros", ".scales", ".g_idx")}
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ class PrequantFormat:
                          "fp8 (block-scaled) and gptq (4-bit)")
 
     # ---- layout --------------------------------------------------------------------------------------
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """The part names' suffixes, in `parts` order."""
+        return SUFFIXES[self.kind]
+
     def parts(self, n: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The tensors of one W [N, K]: suffix -> (shape, dtype).
 

@@ -96,6 +96,12 @@ class ModelMoE:
     def expert_nbytes(self) -> int:
         return sum(s.nbytes for s in self.specs)
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the expert matrices are held [in, out] (gpt-oss, Llama-4), not transformers' usual [out, in]."""
+        layer = self.layers[0]
+        return bool(getattr(layer.layout, "transposed", False) or getattr(layer.experts, "is_transposed", False))
+
 
 def _find_router(parent: nn.Module, experts: nn.Module, num_experts: int) -> RouterWeights | None:
     candidates = [(n, m) for n, m in parent.named_children() if m is not experts]

@@ -13,6 +13,11 @@ memory budget holds 2-4x more experts. Compute reads the slots as they are:
 
 Compression changes numerics: the model computes with quantize-dequantized experts. The originals are not
 kept, so `unwrap()` gives back the dequantized experts (with a warning).
+
+`PrequantCodec` is the same interface for experts that arrive quantized in their publisher's format (MXFP4,
+block-scaled FP8, GPTQ int4: `kernels.prequant`): their bytes as published are the store's, the copies' and
+the slots' layout; compute dequantizes the routed slots on use (PyTorch reference; the fused kernel does not
+read these formats yet), as do the host experts (misses="host"/"auto") and `unwrap()`.
 """
 
 # Shape legend: L MoE layers, E experts, n slots, B bytes per expert (uncompressed layout), Bc compressed
@@ -23,6 +28,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..kernels import prequant
+from ..kernels.prequant import PrequantFormat
 from ..kernels.quant import QuantFormat, QuantizedStack, compressible, dequantize, dequantize_into, quantize
 from .adapters import ExpertTensorSpec
 from .store import ExpertLayout
@@ -125,9 +132,104 @@ class ExpertCodec:
         return {k[len(name):]: v for k, v in packed.items() if k.startswith(name + ".q")}
 
 
-def make_codec(compression, layout: ExpertLayout) -> ExpertCodec | None:
-    """`compression` None/"none" -> None; "int8", "int4", "int4-g128" or a QuantFormat -> a codec."""
+class PrequantCodec:
+    """Experts in a publisher's format (`kernels.prequant`): the layout their parts take, and how to read them.
+
+    Args:
+        layout: the experts' own (dequantized) layout, what the model computes with.
+        fmt: the publisher's format.
+        transposed: the model holds its expert matrices [in, out] (gpt-oss), the formats hold [out, in].
+
+    Attributes:
+        layout: the published layout (store, copies, slots): each 2-D weight ``w`` as its parts (``w_blocks`` and
+            ``w_scales``, ``w`` and ``w_scale_inv``, ``w.qweight`` ...), other tensors (biases) as they are.
+        slot_layout: the dequantized layout.
+    """
+
+    def __init__(self, layout: ExpertLayout, fmt: PrequantFormat, transposed: bool = False):
+        self.slot_layout, self.fmt, self.transposed = layout, fmt, transposed
+        self.compressed = {s.name for s in layout.specs if len(s.shape) == 2 and s.dtype.is_floating_point}
+        if not self.compressed:
+            raise ValueError(f"{fmt} experts need 2-D floating-point expert weights; this model's experts have none")
+        specs = []
+        for spec in layout.specs:
+            if spec.name in self.compressed:
+                n, k = self._nk(spec)
+                specs += [ExpertTensorSpec(spec.name + sfx, shape, dtype) for sfx, (shape, dtype) in fmt.parts(n, k).items()]
+            else:
+                specs.append(spec)
+        self.layout = ExpertLayout(tuple(specs))
+        self._suffixes = fmt.suffixes
+
+    def _nk(self, spec) -> tuple[int, int]:
+        return tuple(spec.shape[::-1]) if self.transposed else tuple(spec.shape)
+
+    @property
+    def ratio(self) -> float:
+        return self.slot_layout.nbytes / self.layout.nbytes
+
+    def parts_of(self, name: str) -> list[str]:
+        """Names of the published tensors that make the model tensor `name` (itself when not quantized)."""
+        return [name + sfx for sfx in self._suffixes] if name in self.compressed else [name]
+
+    def encode(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An expert's model tensors -> its published parts (the reference quantizers; a checkpoint's own parts
+        are read as they are instead)."""
+        out = {}
+        for spec in self.slot_layout.specs:
+            t = tensors[spec.name]
+            if spec.name in self.compressed:
+                w = t.T if self.transposed else t  # [N, K]
+                out.update({spec.name + sfx: part for sfx, part in prequant.quantize(w.float().cpu(), self.fmt).items()})
+            else:
+                out[spec.name] = t
+        return out
+
+    def weights(self, views: Mapping[str, torch.Tensor]) -> dict:
+        """Nothing the fused kernel reads: it does not read the publishers' formats (the routed slots are
+        dequantized into a scratch for the model's experts implementation instead)."""
+        return {}
+
+    def _dequantize(self, packed: Mapping[str, torch.Tensor], spec) -> torch.Tensor:
+        w = self.fmt.dequantize({sfx: packed[spec.name + sfx] for sfx in self._suffixes}, spec.dtype)  # [..., N, K]
+        return w.transpose(-1, -2) if self.transposed else w
+
+    def decode_tensors(self, src: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An expert's model tensors (new tensors) from its published bytes [Bc]."""
+        packed = self.layout.unpack(src)
+        return {s.name: (self._dequantize(packed, s).contiguous() if s.name in self.compressed
+                         else packed[s.name].clone()) for s in self.slot_layout.specs}
+
+    def decode(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Dequantize one expert: dst [B] uint8 (model layout) from src [Bc] uint8, same device."""
+        self.slot_layout.pack(dst, self.decode_tensors(src))
+
+    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantize published buffers rows [n, Bc] into a new scratch [n, B] (model layout), on rows' device."""
+        out = torch.empty(rows.shape[0], self.slot_layout.nbytes, dtype=torch.uint8, device=rows.device)
+        dst = self.slot_layout.views(out)
+        for i in range(rows.shape[0]):  # one expert at a time: GPTQ's g_idx differs per expert
+            packed = self.layout.unpack(rows[i])
+            for spec in self.slot_layout.specs:
+                dst[spec.name][i].copy_(self._dequantize(packed, spec) if spec.name in self.compressed
+                                        else packed[spec.name])
+        return out
+
+    def decode_layer(self, store, layer: int) -> dict[str, torch.Tensor]:
+        """A layer's experts from a host store in the published layout: name -> [E, *shape] (new tensors)."""
+        experts = [self.decode_tensors(store[(layer, e)]) for e in range(store.num_experts)]
+        return {name: torch.stack([x[name] for x in experts]) for name in experts[0]}
+
+
+def make_codec(compression, layout: ExpertLayout, transposed: bool = False) -> ExpertCodec | PrequantCodec | None:
+    """`compression` None/"none" -> None; "int8", "int4", "int4-g128" or a QuantFormat -> a codec; a publisher's
+    format ("mxfp4", "fp8-b128", "gptq-int4-g128" or a PrequantFormat) -> a `PrequantCodec` (`transposed`: the
+    model's expert matrices are [in, out])."""
     if compression is None or compression == "none":
         return None
+    pre = compression if isinstance(compression, PrequantFormat) else \
+        None if isinstance(compression, QuantFormat) else PrequantFormat.parse(compression)
+    if pre is not None:
+        return PrequantCodec(layout, pre, transposed)
     fmt = compression if isinstance(compression, QuantFormat) else QuantFormat.parse(compression)
     return ExpertCodec(layout, fmt)

@@ -106,7 +106,7 @@ class FusedKernelCompute:
 
     def wanted(self, layer: MoELayer, ids: torch.Tensor, views: dict[str, torch.Tensor]) -> bool:
         """Whether this call (routed ids [T, k]) runs the kernel."""
-        if layer.index not in self.activation:
+        if layer.index not in self.activation or not views:  # no views: a format the kernel does not read
             return False
         if self.mode == "triton":
             return True

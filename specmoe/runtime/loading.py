@@ -16,6 +16,13 @@ never holding the whole model in host memory.
      and no compression; otherwise the store is built in RAM expert by expert, and the log and
      ``smoe.store_path`` say so and why.
 
+   A checkpoint with pre-quantized experts (config.json `quantization_config`: MXFP4 as gpt-oss publishes it,
+   block-scaled FP8 as DeepSeek-V3 and Qwen3-FP8, GPTQ int4) keeps them as published: the store holds the
+   published parts (`compression.PrequantCodec`, `prequant_checkpoint.PrequantPlan`), read as byte ranges of
+   the files where they are (gpt-oss's fused tensors, FP8's per-expert tensors; "mmap" serves them from the
+   files) or concatenated without loss (GPTQ's gate and up along the output channels); the host never holds
+   a dequantized copy of all experts.
+
    Not done here: a pinned staging ring for CUDA copies from the files (copies read into pageable buffers), and
    read-ahead of prefetched experts from disk on worker threads.
 
@@ -37,8 +44,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..kernels.prequant import PrequantFormat
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .checkpoint import ExpertPlan, SafetensorsCheckpoint
+from .compression import PrequantCodec, make_codec
+from .prequant_checkpoint import PrequantPlan
 from .store import ExpertLayout, FileStore, HostStore
 from .wrapper import SpeculativeMoE
 
@@ -58,9 +68,10 @@ def _model_class(config):
 class CheckpointExperts:
     """The experts of a checkpoint, as `SpeculativeMoE(expert_source=...)` wants them."""
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint, plan: ExpertPlan, kind: str):
+    def __init__(self, checkpoint: SafetensorsCheckpoint, plan: ExpertPlan | PrequantPlan, kind: str):
         self.checkpoint, self.plan, self.kind = checkpoint, plan, kind
         self.path = ""  # which store was built, and why: set by build_store
+        self.prequant = isinstance(plan, PrequantPlan)  # the files hold the published parts, not the model's
 
     def _ranges(self, moe: ModelMoE, layout: ExpertLayout):
         """(layer, e) -> per tensor the byte ranges that make it, or (None, reason)."""
@@ -79,6 +90,11 @@ class CheckpointExperts:
 
     def build_store(self, moe: ModelMoE, layout: ExpertLayout, codec):
         geo = moe.geometry
+        if self.prequant:
+            if not isinstance(codec, PrequantCodec):
+                raise ValueError("the checkpoint's experts are pre-quantized; load them with their own format "
+                                 "(load_offloaded does), not another compression")
+            layout, codec = codec.layout, None  # the published parts are the store's tensors: read, not encoded
         ranges, why = self._ranges(moe, layout)
         if self.kind == "mmap" and ranges is not None and codec is None:
             self.path = "mmap: experts read from the checkpoint files at copy time"
@@ -154,10 +170,18 @@ def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], d
                 module._buffers[name] = buf.to(device)
 
 
+def prequant_format(config) -> PrequantFormat | None:
+    """The publisher's format of a config's pre-quantized experts (None: not quantized). Raises ValueError for
+    a quantization specmoe does not read."""
+    return PrequantFormat.from_quantization_config(getattr(config, "quantization_config", None))
+
+
 def load_streaming(path: Path, *, device, dtype=None, host_store: str = "ram"):
-    """(meta model with the non-expert weights on `device`, CheckpointExperts). Raises NotImplementedError
-    where a conversion is not replayed, TypeError for a model without fused MoE experts."""
+    """(meta model with the non-expert weights on `device`, CheckpointExperts, the experts' PrequantFormat or
+    None). Raises NotImplementedError where a conversion is not replayed, TypeError for a model without fused
+    MoE experts."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    fmt = prequant_format(config)
     checkpoint = SafetensorsCheckpoint(path)
     dtype = dtype or _checkpoint_dtype(checkpoint, config)
     model = _meta_model(path, config, dtype)
@@ -165,9 +189,14 @@ def load_streaming(path: Path, *, device, dtype=None, host_store: str = "ram"):
     if not all(isinstance(layer.layout, FusedExperts) for layer in moe.layers):
         raise NotImplementedError("ModuleList experts")
     expert_keys = {f"{layer.name}.{s.name}" for layer in moe.layers for s in moe.specs}
-    plan = ExpertPlan(checkpoint, model, sorted(expert_keys))
+    if fmt is None:
+        plan = experts_plan = ExpertPlan(checkpoint, model, sorted(expert_keys))
+    else:
+        plan = ExpertPlan(checkpoint, model, [])  # the non-expert tensors
+        codec = make_codec(fmt, ExpertLayout(moe.specs), moe.transposed)
+        experts_plan = PrequantPlan(checkpoint, model, moe, codec)
     _load_nonexpert(model, plan, expert_keys, device, dtype)
-    return model, CheckpointExperts(checkpoint, plan, host_store)
+    return model, CheckpointExperts(checkpoint, experts_plan, host_store), fmt
 
 
 def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dtype=None, host_store: str = "ram",
@@ -180,10 +209,12 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
         device: the compute device (default: CUDA when present, else CPU).
         cache_capacity: as for `SpeculativeMoE`.
         predictor: as for `SpeculativeMoE`.
-        dtype: load in this dtype (default: the checkpoint's).
+        dtype: load in this dtype (default: the checkpoint's); pre-quantized experts are dequantized to it on use.
         host_store: "ram" (experts copied into host memory) or "mmap" (experts read from the checkpoint files;
             see the module docstring for when that falls back to "ram").
-        **wrapper_kwargs: passed on to `SpeculativeMoE` (compression, policy, ...).
+        **wrapper_kwargs: passed on to `SpeculativeMoE` (compression, policy, ...). A checkpoint whose
+            config.json has a `quantization_config` (MXFP4, block-scaled FP8, GPTQ int4 experts) sets
+            compression to its format: the experts stay as published (see the module docstring).
 
     Returns:
         The wrapped model, ready for `.generate`; ``smoe.store_path`` says which host store was built.
@@ -205,7 +236,13 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
     device = torch.device(device)
     t0 = time.perf_counter()
     try:
-        model, source = load_streaming(path, device=device, dtype=dtype, host_store=host_store)
+        model, source, fmt = load_streaming(path, device=device, dtype=dtype, host_store=host_store)
+        if fmt is not None:  # pre-quantized experts stay in their format: store, copies, slots
+            asked = wrapper_kwargs.get("compression")
+            if asked not in (None, "none", str(fmt)) and asked != fmt:
+                raise ValueError(f"{path}: the experts are published as {fmt}; compression={asked!r} would "
+                                 "re-quantize them (leave compression unset)")
+            wrapper_kwargs["compression"] = fmt
     except NotImplementedError as err:
         logger.warning("cannot stream %s (%s not replayed); loading it whole on the CPU with from_pretrained", path,
                        err)

@@ -123,7 +123,7 @@ class SpeculativeMoE:
         geo = moe.geometry
         check_predictor(predictor)
         layout = ExpertLayout(moe.specs)
-        self.codec = make_codec(compression, layout)  # compressed experts: store, copies and slots
+        self.codec = make_codec(compression, layout, moe.transposed)  # compressed experts: store, copies, slots
         store_layout = self.codec.layout if self.codec else layout
         num_slots = resolve_capacity(cache_capacity, geo.num_layers, geo.num_experts, store_layout.nbytes)
         self.device = resolve_device(model, device)

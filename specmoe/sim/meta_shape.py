@@ -127,8 +127,6 @@ def _sort(model: nn.Module, moe, config) -> dict:
     head_dim = _get(config, "head_dim") or max(H // heads, 1)
     types = list(getattr(config, "layer_types", None) or [])
     sliding_window = getattr(config, "sliding_window", None) or 0
-    transposed = bool(getattr(moe.layers[0].experts, "is_transposed", False)) or \
-        bool(getattr(moe.layers[0].layout, "transposed", False))
     return dict(
         num_layers=L, moe_layers=moe.geometry.num_layers, hidden_size=H, num_experts=moe.geometry.num_experts,
         top_k=moe.geometry.top_k, moe_intermediate_size=_intermediate(moe.specs, H), vocab_size=embed.shape[0],
@@ -136,7 +134,7 @@ def _sort(model: nn.Module, moe, config) -> dict:
         kv_values_per_token=max(1, round(kv_total / L)), attention_heads=heads, attention_head_dim=head_dim,
         sliding_window=sliding_window if any(t == "sliding_attention" for t in types) else 0,
         sliding_layers=sum(t == "sliding_attention" for t in types) if sliding_window else 0,
-        expert_specs=moe.specs, transposed=transposed, **counts,
+        expert_specs=moe.specs, transposed=moe.transposed, **counts,
     )
 
 

@@ -1,0 +1,109 @@
+"""Tiny checkpoints with pre-quantized experts, written in their publishers' layouts (what transformers'
+integrations read: mxfp4.py for gpt-oss, finegrained_fp8.py for DeepSeek-V3 / Qwen3-FP8, GPTQ's
+qweight/qzeros/scales/g_idx), with the `quantization_config` their config.json carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from specmoe.kernels.prequant import PrequantFormat, quantize
+
+_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             vocab_size=96, max_position_embeddings=128, tie_word_embeddings=False)
+MODELS = {  # expert matrices sized for each format's blocks (MXFP4: K % 32; FP8 per-expert: I % 128; GPTQ: K % G)
+    "mxfp4": ("gpt_oss", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, layer_types=None,
+                              sliding_window=32)),
+    "fp8": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, intermediate_size=96,
+                              decoder_sparse_step=1, mlp_only_layers=[])),
+    "gptq": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=96,
+                               decoder_sparse_step=1, mlp_only_layers=[])),
+}
+QUANT = {
+    "mxfp4": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                 "model.layers.*.mlp.router", "model.embed_tokens",
+                                                                 "lm_head"]},
+    "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.gate", "lm_head"]},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
+             "checkpoint_format": "gptq"},
+}
+
+
+def tiny_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    model_type, extra = MODELS[kind]
+    cfg = AutoConfig.for_model(model_type, **{**_TINY, **extra, **overrides})
+    cfg.pad_token_id, cfg.eos_token_id = 0, None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and (".gate." in name or ".router." in name) and "experts" not in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def write_checkpoint(kind: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny model's checkpoint with its experts quantized as `kind`'s publisher stores them; the other tensors
+    bf16. gpt-oss (MXFP4): fused ``experts.gate_up_proj_blocks [E, 2I, H/32, 16]`` / ``_scales`` (its model
+    holds gate_up [E, H, 2I], transposed); FP8 and GPTQ: per-expert ``experts.{e}.gate_proj`` / ``up_proj`` /
+    ``down_proj`` tensors. `overrides`: config values to change (sizes)."""
+    model = tiny_model(kind, seed, **overrides)
+    fmt = PrequantFormat.from_quantization_config(QUANT[kind])
+    tensors = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().contiguous()
+        if kind == "mxfp4" and key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            parts = [quantize(value[e].T.float(), fmt) for e in range(value.shape[0])]  # [N, K] = [out, in]
+            for sfx in fmt.suffixes:
+                tensors[key + sfx] = torch.stack([p[sfx] for p in parts])
+        elif kind != "mxfp4" and key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            stem = key[: -len("gate_up_proj")] if key.endswith("gate_up_proj") else key[: -len("down_proj")]
+            for e in range(value.shape[0]):
+                if key.endswith("gate_up_proj"):
+                    gate, up = value[e].chunk(2, dim=0)  # [I, H] each
+                    mats = {"gate_proj": gate, "up_proj": up}
+                else:
+                    mats = {"down_proj": value[e]}
+                for proj, w in mats.items():
+                    for sfx, part in quantize(w.float(), fmt).items():
+                        name = {"": ".weight", "_scale_inv": ".weight_scale_inv"}.get(sfx, sfx)
+                        tensors[f"{stem}{e}.{proj}{name}"] = part.contiguous()
+        else:
+            tensors[key] = value.to(torch.bfloat16) if value.is_floating_point() else value
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.update(quantization_config=QUANT[kind], dtype="bfloat16")
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def dequantized_reference(kind: str, path: Path):
+    """The checkpoint as a bf16 model: transformers' own load where it dequantizes on this machine (MXFP4 and
+    FP8 on a CPU), else (GPTQ, whose transformers path needs optimum + gptqmodel) the unquantized model with
+    each expert replaced by the dequantization of its published parts."""
+    if kind in ("mxfp4", "fp8"):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    from safetensors.torch import load_file
+
+    fmt = PrequantFormat.from_quantization_config(QUANT[kind])
+    model = tiny_model(kind, dtype=torch.bfloat16)
+    state = load_file(str(Path(path) / "model.safetensors"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                stem = name.rsplit(".", 1)[0] + "."
+                projs = ["gate_proj", "up_proj"] if name.endswith("gate_up_proj") else ["down_proj"]
+                for e in range(p.shape[0]):
+                    mats = [fmt.dequantize({sfx: state[f"{stem}{e}.{proj}{sfx}"] for sfx in fmt.suffixes})
+                            for proj in projs]
+                    p[e].copy_(torch.cat(mats, dim=0))
+            elif name in state:
+                p.copy_(state[name])
+    return model

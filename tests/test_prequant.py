@@ -1,0 +1,166 @@
+"""Pre-quantized experts stay as published (issue 22 item 1): MXFP4 (gpt-oss), block-scaled FP8 (DeepSeek-V3,
+Qwen3-FP8) and GPTQ int4 checkpoints, written by the tests in their publishers' layouts, load with their experts
+in their own bytes in the host store, over the copy and in the slots; the tokens are transformers' own
+(dequantized) load's; host memory never holds a bf16 copy of all experts."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from prequant_ckpt import QUANT, dequantized_reference, write_checkpoint
+from safetensors.torch import load_file
+
+from specmoe import load_offloaded
+from specmoe.kernels.prequant import PrequantFormat, dequantize_fp8, quantize
+from specmoe.runtime.store import FileStore, HostStore
+
+KINDS = ("mxfp4", "fp8", "gptq")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    base = tmp_path_factory.mktemp("prequant")
+    return {kind: write_checkpoint(kind, base / kind) for kind in KINDS}
+
+
+def test_formats_match_transformers_dequantization():
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 256, 192, generator=g)  # [E, N, K]
+    mx = PrequantFormat.parse("mxfp4")
+    parts = [quantize(w[e], mx) for e in range(3)]
+    blocks, scales = torch.stack([p["_blocks"] for p in parts]), torch.stack([p["_scales"] for p in parts])
+    ours = mx.dequantize({"_blocks": blocks, "_scales": scales}, torch.bfloat16)  # [E, N, K]
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)  # [E, K, N]: gpt-oss's layout
+    assert torch.equal(ours.transpose(1, 2), theirs)
+    assert (ours.float() - w).abs().max() < 1.0  # 2 bits of mantissa: a coarse but honest code
+    fp8 = PrequantFormat.parse("fp8-b128")
+    p = quantize(w[0, :, :128].repeat(1, 3), fp8)  # [256, 384]: whole blocks, as the publishers' matrices
+    assert p[""].dtype == torch.float8_e4m3fn and p["_scale_inv"].shape == (2, 3)
+    assert torch.equal(dequantize_fp8(p[""], p["_scale_inv"], 128, torch.bfloat16),  # transformers' load path
+                       Fp8Dequantize(None)._dequantize_one(p[""], p["_scale_inv"], torch.bfloat16))
+    gptq = PrequantFormat.parse("gptq-int4-g64")
+    p = quantize(w[0], gptq)
+    assert {k: tuple(v.shape) for k, v in p.items()} == {".qweight": (24, 256), ".qzeros": (3, 32),
+                                                         ".scales": (3, 256), ".g_idx": (192,)}
+    assert (gptq.dequantize(p) - w[0]).abs().max() < 0.5
+
+
+def test_quantization_configs():
+    assert str(PrequantFormat.from_quantization_config(QUANT["gptq"])) == "gptq-int4-g32"
+    assert str(PrequantFormat.from_quantization_config(QUANT["fp8"])) == "fp8-b128"
+    assert PrequantFormat.from_quantization_config(None) is None
+    for bad, match in [({"quant_method": "gptq", "bits": 8}, "8 bits"),
+                       ({"quant_method": "gptq", "bits": 4, "group_size": -1}, "group_size"),
+                       ({"quant_method": "fp8", "weight_block_size": [128, 64]}, "not square"),
+                       ({"quant_method": "bitsandbytes"}, "bitsandbytes")]:
+        with pytest.raises(ValueError, match=match):
+            PrequantFormat.from_quantization_config(bad)
+
+
+@pytest.mark.parametrize("host_store", ["ram", "mmap"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_tokens_equal_transformers_load(checkpoints, kind, host_store):
+    path = checkpoints[kind]
+    ref = dequantized_reference(kind, path)
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2], [4, 4, 8, 15, 16, 23]])
+    with torch.no_grad():
+        ref_tokens = ref.generate(ids, max_new_tokens=6, do_sample=False)
+        ref_logits = ref(ids).logits
+    smoe = load_offloaded(path, cache_capacity=0.25, host_store=host_store, device="cpu")
+    with torch.no_grad():
+        tokens = smoe.generate(ids, max_new_tokens=6, do_sample=False)
+        logits = smoe(ids).logits
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(logits, ref_logits)  # the same bf16 weights: dequantization is exact in bf16
+    # the published bytes, not a bf16 copy: in the store, in each slot, in each copy
+    codec = smoe.codec
+    assert str(codec.fmt) == str(PrequantFormat.from_quantization_config(QUANT[kind]))
+    assert smoe.store.layout.nbytes == codec.layout.nbytes == smoe.pool.layout.nbytes
+    assert codec.layout.nbytes < codec.slot_layout.nbytes / 1.9
+    direct = kind != "gptq"  # GPTQ's gate and up are concatenated along the output channels: built in RAM
+    assert isinstance(smoe.store, FileStore if host_store == "mmap" and direct else HostStore)
+    stats = smoe.stats.total
+    assert stats.misses > 0 and stats.bytes_moved == stats.misses * codec.layout.nbytes  # each copy: published
+    state = load_file(str(path / "model.safetensors"))
+    packed = codec.layout.unpack(smoe.store[(1, 3)])
+    if kind == "mxfp4":
+        assert torch.equal(packed["gate_up_proj_blocks"], state["model.layers.1.mlp.experts.gate_up_proj_blocks"][3])
+        assert torch.equal(packed["down_proj_scales"], state["model.layers.1.mlp.experts.down_proj_scales"][3])
+    elif kind == "fp8":
+        stem = "model.layers.1.mlp.experts.3."
+        assert torch.equal(packed["gate_up_proj"].view(torch.uint8), torch.cat(
+            [state[stem + "gate_proj.weight"], state[stem + "up_proj.weight"]]).view(torch.uint8))
+        assert torch.equal(packed["down_proj_scale_inv"], state[stem + "down_proj.weight_scale_inv"])
+    else:
+        stem = "model.layers.1.mlp.experts.3."
+        assert torch.equal(packed["gate_up_proj.qweight"], torch.cat(
+            [state[stem + "gate_proj.qweight"], state[stem + "up_proj.qweight"]], dim=-1))
+        assert torch.equal(packed["down_proj.g_idx"], state[stem + "down_proj.g_idx"])
+    model = smoe.unwrap()  # experts back dequantized: the reference's
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref_logits)
+
+
+@pytest.mark.parametrize("kind", ["mxfp4", "gptq"])
+def test_host_misses_read_the_published_store(checkpoints, kind):
+    path = checkpoints[kind]
+    ref = dequantized_reference(kind, path)
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2]])
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=5, do_sample=False)
+    smoe = load_offloaded(path, cache_capacity=0.25, device="cpu", misses="host")
+    with torch.no_grad():
+        assert torch.equal(smoe.generate(ids, max_new_tokens=5, do_sample=False), expected)
+    assert smoe.stats.total.misses > 0
+
+
+def test_compression_conflict_is_refused(checkpoints):
+    with pytest.raises(ValueError, match="published as mxfp4"):
+        load_offloaded(checkpoints["mxfp4"], cache_capacity=0.5, device="cpu", compression="int8")
+
+
+def test_host_rss_holds_no_bf16_copy_of_the_experts(tmp_path):
+    """A checkpoint whose bf16 experts would be 48 MiB (12.8 MiB as MXFP4), in a fresh process: loading raises
+    peak RSS by the published experts (x1.1, + 2 MiB), and generating on a CPU (where the slot pool and the
+    dequantized scratch of the routed experts are host memory too) stays under the bf16 size. The checkpoint is
+    written here, before; a tiny one is loaded first (imports, first-call set-up); the peak (VmHWM) is reset
+    through /proc/self/clear_refs."""
+    path = write_checkpoint("mxfp4", tmp_path / "big", num_local_experts=16, intermediate_size=512, hidden_size=512)
+    warm = write_checkpoint("mxfp4", tmp_path / "warm")
+    script = textwrap.dedent(f"""
+        import gc, json
+        import torch
+        torch.set_num_threads(1)
+        from specmoe import load_offloaded
+        def status(field):
+            line = next(x for x in open("/proc/self/status") if x.startswith(field))
+            return int(line.split()[1]) * 1024
+        with torch.no_grad():
+            load_offloaded({str(warm)!r}, cache_capacity=0.25, device="cpu").generate(
+                torch.tensor([[3, 5, 7]]), max_new_tokens=3, do_sample=False)
+        gc.collect()
+        base = status("VmRSS:")
+        open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+        smoe = load_offloaded({str(path)!r}, cache_capacity=0.25, device="cpu")
+        loaded = status("VmHWM:") - base
+        with torch.no_grad():
+            smoe.generate(torch.tensor([[3, 5, 7]]), max_new_tokens=3, do_sample=False)
+        print(json.dumps({{"load": loaded, "generate": status("VmHWM:") - base, "published": smoe.store.nbytes,
+                          "bf16": smoe.codec.slot_layout.nbytes * len(smoe.store)}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print("rss", r)
+    assert r["bf16"] > 3.5 * r["published"]
+    assert r["load"] < 1.1 * r["published"] + 2 * 2**20, r
+    assert r["generate"] < 0.9 * r["bf16"], r
