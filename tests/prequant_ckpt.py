@@ -28,7 +28,7 @@ QUANT = {
                                                                  "model.layers.*.mlp.router", "model.embed_tokens",
                                                                  "lm_head"]},
     "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128],
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.gate", "lm_head"]},
+            "modules_to_not_convert": ["model.layers.*.mlp.gate", "lm_head"]},  # attention in FP8 too (DeepSeek-V3)
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False,
              "checkpoint_format": "gptq"},
 }
@@ -73,6 +73,9 @@ def write_checkpoint(kind: str, out: Path, seed: int = 0, **overrides) -> Path:
                     for sfx, part in quantize(w.float(), fmt).items():
                         name = {"": ".weight", "_scale_inv": ".weight_scale_inv"}.get(sfx, sfx)
                         tensors[f"{stem}{e}.{proj}{name}"] = part.contiguous()
+        elif kind == "fp8" and ".self_attn." in key and key.endswith("_proj.weight"):
+            parts = quantize(value.float(), fmt)
+            tensors[key], tensors[key + "_scale_inv"] = parts[""], parts["_scale_inv"]
         else:
             tensors[key] = value.to(torch.bfloat16) if value.is_floating_point() else value
     out = Path(out)

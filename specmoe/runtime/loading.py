@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..kernels.prequant import PrequantFormat
+from ..kernels.prequant import PrequantFormat, dequantize_fp8
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .checkpoint import ExpertPlan, SafetensorsCheckpoint
 from .compression import PrequantCodec, make_codec
@@ -149,14 +149,23 @@ def _checkpoint_dtype(checkpoint: SafetensorsCheckpoint, config) -> torch.dtype:
     return next((e.dtype for e in checkpoint.entries.values() if e.dtype.is_floating_point), torch.float32)
 
 
-def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], device, dtype) -> None:
-    """Read every non-expert tensor to `device` and assign it into the meta model."""
+def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], device, dtype,
+                    fmt: PrequantFormat | None = None) -> None:
+    """Read every non-expert tensor to `device` and assign it into the meta model. Block-scaled FP8 weights
+    (DeepSeek-V3 quantizes its attention too) are dequantized with their ``weight_scale_inv``, as transformers
+    does on a machine without FP8 kernels."""
     wanted = [k for k in model.state_dict() if k not in expert_keys]
     missing = [k for k in wanted if k not in plan.nonexpert]
     state = {}
     for key in wanted:
         if key in plan.nonexpert:
             t = plan.checkpoint.read(plan.nonexpert[key])
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                scale = plan.nonexpert.get(key + "_scale_inv")
+                if fmt is None or fmt.kind != "fp8" or scale is None:
+                    raise ValueError(f"{plan.checkpoint.directory}: {key} is FP8 without a weight_scale_inv "
+                                     "specmoe can apply")
+                t = dequantize_fp8(t, plan.checkpoint.read(scale), fmt.block, torch.float32)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -195,7 +204,7 @@ def load_streaming(path: Path, *, device, dtype=None, host_store: str = "ram"):
         plan = ExpertPlan(checkpoint, model, [])  # the non-expert tensors
         codec = make_codec(fmt, ExpertLayout(moe.specs), moe.transposed)
         experts_plan = PrequantPlan(checkpoint, model, moe, codec)
-    _load_nonexpert(model, plan, expert_keys, device, dtype)
+    _load_nonexpert(model, plan, expert_keys, device, dtype, fmt)
     return model, CheckpointExperts(checkpoint, experts_plan, host_store), fmt
 
 
