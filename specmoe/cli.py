@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("specmoe.training.cli", "evaluate predictors on held-out traces"),
     "bench": ("specmoe.bench.cli", "latency, hit-rate and memory benchmarks"),
     "simulate": ("specmoe.sim.cli", "replay traces on a hardware profile"),
+    "plan": ("specmoe.sim.plan_cli", "choose capacity, compression, host store and misses for a model on a machine"),
     "demo": ("specmoe.reference.demo", "the built-in default: reference model, traces, wrapped generation"),
     "generate": ("specmoe.generate", "generate text from a prompt with the experts offloaded, streaming tokens"),
 }

@@ -35,6 +35,7 @@ A model whose conversions specmoe does not replay, or with ModuleList experts, l
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from .wrapper import SpeculativeMoE
 logger = logging.getLogger(__name__)
 
 HOST_STORES = ("ram", "mmap")
+AUTO_RESERVE_BYTES = 2**30  # device memory kept free by cache_capacity="auto" beside 10% of what is free
 
 
 def _model_class(config):
@@ -208,6 +210,51 @@ def load_streaming(path: Path, *, device, dtype=None, host_store: str = "ram"):
     return model, CheckpointExperts(checkpoint, experts_plan, host_store), fmt
 
 
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def auto_capacity(model: nn.Module, device: torch.device, compression=None) -> int:
+    """Slots for cache_capacity="auto": what the device has free once the non-expert weights are on it.
+
+    On CUDA: free memory (`torch.cuda.mem_get_info`) less 1 GiB and 10% of it (KV cache, activations, the
+    dequantized scratch of compressed experts: a margin, not a measurement). On a CPU, where the slot pool is
+    host memory beside the host store: a quarter of what MemAvailable leaves once the store is counted.
+
+    Raises:
+        ValueError: not one expert fits (the message gives both sizes).
+    """
+    moe = find_moe_layers(model)
+    layout = ExpertLayout(moe.specs)
+    codec = make_codec(compression, layout, moe.transposed)
+    slot = (codec.layout if codec else layout).nbytes
+    total = moe.geometry.num_layers * moe.geometry.num_experts
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        experts = {id(p) for layer in moe.layers for p in layer.experts.parameters()}
+        pending = sum(p.nbytes for p in model.parameters()  # weights the wrapper has yet to move there
+                      if id(p) not in experts and p.device.type not in ("meta", device.type))
+        budget = free - pending - AUTO_RESERVE_BYTES - free // 10
+        where = f"{free / 2**30:.2f} GiB free on {device}"
+    else:
+        available = _meminfo_available()
+        budget = (available - total * slot) // 4
+        where = f"{available / 2**30:.2f} GiB of host memory available, the store taking {total * slot / 2**30:.2f} GiB"
+    slots = min(total, max(0, budget) // slot)
+    if slots < 1:
+        raise ValueError(f"cache_capacity='auto': {where} leaves no room for one expert ({slot / 2**20:.1f} MiB); "
+                         "give a smaller model, compression, or an explicit capacity")
+    logger.info("cache_capacity='auto': %d of %d experts (%s)", slots, total, where)
+    return int(slots)
+
+
 def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dtype=None, host_store: str = "ram",
                    **wrapper_kwargs):
     """Load a checkpoint straight into a `SpeculativeMoE`, streaming it from its safetensors files.
@@ -216,7 +263,8 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
         path: a local directory with config.json and safetensors weights, or a hub id ("org/name", resolved
             through huggingface_hub's cache; HF_HUB_OFFLINE is respected).
         device: the compute device (default: CUDA when present, else CPU).
-        cache_capacity: as for `SpeculativeMoE`.
+        cache_capacity: as for `SpeculativeMoE`, or "auto": as many slots as the device's free memory holds
+            once the non-expert weights are on it (`auto_capacity`; `specmoe plan` sizes a machine ahead).
         predictor: as for `SpeculativeMoE`.
         dtype: load in this dtype (default: the checkpoint's); pre-quantized experts are dequantized to it on use.
         host_store: "ram" (experts copied into host memory) or "mmap" (experts read from the checkpoint files;
@@ -260,6 +308,8 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
             path, dtype=dtype if dtype is not None else "auto", device_map="cpu", local_files_only=True
         ).eval()
         source = None
+    if cache_capacity == "auto":
+        cache_capacity = auto_capacity(model, device, wrapper_kwargs.get("compression"))
     smoe = SpeculativeMoE(model, predictor, cache_capacity, device=device, expert_source=source, **wrapper_kwargs)
     smoe.store_path = source.path if source is not None else "ram: copied from the model loaded by from_pretrained"
     logger.info("loaded %s in %.1f s; host store: %s", path, time.perf_counter() - t0, smoe.store_path)

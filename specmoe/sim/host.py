@@ -33,7 +33,9 @@ def expert_format(expert_dtype: str, compression: str) -> str:
     """The host kernel an expert runs: its compression scheme, or its dtype when uncompressed."""
     if compression and compression != "none":
         return "int8" if compression.startswith("int8") else "int4"
-    return "bf16" if expert_dtype in ("bf16", "fp16", "fp32") else "int4"  # mxfp4: a 4-bit kernel
+    if expert_dtype in ("bf16", "fp16", "fp32"):
+        return "bf16"
+    return "int8" if expert_dtype.startswith("fp8") else "int4"  # mxfp4, gptq-int4: a 4-bit kernel
 
 
 @dataclass(frozen=True)
