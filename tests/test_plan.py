@@ -94,3 +94,22 @@ def test_load_offloaded_auto_capacity(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "_meminfo_available", lambda: 16 * slot)
     with pytest.raises(ValueError, match="no room for one expert"):
         load_offloaded(path, cache_capacity="auto", device="cpu")
+
+
+def test_frontier_figures_are_the_plan_of_their_settings():
+    """benchmarks/results/frontier_fit.json (README's frontier table) is what make_plan gives for its settings."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "frontier_fit.json"
+    data = json.loads(path.read_text())
+    rows = {(r["model"], r["host"], r["experts"]): r for r in data["rows"]}
+    assert {m for m, _, _ in rows} == {"gpt-oss-120b", "glm-4.5-air", "qwen3-235b-a22b", "deepseek-v3",
+                                       "qwen3-next-80b-a3b", "llama-4-scout"}
+    r = rows[("gpt-oss-120b", "ddr5-desktop", "as published")]
+    assert r["format"] == "mxfp4" and "synthetic" in r["routing"]
+    plan = make_plan(ModelShape.from_name("gpt-oss-120b"),
+                     Machine(HardwareProfile.from_name("rtx3090"), HostProfile.from_name("ddr5-desktop"),
+                             64 * GiB, 3e9), lossy=False, passes=data["settings"]["passes"])
+    assert plan.chosen.tok_s == pytest.approx(r["tok_s"], rel=1e-6) and plan.chosen.slots == r["slots"]
+    assert not rows[("deepseek-v3", "3090-box", "as published")]["fits"]
+    assert all(f["source"].startswith("https://") for figs in data["published"].values() for f in figs)
