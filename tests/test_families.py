@@ -26,6 +26,11 @@ CONFIGS = {
                         num_experts_per_tok=2, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16,
                         index_topk=8, vocab_size=96, qk_rope_head_dim=8, hc_mult=4, sliding_window=8,
                         layer_types=["sliding_attention"] * 4),  # alike layers: once taken for experts
+    "qwen3_next": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                       shared_expert_intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=96, num_experts=8, num_experts_per_tok=2,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=8),  # 3 Gated-DeltaNet layers, 1 full-attention layer
     "jetmoe": dict(hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
                    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, vocab_size=96,
                    num_attention_heads=4),
@@ -52,7 +57,7 @@ def greedy(call, inputs, n=5):
         return call(**inputs, max_new_tokens=n, do_sample=False)
 
 
-@pytest.mark.parametrize("model_type", ["llama4_text", "dbrx", "deepseek_v4"])
+@pytest.mark.parametrize("model_type", ["llama4_text", "dbrx", "deepseek_v4", "qwen3_next"])
 @pytest.mark.parametrize("capacity,predictor", [(0.25, None), (0.5, "pregate")])
 def test_wrapped_tokens_equal_unwrapped(model_type, capacity, predictor):
     model = tiny(model_type)
@@ -121,8 +126,8 @@ def test_readme_lists_what_the_tests_check():
     names = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE",
              "deepseek_v3": "DeepSeek-V3", "gpt_oss": "GPT-OSS", "granitemoe": "Granite-MoE", "phimoe": "PhiMoE",
              "switch_transformers": "SwitchTransformers", "llama4_text": "Llama-4", "dbrx": "DBRX",
-             "deepseek_v4": "DeepSeek-V4"}
-    tested = set(FAMILIES) | {"llama4_text", "dbrx", "deepseek_v4"}  # test_wrapper's and this file's
+             "deepseek_v4": "DeepSeek-V4", "qwen3_next": "Qwen3-Next"}
+    tested = set(FAMILIES) | {"llama4_text", "dbrx", "deepseek_v4", "qwen3_next"}  # test_wrapper's and this file's
     assert tested == set(names)
     assert all(names[f] in supported for f in tested)
     assert {"JetMoE", "Zaya", "LongCat-Flash"} <= set(refused.replace(",", " ").split())

@@ -36,6 +36,9 @@ TINY = {
                        num_key_value_heads=2, vocab_size=96, num_local_experts=8, num_experts_per_tok=2),
     "phimoe": dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=96, num_local_experts=8, num_experts_per_tok=2),
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=96,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 ffn_config={"ffn_hidden_size": 48, "moe_num_experts": 8, "moe_top_k": 2}),
 }
 
 
@@ -48,7 +51,7 @@ def tiny(model_type):
 def test_counts_equal_live_models(model_type):
     model = tiny(model_type)
     shape = ModelShape.from_config(model.config, dtype="fp32", expert_dtype="fp32")
-    assert (model_type in FAMILIES) == (model_type not in ("granitemoe", "phimoe"))
+    assert (model_type in FAMILIES) == (model_type not in ("granitemoe", "phimoe", "dbrx"))
     assert shape.total_params == sum(p.numel() for p in model.parameters())
     moe = find_moe_layers(model)
     assert shape.geometry == moe.geometry
