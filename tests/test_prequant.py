@@ -164,3 +164,26 @@ def test_host_rss_holds_no_bf16_copy_of_the_experts(tmp_path):
     assert r["bf16"] > 3.5 * r["published"]
     assert r["load"] < 1.1 * r["published"] + 2 * 2**20, r
     assert r["generate"] < 0.9 * r["bf16"], r
+
+
+@pytest.mark.parametrize("scheme", ["mxfp4", "fp8-b32", "gptq-int4-g32"])
+def test_publishers_formats_as_compression_of_a_bf16_model(scheme):
+    """compression="mxfp4" (or "fp8-b32", "gptq-int4-g32") on a model loaded in bf16: the experts are encoded
+    into that format (lossy, like int8/int4), and the wrapped model computes with exactly the dequantized codes
+    (gpt-oss's experts are transposed: [in, out])."""
+    from prequant_ckpt import tiny_model
+
+    from specmoe import SpeculativeMoE
+
+    model = tiny_model("mxfp4", dtype=torch.bfloat16)  # gpt-oss, H = I = 64
+    ids = torch.tensor([[3, 5, 7, 9, 11, 2]])
+    smoe = SpeculativeMoE(model, None, cache_capacity=0.25, compression=scheme)
+    assert smoe.codec.transposed and str(smoe.codec.fmt) == scheme
+    with torch.no_grad():
+        tokens = smoe.generate(ids, max_new_tokens=5, do_sample=False)
+        logits = smoe(ids).logits
+    with pytest.warns(UserWarning, match="dequantized"):
+        back = smoe.unwrap()  # now holds the dequantized codes: the same function
+    with torch.no_grad():
+        assert torch.equal(back.generate(ids, max_new_tokens=5, do_sample=False), tokens)
+        assert torch.equal(back(ids).logits, logits)
