@@ -208,7 +208,7 @@ def _wrapper_overhead_rows(ctx: Context, timed_out: bool) -> dict:
             r["ratio_median_of_pairs"], "goal": r["goal"], "met": met, "decode_tok_s": r["decode_tok_s"]}
 
 
-@step("wrapper_overhead", timeout_s=45, smoke_timeout_s=60, collect=_wrapper_overhead_rows)
+@step("wrapper_overhead", timeout_s=40, smoke_timeout_s=60, collect=_wrapper_overhead_rows)
 def wrapper_overhead(ctx: Context) -> dict:
     args = ["benchmarks/wrapper_overhead.py", "--device", ctx.device, "--out",
             str(ctx.out / f"wrapper_overhead_{ctx.tag}.json")]
@@ -233,7 +233,7 @@ def _moe_kernel_rows(ctx: Context, timed_out: bool) -> dict:
     return {"file": out.name, "launch_configs": r["settings"]["launch_configs"], "speedups": speedups}
 
 
-@step("moe_kernel", timeout_s=60, smoke_timeout_s=60, collect=_moe_kernel_rows)
+@step("moe_kernel", timeout_s=50, smoke_timeout_s=60, collect=_moe_kernel_rows)
 def moe_kernel(ctx: Context) -> dict:
     args = ["benchmarks/moe_kernel.py", "--out", str(ctx.out / f"moe_kernel_{ctx.tag}.json"),
             "--implementations", "triton", "grouped_mm"]
@@ -279,13 +279,13 @@ def _shape_real_rows(ctx: Context, timed_out: bool) -> dict:
             "h2d_bytes_per_s": rate, "status": "timeout" if timed_out else "ok" if ok else "failed"}
 
 
-@step("shape_real", timeout_s=140, smoke_timeout_s=90, collect=_shape_real_rows)
+@step("shape_real", timeout_s=170, smoke_timeout_s=90, collect=_shape_real_rows)
 def shape_real(ctx: Context) -> dict:
     _run_shape_real(ctx, "--capacities", "0.25", "0.5", "1.0", "--predictors", "none", "pregate", prompts=2)
     return _shape_real_rows(ctx, False)
 
 
-@step("simulate_validate", timeout_s=25, smoke_timeout_s=40)
+@step("simulate_validate", timeout_s=20, smoke_timeout_s=40)
 def simulate_validate(ctx: Context) -> dict:
     measured = _shape_real_json(ctx)
     if not measured.exists():
