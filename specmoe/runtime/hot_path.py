@@ -90,11 +90,12 @@ class HotPath:
         if self.predictor is not None:
             if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
-            # the width predictors were bound with (geometry.top_k); a router whose top_k changed after wrapping
-            # routes more (its best first are kept) or fewer (-1: no expert, as the protocol says)
-            width = self._history.shape[2]
-            self._history[:, layer, : ids.shape[1]] = ids[:, :width]
-            self._history[:, layer, ids.shape[1]:] = -1
+            width = self._history.shape[2]  # the top-k predictors were bound with
+            if ids.shape[1] == width:
+                self._history[:, layer] = ids
+            else:  # a router's top_k changed after wrapping: its best first are kept, or -1 (no expert) pads
+                self._history[:, layer, : ids.shape[1]] = ids[:, :width]
+                self._history[:, layer, ids.shape[1]:] = -1
             scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
             # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
             targets = sorted(t for t in scores if t < L or self.wrap)
