@@ -70,7 +70,7 @@ def test_a_timed_out_test_run_keeps_each_tests_outcome(gpu_check, tmp_path, monk
         "def test_hangs():\n    time.sleep(120)\n")
     monkeypatch.setattr(gpu_check, "GPU_TESTS", (str(fake / "test_fake.py"),))
     out = tmp_path / "out"
-    gpu_check.main(["--smoke", "--only", "gpu_tests", "--budget-s", str(gpu_check.RESERVE_S + 15), "--out", str(out)])
+    gpu_check.main(["--smoke", "--only", "gpu_tests", "--budget-s", str(gpu_check.RESERVE_S + 25), "--out", str(out)])
     step = json.loads((out / "gpu_check_cpu_smoke.json").read_text())["steps"]["gpu_tests"]
     assert step["status"] == "timeout", step
     outcomes = {name.rpartition("::")[2]: v for name, v in step["result"]["outcomes"].items()}
