@@ -1,7 +1,9 @@
 """How a fused-experts MoE layer's routed experts are computed on the slot pool: small strategies, one interface.
 
-``compute(layer, args, kwargs, ids, weights, chosen, partial) -> [T, H]`` runs the routed experts in `chosen`
-(all resident); with `partial`, routes to other experts get weight 0 (the caller sums the parts).
+``compute(layer, args, kwargs, ids, weights, chosen) -> [T, H]`` runs the routed experts, all in `chosen` and
+resident: every route of the call goes to one of them (a layer call split over chunks or the host gives each part
+only its own routes, one per row, and sums them with `accumulate`, as the model sums its routes; a part never
+reads a slot outside its chunk).
 
 - `GatherCompute`: the model's own experts implementation on a compact [n, ...] copy of the routed slots
   (dequantized when the slots are compressed).
@@ -36,6 +38,31 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
     t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
     return t.to(device, non_blocking=True)
+
+
+def accumulate(experts, values: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, H] in `dtype` (the model's) the layer's output from each route's weighted output values [T, k, H]
+    (expert output x routing weight, in their promoted dtype, unrounded: as the model computes them; 0 for a
+    route to no expert) and ids [T, k], summed as the model's own experts implementation sums them, so that a
+    layer call split over chunks and the host gives the unwrapped model's bits:
+
+    - "grouped_mm" / "batched_mm" (transformers' default): ``values.sum(dim=1)`` (float32 accumulation in route
+      order), cast once: the very ops those implementations end with;
+    - the family's eager loop (``_experts_implementation`` "eager" or unset): ``index_add_`` expert after
+      expert, ascending, of values cast to the model dtype: each token's routes added one by one in ascending
+      expert order.
+
+    Any other registered implementation (GPU-only kernels) is summed as "grouped_mm" does.
+    """
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if implementation not in (None, "eager"):
+        return values.sum(dim=1).to(dtype)
+    order = ids.masked_fill(ids < 0, torch.iinfo(ids.dtype).max).argsort(dim=1)  # [T, k] ascending expert id
+    ordered = values.gather(1, order.unsqueeze(-1).expand_as(values)).to(dtype)  # [T, k, H]
+    out = torch.zeros_like(ordered[:, 0])
+    for j in range(ordered.shape[1]):
+        out += ordered[:, j]
+    return out
 
 
 def _compressed_fallback(compute: str, model_compute: str) -> str:
@@ -158,16 +185,10 @@ class ModelCompute:
     def remap(self, layer: MoELayer, ids: torch.Tensor, chosen_t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool) -> torch.Tensor:
+    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int]) -> torch.Tensor:
         experts, layout = layer.experts, layer.layout
         chosen_t = to_device(chosen, ids.device)  # [n]
         new_ids = self.remap(layer, ids, chosen_t)  # [T, k]
-        if partial:
-            member = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
-            member[chosen_t] = True
-            keep = member[ids]  # [T, k]
-            new_ids = torch.where(keep, new_ids, torch.zeros_like(new_ids))  # any valid index; weight 0
-            weights = weights * keep
         a, kw = layout.replace_call(args, kwargs, experts, new_ids, weights)
         return type(experts).forward(experts, *a, **kw)
 
@@ -184,9 +205,9 @@ class GatherCompute(ModelCompute):
         layer.layout.bind_pool(layer.experts, self.pool.gather(table[chosen_t]))  # [n, ...]
         return lut[ids]
 
-    def compute(self, layer, args, kwargs, ids, weights, chosen, partial):
+    def compute(self, layer, args, kwargs, ids, weights, chosen):
         try:
-            return super().compute(layer, args, kwargs, ids, weights, chosen, partial)
+            return super().compute(layer, args, kwargs, ids, weights, chosen)
         finally:  # drop the compact copy now, not at the layer's next call: memory holds one layer's gather
             layer.layout.bind_pool(layer.experts, self._nothing())
 
@@ -224,16 +245,11 @@ class KernelCompute:
     def prepare(self, layer: MoELayer) -> None:
         self.fallback.prepare(layer)
 
-    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool) -> torch.Tensor:
+    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int]) -> torch.Tensor:
         if not self.kernel.wanted(layer, ids, self.pool.weights):
-            return self.fallback.compute(layer, args, kwargs, ids, weights, chosen, partial)
+            return self.fallback.compute(layer, args, kwargs, ids, weights, chosen)
         hidden = layer.layout.routing(layer.experts, args, kwargs, self.top_k)[0]  # [T, H]
-        table = self.table[layer.index]  # [E] expert -> slot
-        if partial:  # experts outside the chunk contribute nothing: they are absent for the kernel
-            member = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
-            member[to_device(chosen, ids.device)] = True
-            table = torch.where(member, table, torch.full_like(table, -1))
-        return self.kernel(layer, hidden, ids, weights, self.pool.weights, table)
+        return self.kernel(layer, hidden, ids, weights, self.pool.weights, self.table[layer.index])
 
 
 def build_compute(model_compute: str, kernel: FusedKernelCompute | None, pool, table: torch.Tensor,

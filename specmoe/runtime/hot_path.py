@@ -6,7 +6,8 @@
 - `route`: record the routing, run the predictor, and with ONE device->host sync learn the routed experts and
   the predictor's ranked candidates; hand both to the scheduler (`Scheduler.begin`);
 - `fused_forward` (experts stored as stacked tensors): compute on the slots the scheduler yields, with the
-  chosen compute strategy (`compute.py`), summing partial outputs over chunks and host-computed experts;
+  chosen compute strategy (`compute.py`); a call split over chunks and the host computes each route once where
+  its expert is, and sums the routes as the model does (`compute.accumulate`);
 - `modulelist_forward` (one module per expert): the model's own loop runs; `expert_hooks` bind each expert to
   its slot (or its host tensors) as the loop reaches it.
 
@@ -23,6 +24,7 @@ import torch
 
 from ..predictors.base import rank_by_votes, top_candidates
 from .adapters import MoELayer
+from .compute import accumulate, to_device
 from .scheduler import Scheduler
 
 
@@ -74,6 +76,7 @@ class HotPath:
         """Forget the current pass (a new generate call)."""
         self._history: torch.Tensor | None = None  # [T, L, k] ids routed in the current pass
         self._call = ListCall()  # the ModuleList layer call running (none: empty)
+        self._routes: list[int] = []  # [T * k] the routed expert of each route of the layer call running
 
     def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int]]:
         """Record routing, run the predictor, and with one host sync learn the routed and predicted experts;
@@ -88,7 +91,12 @@ class HotPath:
         if self.predictor is not None:
             if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
-            self._history[:, layer] = ids
+            width = self._history.shape[2]  # the top-k predictors were bound with
+            if ids.shape[1] == width:
+                self._history[:, layer] = ids
+            else:  # a router's top_k changed after wrapping: its best first are kept, or -1 (no expert) pads
+                self._history[:, layer, : ids.shape[1]] = ids[:, :width]
+                self._history[:, layer, ids.shape[1]:] = -1
             scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
             # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
             targets = sorted(t for t in scores if t < L or self.wrap)
@@ -99,6 +107,7 @@ class HotPath:
         host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self.host_syncs += 1
         n = ids.numel()
+        self._routes = host[:n]
         needed = sorted(set(host[:n]) - {-1})
         candidates = []
         if targets:
@@ -114,19 +123,36 @@ class HotPath:
         compute = self.experts_compute.compute
         if not host and len(needed) <= self.num_slots:
             for chosen, _ in self.scheduler.run(layer.index, needed):
-                out = compute(layer, args, kwargs, ids, weights, chosen, partial=False)
+                out = compute(layer, args, kwargs, ids, weights, chosen)
             return out
-        # Experts on the host, or more distinct experts than slots: sum partial outputs, masking the rest.
-        job = self.host.submit(layer, hidden, ids.reshape(hidden.shape[0], -1), weights, host) if host else None
-        total = None  # the host starts at once on its worker; its output joins the device's at the end
+        # Experts on the host, or more distinct experts than slots: each route is computed once, where its expert
+        # is (a chunk of slots or the host), in a call of one route per row with weight 1 (its expert's output,
+        # exact in the model dtype); the routing weight is applied here and the routes are summed as the model's
+        # experts implementation does (`compute.accumulate`), so the output has the unwrapped model's bits.
+        T = hidden.shape[0]
+        ids = ids.reshape(T, -1)  # [T, k]
+        k = ids.shape[1]
+        flat_ids, ones = ids.reshape(T * k, 1), torch.ones_like(weights.reshape(T * k, 1))  # [T*k, 1]
+        out = hidden.new_zeros(T * k, hidden.shape[-1])  # [T*k, H] each route's expert output (unweighted)
+
+        def rows(experts):  # the routes to `experts`, as device indices (from the host copy: no sync)
+            wanted = set(experts)
+            return to_device([i for i, e in enumerate(self._routes) if e in wanted], self.device)
+
+        job = None  # the host starts at once on its worker; its routes join the device's at the end
+        if host:
+            on_host = rows(host)
+            job = self.host.submit(layer, hidden[on_host // k], flat_ids[on_host], ones[on_host], host)
         for chunk, _ in self.scheduler.run(layer.index, needed):
             if chunk:
-                part = compute(layer, args, kwargs, ids, weights, chunk, partial=True).float()
-                total = part if total is None else total + part
+                r = rows(chunk)
+                a, kw = layer.layout.replace_call(args, kwargs, layer.experts, flat_ids[r], ones[r],
+                                                  hidden=hidden[r // k])
+                out[r] = compute(layer, a, kw, flat_ids[r], ones[r], chunk).to(out.dtype)
         if job is not None:
-            out = job.result().to(self.device, non_blocking=True)  # [T, H] float32
-            total = out if total is None else total + out
-        return total.to(hidden.dtype)
+            out[on_host] = job.result().to(self.device, out.dtype, non_blocking=True)  # [R, H]
+        values = out.view(T, k, -1) * weights.reshape(T, k, 1)  # [T, k, H] as the model weights its routes
+        return accumulate(layer.experts, values, ids, hidden.dtype)
 
     def modulelist_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         """One call of the model's own forward; the per-expert hooks bind each expert to its slot, taking the

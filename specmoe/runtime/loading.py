@@ -48,6 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..kernels.prequant import PrequantFormat, dequantize_fp8
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .checkpoint import ExpertPlan, SafetensorsCheckpoint
+from .checks import indexed_device
 from .compression import PrequantCodec, make_codec
 from .prequant_checkpoint import PrequantPlan
 from .store import ExpertLayout, FileStore, HostStore
@@ -177,7 +178,7 @@ def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], d
                        f"(keys looked for: {missing[:5]})")
     for module in model.modules():  # buffers computed at construction (rotary tables) follow to the device
         for name, buf in list(module._buffers.items()):
-            if buf is not None and buf.device != torch.device(device):
+            if buf is not None and buf.device != indexed_device(device):
                 module._buffers[name] = buf.to(device)
 
 
@@ -290,7 +291,7 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
                                 "load_offloaded reads what save_pretrained writes")
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = indexed_device(device)  # "cuda" -> cuda:N: compared with where tensors are
     t0 = time.perf_counter()
     try:
         model, source, fmt = load_streaming(path, device=device, dtype=dtype, host_store=host_store)
