@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_json
+from ..io import check_stem, write_json
 from .compare import BUILTIN_PREDICTORS, BenchSettings, run_benchmark
 from .report import bench_table, write_bench_report
 
@@ -51,8 +51,10 @@ def _load(args, dtype):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..hub import resolve_model
+        from ..runtime.safetensors_header import check_model_dir
 
         path = resolve_model(args.model)
+        check_model_dir(path)  # config.json and every shard's header, each a one-line error naming the file
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -87,6 +89,7 @@ def make_prompts(model, tokenizer, count: int, length: int, texts: list[str] | N
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    check_stem(args.name)  # the files stay inside --out
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

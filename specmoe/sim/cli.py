@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from ..measure import environment
-from ..io import write_json, write_text
+from ..io import check_stem, write_json, write_text
 from .hardware import PROFILES, HardwareProfile
 from .host import HOST_PROFILES
 from .policies import POLICY_NAMES, resolve_policy_name
@@ -79,8 +79,11 @@ def _routers(model_path: str | None):
         from transformers import AutoModelForCausalLM
 
         from ..hub import resolve_model
+        from ..runtime.safetensors_header import check_model_dir
 
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(model_path), local_files_only=True)
+        path = resolve_model(model_path)
+        check_model_dir(path)  # config.json and every shard's header, each a one-line error naming the file
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     else:
         try:
             from ..reference.model import load_reference_model
@@ -119,6 +122,7 @@ def _replays(stream, names, lookahead, model_path, num_experts):
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    check_stem(args.name)  # the files stay inside --out
     if args.out is None:
         args.out = args.validate.parent if args.validate else Path("specmoe-sim")
     if args.validate:
