@@ -5,7 +5,7 @@ experts upcoming layers will need so that copies overlap compute.
 
 Layers, bottom first; a package imports only from layers below its own (tests/test_layers.py checks it):
   io, geometry, hub, _version  <  measure  <  kernels, predictors  <  runtime  <  traces  <  training, sim
-  <  reference  <  bench  <  the command lines (specmoe.cli, specmoe.generate, every `<package>.cli`, __main__) and this module.
+  <  reference  <  bench  <  serve  <  the command lines (specmoe.cli, specmoe.generate, every `<package>.cli`, __main__) and this module.
 """
 
 from ._version import __version__

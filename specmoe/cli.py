@@ -1,4 +1,4 @@
-"""`specmoe collect | import-routing | train | eval | bench | simulate | demo | generate`.
+"""`specmoe collect | import-routing | train | eval | bench | simulate | demo | generate | serve`.
 
 Each command lives with the component it drives: module M defines `add_<name>_arguments(parser)` and
 `run_<name>(args) -> int`, imported only when that command runs (so `specmoe demo` never imports the
@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("specmoe.sim.cli", "replay traces on a hardware profile"),
     "demo": ("specmoe.reference.demo", "the built-in default: reference model, traces, wrapped generation"),
     "generate": ("specmoe.generate", "generate text from a prompt with the experts offloaded, streaming tokens"),
+    "serve": ("specmoe.serve.cli", "an OpenAI-compatible HTTP server for one model with its experts offloaded"),
 }
 
 # What a user's input can cause: missing/existing files and directories, bad values, a model of the wrong kind.
