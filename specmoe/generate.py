@@ -14,27 +14,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from .measure import FirstTokenClock
-
 REFERENCE = "reference"
 PREDICTORS = ("pregate", "none")
 COMPRESSION = ("none", "int8", "int4", "int4-g128")
 
 
-def capacity_arg(text: str):
-    """argparse type of --capacity / --capacities: `runtime.capacity.parse_capacity`, its message on error."""
-    from .runtime.capacity import parse_capacity
-
-    try:
-        return parse_capacity(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a command that loads one model with its experts offloaded (generate, serve)."""
+    from .runtime.capacity import capacity_arg
+
     p.add_argument("--model", default=REFERENCE,
                    help="'reference' (default: the packaged reference model), a save_pretrained directory or a hub id")
     p.add_argument("--capacity", default=0.5, type=capacity_arg,
@@ -75,6 +63,8 @@ def load_model(args: argparse.Namespace):
     Raises:
         FileNotFoundError / ValueError / TypeError: one line each (the command line prints it).
     """
+    import torch
+
     from .runtime.loading import load_offloaded
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -111,24 +101,30 @@ def load_model(args: argparse.Namespace):
         raise
 
 
-class _StreamClock(FirstTokenClock):
-    """Prints tokens as they come (transformers' TextStreamer) and marks the first new token's time."""
+def _stream_clock(tokenizer, device):
+    """A `FirstTokenClock` that also prints tokens as they come (transformers' TextStreamer)."""
+    from transformers import TextStreamer
 
-    def __init__(self, tokenizer, device):
-        from transformers import TextStreamer
+    from .measure import FirstTokenClock
 
-        super().__init__(device)
-        self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    class StreamClock(FirstTokenClock):
+        def __init__(self):
+            super().__init__(device)
+            self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
-    def put(self, value):
-        super().put(value)
-        self.text.put(value)
+        def put(self, value):
+            super().put(value)
+            self.text.put(value)
 
-    def end(self):
-        self.text.end()
+        def end(self):
+            self.text.end()
+
+    return StreamClock()
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     smoe, tokenizer = load_model(args)
@@ -141,7 +137,7 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise ValueError("the prompt is empty after tokenization")
-    streamer = _StreamClock(tokenizer, smoe.device)
+    streamer = _stream_clock(tokenizer, smoe.device)
     sys.stdout.write(args.prompt if not args.chat else "")
     sys.stdout.flush()
     try:

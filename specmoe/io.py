@@ -47,6 +47,23 @@ def check_out_dir(path, overwrite: bool, option: str = "--out") -> None:
                               "command writes there, or choose another directory")
 
 
+def check_outputs(directory, names, overwrite: bool, option: str = "--out") -> None:
+    """The rule of every command that writes named files into an output directory, checked before any work: a
+    file it would write that is already there is refused unless `overwrite` (--overwrite); other files in the
+    directory are left alone.
+
+    Raises:
+        FileExistsError: `directory` is a file, or holds one of `names` and not `overwrite`.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{option} {directory} is a file, not a directory")
+    there = [n for n in names if (directory / n).exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"{option} {directory} already holds {', '.join(there)}; pass --overwrite to replace "
+                              "them, or choose another directory")
+
+
 def check_stem(name, option: str = "--name") -> None:
     """A file stem given on the command line names files inside the output directory, never a path.
 

@@ -174,9 +174,8 @@ def test_a_full_disk_is_one_line(tmp_path, command):
 
 
 def test_collect_dtype_must_be_a_dtype(tmp_path, capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["collect", "--dtype", "foo", "--out", str(tmp_path / "c")])
-    assert err.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
+    _one_line(capsys, ["collect", "--dtype", "foo", "--out", str(tmp_path / "c")], "specmoe collect: error:",
+              "invalid choice: 'foo'")
 
 
 # ---- item 8: a predictor directory is replaced whole ---------------------------------------------------------

@@ -50,6 +50,21 @@ def parse_capacity(text: str) -> float | int | str:
     return t
 
 
+def capacity_arg(text: str):
+    """The argparse `type` of every --capacity / --capacities option: `parse_capacity`, its message on error."""
+    import argparse
+
+    try:
+        return parse_capacity(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def capacity_fraction(capacity, num_layers: int, num_experts: int, expert_nbytes: int) -> float:
+    """The share of all experts that `capacity` (any form `resolve_capacity` takes) keeps on the device."""
+    return resolve_capacity(capacity, num_layers, num_experts, expert_nbytes) / (num_layers * num_experts)
+
+
 def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_nbytes: int) -> int:
     """Number of cache slots for `cache_capacity` (fraction of all experts, slot count, or memory budget)."""
     total = num_layers * num_experts

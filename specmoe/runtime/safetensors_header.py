@@ -118,9 +118,15 @@ def check_model_dir(directory) -> None:
         FileNotFoundError: no config.json, or no safetensors weights. ValueError: as `check_checkpoint`.
     """
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
+    config = directory / "config.json"
+    if not config.is_file():
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json); pass what save_pretrained "
                                 "writes, or a hub id")
+    try:
+        if not isinstance(json.loads(config.read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{config} is not a model config ({err})") from None
     if not checkpoint_files(directory):
         raise FileNotFoundError(f"{directory} has no safetensors weights (model.safetensors or {INDEX}); specmoe "
                                 "reads safetensors only: re-save the model with save_pretrained")

@@ -102,7 +102,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     why = unavailable(args.predictor, splits["train"])
     if why and args.predictor == "hidden":
-        raise SystemExit(f"specmoe train: {why} (a routing-only trace trains history or interlayer)")
+        raise SystemExit(f"{why} (a routing-only trace trains history or interlayer)")
     predictor, record = fit_predictor(args.predictor, splits, lookahead=args.lookahead, wrap=args.wrap,
                                       config=config, **predictor_options(args))
     record.update(traces=str(args.traces), split_seed=args.split_seed, fractions=list(args.fractions),
@@ -120,6 +120,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", dest="predictors", type=Path, action="append", default=[],
                    help="a saved predictor directory (repeatable); pre-gate, history and random always run")
     p.add_argument("--out", type=Path, required=True, help="directory for eval.json, eval.md and eval.png")
+    p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to score")
     p.add_argument("--device", default="cpu", help="where predictors run (default cpu)")
     p.add_argument("--latency-calls", type=int, default=480, help="timed single-token predict calls per predictor")
@@ -133,8 +134,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import (
         EvalConfig, baseline_predictors, bind_all, describe, eval_settings, evaluate_predictors, unavailable,
     )
+    from ..io import check_outputs
     from .report import build_report, write_report
 
+    check_outputs(args.out, ["eval.json", "eval.md", "eval.png"], args.overwrite)  # before any work
     splits = _load_splits(args)
     test = splits[args.split]
     if unavailable("pregate", test):
