@@ -198,3 +198,27 @@ def test_a_missing_routers_file_blocks_only_what_needs_routers(tmp_path, capsys)
     assert main(["simulate", "--trace", str(trace), "--capacities", "0.5", "--policies", "lru",
                  "--prefetch-policies", "lru", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "p" / "config.json").is_file() and (tmp_path / "s" / "simulate.json").is_file()
+
+
+# ---- item 14: simulate says which rows do not fit and picks a deployable best ------------------------------------
+def test_simulate_marks_rows_that_do_not_fit_and_the_best_is_deployable(tmp_path, capsys):
+    from specmoe.sim.report import deployable
+
+    trace = _trace(tmp_path, layers=32)  # Mixtral-8x7B's routing geometry
+    assert main(["simulate", "--trace", str(trace), "--shapes", "mixtral-8x7b", "--profiles", "rtx3090",
+                 "--capacities", "0.25", "0.75", "--policies", "lru", "default", "--prefetch-policies", "lru",
+                 "--predictors", "oracle", "--out", str(tmp_path / "s")]) == 0
+    sweep = json.loads((tmp_path / "s" / "simulate.json").read_text())
+    md = (tmp_path / "s" / "simulate.md").read_text()
+    runs = sweep["runs"]
+    assert {r["capacity"]: r["fits"] for r in runs} == {**{c: False for c in (0.25, 0.75)},
+                                                        **{r["capacity"]: True for r in runs if r["max_fit"]}}
+    rows = [line for line in md.splitlines() if line.startswith("| 0.")]
+    assert rows and all((" ✗" in row) == ("(max fit)" not in row) for row in rows)  # 0.25 needs 24.0 of 24 GiB
+    assert "wrapped @ capacity 0.25 (GiB)" in md and "wrapped @0." not in md
+    memory_row = next(line for line in md.splitlines() if line.startswith("| mixtral-8x7b"))
+    best = memory_row.split("|")[-4]  # "tok/s there (best deployable)"
+    assert "oracle" not in best and "belady" not in best and best.strip()
+    assert not any(deployable(r) for r in runs if r["predictor"] == "oracle" or not r["fits"])
+    assert "(link)" in md and "†" in md
+    capsys.readouterr()

@@ -42,10 +42,10 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                         "never copied: llama.cpp's --n-cpu-moe baseline); needs --host")
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"], choices=POLICY_NAMES,
                    metavar="POLICY", help=f"eviction policies without a predictor: {', '.join(POLICY_NAMES)} "
-                   "(default: the runtime's default)")
+                   "('default' is the runtime's policy; default: lru lfu default belady)")
     p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], metavar="POLICY",
                    choices=[name for name in POLICY_NAMES if name != "belady"],
-                   help="eviction policies run with each predictor")
+                   help="eviction policies run with each predictor (default: lru default)")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
                    help="oracle, pregate, or directories of saved predictors (pregate and hidden-state predictors "
                         "need --model for routers and hidden states in the trace; history and interlayer do not)")
