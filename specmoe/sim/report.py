@@ -16,6 +16,14 @@ def _label(run: dict) -> str:
     return label if mode == "fetch" else f"{label}, misses={mode}"
 
 
+def _fill_fits(sweep: dict) -> None:
+    """Runs of sweeps written before runs carried "fits": whether their slots fit, from the memory plans."""
+    plans = {(m["profile"], m["shape"]): m for m in sweep.get("memory", [])}
+    for r in sweep.get("runs", []):
+        if "fits" not in r and (r["profile"], r["shape"]) in plans:
+            r["fits"] = bool(r["max_fit"] or r["capacity"] <= plans[r["profile"], r["shape"]]["max_capacity"] + 1e-12)
+
+
 def deployable(run: dict) -> bool:
     """A run one could deploy: it fits the device's memory, and neither its policy nor its predictor needs the
     future (Belady-MIN and the oracle are bounds, not options)."""
@@ -34,6 +42,7 @@ def _capacity_label(c: float, given) -> str:
 def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
     """Every run of one profile and shape (at `capacities` only, if given; the max-fit capacity is named
     "max"): speed, cache figures, and distance to the bound."""
+    _fill_fits(sweep)
     runs = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == shape and
             (capacities is None or r["capacity"] in capacities or ("max" in capacities and r["max_fit"]))]
     rows = []
@@ -59,6 +68,7 @@ def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
 
 def memory_table(sweep: dict, profile: str) -> str:
     """Item 4: device memory unwrapped and wrapped per capacity, the largest capacity that fits, tok/s there."""
+    _fill_fits(sweep)
     plans = [m for m in sweep["memory"] if m["profile"] == profile]
     if not plans:
         return ""
