@@ -29,6 +29,7 @@ from ..measure import FirstTokenClock, environment
 from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
 from ..runtime.capacity import capacity_arg, parse_capacity
+from ..runtime.policies import DEFAULT_POLICY
 from ..runtime.stats import Stats
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
@@ -193,7 +194,7 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                      "predictors": [str(p) for p in (*DEFAULT_TRAINED_PREDICTORS, *cfg.predictors)],
                      "capacity": memory["num_slots"] / (geometry.num_layers * geometry.num_experts),
-                     "capacity_given": cfg.capacity,
+                     "capacity_given": cfg.capacity, "policy": DEFAULT_POLICY,
                      "device": str(device), "num_slots": memory["num_slots"], "slot_bytes": memory["slot_bytes"],
                      "measured": "decode phase (after the first new token) of prompts 1..n; prompt 0 warms up; "
                                  "tok/s and TTFT are medians over the measured prompts"},

@@ -26,7 +26,8 @@ def format_table(result: dict) -> str:
         "",
         f"Reference model {result['model']['class']} L={geo['num_layers']} E={geo['num_experts']} "
         f"k={geo['top_k']} H={geo['hidden_size']} ({result['model']['dtype']}); cache {s['capacity']:.0%} of "
-        f"experts = {s['num_slots']} slots of {s['slot_bytes'] / 1024:.1f} KiB; decode phase of {s['prompts']} "
+        f"experts = {s['num_slots']} slots of {s['slot_bytes'] / 1024:.1f} KiB, eviction policy "
+        f"{s.get('policy', 'the default')} (the runtime's default) in every row; decode phase of {s['prompts']} "
         f"held-out prompts x {s['new_tokens'] - 1} tokens (after a warm-up prompt), batch 1, greedy with "
         f"repetition penalty {s['repetition_penalty']}; "
         f"tok/s: median (min-max) over the {s['prompts']} measured prompts, {_spread_note(spreads)}. "
