@@ -201,8 +201,11 @@ class Handler(BaseHTTPRequestHandler):
         response = Response(request, app.name)
         try:
             (self._stream if request.stream else self._whole)(job, request, response)
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancel("client")
+            raise
         finally:
-            job.cancelled.set()  # done, failed or the client left: the worker stops at its next token
+            job.cancel("done")  # answered or failed: the worker stops at its next token, if it has not
 
     def _tokens(self, job: Job):
         """The job's new tokens as they come; its error, if it failed, raised here."""
@@ -223,7 +226,7 @@ class Handler(BaseHTTPRequestHandler):
             count += 1
             pieces.append(text.add(token))
             if text.stopped:
-                job.cancelled.set()
+                job.cancel("stop")
                 break
         pieces.append(text.flush())
         finish = "stop" if text.stopped or count < job.max_new_tokens else "length"
@@ -256,7 +259,7 @@ class Handler(BaseHTTPRequestHandler):
             self._event(error_body(f"internal error: {type(err).__name__}: {err}", "server_error"))
             self.wfile.write(b"data: [DONE]\n\n")
             return
-        job.cancelled.set()
+        job.cancel("stop" if text.stopped else "done")
         rest = text.flush()
         if rest:
             self._event(response.chunk(rest))

@@ -1,8 +1,8 @@
 """The one thread that owns the model: requests wait in a bounded queue and run one at a time (batch 1).
 
 A `Job` carries a request's token ids in and its new tokens out (a queue the HTTP thread reads as they come);
-setting `job.cancelled` (the client went away, a stop string was reached, the server is shutting down) ends its
-generation at the next token. The worker never raises into the server: a failed generation is reported to its
+`job.cancel(reason)` (a stop string was reached, the answer is done, the client went away, the server is
+shutting down) ends its generation at the next token; only "client" and "shutdown" count as cancelled. The worker never raises into the server: a failed generation is reported to its
 job, and the next job runs. Counters and the runtime's figures are read from a snapshot the worker takes after
 each job, so that a stats request never touches the model while it runs.
 """
@@ -34,8 +34,16 @@ class Job:
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.tokens: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+        self.reason: str | None = None  # why it was cancelled (the first reason given)
         self.queued_at = time.perf_counter()
         self.started_at: float | None = None
+
+    def cancel(self, reason: str) -> None:
+        """End the generation at its next token: "stop" (a stop string), "done", "client" (it left),
+        "shutdown"."""
+        if self.reason is None:
+            self.reason = reason
+        self.cancelled.set()
 
 
 class _Sink:
@@ -118,7 +126,7 @@ class Worker:
         self._stopping.set()
         current = self._current
         if current is not None:
-            current.cancelled.set()
+            current.cancel("shutdown")
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -166,10 +174,11 @@ class Worker:
                                max_new_tokens=job.max_new_tokens, streamer=sink, pad_token_id=self.pad_token_id,
                                stopping_criteria=StoppingCriteriaList([_Cancel(job)]), **sampling)
         end = time.perf_counter()
+        left = job.reason in ("client", "shutdown")  # read before END: after it the handler marks the job done
         job.tokens.put(END)
         first = sink.first_at or end
         with self._lock:
-            self.counters["cancelled" if job.cancelled.is_set() else "completed"] += 1
+            self.counters["cancelled" if left else "completed"] += 1
             self.counters["prompt_tokens"] += int(job.ids.shape[1])
             self.counters["completion_tokens"] += sink.count
             self.counters["busy_s"] = round(self.counters["busy_s"] + end - job.started_at, 6)
