@@ -229,3 +229,52 @@ def test_requests_are_checked_before_they_are_queued():
                  {"prompt": "x", "tools": [{"type": "function"}]}, {"prompt": "x", "max_tokens": 0}, "text"):
         with pytest.raises(BadRequest):
             parse_request("completion", body)
+
+
+def test_the_queue_is_bounded_and_shutdown_drains_it():
+    """The worker without a model: a fake whose generate streams until it is cancelled."""
+    import threading
+
+    from specmoe.serve.worker import END, Busy, Job, Worker
+
+    class Stats:
+        def to_dict(self):
+            return {"hits": 0}
+
+    class Fake:
+        stats, started = Stats(), threading.Event()
+
+        def memory(self):
+            return {"num_slots": 1}
+
+        def generate(self, input_ids, streamer, stopping_criteria, max_new_tokens, **kwargs):
+            streamer.put(input_ids)
+            self.started.set()
+            for t in range(max_new_tokens):
+                streamer.put(torch.tensor([t]))
+                if stopping_criteria[0](input_ids, None).all():
+                    break
+                time.sleep(0.01)
+
+    fake = Fake()
+    worker = Worker(fake, pad_token_id=0, queue_size=2)
+    worker.start()
+    running = Job(torch.tensor([[1, 2]]), max_new_tokens=10_000)
+    worker.submit(running)
+    assert fake.started.wait(10)
+    waiting = [Job(torch.tensor([[1]]), 4) for _ in range(2)]
+    for job in waiting:
+        worker.submit(job)
+    with pytest.raises(Busy, match="already waiting"):
+        worker.submit(Job(torch.tensor([[1]]), 4))
+    assert worker.stats()["rejected_busy"] == 1 and worker.stats()["queued"] == 2
+    worker.stop(timeout=10)
+    assert not worker.thread.is_alive()
+    items = []
+    while (item := running.tokens.get(timeout=5)) is not END:
+        items.append(item)
+    assert 0 < len(items) < 10_000  # cancelled mid-generation
+    assert all(isinstance(j.tokens.get(timeout=5), Busy) for j in waiting)  # told, not left hanging
+    assert worker.stats()["cancelled"] == 1
+    with pytest.raises(Busy, match="shutting down"):
+        worker.submit(Job(torch.tensor([[1]]), 4))
