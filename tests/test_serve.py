@@ -226,7 +226,8 @@ def test_requests_are_checked_before_they_are_queued():
                                      "max_completion_tokens": 3})
     assert request.messages == [("system", "x")] and request.stop == ["\n"] and request.max_tokens == 3
     for body in ({"prompt": "x", "stop": ["a"] * 5}, {"prompt": "x", "stream": "yes"}, {"prompt": "x", "top_p": 0},
-                 {"prompt": "x", "tools": [{"type": "function"}]}, {"prompt": "x", "max_tokens": 0}, "text"):
+                 {"prompt": "x", "tools": [{"type": "function"}]}, {"prompt": "x", "max_tokens": 0}, "text",
+                 {"prompt": "x", "seed": 2**70}, {"prompt": "x", "max_tokens": 2**40}):
         with pytest.raises(BadRequest):
             parse_request("completion", body)
 

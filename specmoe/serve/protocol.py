@@ -70,15 +70,15 @@ def _number(body: dict, name: str, default, low: float, high: float):
     return value
 
 
-def _int(body: dict, *names: str, low: int = 1):
+def _int(body: dict, *names: str, low: int = 1, high: int = 2**31 - 1):
     for name in names:
         value = body.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise BadRequest(f"'{name}' must be an integer, got {value!r}", name)
-        if value < low:
-            raise BadRequest(f"'{name}' must be >= {low}, got {value}", name)
+        if not low <= value <= high:
+            raise BadRequest(f"'{name}' must be in [{low}, {high}], got {value}", name)
         return value
     return None
 
@@ -129,7 +129,7 @@ def parse_request(kind: str, body) -> Request:
     request = Request(
         kind=kind, max_tokens=_int(body, "max_completion_tokens", "max_tokens"),
         temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)), top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
-        seed=_int(body, "seed", low=-(2**63)), stop=stop, stream=stream, include_usage=bool(options.get("include_usage")),
+        seed=_int(body, "seed", low=0, high=2**63 - 1), stop=stop, stream=stream, include_usage=bool(options.get("include_usage")),
         model=str(body.get("model") or ""))
     if request.top_p == 0.0:
         raise BadRequest("'top_p' must be > 0", "top_p")
