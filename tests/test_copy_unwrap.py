@@ -41,3 +41,11 @@ def test_memory_after_unwrap_is_a_clear_error():
     smoe.unwrap()
     with pytest.raises(RuntimeError, match="after unwrap"):
         smoe.memory()
+
+
+@pytest.mark.parametrize("kwargs", [dict(transfer="thread"), dict(misses="host")])
+def test_a_wrapper_with_worker_threads_says_why_it_cannot_be_copied(kwargs):
+    smoe = SpeculativeMoE(build_tiny("mixtral"), None, cache_capacity=4, **kwargs)
+    with pytest.raises(TypeError, match="cannot be deep-copied"):
+        copy.deepcopy(smoe)
+    smoe.unwrap()
