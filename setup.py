@@ -29,7 +29,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=7", "triton>=3.0; platform_system == 'Linux'"],
+        "dev": ["pytest>=7", "openai>=1.0", "triton>=3.0; platform_system == 'Linux'"],  # openai: tests of specmoe serve
         "gpu": ["triton>=3.0", "nvidia-ml-py>=12"],
     },
     entry_points={"console_scripts": ["specmoe=specmoe.cli:main"]},

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from specmoe.bench.environment import environment
-from specmoe.io import write_json, write_text
+from specmoe.io import read_json, write_json, write_text
 from specmoe.sim.bounds import memory_plan
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
@@ -165,7 +165,7 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("traces", nargs="+", type=Path, help="trace directories written by specmoe import-routing")
+    p.add_argument("traces", nargs="*", type=Path, help="trace directories written by specmoe import-routing")
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"],
                    help="eviction policies (any `specmoe simulate --policies` name); belady runs without a predictor")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.1, 0.25, 0.5],
@@ -182,7 +182,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (training)")
     p.add_argument("--name", default="real_routing")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report-only", action="store_true", help="only remake the .md from the existing JSON")
     args = p.parse_args(argv)
+    if args.report_only:
+        json_path = args.out / f"{args.name}.json"
+        write_text(json_path.with_suffix(".md"), markdown(read_json(json_path)))
+        print(f"wrote {json_path.with_suffix('.md')}")
+        return 0
+    if not args.traces:
+        p.error("give trace directories (or --report-only)")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     traces = [run_trace(d, args) for d in args.traces]

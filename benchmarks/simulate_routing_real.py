@@ -33,7 +33,7 @@ from specmoe.predictors import make_predictor
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
-from specmoe.sim.report import sweep_markdown, sweep_summary, write_sweep_report
+from specmoe.sim.report import deployable, sweep_markdown, sweep_summary, write_sweep_report
 from specmoe.sim.shapes import PRESETS, ModelShape
 from specmoe.sim.stream import RoutingStream
 from specmoe.sim.sweep import SweepSettings, run_sweep
@@ -101,7 +101,7 @@ def packaged_predictors() -> list[Path]:
 
 def goal_check(sweep: dict) -> dict:
     runs = [r for r in sweep["runs"] if r["shape"] == GOAL["shape"] and r["profile"] == GOAL["profile"] and r["max_fit"]
-            and r["policy"] != "belady"]  # MIN needs the future: it is the bound, not a way to run
+            and deployable(r)]  # MIN and the oracle need the future: bounds, not ways to run
     best = max(runs, key=lambda r: r["tok_s"], default=None)
     return {**GOAL, "capacity": best["capacity"] if best else None, "best": best and
             {"policy": best["policy"], "predictor": best["predictor"], "tok_s": best["tok_s"]},

@@ -14,22 +14,18 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from .measure import FirstTokenClock
-
 REFERENCE = "reference"
 PREDICTORS = ("pregate", "none")
 COMPRESSION = ("none", "int8", "int4", "int4-g128")
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a command that loads one model with its experts offloaded (generate, serve)."""
+    from .runtime.capacity import capacity_arg
+
     p.add_argument("--model", default=REFERENCE,
                    help="'reference' (default: the packaged reference model), a save_pretrained directory or a hub id")
-    p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--capacity", default="0.5",
+    p.add_argument("--capacity", default=0.5, type=capacity_arg,
                    help="device cache: a fraction of all experts in (0, 1], a slot count, or a budget like 8GiB "
                         "(default 0.5)")
     p.add_argument("--predictor", default="pregate",
@@ -43,16 +39,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights' dtype (default: the checkpoint's; float32 for the reference model on CPU)")
 
 
-def parse_capacity(text: str) -> float | int | str:
-    """'0.5' -> 0.5, '96' -> 96 slots, '8GiB' -> '8GiB'."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
 
 
 def _predictor(name: str, geometry=None):
@@ -64,46 +55,79 @@ def _predictor(name: str, geometry=None):
     return make_predictor(name, geometry=geometry)
 
 
-class _StreamClock(FirstTokenClock):
-    """Prints tokens as they come (transformers' TextStreamer) and marks the first new token's time."""
+def load_model(args: argparse.Namespace):
+    """(the wrapped model, its tokenizer) for the options of `add_model_arguments`, checked in the order a user
+    can act on: the predictor, the model directory (config.json, then every shard's header), the model itself
+    (an MoE model of a supported kind), then its tokenizer files.
 
-    def __init__(self, tokenizer, device):
-        from transformers import TextStreamer
-
-        super().__init__(device)
-        self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-    def put(self, value):
-        super().put(value)
-        self.text.put(value)
-
-    def end(self):
-        self.text.end()
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    Raises:
+        FileNotFoundError / ValueError / TypeError: one line each (the command line prints it).
+    """
+    import torch
 
     from .runtime.loading import load_offloaded
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    predictor = _predictor(args.predictor)
     if args.model == REFERENCE:
-        from .reference.model import CHECKPOINT_DIR, default_dtype, load_reference_tokenizer
+        from .reference.model import CHECKPOINT_DIR, default_dtype
 
-        path, tokenizer = CHECKPOINT_DIR, load_reference_tokenizer()
-        dtype = dtype or default_dtype(device)
+        path, dtype = CHECKPOINT_DIR, dtype or default_dtype(device)
     else:
         from .hub import resolve_model
+        from .runtime.safetensors_header import check_model_dir
 
         path = resolve_model(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    predictor = _predictor(args.predictor)
-    smoe = load_offloaded(path, device=device, cache_capacity=parse_capacity(args.capacity), predictor=predictor,
-                          dtype=dtype, host_store=args.host_store,
+        check_model_dir(path)
+    smoe = load_offloaded(path, device=device, cache_capacity=args.capacity, predictor=predictor, dtype=dtype,
+                          host_store=args.host_store,
                           compression=None if args.compression == "none" else args.compression)
+    try:
+        if args.model == REFERENCE:
+            from .reference.model import load_reference_tokenizer
+
+            return smoe, load_reference_tokenizer()
+        from transformers import AutoTokenizer
+
+        from .hub import TOKENIZER_FILES, has_tokenizer
+
+        if not has_tokenizer(path):
+            raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's "
+                                    "tokenizer there with tokenizer.save_pretrained")
+        return smoe, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except BaseException:
+        smoe.unwrap()
+        raise
+
+
+def _stream_clock(tokenizer, device):
+    """A `FirstTokenClock` that also prints tokens as they come (transformers' TextStreamer)."""
+    from transformers import TextStreamer
+
+    from .measure import FirstTokenClock
+
+    class StreamClock(FirstTokenClock):
+        def __init__(self):
+            super().__init__(device)
+            self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+        def put(self, value):
+            super().put(value)
+            self.text.put(value)
+
+        def end(self):
+            self.text.end()
+
+    return StreamClock()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    smoe, tokenizer = load_model(args)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {args.model} has no chat template; drop --chat")
@@ -113,17 +137,26 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise ValueError("the prompt is empty after tokenization")
-    streamer = _StreamClock(tokenizer, device)
+    streamer = _stream_clock(tokenizer, smoe.device)
     sys.stdout.write(args.prompt if not args.chat else "")
     sys.stdout.flush()
-    with torch.no_grad():
-        out = smoe.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                            do_sample=False, streamer=streamer,
-                            pad_token_id=smoe.model.generation_config.pad_token_id or tokenizer.pad_token_id
-                            or tokenizer.eos_token_id)
+    try:
+        with torch.no_grad():
+            out = smoe.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+                                pad_token_id=pad_token_id(smoe, tokenizer))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")  # the interruption notice goes on a line of its own, not after the streamed text
+        sys.stdout.flush()
+        raise
     end = streamer.stop()
     new = out.shape[1] - ids.shape[1]
     decode_s = end - streamer.first_s if streamer.puts >= 2 else 0.0
     tok_s = f"{(new - 1) / decode_s:.1f} tok/s decode" if new > 1 and decode_s > 0 else "no decode step"
     print(f"[{new} tokens, {tok_s}; {smoe.stats.summary()}]")
     return 0
+
+
+def pad_token_id(smoe, tokenizer) -> int | None:
+    """The id generate pads with: the model's, else the tokenizer's pad or end-of-sequence token."""
+    return smoe.model.generation_config.pad_token_id or tokenizer.pad_token_id or tokenizer.eos_token_id

@@ -19,6 +19,7 @@ LAYERS = [
     {"training", "sim"},
     {"reference"},
     {"bench"},
+    {"serve"},
     {"(app)"},  # specmoe.cli, specmoe.generate, specmoe.__main__, specmoe/__init__ (the public API), every <package>.cli
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
-from ..io import write_json
+from ..io import check_outputs, check_stem, write_json
+from ..runtime.capacity import capacity_arg, capacity_fraction
 from .compare import BUILTIN_PREDICTORS, BenchSettings, run_benchmark
 from .report import bench_table, write_bench_report
 
@@ -20,8 +22,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 1.0],
-                   help="cache capacities, fractions of all experts")
+    p.add_argument("--capacities", type=capacity_arg, nargs="+", default=[0.25, 0.5, 1.0],
+                   help="device caches: fractions of all experts in (0, 1], slot counts, or budgets like 8GiB "
+                        "(each run as the fraction of all experts it comes to; default 0.25 0.5 1.0)")
     p.add_argument("--predictors", nargs="+", default=list(BUILTIN_PREDICTORS),
                    help=f"any of {', '.join(BUILTIN_PREDICTORS)}, or directories of saved predictors")
     p.add_argument("--prompts", type=int, default=3, help="number of prompts (medians are over prompts)")
@@ -36,13 +39,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerate-capacity", type=float, default=0.5,
                    help="accelerate gets the device budget of the cache at this capacity")
     p.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens for the (slow) accelerate row")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (on a machine shared with other jobs, 1 is often fastest)")
     p.add_argument("--misses", default="fetch", choices=["fetch", "host", "auto"],
                    help="where missed experts run: copied to the device (fetch), computed on the host from the host "
                         "store (host), or per miss by a cost model measured at start-up (auto)")
     p.add_argument("--out", type=Path, default=Path("specmoe-bench"), help="output directory")
     p.add_argument("--name", default=None, help="file stem (default: bench_<device type>)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
 
 
 def _load(args, dtype):
@@ -51,8 +53,10 @@ def _load(args, dtype):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..hub import resolve_model
+        from ..runtime.safetensors_header import check_model_dir
 
         path = resolve_model(args.model)
+        check_model_dir(path)  # config.json and every shard's header, each a one-line error naming the file
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -87,22 +91,32 @@ def make_prompts(model, tokenizer, count: int, length: int, texts: list[str] | N
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_stem(args.name)  # the files stay inside --out
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stem = args.name or f"bench_{device.type}"
+    check_outputs(args.out, [f"{stem}.{ext}" for ext in ("json", "md", "png", "routing.safetensors", "routing.safetensors.calls.json")],
+                  args.overwrite)  # before any work
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     settings = BenchSettings(
-        capacities=tuple(args.capacities), predictors=tuple(args.predictors), new_tokens=args.new_tokens,
+        capacities=tuple(c if isinstance(c, float) else 1.0 for c in args.capacities), predictors=tuple(args.predictors), new_tokens=args.new_tokens,
         warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
         accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
         accelerate_new_tokens=args.accelerate_tokens, misses=args.misses)
     model, tokenizer, texts, name = _load(args, dtype)
+    if not all(isinstance(c, float) for c in args.capacities):  # slot counts and budgets: as fractions
+        from ..runtime.adapters import find_moe_layers
+        from ..runtime.store import ExpertLayout
+
+        moe = find_moe_layers(model)
+        geo, nbytes = moe.geometry, ExpertLayout(moe.specs).nbytes
+        settings = dataclasses.replace(settings, capacities=tuple(
+            c if isinstance(c, float) else capacity_fraction(c, geo.num_layers, geo.num_experts, nbytes)
+            for c in args.capacities))
     model.generation_config.eos_token_id = None  # every call generates exactly N tokens
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0
     if args.prompts_file is not None:
         texts = [p for p in args.prompts_file.read_text().split("\n\n") if p.strip()]
     prompts, source = make_prompts(model, tokenizer, args.prompts, args.prompt_len, texts)
-    stem = args.name or f"bench_{device.type}"
     json_path = args.out / f"{stem}.json"
 
     def save(partial):

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from ..geometry import MoEGeometry
-from ..io import read_json, read_safetensors, write_json, write_safetensors
+from ..io import read_json, read_safetensors, write_directory, write_json, write_safetensors
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -133,21 +133,27 @@ class Predictor:
         return f"{type(self).__name__}({args})"
 
 
-def save_predictor(predictor: Predictor, path) -> Path:
-    """Write `path/config.json` and `path/model.safetensors` (each atomically; the config last)."""
+def save_predictor(predictor: Predictor, path, extra_json: dict[str, dict] | None = None) -> Path:
+    """Write the directory `path`: config.json, model.safetensors and the files of `extra_json` (name -> JSON
+    data, e.g. a training log), all at once (`io.write_directory`: a process killed midway leaves the old
+    predictor whole, never the old config with the new weights).
+
+    Raises:
+        FileExistsError: `path` exists and is neither empty nor a predictor directory (it has no config.json).
+        OSError: the files could not be written (a full disk, ...).
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     geometry = predictor.geometry.to_dict() if predictor.geometry is not None else None
-    write_safetensors(path / WEIGHTS_NAME, predictor.state_tensors(), metadata={"format": "pt"})
-    write_json(
-        path / CONFIG_NAME,
-        {
-            "specmoe_predictor": predictor.kind,
-            "format_version": FORMAT_VERSION,
-            "geometry": geometry,
-            "config": predictor.config(),
-        },
-    )
+    config = {"specmoe_predictor": predictor.kind, "format_version": FORMAT_VERSION, "geometry": geometry,
+              "config": predictor.config()}
+
+    def fill(tmp: Path) -> None:
+        write_safetensors(tmp / WEIGHTS_NAME, predictor.state_tensors(), metadata={"format": "pt"})
+        for name, data in (extra_json or {}).items():
+            write_json(tmp / name, data)
+        write_json(tmp / CONFIG_NAME, config)
+
+    write_directory(path, fill, replaceable=lambda p: (p / CONFIG_NAME).is_file())
     return path
 
 

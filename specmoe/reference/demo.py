@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import write_json
+from ..io import check_outputs, write_json, write_text
 from ..measure import FirstTokenClock, environment
 from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
+from ..runtime.capacity import capacity_arg, parse_capacity
+from ..runtime.policies import DEFAULT_POLICY
 from ..runtime.stats import Stats
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
@@ -51,7 +53,8 @@ class DemoConfig:
     Args:
         device: compute device (default: CUDA when present, else CPU).
         dtype: weights' dtype (default: float32 on CPU, bfloat16 on CUDA).
-        capacity: cache capacity as a fraction of all experts, in (0, 1].
+        capacity: the device cache: a fraction of all experts in (0, 1], a slot count or a budget like "8GiB"
+            (the result's settings record the fraction it came to, and this value as `capacity_given`).
         prompts: measured prompts (one more, the first, warms the cache and the clocks up).
         prompt_tokens: prompts are cut to this many tokens.
         new_tokens: tokens generated per prompt (greedy, never stopping early); at least 2.
@@ -63,7 +66,7 @@ class DemoConfig:
 
     device: str | None = None
     dtype: str | None = None
-    capacity: float = 0.25
+    capacity: float | int | str = 0.25
     prompts: int = 3
     prompt_tokens: int = 48
     new_tokens: int = 32
@@ -72,8 +75,7 @@ class DemoConfig:
     checkpoint: Path | None = None
 
     def __post_init__(self):
-        if not 0.0 < self.capacity <= 1.0:
-            raise ValueError(f"DemoConfig.capacity is a fraction of all experts in (0, 1], got {self.capacity}")
+        parse_capacity(str(self.capacity))  # the one reading of a capacity (ValueError: what to write)
         if self.prompts < 1 or self.prompt_tokens < 1:
             raise ValueError("DemoConfig.prompts and prompt_tokens must be >= 1")
         if self.new_tokens < 2:
@@ -191,6 +193,8 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
                   "parameters": sum(p.numel() for p in model.parameters())},
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
                      "predictors": [str(p) for p in (*DEFAULT_TRAINED_PREDICTORS, *cfg.predictors)],
+                     "capacity": memory["num_slots"] / (geometry.num_layers * geometry.num_experts),
+                     "capacity_given": cfg.capacity, "policy": DEFAULT_POLICY,
                      "device": str(device), "num_slots": memory["num_slots"], "slot_bytes": memory["slot_bytes"],
                      "measured": "decode phase (after the first new token) of prompts 1..n; prompt 0 warms up; "
                                  "tok/s and TTFT are medians over the measured prompts"},
@@ -206,13 +210,16 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
+DEFAULT_OUT = Path("specmoe-demo")
+OUTPUTS = ("demo.json", "demo.md", "demo.png")
+
+
 def ignored_output_dir(path: Path) -> Path:
-    """Create an output directory that git ignores wherever it is (a `.gitignore` of `*` inside it), so that a
-    demo run in a checkout leaves `git status` clean."""
-    path.mkdir(parents=True, exist_ok=True)
-    marker = path / ".gitignore"
-    if not marker.exists():
-        marker.write_text("# written by specmoe: outputs of a run, not sources\n*\n")
+    """Create the output directory; one the demo creates itself gets a `.gitignore` of `*`, so that a demo run in
+    a checkout leaves `git status` clean (a directory that was already there gets nothing it did not ask for)."""
+    if not path.exists():
+        path.mkdir(parents=True)
+        write_text(path / ".gitignore", "# written by specmoe: outputs of a run, not sources\n*\n")
     return path
 
 
@@ -220,7 +227,9 @@ def add_demo_arguments(parser) -> None:
     d = DemoConfig()
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bf16 on GPU)")
-    parser.add_argument("--capacity", type=float, default=d.capacity, help="cache capacity, share of all experts")
+    parser.add_argument("--capacity", type=capacity_arg, default=d.capacity,
+                        help="device cache: a fraction of all experts in (0, 1], a slot count, or a budget like "
+                             f"8GiB (default {d.capacity})")
     parser.add_argument("--prompts", type=int, default=d.prompts, help="measured held-out prompts (+1 warm-up)")
     parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="prompts are cut to this many tokens")
     parser.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per prompt (>= 2)")
@@ -229,20 +238,21 @@ def add_demo_arguments(parser) -> None:
     parser.add_argument("--predictor", type=Path, action="append", default=[], metavar="PATH",
                         help="a trained predictor directory to compare too (repeatable)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="another reference checkpoint directory")
-    parser.add_argument("--out", type=Path, default=Path("specmoe-demo"),
-                        help="where demo.json/.md/.png go (default: ./specmoe-demo, which git ignores: it holds a "
-                             ".gitignore of its own)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: the reference model's 64-wide matrices gain nothing "
-                             "from more, and spinning OpenMP threads make a busy machine several times slower)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="where demo.json/.md/.png go (default: ./specmoe-demo; a directory the demo creates "
+                             "holds a .gitignore of its own, so git ignores it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace demo.json/.md/.png already in --out")
+    # --threads (every command's option) defaults to 1 here: the reference model's 64-wide matrices gain nothing
+    # from more, and spinning OpenMP threads make a busy machine several times slower
+    parser.set_defaults(threads=1)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def run_demo(args) -> int:
+    check_outputs(args.out, OUTPUTS, args.overwrite)  # before any work
     for path in args.predictor:  # fail now, not after the unwrapped runs
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--predictor {path}: not a saved predictor directory (no config.json)")
-    torch.set_num_threads(args.threads)
     cfg = DemoConfig(device=args.device, dtype=args.dtype, capacity=args.capacity, prompts=args.prompts,
                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                      repetition_penalty=args.repetition_penalty, predictors=tuple(args.predictor),
@@ -251,7 +261,7 @@ def run_demo(args) -> int:
     ignored_output_dir(args.out)
     write_json(args.out / "demo.json", result)
     table = format_table(result)
-    (args.out / "demo.md").write_text(table + "\n")
+    write_text(args.out / "demo.md", table + "\n")
     plot_demo(result, args.out / "demo.png")
     print(table)
     print(f"\nwrote demo.json, demo.md and demo.png in {args.out}")

@@ -26,7 +26,8 @@ def format_table(result: dict) -> str:
         "",
         f"Reference model {result['model']['class']} L={geo['num_layers']} E={geo['num_experts']} "
         f"k={geo['top_k']} H={geo['hidden_size']} ({result['model']['dtype']}); cache {s['capacity']:.0%} of "
-        f"experts = {s['num_slots']} slots of {s['slot_bytes'] / 1024:.1f} KiB; decode phase of {s['prompts']} "
+        f"experts = {s['num_slots']} slots of {s['slot_bytes'] / 1024:.1f} KiB, eviction policy "
+        f"{s.get('policy', 'the default')} (the runtime's default) in every row; decode phase of {s['prompts']} "
         f"held-out prompts x {s['new_tokens'] - 1} tokens (after a warm-up prompt), batch 1, greedy with "
         f"repetition penalty {s['repetition_penalty']}; "
         f"tok/s: median (min-max) over the {s['prompts']} measured prompts, {_spread_note(spreads)}. "
@@ -73,9 +74,17 @@ def plot_demo(result: dict, path) -> None:
          None),
         ("decode tokens/s", [r["decode_tok_s"] for r in rows], result["unwrapped"]["decode_tok_s"]),
     ]
+    # the tok/s bars show the spread of the measured prompts (min-max), as the table does
+    runs = [_measured(r) for r in rows]
+    spread = None
+    if all(len(m) >= 2 for m in runs):
+        spread = [[r["decode_tok_s"] - min(m) for r, m in zip(rows, runs)],
+                  [max(m) - r["decode_tok_s"] for r, m in zip(rows, runs)]]
+        panels[2] = ("decode tokens/s (median; bars: min-max over prompts)", panels[2][1], panels[2][2])
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, (title, values, line) in zip(axes, panels):
-        ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+    for i, (ax, (title, values, line)) in enumerate(zip(axes, panels)):
+        ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))],
+               yerr=spread if i == 2 else None, capsize=4 if i == 2 else 0)
         ax.set_xticks(range(len(values)), names, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)

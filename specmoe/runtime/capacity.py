@@ -20,6 +20,51 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def parse_capacity(text: str) -> float | int | str:
+    """The one reading of a capacity written as text (every command line): '0.5' -> 0.5 (a fraction of all
+    experts), '96' -> 96 (slots), '8GiB' -> '8GiB' (a memory budget), each checked here.
+
+    Raises:
+        ValueError: anything else, saying what to write.
+    """
+    t = str(text).strip()
+    if re.fullmatch(r"[+-]?\d+", t):
+        if int(t) < 1:
+            raise ValueError(f"capacity {text!r}: a slot count must be >= 1 (or give a fraction in (0, 1] like 0.5, "
+                             "or a budget like 8GiB)")
+        return int(t)
+    try:
+        value = float(t)
+    except ValueError:
+        value = None
+    if value is not None:
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"capacity {text!r}: a fraction of all experts must be in (0, 1] (or give a slot count "
+                             "like 96, or a budget like 8GiB)")
+        return value
+    try:
+        parse_bytes(t)
+    except ValueError:
+        raise ValueError(f"capacity {text!r}: write a fraction of all experts in (0, 1] like 0.5, a slot count like "
+                         "96, or a memory budget like 8GiB") from None
+    return t
+
+
+def capacity_arg(text: str):
+    """The argparse `type` of every --capacity / --capacities option: `parse_capacity`, its message on error."""
+    import argparse
+
+    try:
+        return parse_capacity(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def capacity_fraction(capacity, num_layers: int, num_experts: int, expert_nbytes: int) -> float:
+    """The share of all experts that `capacity` (any form `resolve_capacity` takes) keeps on the device."""
+    return resolve_capacity(capacity, num_layers, num_experts, expert_nbytes) / (num_layers * num_experts)
+
+
 def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_nbytes: int) -> int:
     """Number of cache slots for `cache_capacity` (fraction of all experts, slot count, or memory budget)."""
     total = num_layers * num_experts
@@ -48,6 +93,7 @@ def resolve_capacity(capacity, num_layers: int, num_experts: int, expert_nbytes:
         if capacity <= 0:
             raise ValueError(f"cache_capacity as a slot count must be >= 1, got {capacity}")
         slots = capacity
-    if slots > total:
-        logger.info("cache_capacity gives %d slots, more than the %d experts; using %d", slots, total, total)
+    if slots > total:  # a budget beyond the model: said, not silently cut
+        logger.warning("cache_capacity %r gives %d slots, more than the model's %d experts; using %d (all of them)",
+                       capacity, slots, total, total)
     return min(slots, total)

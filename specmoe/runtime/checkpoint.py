@@ -17,11 +17,9 @@ tensor ops, expert by expert.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import struct
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .safetensors_header import checkpoint_files, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, directory):
         self.directory = Path(directory)
-        index = self.directory / INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
-            files = sorted({self.directory / f for f in weight_map.values()})
-        else:
-            files = sorted(self.directory.glob("*.safetensors"))
+        files = checkpoint_files(self.directory)  # an index's names stay inside the directory
         if not files:
             raise FileNotFoundError(f"{self.directory} has no safetensors weights (model.safetensors or {INDEX}); "
                                     "specmoe reads safetensors only: re-save the model with save_pretrained")
@@ -84,10 +79,7 @@ class SafetensorsCheckpoint:
     def _read_header(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is listed in {INDEX} but missing")
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        base = 8 + size
+        header, base = read_header(path)  # checked against the file's size; one-line errors naming the file
         for key, info in header.items():
             if key == "__metadata__":
                 continue

@@ -21,7 +21,48 @@ from tqdm.auto import tqdm
 from .adapters import MoELayer
 from .store import HostStore
 
-_MISSING = object()  # an attribute that was not set on the instance
+class _Missing:
+    """An attribute that was not set on the instance: one object, also in copies (`copy.deepcopy` of a wrapped
+    model keeps `old is _MISSING` true, so the copy's `remove()` pops the attribute instead of setting it)."""
+
+    def __repr__(self) -> str:
+        return "_MISSING"
+
+    def __reduce__(self):
+        return "_MISSING"  # copy / deepcopy return the module-level object itself
+
+
+_MISSING = _Missing()
+
+
+class _Redirect:
+    """The experts module's replacement forward: ``forward(layer, args, kwargs)``. An object, not a lambda, so
+    that `copy.deepcopy` of a wrapped model copies it with the model (its bound method and layer are copied
+    too, and the copy runs its own runtime, not the original's)."""
+
+    def __init__(self, forward: Callable, layer: MoELayer):
+        self.forward, self.layer = forward, layer
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(self.layer, args, kwargs)
+
+
+class _ExpertHook:
+    """Expert e's forward pre-hook (which=0) or hook (which=1): ``expert_hooks(layer, e)[which]``, made at the
+    first call and again in a copy (closures are not copied by `copy.deepcopy`; this object and its bound
+    `expert_hooks` are)."""
+
+    def __init__(self, expert_hooks: Callable, layer: MoELayer, e: int, which: int):
+        self.expert_hooks, self.layer, self.e, self.which = expert_hooks, layer, e, which
+        self._fn = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fn": None}
+
+    def __call__(self, *args):
+        if self._fn is None:
+            self._fn = self.expert_hooks(self.layer, self.e)[self.which]
+        return self._fn(*args)
 
 
 class ExpertsHook:
@@ -39,13 +80,12 @@ class ExpertsHook:
         self.attr = "_old_forward" if getattr(module, "_hf_hook", None) is not None and \
             "_old_forward" in module.__dict__ else "forward"
         self.old = module.__dict__.get(self.attr, _MISSING)
-        setattr(module, self.attr, lambda *a, **kw: forward(layer, a, kw))
+        setattr(module, self.attr, _Redirect(forward, layer))
         self.handles = []
         if expert_hooks is not None:
             for e, expert in enumerate(layer.layout.experts_list(module)):
-                pre, post = expert_hooks(layer, e)
-                self.handles.append(expert.register_forward_pre_hook(pre))
-                self.handles.append(expert.register_forward_hook(post))
+                self.handles.append(expert.register_forward_pre_hook(_ExpertHook(expert_hooks, layer, e, 0)))
+                self.handles.append(expert.register_forward_hook(_ExpertHook(expert_hooks, layer, e, 1)))
 
     def remove(self) -> None:
         for h in self.handles:

@@ -71,6 +71,10 @@ class HostExperts:
         self.calls = 0
 
     # ---- what the worker runs -------------------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        raise TypeError("a SpeculativeMoE with misses='host' or 'auto' cannot be deep-copied (its host worker "
+                        "cannot); deep-copy the model before wrapping, or after unwrap(), and wrap the copy")
+
     def _module(self, layer: MoELayer) -> nn.Module:
         """A shallow clone of the layer's experts module whose tensors the host binds (the original keeps the
         device's). Made once per layer."""

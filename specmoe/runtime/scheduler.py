@@ -93,8 +93,15 @@ class Scheduler:
         self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
         self._in_use: set[int] = set()  # slots the layer being computed reads
         self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
-        in_use, copying, predicted, key_of = self._in_use, self._copying, self._predicted, cache.key_of
-        ready = engine.ready
+        self._bind_filters()
+        self.reset()
+        self.reset_stats()
+
+    def _bind_filters(self) -> None:
+        """The victim filters: closures over the containers above (rebuilt in a `copy.deepcopy`, whose closures
+        would otherwise read the original's containers)."""
+        in_use, copying, predicted, key_of = self._in_use, self._copying, self._predicted, self.cache.key_of
+        ready = self.engine.ready
 
         def evictable(slot: int) -> bool:  # for a demand fetch: not in use, its copy landed
             if slot in in_use:
@@ -109,8 +116,17 @@ class Scheduler:
             return key_of[slot] not in predicted and evictable(slot)
 
         self._evictable, self._evictable_for_guess = evictable, evictable_for_guess
-        self.reset()
-        self.reset_stats()
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name not in ("_evictable", "_evictable_for_guess"):
+                new.__dict__[name] = copy.deepcopy(value, memo)
+        new._bind_filters()
+        return new
 
     def reset(self) -> None:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""

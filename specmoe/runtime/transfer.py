@@ -132,6 +132,10 @@ class ThreadedCopyEngine(CopyEngine):
         self._queue.put((-1, -1, None))
         self._worker.join(timeout=5)
 
+    def __deepcopy__(self, memo):
+        raise TypeError("a SpeculativeMoE with transfer='thread' cannot be deep-copied (its copy thread cannot); "
+                        "deep-copy the model before wrapping, or after unwrap(), and wrap the copy")
+
 
 class CudaCopyEngine(CopyEngine):
     """Copies on dedicated CUDA streams; compute waits on per-slot events, never the host."""

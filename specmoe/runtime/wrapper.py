@@ -241,7 +241,12 @@ class SpeculativeMoE:
 
     def memory(self) -> dict[str, int]:
         """Bytes: non-expert weights on the device, the cache pool, and the host store. With compression a
-        slot holds an expert's compressed bytes (`slot_bytes` = `host_expert_bytes` < `expert_bytes`)."""
+        slot holds an expert's compressed bytes (`slot_bytes` = `host_expert_bytes` < `expert_bytes`).
+
+        Raises:
+            RuntimeError: after `unwrap()` (nothing is offloaded any more).
+        """
+        self._check_wrapped("memory()")
         nonexpert = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
                         if t.device == self.device)
         expert_layout = self.codec.slot_layout if self.codec else self.store.layout

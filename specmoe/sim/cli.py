@@ -8,7 +8,8 @@ import dataclasses
 from pathlib import Path
 
 from ..measure import environment
-from ..io import write_json, write_text
+from ..io import check_outputs, check_stem, write_json, write_text
+from ..runtime.capacity import capacity_arg
 from .hardware import PROFILES, HardwareProfile
 from .host import HOST_PROFILES
 from .policies import POLICY_NAMES, resolve_policy_name
@@ -30,8 +31,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"hardware profiles: {', '.join(sorted(PROFILES))}")
     p.add_argument("--compression", nargs="+", default=["none"], metavar="SCHEME",
                    help="host storage of experts to simulate: none, int8, int4-g128, ... (each shape once per scheme)")
-    p.add_argument("--capacities", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="cache capacities, fractions of all experts (default 0.25 0.5 0.75)")
+    p.add_argument("--capacities", type=capacity_arg, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="cache capacities, fractions of all experts in (0, 1] (default 0.25 0.5 0.75; one fraction "
+                        "fits every shape, a slot count or budget would not)")
     p.add_argument("--misses", nargs="+", default=["fetch"], choices=["fetch", "host", "auto"],
                    help="where missed experts run: copied to the device (fetch), computed on the host (host), or "
                         "per miss by the cost model (auto); host/auto need --host")
@@ -43,10 +45,10 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                         "never copied: llama.cpp's --n-cpu-moe baseline); needs --host")
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"], choices=POLICY_NAMES,
                    metavar="POLICY", help=f"eviction policies without a predictor: {', '.join(POLICY_NAMES)} "
-                   "(default: the runtime's default)")
+                   "('default' is the runtime's policy; default: lru lfu default belady)")
     p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], metavar="POLICY",
                    choices=[name for name in POLICY_NAMES if name != "belady"],
-                   help="eviction policies run with each predictor")
+                   help="eviction policies run with each predictor (default: lru default)")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
                    help="oracle, pregate, or directories of saved predictors (pregate and hidden-state predictors "
                         "need --model for routers and hidden states in the trace; history and interlayer do not)")
@@ -60,6 +62,7 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default: specmoe-sim/, or the measured JSON's directory with --validate)")
     p.add_argument("--name", default="simulate", help="file stem of the outputs (default: simulate)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
     p.add_argument("--validate", type=Path, metavar="RESULT_JSON",
                    help="compare the simulator with a measured run (benchmarks/shape_real.py output) instead")
     p.add_argument("--validate-profile", choices=sorted(PROFILES),
@@ -106,8 +109,11 @@ def _routers(model_path: str | None):
         from transformers import AutoModelForCausalLM
 
         from ..hub import resolve_model
+        from ..runtime.safetensors_header import check_model_dir
 
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(model_path), local_files_only=True)
+        path = resolve_model(model_path)
+        check_model_dir(path)  # config.json and every shard's header, each a one-line error naming the file
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     else:
         try:
             from ..reference.model import load_reference_model
@@ -146,11 +152,18 @@ def _replays(stream, names, lookahead, model_path, num_experts):
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    check_stem(args.name)  # the files stay inside --out
+    other = [c for c in args.capacities if not isinstance(c, float)]
+    if other:
+        raise ValueError(f"--capacities {' '.join(map(str, other))}: simulate takes fractions of all experts in (0, 1] "
+                         "(its shapes differ in expert count and size), e.g. 0.25")
     if args.out is None:
         args.out = args.validate.parent if args.validate else Path("specmoe-sim")
     if args.validate:
         from .validate import validate_measurement, validation_table
 
+        stem = args.validate.stem
+        check_outputs(args.out, [f"{stem}.validation.json", f"{stem}.validation.md"], args.overwrite)
         profile = HardwareProfile.from_name(args.validate_profile) if args.validate_profile else None
         report = validate_measurement(args.validate, profile=profile)
         json_path = args.out / f"{args.validate.stem}.validation.json"
@@ -161,6 +174,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(text)
         print(f"\nwrote {json_path}, {md_path}")
         return 0
+    check_outputs(args.out, [f"{args.name}.{ext}" for ext in ("json", "md", "png")], args.overwrite)
     stream = load_stream(args.trace) if args.trace else None
     shapes = resolve_shapes(args, stream)
     profiles = [HardwareProfile.from_name(p) for p in args.profiles]

@@ -16,27 +16,59 @@ def _label(run: dict) -> str:
     return label if mode == "fetch" else f"{label}, misses={mode}"
 
 
+def _fill_fits(sweep: dict) -> None:
+    """Runs of sweeps written before runs carried "fits": whether their slots fit, from the memory plans."""
+    plans = {(m["profile"], m["shape"]): m for m in sweep.get("memory", [])}
+    for r in sweep.get("runs", []):
+        if "fits" not in r and (r["profile"], r["shape"]) in plans:
+            r["fits"] = bool(r["max_fit"] or r["capacity"] <= plans[r["profile"], r["shape"]]["max_capacity"] + 1e-12)
+
+
+def deployable(run: dict) -> bool:
+    """A run one could deploy: it fits the device's memory, and neither its policy nor its predictor needs the
+    future (Belady-MIN and the oracle are bounds, not options)."""
+    return run.get("fits", True) and run["policy"] != "belady" and run["predictor"] != "oracle"
+
+
+def _bound_kind(run: dict) -> str:
+    return "link" if run.get("misses_mode", "fetch") == "fetch" else "link+host"
+
+
+def _capacity_label(c: float, given) -> str:
+    """A capacity as asked for (0.25), or to 3 places where it was computed (the largest that fits)."""
+    return f"{c:g}" if c in given else f"{c:.3f}"
+
+
 def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
     """Every run of one profile and shape (at `capacities` only, if given; the max-fit capacity is named
     "max"): speed, cache figures, and distance to the bound."""
+    _fill_fits(sweep)
     runs = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == shape and
             (capacities is None or r["capacity"] in capacities or ("max" in capacities and r["max_fit"]))]
     rows = []
     for r in sorted(runs, key=lambda r: (r["capacity"], r["predictor"] != "none", r["predictor"], r["policy"])):
         per_tok = max(r["tokens"], 1)
-        rows.append([f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else ""), _label(r), f"{r['tok_s']:.1f}",
+        cap = f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else "") + ("" if r.get("fits", True) else " ✗")
+        rows.append([cap, _label(r) + ("" if r["policy"] != "belady" and r["predictor"] != "oracle" else " †"),
+                     f"{r['tok_s']:.1f}",
                      f"{r['hit_rate']:.3f}", f"{r['prefetch_precision']:.2f}" if r["prefetch_issued"] else None,
                      f"{(r['misses'] - r.get('host_computed', 0)) / per_tok:.2f} / "
                      f"{r.get('host_computed', 0) / per_tok:.2f}",
                      f"{r['bytes_moved'] / per_tok / MiB:.0f}", f"{1e3 * r['stall_s'] / per_tok:.2f}",
-                     f"{r['bound_tok_s']:.1f}", f"{100 * r['fraction_of_bound']:.0f}%", f"{r['device_bytes'] / GiB:.1f}"])
+                     f"{r['bound_tok_s']:.1f} ({_bound_kind(r)})", f"{100 * r['fraction_of_bound']:.0f}%",
+                     f"{r['device_bytes'] / GiB:.1f}"])
+    note = ("\n\n✗: does not fit the device's memory (not deployable). †: needs the future (Belady-MIN, the "
+            "oracle): a bound, not an option. Bound (link): max(compute, Belady-MIN miss bytes / host->device "
+            "bandwidth); bound (link+host): the same with misses split at best between the link and the host; "
+            "'of bound' is tok/s over the row's own bound.")
     return markdown_table(["capacity", "policy / predictor", "tok/s", "hit rate", "pf precision",
                            "misses/token fetched / host", "MiB moved/token",
-                           "stall ms/token", "bound tok/s", "of bound", "weights+cache GiB"], rows)
+                           "stall ms/token", "bound tok/s (kind)", "of bound", "weights+cache GiB"], rows) + note
 
 
 def memory_table(sweep: dict, profile: str) -> str:
     """Item 4: device memory unwrapped and wrapped per capacity, the largest capacity that fits, tok/s there."""
+    _fill_fits(sweep)
     plans = [m for m in sweep["memory"] if m["profile"] == profile]
     if not plans:
         return ""
@@ -47,7 +79,7 @@ def memory_table(sweep: dict, profile: str) -> str:
     for m in plans:
         at_max = [r for r in sweep["runs"] if r["profile"] == profile and r["shape"] == m["shape"] and r["max_fit"]]
         lru = next((r for r in at_max if r["policy"] == "lru" and r["predictor"] == "none"), None)
-        real = [r for r in at_max if r["policy"] != "belady"]  # MIN needs the future: a bound, not an option
+        real = [r for r in at_max if deployable(r)]  # fits, and needs no future (not MIN, not the oracle)
         best = max(real, key=lambda r: r["tok_s"]) if real else None
         row = [m["shape"], f"{m['slot_bytes'] / 2**20:.1f}",
                f"{m['unwrapped_bytes'] / GiB:.1f}" + ("" if m["unwrapped_fits"] else " ✗"),
@@ -57,9 +89,12 @@ def memory_table(sweep: dict, profile: str) -> str:
             row += [f"{lru['tok_s']:.1f}" if lru else None, f"{best['tok_s']:.1f} ({_label(best)})" if best else None,
                     f"{best['bound_tok_s']:.1f}" if best else None]
         rows.append(row + [f"{ceilings.get((m['shape'], profile), 0):.1f}"])
-    headers = ["model", "slot MiB", "unwrapped GiB", *[f"wrapped @{c:g} GiB" for c in caps], "largest capacity that fits"]
+    given = sweep.get("settings", {}).get("capacities", [])
+    asked = given if len(given) == len(caps) else caps  # the capacities as asked (a plan row holds slots / all)
+    headers = ["model", "slot MiB", "unwrapped GiB", *[f"wrapped @ capacity {_capacity_label(c, asked)} (GiB)"
+                                                       for c in asked], "largest capacity that fits"]
     if with_runs:
-        headers += ["tok/s there (LRU)", "tok/s there (best)", "bound tok/s"]
+        headers += ["tok/s there (LRU)", "tok/s there (best deployable)", "bound tok/s"]
     headers += ["all-resident tok/s (if it fit)"]
     m0 = plans[0]
     note = (f"\n\nDevice memory = weights on the device + KV cache of one {m0['context']}-token sequence + "
@@ -78,8 +113,6 @@ def sweep_markdown(sweep: dict) -> str:
     intro = (f"Routing: {sweep.get('stream', {}).get('description', 'none')}. Compute model "
              f"`{sweep['compute']['name']}` ({sweep['compute']['source']}).")
     if sweep["runs"]:
-        intro += (" Every table's bound is max(compute time, Belady-MIN miss bytes / host->device bandwidth); "
-                  "'of bound' is tok/s over the bound's.")
         if any(r.get("misses_mode", "fetch") != "fetch" for r in sweep["runs"]):
             host = sweep.get("host") or {}
             intro += (f" Rows with misses=host/auto compute missed experts on the host (profile `{host.get('name')}`: "
@@ -108,9 +141,8 @@ def sweep_summary(sweep: dict, profile: str, capacities=(0.25, "max")) -> str:
              f"Compute model `{sweep['compute']['name']}` (host overheads assumed, not yet checked on a GPU).")
     parts = [intro, "", memory_table(sweep, profile), ""]
     for shape in dict.fromkeys(r["shape"] for r in sweep["runs"] if r["profile"] == profile):
-        parts += [f"*{profile}: {shape}, capacities {', '.join(map(str, capacities))}; bound = max(compute time, "
-                  "Belady-MIN miss bytes / host->device bandwidth)*", "", runs_table(sweep, profile, shape, capacities),
-                  ""]
+        parts += [f"*{profile}: {shape}, capacities {', '.join(map(str, capacities))}*", "",
+                  runs_table(sweep, profile, shape, capacities), ""]
     goal = sweep.get("goal")
     if goal and goal.get("best") and goal["profile"] == profile:
         b = goal["best"]

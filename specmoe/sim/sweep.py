@@ -121,16 +121,17 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
             if stream is None or not stream.matches(shape.moe_layers, shape.top_k, shape.num_experts):
                 continue
             caps = list(settings.capacities)
+            fits = {c: row["fits"] for c, row in zip(settings.capacities, plan["wrapped"])}  # in the device's memory
             if settings.add_max_fit and plan["max_slots"] > 0 and plan["max_capacity"] not in caps:
                 caps.append(plan["max_capacity"])
             for cap in sorted(caps):
-                jobs.append((profile, shape, cap, cap == plan["max_capacity"]))
+                jobs.append((profile, shape, cap, cap == plan["max_capacity"], fits.get(cap, True)))
     combos = [(p, "none", m) for p in settings.policies for m in settings.misses if p != "belady" or m == "fetch"] + \
              [(p, name, m) for name in by_name for p in settings.prefetch_policies for m in settings.misses]
     if settings.placement:
         combos.append(("static", "none", "host"))
     bar = tqdm(total=len(jobs) * (len(combos) + 1), desc="simulate", unit="run", disable=not progress)
-    for profile, shape, cap, is_max in jobs:
+    for profile, shape, cap, is_max, fits in jobs:
         ops = load_op_counts(shape.model_type)
         kw = dict(ops=ops, compute=compute, context=settings.context, warmup_passes=settings.warmup_passes)
         unwrapped = simulate(stream, shape, profile, None, **kw)
@@ -156,6 +157,7 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
             else:
                 bound_used = bound
             out["runs"].append({"profile": profile.name, "shape": shape.name, "capacity": cap, "max_fit": is_max,
+                                "fits": fits,
                                 "policy": policy, "predictor": pred, "misses_mode": misses, **run.to_dict(),
                                 "bound_tok_s": bound_used.tok_s,
                                 "fraction_of_bound": run.tok_s / bound_used.tok_s if bound_used.tok_s else 0.0,

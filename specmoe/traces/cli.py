@@ -28,8 +28,10 @@ def load_model_and_tokenizer(spec: str, device=None, dtype: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..hub import has_tokenizer, resolve_model
+    from ..runtime.safetensors_header import check_model_dir
 
     path = resolve_model(spec)
+    check_model_dir(path)  # config.json and every shard's header, each a one-line error naming the file
     if not has_tokenizer(path):  # before loading the model or scanning any text
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
                                 "collect needs the model's tokenizer: save it there with tokenizer.save_pretrained")
@@ -76,13 +78,16 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-tokens", type=int, default=1 << 16, help="tokens per shard file")
     p.add_argument("--seed", type=int, default=0, help="seed of the file order")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's loader's)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default: float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a trace already in --out")
 
 
 def run_collect(args: argparse.Namespace) -> int:
+    from ..io import check_out_dir
     from .collect import collect_traces, text_files, token_windows
 
+    check_out_dir(args.out, args.overwrite)  # before any work
     model, tokenizer, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
     if args.text:
         files, described = text_files(args.text, args.pattern), {"paths": [str(p) for p in args.text],
@@ -122,8 +127,10 @@ def add_import_routing_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_import_routing(args: argparse.Namespace) -> int:
+    from ..io import check_out_dir
     from .importers import import_routing
 
+    check_out_dir(args.out, args.overwrite)  # before any work
     try:
         manifest = import_routing(args.format, args.inputs, args.out, model=args.model, num_experts=args.num_experts,
                                   hidden_size=args.hidden_size, dtype=args.dtype, max_sequences=args.max_sequences,

@@ -199,7 +199,15 @@ def load_traces(directory, geometry: MoEGeometry | None = None, hidden: bool | I
     for shard in parts:
         offsets.append(shard.offsets[1:] + start)
         start += shard.num_tokens
-    routers = read_routers(directory / manifest.routers, geo) if manifest.routers else None
+    routers = None
+    if manifest.routers:
+        path = directory / manifest.routers
+        if path.is_file():
+            routers = read_routers(path, geo)
+        else:  # routing-only uses (history, interlayer, plain simulate) need no routers; the others say so
+            logger.warning("%s names %s, which is missing: loading the routing without the model's routers (the "
+                           "pre-gate and hidden-state predictors will refuse this trace)", directory / "manifest.json",
+                           path)
     return RoutingTrace(
         geometry=geo,
         ids=torch.cat([s.ids for s in parts]),

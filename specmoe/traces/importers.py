@@ -29,6 +29,7 @@ Where no weights are given, 1/k is written for each expert and the manifest says
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import re
@@ -87,8 +88,10 @@ class _Sequence:
         self.tokens: list[int] = []
         self.ids: list[list[int]] = []
         self.weights: list[list[float]] | None = []
+        self.origin: list[str] = []  # "file:line" of each record, for error messages
 
-    def add(self, layer: int, token: int, ids: list[int], weights: list[float] | None) -> None:
+    def add(self, layer: int, token: int, ids: list[int], weights: list[float] | None, where: str = "") -> None:
+        self.origin.append(where)
         self.layers.append(layer)
         self.tokens.append(token)
         self.ids.append(ids)
@@ -108,25 +111,34 @@ class _Sequence:
         layer = torch.tensor(self.layers)  # [R]
         token = torch.tensor(self.tokens)  # [R]
         ids = torch.tensor(self.ids, dtype=torch.long)  # [R, k]
-        L = int(layer.max()) + 1
-        counts = torch.bincount(layer, minlength=L)  # [L] records per layer
-        missing = (counts == 0).nonzero().flatten().tolist()
-        if missing:
-            raise RoutingImportError(f"{where}: no records for MoE layers {missing[:8]} (it has layers up to {L - 1})")
+        # Sizes come from the records (R), never from the values in them: one "token": 10**9 is a gap, not a
+        # 10**9-element allocation.
+        present, counts = torch.unique(layer, return_counts=True)  # [<=R] sorted layers, records per layer
+        L = int(present[-1]) + 1
+        if present.numel() != L:
+            have = set(present.tolist())
+            missing = list(itertools.islice((i for i in range(L) if i not in have), 8))
+            raise RoutingImportError(f"{where}: no records for MoE layers {missing} (it has layers up to {L - 1}, "
+                                     f"{self.origin[int(layer.argmax())]})")
         width = int(token.max()) + 1
-        key = layer * width + token
-        uniq, per_key = torch.unique(key, return_counts=True)
+        key = layer * width + token  # [R] (L <= R, so no overflow)
+        uniq, inverse, per_key = torch.unique(key, return_inverse=True, return_counts=True)
         if uniq.numel() != key.numel():
-            dup = int(uniq[per_key > 1][0])
-            raise RoutingImportError(f"{where}: layer {dup // width} token {dup % width} appears more than once")
+            twice = (per_key[inverse] > 1).nonzero().flatten()  # records of repeated (layer, token)s
+            dup = int(key[twice[0]])
+            raise RoutingImportError(f"{where}: layer {dup // width} token {dup % width} appears more than once "
+                                     f"({self.origin[int(twice[0])]} and {self.origin[int(twice[1])]})")
         last = torch.full((L,), -1).scatter_reduce(0, layer, token, "amax")  # [L] the last token of each layer
         gaps = (last + 1 != counts).nonzero().flatten().tolist()
         if gaps:
             lay = gaps[0]
-            present = set(token[layer == lay].tolist())
-            hole = min(set(range(int(last[lay]) + 1)) - present)
+            rows = (layer == lay).nonzero().flatten()  # this layer's records
+            tokens, order = token[rows].sort()  # distinct (no repeats, checked above)
+            hole = int((tokens != torch.arange(tokens.numel())).nonzero()[0])
+            after = self.origin[int(rows[order[hole]])]  # the first record past the hole
             raise RoutingImportError(f"{where}: layer {lay} has no record for token {hole} but has later tokens "
-                                     f"(up to {int(last[lay])}); tokens must be 0..n-1 without gaps")
+                                     f"(token {int(tokens[hole])} at {after}, up to {int(last[lay])}); tokens must "
+                                     "be 0..n-1 without gaps")
         n = int(counts.min())
         if int(counts.max()) != n:
             if ragged == "error":
@@ -236,7 +248,7 @@ def read_jsonl(paths: Sequence[Path], fmt: str, checker: _Checker,
             layer = _int_field(record, layer_key, where, base)
             token = _int_field(record, token_key, where)
             ids, weights = checker.ids(record[ids_key], record.get(weights_key), where)
-            sequences.setdefault(str(seq), _Sequence(str(seq))).add(layer, token, ids, weights)
+            sequences.setdefault(str(seq), _Sequence(str(seq))).add(layer, token, ids, weights, where)
     return list(sequences.values()), header
 
 
@@ -274,7 +286,7 @@ def read_moe_beyond(paths: Sequence[Path], checker: _Checker, progress: bool = T
                 column = texts.setdefault((batch, layer), [])
                 column.append(row[2])
                 name = f"{path.stem}" if batch == "0" else f"{path.stem}/batch{batch}"
-                sequences.setdefault(batch, _Sequence(name)).add(layer, len(column) - 1, ids, None)
+                sequences.setdefault(batch, _Sequence(name)).add(layer, len(column) - 1, ids, None, where)
         if not sequences:
             raise RoutingImportError(f"{path}: no rows after the header")
         for (batch, layer), column in texts.items():

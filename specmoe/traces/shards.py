@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..geometry import MoEGeometry
+from ..runtime.safetensors_header import contained
 from ..io import read_json, read_safetensors, write_json, write_safetensors
 from .routing import Routing
 
@@ -169,11 +170,18 @@ class TraceManifest:
                 dtype=str(data["dtype"]),
                 source=dict(data.get("source") or {}),
                 hidden_layers=tuple(int(x) for x in data.get("hidden_layers", ())),
-                shards=tuple(ShardInfo(str(s["file"]), int(s["tokens"]), int(s["sequences"])) for s in data["shards"]),
-                routers=data.get("routers"),
+                shards=tuple(ShardInfo(_inside(s["file"], where), int(s["tokens"]), int(s["sequences"]))
+                             for s in data["shards"]),
+                routers=_inside(data["routers"], where) if data.get("routers") is not None else None,
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where} is missing or has a malformed field ({err!r})") from None
+
+
+def _inside(name, where: str) -> str:
+    """A file name from a manifest, which must name a file inside the trace directory (never `..` or absolute)."""
+    contained(Path(where).parent, name, where)
+    return name
 
 
 def read_manifest(directory) -> TraceManifest:
@@ -215,7 +223,7 @@ class TraceWriter:
         if any(p.exists() for p in old):
             if not overwrite:
                 raise FileExistsError(f"{self.directory} already holds a routing trace; pass overwrite=True "
-                                      "(--overwrite) or choose another directory")
+                                      "to replace it, or choose another directory")
             for p in old:  # the manifest first: a crash midway leaves an unfinished (refused) directory
                 p.unlink(missing_ok=True)
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     _add_split_arguments(p)
     p.add_argument("--predictor", choices=KINDS, required=True, help="what to train")
-    p.add_argument("--out", type=Path, required=True, help="directory for config.json + model.safetensors")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for config.json + model.safetensors + training.json (written at once at the end)")
+    p.add_argument("--overwrite", action="store_true", help="replace a predictor already in --out")
     p.add_argument("--no-wrap", dest="wrap", action="store_false", help="do not predict the next token's layers")
     p.add_argument("--context", type=int, default=None, help="known layers used (interlayer: 3, history: 1)")
     p.add_argument("--dim", type=int, default=None, help="network width (interlayer/hidden)")
@@ -81,11 +83,16 @@ def predictor_options(args) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..io import check_out_dir
     from ..measure import environment
-    from ..io import write_json
     from ..predictors import save_predictor
     from .fit import fit_predictor
     from .loop import TrainConfig
+
+    check_out_dir(args.out, args.overwrite)  # before any work
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "config.json").is_file():
+        raise FileExistsError(f"--out {args.out} holds files that are not a saved predictor; --overwrite replaces "
+                              "a predictor directory (it is written whole), not other files")
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, eval_every=args.eval_every, patience=args.patience,
@@ -95,13 +102,12 @@ def run_train(args: argparse.Namespace) -> int:
 
     why = unavailable(args.predictor, splits["train"])
     if why and args.predictor == "hidden":
-        raise SystemExit(f"specmoe train: {why} (a routing-only trace trains history or interlayer)")
+        raise SystemExit(f"{why} (a routing-only trace trains history or interlayer)")
     predictor, record = fit_predictor(args.predictor, splits, lookahead=args.lookahead, wrap=args.wrap,
                                       config=config, **predictor_options(args))
-    save_predictor(predictor, args.out)
     record.update(traces=str(args.traces), split_seed=args.split_seed, fractions=list(args.fractions),
                   environment=environment(config.device or "cpu"))
-    write_json(args.out / TRAINING_LOG, record)
+    save_predictor(predictor, args.out, extra_json={TRAINING_LOG: record})
     result = record.get("result")
     summary = (f"val recall@k {result['best_val_recall']:.4f} (untrained {result['initial_val_recall']:.4f}), "
                f"{result['steps_run']} steps, stopped: {result['stopped']}" if result else "counted")
@@ -114,6 +120,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", dest="predictors", type=Path, action="append", default=[],
                    help="a saved predictor directory (repeatable); pre-gate, history and random always run")
     p.add_argument("--out", type=Path, required=True, help="directory for eval.json, eval.md and eval.png")
+    p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which held-out split to score")
     p.add_argument("--device", default="cpu", help="where predictors run (default cpu)")
     p.add_argument("--latency-calls", type=int, default=480, help="timed single-token predict calls per predictor")
@@ -127,8 +134,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import (
         EvalConfig, baseline_predictors, bind_all, describe, eval_settings, evaluate_predictors, unavailable,
     )
+    from ..io import check_outputs
     from .report import build_report, write_report
 
+    check_outputs(args.out, ["eval.json", "eval.md", "eval.png"], args.overwrite)  # before any work
     splits = _load_splits(args)
     test = splits[args.split]
     if unavailable("pregate", test):
