@@ -183,9 +183,44 @@ static inline void tile(const Mat& m, int64_t r, int nr, int64_t K, int group, c
                         const float* const* gsum, float res[R][TB]) {
     const uint8_t* row[R];
     for (int i = 0; i < R; i++) row[i] = m.w + (r + (i < nr ? i : 0)) * m.row_bytes;
+    const int64_t ahead = R * m.row_bytes;  // prefetch distance: the same column of the next tile's rows
     vf acc[R][NB];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < NB; j++) acc[i][j] = vzero();
+#if defined(ISA_AVX512)
+    if (FMT == F_INT4 && group % 32 == 0) {
+        // a table of the group's 16 values (code * scale + zero, rounded as quant.dequantize rounds them) per
+        // row; 16 bytes hold 32 codes: the low nibbles (even columns) and high nibbles (odd columns) index it
+        // directly (vpermps reads the low 4 bits). x comes deinterleaved per 32 columns (even, then odd).
+        const int64_t kv = (K + 31) / 32 * 32;
+        const uint16_t* sc = (const uint16_t*)m.scale;
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int64_t g0 = 0, g = 0; g0 < kv; g0 += group, g++) {
+            const int64_t gend = (g0 + group < kv) ? g0 + group : kv;
+            __m512 lut[R];
+            for (int i = 0; i < R; i++) {
+                const int64_t rr = (r + (i < nr ? i : 0)) * m.groups + g;
+                lut[i] = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(half_to_float(sc[rr]))),
+                                       _mm512_set1_ps(half_to_float(m.zero[rr])));
+            }
+            for (int64_t k = g0; k < gend; k += 32) {
+                __m512 xe[NB], xo[NB];
+                for (int j = 0; j < NB; j++) { xe[j] = _mm512_loadu_ps(xs[j] + k); xo[j] = _mm512_loadu_ps(xs[j] + k + 16); }
+                if (!(k & 127))  // the next tile's rows, 64 bytes at a time (their streams start cold)
+                    for (int i = 0; i < R; i++) _mm_prefetch((const char*)(row[i] + (k >> 1) + ahead), _MM_HINT_T0);
+                for (int i = 0; i < R; i++) {
+                    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row[i] + (k >> 1))));
+                    const __m512 we = _mm512_permutexvar_ps(b, lut[i]);
+                    const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut[i]);
+                    for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(wo, xo[j], _mm512_fmadd_ps(we, xe[j], acc[i][j]));
+                }
+            }
+        }
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < NB; j++) res[i][j] = vsum(acc[i][j]);
+        return;
+    }
+#endif
     if (FMT == F_INT4) {
         // code * scale per group, multiplied with x; the zeros multiply each group's sum of x
         const int64_t kv = (K + VL - 1) / VL * VL;  // codes exist up to the padded K; x is zero there
@@ -216,7 +251,12 @@ static inline void tile(const Mat& m, int64_t r, int nr, int64_t K, int group, c
         return;
     }
     const int64_t kv = K / VL * VL;
+    constexpr int64_t wb = FMT == F_FP32 ? 4 : (FMT == F_INT8 ? 1 : 2);  // bytes per weight
     for (int64_t k = 0; k < kv; k += VL) {
+#if VL > 1
+        if (!((k * wb) & 63))
+            for (int i = 0; i < R; i++) _mm_prefetch((const char*)(row[i] + k * wb + ahead), _MM_HINT_T0);
+#endif
         vf xv[NB];
         for (int j = 0; j < NB; j++) xv[j] = vload(xs[j] + k);
         for (int i = 0; i < R; i++) {
@@ -305,6 +345,21 @@ const char* specmoe_host_isa() {
 #endif
 }
 
+// Whether int4 runs the table path, which reads x deinterleaved per 32 columns (`lut_pos`).
+static inline bool int4_lut(int fmt, int group) {
+#if defined(ISA_AVX512)
+    return fmt == F_INT4 && group % 32 == 0;
+#else
+    (void)fmt; (void)group;
+    return false;
+#endif
+}
+
+static inline int64_t lut_pos(int64_t j) {
+    const int64_t c = j & 31;
+    return (j - c) + ((c & 1) ? 16 + (c >> 1) : (c >> 1));
+}
+
 static inline int64_t padded_inter(int64_t I, int group) {
     const int64_t q = group > 128 ? group : 128;
     return (I + q - 1) / q * q;
@@ -313,7 +368,7 @@ static inline int64_t padded_inter(int64_t I, int group) {
 // Scratch floats `specmoe_host_experts` needs for P routed pairs (the caller allocates it once and reuses it).
 int64_t specmoe_host_scratch(int64_t P, int64_t Hx, int64_t I, int group) {
     const int64_t ip = padded_inter(I, group);
-    return P * (2 * I + ip + 3 + Hx / group + ip / group);
+    return P * (2 * I + ip + 3 + Hx / group + ip / group + Hx);
 }
 
 // Returns 0 on success, a negative code on bad arguments.
@@ -337,6 +392,8 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
     int64_t* ptok = (int64_t*)(pw + P);    // [P] token of each grouped pair
     float* gx = (float*)(ptok + P);        // [P, ngx] int4: sums of x over H's groups
     float* ga = gx + P * ngx;              // [P, nga] int4: sums of the activations over I's groups
+    float* xd = ga + P * nga;              // [T, Hx] int4 table path: x deinterleaved
+    const bool lut = int4_lut(fmt, group);
     // group the routed pairs by chosen expert: expert i owns pairs [off[i], off[i + 1])
     int64_t off[n + 1];
     int64_t p = 0;
@@ -354,7 +411,7 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
     float* gs[p];         // gate/up row of each pair
     float* os[p];         // output row of each pair's token
     for (int64_t q = 0; q < p; q++) {
-        xs[q] = x + ptok[q] * Hx; as[q] = a + q * ip; gs[q] = gu + q * 2 * I; os[q] = out + ptok[q] * H;
+        xs[q] = (lut ? xd : x) + ptok[q] * Hx; as[q] = a + q * ip; gs[q] = gu + q * 2 * I; os[q] = out + ptok[q] * H;
         gxs[q] = gx + q * ngx; gas[q] = ga + q * nga;
     }
     int64_t rows1 = 0;  // phase 1 work: every chosen expert's 2I rows, flattened, split evenly
@@ -364,7 +421,11 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t plo = p * tid / nt, phi = p * (tid + 1) / nt;
         int64_t lo, hi;
-        if (fmt == F_INT4) {
+        if (lut) {
+            for (int64_t t = T * tid / nt; t < T * (tid + 1) / nt; t++)
+                for (int64_t c = 0; c < Hx; c++) xd[t * Hx + lut_pos(c)] = x[t * Hx + c];
+#pragma omp barrier
+        } else if (fmt == F_INT4) {
             for (int64_t q = plo; q < phi; q++)
                 for (int64_t g = 0; g < ngx; g++) {
                     float s = 0.f;
@@ -388,9 +449,14 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
         for (int64_t q = plo; q < phi; q++) {
             const float* g = gu + q * 2 * I;
             float* aq = a + q * ip;
-            for (int64_t j = 0; j < I; j++) aq[j] = activate(g[j], act) * g[I + j] * pw[q];
-            for (int64_t j = I; j < ip; j++) aq[j] = 0.f;
-            if (fmt == F_INT4)
+            if (lut) {
+                for (int64_t j = 0; j < I; j++) aq[lut_pos(j)] = activate(g[j], act) * g[I + j] * pw[q];
+                for (int64_t j = I; j < ip; j++) aq[lut_pos(j)] = 0.f;
+            } else {
+                for (int64_t j = 0; j < I; j++) aq[j] = activate(g[j], act) * g[I + j] * pw[q];
+                for (int64_t j = I; j < ip; j++) aq[j] = 0.f;
+            }
+            if (fmt == F_INT4 && !lut)
                 for (int64_t g2 = 0; g2 < nga; g2++) {
                     float s = 0.f;
                     for (int64_t c = g2 * group; c < (g2 + 1) * group; c++) s += aq[c];
