@@ -484,6 +484,9 @@ double specmoe_read_sum(const float* buf, int64_t n, int threads) {
         vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
         int64_t i = lo;
         for (; i + 4 * VL <= hi; i += 4 * VL) {
+#if VL > 1
+            for (int c = 0; c < 4 * VL * 4; c += 64) _mm_prefetch((const char*)(buf + i) + 2048 + c, _MM_HINT_T0);
+#endif
             s0 = s0 + vload(buf + i);
             s1 = s1 + vload(buf + i + VL);
             s2 = s2 + vload(buf + i + 2 * VL);
