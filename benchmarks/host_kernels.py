@@ -3,6 +3,7 @@ measured in the same run, and beside llama.cpp's CPU kernels (ggml) at the same 
 
     python benchmarks/host_kernels.py --ggml /path/to/ggml            # ggml checkout with its build in build/
     python benchmarks/host_kernels.py --shapes 4096x14336 --threads 1 --tokens 1 4   # other cases
+    python benchmarks/host_kernels.py --calibrate   # per-thread rates of each build -> specmoe/sim/calibration
 
 One case = one expert (gate/up [2I, H], activation, down [H, I]) for T tokens, in a format the store holds
 (bf16, int8, int4-g32, int4-g128), on N threads. Each case rotates over enough copies of the expert that they
@@ -364,6 +365,43 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def calibrate(out: Path, repeats: int = 3) -> dict:
+    """Per-thread rates of each build this CPU runs (AVX2 and the native one), as the simulator's desktop
+    presets use them: `sim.host.measure_kernel` (the runtime's HostExperts path, one thread, a DeepSeek-V2-Lite
+    expert read from RAM, 1 and 16 tokens), the median of `repeats` runs of it per format."""
+    from specmoe.kernels.host import build
+    from specmoe.sim.host import KERNEL_FORMATS, MEASURE_SHAPE, MEASURE_TOKENS, _median_time, measure_kernel
+    from specmoe.sim.calibrate import SyntheticExpert
+
+    saved = os.environ.get("SPECMOE_HOST_ISA")
+    builds = {}
+    try:
+        for isa in dict.fromkeys(["avx2", build.choose_isa() or "scalar"]):
+            os.environ["SPECMOE_HOST_ISA"] = isa
+            tiny = SyntheticExpert("bf16", 64, 64, threads=1)
+            call = _median_time(tiny.runner(1), 31)
+            name = tiny.kernel
+            tiny.close()
+            kernels = {}
+            for fmt in KERNEL_FORMATS:
+                runs = [measure_kernel(fmt, 1, call_s=call)[0] for _ in range(repeats)]
+                kernels[fmt] = {"bytes_per_s_per_thread": statistics.median(k.bytes_per_s for k in runs),
+                                "flops_per_thread": statistics.median(k.flops for k in runs),
+                                "runs": [{"bytes_per_s": k.bytes_per_s, "flops": k.flops} for k in runs]}
+            builds[isa] = {"kernel": name.rsplit("-", 1)[0], "call_s": call, "kernels": kernels,
+                           "shape": f"{MEASURE_SHAPE[0]}x{MEASURE_SHAPE[1]}", "tokens": [1, MEASURE_TOKENS]}
+    finally:
+        if saved is None:
+            os.environ.pop("SPECMOE_HOST_ISA", None)
+        else:
+            os.environ["SPECMOE_HOST_ISA"] = saved
+    data = {"what": "per-thread rates of this project's host experts kernel builds (sim.host.calibrated_kernels)",
+            "command": "python benchmarks/host_kernels.py --calibrate", "environment": environment("cpu"),
+            "load_average": os.getloadavg(), "builds": builds}
+    write_json(out, data)
+    return data
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     try:
         h, i = (int(v) for v in text.lower().split("x"))
@@ -382,8 +420,18 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=0.4, help="seconds of timed calls per case (>= 7 calls)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=NAME)
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure each build's per-thread rates into specmoe/sim/calibration/host_kernels.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.calibrate:
+        from specmoe.sim.host import CALIBRATION
+
+        data = calibrate(CALIBRATION)
+        for isa, b in data["builds"].items():
+            print(isa, {f: f"{k['bytes_per_s_per_thread'] / 1e9:.2f} GB/s, {k['flops_per_thread'] / 1e9:.1f} "
+                           f"GFLOP/s" for f, k in b["kernels"].items()}, f"call {b['call_s'] * 1e6:.0f} us")
+        return 0
     result = run(args)
     write_json(args.out / f"{args.name}.json", result)
     text = markdown(result)

@@ -221,6 +221,49 @@ static inline void tile(const Mat& m, int64_t r, int nr, int64_t K, int group, c
         return;
     }
 #endif
+#if defined(ISA_AVX2)
+    if (FMT == F_INT4 && group % 16 == 0) {
+        // 8 bytes widen to 8 lanes holding two codes each: the low nibbles (even columns) and high nibbles (odd
+        // columns) multiply x deinterleaved per 16 columns; per group, the sum of code * x times the scale,
+        // plus the zero times the group's sum of x
+        const int64_t kv = (K + 15) / 16 * 16;
+        const uint16_t* sc = (const uint16_t*)m.scale;
+        const __m256i low = _mm256_set1_epi32(15);
+        float zacc[R][NB];
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < NB; j++) zacc[i][j] = 0.f;
+        for (int64_t g0 = 0, g = 0; g0 < kv; g0 += group, g++) {
+            const int64_t gend = (g0 + group < kv) ? g0 + group : kv;
+            vf part[R][NB];
+            for (int i = 0; i < R; i++)
+                for (int j = 0; j < NB; j++) part[i][j] = vzero();
+            for (int64_t k = g0; k < gend; k += 16) {
+                if (!(k & 127))
+                    for (int i = 0; i < R; i++) _mm_prefetch((const char*)(row[i] + (k >> 1) + ahead), _MM_HINT_T0);
+                vf xe[NB], xo[NB];
+                for (int j = 0; j < NB; j++) { xe[j] = vload(xs[j] + k); xo[j] = vload(xs[j] + k + 8); }
+                for (int i = 0; i < R; i++) {
+                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row[i] + (k >> 1))));
+                    const vf we = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
+                    const vf wo = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+                    for (int j = 0; j < NB; j++) part[i][j] = vfma(wo, xo[j], vfma(we, xe[j], part[i][j]));
+                }
+            }
+            for (int i = 0; i < R; i++) {
+                const int64_t rr = (r + (i < nr ? i : 0)) * m.groups + g;
+                const vf sv = vset1(half_to_float(sc[rr]));
+                const float z = half_to_float(m.zero[rr]);
+                for (int j = 0; j < NB; j++) {
+                    acc[i][j] = vfma(part[i][j], sv, acc[i][j]);
+                    zacc[i][j] += z * gsum[j][g];
+                }
+            }
+        }
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < NB; j++) res[i][j] = vsum(acc[i][j]) + zacc[i][j];
+        return;
+    }
+#endif
     if (FMT == F_INT4) {
         // code * scale per group, multiplied with x; the zeros multiply each group's sum of x
         const int64_t kv = (K + VL - 1) / VL * VL;  // codes exist up to the padded K; x is zero there
@@ -345,10 +388,11 @@ const char* specmoe_host_isa() {
 #endif
 }
 
-// Whether int4 runs the table path, which reads x deinterleaved per 32 columns (`lut_pos`).
+// Whether int4 reads x deinterleaved per 2 * VL columns (even columns, then odd: `lut_pos`): the AVX-512
+// table path and the AVX2 path.
 static inline bool int4_lut(int fmt, int group) {
-#if defined(ISA_AVX512)
-    return fmt == F_INT4 && group % 32 == 0;
+#if defined(ISA_AVX512) || defined(ISA_AVX2)
+    return fmt == F_INT4 && group % (2 * VL) == 0;
 #else
     (void)fmt; (void)group;
     return false;
@@ -356,8 +400,8 @@ static inline bool int4_lut(int fmt, int group) {
 }
 
 static inline int64_t lut_pos(int64_t j) {
-    const int64_t c = j & 31;
-    return (j - c) + ((c & 1) ? 16 + (c >> 1) : (c >> 1));
+    const int64_t c = j % (2 * VL);
+    return (j - c) + ((c & 1) ? VL + (c >> 1) : (c >> 1));
 }
 
 static inline int64_t padded_inter(int64_t I, int group) {
@@ -394,6 +438,11 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
     float* ga = gx + P * ngx;              // [P, nga] int4: sums of the activations over I's groups
     float* xd = ga + P * nga;              // [T, Hx] int4 table path: x deinterleaved
     const bool lut = int4_lut(fmt, group);
+#if defined(ISA_AVX512)
+    const bool need_gsum = fmt == F_INT4 && !lut;
+#else
+    const bool need_gsum = fmt == F_INT4;
+#endif
     // group the routed pairs by chosen expert: expert i owns pairs [off[i], off[i + 1])
     int64_t off[n + 1];
     int64_t p = 0;
@@ -424,14 +473,16 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
         if (lut) {
             for (int64_t t = T * tid / nt; t < T * (tid + 1) / nt; t++)
                 for (int64_t c = 0; c < Hx; c++) xd[t * Hx + lut_pos(c)] = x[t * Hx + c];
-#pragma omp barrier
-        } else if (fmt == F_INT4) {
+        }
+        if (need_gsum) {  // from x in column order (the group sums do not depend on the order within a group)
             for (int64_t q = plo; q < phi; q++)
                 for (int64_t g = 0; g < ngx; g++) {
                     float s = 0.f;
-                    for (int64_t c = g * group; c < (g + 1) * group; c++) s += xs[q][c];
+                    for (int64_t c = g * group; c < (g + 1) * group; c++) s += x[ptok[q] * Hx + c];
                     gx[q * ngx + g] = s;
                 }
+        }
+        if (lut || need_gsum) {
 #pragma omp barrier
         }
         // (1) gate/up
@@ -456,7 +507,7 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
                 for (int64_t j = 0; j < I; j++) aq[j] = activate(g[j], act) * g[I + j] * pw[q];
                 for (int64_t j = I; j < ip; j++) aq[j] = 0.f;
             }
-            if (fmt == F_INT4 && !lut)
+            if (need_gsum)
                 for (int64_t g2 = 0; g2 < nga; g2++) {
                     float s = 0.f;
                     for (int64_t c = g2 * group; c < (g2 + 1) * group; c++) s += aq[c];
