@@ -123,3 +123,15 @@ def test_bypass_min_is_optimal_and_the_host_bound_holds(seed):
             run = simulate(stream, shape, gpu, 5, misses=misses, host=host, **KW)
             assert run.tok_s <= bound.tok_s * (1 + 1e-9)
         assert bound.misses <= simulate(stream, shape, gpu, 5, policy="belady", **KW).misses
+
+
+def test_kernel_rates_follow_expert_size_between_two_measurements():
+    k = HostKernel(20e9, 100e9, at_bytes=10**7, large=(10**9, 10e9, 50e9))
+    assert k.rates(10**6) == (20e9, 100e9) and k.rates(10**10) == (10e9, 50e9)
+    mid = k.rates(10**8)  # halfway in log(bytes): the geometric mean
+    assert mid[0] == pytest.approx((20e9 * 10e9) ** 0.5) and mid[1] == pytest.approx((100e9 * 50e9) ** 0.5)
+    p = BOX.with_(kernels=tuple((f, k) for f in KERNEL_FORMATS), memory_bytes_per_s=1e12, expert_call_s=0)
+    assert p.expert_seconds(10**9, 10**9, 1, "int4") == pytest.approx(0.1)  # 1 GB at the large rate
+    assert HostProfile.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="HostKernel.large"):
+        HostKernel(1e9, 1e9, at_bytes=10, large=(5, 1e9, 1e9))

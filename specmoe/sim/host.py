@@ -6,7 +6,7 @@ A routed expert computed on the host (``misses="host"``/``"auto"``) costs, per M
 
 its bytes streamed once, at the RAM's bandwidth or the rate its kernel reads and decodes them at one token
 (on all its threads) where that is slower; or its multiply-adds where more tokens make those the longer part
-(the kernel's FLOP/s at 16 tokens, where it is bound by arithmetic). Every kernel rate is one this
+(the kernel's FLOP/s at 8 tokens). Every kernel rate is one this
 project's host kernel (`specmoe.kernels.host`, the one `HostExperts` runs) was measured at, never an assumed
 one: "this-machine" measures the runtime's own host path here, at real expert sizes read from RAM
 (`measure_host_profile`); the desktop presets take the per-thread rates of the kernel's AVX2 build measured by
@@ -51,16 +51,39 @@ class HostKernel:
         bytes_per_s: expert bytes per second the kernel reads, decodes and multiplies at one token, on all the
             profile's host threads, where RAM does not hold it back (the expert's bytes / its 1-token time).
         flops: FLOP/s of its multiply-adds (2 per weight per token) at many tokens, on all its host threads.
+        at_bytes: the expert size (bytes) those rates were measured at.
+        large: the same two rates measured at a larger expert, (bytes, bytes_per_s, flops), where a host reads
+            large experts at another rate ("this-machine": a 352 MB expert streams at about half the rate of a
+            17 MB one here, ggml's kernels alike); between the two sizes the rates follow log(bytes), beyond
+            them the nearer measurement holds. None: one rate for every size.
     """
 
     bytes_per_s: float
     flops: float
+    at_bytes: int = 0
+    large: tuple[int, float, float] | None = None
 
     def __post_init__(self):
+        if self.large is not None:
+            object.__setattr__(self, "large", tuple(self.large))
+            if len(self.large) != 3 or not all(v > 0 for v in self.large) or self.large[0] <= self.at_bytes:
+                raise ValueError(f"HostKernel.large must be (bytes > at_bytes, bytes_per_s > 0, flops > 0), "
+                                 f"got {self.large!r}")
         for name in ("bytes_per_s", "flops"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"HostKernel.{name} must be a positive number, got {value!r}")
+
+    def rates(self, nbytes: int) -> tuple[float, float]:
+        """(bytes/s, FLOP/s) for an expert of `nbytes`."""
+        if self.large is None or nbytes <= self.at_bytes:
+            return self.bytes_per_s, self.flops
+        big, rate, flops = self.large
+        if nbytes >= big:
+            return rate, flops
+        f = math.log(nbytes / self.at_bytes) / math.log(big / self.at_bytes)
+        return (math.exp((1 - f) * math.log(self.bytes_per_s) + f * math.log(rate)),
+                math.exp((1 - f) * math.log(self.flops) + f * math.log(flops)))
 
 
 @dataclass(frozen=True)
@@ -116,8 +139,9 @@ class HostProfile:
     def expert_seconds(self, nbytes: int, weights: int, tokens: int, fmt: str) -> float:
         """Host time of one expert of `nbytes` bytes and `weights` weights for `tokens` tokens routed to it."""
         k = self.kernel(fmt)
-        stream = nbytes / min(self.memory_bytes_per_s, k.bytes_per_s)
-        return self.expert_call_s + max(stream, 2 * weights * tokens / k.flops)
+        rate, flops = k.rates(nbytes)
+        stream = nbytes / min(self.memory_bytes_per_s, rate)
+        return self.expert_call_s + max(stream, 2 * weights * tokens / flops)
 
     def bandwidth_seconds(self, nbytes: int) -> float:
         """The bandwidth-only prediction of one expert: its bytes read once, nothing else."""
@@ -220,29 +244,52 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def measure_memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, threads: int = 1) -> float:
-    """Sustained read bandwidth of host RAM on `threads` threads: a vectorised sum over a buffer far larger than
-    the caches (the host kernel library's probe; a torch reduction where the kernel is not available)."""
+    """Read bandwidth of host RAM on `threads` threads: a vectorised sum over a buffer far larger than the
+    caches (the host kernel library's probe; a torch reduction where the kernel is not available), the fastest
+    of `repeats` (what the RAM can give; on a shared machine the median measures the neighbours)."""
     from ..kernels.host import HostExpertsKernel, available
 
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
     if available():
         kernel = HostExpertsKernel(threads)
-        return nbytes / _median_time(lambda: kernel.read_sum(buf, threads), repeats)
-    return nbytes / _median_time(lambda: buf.sum(), repeats)
+        fn = lambda: kernel.read_sum(buf, threads)  # noqa: E731
+    else:
+        fn = buf.sum
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
 
 
 # the expert "this-machine" is measured at: DeepSeek-V2-Lite's (17.3 MB in bf16), copies beyond the caches
 MEASURE_SHAPE = (2048, 1408)
-MEASURE_TOKENS = 16
+MEASURE_TOKENS = 8
+LARGE_SHAPE = (4096, 14336)  # and Mixtral-8x7B's (352 MB in bf16)
 
 
-def copies_beyond_cache(nbytes: int, cache_bytes: int = 32 * 2**20) -> int:
-    """Copies of an expert of `nbytes` that together exceed a last-level cache 3x (at least 2)."""
-    return max(2, math.ceil(3 * cache_bytes / nbytes))
+def last_level_cache() -> int:
+    """Bytes of the last-level cache (Linux sysfs; 32 MiB if unknown)."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+            best = max(best, int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]])
+        except (OSError, ValueError, KeyError):
+            continue
+    return best or 32 * 2**20
+
+
+def copies_beyond_cache(nbytes: int) -> int:
+    """Copies of an expert of `nbytes` that together exceed the last-level cache 8x (at least 2): cycling over
+    them, a call finds next to nothing of its expert in a cache whose replacement is not LRU (AMD's victim L3)."""
+    return max(2, math.ceil(8 * last_level_cache() / nbytes))
 
 
 def measure_kernel(fmt: str, threads: int, hidden: int = MEASURE_SHAPE[0], inter: int = MEASURE_SHAPE[1],
-                   repeats: int = 9, call_s: float = 0.0) -> tuple[HostKernel, str]:
+                   repeats: int = 21, call_s: float = 0.0) -> tuple[HostKernel, str]:
     """The runtime's own host path for `fmt` (`HostExperts` on a synthetic expert of (H, I), rotating copies
     read from RAM): its byte rate from the 1-token time, its FLOP/s from the `MEASURE_TOKENS`-token time (each
     less the per-call cost). Returns (kernel, which implementation ran)."""
@@ -259,7 +306,7 @@ def measure_kernel(fmt: str, threads: int, hidden: int = MEASURE_SHAPE[0], inter
     finally:
         expert.close()
     return HostKernel(bytes_per_s=nbytes / max(t1 - call_s, 1e-9),
-                      flops=2 * weights * MEASURE_TOKENS / max(tn - call_s, 1e-9)), name
+                      flops=2 * weights * MEASURE_TOKENS / max(tn - call_s, 1e-9), at_bytes=nbytes), name
 
 
 _MEASURED: dict[int, HostProfile] = {}
@@ -283,7 +330,13 @@ def measure_host_profile(refresh: bool = False, threads: int | None = None) -> H
     call = _median_time(tiny.runner(1), 31)
     tiny.close()
     measured = {fmt: measure_kernel(fmt, threads, call_s=call) for fmt in KERNEL_FORMATS}
-    kernels = tuple((fmt, k) for fmt, (k, _) in measured.items())
+    kernels = []
+    for fmt, (k, _) in measured.items():  # and at a Mixtral-8x7B expert (352 MB in bf16)
+        big, _ = measure_kernel(fmt, threads, *LARGE_SHAPE, repeats=7, call_s=call)
+        kernels.append((fmt, replace(k, large=(big.at_bytes, big.bytes_per_s, big.flops))))
+    kernels = tuple(kernels)
+    # RAM gave the kernels at least what they read (a probe on a shared machine can catch a worse moment)
+    bandwidth = max(bandwidth, *(max(k.bytes_per_s, k.large[1]) for _, k in kernels))
     names = sorted({name for _, name in measured.values()})
     a = torch.randn(512, 512)
     flops = 2 * 512**3 / _median_time(lambda: a @ a, 5)
@@ -294,7 +347,8 @@ def measure_host_profile(refresh: bool = False, threads: int | None = None) -> H
                     f"{'/'.join(names)} on {threads} thread{'s' if threads > 1 else ''}",
         source=f"measured here: RAM read bandwidth from a 512 MiB vectorised sum on {threads} threads (median of "
                f"7); kernels from the runtime's host experts (HostExperts: {', '.join(names)}) at a {h}x{i} "
-               f"expert rotating over copies beyond the caches, 1 and {MEASURE_TOKENS} tokens, median of 9; "
+               f"and a {LARGE_SHAPE[0]}x{LARGE_SHAPE[1]} expert, rotating over copies beyond the caches, 1 and "
+               f"{MEASURE_TOKENS} tokens, median of 21 (7 at the large one); "
                f"per-expert call from a 64x64 expert; fp32 FLOP/s from a 512x512 matmul",
         threads=threads, kernel_name="/".join(names),
     )
