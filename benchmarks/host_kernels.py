@@ -8,9 +8,9 @@ measured in the same run, and beside llama.cpp's CPU kernels (ggml) at the same 
 One case = one expert (gate/up [2I, H], activation, down [H, I]) for T tokens, in a format the store holds
 (bf16, int8, int4-g32, int4-g128), on N threads. Each case rotates over enough copies of the expert that they
 exceed the last-level cache 8x (every call reads its weights from RAM), and reports the median over repeats
-(the machine is shared; the load average is recorded). Read bandwidth: a vectorised sum over a 512 MiB buffer
-on the same threads (the kernel library's `read_sum`), measured before every shape; fraction = the kernel's
-GB/s over it. ggml: a small C driver (in this file, compiled against the given build) times the same expert as
+(the machine is shared; the load average is recorded). Read bandwidth: a vectorised sum (the kernel library's
+`read_sum`) reading the same copies in the same turn on the same threads, right before each case; fraction =
+the kernel's GB/s over it. ggml: a small C driver (in this file, compiled against the given build) times the same expert as
 llama.cpp computes it (ggml_mul_mat gate, up, silu, mul, ggml_mul_mat down) in BF16, Q8_0, Q4_0 and Q4_1 (Q4_1:
 a scale and a minimum per 32 weights, the int4-g32 layout), with a persistent ggml threadpool; its commit is
 recorded. Writes benchmarks/results/host_kernels.{json,md,png}.
@@ -47,7 +47,6 @@ GGML_TYPES = ("bf16", "q8_0", "q4_0", "q4_1")
 BITS = {"bf16": 16, "int8": 8, "int4-g32": 4, "int4-g128": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4}
 PEER = {"bf16": "bf16", "int8": "q8_0", "int4-g32": "q4_1", "int4-g128": "q4_0"}  # the goal's comparison
 GOALS = {"fraction": 0.6, "vs_ggml": 0.9, "two_threads": 1.6}
-BANDWIDTH_BYTES = 512 * 2**20
 
 DRIVER_C = r"""
 // Times one expert with ggml's CPU kernels: usage TYPE H I T THREADS BUFFERS REPEATS; prints one JSON line.
@@ -169,15 +168,28 @@ def time_calls(kernel, kind: str, group: int, mats, hidden: int, inter: int, tok
     return times
 
 
-def read_bandwidth(kernel, threads: int, buf: torch.Tensor, repeats: int = 5) -> tuple[float, float]:
-    """(median, best) bytes/s of a vectorised sum over `buf` on `threads` threads."""
-    kernel.read_sum(buf, threads)
+def copies_bandwidth(kernel, threads: int, keep, repeats: int = 7) -> tuple[float, float]:
+    """(median, best) bytes/s of the vectorised sum reading the expert copies themselves, one copy per call in
+    turn, on `threads` threads: this machine's read bandwidth for exactly the bytes the kernel reads."""
+    views = []
+    for own in keep:  # one copy: each of its tensors as float32 words
+        tensors = [t for p in own for t in (p.values() if isinstance(p, dict) else [p])]
+        words = [t.reshape(-1).view(torch.uint8) for t in tensors]
+        views.append([w[: w.numel() // 4 * 4].view(torch.float32) for w in words])
+    nbytes = sum(v.numel() * 4 for v in views[0])
+
+    def one(i):
+        for v in views[i % len(views)]:
+            kernel.read_sum(v, threads)
+
+    for i in range(len(views)):
+        one(i)
     times = []
-    for _ in range(repeats):
+    for r in range(max(repeats, len(views))):
         start = time.perf_counter()
-        kernel.read_sum(buf, threads)
+        one(r)
         times.append(time.perf_counter() - start)
-    return buf.numel() * 4 / statistics.median(times), buf.numel() * 4 / min(times)
+    return nbytes / statistics.median(times), nbytes / min(times)
 
 
 def repeats_for(seconds: float, budget_s: float) -> int:
@@ -190,9 +202,8 @@ def run(args) -> dict:
         [(name, hi) for name, hi in SHAPES.items()]
     kernels = {t: HostExpertsKernel(t) for t in args.threads}
     ggml = Ggml(args.ggml) if args.ggml else None
-    buf = torch.ones(BANDWIDTH_BYTES // 4)
     llc = last_level_cache()
-    rows = []
+    rows, probes = [], {}
     plan = [(name, hi, fmt) for name, hi in shapes for fmt in args.formats]
     bar = tqdm(total=len(plan) + (len(shapes) * len(GGML_TYPES) if ggml else 0), desc="host kernels", unit="case")
     for name, (hidden, inter) in shapes:
@@ -205,7 +216,7 @@ def run(args) -> dict:
             kind, group = ("bf16", 64) if q is None else (q.scheme, q.group_size)
             for t in args.threads:
                 for tokens in args.tokens:
-                    bw = read_bandwidth(kernels[t], t, buf)  # right before the case, on its threads
+                    bw = probes[(name, fmt, t)] = copies_bandwidth(kernels[t], t, keep)  # right before the case
                     first = time_calls(kernels[t], kind, group, mats, hidden, inter, tokens, 1)
                     times = time_calls(kernels[t], kind, group, mats, hidden, inter, tokens,
                                        repeats_for(min(first), args.budget))
@@ -218,7 +229,9 @@ def run(args) -> dict:
         for gtype in GGML_TYPES:
             for t in args.threads:
                 for tokens in args.tokens:
-                    bw = read_bandwidth(kernels[t], t, buf)
+                    peer = next((f for f, g in PEER.items() if g == gtype), None)
+                    bw = probes.get((name, peer, t)) or next(v for (n, _, th), v in probes.items() if n == name
+                                                             and th == t)
                     wbytes = ggml.time(gtype, hidden, inter, tokens, t, 1, 3)
                     copies = copies_beyond_cache(wbytes["bytes"])
                     res = ggml.time(gtype, hidden, inter, tokens, t, copies,
@@ -230,7 +243,7 @@ def run(args) -> dict:
     result = {
         "name": NAME, "environment": environment("cpu"), "load_average_before": load_before,
         "load_average_after": os.getloadavg(), "ggml_commit": ggml.commit if ggml else None,
-        "ggml_path": str(args.ggml) if ggml else None, "llc_bytes": llc, "bandwidth_buffer_bytes": BANDWIDTH_BYTES,
+        "ggml_path": str(args.ggml) if ggml else None, "llc_bytes": llc,
         "isa": next(iter(kernels.values())).isa, "settings": {"shapes": [s for s, _ in shapes],
                                                               "formats": list(args.formats),
                                                               "threads": args.threads, "tokens": args.tokens,
@@ -306,10 +319,10 @@ def markdown(result: dict) -> str:
         f"Measured on {env['device_name']}, specmoe build `{result['isa']}` (torch {env['torch']}, git "
         f"{env['git_sha']}, {env['date']}); ggml {result['ggml_commit']} (llama.cpp's CPU kernels, native build). "
         f"Median over repeats, each call on one of enough copies of the expert to exceed the "
-        f"{result['llc_bytes'] / 2**20:.0f} MiB last-level cache 8x; read bandwidth = a vectorised sum of a "
-        f"{result['bandwidth_buffer_bytes'] // 2**20} MiB buffer on the same threads, measured (5 times) right before "
-        f"each case; 'of read bw' = median GB/s over the median bandwidth, (best/best) = fastest call over the "
-        f"fastest sum, the least disturbed pair on a shared machine. "
+        f"{result['llc_bytes'] / 2**20:.0f} MiB last-level cache 8x; read bandwidth = a vectorised sum reading the "
+        f"same copies in the same turn on the same threads, right before each case (ggml rows: the probe of the "
+        f"specmoe format it is compared with); 'of read bw' = median GB/s over the median bandwidth, (best/best) = "
+        f"fastest call over the fastest sum, the least disturbed pair on a shared machine. "
         f"The machine is shared with other jobs (load average {result['load_average_before'][0]:.1f} before, "
         f"{result['load_average_after'][0]:.1f} after). int4-g32 is compared with Q4_1 (a scale and a minimum per "
         f"32 weights, the same layout); int4-g128 with Q4_0 (the nearest 4-bit type). ggml quantizes the "
