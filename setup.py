@@ -14,6 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["specmoe", "specmoe.*"]),
     package_data={"specmoe.reference": ["checkpoint/*", "predictors/*/*"], "specmoe.kernels": ["configs/*.json"],
+                  "specmoe.kernels.host": ["*.cpp"],
                   "specmoe.sim": ["calibration/*.json"]},
     python_requires=">=3.10",
     # Loose on purpose: the GPU machines ship torch 2.11 / transformers 5.17 / triton 3.6.

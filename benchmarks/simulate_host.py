@@ -46,7 +46,7 @@ def cases(args) -> list[dict]:
         out.append({"name": "DeepSeek-V2-Lite real routing", "stream": args.deepseek, "shape": "deepseek-v2-lite",
                     "compression": "none", "capacities": ("max",), "max_passes": args.max_passes})
     if args.mixtral:
-        for scheme in ("none", "int4"):
+        for scheme in ("none", "int4-g128"):
             out.append({"name": f"Mixtral-8x7B real routing ({scheme})", "stream": args.mixtral,
                         "shape": "mixtral-8x7b", "compression": scheme, "capacities": ("max",), "max_passes": None})
     return out

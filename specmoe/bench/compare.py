@@ -53,6 +53,7 @@ class BenchSettings:
         accelerate_new_tokens: N for the accelerate row (it is slow; fewer tokens keep the run short).
         policy: the cache's eviction policy.
         misses: where missed experts run ("fetch", "host", "auto"; `SpeculativeMoE`'s misses).
+        host_threads: threads of the host kernel for misses run on the host (None: the runtime's default).
     """
 
     capacities: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -66,6 +67,7 @@ class BenchSettings:
     accelerate_new_tokens: int = 8
     policy: str = DEFAULT_POLICY
     misses: str = "fetch"
+    host_threads: int | None = None
 
     def __post_init__(self):
         if not self.capacities or any(not (0 < c <= 1) for c in self.capacities):
@@ -327,7 +329,7 @@ def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, set
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             smoe = SpeculativeMoE(model, predictor, cache_capacity=capacity, device=device, policy=settings.policy,
-                                  misses=settings.misses)
+                                  misses=settings.misses, host_threads=settings.host_threads)
             wrapped[:] = [capacity, smoe]
         else:
             smoe = wrapped[1]

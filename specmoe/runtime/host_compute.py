@@ -6,10 +6,13 @@ host's memory bus when the host computes it (Fiddler, kTransformers, llama.cpp's
 hidden states cross to the host once, a worker thread computes the host experts from the store's buffers
 while the device computes the resident ones, and the partial outputs are summed on the device.
 
-The host runs the model's own experts implementation on views of the store: no copy of an uncompressed
-expert, and the same activation, gating, biases, layouts and rounding as the model. A compressed store (int8/int4,
-`compression.py`) is decoded expert by expert with torch ops first; that decode is part of the host's cost
-and `benchmarks/host_compute.py` measures it.
+Where the layer's experts are the common fused layout (gate/up concatenated, SiLU/GELU, no biases: what
+`kernels.kernel_activation` accepts) and the store holds fp32/bf16/fp16, int8 or int4 experts, the host runs the
+compiled host kernel (`specmoe.kernels.host`): every chosen expert of the layer in one call, straight from
+the store's bytes (compressed bytes read once, nothing dequantized into memory), on `threads` cores. Elsewhere
+(gpt-oss's clamped gate and biases, ModuleList experts, no compiler) it runs the family's own (eager) experts
+code on views of the store, a compressed store decoded expert by expert with torch ops first. Which ran is
+`HostExperts.kernel_name(layer)`; `benchmarks/host_kernels.py` and `benchmarks/host_compute.py` measure both.
 """
 
 # Shape legend: T tokens, E experts, H hidden, k top-k, n experts computed here, B bytes per expert
@@ -25,9 +28,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from ..kernels.host import HostExpertsKernel, available, check_threads, kernel_format, matrix
 from ..measure import time_fn
 from .adapters import FusedExperts, MoELayer
 from .misses import MissCosts, hottest
+from .store import HostStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +61,20 @@ class HostExperts:
     Args:
         store: the host store (uncompressed slot layout, or a codec's compressed layout).
         codec: the store's `ExpertCodec` when compressed, else None.
+        threads: cores the host kernel uses per call (None: `kernels.host.default_threads()`, physical cores
+            less one, at most 8).
 
     The worker is one thread: host experts of one layer are computed in order, one layer at a time, which is
     how the wrapper uses it (submit, compute the resident experts on the device, then `result`).
     """
 
-    def __init__(self, store, codec=None):
+    def __init__(self, store, codec=None, threads: int | None = None):
         self.store = store
         self.codec = codec
+        self.threads = check_threads(threads)
+        self.kernel = HostExpertsKernel(self.threads) if available() else None
+        self._plans: dict[int, tuple | None] = {}  # layer -> (format, activation, group, I) or None: torch path
+        self._mats: dict[tuple[int, int], tuple] = {}  # (layer, e) -> (gate_up Mat, down Mat) of a RAM store
         self._clones: dict[int, nn.Module] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specmoe-host")
@@ -87,6 +98,62 @@ class HostExperts:
                 self._clones[layer.index] = clone
             return clone
 
+    def plan(self, layer: MoELayer) -> tuple | None:
+        """(format, activation, group, I) when the host kernel computes this layer, else None (torch path)."""
+        if layer.index in self._plans:
+            return self._plans[layer.index]
+        plan, why = None, "the host kernel is not available here"
+        if self.kernel is not None:
+            from ..kernels import kernel_activation
+
+            probe = copy.copy(layer.experts)  # its expert tensors live in the store now: stand-ins of their rank
+            probe.__dict__ = dict(layer.experts.__dict__)
+            probe.__dict__.update(gate_up_proj=torch.empty(1, 1, 1, device="meta"),
+                                  down_proj=torch.empty(1, 1, 1, device="meta"))
+            activation, why = kernel_activation(probe)
+            specs = {s.name: s for s in (self.codec.slot_layout if self.codec else self.store.layout).specs}
+            gate_up, down = specs.get("gate_up_proj"), specs.get("down_proj")
+            fmt = self.codec.fmt if self.codec is not None else None
+            kind = kernel_format(gate_up.dtype, fmt) if gate_up is not None else None
+            if activation is not None and kind is None:
+                why = f"experts stored as {gate_up.dtype if fmt is None else fmt}"
+            elif activation is not None and set(specs) != {"gate_up_proj", "down_proj"}:
+                why = f"expert tensors {sorted(specs)}"
+            elif activation is not None:
+                inter = down.shape[1]
+                plan = (kind, activation, fmt.group_size if fmt is not None else 64, inter)
+        self._plans[layer.index] = plan
+        logger.info("MoE layer %s: host experts run %s", layer.name,
+                    f"{self.kernel.name} ({plan[0]}, {self.threads} threads)" if plan else f"the model's torch "
+                    f"code ({why})")
+        return plan
+
+    def kernel_name(self, layer: MoELayer) -> str:
+        """Which implementation computes this layer's host experts."""
+        plan = self.plan(layer)
+        return f"{self.kernel.name}-{plan[0]}" if plan else "torch-eager"
+
+    def _matrices(self, layer: int, e: int, keep: list) -> tuple:
+        """(gate_up Mat, down Mat) of expert e read in place from the store (cached for a RAM store, whose
+        buffers never move); tensors a file store read for this call go into `keep`."""
+        mats = self._mats.get((layer, e))
+        if mats is not None:
+            return mats
+        row = self.store[(layer, e)]  # [B] uint8: a view of RAM, or this call's read of a file
+        keep.append(row)
+        if self.codec is None:
+            parts = self.store.layout.unpack(row)
+            specs = {s.name: s for s in self.store.layout.specs}
+            mats = tuple(matrix(parts[n], specs[n].shape) for n in ("gate_up_proj", "down_proj"))
+        else:
+            packed = self.codec.layout.unpack(row)
+            specs = {s.name: s for s in self.codec.slot_layout.specs}
+            mats = tuple(matrix(self.codec._parts(packed, n), specs[n].shape, self.codec.fmt)
+                         for n in ("gate_up_proj", "down_proj"))
+        if isinstance(self.store, HostStore):
+            self._mats[(layer, e)] = mats
+        return mats
+
     def tensors(self, layer: int, chosen: list[int]) -> tuple[dict[str, torch.Tensor], list[int] | None]:
         """The host tensors of `chosen` experts of `layer`: (name -> [E or n, *shape], lut) where lut maps
         expert ids to rows (None: rows are expert ids, views of the store without a copy)."""
@@ -107,6 +174,12 @@ class HostExperts:
             raise TypeError(f"host compute of a whole layer needs fused experts; {layer.name} is {layer.layout.name}")
         start = time.perf_counter()
         try:
+            plan = self.plan(layer)
+            if plan is not None:
+                fmt, activation, group, inter = plan
+                keep: list = []
+                mats = [self._matrices(layer.index, e, keep) for e in chosen]
+                return self.kernel(fmt, activation, hidden, ids, weights, chosen, mats, inter, group)
             views, lut = self.tensors(layer.index, chosen)
             ids, weights = only(ids, weights, chosen)
             if lut is not None:  # compact rows: expert id -> row

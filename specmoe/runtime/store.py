@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from ..kernels.host.experts import advise_huge_pages
 from .adapters import ExpertTensorSpec
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class HostStore(_ExpertKeys):
         # Untouched pages cost nothing until written, so filling layer by layer while the model's own
         # expert tensors are freed keeps the host's peak memory near one copy of the experts.
         self.arena = torch.empty(num_layers * num_experts, layout.nbytes, dtype=torch.uint8)  # [L*E, B]
+        advise_huge_pages(self.arena)  # before the first write: streaming experts from 4 KiB pages is TLB-bound
         self.pinned = False
 
     def _row(self, key: tuple[int, int]) -> int:

@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..kernels.host import check_threads
 from ..predictors.base import Predictor
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .cache import ExpertCache, SlotPool
@@ -90,6 +91,8 @@ class SpeculativeMoE:
         placement: routing frequencies [L][E] (e.g. counted from a trace): the hottest experts are loaded
             into the slots at start-up, a static placement like llama.cpp's. With misses="host" and no
             predictor nothing is ever copied again.
+        host_threads: cores the host uses for experts it computes (misses "host"/"auto"); default: physical
+            cores less one, at most 8 (`specmoe.kernels.host.default_threads`).
 
     Raises:
         TypeError: not an MoE model of a supported layout, or a predictor/capacity of the wrong type.
@@ -114,6 +117,7 @@ class SpeculativeMoE:
         misses: str = "fetch",
         miss_costs: MissCosts | None = None,
         placement=None,
+        host_threads: int | None = None,
     ):
         # ---- validate everything before touching the model ------------------------------------
         if getattr(model, "_specmoe_wrapper", None) is not None:
@@ -136,6 +140,7 @@ class SpeculativeMoE:
         self._inflight_limit = max_prefetch_inflight  # None: follows the predictor's lookahead
         self.max_prefetch_inflight = self._default_inflight(predictor, geo)
         self.misses = check_misses(misses)
+        self.host_threads = check_threads(host_threads)
         # how fused-experts layers compute: before the experts leave their modules (the kernel plans read them)
         self.compute, model_compute, kernel = choose_compute(compute, self.device, self.codec is not None, moe.layers)
 
@@ -169,7 +174,7 @@ class SpeculativeMoE:
                                        misses=self.misses)
             self.experts_compute = build_compute(model_compute, kernel, self.pool, self.cache.table, geo.num_experts,
                                                  geo.top_k)
-            self._host = HostExperts(self.store, self.codec) if self.misses != "fetch" else None
+            self._host = HostExperts(self.store, self.codec, self.host_threads) if self.misses != "fetch" else None
             self.hot = HotPath(self.scheduler, self.experts_compute, self.pool, self._host, geo, self.device,
                                self.prefetch_width, wrap=not moe.first_decode_layer)
             self._install()

@@ -40,6 +40,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, metavar="PROFILE",
                    help=f"host profile for misses run on the host: {', '.join(sorted(HOST_PROFILES))} or "
                         "this-machine (measured here, a few seconds)")
+    p.add_argument("--host-threads", type=int, default=None,
+                   help="host threads this-machine is measured on (default: the runtime's, physical cores - 1, at "
+                        "most 8)")
     p.add_argument("--placement", action="store_true",
                    help="also run a static placement (the trace's hottest experts resident, misses on the host, "
                         "never copied: llama.cpp's --n-cpu-moe baseline); needs --host")
@@ -182,7 +185,8 @@ def run_simulate(args: argparse.Namespace) -> int:
                              policies=tuple(dict.fromkeys(map(resolve_policy_name, args.policies))),
                              prefetch_policies=tuple(dict.fromkeys(map(resolve_policy_name, args.prefetch_policies))),
                              context=args.context, warmup_passes=args.warmup, compute=args.compute,
-                             misses=tuple(args.misses), host=args.host, placement=args.placement)
+                             misses=tuple(args.misses), host=args.host, placement=args.placement,
+                             host_threads=args.host_threads)
     predictors, described = [], "none (memory and ceilings only)"
     if stream is not None:
         if args.max_passes:

@@ -41,6 +41,7 @@ class SweepSettings:
         misses: where misses run ("fetch", "host", "auto"; `SpeculativeMoE`'s misses), each run once per mode.
         host: the host profile (`sim.host.HostProfile` preset or "this-machine") for misses run on the host.
         placement: also run the static placement (hottest experts of the stream resident, misses on the host).
+        host_threads: host threads "this-machine" is measured on (None: the runtime's default).
     """
 
     capacities: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -54,6 +55,7 @@ class SweepSettings:
     misses: tuple[str, ...] = ("fetch",)
     host: str | None = None
     placement: bool = False
+    host_threads: int | None = None
 
     def __post_init__(self):
         if any(not (0 < c <= 1) for c in self.capacities):
@@ -105,7 +107,7 @@ def run_sweep(stream: RoutingStream | None, shapes: Sequence[ModelShape], profil
         {"settings", "runs": [...], "memory": [...], "ceilings": [...]}
     """
     compute = ComputeModel.from_name(settings.compute)
-    host = HostProfile.from_name(settings.host) if settings.host else None
+    host = HostProfile.from_name(settings.host, settings.host_threads) if settings.host else None
     by_name = {p.name: p for p in predictors}
     out = {"settings": settings.to_dict(), "compute": compute.to_dict(), "runs": [], "memory": [], "ceilings": [],
            "reserve_bytes": DEVICE_RESERVE_BYTES,

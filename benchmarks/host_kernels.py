@@ -1,0 +1,447 @@
+"""The host experts kernel (`specmoe.kernels.host`) at real expert shapes against this machine's read bandwidth,
+measured in the same run, and beside llama.cpp's CPU kernels (ggml) at the same shapes and bit widths.
+
+    python benchmarks/host_kernels.py --ggml /path/to/ggml            # ggml checkout with its build in build/
+    python benchmarks/host_kernels.py --shapes 4096x14336 --threads 1 --tokens 1 4   # other cases
+    python benchmarks/host_kernels.py --calibrate   # per-thread rates of each build -> specmoe/sim/calibration
+
+One case = one expert (gate/up [2I, H], activation, down [H, I]) for T tokens, in a format the store holds
+(bf16, int8, int4-g32, int4-g128), on N threads. Each case rotates over enough copies of the expert that they
+exceed the last-level cache 8x (every call reads its weights from RAM), and reports the median over repeats
+(the machine is shared; the load average is recorded). Read bandwidth: a vectorised sum (the kernel library's
+`read_sum`) reading the same copies in the same turn on the same threads, right before each case; fraction =
+the kernel's GB/s over it. ggml: a small C driver (in this file, compiled against the given build) times the same expert as
+llama.cpp computes it (ggml_mul_mat gate, up, silu, mul, ggml_mul_mat down) in BF16, Q8_0, Q4_0 and Q4_1 (Q4_1:
+a scale and a minimum per 32 weights, the int4-g32 layout), with a persistent ggml threadpool; its commit is
+recorded. Writes benchmarks/results/host_kernels.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from specmoe.bench.environment import environment
+from specmoe.io import write_json, write_text
+from specmoe.kernels.host import HostExpertsKernel, matrix
+from specmoe.kernels.quant import QuantFormat, quantize
+from specmoe.sim.host import copies_beyond_cache, last_level_cache
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "host_kernels"
+SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408), "qwen3-30b-a3b": (2048, 768),
+          "gpt-oss": (2880, 2880)}
+FORMATS = ("bf16", "int8", "int4-g32", "int4-g128")
+GGML_TYPES = ("bf16", "q8_0", "q4_0", "q4_1")
+BITS = {"bf16": 16, "int8": 8, "int4-g32": 4, "int4-g128": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4}
+PEER = {"bf16": "bf16", "int8": "q8_0", "int4-g32": "q4_1", "int4-g128": "q4_0"}  # the goal's comparison
+GOALS = {"fraction": 0.6, "vs_ggml": 0.9, "two_threads": 1.6}
+
+DRIVER_C = r"""
+// Times one expert with ggml's CPU kernels: usage TYPE H I T THREADS BUFFERS REPEATS; prints one JSON line.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "ggml.h"
+#include "ggml-cpu.h"
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+static int cmp(const void* a, const void* b) { double x = *(const double*)a, y = *(const double*)b; return (x > y) - (x < y); }
+int main(int argc, char** argv) {
+    if (argc < 8) return 2;
+    int H = atoi(argv[2]), I = atoi(argv[3]), T = atoi(argv[4]), nth = atoi(argv[5]), nbuf = atoi(argv[6]), reps = atoi(argv[7]);
+    enum ggml_type type;
+    if (!strcmp(argv[1], "bf16")) type = GGML_TYPE_BF16; else if (!strcmp(argv[1], "q8_0")) type = GGML_TYPE_Q8_0;
+    else if (!strcmp(argv[1], "q4_0")) type = GGML_TYPE_Q4_0; else if (!strcmp(argv[1], "q4_1")) type = GGML_TYPE_Q4_1;
+    else return 2;
+    if (nbuf > 64) nbuf = 64;
+    ggml_cpu_init();
+    size_t wbytes = ggml_row_size(type, H) * (size_t)(2 * I) + ggml_row_size(type, I) * (size_t)H;
+    struct ggml_init_params ip = {nbuf * (wbytes + (size_t)T * (2 * H + 3 * I) * 4 + 65536) + (64u << 20), NULL, false};
+    struct ggml_context* ctx = ggml_init(ip);
+    float* src = malloc(sizeof(float) * (size_t)I * H);
+    srand(1);
+    for (size_t i = 0; i < (size_t)I * H; i++) src[i] = ((float)rand() / RAND_MAX - 0.5f) * 0.04f;
+    struct ggml_cgraph* graphs[64];
+    struct ggml_tensor* w[64][3];
+    for (int b = 0; b < nbuf; b++) {
+        w[b][0] = ggml_new_tensor_2d(ctx, type, H, I);
+        w[b][1] = ggml_new_tensor_2d(ctx, type, H, I);
+        w[b][2] = ggml_new_tensor_2d(ctx, type, I, H);
+        for (int m = 0; m < 3; m++) {
+            if (b == 0) ggml_quantize_chunk(type, src, w[b][m]->data, 0, m < 2 ? I : H, m < 2 ? H : I, NULL);
+            else memcpy(w[b][m]->data, w[0][m]->data, ggml_nbytes(w[0][m]));
+        }
+        struct ggml_tensor* x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, H, T);
+        for (int i = 0; i < H * T; i++) ((float*)x->data)[i] = ((float)rand() / RAND_MAX - 0.5f);
+        struct ggml_tensor* g = ggml_mul_mat(ctx, w[b][0], x);
+        struct ggml_tensor* u = ggml_mul_mat(ctx, w[b][1], x);
+        struct ggml_tensor* y = ggml_mul_mat(ctx, w[b][2], ggml_mul(ctx, ggml_silu(ctx, g), u));
+        graphs[b] = ggml_new_graph(ctx);
+        ggml_build_forward_expand(graphs[b], y);
+    }
+    free(src);
+    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(nth);
+    struct ggml_threadpool* tp = ggml_threadpool_new(&tpp);
+    struct ggml_cplan plans[64];
+    size_t work = 0;
+    for (int b = 0; b < nbuf; b++) { plans[b] = ggml_graph_plan(graphs[b], nth, tp); if (plans[b].work_size > work) work = plans[b].work_size; }
+    uint8_t* wd = malloc(work + 64);
+    for (int b = 0; b < nbuf; b++) { plans[b].work_data = wd; ggml_graph_compute(graphs[b], &plans[b]); }
+    double* ts = malloc(sizeof(double) * reps);
+    for (int r = 0; r < reps; r++) { double t0 = now(); ggml_graph_compute(graphs[r % nbuf], &plans[r % nbuf]); ts[r] = now() - t0; }
+    qsort(ts, reps, sizeof(double), cmp);
+    printf("{\"bytes\": %zu, \"median_s\": %.9f, \"min_s\": %.9f, \"max_s\": %.9f}\n", wbytes, ts[reps / 2], ts[0], ts[reps - 1]);
+    ggml_threadpool_free(tp);
+    ggml_free(ctx);
+    return 0;
+}
+"""
+
+
+class Ggml:
+    """llama.cpp's CPU kernels via a driver compiled against a ggml build."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        build = root / "build" / "src"
+        if not (root / "include" / "ggml.h").exists() or not list(build.glob("libggml-cpu.so*")):
+            raise SystemExit(f"--ggml {root}: expected a ggml checkout with include/ggml.h and its build in build/src "
+                             "(cmake -B build -G Ninja -DGGML_NATIVE=ON && ninja -C build)")
+        self.commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip() or "unknown"
+        self.dir = Path(tempfile.mkdtemp(prefix="specmoe-ggml-"))
+        (self.dir / "driver.c").write_text(DRIVER_C)
+        self.exe = self.dir / "driver"
+        subprocess.run(["gcc", "-O2", str(self.dir / "driver.c"), "-o", str(self.exe), f"-I{root / 'include'}",
+                        f"-L{build}", "-lggml", "-lggml-base", "-lggml-cpu", f"-Wl,-rpath,{build}"], check=True)
+
+    def time(self, gtype: str, hidden: int, inter: int, tokens: int, threads: int, buffers: int,
+             repeats: int) -> dict:
+        out = subprocess.run([str(self.exe), gtype, str(hidden), str(inter), str(tokens), str(threads), str(buffers),
+                              str(repeats)], capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def expert_copies(fmt: str, hidden: int, inter: int, copies: int):
+    """`copies` identical experts in `fmt` (distinct buffers): ([(gate_up Mat, down Mat)], bytes, keep)."""
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.rand(2 * inter, hidden, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
+    down = (torch.rand(hidden, inter, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
+    q = None if fmt == "bf16" else QuantFormat.parse(fmt)
+    parts = [gate_up, down] if q is None else [quantize(gate_up, q), quantize(down, q)]
+    del gate_up, down
+    shapes = [(2 * inter, hidden), (hidden, inter)]
+    mats, keep = [], []
+    for _ in range(copies):
+        own = [p.clone() for p in parts] if q is None else [{k: v.clone() for k, v in p.items()} for p in parts]
+        keep.append(own)
+        mats.append(tuple(matrix(own[i], shapes[i], q) for i in range(2)))
+    nbytes = sum(p.numel() * p.element_size() for p in parts) if q is None else \
+        sum(v.numel() * v.element_size() for p in parts for v in p.values())
+    return mats, nbytes, keep
+
+
+def time_calls(kernel, kind: str, group: int, mats, hidden: int, inter: int, tokens: int, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls for `tokens` tokens, each on the next copy (after one warm-up call per copy)."""
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1))
+    ids, w = torch.zeros(tokens, 1, dtype=torch.long), torch.ones(tokens, 1)
+    out = torch.zeros(tokens, hidden)
+    for m in mats:
+        kernel(kind, "silu", x, ids, w, [0], [m], inter, group, out=out)
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        kernel(kind, "silu", x, ids, w, [0], [mats[r % len(mats)]], inter, group, out=out)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def copies_bandwidth(kernel, threads: int, keep, repeats: int = 7) -> tuple[float, float]:
+    """(median, best) bytes/s of the vectorised sum reading the expert copies themselves, one copy per call in
+    turn, on `threads` threads: this machine's read bandwidth for exactly the bytes the kernel reads."""
+    views = []
+    for own in keep:  # one copy: each of its tensors as float32 words
+        tensors = [t for p in own for t in (p.values() if isinstance(p, dict) else [p])]
+        words = [t.reshape(-1).view(torch.uint8) for t in tensors]
+        views.append([w[: w.numel() // 4 * 4].view(torch.float32) for w in words])
+    nbytes = sum(v.numel() * 4 for v in views[0])
+
+    def one(i):
+        for v in views[i % len(views)]:
+            kernel.read_sum(v, threads)
+
+    for i in range(len(views)):
+        one(i)
+    times = []
+    for r in range(max(repeats, len(views))):
+        start = time.perf_counter()
+        one(r)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times), nbytes / min(times)
+
+
+def repeats_for(seconds: float, budget_s: float) -> int:
+    return int(min(40, max(7, math.ceil(budget_s / max(seconds, 1e-6)))))
+
+
+def run(args) -> dict:
+    load_before = os.getloadavg()
+    shapes = [(f"{h}x{i}", (h, i)) for h, i in args.shapes] if args.shapes else \
+        [(name, hi) for name, hi in SHAPES.items()]
+    kernels = {t: HostExpertsKernel(t) for t in args.threads}
+    ggml = Ggml(args.ggml) if args.ggml else None
+    llc = last_level_cache()
+    rows, probes = [], {}
+    plan = [(name, hi, fmt) for name, hi in shapes for fmt in args.formats]
+    bar = tqdm(total=len(plan) + (len(shapes) * len(GGML_TYPES) if ggml else 0), desc="host kernels", unit="case")
+    for name, (hidden, inter) in shapes:
+        for fmt in args.formats:
+            probe = expert_copies(fmt, hidden, inter, 1)
+            copies = copies_beyond_cache(probe[1])
+            del probe
+            mats, nbytes, keep = expert_copies(fmt, hidden, inter, copies)
+            q = None if fmt == "bf16" else QuantFormat.parse(fmt)
+            kind, group = ("bf16", 64) if q is None else (q.scheme, q.group_size)
+            for t in args.threads:
+                for tokens in args.tokens:
+                    bw = probes[(name, fmt, t)] = copies_bandwidth(kernels[t], t, keep)  # right before the case
+                    first = time_calls(kernels[t], kind, group, mats, hidden, inter, tokens, 1)
+                    times = time_calls(kernels[t], kind, group, mats, hidden, inter, tokens,
+                                       repeats_for(min(first), args.budget))
+                    rows.append(_row(kernels[t].name, name, hidden, inter, fmt, t, tokens, nbytes, times, bw,
+                                     copies))
+            del mats, keep
+            bar.update()
+        if ggml is None:
+            continue
+        for gtype in GGML_TYPES:
+            for t in args.threads:
+                for tokens in args.tokens:
+                    peer = next((f for f, g in PEER.items() if g == gtype), None)
+                    bw = probes.get((name, peer, t)) or next(v for (n, _, th), v in probes.items() if n == name
+                                                             and th == t)
+                    wbytes = ggml.time(gtype, hidden, inter, tokens, t, 1, 3)
+                    copies = copies_beyond_cache(wbytes["bytes"])
+                    res = ggml.time(gtype, hidden, inter, tokens, t, copies,
+                                    repeats_for(wbytes["min_s"], args.budget))
+                    rows.append(_row(f"ggml-{ggml.commit[:10]}", name, hidden, inter, gtype, t, tokens, res["bytes"],
+                                     [res["median_s"]], bw, copies, spread=(res["min_s"], res["max_s"])))
+            bar.update()
+    bar.close()
+    result = {
+        "name": NAME, "environment": environment("cpu"), "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "ggml_commit": ggml.commit if ggml else None,
+        "ggml_path": str(args.ggml) if ggml else None, "llc_bytes": llc,
+        "isa": next(iter(kernels.values())).isa, "settings": {"shapes": [s for s, _ in shapes],
+                                                              "formats": list(args.formats),
+                                                              "threads": args.threads, "tokens": args.tokens,
+                                                              "budget_s": args.budget},
+        "rows": rows,
+    }
+    result["goals"] = goals(rows)
+    return result
+
+
+def _row(kernel, shape, hidden, inter, fmt, threads, tokens, nbytes, times, bandwidth, copies, spread=None):
+    seconds = statistics.median(times)
+    lo, hi = spread if spread else (min(times), max(times))
+    return {"kernel": kernel, "shape": shape, "hidden": hidden, "inter": inter, "format": fmt, "bits": BITS[fmt],
+            "threads": threads, "tokens": tokens, "seconds": seconds, "min_s": lo, "max_s": hi,
+            "repeats": len(times) if spread is None else None, "copies": copies, "bytes": nbytes,
+            "gbps": nbytes / seconds / 1e9, "bandwidth_gbps": bandwidth[0] / 1e9, "fraction": nbytes / seconds / bandwidth[0],
+            "best_gbps": nbytes / lo / 1e9, "best_bandwidth_gbps": bandwidth[1] / 1e9,
+            "best_fraction": nbytes / lo / bandwidth[1], "gweights_per_s": 3 * hidden * inter / seconds / 1e9}
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The issue's goals at T = 1, one entry per (shape, format[, threads])."""
+    ours = {(r["shape"], r["format"], r["threads"], r["tokens"]): r for r in rows if not r["kernel"].startswith("ggml")}
+    peer = {(r["shape"], r["format"], r["threads"], r["tokens"]): r for r in rows if r["kernel"].startswith("ggml")}
+    out = []
+    for (shape, fmt, threads, tokens), r in ours.items():
+        if tokens != 1:
+            continue
+        if threads == 1:
+            out.append({"goal": f"fraction >= {GOALS['fraction']}", "shape": shape, "format": fmt, "threads": 1,
+                        "value": r["fraction"], "met": r["fraction"] >= GOALS["fraction"]})
+        p = peer.get((shape, PEER[fmt], threads, 1))
+        if p is not None:
+            ratio = p["seconds"] / r["seconds"]
+            out.append({"goal": f"speed >= {GOALS['vs_ggml']}x ggml {PEER[fmt]}", "shape": shape, "format": fmt,
+                        "threads": threads, "value": ratio, "met": ratio >= GOALS["vs_ggml"]})
+        two = ours.get((shape, fmt, 2, 1))
+        if threads == 1 and two is not None:
+            ratio = r["seconds"] / two["seconds"]
+            out.append({"goal": f"2 threads >= {GOALS['two_threads']}x 1 thread", "shape": shape, "format": fmt,
+                        "threads": 2, "value": ratio, "met": ratio >= GOALS["two_threads"],
+                        "bandwidth_ratio": two["bandwidth_gbps"] / r["bandwidth_gbps"]})
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    env = result["environment"]
+    peer = {(r["shape"], r["format"], r["threads"], r["tokens"]): r for r in rows if r["kernel"].startswith("ggml")}
+    lines = ["| expert (H x I) | format | threads | T | specmoe ms | GB/s | of read bw (best/best) | ggml type | "
+             "ggml ms | GB/s | of read bw (best/best) | specmoe / ggml speed |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["kernel"].startswith("ggml"):
+            continue
+        p = peer.get((r["shape"], PEER[r["format"]], r["threads"], r["tokens"]))
+        cells = (f"{PEER[r['format']]} | {p['seconds'] * 1e3:.2f} | {p['gbps']:.1f} | {p['fraction']:.2f} "
+                 f"({p['best_fraction']:.2f}) | "
+                 f"{p['seconds'] / r['seconds']:.2f}x") if p else "— | — | — | — | —"
+        lines.append(f"| {r['shape']} ({r['hidden']} x {r['inter']}) | {r['format']} | {r['threads']} | {r['tokens']} | "
+                     f"{r['seconds'] * 1e3:.2f} | {r['gbps']:.1f} | {r['fraction']:.2f} ({r['best_fraction']:.2f}) | "
+                     f"{cells} |")
+    others = [r for r in rows if r["kernel"].startswith("ggml") and r["format"] not in PEER.values()]
+    if others:
+        lines += ["", "ggml types without a specmoe format of the same layout (Q4_0: symmetric int4, a scale per 32):",
+                  "", "| expert | ggml type | threads | T | ms | GB/s | of read bw |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['shape']} | {r['format']} | {r['threads']} | {r['tokens']} | {r['seconds'] * 1e3:.2f} | "
+                  f"{r['gbps']:.1f} | {r['fraction']:.2f} |" for r in others]
+    met = [g for g in result["goals"] if g["met"]]
+    lines += [
+        "",
+        f"Measured on {env['device_name']}, specmoe build `{result['isa']}` (torch {env['torch']}, git "
+        f"{env['git_sha']}, {env['date']}); ggml {result['ggml_commit']} (llama.cpp's CPU kernels, native build). "
+        f"Median over repeats, each call on one of enough copies of the expert to exceed the "
+        f"{result['llc_bytes'] / 2**20:.0f} MiB last-level cache 8x; read bandwidth = a vectorised sum reading the "
+        f"same copies in the same turn on the same threads, right before each case (ggml rows: the probe of the "
+        f"specmoe format it is compared with); 'of read bw' = median GB/s over the median bandwidth, (best/best) = "
+        f"fastest call over the fastest sum, the least disturbed pair on a shared machine. "
+        f"The machine is shared with other jobs (load average {result['load_average_before'][0]:.1f} before, "
+        f"{result['load_average_after'][0]:.1f} after). int4-g32 is compared with Q4_1 (a scale and a minimum per "
+        f"32 weights, the same layout); int4-g128 with Q4_0 (the nearest 4-bit type). ggml quantizes the "
+        f"activations to 8 bits (Q8_0/Q8_1) for its Q8/Q4 dot products; specmoe keeps them in float32, so its "
+        f"outputs equal the dequantized expert's to float rounding.",
+        f"Goals at T = 1 met: {len(met)} of {len(result['goals'])}.",
+        "",
+        "| goal | expert | format | threads | value | met |", "|---|---|---|---:|---:|---|",
+    ]
+    lines += [f"| {g['goal']} | {g['shape']} | {g['format']} | {g['threads']} | {g['value']:.2f} | "
+              f"{'yes' if g['met'] else 'no'} |" for g in result["goals"]]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["tokens"] == 1]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    threads = sorted({r["threads"] for r in rows})
+    fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 4), squeeze=False)
+    series = [(f, False) for f in result["settings"]["formats"]] + [(g, True) for g in GGML_TYPES]
+    for ax, t in zip(axes[0], threads):
+        width = 0.8 / len(series)
+        for j, (fmt, is_ggml) in enumerate(series):
+            vals = []
+            for s in shapes:
+                r = next((r for r in rows if r["shape"] == s and r["format"] == fmt and r["threads"] == t
+                          and r["kernel"].startswith("ggml") == is_ggml), None)
+                vals.append(r["fraction"] if r else 0)
+            ax.bar([i + j * width for i in range(len(shapes))], vals, width,
+                   label=("ggml " if is_ggml else "specmoe ") + fmt, hatch="//" if is_ggml else None)
+        ax.axhline(GOALS["fraction"], color="k", lw=0.8, ls="--")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=8)
+        ax.set_ylabel("fraction of measured read bandwidth")
+        ax.set_title(f"one expert, T = 1, {t} thread{'s' if t > 1 else ''}")
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def calibrate(out: Path, repeats: int = 3) -> dict:
+    """Per-thread rates of each build this CPU runs (AVX2 and the native one), as the simulator's desktop
+    presets use them: `sim.host.measure_kernel` (the runtime's HostExperts path, one thread, a DeepSeek-V2-Lite
+    expert read from RAM, 1 and 8 tokens), the median of `repeats` runs of it per format."""
+    from specmoe.kernels.host import build
+    from specmoe.sim.host import KERNEL_FORMATS, MEASURE_SHAPE, MEASURE_TOKENS, _median_time, measure_kernel
+    from specmoe.sim.calibrate import SyntheticExpert
+
+    saved = os.environ.get("SPECMOE_HOST_ISA")
+    builds = {}
+    try:
+        for isa in dict.fromkeys(["avx2", build.choose_isa() or "scalar"]):
+            os.environ["SPECMOE_HOST_ISA"] = isa
+            tiny = SyntheticExpert("bf16", 64, 64, threads=1)
+            call = _median_time(tiny.runner(1), 31)
+            name = tiny.kernel
+            tiny.close()
+            kernels = {}
+            for fmt in KERNEL_FORMATS:
+                runs = [measure_kernel(fmt, 1, call_s=call)[0] for _ in range(repeats)]
+                kernels[fmt] = {"bytes_per_s_per_thread": statistics.median(k.bytes_per_s for k in runs),
+                                "flops_per_thread": statistics.median(k.flops for k in runs),
+                                "runs": [{"bytes_per_s": k.bytes_per_s, "flops": k.flops} for k in runs]}
+            builds[isa] = {"kernel": name.rsplit("-", 1)[0], "call_s": call, "kernels": kernels,
+                           "shape": f"{MEASURE_SHAPE[0]}x{MEASURE_SHAPE[1]}", "tokens": [1, MEASURE_TOKENS]}
+    finally:
+        if saved is None:
+            os.environ.pop("SPECMOE_HOST_ISA", None)
+        else:
+            os.environ["SPECMOE_HOST_ISA"] = saved
+    data = {"what": "per-thread rates of this project's host experts kernel builds (sim.host.calibrated_kernels)",
+            "command": "python benchmarks/host_kernels.py --calibrate", "environment": environment("cpu"),
+            "load_average": os.getloadavg(), "builds": builds}
+    write_json(out, data)
+    return data
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        h, i = (int(v) for v in text.lower().split("x"))
+        return h, i
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: write HxI, e.g. 4096x14336") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ggml", type=Path, default=None, help="a ggml checkout with its build in build/")
+    ap.add_argument("--shapes", type=parse_shape, nargs="+", default=None, help="HxI ... (default: four models)")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--budget", type=float, default=0.4, help="seconds of timed calls per case (>= 7 calls)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default=NAME)
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure each build's per-thread rates into specmoe/sim/calibration/host_kernels.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.calibrate:
+        from specmoe.sim.host import CALIBRATION
+
+        data = calibrate(CALIBRATION)
+        for isa, b in data["builds"].items():
+            print(isa, {f: f"{k['bytes_per_s_per_thread'] / 1e9:.2f} GB/s, {k['flops_per_thread'] / 1e9:.1f} "
+                           f"GFLOP/s" for f, k in b["kernels"].items()}, f"call {b['call_s'] * 1e6:.0f} us")
+        return 0
+    result = run(args)
+    write_json(args.out / f"{args.name}.json", result)
+    text = markdown(result)
+    write_text(args.out / f"{args.name}.md", text + "\n")
+    plot(result, args.out / f"{args.name}.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The host experts kernel (`specmoe.kernels.host`): every format, odd shapes, group sizes, token counts, thread
+counts and builds (AVX-512 / AVX2 / portable, those this CPU runs) against a float64 PyTorch reference; the
+runtime computes host misses with it (same tokens as the dequantized model), falls back with one log line
+where it cannot be had, and caches its build."""
+
+import logging
+
+import pytest
+import torch
+from conftest import build_tiny, make_inputs
+from test_wrapper import greedy, logits_of
+
+from specmoe import SpeculativeMoE
+from specmoe.kernels.host import HostExpertsKernel, build, check_threads, default_threads, matrix
+from specmoe.kernels.quant import QuantFormat, dequantize, quantize
+
+ISAS = [isa for isa in build.ISAS if build.NEEDS[isa] <= build.cpu_flags() or isa == "scalar"]
+PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACT = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+       "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+
+
+def _experts(fmt: str, n: int, hidden: int, inter: int, seed: int = 0):
+    """n experts in `fmt`: (kernel format, group, [(gate_up, down) Mats], [(gate_up, down) float64], keep)."""
+    g = torch.Generator().manual_seed(seed)
+    mats, exact, keep = [], [], []
+    for _ in range(n):
+        gu = torch.randn(2 * inter, hidden, generator=g) * 0.2
+        dn = torch.randn(hidden, inter, generator=g) * 0.2
+        if fmt in PLAIN:
+            gu, dn = gu.to(PLAIN[fmt]), dn.to(PLAIN[fmt])
+            keep += [gu, dn]
+            mats.append((matrix(gu, tuple(gu.shape)), matrix(dn, tuple(dn.shape))))
+            exact.append((gu.double(), dn.double()))
+            kind, group = fmt, 64
+        else:
+            q = QuantFormat.parse(fmt)
+            pg, pd = quantize(gu, q), quantize(dn, q)
+            keep += [pg, pd]
+            mats.append((matrix(pg, tuple(gu.shape), q), matrix(pd, tuple(dn.shape), q)))
+            exact.append((dequantize(pg, q, tuple(gu.shape), torch.float64),
+                          dequantize(pd, q, tuple(dn.shape), torch.float64)))
+            kind, group = q.scheme, q.group_size
+    return kind, group, mats, exact, keep
+
+
+def _reference(x, ids, w, chosen, exact, inter, activation):
+    out = torch.zeros(x.shape, dtype=torch.float64)  # [T, H]
+    for i, e in enumerate(chosen):
+        gu, dn = exact[i]
+        for t, j in (ids == e).nonzero().tolist():
+            h = gu @ x[t].double()  # [2I]
+            out[t] += float(w[t, j]) * (dn @ (ACT[activation](h[:inter]) * h[inter:]))
+    return out
+
+
+CASES = [  # (format, H, I, T, activation)
+    ("fp32", 67, 45, 1, "silu"), ("bf16", 130, 37, 3, "gelu"), ("fp16", 64, 96, 17, "gelu_tanh"),
+    ("int8", 67, 45, 5, "silu"), ("int8", 129, 200, 64, "silu"),
+    ("int4-g32", 67, 45, 1, "silu"), ("int4-g64", 130, 37, 9, "gelu"), ("int4-g128", 200, 129, 4, "silu"),
+    ("int4-g16", 40, 33, 2, "silu"), ("bf16", 2048, 24, 2, "silu"),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-H{c[1]}-I{c[2]}-T{c[3]}-{c[4]}")
+def test_kernel_matches_float64_reference(isa, threads, case):
+    fmt, hidden, inter, tokens, activation = case
+    num_experts, top_k, chosen = 5, 2, [0, 3, 4]  # expert 1 and 2 are routed to but computed elsewhere
+    kind, group, mats, exact, keep = _experts(fmt, len(chosen), hidden, inter)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=g)  # [T, H]
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)])  # [T, k]
+    w = torch.rand(tokens, top_k, generator=g)
+    kernel = HostExpertsKernel(threads, isa=isa)
+    assert kernel.isa == isa
+    out = kernel(kind, activation, x, ids, w, chosen, mats, inter, group)
+    ref = _reference(x, ids, w, chosen, exact, inter, activation)
+    scale = ref.abs().max().item() + 1e-12
+    assert (out.double() - ref).abs().max().item() / scale < 2e-5
+    again = kernel(kind, activation, x, ids, w, chosen, mats, inter, group, out=torch.zeros_like(out))
+    assert torch.equal(again, out)  # reused scratch, same result; accumulates into a given out
+
+
+def test_kernel_rejects_bad_arguments():
+    kernel = HostExpertsKernel(1)
+    kind, group, mats, _, keep = _experts("bf16", 1, 16, 8)
+    x, ids, w = torch.randn(1, 16), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)
+    with pytest.raises(ValueError, match="formats"):
+        kernel("int3", "silu", x, ids, w, [0], mats, 8)
+    with pytest.raises(ValueError, match="matrix pairs"):
+        kernel(kind, "silu", x, ids, w, [0, 1], mats, 8)
+    with pytest.raises(ValueError, match="row-contiguous"):
+        matrix(torch.randn(8, 16).t(), (16, 8))
+    with pytest.raises(ValueError, match="part .qzero"):
+        matrix({".qweight": torch.zeros(4, 32, dtype=torch.uint8), ".qscale": torch.zeros(4, 1, dtype=torch.half)},
+               (4, 64), QuantFormat("int4", 64))
+    with pytest.raises(ValueError, match="host_threads must be a positive int"):
+        check_threads(0)
+    assert 1 <= default_threads() <= 8
+
+
+@pytest.mark.parametrize("family,compression,dtype", [
+    ("mixtral", "int4", torch.float32), ("qwen3_moe", "int8", torch.float32), ("deepseek_v3", "int4-g32", torch.float32),
+    ("olmoe", None, torch.bfloat16), ("qwen2_moe", None, torch.float32),
+])
+def test_runtime_host_misses_run_the_kernel_same_tokens(family, compression, dtype):
+    """misses="host" through the kernel: the tokens (and logits) of fetching the same experts (the dequantized
+    model when compressed), with 2 host threads."""
+    model = build_tiny(family, dtype=dtype)
+    inputs = make_inputs(model, batch=2, left_pad=True)
+    fetched = SpeculativeMoE(model, None, cache_capacity=0.25, compression=compression)
+    ref_tokens, ref_logits = greedy(fetched.generate, inputs), logits_of(fetched, model, inputs)
+    with pytest.warns(UserWarning) if compression else _nothing():
+        fetched.unwrap()
+    model = build_tiny(family, dtype=dtype)
+    smoe = SpeculativeMoE(model, None, cache_capacity=0.25, compression=compression, misses="host", host_threads=2)
+    layers = smoe.hot.host  # HostExperts
+    assert smoe.host_threads == 2 and layers.kernel is not None
+    tokens, logits = greedy(smoe.generate, inputs), logits_of(smoe, model, inputs)
+    names = {layers.kernel_name(layer) for layer in find_layers(smoe)}
+    t = smoe.stats.total
+    with pytest.warns(UserWarning) if compression else _nothing():
+        smoe.unwrap()
+    kind = compression[:4] if compression else {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    assert names == {f"{layers.kernel.name}-{kind}"}
+    assert t.host_computed > 0 and t.bytes_moved == 0
+    assert torch.equal(tokens, ref_tokens)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), **tol)
+
+
+def find_layers(smoe):
+    return smoe.moe.layers
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_gpt_oss_and_no_compiler_fall_back_with_one_log_line(monkeypatch, caplog, tmp_path):
+    model = build_tiny("gpt_oss")
+    inputs = make_inputs(model, batch=2, left_pad=True)
+    ref = greedy(model.generate, inputs)
+    with caplog.at_level(logging.INFO, logger="specmoe.runtime.host_compute"):
+        smoe = SpeculativeMoE(model, None, cache_capacity=0.25, misses="host")
+        assert torch.equal(greedy(smoe.generate, inputs), ref)
+    assert any("torch code" in r.getMessage() and "is_concatenated=False" in r.getMessage() for r in caplog.records)
+    assert {smoe.hot.host.kernel_name(layer) for layer in find_layers(smoe)} == {"torch-eager"}
+    smoe.unwrap()
+
+    monkeypatch.setenv("SPECMOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setattr(build, "_SAID", set())
+    with caplog.at_level(logging.WARNING, logger="specmoe.kernels.host.build"):
+        assert build.load("avx2") is None and build.load("avx2") is None
+    said = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(said) == 1 and "no C++ compiler" in said[0].getMessage()
+
+
+def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECMOE_CACHE_DIR", str(tmp_path))
+    first = build.build("scalar")
+    assert first.parent == tmp_path / "host_kernels" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert build.build("scalar") == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert not list(first.parent.glob("*.tmp"))  # the atomic write left nothing behind
+    monkeypatch.setenv("SPECMOE_HOST_ISA", "avx7")
+    with pytest.raises(ValueError, match="SPECMOE_HOST_ISA must be one of"):
+        build.choose_isa()
+    monkeypatch.setenv("SPECMOE_HOST_ISA", "off")
+    assert build.choose_isa() is None
