@@ -41,6 +41,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--misses", default="fetch", choices=["fetch", "host", "auto"],
                    help="where missed experts run: copied to the device (fetch), computed on the host from the host "
                         "store (host), or per miss by a cost model measured at start-up (auto)")
+    p.add_argument("--policy", default="default", help="eviction policy: lru, lfu, hit-density, default, or a "
+                   "learned policy's directory (specmoe train --policy learned)")
     p.add_argument("--out", type=Path, default=Path("specmoe-bench"), help="output directory")
     p.add_argument("--name", default=None, help="file stem (default: bench_<device type>)")
 
@@ -95,7 +97,7 @@ def run_bench(args: argparse.Namespace) -> int:
         capacities=tuple(args.capacities), predictors=tuple(args.predictors), new_tokens=args.new_tokens,
         warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
         accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
-        accelerate_new_tokens=args.accelerate_tokens, misses=args.misses)
+        accelerate_new_tokens=args.accelerate_tokens, misses=args.misses, policy=args.policy)
     model, tokenizer, texts, name = _load(args, dtype)
     model.generation_config.eos_token_id = None  # every call generates exactly N tokens
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0

@@ -1,6 +1,7 @@
 """`specmoe train` and `specmoe eval`: fit a predictor on routing traces; compare predictors on held-out ones.
 
     specmoe train TRACES --predictor interlayer --out predictors/interlayer
+    specmoe train TRACES --policy learned --out policies/learned       # an eviction policy (training/eviction.py)
     specmoe eval TRACES --predictor predictors/interlayer --out eval/
 """
 
@@ -44,7 +45,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     _add_split_arguments(p)
-    p.add_argument("--predictor", choices=KINDS, required=True, help="what to train")
+    p.add_argument("--predictor", choices=KINDS, help="what to train (or --policy)")
+    p.add_argument("--policy", choices=("learned",), help="train an eviction policy instead: learned (imitates "
+                   "Belady's MIN on the training sequences; SpeculativeMoE(policy=DIR), simulate --policies DIR)")
+    p.add_argument("--sequences", default=None, metavar="START:STOP",
+                   help="--policy: train on these sequences of TRACES instead of the split's train part")
     p.add_argument("--out", type=Path, required=True, help="directory for config.json + model.safetensors")
     p.add_argument("--no-wrap", dest="wrap", action="store_false", help="do not predict the next token's layers")
     p.add_argument("--context", type=int, default=None, help="known layers used (interlayer: 3, history: 1)")
@@ -81,6 +86,12 @@ def predictor_options(args) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if (args.predictor is None) == (args.policy is None):
+        raise SystemExit("give one of --predictor KIND or --policy learned")
+    if args.policy is not None:
+        from .eviction import run_train_policy
+
+        return run_train_policy(args)
     from ..measure import environment
     from ..io import write_json
     from ..predictors import save_predictor
