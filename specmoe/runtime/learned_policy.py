@@ -125,10 +125,15 @@ class LearnedPolicy(LRUPolicy):
     name = "learned"
 
     def __init__(self, scorer: MLPScorer, geometry: dict, rule: str = "density", horizon: int = 4,
-                 info: dict | None = None, cost_s: float = 0.0):
+                 affinity: tuple[np.ndarray, np.ndarray] | None = None, info: dict | None = None,
+                 cost_s: float = 0.0):
         if rule not in RULES or not 1 <= horizon <= HEADS:
             raise ValueError(f"need rule in {RULES} and 1 <= horizon <= {HEADS}, got {rule!r}, {horizon}")
+        L, E = geometry["num_layers"], geometry["num_experts"]
+        if affinity is not None and (affinity[0].shape != (L, E, E) or affinity[1].shape != (3,)):
+            raise ValueError(f"affinity must be [{L}, {E}, {E}] and mix [3], got {affinity[0].shape}, {affinity[1].shape}")
         super().__init__()
+        self.affinity = affinity
         self.scorer, self.geometry, self.info = scorer, dict(geometry), dict(info or {})
         self.rule, self.horizon = rule, horizon
         self.host_s_per_call = float(cost_s)
@@ -148,6 +153,7 @@ class LearnedPolicy(LRUPolicy):
         S = cache.num_slots
         self.cache, self.L, self.E = cache, L, E
         self.state = LayerFeatures(L, E, self.geometry["top_k"])
+        self.within = np.zeros((L, E, self.horizon))  # [L, E, h] P(n <= j) predicted at the layer's last visit
         self.hit = np.ones((L, E))  # [L, E] density: P(n <= h); farthest: 1
         self.ahead = np.zeros((L, E))  # [L, E] predicted steps past the layer's next visit (L * (n - 1))
         self.slot_layer = np.full(S, -1, dtype=np.int64)  # [S], -1: empty
@@ -163,8 +169,22 @@ class LearnedPolicy(LRUPolicy):
             return
         h = self.horizon
         within = np.maximum.accumulate(1.0 / (1.0 + np.exp(-out[:, 1:h + 1])), axis=1)  # [E, h] P(n <= j)
+        self.within[layer] = within
+        self._density(layer, within)
+        nxt = layer + 1
+        if self.affinity is not None and nxt < self.L and len(routed):
+            # this token's routing here sharpens P(n = 1) of the next layer's experts (visited next step)
+            table, (a, b, c) = self.affinity
+            base = self.within[nxt]  # [E, h]
+            q1 = np.clip(base[:, 0], 1e-4, 1 - 1e-4)
+            z = a * np.log(q1 / (1 - q1)) + b * table[layer][list(routed)].mean(0) + c
+            p1 = 1.0 / (1.0 + np.exp(-z))  # [E]
+            self._density(nxt, p1[:, None] + (1 - p1[:, None]) * (base - q1[:, None]) / (1 - q1[:, None]))
+
+    def _density(self, layer: int, within: np.ndarray) -> None:
+        """hit and ahead of `layer`'s experts from within [E, h] = P(n <= j), j = 1..h."""
         self.hit[layer] = within[:, -1]
-        self.ahead[layer] = self.L * (h - 1 - within[:, :-1].sum(1))  # L * (E[min(n, h)] - 1)
+        self.ahead[layer] = self.L * (self.horizon - 1 - within[:, :-1].sum(1))  # L * (E[min(n, h)] - 1)
 
     def touch(self, slot: int) -> None:
         super().touch(slot)
@@ -209,15 +229,16 @@ def is_policy_dir(path) -> bool:
 
 def save_learned_policy(path, weights: dict[str, np.ndarray], geometry: dict, info: dict) -> Path:
     """Write the policy directory `path` (config.json + model.safetensors) atomically: into a new directory
-    beside it, then renamed over it (a reader sees the old policy or the whole new one)."""
+    beside it, then renamed over it (a reader sees the old policy or the whole new one). `weights`: the
+    MLP's (`MLPScorer.NAMES`), and optionally "affinity" [L, E, E] with "mix" [3]."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        write_safetensors(tmp / WEIGHTS_NAME, {n: torch.as_tensor(np.asarray(weights[n], dtype=np.float32))
-                                               for n in MLPScorer.NAMES}, metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS_NAME, {n: torch.as_tensor(np.asarray(w, dtype=np.float32))
+                                               for n, w in weights.items()}, metadata={"format": "pt"})
         write_json(tmp / CONFIG_NAME, {"specmoe_policy": POLICY_KIND, "format_version": FORMAT_VERSION,
                                        "geometry": dict(geometry), "features": list(FEATURES),
                                        "decays": list(DECAYS), **info})
@@ -266,5 +287,8 @@ def load_learned_policy(path, geometry=None) -> LearnedPolicy:
         raise ValueError(f"{path / WEIGHTS_NAME} lacks {missing}")
     scorer = MLPScorer({n: tensors[n].double().numpy() for n in MLPScorer.NAMES})
     rule = meta.get("rule", {})
+    affinity = ((tensors["affinity"].double().numpy(), tensors["mix"].double().numpy())
+                if "affinity" in tensors and "mix" in tensors else None)
     return LearnedPolicy(scorer, saved, rule=rule.get("name", "density"), horizon=int(rule.get("horizon", 4)),
+                         affinity=affinity,
                          info=meta.get("training"), cost_s=meta.get("cost", {}).get("charged_s", 0.0))

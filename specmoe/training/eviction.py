@@ -37,6 +37,8 @@ class EvictionTrainConfig:
         epochs / batch_size / lr: Adam on the mean squared error of log n.
         val_fraction: the last share of the training passes held out to pick the best epoch.
         seed: seeds the sampling and the weights.
+        max_recency: fit only rows of experts routed at most this many visits ago (the likely residents, whose
+            ranking eviction needs); None: every expert of a sampled visit.
     """
 
     hidden: int = 16
@@ -46,6 +48,7 @@ class EvictionTrainConfig:
     lr: float = 3e-3
     val_fraction: float = 0.1
     seed: int = 0
+    max_recency: int | None = None
 
     def __post_init__(self):
         if self.hidden < 1 or self.max_samples < 16 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -81,7 +84,8 @@ def replay_samples(stream, num_experts: int, top_k: int, max_samples: int, seed:
     """Features [N, F] and labels n [N] of the replay's sampled visits (the policy's own feature code).
 
     Returns:
-        (x, y, visit) with visit [N] the pass-ordered visit index (to hold out the last ones)."""
+        (x, n, visit, layer, expert): visit [N] the visit index (to hold out the last ones), layer [N] and
+        expert [N] the row's (layer, expert)."""
     visits = layer_visits(stream, num_experts)
     L = len(visits)
     total = sum(v.shape[0] for v in visits) * num_experts
@@ -89,7 +93,7 @@ def replay_samples(stream, num_experts: int, top_k: int, max_samples: int, seed:
     rng = np.random.default_rng(seed)
     state = LayerFeatures(L, num_experts, top_k)
     labels = [next_use(v) for v in visits]
-    xs, ys, when = [], [], []
+    xs, ys, when, where = [], [], [], []
     V = max(v.shape[0] for v in visits)
     for t in range(V):  # visits in the replay's order: pass by pass, layer by layer
         for layer in range(L):
@@ -100,9 +104,12 @@ def replay_samples(stream, num_experts: int, top_k: int, max_samples: int, seed:
                 xs.append(feats)
                 ys.append(labels[layer][t])
                 when.append(np.full(num_experts, t))
+                where.append(np.full(num_experts, layer))
     if not xs:
         raise ValueError("the training routing has no layer visits to learn from")
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(when)
+    where = np.concatenate(where)
+    return (np.concatenate(xs), np.concatenate(ys), np.concatenate(when), where,
+            np.tile(np.arange(num_experts), where.size // num_experts))
 
 
 def fit_scorer(x: np.ndarray, n: np.ndarray, visit: np.ndarray, config: EvictionTrainConfig) -> tuple[MLPScorer, dict]:
@@ -162,6 +169,52 @@ def fit_scorer(x: np.ndarray, n: np.ndarray, visit: np.ndarray, config: Eviction
     return MLPScorer(weights), record
 
 
+def fit_affinity(stream, num_experts: int, top_k: int, scorer: MLPScorer, x, n, visit, layer,
+                 expert) -> tuple[np.ndarray, np.ndarray]:
+    """The next-layer affinity of the routing, and how to mix it into the scorer's P(n = 1).
+
+    affinity [L, E, E]: log P(j at layer c + 1 | i at c, same token) / P(j at c + 1), counted over the routing
+    (add-one smoothed; the last layer's row is 0). mix [3]: a, b, c of P(n = 1) = sigmoid(a logit q1 + b s + c),
+    s the mean affinity row of the experts routed at the layer before, fitted by logistic regression on the
+    sampled rows of layers >= 1 (q1: the scorer's own estimate at the layer's previous visit)."""
+    import torch
+
+    visits = layer_visits(stream, num_experts)
+    L, E = len(visits), num_experts
+    V = min(v.shape[0] for v in visits)
+    table = np.zeros((L, E, E))
+    for c in range(L - 1):
+        a, b = visits[c][:V].astype(np.float64), visits[c + 1][:V].astype(np.float64)
+        co, p_i, p_j = a.T @ b, a.sum(0), (b.sum(0) + 1) / (V + E)  # [E, E], [E], [E]
+        table[c] = np.log(((co + p_j) / (p_i[:, None] + 1)) / p_j)
+    rows = np.flatnonzero((layer >= 1) & (visit + 1 < V))
+    if rows.size < 16:
+        return table, np.array([1.0, 0.0, 0.0])
+    rows = np.sort(np.random.default_rng(0).permutation(rows)[:50_000])
+    q1 = np.clip(1 / (1 + np.exp(-scorer(x[rows])[:, 1])), 1e-4, 1 - 1e-4)
+    lr, vr = layer[rows], visit[rows]
+    e = expert[rows]
+    s = np.einsum("ne,ne->n", visits_of(visits, lr - 1, vr + 1), table[lr - 1, :, e]) / top_k
+    target = torch.tensor(n[rows] == 1, dtype=torch.float64)
+    feats = torch.tensor(np.stack([np.log(q1 / (1 - q1)), s], 1))
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(feats @ w[:2] + w[2], target)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return table, w.detach().numpy()
+
+
+def visits_of(visits: list[np.ndarray], layers: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """[N, E] float: the routed experts of layer layers[i] at visit at[i]."""
+    return np.stack([visits[l][v] for l, v in zip(layers.tolist(), at.tolist())]).astype(np.float64)
+
+
 def replay_demand(policy_factory, stream, num_experts: int, capacity: float, calls: int | None = None,
                   start_pass: int = 0) -> tuple[int, int, float]:
     """Drive a fresh policy as the scheduler does with demand fetching only (observe, then each routed expert:
@@ -209,23 +262,28 @@ def measure_cost(policy_factory, stream, num_experts: int, capacity: float = 0.2
                             for _ in range(repeats)]))
 
 
-CHOICES = (("farthest", 1), *(("density", h) for h in (1, 2, 4, 8)))
+CHOICES = (("farthest", 1, False), *(("density", h, a) for h in (1, 2, 4) for a in (False, True)))
 
 
-def choose_rule(scorer: MLPScorer, geometry: dict, stream, start_pass: int, capacities=(0.25, 0.5),
-                calls: int = 60_000) -> tuple[tuple[str, int], dict]:
-    """The (rule, horizon) of the best mean demand hit rate over `capacities`, replayed from `start_pass` (the
-    training routing's held-out tail), and every choice's hit rates."""
+def choice_name(rule: str, horizon: int, affinity: bool) -> str:
+    return f"{rule}/{horizon}" + ("+affinity" if affinity else "")
+
+
+def choose_rule(scorer: MLPScorer, geometry: dict, stream, start_pass: int, affinity, capacities=(0.25, 0.5),
+                calls: int = 20_000) -> tuple[tuple[str, int, bool], dict]:
+    """The (rule, horizon, with affinity) of the best mean demand hit rate over `capacities`, replayed from
+    `start_pass` (the training routing's held-out tail), and every choice's hit rates."""
     E, scores = geometry["num_experts"], {}
-    for rule, h in CHOICES:
+    for rule, h, aff in CHOICES:
         rates = []
         for cap in capacities:
-            hits, misses, _ = replay_demand(lambda: LearnedPolicy(scorer, geometry, rule, h), stream, E, cap, calls,
-                                            start_pass)
+            hits, misses, _ = replay_demand(
+                lambda: LearnedPolicy(scorer, geometry, rule, h, affinity if aff else None), stream, E, cap, calls,
+                start_pass)
             rates.append(hits / max(hits + misses, 1))
-        scores[f"{rule}/{h}"] = rates
-        logger.info("%s horizon %d: held-out demand hit rates %s at %s", rule, h, rates, capacities)
-    best = max(CHOICES, key=lambda c: sum(scores[f"{c[0]}/{c[1]}"]))
+        scores[choice_name(rule, h, aff)] = rates
+        logger.info("%s: held-out demand hit rates %s at %s", choice_name(rule, h, aff), rates, capacities)
+    best = max(CHOICES, key=lambda c: sum(scores[choice_name(*c)]))
     return best, {"capacities": list(capacities), "hit_rates": scores}
 
 
@@ -246,24 +304,30 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
 
     E, k = geometry["num_experts"], geometry["top_k"]
     start = time.perf_counter()
-    x, n, visit = replay_samples(stream, E, k, config.max_samples, config.seed)
+    x, n, visit, layer, expert = replay_samples(stream, E, k, config.max_samples, config.seed)
+    if config.max_recency is not None:  # feature 0 is log1p(recency)
+        keep = x[:, 0] <= np.log1p(config.max_recency) + 1e-9
+        x, n, visit, layer, expert = x[keep], n[keep], visit[keep], layer[keep], expert[keep]
     scorer, record = fit_scorer(x, n, visit, config)
     geo = {name: geometry[name] for name in ("num_layers", "num_experts", "top_k")}
     tail = int(np.quantile(visit, 1 - config.val_fraction)) if config.val_fraction else 0
-    (rule, horizon), chosen = choose_rule(scorer, geo, stream, tail)
-    cost = measure_cost(lambda: LearnedPolicy(scorer, geo, rule, horizon), stream, E)
+    table, mix = fit_affinity(stream, E, k, scorer, x, n, visit, layer, expert)
+    (rule, horizon, aff), chosen = choose_rule(scorer, geo, stream, tail, (table, mix))
+    affinity = (table, mix) if aff else None
+    cost = measure_cost(lambda: LearnedPolicy(scorer, geo, rule, horizon, affinity), stream, E)
     cost_hd = measure_cost(HitDensityPolicy, stream, E)
     training = {"config": asdict(config), "passes": stream.num_passes, "tokens": stream.num_tokens,
                 "samples": int(x.shape[0]), "features": list(FEATURES), "held_out_from_pass": tail,
                 "rule_choice": chosen, "seconds": time.perf_counter() - start, **record, **(describe or {})}
-    info = {"rule": {"name": rule, "horizon": horizon}, "training": training, "cost": {
+    info = {"rule": {"name": rule, "horizon": horizon, "affinity": aff, "mix": mix.tolist()}, "training": training,
+            "cost": {
         "per_call_s": cost, "hit_density_per_call_s": cost_hd, "charged_s": max(0.0, cost - cost_hd),
         "how": "median over 3 replays of 3000 MoE layer calls of the training routing at capacity 0.25, no "
                "predictor: observe + touch + victim + forget through ExpertCache on this CPU "
                "(specmoe.training.eviction.measure_cost), the default hit-density timed in the same way right "
                "after; the simulator charges charged_s per MoE layer call: what the learned policy costs beyond "
                "the default, whose bookkeeping is part of the compute model's wrapper_s"}}
-    save_learned_policy(out, scorer.w, geo, info)
+    save_learned_policy(out, {**scorer.w, **({"affinity": table, "mix": mix} if aff else {})}, geo, info)
     return load_learned_policy(out), {**training, "rule": info["rule"], "cost": info["cost"]}
 
 
@@ -290,7 +354,7 @@ def run_train_policy(args) -> int:
     config = EvictionTrainConfig(seed=args.seed)
     policy, record = train_learned_policy(RoutingStream.from_trace(train), geometry, args.out, config,
                                           {"traces": str(args.traces), "sequences": which})
-    rates = record["rule_choice"]["hit_rates"][f"{policy.rule}/{policy.horizon}"]
+    rates = record["rule_choice"]["hit_rates"][choice_name(policy.rule, policy.horizon, policy.affinity is not None)]
     print(f"learned eviction policy ({policy.rule}, horizon {policy.horizon}): held-out demand hit rate "
           f"{rates[0]:.3f} at 0.25, {rates[1]:.3f} at 0.5 of the experts; {record['cost']['per_call_s'] * 1e6:.1f} "
           f"us per MoE layer call here; trained on {which}; saved to {args.out}")
