@@ -125,15 +125,18 @@ def learned_info(path: Path) -> dict:
     return {"path": str(path), "traces": training.get("traces", "?"), "trained_on": training.get("sequences", "?"),
             "rule": f"{rule.get('name')}, horizon {rule.get('horizon')}"
                     + (", next-layer affinity" if rule.get("affinity") else ""),
-            "cost_us": cost.get("per_call_s", 0.0) * 1e6, "hit_density_us": cost.get("hit_density_per_call_s", 0.0) * 1e6,
+            "cost_us": cost.get("per_call_s", 0.0) * 1e6,
+            "hit_density_us": cost.get("hit_density_per_call_s", 0.0) * 1e6,
             "charged_us": cost.get("charged_s", 0.0) * 1e6, "training": training}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", nargs="+", type=Path, help="routing streams (.safetensors) or trace directories")
-    ap.add_argument("--shapes", nargs="+", choices=sorted(PRESETS), help="model shape per trace (default: by geometry)")
-    ap.add_argument("--compression", nargs="+", default=["none"], help="expert storage schemes, each shape once per scheme")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(PRESETS),
+                    help="model shape per trace (default: by geometry)")
+    ap.add_argument("--compression", nargs="+", default=["none"],
+                    help="expert storage schemes, each shape once per scheme")
     ap.add_argument("--sequences", nargs="+", help="per trace: START:STOP sequences to score, or all (default all)")
     ap.add_argument("--learned", nargs="+", type=Path, help="per trace: a learned policy directory (or none)")
     ap.add_argument("--profile", default="rtx3090", choices=sorted(PROFILES))

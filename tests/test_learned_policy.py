@@ -21,7 +21,7 @@ from specmoe.sim.hardware import PROFILES
 from specmoe.sim.stream import RoutingStream
 from specmoe.training.eviction import EvictionTrainConfig, replay_demand, train_learned_policy
 
-QUICK = EvictionTrainConfig(max_samples=20_000, epochs=3, hidden=8)
+QUICK = EvictionTrainConfig(max_samples=20_000, epochs=3, hidden=8, cost_calls=500)
 
 
 def hot_stream(tokens=400, L=4, E=16, k=2, seed=0) -> RoutingStream:
@@ -77,7 +77,7 @@ def test_round_trip_and_atomic_overwrite(trained, tmp_path):
     train_learned_policy(stream, geometry_of(stream), target, QUICK)
     first = (target / "model.safetensors").read_bytes()
     train_learned_policy(stream, geometry_of(stream), target, EvictionTrainConfig(max_samples=20_000, epochs=1,
-                                                                                  hidden=4, seed=3))
+                                                                                  hidden=4, seed=3, cost_calls=100))
     assert (target / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # nothing left beside it
     assert isinstance(make_policy(str(target)), LearnedPolicy) and isinstance(make_policy(target), LearnedPolicy)
@@ -189,17 +189,17 @@ def test_train_and_simulate_cli(tmp_path, trained):
     from routing_synth import synthetic_trace
     from specmoe.traces.shards import TraceManifest, TraceWriter
 
-    trace = synthetic_trace(L=24, E=60, k=4, sequences=12, length=16)  # qwen1.5-moe-a2.7b's routing geometry
+    trace = synthetic_trace(L=24, E=60, k=4, sequences=6, length=12)  # qwen1.5-moe-a2.7b's routing geometry
     manifest = TraceManifest(model="synthetic", geometry=trace.geometry, dtype="float32", source={})
     with TraceWriter(tmp_path / "traces", manifest) as w:  # routing only, as import-routing writes
         for s, e in zip(trace.offsets[:-1].tolist(), trace.offsets[1:].tolist()):
             w.add(trace.ids[s:e], trace.weights[s:e], {})
-    assert main(["train", str(tmp_path / "traces"), "--policy", "learned", "--sequences", "0:8",
+    assert main(["train", str(tmp_path / "traces"), "--policy", "learned", "--sequences", "0:4",
                  "--out", str(tmp_path / "pol")]) == 0
     config = json.loads((tmp_path / "pol" / "config.json").read_text())
-    assert config["training"]["sequences"] == "sequences 0:8 of 12"
+    assert config["training"]["sequences"] == "sequences 0:4 of 6"
     assert main(["simulate", "--trace", str(tmp_path / "traces"), "--policies", "lru", str(tmp_path / "pol"),
-                 "--prefetch-policies", str(tmp_path / "pol"), "--capacities", "0.5", "--warmup", "8",
+                 "--prefetch-policies", str(tmp_path / "pol"), "--capacities", "0.5", "--warmup", "4",
                  "--out", str(tmp_path / "sim")]) == 0
     runs = json.loads((tmp_path / "sim" / "simulate.json").read_text())["runs"]
     assert {r["policy"] for r in runs} >= {"lru", str(tmp_path / "pol")}

@@ -131,7 +131,8 @@ class LearnedPolicy(LRUPolicy):
             raise ValueError(f"need rule in {RULES} and 1 <= horizon <= {HEADS}, got {rule!r}, {horizon}")
         L, E = geometry["num_layers"], geometry["num_experts"]
         if affinity is not None and (affinity[0].shape != (L, E, E) or affinity[1].shape != (3,)):
-            raise ValueError(f"affinity must be [{L}, {E}, {E}] and mix [3], got {affinity[0].shape}, {affinity[1].shape}")
+            raise ValueError(f"affinity must be [{L}, {E}, {E}] and mix [3], got {affinity[0].shape}, "
+                             f"{affinity[1].shape}")
         super().__init__()
         self.affinity = affinity
         self.scorer, self.geometry, self.info = scorer, dict(geometry), dict(info or {})

@@ -37,6 +37,7 @@ class EvictionTrainConfig:
         epochs / batch_size / lr: Adam on the mean squared error of log n.
         val_fraction: the last share of the training passes held out to pick the best epoch.
         seed: seeds the sampling and the weights.
+        choice_calls / cost_calls: MoE layer calls replayed per choice of rule / to time the policy.
         max_recency: fit only rows of experts routed at most this many visits ago (the likely residents, whose
             ranking eviction needs); None: every expert of a sampled visit.
     """
@@ -49,6 +50,8 @@ class EvictionTrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     max_recency: int | None = None
+    choice_calls: int = 20_000
+    cost_calls: int = 3000
 
     def __post_init__(self):
         if self.hidden < 1 or self.max_samples < 16 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -117,6 +120,15 @@ def fit_scorer(x: np.ndarray, n: np.ndarray, visit: np.ndarray, config: Eviction
     j = 1..HEADS), the last `val_fraction` of visits held out; returns the best epoch's scorer."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread (and does not crowd a shared host)
+    try:
+        return _fit(torch, x, n, visit, config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(torch, x, n, visit, config):
     torch.manual_seed(config.seed)
     cut = np.quantile(visit, 1 - config.val_fraction) if config.val_fraction else visit.max() + 1
     train, val = visit < cut, visit >= cut
@@ -222,7 +234,7 @@ def replay_demand(policy_factory, stream, num_experts: int, capacity: float, cal
     calls of `stream` from `start_pass` (at most `calls`), at `capacity` (a fraction of L * E slots).
 
     Returns:
-        (hits, misses, seconds per layer call)."""
+        (hits, misses, CPU seconds of this process per layer call)."""
     from ..runtime.cache import ExpertCache
 
     visits = layer_visits(stream, num_experts)
@@ -233,7 +245,7 @@ def replay_demand(policy_factory, stream, num_experts: int, capacity: float, cal
     cache = ExpertCache(max(1, int(round(capacity * L * num_experts))), L, num_experts, None, policy_factory())
     policy, slot_of, hits, misses = cache.policy, cache.slot_of, 0, 0
     observe = getattr(policy, "observe", None)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: a shared machine's other load is not counted
     for layer, routed in seq:
         pinned = set()
         if observe is not None:
@@ -251,7 +263,7 @@ def replay_demand(policy_factory, stream, num_experts: int, capacity: float, cal
                 hits += 1
                 policy.touch(slot)
             pinned.add(slot)
-    return hits, misses, (time.perf_counter() - start) / max(len(seq), 1)
+    return hits, misses, (time.process_time() - start) / max(len(seq), 1)
 
 
 def measure_cost(policy_factory, stream, num_experts: int, capacity: float = 0.25, calls: int = 3000,
@@ -312,21 +324,21 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
     geo = {name: geometry[name] for name in ("num_layers", "num_experts", "top_k")}
     tail = int(np.quantile(visit, 1 - config.val_fraction)) if config.val_fraction else 0
     table, mix = fit_affinity(stream, E, k, scorer, x, n, visit, layer, expert)
-    (rule, horizon, aff), chosen = choose_rule(scorer, geo, stream, tail, (table, mix))
+    (rule, horizon, aff), chosen = choose_rule(scorer, geo, stream, tail, (table, mix), calls=config.choice_calls)
     affinity = (table, mix) if aff else None
-    cost = measure_cost(lambda: LearnedPolicy(scorer, geo, rule, horizon, affinity), stream, E)
-    cost_hd = measure_cost(HitDensityPolicy, stream, E)
+    cost = measure_cost(lambda: LearnedPolicy(scorer, geo, rule, horizon, affinity), stream, E, calls=config.cost_calls)
+    cost_hd = measure_cost(HitDensityPolicy, stream, E, calls=config.cost_calls)
     training = {"config": asdict(config), "passes": stream.num_passes, "tokens": stream.num_tokens,
                 "samples": int(x.shape[0]), "features": list(FEATURES), "held_out_from_pass": tail,
                 "rule_choice": chosen, "seconds": time.perf_counter() - start, **record, **(describe or {})}
+    how = (f"median over 3 replays of {config.cost_calls} MoE layer calls of the training routing at capacity 0.25, "
+           "no predictor: process CPU time of observe + touch + victim + forget through ExpertCache on this CPU "
+           "(specmoe.training.eviction.measure_cost), the default hit-density timed in the same way right after; "
+           "the simulator charges charged_s per MoE layer call: what the learned policy costs beyond the default, "
+           "whose bookkeeping is part of the compute model's wrapper_s")
     info = {"rule": {"name": rule, "horizon": horizon, "affinity": aff, "mix": mix.tolist()}, "training": training,
-            "cost": {
-        "per_call_s": cost, "hit_density_per_call_s": cost_hd, "charged_s": max(0.0, cost - cost_hd),
-        "how": "median over 3 replays of 3000 MoE layer calls of the training routing at capacity 0.25, no "
-               "predictor: observe + touch + victim + forget through ExpertCache on this CPU "
-               "(specmoe.training.eviction.measure_cost), the default hit-density timed in the same way right "
-               "after; the simulator charges charged_s per MoE layer call: what the learned policy costs beyond "
-               "the default, whose bookkeeping is part of the compute model's wrapper_s"}}
+            "cost": {"per_call_s": cost, "hit_density_per_call_s": cost_hd, "charged_s": max(0.0, cost - cost_hd),
+                     "how": how}}
     save_learned_policy(out, {**scorer.w, **({"affinity": table, "mix": mix} if aff else {})}, geo, info)
     return load_learned_policy(out), {**training, "rule": info["rule"], "cost": info["cost"]}
 
