@@ -75,7 +75,7 @@ def trace_markdown(entry: dict) -> str:
         rows.append([f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else ""), label(r, learned),
                      f"{r['hit_rate']:.3f}", f"{r['bytes_moved'] / max(r['tokens'], 1) / MiB:.0f}", f"{r['tok_s']:.2f}",
                      f"{r['bound_tok_s']:.2f}"])
-    head = (f"## {entry['trace']} ({entry['shape']}, {entry['scored']}: {entry['passes']} passes, {entry['tokens']} "
+    head = (f"*{entry['trace']}* ({entry['shape']}, {entry['scored']}: {entry['passes']} passes, {entry['tokens']} "
             "tokens)\n\n")
     if learned:
         t = entry["learned"]
@@ -146,7 +146,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-prefetch", action="store_true", help="skip the runs with the oracle's prefetches")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="eviction_policies")
+    ap.add_argument("--render", action="store_true", help="only rewrite <name>.md/.png from <name>.json")
     args = ap.parse_args(argv)
+    json_path = args.out / f"{args.name}.json"
+    if args.render:
+        write_report(read_json(json_path, what="eviction results"), json_path)
+        return 0
     for opt in ("shapes", "sequences", "learned"):
         if getattr(args, opt) and len(getattr(args, opt)) != len(args.traces):
             ap.error(f"give one --{opt} entry per trace")
@@ -180,12 +185,18 @@ def main(argv=None) -> int:
                 entry["learned"] = learned_info(learned)
             out["traces"].append(entry)
             print(trace_markdown(entry) + "\n", flush=True)
-    json_path = args.out / f"{args.name}.json"
     write_json(json_path, out)
-    env = out["environment"]
-    md = [f"# Eviction policies (simulated, {profile.name})\n",
-          f"Default policy: {DEFAULT_POLICY}. git {env.get('git_sha', '?')}; warm-up {args.warmup} passes (at most "
-          "half the stream)" + (f"; first {args.max_passes} passes" if args.max_passes else "") + ".\n"]
+    write_report(out, json_path)
+    return 0
+
+
+def write_report(out: dict, json_path: Path) -> None:
+    """<name>.md and <name>.png from the results."""
+    env, s = out["environment"], out["settings"]
+    md = [f"**Eviction policies, simulated decode on {s['profile']}** (hit rate, MiB moved per token and tok/s from "
+          "the simulator, not measured on a GPU). "
+          f"Default policy: {s['default_policy']}. git {env.get('git_sha', '?')}; warm-up {s['warmup_passes']} passes "
+          "(at most half the stream)" + (f"; first {s['max_passes']} passes" if s.get("max_passes") else "") + ".\n"]
     md += [trace_markdown(t) + "\n" for t in out["traces"]]
     png = json_path.with_suffix(".png")
     if plot(out, png):
@@ -193,7 +204,6 @@ def main(argv=None) -> int:
                   f"{png.name}.\n")
     write_text(json_path.with_suffix(".md"), "\n".join(md))
     print(f"wrote {json_path}, {json_path.with_suffix('.md')}")
-    return 0
 
 
 if __name__ == "__main__":
