@@ -345,7 +345,7 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
 
 def run_train_policy(args) -> int:
     """`specmoe train TRACES --policy learned --out DIR` (see training/cli.py for the arguments)."""
-    from ..sim.stream import RoutingStream
+    from ..traces.routing import Routing
     from ..traces.dataset import load_traces
 
     trace = load_traces(args.traces, hidden=False, max_tokens=args.max_tokens)
@@ -364,7 +364,7 @@ def run_train_policy(args) -> int:
     geo = trace.geometry
     geometry = {"num_layers": geo.num_layers, "num_experts": geo.num_experts, "top_k": geo.top_k}
     config = EvictionTrainConfig(seed=args.seed)
-    policy, record = train_learned_policy(RoutingStream.from_trace(train), geometry, args.out, config,
+    policy, record = train_learned_policy(Routing.from_trace(train), geometry, args.out, config,
                                           {"traces": str(args.traces), "sequences": which})
     rates = record["rule_choice"]["hit_rates"][choice_name(policy.rule, policy.horizon, policy.affinity is not None)]
     print(f"learned eviction policy ({policy.rule}, horizon {policy.horizon}): held-out demand hit rate "
