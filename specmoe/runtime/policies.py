@@ -18,6 +18,7 @@ than a token's working set it gets no hits at all. `HitDensityPolicy` (the defau
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -221,11 +222,16 @@ DEFAULT_POLICY = "hit-density"  # SpeculativeMoE's and the simulator's default
 
 
 def make_policy(policy) -> object:
-    """A fresh policy by name ("default" is DEFAULT_POLICY), or a policy object checked for the interface.
+    """A fresh policy by name ("default" is DEFAULT_POLICY) or learned-policy directory, or a policy object
+    checked for the interface.
 
     Raises:
         ValueError: an unknown name. TypeError: an object without touch/forget/victim.
     """
+    if isinstance(policy, (str, os.PathLike)) and str(policy) not in (*POLICIES, "default") and os.path.isdir(policy):
+        from .learned_policy import load_learned_policy  # a directory from `specmoe train --policy learned`
+
+        return load_learned_policy(policy)
     if isinstance(policy, str):
         name = DEFAULT_POLICY if policy == "default" else policy
         if name not in POLICIES:

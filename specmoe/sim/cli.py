@@ -12,7 +12,7 @@ from ..io import check_outputs, check_stem, write_json, write_text
 from ..runtime.capacity import capacity_arg
 from .hardware import PROFILES, HardwareProfile
 from .host import HOST_PROFILES
-from .policies import POLICY_NAMES, resolve_policy_name
+from .policies import POLICY_NAMES, is_known_policy, resolve_policy_name
 from .shapes import PRESETS, ModelShape, matching_presets
 from .stream import load_stream
 from .sweep import SweepSettings, run_sweep
@@ -46,11 +46,11 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", action="store_true",
                    help="also run a static placement (the trace's hottest experts resident, misses on the host, "
                         "never copied: llama.cpp's --n-cpu-moe baseline); needs --host")
-    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"], choices=POLICY_NAMES,
-                   metavar="POLICY", help=f"eviction policies without a predictor: {', '.join(POLICY_NAMES)} "
+    p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"], type=_policy,
+                   metavar="POLICY", help=f"eviction policies without a predictor: {', '.join(POLICY_NAMES)} or "
+                   "learned policy directories (specmoe train --policy learned) "
                    "('default' is the runtime's policy; default: lru lfu default belady)")
-    p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], metavar="POLICY",
-                   choices=[name for name in POLICY_NAMES if name != "belady"],
+    p.add_argument("--prefetch-policies", nargs="+", default=["lru", "default"], metavar="POLICY", type=_policy,
                    help="eviction policies run with each predictor (default: lru default)")
     p.add_argument("--predictors", nargs="+", default=["oracle"],
                    help="oracle, pregate, or directories of saved predictors (pregate and hidden-state predictors "
@@ -103,6 +103,14 @@ def resolve_shapes(args, stream) -> list[ModelShape]:
                 configs = [assumed]
     base = [ModelShape.from_name(s) for s in args.shapes] + configs
     return [s.compressed(c) for s in base for c in args.compression]
+
+
+def _policy(name: str) -> str:
+    """An eviction policy's name or a learned policy's directory (argparse type)."""
+    if not is_known_policy(name):
+        raise argparse.ArgumentTypeError(f"{name!r} is neither one of {', '.join(POLICY_NAMES)} nor a directory")
+    return name
+
 
 
 def _routers(model_path: str | None):

@@ -230,8 +230,10 @@ class _Replay:
         self.res = SimResult(num_slots=self.num_slots, device_bytes=device_weight_bytes(shape, self.num_slots))
         self.engine = ClockEngine(self.num_slots or 0, copy_s, compute.copy_issue_s, sync_copies)
         self.sched = costs = None
+        self.policy_s = 0.0
         if self.wrapped:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
+            self.policy_s = getattr(cache.policy, "host_s_per_call", 0.0)  # a learned policy's measured cost
             crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)  # one token, both ways
             costs = HostMissCosts(copy_s, host, shape, crossing) if host is not None else None
             self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
@@ -268,7 +270,7 @@ class _Replay:
                 c = costs_by_tokens[T] = pass_costs(self.shape, self.profile, self.compute, self.ops, T, self.context)
             host_layer, dev_layer, host_experts = c.host_layer, c.dev_layer, c.host_experts
             dev_expert, dev_pair = c.dev_expert, c.dev_expert_tokens
-            host_call = c.host_wrapper + (c.host_predictor if candidates is not None else 0.0)
+            host_call = c.host_wrapper + (c.host_predictor if candidates is not None else 0.0) + self.policy_s
             cands = candidates[p] if candidates is not None else None
             pairs_of = routed_pairs[p]
             h = eng.h

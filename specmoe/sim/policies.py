@@ -1,6 +1,8 @@
 """Eviction policies for the simulator: the runtime's own (`specmoe.runtime.policies`: lru, lfu, hit-density,
 "default") and one that needs the future, so it exists only here:
 
+A directory written by `specmoe train --policy learned` names a learned policy (`runtime.learned_policy`).
+
 * `BeladyPolicy`: Belady's MIN, evicting the expert whose next use is farthest in the future. With demand
   fetching only it gives the fewest misses any cache of that size can have: the bound every policy and
   predictor is compared with.
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import heapq
+import os
 import itertools
 from collections.abc import Callable
 
@@ -127,9 +130,15 @@ def make_sim_policy(name: str, passes=None, num_layers: int | None = None):
         if passes is None or num_layers is None:
             raise ValueError("the belady policy needs the routing stream's passes (its future)")
         return BeladyPolicy(future_uses(passes, num_layers))
-    if name not in POLICY_NAMES:
-        raise ValueError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES}")
+    if name not in POLICY_NAMES and not is_known_policy(name):
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {POLICY_NAMES} or a learned policy's "
+                         "directory (specmoe train --policy learned)")
     return make_policy(name)
+
+
+def is_known_policy(name) -> bool:
+    """A policy name the simulator runs, or a directory (a learned policy, `specmoe train --policy learned`)."""
+    return name in POLICY_NAMES or os.path.isdir(str(name))
 
 
 def resolve_policy_name(name: str) -> str:

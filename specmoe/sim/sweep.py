@@ -18,7 +18,7 @@ from .compute import ComputeModel, load_op_counts
 from .engine import simulate
 from .hardware import HardwareProfile
 from .host import HostProfile
-from .policies import DEFAULT_POLICY, POLICY_NAMES
+from .policies import DEFAULT_POLICY, POLICY_NAMES, is_known_policy
 from .predictions import PredictorReplay
 from .shapes import ModelShape
 from .stream import RoutingStream
@@ -62,7 +62,7 @@ class SweepSettings:
             raise ValueError(f"capacities must be fractions in (0, 1], got {self.capacities}")
         if not self.policies and not self.prefetch_policies:
             raise ValueError("give at least one policy")
-        unknown = [p for p in self.policies + self.prefetch_policies if p not in POLICY_NAMES]
+        unknown = [p for p in self.policies + self.prefetch_policies if not is_known_policy(p)]
         if unknown or "belady" in self.prefetch_policies:
             raise ValueError(f"unknown policies {unknown or ['belady (needs demand fetching)']}: choose from "
                              f"{POLICY_NAMES} (belady only without a predictor)")

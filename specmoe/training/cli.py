@@ -1,6 +1,7 @@
 """`specmoe train` and `specmoe eval`: fit a predictor on routing traces; compare predictors on held-out ones.
 
     specmoe train TRACES --predictor interlayer --out predictors/interlayer
+    specmoe train TRACES --policy learned --out policies/learned       # an eviction policy (training/eviction.py)
     specmoe eval TRACES --predictor predictors/interlayer --out eval/
 """
 
@@ -44,10 +45,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     _add_split_arguments(p)
-    p.add_argument("--predictor", choices=KINDS, required=True, help="what to train")
-    p.add_argument("--out", type=Path, required=True,
-                   help="directory for config.json + model.safetensors + training.json (written at once at the end)")
-    p.add_argument("--overwrite", action="store_true", help="replace a predictor already in --out")
+    p.add_argument("--predictor", choices=KINDS, help="what to train (or --policy)")
+    p.add_argument("--policy", choices=("learned",), help="train an eviction policy instead: learned (imitates "
+                   "Belady's MIN on the training sequences; SpeculativeMoE(policy=DIR), simulate --policies DIR)")
+    p.add_argument("--sequences", default=None, metavar="START:STOP",
+                   help="--policy: train on these sequences of TRACES instead of the split's train part")
+    p.add_argument("--out", type=Path, required=True, help="directory for config.json + model.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace a predictor (or policy) already in --out")
     p.add_argument("--no-wrap", dest="wrap", action="store_false", help="do not predict the next token's layers")
     p.add_argument("--context", type=int, default=None, help="known layers used (interlayer: 3, history: 1)")
     p.add_argument("--dim", type=int, default=None, help="network width (interlayer/hidden)")
@@ -84,15 +88,22 @@ def predictor_options(args) -> dict:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..io import check_out_dir
+
+    if (args.predictor is None) == (args.policy is None):
+        raise SystemExit("give one of --predictor KIND or --policy learned")
+    check_out_dir(args.out, args.overwrite)  # before any work
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "config.json").is_file():
+        raise FileExistsError(f"--out {args.out} holds files that are not a saved predictor or policy; --overwrite "
+                              "replaces such a directory (it is written whole), not other files")
+    if args.policy is not None:
+        from .eviction import run_train_policy
+
+        return run_train_policy(args)
     from ..measure import environment
     from ..predictors import save_predictor
     from .fit import fit_predictor
     from .loop import TrainConfig
 
-    check_out_dir(args.out, args.overwrite)  # before any work
-    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "config.json").is_file():
-        raise FileExistsError(f"--out {args.out} holds files that are not a saved predictor; --overwrite replaces "
-                              "a predictor directory (it is written whole), not other files")
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, eval_every=args.eval_every, patience=args.patience,
