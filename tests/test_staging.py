@@ -123,9 +123,9 @@ def test_the_scheduler_reads_ahead_the_prefetches_that_wait_behind_the_bound():
     sched = Scheduler(ExpertCache(6, 2, 8, None, "lru"), StoreToPool(engine, store, pool), 2, 1, 16)
     (ring,) = store.rings
     candidates = [(1, 5), (1, 6), (1, 7)]  # best first; one copy may be in flight at a time
-    sched.begin(0, 0, [0, 1], candidates)  # pass 0, layer 0 routed to experts 0 and 1
-    slots = sched.start(0, [0, 1])
-    sched.release(slots)
+    plan = sched.plan(0, 0, [0, 1], candidates)  # pass 0, layer 0 routed to experts 0 and 1
+    while sched.step(plan):  # acquire; then (compute issued) prefetch and release
+        pass
     assert sched.stats[1].prefetch_issued == 1  # (1, 5) in flight, the other two wait their turn ...
     assert set(ring.ahead) == {(1, 6), (1, 7)}  # ... and are read from the store meanwhile
     assert int(pool[sched.cache.slot_of[(1, 5)], 0]) == 16 + 5

@@ -23,21 +23,25 @@ import torch
 
 from ..predictors.base import rank_by_votes, top_candidates
 from .adapters import MoELayer
-from .scheduler import Scheduler
+from .scheduler import LayerPlan, Scheduler
 
 
 class ListCall:
-    """The state of one ModuleList layer call, which its experts' hooks read: the scheduler's chunks (`run`), the
-    routed experts, those computed on the host, and expert -> slot of the current chunk."""
+    """The state of one ModuleList layer call, which its experts' hooks read: the scheduler's plan (stepped chunk
+    by chunk), the routed experts, those computed on the host, and expert -> slot of the current chunk."""
 
-    def __init__(self, chunks=(), routed=(), on_host=()):
-        self.chunks, self.routed, self.on_host = iter(chunks), set(routed), set(on_host)
+    def __init__(self, scheduler=None, plan: LayerPlan | None = None):
+        self.scheduler, self.plan = scheduler, plan
+        self.routed = set(plan.device) if plan is not None else set()
+        self.on_host = set(plan.host) if plan is not None else set()
         self.slots: dict[int, int] = {}
 
     def next_chunk(self) -> bool:
-        chunk, slots = next(self.chunks, ((), ()))
-        self.slots = dict(zip(chunk, slots))
-        return bool(chunk)
+        if self.plan is None or not self.scheduler.step(self.plan):
+            self.slots = {}
+            return False
+        self.slots = dict(zip(self.plan.chunk, self.plan.slots))
+        return bool(self.plan.chunk)
 
 
 class HotPath:
@@ -75,27 +79,35 @@ class HotPath:
         self._history: torch.Tensor | None = None  # [T, L, k] ids routed in the current pass
         self._call = ListCall()  # the ModuleList layer call running (none: empty)
 
-    def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int]]:
+    def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> LayerPlan:
         """Record routing, run the predictor, and with one host sync learn the routed and predicted experts;
-        hand both to the scheduler. Returns (routed experts the device computes, those the host computes),
-        each ascending (`Scheduler.split`)."""
+        returns the scheduler's plan of this call (`Scheduler.plan`)."""
         geo = self.geometry
         L = geo.num_layers
         T = hidden.shape[0]
-        ids = ids.reshape(T, -1).long()  # [T, k]
+        ids = ids.reshape(T, -1)  # [T, k]
+        predictor = self.predictor
+        if predictor is None:
+            host = ids.flatten().tolist()  # the one device->host sync of this layer
+            self.host_syncs += 1
+            needed = sorted(set(host))
+            if needed and needed[0] < 0:  # -1: a route to no expert
+                needed = needed[1:]
+            sched = self.scheduler
+            return sched.plan(self.pass_index, layer, needed, (), Counter(host) if sched.misses != "fetch" else None)
+        ids = ids.long()
         targets: list[int] = []
         parts = [ids.flatten()]
-        if self.predictor is not None:
-            if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
-                self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
-            self._history[:, layer] = ids
-            scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
-            # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
-            targets = sorted(t for t in scores if t < L or self.wrap)
-            if targets:
-                m = min(self.prefetch_width, geo.num_experts)
-                stacked = torch.stack([scores[t] for t in targets])  # [n_targets, T, E]
-                parts.append(top_candidates(stacked, m).flatten())  # [n_targets * T * m], best first, -1: none
+        if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
+            self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
+        self._history[:, layer] = ids
+        scores = predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
+        # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
+        targets = sorted(t for t in scores if t < L or self.wrap)
+        if targets:
+            m = min(self.prefetch_width, geo.num_experts)
+            stacked = torch.stack([scores[t] for t in targets])  # [n_targets, T, E]
+            parts.append(top_candidates(stacked, m).flatten())  # [n_targets * T * m], best first, -1: none
         host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self.host_syncs += 1
         n = ids.numel()
@@ -105,23 +117,26 @@ class HotPath:
             m = (len(host) - n) // (len(targets) * T)
             for i, t in enumerate(targets):
                 candidates.extend((t % L, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
-        self.scheduler.begin(self.pass_index, layer, needed, candidates)
-        return self.scheduler.split(layer, needed, Counter(host[:n]))  # expert -> tokens routed to it
+        sched = self.scheduler
+        return sched.plan(self.pass_index, layer, needed, candidates,
+                          Counter(host[:n]) if sched.misses != "fetch" else None)  # expert -> tokens routed to it
 
     def fused_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, ids, weights = layer.layout.routing(layer.experts, args, kwargs, self.geometry.top_k)
-        needed, host = self.route(layer.index, hidden, ids)
-        compute = self.experts_compute.compute
-        if not host and len(needed) <= self.num_slots:
-            for chosen, _ in self.scheduler.run(layer.index, needed):
-                out = compute(layer, args, kwargs, ids, weights, chosen, partial=False)
+        plan = self.route(layer.index, hidden, ids)
+        compute, step = self.experts_compute.compute, self.scheduler.step
+        if not plan.host and len(plan.device) <= self.num_slots:
+            step(plan)  # acquire
+            out = compute(layer, args, kwargs, ids, weights, plan.device, partial=False)
+            step(plan)  # the compute is issued: prefetch while it runs, then release
             return out
         # Experts on the host, or more distinct experts than slots: sum partial outputs, masking the rest.
-        job = self.host.submit(layer, hidden, ids.reshape(hidden.shape[0], -1), weights, host) if host else None
+        job = self.host.submit(layer, hidden, ids.reshape(hidden.shape[0], -1), weights, plan.host) \
+            if plan.host else None
         total = None  # the host starts at once on its worker; its output joins the device's at the end
-        for chunk, _ in self.scheduler.run(layer.index, needed):
-            if chunk:
-                part = compute(layer, args, kwargs, ids, weights, chunk, partial=True).float()
+        while step(plan):
+            if plan.chunk:
+                part = compute(layer, args, kwargs, ids, weights, plan.chunk, partial=True).float()
                 total = part if total is None else total + part
         if job is not None:
             out = job.result().to(self.device, non_blocking=True)  # [T, H] float32
@@ -133,12 +148,12 @@ class HotPath:
         scheduler's next chunk when an expert is not in the current one."""
         experts, layout = layer.experts, layer.layout
         hidden, ids, _ = layout.routing(experts, args, kwargs, self.geometry.top_k)
-        needed, host = self.route(layer.index, hidden, ids)
+        plan = self.route(layer.index, hidden, ids)
         # experts on the host run one by one inside the family's loop, as the others (hooks below)
-        call = self._call = ListCall(self.scheduler.run(layer.index, needed), needed, host)
+        call = self._call = ListCall(self.scheduler, plan)
         call.next_chunk()
         out = type(experts).forward(experts, *args, **kwargs)
-        for _ in call.chunks:  # release the last chunk (and prefetch, after chunks)
+        while self.scheduler.step(plan):  # release the last chunk (and prefetch, after chunks)
             pass
         self._call = ListCall()
         return out

@@ -41,7 +41,8 @@ class Stats:
     # The totals read directly: ``stats.hits`` is ``stats.total.hits``.
     hits = property(lambda self: self.total.hits, doc="routed experts found resident or in flight, all layers")
     hits_in_flight = property(lambda self: self.total.hits_in_flight, doc="of the hits, those still copying")
-    misses = property(lambda self: self.total.misses, doc="routed experts fetched on demand, all layers")
+    misses = property(lambda self: self.total.misses, doc="routed experts not resident (fetched or computed on the host)")
+    host_computed = property(lambda self: self.total.host_computed, doc="of the misses, those computed on the host")
     prefetch_issued = property(lambda self: self.total.prefetch_issued)
     prefetch_used = property(lambda self: self.total.prefetch_used)
     prefetch_wasted = property(lambda self: self.total.prefetch_wasted)
@@ -49,8 +50,25 @@ class Stats:
 
     @property
     def hit_rate(self) -> float:
+        """Share of routed experts found resident or in flight (1.0 when nothing was routed: nothing missed)."""
         n = self.total.hits + self.total.misses
-        return self.total.hits / n if n else 0.0
+        return self.total.hits / n if n else 1.0
+
+    @property
+    def hits_resident(self) -> int:
+        """Hits on experts whose copy had landed (the others, `hits_in_flight`, waited on a copy)."""
+        return self.total.hits - self.total.hits_in_flight
+
+    @property
+    def copies(self) -> int:
+        """Expert copies host -> device: demand fetches and prefetches."""
+        return self.total.misses - self.total.host_computed + self.total.prefetch_issued
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Share of the routed experts not kept by the cache itself that a prefetch brought in time or late."""
+        n = self.total.prefetch_used + self.total.misses
+        return self.total.prefetch_used / n if n else 0.0
 
     @property
     def prefetch_precision(self) -> float:
@@ -63,6 +81,9 @@ class Stats:
             **asdict(self.total),
             "hit_rate": self.hit_rate,
             "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
+            "hits_resident": self.hits_resident,
+            "copies": self.copies,
             "stall_s": self.stall_s,
             "stall_waits": self.stall_waits,
             "host_syncs": self.host_syncs,

@@ -23,13 +23,14 @@ Every decision of step 2 (acquire, evict, prefetch, chunk; the counters) is the 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..runtime.cache import ExpertCache
 from ..runtime.capacity import resolve_capacity
 from ..runtime.misses import check_misses, hottest
 from ..runtime.policies import DEFAULT_POLICY
 from ..runtime.scheduler import Scheduler
+from ..runtime.stats import LayerStats, Stats
 from .clock import ClockEngine, HostMissCosts
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
@@ -43,23 +44,14 @@ __all__ = ["ClockEngine", "HostMissCosts", "SimResult", "device_weight_bytes", "
 
 
 @dataclass
-class SimResult:
-    """What one simulated run did over its measured passes (warm-up passes excluded)."""
+class SimResult(Stats):
+    """What one simulated run did over its measured passes (warm-up passes excluded): the runtime's `Stats`
+    (the same counters, per MoE layer, from the same scheduler) and the clock's figures."""
 
     passes: int = 0
     tokens: int = 0
     time_s: float = 0.0
-    stall_s: float = 0.0
-    hits: int = 0
-    hits_in_flight: int = 0
-    misses: int = 0  # routed experts not resident: fetched, or computed on the host
-    host_computed: int = 0  # of the misses, those computed on the host
     host_s: float = 0.0  # seconds the host worker spent on experts (and their hidden states crossing)
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0
-    copies: int = 0
-    bytes_moved: int = 0
     num_slots: int | None = None  # None: unwrapped, all experts resident
     device_bytes: int = 0  # weights + cache on the device (no KV cache, no workspace)
     pass_times: list[float] = field(default_factory=list, repr=False)  # every pass, warm-up included
@@ -68,28 +60,14 @@ class SimResult:
     def tok_s(self) -> float:
         return self.tokens / self.time_s if self.time_s > 0 else 0.0
 
-    @property
-    def hit_rate(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 1.0
-
-    @property
-    def prefetch_precision(self) -> float:
-        settled = self.prefetch_used + self.prefetch_wasted
-        return self.prefetch_used / settled if settled else 0.0
-
-    @property
-    def prefetch_recall(self) -> float:
-        """Share of the routed experts not kept by the cache itself that a prefetch brought in time or late."""
-        n = self.prefetch_used + self.misses
-        return self.prefetch_used / n if n else 0.0
-
-    def to_dict(self, pass_times: bool = False) -> dict:
-        out = asdict(self)
-        if not pass_times:
-            out.pop("pass_times")
-        out.update(tok_s=self.tok_s, hit_rate=self.hit_rate, prefetch_precision=self.prefetch_precision,
-                   prefetch_recall=self.prefetch_recall)
+    def to_dict(self, pass_times: bool = False, per_layer: bool = False) -> dict:
+        out = super().to_dict()
+        if not per_layer:
+            out.pop("per_layer")
+        out.update(passes=self.passes, tokens=self.tokens, time_s=self.time_s, host_s=self.host_s,
+                   num_slots=self.num_slots, device_bytes=self.device_bytes, tok_s=self.tok_s)
+        if pass_times:
+            out["pass_times"] = list(self.pass_times)
         return out
 
 
@@ -181,8 +159,6 @@ def stream_frequencies(stream: RoutingStream, num_experts: int) -> list[list[int
 
 
 TRANSFERS = ("stream", "sync")
-_COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
-             "bytes_moved")
 
 
 def _routing_lists(stream: RoutingStream) -> tuple[list, list]:
@@ -227,7 +203,8 @@ class _Replay:
         self.wrapped = capacity is not None
         self.num_slots = resolve_capacity(capacity, L, E, shape.slot_bytes) if self.wrapped else None
         copy_s = profile.copy_seconds(shape.transfer_bytes)  # compressed slots: the compressed bytes, no dequantize
-        self.res = SimResult(num_slots=self.num_slots, device_bytes=device_weight_bytes(shape, self.num_slots))
+        self.res = SimResult(per_layer=[], num_slots=self.num_slots,
+                             device_bytes=device_weight_bytes(shape, self.num_slots))
         self.engine = ClockEngine(self.num_slots or 0, copy_s, compute.copy_issue_s, sync_copies)
         self.sched = costs = None
         if self.wrapped:
@@ -248,19 +225,29 @@ class _Replay:
             self.engine.ready_at[slot] = 0.0
 
     def run(self, warmup_passes: int) -> SimResult:
+        """Replay every pass; the scheduler's plan of each MoE layer call (`Scheduler.plan` / `step`) is carried
+        out on the clocks, in the runtime's order: plan, host experts submitted, acquire, compute issued,
+        prefetches pumped while it runs, release."""
         res, eng, sched, candidates = self.res, self.engine, self.sched, self.candidates
         ready_at = eng.ready_at
+        plan_call = sched.plan if sched is not None else None
+        step = sched.step if sched is not None else None
+        S = self.num_slots or 0
         costs_by_tokens: dict[int, object] = {}
         routing, routed_pairs = _routing_lists(self.stream)
         counts = _expert_tokens(self.stream) if self.on_host else None
         tokens = self.stream.pass_tokens()
-        before, stall, stall_before = None, 0.0, 0.0
+        before, stall, stall_before, calls_before, chunked_before = None, 0.0, 0.0, 0, 0
         g = 0.0  # the device clock (the host's is the engine's: the scheduler's copies move it)
         w = 0.0  # the host worker's clock (misses computed on the host)
         host_busy = host_before = 0.0
+        cross = 0.0
         for p, per_layer in enumerate(routing):
             if p == warmup_passes:
-                before, stall_before = (sched.totals() if sched is not None else None), stall
+                before, stall_before = ([LayerStats(**vars(x)) for x in sched.stats] if sched is not None else None), \
+                    stall
+                calls_before = sched.layer_calls if sched is not None else 0
+                chunked_before = sched.chunked_calls if sched is not None else 0
                 host_before = host_busy
             T = tokens[p]
             c = costs_by_tokens.get(T)
@@ -285,52 +272,45 @@ class _Replay:
                     if h > g:
                         g = h
                     continue
-                # the runtime's experts call: sync, route, acquire, pump, compute
+                # the runtime's experts call: sync, route, plan, host experts, acquire, compute, pump, release
                 eng.h = (h if h > g else g) + host_call
-                sched.begin(p, layer, needed, cands[layer] if cands is not None else ())
-                on_host = ()
-                if counts is not None:
-                    per_expert = counts[p][layer]
-                    needed, on_host = sched.split(layer, needed, per_expert)
-                    if on_host:  # the hidden state crosses, the worker computes beside the device
-                        cross = self.hidden_s(T)
-                        start_w = w if w > eng.h else eng.h
-                        w = start_w + cross + sum(self.host_costs.host_seconds(per_expert[e]) for e in on_host)
-                        host_busy += w - start_w
-                        pairs -= sum(per_expert[e] for e in on_host)
-                slots = sched.start(layer, needed)
-                if slots is not None and not needed:  # every routed expert runs on the host
-                    sched.release(slots)
-                    h = eng.h = w if w > eng.h else eng.h
-                    g = max(g, w + cross, h)
-                    continue
-                if slots is not None:
-                    h = eng.h
-                    free_at = g if g > h else h
-                    for s in slots:  # compute waits for the last copy to land
-                        if ready_at[s] > free_at:
-                            stall += ready_at[s] - free_at
-                            free_at = ready_at[s]
-                    h += host_experts
-                    work = len(needed) * dev_expert
-                    if pairs * dev_pair > work:
-                        work = pairs * dev_pair  # expert_device_seconds
-                    g = free_at + work
-                    if h > g:
-                        g = h
-                    sched.release(slots)
-                    if on_host:  # the runtime waits for the host's output, then adds it on the device
-                        h = eng.h = w if w > eng.h else eng.h
-                        g = max(g, w + cross, h)
-                    continue
-                n = len(needed)
-                for chunk, slots in sched.chunks(layer, needed):
-                    free_at = max(g, eng.h)
-                    landed = max([ready_at[s] for s in slots] + [free_at])
-                    stall += landed - free_at
-                    eng.h += host_experts
-                    g = max(landed + expert_device_seconds(c, len(chunk), pairs * len(chunk) // n), eng.h)
-                if on_host:
+                per_expert = counts[p][layer] if counts is not None else None
+                plan = plan_call(p, layer, needed, cands[layer] if cands is not None else (), per_expert)
+                on_host = plan.host
+                if on_host:  # the hidden state crosses, the worker computes beside the device
+                    cross = self.hidden_s(T)
+                    start_w = w if w > eng.h else eng.h
+                    w = start_w + cross + sum(self.host_costs.host_seconds(per_expert[e]) for e in on_host)
+                    host_busy += w - start_w
+                    pairs -= sum(per_expert[e] for e in on_host)
+                device = plan.device
+                if len(device) <= S:
+                    step(plan)  # acquire
+                    if device:
+                        h = eng.h
+                        free_at = g if g > h else h
+                        for s in plan.slots:  # compute waits for the last copy to land
+                            if ready_at[s] > free_at:
+                                stall += ready_at[s] - free_at
+                                free_at = ready_at[s]
+                        h += host_experts
+                        work = len(device) * dev_expert
+                        if pairs * dev_pair > work:
+                            work = pairs * dev_pair  # expert_device_seconds
+                        g = free_at + work
+                        if h > g:
+                            g = h
+                        eng.h = h
+                    step(plan)  # the compute is issued: prefetch while it runs, release
+                else:
+                    n = len(device)
+                    while step(plan):
+                        free_at = max(g, eng.h)
+                        landed = max([ready_at[s] for s in plan.slots] + [free_at])
+                        stall += landed - free_at
+                        eng.h += host_experts
+                        g = max(landed + expert_device_seconds(c, len(plan.chunk), pairs * len(plan.chunk) // n), eng.h)
+                if on_host:  # the runtime waits for the host's output, then adds it on the device
                     eng.h = w if w > eng.h else eng.h
                     g = max(g, w + cross, eng.h)
                 h = eng.h
@@ -343,11 +323,22 @@ class _Replay:
                 res.passes += 1
                 res.tokens += T
                 res.time_s += end - start
-        if sched is not None:  # the warm-up's counters are not part of the result
-            after = sched.totals()
-            for name in _COUNTERS:
-                setattr(res, name, getattr(after, name) - getattr(before, name))
-            res.copies = res.misses - res.host_computed + res.prefetch_issued
-            res.stall_s = stall - stall_before
-            res.host_s = host_busy - host_before
-        return res
+        L = self.shape.moe_layers
+        if sched is None:
+            per_layer = [LayerStats() for _ in range(L)]
+        else:  # the warm-up's counters are not part of the result
+            per_layer = []
+            for now, then in zip(sched.stats, before):
+                diff = LayerStats(**vars(now))
+                for name, value in vars(then).items():
+                    setattr(diff, name, getattr(diff, name) - value)
+                per_layer.append(diff)
+        out = SimResult(per_layer=per_layer, passes=res.passes, tokens=res.tokens, time_s=res.time_s,
+                        num_slots=res.num_slots, device_bytes=res.device_bytes, pass_times=res.pass_times)
+        if sched is not None:
+            out.stall_s = stall - stall_before
+            out.stall_waits = 0
+            out.layer_calls = out.host_syncs = sched.layer_calls - calls_before
+            out.chunked_calls = sched.chunked_calls - chunked_before
+            out.host_s = host_busy - host_before
+        return out
