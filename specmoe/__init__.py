@@ -11,7 +11,8 @@ Layers, bottom first; a package imports only from layers below its own (tests/te
 from ._version import __version__
 from .geometry import MoEGeometry
 from .runtime.adapters import find_moe_layers
+from .runtime.config import OffloadConfig
 from .runtime.loading import load_offloaded
 from .runtime.wrapper import SpeculativeMoE
 
-__all__ = ["MoEGeometry", "SpeculativeMoE", "find_moe_layers", "load_offloaded", "__version__"]
+__all__ = ["MoEGeometry", "OffloadConfig", "SpeculativeMoE", "find_moe_layers", "load_offloaded", "__version__"]

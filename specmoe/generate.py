@@ -84,6 +84,7 @@ class _StreamClock(FirstTokenClock):
 def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from .runtime.config import OffloadConfig
     from .runtime.loading import load_offloaded
 
     if args.max_new_tokens < 1:
@@ -101,9 +102,9 @@ def run_generate(args: argparse.Namespace) -> int:
         path = resolve_model(args.model)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     predictor = _predictor(args.predictor)
-    smoe = load_offloaded(path, device=device, cache_capacity=parse_capacity(args.capacity), predictor=predictor,
-                          dtype=dtype, host_store=args.host_store,
-                          compression=None if args.compression == "none" else args.compression)
+    config = OffloadConfig(capacity=parse_capacity(args.capacity), host_store=args.host_store,
+                           compression=None if args.compression == "none" else args.compression)
+    smoe = load_offloaded(path, device=device, predictor=predictor, dtype=dtype, config=config)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {args.model} has no chat template; drop --chat")

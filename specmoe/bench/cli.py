@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..io import write_json
+from ..runtime.config import OffloadConfig
 from .compare import BUILTIN_PREDICTORS, BenchSettings, run_benchmark
 from .report import bench_table, write_bench_report
 
@@ -95,7 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
         capacities=tuple(args.capacities), predictors=tuple(args.predictors), new_tokens=args.new_tokens,
         warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
         accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
-        accelerate_new_tokens=args.accelerate_tokens, misses=args.misses)
+        accelerate_new_tokens=args.accelerate_tokens, offload=OffloadConfig(misses=args.misses))
     model, tokenizer, texts, name = _load(args, dtype)
     model.generation_config.eos_token_id = None  # every call generates exactly N tokens
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0

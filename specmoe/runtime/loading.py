@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -39,12 +40,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .checkpoint import ExpertPlan, SafetensorsCheckpoint
+from .config import HOST_STORES, OffloadConfig  # noqa: F401 (HOST_STORES: loading's old name)
 from .store import ExpertLayout, FileStore, HostStore
 from .wrapper import SpeculativeMoE
 
 logger = logging.getLogger(__name__)
 
-HOST_STORES = ("ram", "mmap")
 
 
 def _model_class(config):
@@ -170,7 +171,7 @@ def load_streaming(path: Path, *, device, dtype=None, host_store: str = "ram"):
     return model, CheckpointExperts(checkpoint, plan, host_store)
 
 
-def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dtype=None, host_store: str = "ram",
+def load_offloaded(path, *, device=None, cache_capacity=None, predictor=None, dtype=None, config: OffloadConfig | None = None,
                    **wrapper_kwargs):
     """Load a checkpoint straight into a `SpeculativeMoE`, streaming it from its safetensors files.
 
@@ -178,12 +179,13 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
         path: a local directory with config.json and safetensors weights, or a hub id ("org/name", resolved
             through huggingface_hub's cache; HF_HUB_OFFLINE is respected).
         device: the compute device (default: CUDA when present, else CPU).
-        cache_capacity: as for `SpeculativeMoE`.
+        cache_capacity: as for `SpeculativeMoE` (default: the config's, 0.5).
         predictor: as for `SpeculativeMoE`.
         dtype: load in this dtype (default: the checkpoint's).
-        host_store: "ram" (experts copied into host memory) or "mmap" (experts read from the checkpoint files;
-            see the module docstring for when that falls back to "ram").
-        **wrapper_kwargs: passed on to `SpeculativeMoE` (compression, policy, ...).
+        config: an `OffloadConfig`; its `host_store` is "ram" (experts copied into host memory) or "mmap"
+            (experts read from the checkpoint files; see the module docstring for when that falls back to "ram").
+        **wrapper_kwargs: `OffloadConfig` settings (host_store, compression, policy, ...), overriding `config`,
+            and the rest of `SpeculativeMoE`'s keyword arguments (placement, miss_costs).
 
     Returns:
         The wrapped model, ready for `.generate`; ``smoe.store_path`` says which host store was built.
@@ -194,8 +196,12 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
     """
     from ..hub import resolve_model
 
-    if host_store not in HOST_STORES:
-        raise ValueError(f"host_store must be one of {HOST_STORES}, got {host_store!r}")
+    names = {f.name for f in fields(OffloadConfig)}
+    settings = {k: wrapper_kwargs.pop(k) for k in list(wrapper_kwargs) if k in names}
+    if cache_capacity is not None:
+        settings["capacity"] = cache_capacity
+    config = OffloadConfig.build(config, **settings)  # validated before anything is read
+    host_store = config.host_store
     path = resolve_model(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json); "
@@ -209,12 +215,11 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
     except NotImplementedError as err:
         logger.warning("cannot stream %s (%s not replayed); loading it whole on the CPU with from_pretrained", path,
                        err)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = _model_class(config).from_pretrained(
+        model = _model_class(AutoConfig.from_pretrained(path, local_files_only=True)).from_pretrained(
             path, dtype=dtype if dtype is not None else "auto", device_map="cpu", local_files_only=True
         ).eval()
         source = None
-    smoe = SpeculativeMoE(model, predictor, cache_capacity, device=device, expert_source=source, **wrapper_kwargs)
+    smoe = SpeculativeMoE(model, predictor, config=config, device=device, expert_source=source, **wrapper_kwargs)
     smoe.store_path = source.path if source is not None else "ram: copied from the model loaded by from_pretrained"
     logger.info("loaded %s in %.1f s; host store: %s", path, time.perf_counter() - t0, smoe.store_path)
     return smoe

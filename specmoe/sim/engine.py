@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from ..runtime.cache import ExpertCache
 from ..runtime.capacity import resolve_capacity
-from ..runtime.misses import check_misses, hottest
-from ..runtime.policies import DEFAULT_POLICY
+from ..runtime.config import OffloadConfig
+from ..runtime.misses import hottest
 from ..runtime.scheduler import Scheduler
 from ..runtime.stats import LayerStats, Stats
 from .clock import ClockEngine, HostMissCosts
@@ -41,6 +41,7 @@ from .shapes import ModelShape
 from .stream import RoutingStream
 
 __all__ = ["ClockEngine", "HostMissCosts", "SimResult", "device_weight_bytes", "simulate", "stream_frequencies"]
+_FROM_CONFIG = object()  # capacity not given: the config's
 
 
 @dataclass
@@ -82,38 +83,38 @@ def simulate(
     stream: RoutingStream,
     shape: ModelShape,
     profile: HardwareProfile,
-    capacity: float | int | str | None,
+    capacity: float | int | str | None = _FROM_CONFIG,
     *,
     ops: OpCounts,
+    config: OffloadConfig | None = None,
     compute: ComputeModel | None = None,
-    policy: str = DEFAULT_POLICY,
     candidates: Candidates | None = None,
-    max_prefetch_inflight: int | None = None,
     lookahead: int = 1,
     context: int = 512,
     warmup_passes: int = 0,
-    transfer: str = "stream",
-    misses: str = "fetch",
     host: HostProfile | None = None,
     placement=None,
+    **settings,
 ) -> SimResult:
-    """Replay `stream` on `profile` with `shape`'s sizes.
+    """Replay `stream` on `profile` with `shape`'s sizes, under the offloading settings `config` (the runtime's
+    `OffloadConfig`; the same names as keyword arguments override it, as for `SpeculativeMoE`).
 
     Args:
         stream: the routing (its L, E and k must be the shape's).
-        capacity: as `SpeculativeMoE`'s cache_capacity (fraction, slots or "24GiB"-style budget); None
-            simulates the unwrapped model with every expert on the device.
+        capacity: as `SpeculativeMoE`'s cache_capacity (fraction, slots or "24GiB"-style budget; default: the
+            config's); None simulates the unwrapped model with every expert on the device.
         ops: the family's op counts (`count_ops(shape.model_type)`).
+        config / settings: `policy` (the runtime's, or "belady": Belady's MIN, demand fetching only),
+            `max_prefetch_inflight` (default 2 * k * lookahead, `OffloadConfig.inflight`), `misses` ("fetch",
+            "host" or "auto"; the last two need `host`), `transfer` ("sync": the host copies and waits, as the
+            runtime's synchronous CPU engine, no copy ever in flight; any other engine, or "stream", copies on a
+            copy engine overlapping compute). The experts' compression is the shape's.
         compute: software constants (default: the "hf-eager" preset).
-        policy: the runtime's default ("hit-density"), "lru", "lfu" or "belady" (Belady's MIN: demand fetching only).
         candidates: per pass and layer, the ranked keys a predictor would prefetch (`predictions.py`, where
             the prefetch width is applied); None: no predictor (demand fetching only).
-        max_prefetch_inflight / lookahead: as `SpeculativeMoE` (the bound defaults to 2 * k * lookahead).
+        lookahead: the predictor's (for the in-flight bound's default).
         context: tokens already in the KV cache when a pass starts (attention reads them).
         warmup_passes: passes replayed before measuring (the cache warms up; their time is not counted).
-        transfer: "stream" (copies on a copy engine, overlapping compute, as the runtime's CUDA engine) or
-            "sync" (the host copies and waits, as its synchronous CPU engine: no copy is ever in flight).
-        misses: as `SpeculativeMoE`: "fetch", "host" or "auto" (the last two need `host`).
         host: the host's profile (`specmoe.sim.host.HostProfile`), for misses computed on the host.
         placement: a static placement: routing frequencies [L][E], or "trace" (counted over this stream): the
             hottest experts fill the slots before the first pass (llama.cpp-style; with misses="host" and no
@@ -125,20 +126,24 @@ def simulate(
     Raises:
         ValueError: the stream's geometry differs from the shape's, or the inputs do not fit together.
     """
+    if settings.get("transfer") == "stream":  # the simulator's old name of an asynchronous copy engine
+        settings["transfer"] = None
+    wrapped = capacity is not None
+    if wrapped and capacity is not _FROM_CONFIG:
+        settings["capacity"] = capacity
+    cfg = OffloadConfig.build(config, **settings)
     stream.check_geometry(shape.moe_layers, shape.top_k, shape.num_experts)
     if candidates is not None and len(candidates) != stream.num_passes:
         raise ValueError(f"candidates cover {len(candidates)} passes, the stream has {stream.num_passes}")
     if not 0 <= warmup_passes < stream.num_passes:
         raise ValueError(f"warmup_passes must be in [0, {stream.num_passes}), got {warmup_passes}")
-    if transfer not in TRANSFERS:
-        raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
-    if policy == "belady" and candidates is not None:
+    if cfg.policy == "belady" and candidates is not None:
         raise ValueError("Belady's MIN is the optimal *demand* cache: simulate it without candidates")
-    if check_misses(misses) != "fetch" and host is None:
-        raise ValueError(f"misses={misses!r} needs a host profile (host=HostProfile.from_name('3090-box'))")
-    replay = _Replay(stream, shape, profile, capacity, ops, compute or ComputeModel.from_name("hf-eager"), policy,
-                     candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context, transfer == "sync",
-                     misses, host)
+    if cfg.misses != "fetch" and host is None:
+        raise ValueError(f"misses={cfg.misses!r} needs a host profile (host=HostProfile.from_name('3090-box'))")
+    replay = _Replay(stream, shape, profile, cfg.capacity if wrapped else None, ops,
+                     compute or ComputeModel.from_name("hf-eager"), cfg.policy, candidates,
+                     cfg.inflight(shape.top_k, lookahead), context, not cfg.asynchronous, cfg.misses, host)
     if placement is not None and replay.sched is not None:
         trace = isinstance(placement, str) and placement == "trace"
         replay.place(stream_frequencies(stream, shape.num_experts) if trace else placement)
@@ -158,7 +163,6 @@ def stream_frequencies(stream: RoutingStream, num_experts: int) -> list[list[int
     return counts
 
 
-TRANSFERS = ("stream", "sync")
 
 
 def _routing_lists(stream: RoutingStream) -> tuple[list, list]:
