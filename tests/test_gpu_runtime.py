@@ -52,7 +52,9 @@ def test_device_holds_only_non_experts_and_slots():
     before = torch.cuda.memory_allocated()
     smoe = SpeculativeMoE(model, cache_capacity=0.25, device="cuda")
     used = torch.cuda.memory_allocated() - before
+    assert smoe.device == torch.device("cuda", torch.cuda.current_device())  # indexed, as the weights' device
     mem = smoe.memory()
+    assert mem["nonexpert_bytes"] == total - experts
     assert used >= mem["nonexpert_bytes"] + mem["cache_bytes"]
     assert used <= mem["nonexpert_bytes"] + mem["cache_bytes"] + 64 * 1024  # + the [L, E] table, allocator slack
     assert used < total - experts / 2
@@ -85,20 +87,19 @@ def big_model():
 
 def test_prefetch_overlaps_copies_with_compute():
     """Replaying the routing one layer ahead, compute waits far less for copies than on demand alone."""
-    model = big_model()
-    inputs = {"input_ids": torch.randint(0, 512, (1, 16))}
+    model = big_model().cuda()  # bf16 kernels round differently per device: the reference runs on the GPU too
+    inputs = {"input_ids": torch.randint(0, 512, (1, 16), device="cuda")}
     with capture_routing(model) as cap, torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     stall = {}
     for name, pred in (("none", None), ("oracle", OraclePredictor([p.ids for p in cap.passes], lookahead=2))):
-        smoe = SpeculativeMoE(model, pred, cache_capacity=0.3, device="cuda")
+        smoe = SpeculativeMoE(model, pred, cache_capacity=0.3)  # on the model's device
         with torch.no_grad():
             out = smoe.generate(**inputs, max_new_tokens=16, do_sample=False)
-        assert torch.equal(out.cpu(), ref)
+        assert torch.equal(out, ref)
         s = smoe.stats
         stall[name] = s.stall_s
         if pred is not None:
             assert s.total.prefetch_used > 0
-        smoe.unwrap()
-        model.cpu()
+        smoe.unwrap()  # experts back on the GPU, where they were
     assert stall["oracle"] < 0.5 * stall["none"], stall

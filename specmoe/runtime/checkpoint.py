@@ -195,7 +195,7 @@ class ExpertPlan:
     """
 
     def __init__(self, checkpoint: SafetensorsCheckpoint, model: nn.Module, expert_params: list[str]):
-        from transformers.core_model_loading import apply_renamings, rename_source_key
+        from transformers.core_model_loading import rename_source_key  # 5.17 has no apply_renamings
 
         self.checkpoint = checkpoint
         renamings, converters = _conversions(model)
@@ -211,7 +211,8 @@ class ExpertPlan:
                 continue
             converter = next(c for c in converters if pattern in c.source_patterns)
             regex = re.escape(pattern).replace(r"\*", r"(\d+)") + "$"
-            m = re.search(regex, apply_renamings(ckey, renamings))
+            renamed, _ = rename_source_key(ckey, renamings, [])  # the renamings alone, before any converter
+            m = re.search(regex, renamed)
             if m is None or not m.groups():
                 self.plain[model_key] = ckey  # a converter without an expert index: not an expert tensor
                 continue

@@ -25,9 +25,22 @@ def model_devices(model: nn.Module) -> set[torch.device]:
     return {t.device for t in list(model.parameters()) + list(model.buffers())}
 
 
+def indexed_device(device) -> torch.device:
+    """`device` with its index: "cuda" -> cuda:<current device>. Tensors always live on an indexed device, and
+    `torch.device("cuda:0") == torch.device("cuda")` is False, so every device the runtime compares is indexed."""
+    device = torch.device(device)
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    current = getattr(backend, "current_device", None)
+    return torch.device(device.type, current() if callable(current) else 0)
+
+
 def resolve_device(model: nn.Module, device) -> torch.device:
+    """Where the cache and compute live, indexed (`indexed_device`): `device`, else the model's accelerator,
+    else the current CUDA device, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        return indexed_device(device)
     devices = {d for d in model_devices(model) if d.type != "meta"}
     accel = [d for d in devices if d.type != "cpu"]
     if len(accel) > 1:
@@ -59,6 +72,7 @@ def check_device_memory(model: nn.Module, moe: ModelMoE, device: torch.device, p
         return t.numel() * t.element_size()
 
     expert = {id(p): p for layer in moe.layers for p in layer.experts.parameters()}
+    device = indexed_device(device)
     freed = sum(nbytes(p) for p in expert.values() if p.device == device)
     moved_in = sum(nbytes(t) for t in list(model.parameters()) + list(model.buffers())
                    if id(t) not in expert and t.device != device)

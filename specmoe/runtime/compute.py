@@ -158,6 +158,10 @@ class ModelCompute:
     def remap(self, layer: MoELayer, ids: torch.Tensor, chosen_t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def first_index(self, layer: MoELayer, chosen_t: torch.Tensor) -> torch.Tensor:
+        """[1] the remapped id of chosen_t[0] (a slot this call computes on)."""
+        raise NotImplementedError
+
     def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool) -> torch.Tensor:
         experts, layout = layer.experts, layer.layout
         chosen_t = to_device(chosen, ids.device)  # [n]
@@ -166,7 +170,9 @@ class ModelCompute:
             member = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
             member[chosen_t] = True
             keep = member[ids]  # [T, k]
-            new_ids = torch.where(keep, new_ids, torch.zeros_like(new_ids))  # any valid index; weight 0
+            # weight 0 on a slot of this chunk, which compute waited for: any other may be mid-copy or never
+            # filled (torch.empty), and NaN x 0 is NaN
+            new_ids = torch.where(keep, new_ids, self.first_index(layer, chosen_t))
             weights = weights * keep
         a, kw = layout.replace_call(args, kwargs, experts, new_ids, weights)
         return type(experts).forward(experts, *a, **kw)
@@ -183,6 +189,9 @@ class GatherCompute(ModelCompute):
         lut[chosen_t] = torch.arange(len(chosen_t), device=ids.device)
         layer.layout.bind_pool(layer.experts, self.pool.gather(table[chosen_t]))  # [n, ...]
         return lut[ids]
+
+    def first_index(self, layer, chosen_t):
+        return torch.zeros(1, dtype=torch.long, device=chosen_t.device)  # compact index 0 is chosen_t[0]
 
     def compute(self, layer, args, kwargs, ids, weights, chosen, partial):
         try:
@@ -208,6 +217,9 @@ class PoolCompute(ModelCompute):
 
     def remap(self, layer, ids, chosen_t):
         return self.table[layer.index][ids]  # [T, k] slot ids
+
+    def first_index(self, layer, chosen_t):
+        return self.table[layer.index][chosen_t[:1]]
 
 
 class KernelCompute:

@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .checkpoint import ExpertPlan, SafetensorsCheckpoint
+from .checks import indexed_device
 from .config import HOST_STORES, OffloadConfig  # noqa: F401 (HOST_STORES: loading's old name)
 from .store import ExpertLayout, FileStore, HostStore
 from .wrapper import SpeculativeMoE
@@ -151,7 +152,7 @@ def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], d
                        f"(keys looked for: {missing[:5]})")
     for module in model.modules():  # buffers computed at construction (rotary tables) follow to the device
         for name, buf in list(module._buffers.items()):
-            if buf is not None and buf.device != torch.device(device):
+            if buf is not None and buf.device != indexed_device(device):
                 module._buffers[name] = buf.to(device)
 
 
@@ -208,7 +209,7 @@ def load_offloaded(path, *, device=None, cache_capacity=None, predictor=None, dt
                                 "load_offloaded reads what save_pretrained writes")
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
+    device = indexed_device(device)  # "cuda" -> cuda:N: compared with where tensors are
     t0 = time.perf_counter()
     try:
         model, source = load_streaming(path, device=device, dtype=dtype, host_store=host_store)
