@@ -28,6 +28,8 @@ class Stats:
     per_layer: list[LayerStats]
     stall_s: float = 0.0  # time compute waited for expert copies
     stall_waits: int = 0
+    host_stall_s: float = 0.0  # time the host was blocked on copies (slot / staging waits, pageable copies)
+    host_stall_waits: int = 0
     host_syncs: int = 0  # device->host syncs in the hot path (one per MoE layer call)
     layer_calls: int = 0
     chunked_calls: int = 0  # layer calls that needed more distinct experts than there are slots
@@ -86,6 +88,8 @@ class Stats:
             "copies": self.copies,
             "stall_s": self.stall_s,
             "stall_waits": self.stall_waits,
+            "host_stall_s": self.host_stall_s,
+            "host_stall_waits": self.host_stall_waits,
             "host_syncs": self.host_syncs,
             "layer_calls": self.layer_calls,
             "chunked_calls": self.chunked_calls,
@@ -105,7 +109,8 @@ class Stats:
             f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted "
             f"(precision {self.prefetch_precision:.3f})",
             f"moved {t.bytes_moved / 2**20:.1f} MiB host->device; compute stalled {self.stall_s * 1e3:.2f} ms "
-            f"in {self.stall_waits} waits; {self.host_syncs} host syncs over {self.layer_calls} layer calls",
+            f"in {self.stall_waits} waits, the host blocked {self.host_stall_s * 1e3:.2f} ms on copies in "
+            f"{self.host_stall_waits} waits; {self.host_syncs} host syncs over {self.layer_calls} layer calls",
             "layer  hits  misses  pf_issued  pf_used  pf_wasted",
         ]
         for i, s in enumerate(self.per_layer):

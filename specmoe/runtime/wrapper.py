@@ -144,7 +144,8 @@ class SpeculativeMoE:
             self.pool = SlotPool(self.store.layout, num_slots, self.device, self.codec)  # compressed if so
             self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, cfg.policy)
             self.engine = make_engine(cfg.transfer, num_slots, self.device)
-            self.scheduler = Scheduler(self.cache, StoreToPool(self.engine, self.store, self.pool.data), geo.num_layers,
+            copies = StoreToPool(self.engine, self.store, self.pool.data, self.max_prefetch_inflight, geo.top_k)
+            self.scheduler = Scheduler(self.cache, copies, geo.num_layers,
                                        self.max_prefetch_inflight, self.store.layout.nbytes,  # compressed bytes
                                        misses=self.misses)
             self.experts_compute = build_compute(model_compute, kernel, self.pool, self.cache.table, geo.num_experts,
@@ -209,6 +210,8 @@ class SpeculativeMoE:
             per_layer=[LayerStats(**vars(x)) for x in self.scheduler.stats],
             stall_s=self.engine.stall_seconds(),
             stall_waits=self.engine.waits,
+            host_stall_s=getattr(self.engine, "host_wait_s", 0.0),  # engines from elsewhere may not count it
+            host_stall_waits=getattr(self.engine, "host_waits", 0),
             host_syncs=self.hot.host_syncs,
             layer_calls=self.scheduler.layer_calls,
             chunked_calls=self.scheduler.chunked_calls,
