@@ -52,6 +52,8 @@ class PrefetchAdmission:
         self.period = layer_s  # seconds per MoE layer call (moving average of what the calls needed)
         self.demand = 0.0  # link seconds of demand copies per call (moving average)
         self.admitted = self.refused = 0
+        self._every = self._wait = self.PROBE  # calls between probes, and until the next
+        self._last_best: float | None = None
 
     def call_done(self, fetched: int, on_host: int) -> None:
         """A layer call fetched `fetched` experts on demand and computed `on_host` on the host: its length is at
@@ -103,16 +105,19 @@ class PrefetchAdmission:
         self._victims.setdefault(key[0], []).append(key[1])
 
     MARGIN = 0.15  # a late copy also arrives late: of its saving only part is saved (chosen on the development routing)
-    PROBE = 32  # while no rank is worth a copy, the predictor still runs at every PROBE-th call (calibration)
+    PROBE = 32  # while no rank is worth a copy, the predictor still runs at every PROBE-th call (calibration),
+    # backing off (x2, up to x64) while the best rank's estimate keeps falling
 
     def worth_predicting(self) -> bool:
         """Whether the predictor should run at this call: some rank's calibrated p could pass `admit`, or this
-        is a probe call. A predictor that is often wrong then costs its host time at 1 call in PROBE only."""
-        self._calls = getattr(self, "_calls", 0) + 1
-        probe = self.PROBE if self.seen[0] < 2000 else 16 * self.PROBE  # rarer once rank 0 is well calibrated
-        if self._calls % probe == 0:
-            return True
+        is a probe call. A predictor that is often wrong then costs its host time at 1 call in PROBE or fewer."""
         best, q = max(self.p(r) for r in range(self.R)), self.q()
+        self._wait -= 1
+        if self._wait <= 0:  # a probe: back off while the best rank's estimate keeps falling
+            falling = self._last_best is not None and best < self._last_best
+            self._every = min(self._every * 2, 64 * self.PROBE) if falling else self.PROBE
+            self._wait, self._last_best = self._every, best
+            return True
         if self.late_ok and best >= (1 + q) / 2 + self.MARGIN:
             return True
         if self.late_ok:
