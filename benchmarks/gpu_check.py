@@ -181,9 +181,11 @@ def _test_outcomes(ctx: Context, timed_out: bool) -> dict:
     if junit.exists():
         for case in ET.parse(junit).getroot().iter("testcase"):
             bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-            if bad is not None:
-                path = case.get("classname", "").replace(".", "/") + ".py"
-                messages[f"{path}::{case.get('name')}"] = (bad.get("message") or "")[:300]
+            if bad is not None:  # a classname-less case is a module that could not be collected
+                cls = case.get("classname")
+                name = f"{cls.replace('.', '/')}.py::{case.get('name')}" if cls else case.get("name", "?")
+                messages[name] = (bad.get("message") or "")[:300]
+                outcomes.setdefault(name, "error")
     counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "error", "skipped")}
     failed = sorted(t for t, v in outcomes.items() if v in ("failed", "error", "running when killed"))
     return {"tests": len(outcomes), **counts, "failed": failed, "messages": messages, "outcomes": outcomes,
