@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from specmoe.runtime.config import OffloadConfig
 from specmoe.bench.compare import BenchSettings, run_benchmark
 from specmoe.bench.report import write_bench_report
 from specmoe.io import write_json
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                              new_tokens=args.new_tokens, warmup=args.warmup, lookahead=args.lookahead,
                              unwrapped=unwrapped,
                              accelerate=not args.no_accelerate, accelerate_new_tokens=args.accelerate_tokens,
-                             misses=args.misses)
+                             offload=OffloadConfig(misses=args.misses))
     tag = f"{published.name}_{device_tag(device)}" + ("_smoke" if args.smoke else "") + \
         (f"_misses-{args.misses}" if args.misses != "fetch" else "")
     json_path = args.out / f"shape_real_{tag}.json"

@@ -10,12 +10,12 @@ Layers, bottom first; a package imports only from layers below its own (tests/te
 
 from ._version import __version__
 
-__all__ = ["MoEGeometry", "SpeculativeMoE", "find_moe_layers", "load_offloaded", "__version__"]
+__all__ = ["MoEGeometry", "OffloadConfig", "SpeculativeMoE", "find_moe_layers", "load_offloaded", "__version__"]
 
 # The public API loads on first use (PEP 562), so that `specmoe --help` and the commands that do not need torch
 # start without importing torch and transformers.
-_LAZY = {"MoEGeometry": ".geometry", "SpeculativeMoE": ".runtime.wrapper", "find_moe_layers": ".runtime.adapters",
-         "load_offloaded": ".runtime.loading"}
+_LAZY = {"MoEGeometry": ".geometry", "OffloadConfig": ".runtime.config", "SpeculativeMoE": ".runtime.wrapper",
+         "find_moe_layers": ".runtime.adapters", "load_offloaded": ".runtime.loading"}
 
 
 def __getattr__(name: str):

@@ -11,15 +11,18 @@ from specmoe.predictors import HistoryPredictor, OraclePredictor, PreGatePredict
 from specmoe.predictors.base import rank_by_votes, top_candidates
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.hooks import PassMarker
-from specmoe.sim.compute import OpCounts
+from specmoe.sim.compute import ComputeModel, OpCounts
+from specmoe.sim.clock import replay_costs
 from specmoe.sim.engine import simulate
+from specmoe.sim.host import HostProfile
 from specmoe.sim.hardware import PROFILES
 from specmoe.sim.predictions import oracle_candidates, predictor_candidates
 from specmoe.sim.shapes import ModelShape
 from specmoe.sim.stream import RoutingStream
 
 OPS = OpCounts(layer=80, experts=24, per_pass=60, wrapper=12, predictor=12)
-COUNTERS = ("hits", "hits_in_flight", "misses", "prefetch_issued", "prefetch_used", "prefetch_wasted")
+COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+            "prefetch_refused")
 NEW_TOKENS = 6
 
 
@@ -79,7 +82,13 @@ def generate(model, inputs):
     return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-def run_both(family, capacity, predictor_kind):
+def sim_miss_costs(geo, host):
+    """The simulator's miss costs for the proxy shape (what `simulate` builds: copy, host compute, layer period),
+    handed to the runtime too, so both split misses and admit prefetches from the same numbers."""
+    return replay_costs(proxy_shape(geo), PROFILES["rtx3090"], ComputeModel.from_name("hf-eager"), OPS, host)
+
+
+def run_both(family, capacity, predictor_kind, misses="fetch"):
     model = build_tiny(family)
     inputs = make_inputs(model, length=6)
     encdec = family in SEQ2SEQ
@@ -101,10 +110,12 @@ def run_both(family, capacity, predictor_kind):
                                                                 geo.hidden_size, sequences=8, length=12),
                                                 lookahead=2, progress=False),
     }[predictor_kind]()
-    smoe = SpeculativeMoE(model, predictor, capacity, transfer="sync")
+    host = HostProfile.from_name("3090-box") if misses != "fetch" else None
+    costs = sim_miss_costs(geo, host)
+    smoe = SpeculativeMoE(model, predictor, capacity, transfer="sync", misses=misses, miss_costs=costs)
     with record(smoe) as rec:
         generate(smoe, inputs)
-    stats = smoe.stats.total
+    stats = smoe.stats
     slots, bound = smoe.num_slots, smoe.max_prefetch_inflight
     routers = [layer.router for layer in smoe.moe.layers]
     smoe.unwrap()
@@ -119,7 +130,7 @@ def run_both(family, capacity, predictor_kind):
     else:
         candidates = predictor_candidates(stream, predictor, geo, routers, progress=False, wrap=not encdec)
     sim = simulate(stream, proxy_shape(geo), PROFILES["rtx3090"], slots, ops=OPS, candidates=candidates,
-                   max_prefetch_inflight=bound, transfer="sync")
+                   max_prefetch_inflight=bound, transfer="sync", misses=misses, host=host)
     return stats, sim, smoe
 
 
@@ -135,6 +146,20 @@ def test_runtime_counters_equal_the_simulators(family, predictor_kind, capacity)
     assert stats.hits + stats.misses > 0
     if predictor_kind != "none" and capacity == 0.6:
         assert stats.prefetch_issued > 0  # the prediction reached the scheduler
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3", "switch_transformers"])
+@pytest.mark.parametrize("predictor_kind", ["none", "oracle", "history"])
+@pytest.mark.parametrize("misses", ["host", "auto"])
+def test_counters_equal_with_misses_on_the_host(family, predictor_kind, misses):
+    stats, sim, smoe = run_both(family, 0.3, predictor_kind, misses)
+    assert {n: getattr(stats, n) for n in COUNTERS} == {n: getattr(sim, n) for n in COUNTERS}
+    assert stats.bytes_moved // smoe.store.layout.nbytes == sim.copies
+    per_layer = [[getattr(x, n) for n in COUNTERS] for x in stats.per_layer]  # bytes: the proxy's expert size
+    assert per_layer == [[getattr(x, n) for n in COUNTERS] for x in sim.per_layer]  # one Stats, per layer too
+    assert stats.layer_calls == sim.layer_calls and stats.chunked_calls == sim.chunked_calls
+    if misses == "host":
+        assert stats.host_computed > 0
 
 
 def test_known_disagreement_is_gone():

@@ -9,7 +9,7 @@ from conftest import build_tiny, make_inputs
 
 from specmoe import load_offloaded
 from specmoe.predictors import PreGatePredictor
-from specmoe.runtime.staging import StagingRing
+from specmoe.runtime.staging import StagingRing, sizes
 from specmoe.runtime.store import ExpertLayout
 
 
@@ -52,6 +52,20 @@ def test_a_buffer_is_reused_only_after_the_copy_out_of_it_landed():
     assert k == i and engine.waited == [5] and int(buf[0]) == 19
 
 
+def test_any_landed_buffer_is_taken_not_only_the_next_in_turn():
+    store, engine = FakeStore(), FakeEngine()
+    ring = StagingRing(store, engine, size=3, workers=0)
+    for key, slot in (((0, 1), 5), ((0, 2), 6), ((0, 3), 7)):
+        i, _ = ring.source(key)
+        ring.copied(i, slot)
+    engine.landed.add(7)  # the copy out of the LAST buffer landed first; the first two are in flight
+    i, buf = ring.source((1, 1))
+    assert i == 2 and engine.waited == [] and ring.waits == 0 and int(buf[0]) == 17
+    ring.copied(i, 8)
+    ring.source((1, 2))  # none landed now: the host waits for the one taken longest ago, counted
+    assert engine.waited == [5] and ring.waits == 1
+
+
 def test_reads_ahead_run_on_workers_are_used_once_and_dropped_when_no_longer_wanted():
     store, engine = FakeStore(), FakeEngine()
     ring = StagingRing(store, engine, size=4, workers=1)
@@ -80,7 +94,9 @@ def test_mmap_store_copies_through_a_bounded_ring(tmp_path):
     smoe = load_offloaded(tmp_path, device="cpu", cache_capacity=0.3, predictor=PreGatePredictor(lookahead=2),
                           host_store="mmap", max_prefetch_inflight=1)
     (ring,) = smoe.store._rings
-    assert isinstance(smoe.store.layout, ExpertLayout) and ring.buffers.shape == (8, smoe.store.layout.nbytes)
+    size, ahead = sizes(max_inflight=1, top_k=2)  # sized from the in-flight bound, reads ahead and top-k
+    assert (size, ahead) == (4, 1) and ring.ahead_max == ahead
+    assert isinstance(smoe.store.layout, ExpertLayout) and ring.buffers.shape == (size, smoe.store.layout.nbytes)
     with torch.no_grad():
         out = smoe.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, ref)
@@ -123,9 +139,9 @@ def test_the_scheduler_reads_ahead_the_prefetches_that_wait_behind_the_bound():
     sched = Scheduler(ExpertCache(6, 2, 8, None, "lru"), StoreToPool(engine, store, pool), 2, 1, 16)
     (ring,) = store.rings
     candidates = [(1, 5), (1, 6), (1, 7)]  # best first; one copy may be in flight at a time
-    sched.begin(0, 0, [0, 1], candidates)  # pass 0, layer 0 routed to experts 0 and 1
-    slots = sched.start(0, [0, 1])
-    sched.release(slots)
+    plan = sched.plan(0, 0, [0, 1], candidates)  # pass 0, layer 0 routed to experts 0 and 1
+    while sched.step(plan):  # acquire; then (compute issued) prefetch and release
+        pass
     assert sched.stats[1].prefetch_issued == 1  # (1, 5) in flight, the other two wait their turn ...
     assert set(ring.ahead) == {(1, 6), (1, 7)}  # ... and are read from the store meanwhile
     assert int(pool[sched.cache.slot_of[(1, 5)], 0]) == 16 + 5

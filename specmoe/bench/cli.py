@@ -11,6 +11,7 @@ import torch
 
 from ..io import check_outputs, check_stem, write_json
 from ..runtime.capacity import capacity_arg, capacity_fraction
+from ..runtime.config import OffloadConfig
 from .compare import BUILTIN_PREDICTORS, BenchSettings, run_benchmark
 from .report import bench_table, write_bench_report
 
@@ -105,8 +106,8 @@ def run_bench(args: argparse.Namespace) -> int:
         capacities=tuple(c if isinstance(c, float) else 1.0 for c in args.capacities), predictors=tuple(args.predictors), new_tokens=args.new_tokens,
         warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
         accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
-        accelerate_new_tokens=args.accelerate_tokens, misses=args.misses,
-        host_threads=args.host_threads, policy=args.policy)
+        accelerate_new_tokens=args.accelerate_tokens,
+        offload=OffloadConfig(misses=args.misses, host_threads=args.host_threads, policy=args.policy))
     model, tokenizer, texts, name = _load(args, dtype)
     if not all(isinstance(c, float) for c in args.capacities):  # slot counts and budgets: as fractions
         from ..runtime.adapters import find_moe_layers

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from ..measure import DeviceMemoryMonitor, environment, measure_h2d, sync_device, timed_call
 from ..predictors import make_predictor
 from ..runtime.adapters import find_moe_layers
-from ..runtime.policies import DEFAULT_POLICY
-from ..runtime.misses import check_misses
+from ..runtime.config import OffloadConfig
 from ..runtime.wrapper import SpeculativeMoE
 from ..traces.capture import capture_routing
 from .offload import accelerate_offload
@@ -51,9 +50,8 @@ class BenchSettings:
         unwrapped: also run the model with every weight on the device.
         accelerate: also run accelerate's offload with the device budget of the cache at `accelerate_capacity`.
         accelerate_new_tokens: N for the accelerate row (it is slow; fewer tokens keep the run short).
-        policy: the cache's eviction policy.
-        misses: where missed experts run ("fetch", "host", "auto"; `SpeculativeMoE`'s misses).
-        host_threads: threads of the host kernel for misses run on the host (None: the runtime's default).
+        offload: the offloading settings of every SpeculativeMoE row (`OffloadConfig`: policy, misses, transfer,
+            ...); each row's capacity is one of `capacities`.
     """
 
     capacities: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -65,9 +63,7 @@ class BenchSettings:
     accelerate: bool = True
     accelerate_capacity: float = 0.5
     accelerate_new_tokens: int = 8
-    policy: str = DEFAULT_POLICY
-    misses: str = "fetch"
-    host_threads: int | None = None
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self):
         if not self.capacities or any(not (0 < c <= 1) for c in self.capacities):
@@ -80,10 +76,22 @@ class BenchSettings:
             raise ValueError("warmup must be >= 0 and lookahead >= 1")
         if not 0 < self.accelerate_capacity <= 1:
             raise ValueError(f"accelerate_capacity must be in (0, 1], got {self.accelerate_capacity}")
-        check_misses(self.misses)
+        if not isinstance(self.offload, OffloadConfig):
+            raise TypeError(f"offload must be an OffloadConfig, got {type(self.offload).__name__}")
+
+    @property
+    def policy(self):
+        return self.offload.policy
+
+    @property
+    def misses(self) -> str:
+        return self.offload.misses
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["offload"] = self.offload.to_dict()
+        out.update(policy=str(out["offload"]["policy"]), misses=self.offload.misses)  # the keys older results have
+        return out
 
 
 @dataclass
@@ -328,8 +336,7 @@ def _run_wrapped(model, prompts, schedule, device, capacity, predictor_name, set
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            smoe = SpeculativeMoE(model, predictor, cache_capacity=capacity, device=device, policy=settings.policy,
-                                  misses=settings.misses, host_threads=settings.host_threads)
+            smoe = SpeculativeMoE(model, predictor, capacity, device=device, config=settings.offload)
             wrapped[:] = [capacity, smoe]
         else:
             smoe = wrapped[1]

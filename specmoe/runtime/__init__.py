@@ -2,6 +2,7 @@
 
 from .adapters import MoELayer, ModelMoE, find_moe_layers
 from .cache import ExpertCache, LFUPolicy, LRUPolicy, SlotPool
+from .config import OffloadConfig
 from .stats import LayerStats, Stats
 from .store import ExpertLayout, HostStore
 from .transfer import CudaCopyEngine, SyncCopyEngine, ThreadedCopyEngine
@@ -9,6 +10,6 @@ from .wrapper import SpeculativeMoE
 
 __all__ = [
     "CudaCopyEngine", "ExpertCache", "ExpertLayout", "HostStore", "LFUPolicy", "LRUPolicy", "LayerStats",
-    "MoELayer", "ModelMoE", "SlotPool", "SpeculativeMoE", "Stats", "SyncCopyEngine", "ThreadedCopyEngine",
+    "MoELayer", "ModelMoE", "OffloadConfig", "SlotPool", "SpeculativeMoE", "Stats", "SyncCopyEngine", "ThreadedCopyEngine",
     "find_moe_layers",
 ]

@@ -119,6 +119,7 @@ class FusedKernelCompute:
         self.fallback = (f"{fallback} on the routed slots dequantized into a scratch" if compressed else fallback)
         self.activation: dict[int, str] = {}  # MoE layer -> activation, for layers the kernel supports
         self._logged: set[str] = set()
+        self._wanted: dict[tuple[int, int, int], bool] = {}  # (layer, tokens, k) -> kernel measured faster
         self.runs_here = kernels.triton_runs_on(device)  # else moe_experts falls back to the torch reference
         if mode == "auto" and not self.runs_here:
             logger.info("compute='auto': Triton cannot run on %s here; using %s", device, fallback)
@@ -141,10 +142,15 @@ class FusedKernelCompute:
             return False
         if self.compressed:  # fewer bytes read than any dequantize-then-compute path
             return True
-        gate_up, down = views["gate_up_proj"], views["down_proj"]  # [S, 2I, H], [S, H, I]
         tokens, top_k = ids.shape
+        known = self._wanted.get((layer.index, tokens, top_k))  # looked up once per layer and call size
+        if known is not None:
+            return known
+        gate_up, down = views["gate_up_proj"], views["down_proj"]  # [S, 2I, H], [S, H, I]
         key = self.kernels.shape_key(gate_up.dtype, gate_up.shape[-1], down.shape[-1], top_k)
-        if self.kernels.launch_configs(self.device).kernel_faster(key, tokens):
+        faster = self._wanted[(layer.index, tokens, top_k)] = \
+            bool(self.kernels.launch_configs(self.device).kernel_faster(key, tokens))
+        if faster:
             return True
         if key not in self._logged:
             self._logged.add(key)
@@ -182,12 +188,15 @@ class ModelCompute:
     def prepare(self, layer: MoELayer) -> None:
         """Called once per fused-experts layer at install."""
 
-    def remap(self, layer: MoELayer, ids: torch.Tensor, chosen_t: torch.Tensor) -> torch.Tensor:
+    reads_chosen = True  # remap reads the chosen experts' ids on the device
+
+    def remap(self, layer: MoELayer, ids: torch.Tensor, chosen_t: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int]) -> torch.Tensor:
         experts, layout = layer.experts, layer.layout
-        chosen_t = to_device(chosen, ids.device)  # [n]
+        # [n] on the device: only where it is read (pool compute of a whole call remaps through the table alone)
+        chosen_t = to_device(chosen, ids.device) if self.reads_chosen else None
         new_ids = self.remap(layer, ids, chosen_t)  # [T, k]
         a, kw = layout.replace_call(args, kwargs, experts, new_ids, weights)
         return type(experts).forward(experts, *a, **kw)
@@ -226,6 +235,8 @@ class PoolCompute(ModelCompute):
 
     def prepare(self, layer):
         layer.layout.bind_pool(layer.experts, self.pool.views)
+
+    reads_chosen = False
 
     def remap(self, layer, ids, chosen_t):
         return self.table[layer.index][ids]  # [T, k] slot ids

@@ -3,9 +3,11 @@
 `HotPath` is what the installed `hooks.ExpertsHook`s call. Per MoE layer call (the router has just chosen):
 
 - `start_pass`: the wrapper's pass-start hook (`hooks.PassMarker`) hands on the index of each forward pass;
-- `route`: record the routing, run the predictor, and with ONE device->host sync learn the routed experts and
-  the predictor's ranked candidates; hand both to the scheduler (`Scheduler.begin`);
-- `fused_forward` (experts stored as stacked tensors): compute on the slots the scheduler yields, with the
+- `route`: record the routing, run the predictor (while the scheduler's admission wants its guesses), and with
+  ONE device->host sync learn the routed experts and the predictor's ranked candidates; the scheduler turns them
+  into the call's plan (`Scheduler.plan`);
+- `fused_forward` (experts stored as stacked tensors): execute the plan: host experts submitted, then each device
+  step (`Scheduler.step`: acquire; after the compute is issued, prefetch and release) computed on its slots, with the
   chosen compute strategy (`compute.py`); a call split over chunks and the host computes each route once where
   its expert is, and sums the routes as the model does (`compute.accumulate`);
 - `modulelist_forward` (one module per expert): the model's own loop runs; `expert_hooks` bind each expert to
@@ -25,21 +27,25 @@ import torch
 from ..predictors.base import rank_by_votes, top_candidates
 from .adapters import MoELayer
 from .compute import accumulate, to_device
-from .scheduler import Scheduler
+from .scheduler import LayerPlan, Scheduler
 
 
 class ListCall:
-    """The state of one ModuleList layer call, which its experts' hooks read: the scheduler's chunks (`run`), the
-    routed experts, those computed on the host, and expert -> slot of the current chunk."""
+    """The state of one ModuleList layer call, which its experts' hooks read: the scheduler's plan (stepped chunk
+    by chunk), the routed experts, those computed on the host, and expert -> slot of the current chunk."""
 
-    def __init__(self, chunks=(), routed=(), on_host=()):
-        self.chunks, self.routed, self.on_host = iter(chunks), set(routed), set(on_host)
+    def __init__(self, scheduler=None, plan: LayerPlan | None = None):
+        self.scheduler, self.plan = scheduler, plan
+        self.routed = set(plan.device) if plan is not None else set()
+        self.on_host = set(plan.host) if plan is not None else set()
         self.slots: dict[int, int] = {}
 
     def next_chunk(self) -> bool:
-        chunk, slots = next(self.chunks, ((), ()))
-        self.slots = dict(zip(chunk, slots))
-        return bool(chunk)
+        if self.plan is None or not self.scheduler.step(self.plan):
+            self.slots = {}
+            return False
+        self.slots = dict(zip(self.plan.chunk, self.plan.slots))
+        return bool(self.plan.chunk)
 
 
 class HotPath:
@@ -78,17 +84,16 @@ class HotPath:
         self._call = ListCall()  # the ModuleList layer call running (none: empty)
         self._routes: list[int] = []  # [T * k] the routed expert of each route of the layer call running
 
-    def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Record routing, run the predictor, and with one host sync learn the routed and predicted experts;
-        hand both to the scheduler. Returns (routed experts the device computes, those the host computes),
-        each ascending (`Scheduler.split`)."""
+    def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> LayerPlan:
+        """Record routing, run the predictor (while the scheduler wants its guesses), and with one host sync learn
+        the routed and predicted experts; returns the scheduler's plan of this call (`Scheduler.plan`)."""
         geo = self.geometry
         L = geo.num_layers
         T = hidden.shape[0]
-        ids = ids.reshape(T, -1).long()  # [T, k]
-        targets: list[int] = []
-        parts = [ids.flatten()]
-        if self.predictor is not None:
+        ids = ids.reshape(T, -1)  # [T, k]
+        predictor, sched = self.predictor, self.scheduler
+        if predictor is not None:
+            ids = ids.long()
             if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
             width = self._history.shape[2]  # the top-k predictors were bound with
@@ -97,13 +102,23 @@ class HotPath:
             else:  # a router's top_k changed after wrapping: its best first are kept, or -1 (no expert) pads
                 self._history[:, layer, : ids.shape[1]] = ids[:, :width]
                 self._history[:, layer, ids.shape[1]:] = -1
-            scores = self.predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
-            # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
-            targets = sorted(t for t in scores if t < L or self.wrap)
-            if targets:
-                m = min(self.prefetch_width, geo.num_experts)
-                stacked = torch.stack([scores[t] for t in targets])  # [n_targets, T, E]
-                parts.append(top_candidates(stacked, m).flatten())  # [n_targets * T * m], best first, -1: none
+            if not sched.wants_prediction():  # admission says its guesses would not be copied
+                predictor = None
+        if predictor is None:
+            host = self._routes = ids.flatten().tolist()  # the one device->host sync of this layer
+            self.host_syncs += 1
+            needed = sorted(set(host))
+            if needed and needed[0] < 0:  # -1: a route to no expert
+                needed = needed[1:]
+            return sched.plan(self.pass_index, layer, needed, (), Counter(host) if sched.misses != "fetch" else None)
+        parts = [ids.flatten()]
+        scores = predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
+        # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
+        targets = sorted(t for t in scores if t < L or self.wrap)
+        if targets:
+            m = min(self.prefetch_width, geo.num_experts)
+            stacked = torch.stack([scores[t] for t in targets])  # [n_targets, T, E]
+            parts.append(top_candidates(stacked, m).flatten())  # [n_targets * T * m], best first, -1: none
         host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self.host_syncs += 1
         n = ids.numel()
@@ -114,16 +129,17 @@ class HotPath:
             m = (len(host) - n) // (len(targets) * T)
             for i, t in enumerate(targets):
                 candidates.extend((t % L, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
-        self.scheduler.begin(self.pass_index, layer, needed, candidates)
-        return self.scheduler.split(layer, needed, Counter(host[:n]))  # expert -> tokens routed to it
+        return sched.plan(self.pass_index, layer, needed, candidates,
+                          Counter(host[:n]) if sched.misses != "fetch" else None)  # expert -> tokens routed to it
 
     def fused_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         hidden, ids, weights = layer.layout.routing(layer.experts, args, kwargs, self.geometry.top_k)
-        needed, host = self.route(layer.index, hidden, ids)
-        compute = self.experts_compute.compute
-        if not host and len(needed) <= self.num_slots:
-            for chosen, _ in self.scheduler.run(layer.index, needed):
-                out = compute(layer, args, kwargs, ids, weights, chosen)
+        plan = self.route(layer.index, hidden, ids)
+        compute, step = self.experts_compute.compute, self.scheduler.step
+        if not plan.host and len(plan.device) <= self.num_slots:
+            step(plan)  # acquire
+            out = compute(layer, args, kwargs, ids, weights, plan.device)
+            step(plan)  # the compute is issued: prefetch while it runs, then release
             return out
         # Experts on the host, or more distinct experts than slots: each route is computed once, where its expert
         # is (a chunk of slots or the host), in a call of one route per row with weight 1 (its expert's output,
@@ -140,15 +156,15 @@ class HotPath:
             return to_device([i for i, e in enumerate(self._routes) if e in wanted], self.device)
 
         job = None  # the host starts at once on its worker; its routes join the device's at the end
-        if host:
-            on_host = rows(host)
-            job = self.host.submit(layer, hidden[on_host // k], flat_ids[on_host], ones[on_host], host)
-        for chunk, _ in self.scheduler.run(layer.index, needed):
-            if chunk:
-                r = rows(chunk)
+        if plan.host:
+            on_host = rows(plan.host)
+            job = self.host.submit(layer, hidden[on_host // k], flat_ids[on_host], ones[on_host], plan.host)
+        while step(plan):
+            if plan.chunk:
+                r = rows(plan.chunk)
                 a, kw = layer.layout.replace_call(args, kwargs, layer.experts, flat_ids[r], ones[r],
                                                   hidden=hidden[r // k])
-                out[r] = compute(layer, a, kw, flat_ids[r], ones[r], chunk).to(out.dtype)
+                out[r] = compute(layer, a, kw, flat_ids[r], ones[r], plan.chunk).to(out.dtype)
         if job is not None:
             out[on_host] = job.result().to(self.device, out.dtype, non_blocking=True)  # [R, H]
         values = out.view(T, k, -1) * weights.reshape(T, k, 1)  # [T, k, H] as the model weights its routes
@@ -159,12 +175,12 @@ class HotPath:
         scheduler's next chunk when an expert is not in the current one."""
         experts, layout = layer.experts, layer.layout
         hidden, ids, _ = layout.routing(experts, args, kwargs, self.geometry.top_k)
-        needed, host = self.route(layer.index, hidden, ids)
+        plan = self.route(layer.index, hidden, ids)
         # experts on the host run one by one inside the family's loop, as the others (hooks below)
-        call = self._call = ListCall(self.scheduler.run(layer.index, needed), needed, host)
+        call = self._call = ListCall(self.scheduler, plan)
         call.next_chunk()
         out = type(experts).forward(experts, *args, **kwargs)
-        for _ in call.chunks:  # release the last chunk (and prefetch, after chunks)
+        while self.scheduler.step(plan):  # release the last chunk (and prefetch, after chunks)
             pass
         self._call = ListCall()
         return out

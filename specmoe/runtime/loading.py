@@ -34,6 +34,7 @@ A model whose conversions specmoe does not replay, or with ModuleList experts, l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -50,13 +51,13 @@ from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .checkpoint import ExpertPlan, SafetensorsCheckpoint
 from .checks import indexed_device
 from .compression import PrequantCodec, make_codec
+from .config import HOST_STORES, OffloadConfig  # noqa: F401 (HOST_STORES: loading's old name)
 from .prequant_checkpoint import PrequantPlan
 from .store import ExpertLayout, FileStore, HostStore
 from .wrapper import SpeculativeMoE
 
 logger = logging.getLogger(__name__)
 
-HOST_STORES = ("ram", "mmap")
 AUTO_RESERVE_BYTES = 2**30  # device memory kept free by cache_capacity="auto" beside 10% of what is free
 
 
@@ -256,7 +257,7 @@ def auto_capacity(model: nn.Module, device: torch.device, compression=None) -> i
     return int(slots)
 
 
-def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dtype=None, host_store: str = "ram",
+def load_offloaded(path, *, device=None, cache_capacity=None, predictor=None, dtype=None, config: OffloadConfig | None = None,
                    **wrapper_kwargs):
     """Load a checkpoint straight into a `SpeculativeMoE`, streaming it from its safetensors files.
 
@@ -264,13 +265,15 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
         path: a local directory with config.json and safetensors weights, or a hub id ("org/name", resolved
             through huggingface_hub's cache; HF_HUB_OFFLINE is respected).
         device: the compute device (default: CUDA when present, else CPU).
-        cache_capacity: as for `SpeculativeMoE`, or "auto": as many slots as the device's free memory holds
-            once the non-expert weights are on it (`auto_capacity`; `specmoe plan` sizes a machine ahead).
+        cache_capacity: as for `SpeculativeMoE` (default: the config's, 0.5), or "auto": as many slots as the
+            device's free memory holds once the non-expert weights are on it (`auto_capacity`; `specmoe plan`
+            sizes a machine ahead).
         predictor: as for `SpeculativeMoE`.
         dtype: load in this dtype (default: the checkpoint's); pre-quantized experts are dequantized to it on use.
-        host_store: "ram" (experts copied into host memory) or "mmap" (experts read from the checkpoint files;
-            see the module docstring for when that falls back to "ram").
-        **wrapper_kwargs: passed on to `SpeculativeMoE` (compression, policy, ...). A checkpoint whose
+        config: an `OffloadConfig`; its `host_store` is "ram" (experts copied into host memory) or "mmap"
+            (experts read from the checkpoint files; see the module docstring for when that falls back to "ram").
+        **wrapper_kwargs: `OffloadConfig` settings (host_store, compression, policy, ...), overriding `config`,
+            and the rest of `SpeculativeMoE`'s keyword arguments (placement, miss_costs). A checkpoint whose
             config.json has a `quantization_config` (MXFP4, block-scaled FP8, GPTQ int4 experts) sets
             compression to its format: the experts stay as published (see the module docstring).
 
@@ -283,8 +286,13 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
     """
     from ..hub import resolve_model
 
-    if host_store not in HOST_STORES:
-        raise ValueError(f"host_store must be one of {HOST_STORES}, got {host_store!r}")
+    names = {f.name for f in dataclasses.fields(OffloadConfig)}
+    settings = {k: wrapper_kwargs.pop(k) for k in list(wrapper_kwargs) if k in names}
+    auto = isinstance(cache_capacity, str) and cache_capacity == "auto"  # sized below, once the model is built
+    if cache_capacity is not None and not auto:
+        settings["capacity"] = cache_capacity
+    config = OffloadConfig.build(config, **settings)  # validated before anything is read
+    host_store = config.host_store
     path = resolve_model(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json); "
@@ -296,22 +304,21 @@ def load_offloaded(path, *, device=None, cache_capacity=0.5, predictor=None, dty
     try:
         model, source, fmt = load_streaming(path, device=device, dtype=dtype, host_store=host_store)
         if fmt is not None:  # pre-quantized experts stay in their format: store, copies, slots
-            asked = wrapper_kwargs.get("compression")
+            asked = config.compression
             if asked not in (None, "none", str(fmt)) and asked != fmt:
                 raise ValueError(f"{path}: the experts are published as {fmt}; compression={asked!r} would "
                                  "re-quantize them (leave compression unset)")
-            wrapper_kwargs["compression"] = fmt
+            config = dataclasses.replace(config, compression=fmt)
     except NotImplementedError as err:
         logger.warning("cannot stream %s (%s not replayed); loading it whole on the CPU with from_pretrained", path,
                        err)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = _model_class(config).from_pretrained(
+        model = _model_class(AutoConfig.from_pretrained(path, local_files_only=True)).from_pretrained(
             path, dtype=dtype if dtype is not None else "auto", device_map="cpu", local_files_only=True
         ).eval()
         source = None
-    if cache_capacity == "auto":
-        cache_capacity = auto_capacity(model, device, wrapper_kwargs.get("compression"))
-    smoe = SpeculativeMoE(model, predictor, cache_capacity, device=device, expert_source=source, **wrapper_kwargs)
+    if auto:
+        config = dataclasses.replace(config, capacity=auto_capacity(model, device, config.compression))
+    smoe = SpeculativeMoE(model, predictor, config=config, device=device, expert_source=source, **wrapper_kwargs)
     smoe.store_path = source.path if source is not None else "ram: copied from the model loaded by from_pretrained"
     logger.info("loaded %s in %.1f s; host store: %s", path, time.perf_counter() - t0, smoe.store_path)
     return smoe

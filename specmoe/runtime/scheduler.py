@@ -1,18 +1,22 @@
 """The hot-path decisions of expert offloading, in one place for the runtime and the simulator.
 
-Per MoE layer call, once the router has chosen and the predictor has ranked its candidates:
+Per MoE layer call, once the router has chosen and the predictor has ranked its candidates, ONE call makes the
+plan and an executor carries it out (the runtime's hot path with streams and kernels, the simulator's replay with
+its clock; neither holds a sequence of scheduler calls of its own):
 
-1. `begin(pass_index, layer, routed, candidates)`: queue the candidates that are not resident (best first); the
-   eviction policy observes the routing and the prediction (`observe`, `observe_time`);
-2. `run(layer, routed)` yields (experts, slots) to compute on. `start` acquires the routed experts (resident or
-   in flight: hits; the rest fetched on demand, ahead of any queued prefetch), then pumps prefetches within the
-   in-flight bound while compute runs; `release(slots)` once that compute is issued. A layer that needs more
-   distinct experts than there are slots lets its prefetches land and runs `chunks` of at most S experts
-   each, prefetching after the last. (The simulator calls `start` / `chunks` itself: no generator per step.)
+    plan = scheduler.plan(pass_index, layer, routed, candidates, tokens)   # -> LayerPlan
+    submit plan.host to the host                                             # misses computed on the host
+    while scheduler.step(plan):                                              # acquire the next device chunk
+        compute plan.chunk on plan.slots                                     # issue it; the next step releases
 
-Between 1 and 2, `split(layer, routed, tokens)` decides where each routed expert that is not resident runs
+`plan` queues the candidates that are not resident (best first), lets the eviction policy observe the routing and
+the prediction (`observe`, `observe_time`), and decides where each routed expert that is not resident runs
 (`misses`: "fetch" copies it, "host" computes it on the host from the store, "auto" asks `misses.split_misses`
-with `miss_costs` and the copy engine's backlog); `run` then acquires only the experts the device computes.
+with `miss_costs` and the copy engine's backlog). `step` acquires the device experts (resident or in flight:
+hits; the rest fetched on demand, ahead of any queued prefetch); once their compute is issued, the next `step`
+pumps the queued prefetches within the in-flight bound while that compute runs, then releases the slots. A
+layer that needs more distinct experts than there are slots lets its prefetches land and runs chunks of at most
+S experts each, prefetching after the last.
 
 A prefetch never evicts a slot that is in use, in flight or predicted; a demand fetch may wait for copies in
 flight when nothing else can go. The scheduler owns the counters (per MoE layer: hits, misses, prefetches
@@ -25,14 +29,39 @@ simulator's clock (`specmoe.sim.engine.ClockEngine`), so a simulated figure come
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from .admission import PrefetchAdmission
 from .cache import ExpertCache
 from .misses import MissCosts, check_misses, split_misses
 from .stats import LayerStats
 
 Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass(eq=False)
+class LayerPlan:
+    """What one MoE layer call does (`Scheduler.plan`), carried out by an executor driving `Scheduler.step`:
+    the runtime's hot path (streams and kernels) or the simulator's replay (its clock).
+
+    Attributes:
+        layer: the MoE layer.
+        device: routed experts the device computes, ascending (in chunks of at most S when there are more).
+        host: routed experts the host computes (misses="host"/"auto"), ascending.
+        chunk, slots: the device step now acquired: its experts and their slots (None before the first step).
+        single: all of `device` fits in the slots at once (one step).
+    """
+
+    layer: int
+    device: list[int]
+    host: Sequence[int]
+    chunk: list[int] | None = None
+    slots: list[int] | None = None
+    single: bool = True
+    next: int = 0
+    done: bool = False
 
 
 class SlotEngine(Protocol):
@@ -79,7 +108,11 @@ class Scheduler:
         self.max_inflight = max_inflight
         self.copy_bytes = copy_bytes
         self.misses = check_misses(misses)  # where routed experts that are not resident run (see `split`)
+        self.admission: PrefetchAdmission | None = None  # made with costs that know the layer period
         self.miss_costs = miss_costs
+        self._layer = 0  # the layer of the current call
+        self._call_fetched = 0  # experts the current call fetched on demand
+        self._rank: dict[Key, int] = {}  # candidate -> its rank in the current call's prediction
         self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
         policy = cache.policy  # bound to the cache by the cache (`bind`)
         self._observe = getattr(policy, "observe", None)
@@ -128,11 +161,30 @@ class Scheduler:
         new._bind_filters()
         return new
 
+    @property
+    def miss_costs(self):
+        return self._miss_costs
+
+    @miss_costs.setter
+    def miss_costs(self, costs) -> None:
+        """Costs of a miss each way; with a positive `layer_s` (seconds between MoE layer calls) they also make
+        prefetches pass admission (`admission.PrefetchAdmission`)."""
+        self._miss_costs = costs
+        layer_s, copy_s = getattr(costs, "layer_s", 0.0) or 0.0, getattr(costs, "copy_s", 0.0) or 0.0
+        host_s = costs.host_seconds(1) if self.misses != "fetch" and layer_s > 0 else None
+        self.admission = (PrefetchAdmission(self.num_layers, copy_s, layer_s, late_ok=self.misses == "fetch",
+                                            host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0),
+                                            predict_s=getattr(costs, "predict_s", 0.0))
+                          if layer_s > 0 and copy_s > 0 else None)
+
     def reset(self) -> None:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
         for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
+        self._rank.clear()
+        if self.admission is not None:
+            self.admission.reset()
 
     def reset_stats(self) -> None:
         self.stats = [LayerStats() for _ in range(self.num_layers)]
@@ -145,13 +197,71 @@ class Scheduler:
             out.add(s)
         return out
 
-    # ---- one MoE layer call -----------------------------------------------------------------------------------
-    def begin(self, pass_index: int, layer: int, routed: list[int], candidates: Sequence[Key]) -> None:
-        """Layer `layer` of forward pass `pass_index` (counted by the caller, never going back: the policy's clock
-        only rises) was routed to `routed` (distinct, ascending); `candidates` are the prediction's keys, best
-        first."""
+    # ---- one MoE layer call ----------------------------------------------------------------------------------
+    def plan(self, pass_index: int, layer: int, routed: list[int], candidates: Sequence[Key] = (),
+             tokens: Mapping[int, int] | None = None) -> LayerPlan:
+        """The plan of one MoE layer call: layer `layer` of forward pass `pass_index` (counted by the caller, never
+        going back: the policy's clock only rises) was routed to `routed` (distinct, ascending); `candidates` are
+        the prediction's keys, best first; `tokens` maps a routed expert to the tokens routed to it (needed only
+        where misses may run on the host). Queues the candidates, lets the policy observe the call, and decides
+        where each routed expert runs (`LayerPlan.device` / `.host`); the executor then drives `step`."""
+        self._begin(pass_index, layer, routed, candidates)
+        if self.misses == "fetch" or not routed:
+            return LayerPlan(layer, routed, ())
+        device, host = self._split(layer, routed, tokens or {})
+        return LayerPlan(layer, device, host)
+
+    def wants_prediction(self) -> bool:
+        """Whether the executor should run the predictor for the call about to be planned (always, without
+        admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
+        return self.admission is None or self.admission.worth_predicting()
+
+    def step(self, plan: LayerPlan) -> bool:
+        """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
+        it fits in the slots; else the prefetches in flight land and chunks of at most S experts follow):
+        `plan.chunk` and `plan.slots` say what to compute on, and True is returned. Each later call means the
+        compute on `plan.slots` has been issued: it releases them and acquires the next chunk (True), or, after
+        the last, issues the queued prefetches (while that compute runs) and returns False."""
+        if plan.done:
+            return False
+        device, S = plan.device, self.num_slots
+        if plan.slots is None:  # the first step
+            plan.single = len(device) <= S
+            if not plan.single:
+                self.chunked_calls += 1
+                self.land_prefetches()
+        elif plan.next >= len(device):  # the last chunk's compute is issued
+            plan.done = True
+            if self.admission is not None:
+                self.admission.call_done(self._call_fetched, len(plan.host))
+            if plan.single:
+                if self._queue:
+                    self.pump()  # the slots just computed on are still in use: no prefetch evicts them
+                self.release(plan.slots)
+            else:
+                self.release(plan.slots)
+                self.pump()
+            return False
+        else:
+            self.release(plan.slots)
+        chunk = device if plan.single else device[plan.next : plan.next + S]
+        plan.next += len(chunk) if chunk else 1
+        plan.chunk, plan.slots = chunk, self.acquire(plan.layer, chunk)
+        return True
+
+    def _begin(self, pass_index: int, layer: int, routed: list[int], candidates: Sequence[Key]) -> None:
         self.layer_calls += 1
         self._guessing = bool(candidates)
+        self._layer = layer
+        self._call_fetched = 0
+        adm = self.admission
+        if adm is not None:
+            adm.routed(layer, routed)
+            if candidates:
+                adm.watch(candidates)
+                self._rank = {key: i for i, key in enumerate(candidates)}
+            elif self._rank:
+                self._rank = {}
         predicted, queue = self._predicted, self._queue
         if predicted:
             predicted.clear()
@@ -166,50 +276,17 @@ class Scheduler:
         if self._observe_time is not None:
             self._observe_time(pass_index * self.num_layers + layer)
 
-    def run(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield (experts, slots) to compute on, once (all of `routed`: `start`) or per chunk of at most S experts
-        (`chunks`); the caller issues the compute before asking for the next."""
-        slots = self.start(layer, routed)
-        if slots is None:
-            yield from self.chunks(layer, routed)
-            return
-        yield routed, slots
-        self.release(slots)
-
-    def start(self, layer: int, routed: list[int]) -> list[int] | None:
-        """Acquire all of `routed` and issue prefetches while compute runs: returns their slots, for the caller to
-        compute on and then `release`. None when they do not fit in the slots at once: compute `chunks`."""
-        if len(routed) > self.num_slots:
-            return None
-        slots = self.acquire(layer, routed)
-        if self._queue:
-            self.pump()
-        return slots
-
-    def chunks(self, layer: int, routed: list[int]) -> Iterator[tuple[list[int], list[int]]]:
-        """More routed experts than slots: let the prefetches land, then yield (experts, slots) per chunk of at
-        most S experts (the caller issues its compute before asking for the next), then prefetch."""
-        S = self.num_slots
-        self.chunked_calls += 1
-        self.land_prefetches()
-        for i in range(0, len(routed), S):
-            chunk = routed[i : i + S]
-            slots = self.acquire(layer, chunk)
-            yield chunk, slots
-            self.release(slots)
-        self.pump()
-
-    def split(self, layer: int, routed: list[int], tokens) -> tuple[list[int], list[int]]:
-        """(experts the device computes, experts the host computes) of `routed`; `tokens` maps an expert to the
-        tokens routed to it. Only experts that are neither resident nor in flight can go to the host; those count
-        as misses (and `host_computed`) here, the rest are acquired by `run`. With "auto" and no prediction for
-        this call, the experts the host computes are also queued for copying (as prefetches: never evicting a
-        busy slot), so they are resident the next time; with a prediction the link is left to it (prediction
-        decides what is worth moving, the host takes what was not predicted)."""
-        if self.misses == "fetch" or not routed:
-            return routed, []
+    def _split(self, layer: int, routed: list[int], tokens: Mapping[int, int]) -> tuple[list[int], list[int]]:
+        """(experts the device computes, experts the host computes) of `routed`. Only experts that are neither
+        resident nor in flight can go to the host; those count as misses (and `host_computed`) here, the rest are
+        acquired by `step`. With "auto" and no prediction for this call, the experts the host computes are also
+        queued for copying (as prefetches: never evicting a busy slot), so they are resident the next time; with
+        a prediction the link is left to it (prediction decides what is worth moving, the host takes what was not
+        predicted)."""
         slot_of = self.cache.slot_of
         missing = [e for e in routed if (layer, e) not in slot_of]
+        if not missing:
+            return routed, []
         backlog = self._backlog
         _, host = split_misses(missing, tokens, self.misses, self.miss_costs,
                                copy_backlog_s=backlog() if backlog is not None else 0.0)
@@ -219,7 +296,10 @@ class Scheduler:
         stats.misses += len(host)
         stats.host_computed += len(host)
         if self.misses == "auto" and not self._guessing:
-            self._queue[:0] = [(layer, e) for e in reversed(host)]
+            queued = [(layer, e) for e in reversed(host)]
+            self._queue[:0] = queued
+            if self.admission is not None:
+                self.admission.watch((), queued)
         on_host = set(host)
         return [e for e in routed if e not in on_host], host
 
@@ -235,8 +315,10 @@ class Scheduler:
         for e in experts:
             slot = slot_of.get(keys[e])
             if slot is None:
+                if not misses:  # no routed expert of this step may be evicted by another of it
+                    in_use.update(s for s in (slot_of.get(keys[x]) for x in experts) if s is not None)
+                in_use.update(slots)  # nor one fetched for it already
                 misses += 1
-                in_use.update(slots)  # what this call holds already may not be evicted
                 slot = self._take_slot(keys[e], True)
             else:
                 hits += 1
@@ -258,6 +340,7 @@ class Scheduler:
             stats.hits_in_flight += in_flight
             stats.prefetch_used += used
         if misses:
+            self._call_fetched += misses
             stats.misses += misses
             stats.bytes_moved += misses * self.copy_bytes
         engine.wait(slots)
@@ -272,7 +355,11 @@ class Scheduler:
         an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
         an expert: a copy issued then would land after the host could have computed it."""
         queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
-        backlog = self._backlog if self.misses == "auto" else None
+        adm = self.admission
+        backlog = self._backlog if self.misses == "auto" and adm is None else None
+        if adm is not None:
+            link_s, n, rank, layer = self._link_backlog(), 0, self._rank, self._layer
+            adm._expected = 0.0
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
                 break
@@ -286,6 +373,11 @@ class Scheduler:
             key = queue.pop()
             if key in slot_of:
                 continue
+            if adm is not None:
+                if not adm.admit(layer, key, rank.get(key, adm.REUSE), n, link_s):
+                    self.stats[key[0]].prefetch_refused += 1
+                    continue
+                n += 1
             slot = self._take_slot(key, False)
             if slot is None:  # nothing may be evicted for a guess
                 queue.clear()
@@ -295,8 +387,18 @@ class Scheduler:
             stats = self.stats[key[0]]
             stats.prefetch_issued += 1
             stats.bytes_moved += self.copy_bytes
+        if adm is not None and self._guessing:
+            adm.pumped(adm._expected)
         if self._read_ahead is not None:  # a file-backed store reads the waiting candidates from disk meanwhile
             self._read_ahead(queue[::-1])
+
+    def _link_backlog(self) -> float:
+        """Seconds of copies queued on the link: the engine's own figure where it keeps one (the simulator's
+        clock), else the copies not landed times one copy's measured time."""
+        if self._backlog is not None:
+            return self._backlog()
+        ready = self.engine.ready
+        return sum(1 for s in self._copying if not ready(s)) * self.admission.copy_s
 
     def land_prefetches(self) -> None:
         """The host waits for every prefetch in flight (before a chunked layer needs every slot)."""
@@ -321,6 +423,8 @@ class Scheduler:
             if got is None:
                 raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
         slot = got[0]
+        if got[1] is not None and self.admission is not None:  # the policy's victims: how often needed again
+            self.admission.evicted(got[1])
         wasted = self._prefetched.pop(slot, None)
         if wasted is not None:
             self.stats[wasted[0]].prefetch_wasted += 1

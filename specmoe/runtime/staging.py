@@ -7,7 +7,11 @@ copy engine moves that buffer into the slot. A buffer is reused only once the co
 latest copy is enough). Prefetch candidates that wait behind the in-flight bound are read ahead from disk on
 worker threads, into buffers of the same ring, so that their copies find the bytes ready.
 
-Host memory stays bounded: `size` buffers of one expert each, whatever the number of experts touched.
+Any buffer whose copy has landed is taken (not strictly the next in turn), so one slow copy does not hold up
+the others; the host waits only when every free buffer's copy is still in flight. Host memory stays bounded:
+`size` buffers of one expert each, whatever the number of experts touched; `sizes` says how many a scheduler
+needs so that the host never waits on the ring in steady state (prefetches in flight + reads ahead + one
+layer's demand copies).
 """
 
 # Shape legend: N ring buffers, B bytes per expert
@@ -21,13 +25,22 @@ import torch
 Key = tuple[int, int]  # (layer, expert)
 
 
+def sizes(max_inflight: int, top_k: int) -> tuple[int, int]:
+    """(ring size, buffers reads ahead may hold) for a scheduler with `max_inflight` prefetches in flight and
+    `top_k` demand copies per layer call: each copy in flight holds its buffer until it lands, and as many reads
+    ahead as prefetches may be in flight wait their turn."""
+    ahead = max(1, max_inflight)
+    return max(2, max_inflight + ahead + max(1, top_k)), ahead
+
+
 class StagingRing:
     """`size` host buffers [N, B] between a file-backed store and the copy engine.
 
     Args:
         store: a store with `layout.nbytes` and `read_into(key, buffer)` (`runtime.store.FileStore`).
         engine: the copy engine (`ready(slot)`, `wait_host(slot)`).
-        size: buffers in the ring (at least 2); at most half of them hold reads ahead.
+        size: buffers in the ring (at least 2); at most `ahead_max` of them (default half) hold reads ahead.
+            `sizes` gives what a scheduler with an in-flight bound needs.
         pinned: page-locked buffers (CUDA: asynchronous host->device copies).
         workers: threads reading ahead (0: no read-ahead).
 
@@ -44,21 +57,33 @@ class StagingRing:
         self.ahead: dict[Key, tuple[int, Future]] = {}  # key -> (buffer, its read), not yet copied
         self._next = 0
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="specmoe-read-ahead") if workers else None
-        self.reads = self.reads_ahead = self.used_ahead = 0  # counters (tests, benchmarks)
+        self.ahead_max = size // 2  # buffers reads ahead may hold (the owner may set it: `sizes`)
+        self.reads = self.reads_ahead = self.used_ahead = self.waits = 0  # counters (tests, benchmarks)
 
     def _take(self) -> int:
-        """The next buffer that no read ahead holds, once the copy out of it has landed."""
-        held = {i for i, _ in self.ahead.values()}
-        for _ in range(self.size):
-            i, self._next = self._next, (self._next + 1) % self.size
-            if i not in held:
+        """A buffer that no read ahead holds and whose copy out has landed (any of them, looked for from the
+        one after the last taken); when every such copy is still in flight, the host waits for the one taken
+        longest ago (`engine.wait_host`, counted as host-side blocking)."""
+        held = {i for i, _ in self.ahead.values()} if self.ahead else ()
+        ready, fed, size = self.engine.ready, self.fed, self.size
+        oldest = None
+        for step in range(size):
+            i = (self._next + step) % size
+            if i in held:
+                continue
+            slot = fed[i]
+            if slot is None or ready(slot):
                 break
-        else:  # unreachable: read-aheads hold at most half the ring
-            raise RuntimeError("every staging buffer is held by a read ahead")
-        slot = self.fed[i]
-        if slot is not None and not self.engine.ready(slot):
-            self.engine.wait_host(slot)
-        self.fed[i] = None
+            if oldest is None:
+                oldest = i
+        else:
+            if oldest is None:  # unreachable: read-aheads hold at most ahead_max < size buffers
+                raise RuntimeError("every staging buffer is held by a read ahead")
+            i = oldest
+            self.engine.wait_host(fed[i])
+            self.waits += 1
+        self._next = (i + 1) % size
+        fed[i] = None
         return i
 
     def source(self, key: Key) -> tuple[int, torch.Tensor]:
@@ -86,7 +111,7 @@ class StagingRing:
         for key in [k for k in self.ahead if k not in wanted]:
             self.ahead.pop(key)[1].result()  # let the read finish before its buffer is reused
         for key in keys:
-            if len(self.ahead) >= self.size // 2:
+            if len(self.ahead) >= self.ahead_max:
                 break
             if key in self.ahead:
                 continue

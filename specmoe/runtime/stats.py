@@ -14,6 +14,7 @@ class LayerStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched experts later routed to before being evicted
     prefetch_wasted: int = 0  # prefetched experts evicted without being used
+    prefetch_refused: int = 0  # candidates not resident that admission did not copy (`runtime.admission`)
     bytes_moved: int = 0  # host -> device, demand and prefetch
 
     def add(self, other: "LayerStats") -> None:
@@ -28,6 +29,8 @@ class Stats:
     per_layer: list[LayerStats]
     stall_s: float = 0.0  # time compute waited for expert copies
     stall_waits: int = 0
+    host_stall_s: float = 0.0  # time the host was blocked on copies (slot / staging waits, pageable copies)
+    host_stall_waits: int = 0
     host_syncs: int = 0  # device->host syncs in the hot path (one per MoE layer call)
     layer_calls: int = 0
     chunked_calls: int = 0  # layer calls that needed more distinct experts than there are slots
@@ -41,16 +44,35 @@ class Stats:
     # The totals read directly: ``stats.hits`` is ``stats.total.hits``.
     hits = property(lambda self: self.total.hits, doc="routed experts found resident or in flight, all layers")
     hits_in_flight = property(lambda self: self.total.hits_in_flight, doc="of the hits, those still copying")
-    misses = property(lambda self: self.total.misses, doc="routed experts fetched on demand, all layers")
+    misses = property(lambda self: self.total.misses, doc="routed experts not resident (fetched or computed on the host)")
+    host_computed = property(lambda self: self.total.host_computed, doc="of the misses, those computed on the host")
     prefetch_issued = property(lambda self: self.total.prefetch_issued)
     prefetch_used = property(lambda self: self.total.prefetch_used)
     prefetch_wasted = property(lambda self: self.total.prefetch_wasted)
+    prefetch_refused = property(lambda self: self.total.prefetch_refused)
     bytes_moved = property(lambda self: self.total.bytes_moved, doc="host -> device bytes, all layers")
 
     @property
     def hit_rate(self) -> float:
+        """Share of routed experts found resident or in flight (1.0 when nothing was routed: nothing missed)."""
         n = self.total.hits + self.total.misses
-        return self.total.hits / n if n else 0.0
+        return self.total.hits / n if n else 1.0
+
+    @property
+    def hits_resident(self) -> int:
+        """Hits on experts whose copy had landed (the others, `hits_in_flight`, waited on a copy)."""
+        return self.total.hits - self.total.hits_in_flight
+
+    @property
+    def copies(self) -> int:
+        """Expert copies host -> device: demand fetches and prefetches."""
+        return self.total.misses - self.total.host_computed + self.total.prefetch_issued
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Share of the routed experts not kept by the cache itself that a prefetch brought in time or late."""
+        n = self.total.prefetch_used + self.total.misses
+        return self.total.prefetch_used / n if n else 0.0
 
     @property
     def prefetch_precision(self) -> float:
@@ -63,8 +85,13 @@ class Stats:
             **asdict(self.total),
             "hit_rate": self.hit_rate,
             "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
+            "hits_resident": self.hits_resident,
+            "copies": self.copies,
             "stall_s": self.stall_s,
             "stall_waits": self.stall_waits,
+            "host_stall_s": self.host_stall_s,
+            "host_stall_waits": self.host_stall_waits,
             "host_syncs": self.host_syncs,
             "layer_calls": self.layer_calls,
             "chunked_calls": self.chunked_calls,
@@ -81,10 +108,12 @@ class Stats:
         lines = [
             f"hit rate {self.hit_rate:.3f} ({t.hits} hits, {t.hits_in_flight} on in-flight copies; {t.misses} misses)",
             f"misses: {t.misses - t.host_computed} fetched, {t.host_computed} computed on the host",
-            f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted "
+            f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted, "
+            f"{t.prefetch_refused} refused by admission "
             f"(precision {self.prefetch_precision:.3f})",
             f"moved {t.bytes_moved / 2**20:.1f} MiB host->device; compute stalled {self.stall_s * 1e3:.2f} ms "
-            f"in {self.stall_waits} waits; {self.host_syncs} host syncs over {self.layer_calls} layer calls",
+            f"in {self.stall_waits} waits, the host blocked {self.host_stall_s * 1e3:.2f} ms on copies in "
+            f"{self.host_stall_waits} waits; {self.host_syncs} host syncs over {self.layer_calls} layer calls",
             "layer  hits  misses  pf_issued  pf_used  pf_wasted",
         ]
         for i, s in enumerate(self.per_layer):

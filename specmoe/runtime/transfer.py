@@ -6,10 +6,14 @@ All engines share one interface, so the wrapper's logic is the same on CUDA and 
   is done; demand copies go before queued prefetches.
 * ``ready(slot)`` says, without waiting, whether the last copy into the slot has finished.
 * ``wait(slots)`` makes compute wait for copies into those slots (on CUDA the compute *stream* waits on
-  each slot's event; the host does not).
+  each slot's event; the host does not): counted as ``stall_s``;
+* ``wait_host(slot)`` blocks the host until a copy has landed (a slot or staging buffer needed again):
+  counted apart as ``host_wait_s``, with copies from pageable memory that block the host on CUDA.
 * ``release(slots)`` marks that compute issued so far is the last to read those slots.
 
-CUDA: a high-priority demand stream and a prefetch stream, one ready event and one release event per slot.
+CUDA: a high-priority demand stream and a prefetch stream, so a demand copy never queues behind prefetches in
+one stream's order; one ready event and one release event per slot; at most 2 * 64 event pairs of timed compute
+waits held before the finished ones are read.
 CPU: ``SyncCopyEngine`` copies at once; ``ThreadedCopyEngine`` copies on a worker thread with a priority queue.
 
 With compressed experts (compression.py) the store and the slots share the compressed layout, so a copy is
@@ -33,6 +37,8 @@ class CopyEngine:
         self.num_slots = num_slots
         self.stall_s = 0.0  # time compute spent waiting for copies (resolved lazily on CUDA)
         self.waits = 0  # how many times compute had to wait
+        self.host_wait_s = 0.0  # time the HOST spent blocked on copies (slot and staging waits, pageable copies)
+        self.host_waits = 0
 
     def copy_in(self, slot: int, dst: torch.Tensor, src: torch.Tensor, demand: bool) -> None:
         raise NotImplementedError
@@ -59,6 +65,8 @@ class CopyEngine:
         self.synchronize()
         self.stall_s = 0.0
         self.waits = 0
+        self.host_wait_s = 0.0
+        self.host_waits = 0
 
     def close(self) -> None:
         pass
@@ -118,15 +126,25 @@ class ThreadedCopyEngine(CopyEngine):
                 self._done[s].wait()
                 self.stall_s += time.perf_counter() - t0
                 self.waits += 1
+        self._raise()
+
+    def wait_host(self, slot):
+        if not self._done[slot].is_set():
+            t0 = time.perf_counter()
+            self._done[slot].wait()
+            self.host_wait_s += time.perf_counter() - t0
+            self.host_waits += 1
+        self._raise()
+
+    def _raise(self):
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError("an expert copy failed on the copy thread") from err
 
-    def wait_host(self, slot):
-        self.wait([slot])
-
     def synchronize(self):
-        self.wait(range(self.num_slots))
+        for ev in self._done:
+            ev.wait()
+        self._raise()
 
     def close(self):
         self._queue.put((-1, -1, None))
@@ -156,10 +174,15 @@ class CudaCopyEngine(CopyEngine):
     def copy_in(self, slot, dst, src, demand):
         stream = self.demand_stream if demand else self.prefetch_stream
         stream.wait_event(self._released[slot])  # never overwrite a slot compute may still read
+        pageable = src.device.type == "cpu" and not src.is_pinned()  # the host blocks until it is copied
+        t0 = time.perf_counter() if pageable else 0.0
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
             self._ready[slot].record(stream)
         self._recorded[slot] = True
+        if pageable:
+            self.host_wait_s += time.perf_counter() - t0
+            self.host_waits += 1
 
     def ready(self, slot):
         return not self._recorded[slot] or self._ready[slot].query()
@@ -176,9 +199,29 @@ class CudaCopyEngine(CopyEngine):
         end.record(compute)
         self._timing.append((start, end))
         self.waits += 1
+        if len(self._timing) > self.MAX_TIMING:  # bounded: fold the waits that have finished into stall_s
+            self._collect(block=len(self._timing) > 2 * self.MAX_TIMING)
+
+    MAX_TIMING = 64  # event pairs of compute waits kept before the finished ones are read
+
+    def _collect(self, block: bool) -> None:
+        """Add the finished compute waits to stall_s (all of them, waiting for the last, when `block`)."""
+        if block:
+            self._timing[-1][1].synchronize()
+        kept = []
+        for a, b in self._timing:
+            if b.query():
+                self.stall_s += a.elapsed_time(b) / 1e3
+            else:
+                kept.append((a, b))
+        self._timing = kept
 
     def wait_host(self, slot):
-        self._ready[slot].synchronize()
+        if self._recorded[slot] and not self._ready[slot].query():
+            t0 = time.perf_counter()
+            self._ready[slot].synchronize()
+            self.host_wait_s += time.perf_counter() - t0
+            self.host_waits += 1
 
     def release(self, slots):
         compute = torch.cuda.current_stream(self.device)
@@ -192,27 +235,34 @@ class CudaCopyEngine(CopyEngine):
 
     def stall_seconds(self):
         if self._timing:
-            self._timing[-1][1].synchronize()
-            self.stall_s += sum(a.elapsed_time(b) for a, b in self._timing) / 1e3
-            self._timing.clear()
+            self._collect(block=True)
         return self.stall_s
 
     def reset_stall(self):
-        self.synchronize()
+        super().reset_stall()
         self._timing.clear()
-        self.stall_s = 0.0
-        self.waits = 0
 
 
 class StoreToPool:
     """A copy engine as the scheduler sees it (`scheduler.SlotEngine`): copies named by expert key, from the
     host store into the slot pool."""
 
-    def __init__(self, engine: CopyEngine, store, pool_data: torch.Tensor):
+    def __init__(self, engine: CopyEngine, store, pool_data: torch.Tensor, max_inflight: int | None = None,
+                 top_k: int = 1):
         self.engine, self.store, self.pool_data = engine, store, pool_data  # pool_data [S, B]
         self.ready, self.wait, self.wait_host, self.release = engine.ready, engine.wait, engine.wait_host, engine.release
         staging = getattr(store, "staging", None)  # file-backed stores read through a bounded ring (staging.py)
-        self.ring = staging(engine, pinned=pool_data.device.type == "cuda") if staging is not None else None
+        self.ring = None
+        if staging is not None:
+            pinned = pool_data.device.type == "cuda"
+            if max_inflight is None:
+                self.ring = staging(engine, pinned=pinned)
+            else:  # sized so that copies in flight, reads ahead and one call's demand copies each have a buffer
+                from .staging import sizes
+
+                size, ahead = sizes(max_inflight, top_k)
+                self.ring = staging(engine, pinned=pinned, size=size)
+                self.ring.ahead_max = ahead
         if self.ring is not None:
             self.read_ahead = self.ring.read_ahead  # the scheduler hands it the prefetches waiting their turn
 

@@ -33,22 +33,22 @@ from ..predictors.base import Predictor
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .cache import ExpertCache, SlotPool
 from .capacity import resolve_capacity
-from .checks import (check_device_memory, check_materialised, check_positive, check_predictor, model_devices,
-                     resolve_device)
+from .checks import check_device_memory, check_materialised, check_predictor, model_devices, resolve_device
 from .compression import make_codec
 from .compute import COMPUTE, build_compute, choose_compute
 from .hooks import ExpertsHook, PassMarker, new_store, offload_experts, restore_experts
 from .host_compute import HostExperts, measure_miss_costs, place_hottest
 from .hot_path import HotPath
-from .misses import MissCosts, check_misses
-from .policies import DEFAULT_POLICY
+from .config import OffloadConfig
+from .misses import MissCosts
 from .stats import LayerStats, Stats
 from .store import ExpertLayout
 from .scheduler import Scheduler
 from .transfer import StoreToPool, make_engine
 
-__all__ = ["COMPUTE", "SpeculativeMoE", "resolve_device"]
+__all__ = ["COMPUTE", "OffloadConfig", "SpeculativeMoE", "resolve_device"]
 logger = logging.getLogger(__name__)
+_FROM_CONFIG = object()  # cache_capacity not given: the config's (default 0.5)
 
 
 class SpeculativeMoE:
@@ -62,37 +62,19 @@ class SpeculativeMoE:
             total), or a memory budget string such as "8GiB".
         device: where compute and the cache live. Default: the model's accelerator if it is on one, else
             CUDA when present, else CPU. Non-expert weights are moved there.
-        policy: eviction policy, "hit-density" (default), "lru", "lfu", or an object with touch/forget/victim.
-        transfer: copy engine, "cuda" (default on CUDA), "sync" (default on CPU) or "thread" (CPU worker).
-        prefetch_width: experts prefetched per token per target layer (default: top-k).
-        max_prefetch_inflight: bound on prefetch copies in flight (default: 2 * top-k * lookahead).
-        compute: how experts are computed on the cache. "gather" copies the layer's routed slots into a
-            compact [n, ...] buffer for the model's experts implementation (cost grows with n); "pool" runs
-            the model's implementation on all S slots with no copy (cost of some implementations, e.g.
-            grouped_mm on CPU, grows with S); "triton" runs the fused Triton kernel on the slots (CUDA; on
-            CPU interpreted under TRITON_INTERPRET=1, else its PyTorch reference) for layers it supports
-            (SiLU/GELU experts with concatenated gate/up, no bias), the model's implementation elsewhere;
-            "auto" (default) is "pool" on CUDA, switching to the kernel for the shapes where the tuned
-            launch configs (`specmoe/kernels/configs`) measured it faster, and "gather" elsewhere.
-        compression: None (default) or "int8" / "int4" / "int4-g128": experts stay compressed
-            (`specmoe.kernels.quant`) in the host store, over PCIe and in the cache slots, so a capacity
-            budget holds 2-4x more experts; the fused kernel dequantizes in registers, and elsewhere the
-            routed slots are dequantized into a scratch for the model's implementation. Changes numerics
-            (`unwrap()` returns the dequantized experts, with a warning).
+        config: an `OffloadConfig` (policy, misses, compression, transfer, compute, prefetch width, in-flight
+            bound, host threads: see its docstring); the same names may be given as keyword arguments
+            (`settings`: ``policy="lru"``, ``misses="auto"``, ``transfer="thread"``, ``compression="int4"``,
+            ``compute="pool"``, ``prefetch_width``, ``max_prefetch_inflight``, ``host_threads``), which override
+            it. `cache_capacity`, when given, overrides its capacity. `self.config` holds the result.
         expert_source: where the experts' bytes come from when the model's experts modules do not hold them
             (`specmoe.load_offloaded` builds the model with its experts on the meta device and passes a
             `runtime.loading.CheckpointExperts`); an object with ``build_store(moe, layout, codec)``.
-        misses: where routed experts that are not resident run. "fetch" (default): copied into a slot.
-            "host": computed on the host from the host store by a worker thread while the device computes
-            the resident ones (`runtime.host_compute`). "auto": per miss, whichever a cost model says
-            finishes first (`runtime.misses.split_misses`). Prefetches always go to the device.
         miss_costs: the `MissCosts` for "auto"; default: measured at start-up on this model's experts
             (a fraction of a second; `self.miss_costs` holds them to pass next time).
         placement: routing frequencies [L][E] (e.g. counted from a trace): the hottest experts are loaded
             into the slots at start-up, a static placement like llama.cpp's. With misses="host" and no
             predictor nothing is ever copied again.
-        host_threads: cores the host uses for experts it computes (misses "host"/"auto"); default: physical
-            cores less one, at most 8 (`specmoe.kernels.host.default_threads`).
 
     Raises:
         TypeError: not an MoE model of a supported layout, or a predictor/capacity of the wrong type.
@@ -104,21 +86,18 @@ class SpeculativeMoE:
         self,
         model: nn.Module,
         predictor: Predictor | None = None,
-        cache_capacity: float | int | str = 0.5,
+        cache_capacity: float | int | str = _FROM_CONFIG,
         *,
+        config: OffloadConfig | None = None,
         device=None,
-        policy=DEFAULT_POLICY,
-        transfer: str | None = None,
-        prefetch_width: int | None = None,
-        max_prefetch_inflight: int | None = None,
-        compute: str | None = None,
-        compression: str | None = None,
         expert_source=None,
-        misses: str = "fetch",
         miss_costs: MissCosts | None = None,
         placement=None,
-        host_threads: int | None = None,
+        **settings,
     ):
+        if cache_capacity is not _FROM_CONFIG:
+            settings["capacity"] = cache_capacity
+        cfg = self.config = OffloadConfig.build(config, **settings)  # every setting validated here, once
         # ---- validate everything before touching the model ------------------------------------
         if getattr(model, "_specmoe_wrapper", None) is not None:
             raise ValueError("this model is already wrapped by SpeculativeMoE; call .unwrap() on that wrapper first")
@@ -127,22 +106,20 @@ class SpeculativeMoE:
         geo = moe.geometry
         check_predictor(predictor)
         layout = ExpertLayout(moe.specs)
-        self.codec = make_codec(compression, layout, moe.transposed)  # compressed experts: store, copies, slots
+        self.codec = make_codec(cfg.compression, layout, moe.transposed)  # compressed experts: store, copies, slots
         store_layout = self.codec.layout if self.codec else layout
-        num_slots = resolve_capacity(cache_capacity, geo.num_layers, geo.num_experts, store_layout.nbytes)
+        num_slots = resolve_capacity(cfg.capacity, geo.num_layers, geo.num_experts, store_layout.nbytes)
         self.device = resolve_device(model, device)
         if predictor is not None:
             predictor.bind(geo, [layer.router for layer in moe.layers])
         scratch = geo.top_k * layout.nbytes if self.codec else 0  # dequantized routed experts (fallback path)
         check_device_memory(model, moe, self.device, num_slots * store_layout.nbytes + scratch)
-        check_positive(prefetch_width=prefetch_width, max_prefetch_inflight=max_prefetch_inflight)
-        self.prefetch_width = prefetch_width if prefetch_width is not None else geo.top_k
-        self._inflight_limit = max_prefetch_inflight  # None: follows the predictor's lookahead
+        self.prefetch_width = cfg.width(geo.top_k)
         self.max_prefetch_inflight = self._default_inflight(predictor, geo)
-        self.misses = check_misses(misses)
-        self.host_threads = check_threads(host_threads)
+        self.misses = cfg.misses
+        self.host_threads = check_threads(cfg.host_threads)  # None: the host kernels' default
         # how fused-experts layers compute: before the experts leave their modules (the kernel plans read them)
-        self.compute, model_compute, kernel = choose_compute(compute, self.device, self.codec is not None, moe.layers)
+        self.compute, model_compute, kernel = choose_compute(cfg.compute, self.device, self.codec is not None, moe.layers)
 
         self.model = model
         self.predictor = predictor
@@ -167,9 +144,10 @@ class SpeculativeMoE:
             if self.device.type == "cuda":
                 self.store.pin()
             self.pool = SlotPool(self.store.layout, num_slots, self.device, self.codec)  # compressed if so
-            self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, policy)
-            self.engine = make_engine(transfer, num_slots, self.device)
-            self.scheduler = Scheduler(self.cache, StoreToPool(self.engine, self.store, self.pool.data), geo.num_layers,
+            self.cache = ExpertCache(num_slots, geo.num_layers, geo.num_experts, self.device, cfg.policy)
+            self.engine = make_engine(cfg.transfer, num_slots, self.device)
+            copies = StoreToPool(self.engine, self.store, self.pool.data, self.max_prefetch_inflight, geo.top_k)
+            self.scheduler = Scheduler(self.cache, copies, geo.num_layers,
                                        self.max_prefetch_inflight, self.store.layout.nbytes,  # compressed bytes
                                        misses=self.misses)
             self.experts_compute = build_compute(model_compute, kernel, self.pool, self.cache.table, geo.num_experts,
@@ -225,8 +203,7 @@ class SpeculativeMoE:
         self._reset_state()
 
     def _default_inflight(self, predictor, geo) -> int:
-        lookahead = getattr(predictor, "lookahead", 1) if predictor is not None else 1
-        return self._inflight_limit if self._inflight_limit is not None else 2 * geo.top_k * lookahead
+        return self.config.inflight(geo.top_k, getattr(predictor, "lookahead", 1) if predictor is not None else 1)
 
     @property
     def stats(self) -> Stats:
@@ -234,6 +211,8 @@ class SpeculativeMoE:
             per_layer=[LayerStats(**vars(x)) for x in self.scheduler.stats],
             stall_s=self.engine.stall_seconds(),
             stall_waits=self.engine.waits,
+            host_stall_s=getattr(self.engine, "host_wait_s", 0.0),  # engines from elsewhere may not count it
+            host_stall_waits=getattr(self.engine, "host_waits", 0),
             host_syncs=self.hot.host_syncs,
             layer_calls=self.scheduler.layer_calls,
             chunked_calls=self.scheduler.chunked_calls,

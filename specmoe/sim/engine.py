@@ -14,8 +14,12 @@ host: the layer's hidden state crosses PCIe, a host worker (its own clock `w`) c
 device computes the resident ones, and the layer ends when both have (the host's output crossing back).
 
 Unwrapped (capacity None) every expert is resident: steps 2-3 cost nothing but the experts call.
-Every decision of step 2 (acquire, evict, prefetch, chunk; the counters) is the runtime's own scheduler
-(`specmoe.runtime.scheduler`), driven here by `ClockEngine`, a copy engine on a clock.
+Every decision of step 2 (acquire, evict, prefetch, chunk, admission; the counters) is the runtime's own
+scheduler (`specmoe.runtime.scheduler`): the replay asks it for each layer call's plan (`Scheduler.plan`) and
+carries the plan out with `Scheduler.step`, in the runtime's order, on `ClockEngine`, a copy engine on a clock;
+it holds no sequence of scheduler calls of its own. The result is the runtime's `Stats` (the same counters,
+per MoE layer) with the clock's figures (`SimResult`). The scheduler's costs (`clock.replay_costs`: one copy,
+the host's compute, the layer period, the predictor's host time) are the profiles' and the compute model's.
 """
 
 # Shape legend: T tokens, E experts, L MoE layers, k top-k, S slots, P passes
@@ -23,14 +27,15 @@ Every decision of step 2 (acquire, evict, prefetch, chunk; the counters) is the 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..runtime.cache import ExpertCache
 from ..runtime.capacity import resolve_capacity
-from ..runtime.misses import check_misses, hottest
-from ..runtime.policies import DEFAULT_POLICY
+from ..runtime.config import OffloadConfig
+from ..runtime.misses import hottest
 from ..runtime.scheduler import Scheduler
-from .clock import ClockEngine, HostMissCosts
+from ..runtime.stats import LayerStats, Stats
+from .clock import ClockEngine, HostMissCosts, replay_costs
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
 from .host import HostProfile
@@ -40,26 +45,18 @@ from .shapes import ModelShape
 from .stream import RoutingStream
 
 __all__ = ["ClockEngine", "HostMissCosts", "SimResult", "device_weight_bytes", "simulate", "stream_frequencies"]
+_FROM_CONFIG = object()  # capacity not given: the config's
 
 
 @dataclass
-class SimResult:
-    """What one simulated run did over its measured passes (warm-up passes excluded)."""
+class SimResult(Stats):
+    """What one simulated run did over its measured passes (warm-up passes excluded): the runtime's `Stats`
+    (the same counters, per MoE layer, from the same scheduler) and the clock's figures."""
 
     passes: int = 0
     tokens: int = 0
     time_s: float = 0.0
-    stall_s: float = 0.0
-    hits: int = 0
-    hits_in_flight: int = 0
-    misses: int = 0  # routed experts not resident: fetched, or computed on the host
-    host_computed: int = 0  # of the misses, those computed on the host
     host_s: float = 0.0  # seconds the host worker spent on experts (and their hidden states crossing)
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0
-    copies: int = 0
-    bytes_moved: int = 0
     num_slots: int | None = None  # None: unwrapped, all experts resident
     device_bytes: int = 0  # weights + cache on the device (no KV cache, no workspace)
     pass_times: list[float] = field(default_factory=list, repr=False)  # every pass, warm-up included
@@ -68,28 +65,14 @@ class SimResult:
     def tok_s(self) -> float:
         return self.tokens / self.time_s if self.time_s > 0 else 0.0
 
-    @property
-    def hit_rate(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 1.0
-
-    @property
-    def prefetch_precision(self) -> float:
-        settled = self.prefetch_used + self.prefetch_wasted
-        return self.prefetch_used / settled if settled else 0.0
-
-    @property
-    def prefetch_recall(self) -> float:
-        """Share of the routed experts not kept by the cache itself that a prefetch brought in time or late."""
-        n = self.prefetch_used + self.misses
-        return self.prefetch_used / n if n else 0.0
-
-    def to_dict(self, pass_times: bool = False) -> dict:
-        out = asdict(self)
-        if not pass_times:
-            out.pop("pass_times")
-        out.update(tok_s=self.tok_s, hit_rate=self.hit_rate, prefetch_precision=self.prefetch_precision,
-                   prefetch_recall=self.prefetch_recall)
+    def to_dict(self, pass_times: bool = False, per_layer: bool = False) -> dict:
+        out = super().to_dict()
+        if not per_layer:
+            out.pop("per_layer")
+        out.update(passes=self.passes, tokens=self.tokens, time_s=self.time_s, host_s=self.host_s,
+                   num_slots=self.num_slots, device_bytes=self.device_bytes, tok_s=self.tok_s)
+        if pass_times:
+            out["pass_times"] = list(self.pass_times)
         return out
 
 
@@ -104,38 +87,38 @@ def simulate(
     stream: RoutingStream,
     shape: ModelShape,
     profile: HardwareProfile,
-    capacity: float | int | str | None,
+    capacity: float | int | str | None = _FROM_CONFIG,
     *,
     ops: OpCounts,
+    config: OffloadConfig | None = None,
     compute: ComputeModel | None = None,
-    policy: str = DEFAULT_POLICY,
     candidates: Candidates | None = None,
-    max_prefetch_inflight: int | None = None,
     lookahead: int = 1,
     context: int = 512,
     warmup_passes: int = 0,
-    transfer: str = "stream",
-    misses: str = "fetch",
     host: HostProfile | None = None,
     placement=None,
+    **settings,
 ) -> SimResult:
-    """Replay `stream` on `profile` with `shape`'s sizes.
+    """Replay `stream` on `profile` with `shape`'s sizes, under the offloading settings `config` (the runtime's
+    `OffloadConfig`; the same names as keyword arguments override it, as for `SpeculativeMoE`).
 
     Args:
         stream: the routing (its L, E and k must be the shape's).
-        capacity: as `SpeculativeMoE`'s cache_capacity (fraction, slots or "24GiB"-style budget); None
-            simulates the unwrapped model with every expert on the device.
+        capacity: as `SpeculativeMoE`'s cache_capacity (fraction, slots or "24GiB"-style budget; default: the
+            config's); None simulates the unwrapped model with every expert on the device.
         ops: the family's op counts (`count_ops(shape.model_type)`).
+        config / settings: `policy` (the runtime's, or "belady": Belady's MIN, demand fetching only),
+            `max_prefetch_inflight` (default 2 * k * lookahead, `OffloadConfig.inflight`), `misses` ("fetch",
+            "host" or "auto"; the last two need `host`), `transfer` ("sync": the host copies and waits, as the
+            runtime's synchronous CPU engine, no copy ever in flight; any other engine, or "stream", copies on a
+            copy engine overlapping compute). The experts' compression is the shape's.
         compute: software constants (default: the "hf-eager" preset).
-        policy: the runtime's default ("hit-density"), "lru", "lfu" or "belady" (Belady's MIN: demand fetching only).
         candidates: per pass and layer, the ranked keys a predictor would prefetch (`predictions.py`, where
             the prefetch width is applied); None: no predictor (demand fetching only).
-        max_prefetch_inflight / lookahead: as `SpeculativeMoE` (the bound defaults to 2 * k * lookahead).
+        lookahead: the predictor's (for the in-flight bound's default).
         context: tokens already in the KV cache when a pass starts (attention reads them).
         warmup_passes: passes replayed before measuring (the cache warms up; their time is not counted).
-        transfer: "stream" (copies on a copy engine, overlapping compute, as the runtime's CUDA engine) or
-            "sync" (the host copies and waits, as its synchronous CPU engine: no copy is ever in flight).
-        misses: as `SpeculativeMoE`: "fetch", "host" or "auto" (the last two need `host`).
         host: the host's profile (`specmoe.sim.host.HostProfile`), for misses computed on the host.
         placement: a static placement: routing frequencies [L][E], or "trace" (counted over this stream): the
             hottest experts fill the slots before the first pass (llama.cpp-style; with misses="host" and no
@@ -147,20 +130,24 @@ def simulate(
     Raises:
         ValueError: the stream's geometry differs from the shape's, or the inputs do not fit together.
     """
+    if settings.get("transfer") == "stream":  # the simulator's old name of an asynchronous copy engine
+        settings["transfer"] = None
+    wrapped = capacity is not None
+    if wrapped and capacity is not _FROM_CONFIG:
+        settings["capacity"] = capacity
+    cfg = OffloadConfig.build(config, **settings)
     stream.check_geometry(shape.moe_layers, shape.top_k, shape.num_experts)
     if candidates is not None and len(candidates) != stream.num_passes:
         raise ValueError(f"candidates cover {len(candidates)} passes, the stream has {stream.num_passes}")
     if not 0 <= warmup_passes < stream.num_passes:
         raise ValueError(f"warmup_passes must be in [0, {stream.num_passes}), got {warmup_passes}")
-    if transfer not in TRANSFERS:
-        raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
-    if policy == "belady" and candidates is not None:
+    if cfg.policy == "belady" and candidates is not None:
         raise ValueError("Belady's MIN is the optimal *demand* cache: simulate it without candidates")
-    if check_misses(misses) != "fetch" and host is None:
-        raise ValueError(f"misses={misses!r} needs a host profile (host=HostProfile.from_name('3090-box'))")
-    replay = _Replay(stream, shape, profile, capacity, ops, compute or ComputeModel.from_name("hf-eager"), policy,
-                     candidates, max_prefetch_inflight or 2 * shape.top_k * lookahead, context, transfer == "sync",
-                     misses, host)
+    if cfg.misses != "fetch" and host is None:
+        raise ValueError(f"misses={cfg.misses!r} needs a host profile (host=HostProfile.from_name('3090-box'))")
+    replay = _Replay(stream, shape, profile, cfg.capacity if wrapped else None, ops,
+                     compute or ComputeModel.from_name("hf-eager"), cfg.policy, candidates,
+                     cfg.inflight(shape.top_k, lookahead), context, not cfg.asynchronous, cfg.misses, host)
     if placement is not None and replay.sched is not None:
         trace = isinstance(placement, str) and placement == "trace"
         replay.place(stream_frequencies(stream, shape.num_experts) if trace else placement)
@@ -180,9 +167,6 @@ def stream_frequencies(stream: RoutingStream, num_experts: int) -> list[list[int
     return counts
 
 
-TRANSFERS = ("stream", "sync")
-_COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
-             "bytes_moved")
 
 
 def _routing_lists(stream: RoutingStream) -> tuple[list, list]:
@@ -227,15 +211,15 @@ class _Replay:
         self.wrapped = capacity is not None
         self.num_slots = resolve_capacity(capacity, L, E, shape.slot_bytes) if self.wrapped else None
         copy_s = profile.copy_seconds(shape.transfer_bytes)  # compressed slots: the compressed bytes, no dequantize
-        self.res = SimResult(num_slots=self.num_slots, device_bytes=device_weight_bytes(shape, self.num_slots))
+        self.res = SimResult(per_layer=[], num_slots=self.num_slots,
+                             device_bytes=device_weight_bytes(shape, self.num_slots))
         self.engine = ClockEngine(self.num_slots or 0, copy_s, compute.copy_issue_s, sync_copies)
         self.sched = costs = None
         self.policy_s = 0.0
         if self.wrapped:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
             self.policy_s = getattr(cache.policy, "host_s_per_call", 0.0)  # a learned policy's measured cost
-            crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)  # one token, both ways
-            costs = HostMissCosts(copy_s, host, shape, crossing) if host is not None else None
+            costs = replay_costs(shape, profile, compute, ops, host, context)
             self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
         self.host_costs = costs
         self.on_host = self.wrapped and misses != "fetch"
@@ -250,19 +234,29 @@ class _Replay:
             self.engine.ready_at[slot] = 0.0
 
     def run(self, warmup_passes: int) -> SimResult:
+        """Replay every pass; the scheduler's plan of each MoE layer call (`Scheduler.plan` / `step`) is carried
+        out on the clocks, in the runtime's order: plan, host experts submitted, acquire, compute issued,
+        prefetches pumped while it runs, release."""
         res, eng, sched, candidates = self.res, self.engine, self.sched, self.candidates
         ready_at = eng.ready_at
+        plan_call = sched.plan if sched is not None else None
+        step = sched.step if sched is not None else None
+        S = self.num_slots or 0
         costs_by_tokens: dict[int, object] = {}
         routing, routed_pairs = _routing_lists(self.stream)
         counts = _expert_tokens(self.stream) if self.on_host else None
         tokens = self.stream.pass_tokens()
-        before, stall, stall_before = None, 0.0, 0.0
+        before, stall, stall_before, calls_before, chunked_before = None, 0.0, 0.0, 0, 0
         g = 0.0  # the device clock (the host's is the engine's: the scheduler's copies move it)
         w = 0.0  # the host worker's clock (misses computed on the host)
         host_busy = host_before = 0.0
+        cross = 0.0
         for p, per_layer in enumerate(routing):
             if p == warmup_passes:
-                before, stall_before = (sched.totals() if sched is not None else None), stall
+                before, stall_before = ([LayerStats(**vars(x)) for x in sched.stats] if sched is not None else None), \
+                    stall
+                calls_before = sched.layer_calls if sched is not None else 0
+                chunked_before = sched.chunked_calls if sched is not None else 0
                 host_before = host_busy
             T = tokens[p]
             c = costs_by_tokens.get(T)
@@ -270,7 +264,8 @@ class _Replay:
                 c = costs_by_tokens[T] = pass_costs(self.shape, self.profile, self.compute, self.ops, T, self.context)
             host_layer, dev_layer, host_experts = c.host_layer, c.dev_layer, c.host_experts
             dev_expert, dev_pair = c.dev_expert, c.dev_expert_tokens
-            host_call = c.host_wrapper + (c.host_predictor if candidates is not None else 0.0) + self.policy_s
+            host_wrapper = c.host_wrapper + self.policy_s  # a learned policy's cost: every layer call
+            host_call = host_wrapper + c.host_predictor
             cands = candidates[p] if candidates is not None else None
             pairs_of = routed_pairs[p]
             h = eng.h
@@ -287,52 +282,47 @@ class _Replay:
                     if h > g:
                         g = h
                     continue
-                # the runtime's experts call: sync, route, acquire, pump, compute
-                eng.h = (h if h > g else g) + host_call
-                sched.begin(p, layer, needed, cands[layer] if cands is not None else ())
-                on_host = ()
-                if counts is not None:
-                    per_expert = counts[p][layer]
-                    needed, on_host = sched.split(layer, needed, per_expert)
-                    if on_host:  # the hidden state crosses, the worker computes beside the device
-                        cross = self.hidden_s(T)
-                        start_w = w if w > eng.h else eng.h
-                        w = start_w + cross + sum(self.host_costs.host_seconds(per_expert[e]) for e in on_host)
-                        host_busy += w - start_w
-                        pairs -= sum(per_expert[e] for e in on_host)
-                slots = sched.start(layer, needed)
-                if slots is not None and not needed:  # every routed expert runs on the host
-                    sched.release(slots)
-                    h = eng.h = w if w > eng.h else eng.h
-                    g = max(g, w + cross, h)
-                    continue
-                if slots is not None:
-                    h = eng.h
-                    free_at = g if g > h else h
-                    for s in slots:  # compute waits for the last copy to land
-                        if ready_at[s] > free_at:
-                            stall += ready_at[s] - free_at
-                            free_at = ready_at[s]
-                    h += host_experts
-                    work = len(needed) * dev_expert
-                    if pairs * dev_pair > work:
-                        work = pairs * dev_pair  # expert_device_seconds
-                    g = free_at + work
-                    if h > g:
-                        g = h
-                    sched.release(slots)
-                    if on_host:  # the runtime waits for the host's output, then adds it on the device
-                        h = eng.h = w if w > eng.h else eng.h
-                        g = max(g, w + cross, h)
-                    continue
-                n = len(needed)
-                for chunk, slots in sched.chunks(layer, needed):
-                    free_at = max(g, eng.h)
-                    landed = max([ready_at[s] for s in slots] + [free_at])
-                    stall += landed - free_at
-                    eng.h += host_experts
-                    g = max(landed + expert_device_seconds(c, len(chunk), pairs * len(chunk) // n), eng.h)
-                if on_host:
+                # the runtime's experts call: sync, (predict,) route, plan, host experts, acquire, compute, pump,
+                # release
+                guess = cands is not None and sched.wants_prediction()
+                eng.h = (h if h > g else g) + (host_call if guess else host_wrapper)
+                per_expert = counts[p][layer] if counts is not None else None
+                plan = plan_call(p, layer, needed, cands[layer] if guess else (), per_expert)
+                on_host = plan.host
+                if on_host:  # the hidden state crosses, the worker computes beside the device
+                    cross = self.hidden_s(T)
+                    start_w = w if w > eng.h else eng.h
+                    w = start_w + cross + sum(self.host_costs.host_seconds(per_expert[e]) for e in on_host)
+                    host_busy += w - start_w
+                    pairs -= sum(per_expert[e] for e in on_host)
+                device = plan.device
+                if len(device) <= S:
+                    step(plan)  # acquire
+                    if device:
+                        h = eng.h
+                        free_at = g if g > h else h
+                        for s in plan.slots:  # compute waits for the last copy to land
+                            if ready_at[s] > free_at:
+                                stall += ready_at[s] - free_at
+                                free_at = ready_at[s]
+                        h += host_experts
+                        work = len(device) * dev_expert
+                        if pairs * dev_pair > work:
+                            work = pairs * dev_pair  # expert_device_seconds
+                        g = free_at + work
+                        if h > g:
+                            g = h
+                        eng.h = h
+                    step(plan)  # the compute is issued: prefetch while it runs, release
+                else:
+                    n = len(device)
+                    while step(plan):
+                        free_at = max(g, eng.h)
+                        landed = max([ready_at[s] for s in plan.slots] + [free_at])
+                        stall += landed - free_at
+                        eng.h += host_experts
+                        g = max(landed + expert_device_seconds(c, len(plan.chunk), pairs * len(plan.chunk) // n), eng.h)
+                if on_host:  # the runtime waits for the host's output, then adds it on the device
                     eng.h = w if w > eng.h else eng.h
                     g = max(g, w + cross, eng.h)
                 h = eng.h
@@ -345,11 +335,22 @@ class _Replay:
                 res.passes += 1
                 res.tokens += T
                 res.time_s += end - start
-        if sched is not None:  # the warm-up's counters are not part of the result
-            after = sched.totals()
-            for name in _COUNTERS:
-                setattr(res, name, getattr(after, name) - getattr(before, name))
-            res.copies = res.misses - res.host_computed + res.prefetch_issued
-            res.stall_s = stall - stall_before
-            res.host_s = host_busy - host_before
-        return res
+        L = self.shape.moe_layers
+        if sched is None:
+            per_layer = [LayerStats() for _ in range(L)]
+        else:  # the warm-up's counters are not part of the result
+            per_layer = []
+            for now, then in zip(sched.stats, before):
+                diff = LayerStats(**vars(now))
+                for name, value in vars(then).items():
+                    setattr(diff, name, getattr(diff, name) - value)
+                per_layer.append(diff)
+        out = SimResult(per_layer=per_layer, passes=res.passes, tokens=res.tokens, time_s=res.time_s,
+                        num_slots=res.num_slots, device_bytes=res.device_bytes, pass_times=res.pass_times)
+        if sched is not None:
+            out.stall_s = stall - stall_before
+            out.stall_waits = 0
+            out.layer_calls = out.host_syncs = sched.layer_calls - calls_before
+            out.chunked_calls = sched.chunked_calls - chunked_before
+            out.host_s = host_busy - host_before
+        return out
