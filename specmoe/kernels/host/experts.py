@@ -38,9 +38,10 @@ class Mat(ctypes.Structure):
 
 
 def kernel_format(dtype: torch.dtype, fmt: QuantFormat | None) -> str | None:
-    """The kernel format of experts stored in `dtype` (uncompressed) or under `fmt`; None if unsupported."""
+    """The kernel format of experts stored in `dtype` (uncompressed) or under `fmt`; None if unsupported (a
+    publisher's format, `kernels.prequant.PrequantFormat`: MXFP4, FP8, GPTQ, read by the torch path for now)."""
     if fmt is not None:
-        return fmt.scheme
+        return fmt.scheme if isinstance(fmt, QuantFormat) else None
     return PLAIN.get(dtype)
 
 
