@@ -41,6 +41,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype (default: the checkpoint's; float32 for the reference model on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode: dense parts as torch.compile graphs, the MoE layer calls between them")
 
 
 def parse_capacity(text: str) -> float | int | str:
@@ -103,7 +105,8 @@ def run_generate(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     predictor = _predictor(args.predictor)
     config = OffloadConfig(capacity=parse_capacity(args.capacity), host_store=args.host_store,
-                           compression=None if args.compression == "none" else args.compression)
+                           compression=None if args.compression == "none" else args.compression,
+                           compile=args.compile)
     smoe = load_offloaded(path, device=device, predictor=predictor, dtype=dtype, config=config)
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -127,4 +130,6 @@ def run_generate(args: argparse.Namespace) -> int:
     decode_s = end - streamer.first_s if streamer.puts >= 2 else 0.0
     tok_s = f"{(new - 1) / decode_s:.1f} tok/s decode" if new > 1 and decode_s > 0 else "no decode step"
     print(f"[{new} tokens, {tok_s}; {smoe.stats.summary()}]")
+    if smoe.compile_stats is not None:
+        print("[compiled decode: {graphs} graphs in {compile_s:.1f} s ({backend})]".format(**smoe.compile_stats))
     return 0

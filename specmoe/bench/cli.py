@@ -42,6 +42,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--misses", default="fetch", choices=["fetch", "host", "auto"],
                    help="where missed experts run: copied to the device (fetch), computed on the host from the host "
                         "store (host), or per miss by a cost model measured at start-up (auto)")
+    p.add_argument("--compile", action="store_true", help="compiled decode of the SpeculativeMoE rows")
     p.add_argument("--out", type=Path, default=Path("specmoe-bench"), help="output directory")
     p.add_argument("--name", default=None, help="file stem (default: bench_<device type>)")
 
@@ -96,7 +97,7 @@ def run_bench(args: argparse.Namespace) -> int:
         capacities=tuple(args.capacities), predictors=tuple(args.predictors), new_tokens=args.new_tokens,
         warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
         accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
-        accelerate_new_tokens=args.accelerate_tokens, offload=OffloadConfig(misses=args.misses))
+        accelerate_new_tokens=args.accelerate_tokens, offload=OffloadConfig(misses=args.misses, compile=args.compile))
     model, tokenizer, texts, name = _load(args, dtype)
     model.generation_config.eos_token_id = None  # every call generates exactly N tokens
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0

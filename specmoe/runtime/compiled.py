@@ -98,6 +98,8 @@ class CompiledDecode:
         limit = max(dynamo_config.recompile_limit, 2 * num_layers + 8)
         self._limits = dict(recompile_limit=limit, accumulated_recompile_limit=max(
             dynamo_config.accumulated_recompile_limit, 64 * limit))
+        if "nested_graph_breaks" in dynamo_config.get_config_copy():  # torch >= 2.9: the outer frames keep
+            self._limits["nested_graph_breaks"] = True  # tracing across an experts call (one break, not one per frame)
         self._patch = dynamo_config.patch
         params = inspect.signature(type(model).forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: "cache"
