@@ -1,11 +1,11 @@
 """Eviction policies (specmoe.runtime.policies): cycle-aware hit density, aged LFU, and the default's wiring."""
 
-import inspect
 
 import pytest
+import numpy as np
 import torch
 
-from specmoe import SpeculativeMoE
+from specmoe.runtime.config import OffloadConfig
 from specmoe.runtime.cache import ExpertCache
 from specmoe.runtime.policies import DEFAULT_POLICY, HitDensityPolicy, LFUPolicy, LRUPolicy, make_policy
 from specmoe.sim.bounds import demand_misses
@@ -109,7 +109,7 @@ def test_lfu_counts_survive_eviction_per_expert():
 
 
 def test_default_policy_wiring():
-    assert inspect.signature(SpeculativeMoE).parameters["policy"].default == DEFAULT_POLICY
+    assert OffloadConfig().policy == DEFAULT_POLICY  # SpeculativeMoE's, load_offloaded's and simulate's default
     assert type(make_policy("default")).name == DEFAULT_POLICY == type(make_sim_policy("default")).name
     assert DEFAULT_POLICY in SweepSettings().policies and DEFAULT_POLICY in SweepSettings().prefetch_policies
     assert isinstance(make_policy("lru"), LRUPolicy)
@@ -117,3 +117,27 @@ def test_default_policy_wiring():
         make_policy("prediction-aware")
     with pytest.raises(ValueError, match="belady"):
         SweepSettings(prefetch_policies=("belady",))
+
+
+def test_hit_density_counts_batched_or_one_by_one_alike():
+    """observe() defers its counting to the next victim (or the layer's next visit); a batch of calls on distinct
+    layers gives the state counting each call at once gives."""
+    from specmoe.runtime.cache import ExpertCache
+    from specmoe.runtime.policies import HitDensityPolicy
+
+    g = torch.Generator().manual_seed(0)
+    eager, lazy = HitDensityPolicy(), HitDensityPolicy()
+    for p in (eager, lazy):
+        ExpertCache(6, 3, 8, None, p)
+    for t in range(40):
+        layer = t % 3
+        routed = sorted(set(torch.randint(0, 8, (2 + t % 3,), generator=g).tolist()))
+        for p in (eager, lazy):
+            p.observe(layer, frozenset(), routed)
+        eager._count()
+        assert len(lazy._pending) == layer + 1  # a pass's calls wait: one per layer
+    lazy._count()
+    for name in ("visits", "last", "bucket", "trials"):
+        assert np.array_equal(getattr(eager, name), getattr(lazy, name)), name
+    for name in ("freq", "freq_sum", "hits"):
+        assert np.allclose(getattr(eager, name), getattr(lazy, name), rtol=1e-12, atol=0), name

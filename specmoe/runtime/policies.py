@@ -139,6 +139,7 @@ class HitDensityPolicy(LRUPolicy):
             raise ValueError(f"need 0 < freq_decay < 1 and freq_buckets >= 1, got {freq_decay}, {freq_buckets}")
         super().__init__()
         self.freq_decay, self.F = freq_decay, freq_buckets
+        self._recency_f = _RECENCY_BUCKET * freq_buckets  # [recency] -> its bucket's first index
         self.cache = None
         self.layer: int | None = None
         self.predicted: set[Key] = set()
@@ -150,6 +151,7 @@ class HitDensityPolicy(LRUPolicy):
         L, E, S = num_layers, cache.num_experts, cache.num_slots
         self.cache, self.L, self.E = cache, L, E
         self.freq = np.full((L, E), 1.0 / E)  # [L, E] decayed share of visits that routed each expert
+        self.freq_sum = self.freq.sum(-1)  # [L] row sums, kept with the rows
         self.last = np.full((L, E), -(_MAX_RECENCY + 1), dtype=np.int64)  # [L, E] visit it was last routed at
         self.visits = np.zeros(L, dtype=np.int64)  # [L]
         R = len(_RECENCY_EDGES)
@@ -157,35 +159,84 @@ class HitDensityPolicy(LRUPolicy):
         self.hits = np.repeat(1.0 / (2.0 + np.arange(R)), self.F)
         self.slot_layer = np.full(S, -1, dtype=np.int64)  # [S], -1: empty
         self.slot_expert = np.zeros(S, dtype=np.int64)  # [S]
+        self._slot_key: list[Key | None] = [None] * S  # what slot_layer / slot_expert hold (plain: cheap to compare)
+        # [L + 1, E] the bucket of each (layer, expert): it changes only when its layer is visited. Row L (index
+        # -1, an empty slot's layer) names bucket R * F, whose hit density is inf: never a victim.
+        self.bucket = np.full((L + 1, E), R * self.F, dtype=np.int64)
+        recency = np.minimum(self.visits[:, None] - self.last, _MAX_RECENCY)
+        self.bucket[:L] = self._bucket_of(recency, self.freq, self.freq_sum[:, None])
+        self._ratio = np.full(R * self.F + 1, np.inf)  # [R * F + 1] hits / trials per bucket, then inf
+        # [c, l] steps from layer c to l's next visit; column L (index -1: an empty slot) is 1
+        self._steps = np.ones((L, L + 1))
+        self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
+        self._pending: list[tuple[int, list[int]]] = []  # observed layer calls not yet counted (in order)
+        self._pending_layers: set[int] = set()
 
-    def _bucket(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
-        recency = np.minimum(self.visits[layers] - self.last[layers, experts], _MAX_RECENCY)
-        rel = self.freq[layers, experts] * self.E / self.freq[layers].sum(-1)
-        return _RECENCY_BUCKET[recency] * self.F + np.minimum((rel * 2).astype(np.int64), self.F - 1)
+    def _bucket_of(self, recency: np.ndarray, freq: np.ndarray, freq_sum) -> np.ndarray:
+        """Buckets from recency and frequency (any matching shapes)."""
+        rel2 = freq * (2 * self.E) / freq_sum  # twice the frequency relative to the layer's average
+        return self._recency_f[recency] + np.minimum(rel2.astype(np.int64), self.F - 1)
 
     def observe(self, layer: int, predicted: set[Key], routed=()) -> None:
+        """Record the call; the counts are updated in batches (at most one call per layer each, so a batch is
+        the same as its calls one by one), when a layer comes round again or a victim is asked for."""
         if self.cache is None:
             return
+        if layer in self._pending_layers:
+            self._count()
         self.layer, self.predicted, self._score = layer, predicted, None
-        used = list(routed)
-        # _bucket for every expert of one layer, on the layer's rows (this runs once per MoE layer call)
-        freq = self.freq[layer]
-        recency = np.minimum(self.visits[layer] - self.last[layer], _MAX_RECENCY)
-        rel = freq * self.E / freq.sum()
-        bucket = _RECENCY_BUCKET[recency] * self.F + np.minimum((rel * 2).astype(np.int64), self.F - 1)
-        self.trials += np.bincount(bucket, minlength=self.trials.size)
-        if used:
-            self.hits += np.bincount(bucket[used], minlength=self.hits.size)
-        self.visits[layer] += 1
-        self.last[layer, used] = self.visits[layer]
-        row = self.freq[layer]
-        row *= self.freq_decay
-        row[used] += 1 - self.freq_decay
+        self._pending.append((layer, list(routed)))
+        self._pending_layers.add(layer)
+
+    def _count(self) -> None:
+        """Count the pending calls: every expert of a visited layer is a trial of its bucket, a routed one a hit;
+        then the layer's visits, last-routed visits, frequencies, and so its buckets, move on."""
+        pending = self._pending
+        if not pending:
+            return
+        decay, size = self.freq_decay, self.trials.size
+        if len(pending) == 1:  # one call (a victim is asked for at most layer calls): on the layer's rows
+            (layer, used), = pending
+            u = np.array(used, dtype=np.int64)  # [k]
+            bucket = self.bucket[layer]  # [E] (a view)
+            self.trials += np.bincount(bucket, minlength=size)
+            if u.size:
+                self.hits += np.bincount(bucket[u], minlength=size)
+            visit = self.visits[layer] = self.visits[layer] + 1
+            self.last[layer, u] = visit
+            freq = self.freq[layer]  # [E] (a view: updated in place)
+            freq *= decay
+            freq[u] += 1 - decay
+            total = self.freq_sum[layer] = freq.sum()
+            bucket[:] = self._bucket_of(np.minimum(visit - self.last[layer], _MAX_RECENCY), freq, total)
+        else:
+            layers = np.fromiter((c[0] for c in pending), dtype=np.int64, count=len(pending))  # [n] distinct
+            rows = np.concatenate([np.full(len(u), i, dtype=np.int64) for i, (_, u) in enumerate(pending)])  # [m]
+            used = np.fromiter((e for _, u in pending for e in u), dtype=np.int64, count=rows.size)  # [m]
+            bucket = self.bucket[layers]  # [n, E]
+            self.trials += np.bincount(bucket.ravel(), minlength=size)
+            if rows.size:
+                self.hits += np.bincount(bucket[rows, used], minlength=size)
+            self.visits[layers] += 1
+            visits = self.visits[layers]  # [n]
+            self.last[layers[rows], used] = visits[rows]
+            freq = self.freq[layers]  # [n, E]
+            freq *= decay
+            freq[rows, used] += 1 - decay  # (row, expert) pairs are distinct: a call routes an expert once
+            self.freq[layers] = freq
+            total = self.freq_sum[layers] = freq.sum(-1)
+            recency = np.minimum(visits[:, None] - self.last[layers], _MAX_RECENCY)
+            self.bucket[layers] = self._bucket_of(recency, freq, total[:, None])
+        pending.clear()
+        self._pending_layers.clear()
 
     def touch(self, slot: int) -> None:
         super().touch(slot)
         if self.cache is not None:
-            self.slot_layer[slot], self.slot_expert[slot] = self.cache.key_of[slot]
+            key = self.cache.key_of[slot]
+            if self._slot_key[slot] != key:  # a new expert in the slot
+                self._slot_key[slot] = key
+                self.slot_layer[slot], self.slot_expert[slot] = key
             if self._score is not None:
                 self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
 
@@ -193,18 +244,19 @@ class HitDensityPolicy(LRUPolicy):
         super().forget(slot)
         if self.cache is not None:
             self.slot_layer[slot] = -1
+            self._slot_key[slot] = None
 
     def _scores(self) -> np.ndarray:
-        occupied = self.slot_layer >= 0
-        layers = np.where(occupied, self.slot_layer, 0)
-        steps = (layers - self.layer - 1) % self.L + 1
-        p = (self.hits / self.trials)[self._bucket(layers, self.slot_expert)]
-        score = p / steps
+        self._count()
+        ratio = self._ratio
+        np.divide(self.hits, self.trials, out=ratio[:-1])  # the last entry, inf, is the empty slots' bucket
+        layers = self.slot_layer
+        score = ratio[self.bucket[layers, self.slot_expert]] / self._steps[self.layer][layers]  # empty slots: inf
+        slot_of = self.cache.slot_of
         for key in self.predicted:
-            slot = self.cache.slot_of.get(key)
+            slot = slot_of.get(key)
             if slot is not None:
                 score[slot] = np.inf
-        score[~occupied] = np.inf
         return score
 
     def victim(self, allowed: Callable[[int], bool]) -> int | None:
