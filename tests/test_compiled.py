@@ -90,3 +90,19 @@ def test_compile_refusals_and_default():
     assert getattr(model, "_specmoe_wrapper", None) is None and "forward" not in model.__dict__
     smoe = SpeculativeMoE(build_tiny("mixtral"), None, 0.5)
     assert smoe.compile_stats is None  # eager stays the default
+
+
+def test_simulator_compiled_compute_model_charges_segments_not_ops():
+    from specmoe.sim.compute import COMPUTE_MODELS, load_op_counts, pass_costs
+    from specmoe.sim.hardware import HardwareProfile
+    from specmoe.sim.shapes import ModelShape
+
+    shape, profile = ModelShape.from_name("qwen1.5-moe-a2.7b"), HardwareProfile.from_name("rtx3090")
+    ops = load_op_counts(shape.model_type)
+    eager, compiled = COMPUTE_MODELS["hf-eager"], COMPUTE_MODELS["compiled"]  # the preset from the calibration file
+    e, c = (pass_costs(shape, profile, m, ops, 1, 512) for m in (eager, compiled))
+    assert e.host_layer == pytest.approx(ops.layer * eager.op_s)
+    assert c.host_layer == pytest.approx(compiled.segments_per_layer * compiled.segment_s) and c.host_layer < e.host_layer
+    assert c.host_experts == e.host_experts and c.host_wrapper == e.host_wrapper  # the hot path stays eager
+    assert c.dev_layer == e.dev_layer
+    assert "assum" in compiled.source
