@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 GOAL = 5.0  # speed-up of this checkout over the baseline (issue 10)
 BASELINE = "50ac884"  # main when issue 10 was filed: the simulator kept its own copy of the runtime's decisions
-SETTINGS = ("lru", "oracle+lru", "belady")
+SETTINGS = ("lru", "oracle+lru", "belady", "hit-density")
 
 
 def synthetic_decode(tokens: int, layers: int, experts: int, top_k: int, reuse: float = 0.2, seed: int = 0):
@@ -72,7 +72,8 @@ def worker(tokens: int, capacity: float, stream_file: str | None = None) -> dict
     profile, ops = HardwareProfile.from_name("rtx3090"), count_ops(shape.model_type)
     inputs = {"lru": lambda: dict(policy="lru"),
               "oracle+lru": lambda: dict(policy="lru", candidates=oracle_candidates(stream, shape.num_experts)),
-              "belady": lambda: dict(policy="belady")}  # Belady's future is built inside simulate
+              "belady": lambda: dict(policy="belady"),  # Belady's future is built inside simulate
+              "hit-density": lambda: dict(policy="hit-density")}  # the default policy
     simulate(stream.select_passes(0, 20), shape, profile, capacity, ops=ops)  # warm-up: first calls, lazy imports
     steps = stream.num_passes * shape.moe_layers
     out = {}

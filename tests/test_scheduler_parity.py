@@ -11,8 +11,8 @@ from specmoe.predictors import HistoryPredictor, OraclePredictor, PreGatePredict
 from specmoe.predictors.base import rank_by_votes, top_candidates
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.hooks import PassMarker
-from specmoe.sim.compute import OpCounts
-from specmoe.sim.clock import HostMissCosts
+from specmoe.sim.compute import ComputeModel, OpCounts
+from specmoe.sim.clock import replay_costs
 from specmoe.sim.engine import simulate
 from specmoe.sim.host import HostProfile
 from specmoe.sim.hardware import PROFILES
@@ -21,7 +21,8 @@ from specmoe.sim.shapes import ModelShape
 from specmoe.sim.stream import RoutingStream
 
 OPS = OpCounts(layer=80, experts=24, per_pass=60, wrapper=12, predictor=12)
-COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted")
+COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+            "prefetch_refused")
 NEW_TOKENS = 6
 
 
@@ -82,11 +83,9 @@ def generate(model, inputs):
 
 
 def sim_miss_costs(geo, host):
-    """The simulator's miss costs for the proxy shape (what `simulate` builds), handed to the runtime too, so both
-    split the misses from the same numbers."""
-    shape, profile = proxy_shape(geo), PROFILES["rtx3090"]
-    crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)
-    return HostMissCosts(profile.copy_seconds(shape.transfer_bytes), host, shape, crossing)
+    """The simulator's miss costs for the proxy shape (what `simulate` builds: copy, host compute, layer period),
+    handed to the runtime too, so both split misses and admit prefetches from the same numbers."""
+    return replay_costs(proxy_shape(geo), PROFILES["rtx3090"], ComputeModel.from_name("hf-eager"), OPS, host)
 
 
 def run_both(family, capacity, predictor_kind, misses="fetch"):
@@ -112,7 +111,7 @@ def run_both(family, capacity, predictor_kind, misses="fetch"):
                                                 lookahead=2, progress=False),
     }[predictor_kind]()
     host = HostProfile.from_name("3090-box") if misses != "fetch" else None
-    costs = sim_miss_costs(geo, host) if misses == "auto" else None
+    costs = sim_miss_costs(geo, host)
     smoe = SpeculativeMoE(model, predictor, capacity, transfer="sync", misses=misses, miss_costs=costs)
     with record(smoe) as rec:
         generate(smoe, inputs)

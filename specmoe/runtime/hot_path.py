@@ -87,6 +87,12 @@ class HotPath:
         T = hidden.shape[0]
         ids = ids.reshape(T, -1)  # [T, k]
         predictor = self.predictor
+        if predictor is not None:
+            if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
+                self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
+            self._history[:, layer] = ids
+            if not self.scheduler.wants_prediction():  # admission says its guesses would not be copied
+                predictor = None
         if predictor is None:
             host = ids.flatten().tolist()  # the one device->host sync of this layer
             self.host_syncs += 1
@@ -98,9 +104,6 @@ class HotPath:
         ids = ids.long()
         targets: list[int] = []
         parts = [ids.flatten()]
-        if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
-            self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
-        self._history[:, layer] = ids
         scores = predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
         # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
         targets = sorted(t for t in scores if t < L or self.wrap)

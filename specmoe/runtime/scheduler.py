@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .admission import PrefetchAdmission
 from .cache import ExpertCache
 from .misses import MissCosts, check_misses, split_misses
 from .stats import LayerStats
@@ -107,7 +108,11 @@ class Scheduler:
         self.max_inflight = max_inflight
         self.copy_bytes = copy_bytes
         self.misses = check_misses(misses)  # where routed experts that are not resident run (see `split`)
+        self.admission: PrefetchAdmission | None = None  # made with costs that know the layer period
         self.miss_costs = miss_costs
+        self._layer = 0  # the layer of the current call
+        self._call_fetched = 0  # experts the current call fetched on demand
+        self._rank: dict[Key, int] = {}  # candidate -> its rank in the current call's prediction
         self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
         policy = cache.policy  # bound to the cache by the cache (`bind`)
         self._observe = getattr(policy, "observe", None)
@@ -140,11 +145,29 @@ class Scheduler:
         self.reset()
         self.reset_stats()
 
+    @property
+    def miss_costs(self):
+        return self._miss_costs
+
+    @miss_costs.setter
+    def miss_costs(self, costs) -> None:
+        """Costs of a miss each way; with a positive `layer_s` (seconds between MoE layer calls) they also make
+        prefetches pass admission (`admission.PrefetchAdmission`)."""
+        self._miss_costs = costs
+        layer_s, copy_s = getattr(costs, "layer_s", 0.0) or 0.0, getattr(costs, "copy_s", 0.0) or 0.0
+        host_s = costs.host_seconds(1) if self.misses != "fetch" and layer_s > 0 else None
+        self.admission = (PrefetchAdmission(self.num_layers, copy_s, layer_s, late_ok=self.misses == "fetch",
+                                            host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0))
+                          if layer_s > 0 and copy_s > 0 else None)
+
     def reset(self) -> None:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
         for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
+        self._rank.clear()
+        if self.admission is not None:
+            self.admission.reset()
 
     def reset_stats(self) -> None:
         self.stats = [LayerStats() for _ in range(self.num_layers)]
@@ -171,6 +194,11 @@ class Scheduler:
         device, host = self._split(layer, routed, tokens or {})
         return LayerPlan(layer, device, host)
 
+    def wants_prediction(self) -> bool:
+        """Whether the executor should run the predictor for the call about to be planned (always, without
+        admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
+        return self.admission is None or self.admission.worth_predicting()
+
     def step(self, plan: LayerPlan) -> bool:
         """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
         it fits in the slots; else the prefetches in flight land and chunks of at most S experts follow):
@@ -187,6 +215,8 @@ class Scheduler:
                 self.land_prefetches()
         elif plan.next >= len(device):  # the last chunk's compute is issued
             plan.done = True
+            if self.admission is not None:
+                self.admission.call_done(self._call_fetched, len(plan.host))
             if plan.single:
                 if self._queue:
                     self.pump()  # the slots just computed on are still in use: no prefetch evicts them
@@ -205,6 +235,16 @@ class Scheduler:
     def _begin(self, pass_index: int, layer: int, routed: list[int], candidates: Sequence[Key]) -> None:
         self.layer_calls += 1
         self._guessing = bool(candidates)
+        self._layer = layer
+        self._call_fetched = 0
+        adm = self.admission
+        if adm is not None:
+            adm.routed(layer, routed)
+            if candidates:
+                adm.watch(candidates)
+                self._rank = {key: i for i, key in enumerate(candidates)}
+            elif self._rank:
+                self._rank = {}
         predicted, queue = self._predicted, self._queue
         if predicted:
             predicted.clear()
@@ -239,7 +279,10 @@ class Scheduler:
         stats.misses += len(host)
         stats.host_computed += len(host)
         if self.misses == "auto" and not self._guessing:
-            self._queue[:0] = [(layer, e) for e in reversed(host)]
+            queued = [(layer, e) for e in reversed(host)]
+            self._queue[:0] = queued
+            if self.admission is not None:
+                self.admission.watch((), queued)
         on_host = set(host)
         return [e for e in routed if e not in on_host], host
 
@@ -280,6 +323,7 @@ class Scheduler:
             stats.hits_in_flight += in_flight
             stats.prefetch_used += used
         if misses:
+            self._call_fetched += misses
             stats.misses += misses
             stats.bytes_moved += misses * self.copy_bytes
         engine.wait(slots)
@@ -294,7 +338,10 @@ class Scheduler:
         an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
         an expert: a copy issued then would land after the host could have computed it."""
         queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
-        backlog = self._backlog if self.misses == "auto" else None
+        adm = self.admission
+        backlog = self._backlog if self.misses == "auto" and adm is None else None
+        if adm is not None:
+            link_s, n, rank, layer = self._link_backlog(), 0, self._rank, self._layer
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
                 break
@@ -308,6 +355,11 @@ class Scheduler:
             key = queue.pop()
             if key in slot_of:
                 continue
+            if adm is not None:
+                if not adm.admit(layer, key, rank.get(key, adm.REUSE), n, link_s):
+                    self.stats[key[0]].prefetch_refused += 1
+                    continue
+                n += 1
             slot = self._take_slot(key, False)
             if slot is None:  # nothing may be evicted for a guess
                 queue.clear()
@@ -319,6 +371,14 @@ class Scheduler:
             stats.bytes_moved += self.copy_bytes
         if self._read_ahead is not None:  # a file-backed store reads the waiting candidates from disk meanwhile
             self._read_ahead(queue[::-1])
+
+    def _link_backlog(self) -> float:
+        """Seconds of copies queued on the link: the engine's own figure where it keeps one (the simulator's
+        clock), else the copies not landed times one copy's measured time."""
+        if self._backlog is not None:
+            return self._backlog()
+        ready = self.engine.ready
+        return sum(1 for s in self._copying if not ready(s)) * self.admission.copy_s
 
     def land_prefetches(self) -> None:
         """The host waits for every prefetch in flight (before a chunked layer needs every slot)."""
@@ -343,6 +403,8 @@ class Scheduler:
             if got is None:
                 raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
         slot = got[0]
+        if not demand and got[1] is not None and self.admission is not None:
+            self.admission.evicted(got[1])
         wasted = self._prefetched.pop(slot, None)
         if wasted is not None:
             self.stats[wasted[0]].prefetch_wasted += 1

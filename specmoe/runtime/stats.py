@@ -14,6 +14,7 @@ class LayerStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched experts later routed to before being evicted
     prefetch_wasted: int = 0  # prefetched experts evicted without being used
+    prefetch_refused: int = 0  # candidates not resident that admission did not copy (`runtime.admission`)
     bytes_moved: int = 0  # host -> device, demand and prefetch
 
     def add(self, other: "LayerStats") -> None:
@@ -48,6 +49,7 @@ class Stats:
     prefetch_issued = property(lambda self: self.total.prefetch_issued)
     prefetch_used = property(lambda self: self.total.prefetch_used)
     prefetch_wasted = property(lambda self: self.total.prefetch_wasted)
+    prefetch_refused = property(lambda self: self.total.prefetch_refused)
     bytes_moved = property(lambda self: self.total.bytes_moved, doc="host -> device bytes, all layers")
 
     @property
@@ -106,7 +108,8 @@ class Stats:
         lines = [
             f"hit rate {self.hit_rate:.3f} ({t.hits} hits, {t.hits_in_flight} on in-flight copies; {t.misses} misses)",
             f"misses: {t.misses - t.host_computed} fetched, {t.host_computed} computed on the host",
-            f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted "
+            f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted, "
+            f"{t.prefetch_refused} refused by admission "
             f"(precision {self.prefetch_precision:.3f})",
             f"moved {t.bytes_moved / 2**20:.1f} MiB host->device; compute stalled {self.stall_s * 1e3:.2f} ms "
             f"in {self.stall_waits} waits, the host blocked {self.host_stall_s * 1e3:.2f} ms on copies in "

@@ -4,6 +4,8 @@ cost protocol) from hardware and host profiles."""
 
 from __future__ import annotations
 
+from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
+from .hardware import HardwareProfile
 from .host import HostProfile, expert_format
 from .shapes import ModelShape
 
@@ -47,10 +49,13 @@ class ClockEngine:
 
 
 class HostMissCosts:
-    """`runtime.misses` costs from profiles: one expert's copy, and its host compute for a number of tokens."""
+    """`runtime.misses` costs from profiles: one expert's copy, its host compute for a number of tokens (None
+    host: fetching only), and `layer_s`, the seconds from one MoE layer call to the next (what prefetch
+    admission compares a copy's landing with, `runtime.admission`; 0: no admission)."""
 
-    def __init__(self, copy_s: float, host: HostProfile, shape: ModelShape, host_call_s: float = 0.0):
-        self.copy_s, self.host, self.shape, self.host_call_s = copy_s, host, shape, host_call_s
+    def __init__(self, copy_s: float, host: HostProfile | None, shape: ModelShape, host_call_s: float = 0.0,
+                 layer_s: float = 0.0):
+        self.copy_s, self.host, self.shape, self.host_call_s, self.layer_s = copy_s, host, shape, host_call_s, layer_s
         self.fmt = expert_format(shape.expert_dtype, shape.compression)
         self._by_tokens: dict[int, float] = {}
 
@@ -60,3 +65,16 @@ class HostMissCosts:
             t = self._by_tokens[tokens] = self.host.expert_seconds(self.shape.transfer_bytes, self.shape.expert_params,
                                                                    tokens, self.fmt)
         return t
+
+
+def replay_costs(shape: ModelShape, profile: HardwareProfile, compute: ComputeModel, ops: OpCounts,
+                 host: HostProfile | None, context: int = 512) -> HostMissCosts:
+    """The miss costs the simulator's scheduler gets: one copy on `profile`'s link, the hidden state crossing
+    both ways, the host's compute (if `host`), and the layer period of one decode step without stalls (the
+    host's launches or the device's layer + its top-k experts, whichever is longer)."""
+    copy_s = profile.copy_seconds(shape.transfer_bytes)  # compressed slots: the compressed bytes
+    crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)  # one token, both ways
+    c = pass_costs(shape, profile, compute, ops, 1, context)
+    k = shape.top_k
+    layer_s = max(c.host_layer + c.host_wrapper + c.host_experts, c.dev_layer + expert_device_seconds(c, k, k))
+    return HostMissCosts(copy_s, host, shape, crossing, layer_s)

@@ -31,7 +31,7 @@ from ..runtime.config import OffloadConfig
 from ..runtime.misses import hottest
 from ..runtime.scheduler import Scheduler
 from ..runtime.stats import LayerStats, Stats
-from .clock import ClockEngine, HostMissCosts
+from .clock import ClockEngine, HostMissCosts, replay_costs
 from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
 from .host import HostProfile
@@ -213,8 +213,7 @@ class _Replay:
         self.sched = costs = None
         if self.wrapped:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
-            crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)  # one token, both ways
-            costs = HostMissCosts(copy_s, host, shape, crossing) if host is not None else None
+            costs = replay_costs(shape, profile, compute, ops, host, context)
             self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
         self.host_costs = costs
         self.on_host = self.wrapped and misses != "fetch"
@@ -259,7 +258,8 @@ class _Replay:
                 c = costs_by_tokens[T] = pass_costs(self.shape, self.profile, self.compute, self.ops, T, self.context)
             host_layer, dev_layer, host_experts = c.host_layer, c.dev_layer, c.host_experts
             dev_expert, dev_pair = c.dev_expert, c.dev_expert_tokens
-            host_call = c.host_wrapper + (c.host_predictor if candidates is not None else 0.0)
+            host_wrapper = c.host_wrapper
+            host_call = host_wrapper + c.host_predictor
             cands = candidates[p] if candidates is not None else None
             pairs_of = routed_pairs[p]
             h = eng.h
@@ -276,10 +276,12 @@ class _Replay:
                     if h > g:
                         g = h
                     continue
-                # the runtime's experts call: sync, route, plan, host experts, acquire, compute, pump, release
-                eng.h = (h if h > g else g) + host_call
+                # the runtime's experts call: sync, (predict,) route, plan, host experts, acquire, compute, pump,
+                # release
+                guess = cands is not None and sched.wants_prediction()
+                eng.h = (h if h > g else g) + (host_call if guess else host_wrapper)
                 per_expert = counts[p][layer] if counts is not None else None
-                plan = plan_call(p, layer, needed, cands[layer] if cands is not None else (), per_expert)
+                plan = plan_call(p, layer, needed, cands[layer] if guess else (), per_expert)
                 on_host = plan.host
                 if on_host:  # the hidden state crosses, the worker computes beside the device
                     cross = self.hidden_s(T)
