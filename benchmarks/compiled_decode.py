@@ -55,17 +55,20 @@ def hf_compiled_generate(model, backend: str, device: torch.device):
 
 
 def per_step_counts(generate, inputs, new_tokens: int) -> dict:
-    """Per decode step: compiled segments entered, aten ops the host dispatched (outermost), inductor kernels."""
+    """Per decode step: compiled segments entered, aten ops the host dispatched (outermost), inductor kernels,
+    CUDA-graph replays (cudaGraphLaunch calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     def count(n):
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        seg = ops = kernels = 0
+        seg = ops = kernels = replays = 0
         for ev in prof.events():
             name = ev.name
             if name.startswith("Torch-Compiled Region"):
                 seg += 1
+            elif name == "cudaGraphLaunch":
+                replays += 1
             elif name.startswith("cpp_fused") or name.startswith("triton_"):
                 kernels += 1
             elif name.startswith("aten::"):
@@ -73,11 +76,12 @@ def per_step_counts(generate, inputs, new_tokens: int) -> dict:
                 while parent is not None and not parent.name.startswith("aten::"):
                     parent = parent.cpu_parent
                 ops += parent is None
-        return seg, ops, kernels
+        return seg, ops, kernels, replays
 
     full, one = count(new_tokens), count(1)
     steps = new_tokens - 1
-    return {k: (a - b) / steps for k, a, b in zip(("segments", "aten_ops", "inductor_kernels"), full, one)}
+    return {k: (a - b) / steps for k, a, b in zip(("segments", "aten_ops", "inductor_kernels", "cuda_graph_replays"),
+                                                   full, one)}
 
 
 ASSUMED_SEGMENT_S = 25e-6  # host cost of one compiled segment on a GPU: dynamo's guards + a CUDA-graph replay
@@ -101,13 +105,13 @@ def write_calibration(path: Path, result: dict, source: Path) -> None:
 def markdown(r: dict) -> str:
     env, st = r["environment"], r["settings"]
     lines = ["| mode | decode tok/s (median) | vs eager | segments / token | aten ops / token | "
-             "inductor kernels / token | compile s | same tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+             "inductor kernels / token | CUDA-graph replays / token | compile s | same tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for name, m in r["modes"].items():
         eager = r["modes"].get(m.get("eager_of") or name, m)
         lines.append(f"| {name} | {m['decode_tok_s']:.1f} | {m['decode_tok_s'] / eager['decode_tok_s']:.2f}x | "
                      f"{m['segments_per_token']:.1f} | {m['aten_ops_per_token']:.0f} | "
-                     f"{m['inductor_kernels_per_token']:.0f} | "
+                     f"{m['inductor_kernels_per_token']:.0f} | {m['cuda_graph_replays_per_token']:.0f} | "
                      f"{m['compile_s']:.1f} | {'yes' if m['same_tokens'] else 'NO'} |")
     lines += ["", f"{r['model']}, {st['dtype']}, prompt {st['prompt_len']} tokens, {st['new_tokens']} new, medians "
               f"of {st['repeats']} interleaved repeats, backend {st['backend']}, wrapped rows without a predictor; "
@@ -121,6 +125,9 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=REFERENCE, help="a save_pretrained directory (default: reference)")
+    ap.add_argument("--shape", default=None, help="instead of --model: a simulator preset's shapes with random weights "
+                    "(benchmarks/shape_real.py's model), e.g. qwen1.5-moe-a2.7b")
+    ap.add_argument("--smoke", action="store_true", help="with --shape: its tiny version (CPU, seconds)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.25])
@@ -131,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-step op counts")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--calibration", type=Path, default=CALIBRATION,
+    ap.add_argument("--calibration", default=str(CALIBRATION),
                     help="where the simulator's segment counts go (default: specmoe/sim/calibration/; '' for none)")
     ap.add_argument("--name", default=None, help="file stem (default: compiled_decode_<device type>)")
     args = ap.parse_args(argv)
@@ -143,7 +150,17 @@ def main(argv=None) -> int:
     inductor_config.cpp.enable_kernel_profile = not args.no_profile  # generated C++ kernels show in the profiler
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+    if args.shape:
+        from specmoe.sim.shapes import ModelShape
+        from specmoe.sim.synthetic import build_random_model, smoke_config
+
+        published = ModelShape.from_name(args.shape, expert_dtype="bf16")
+        config = smoke_config(published) if args.smoke else published.to_config()
+        base = build_random_model(config, dtype=dtype, device="cpu", experts_device="cpu", seed=0).eval()
+        model_name = f"{args.shape} shapes, random weights" + (" (smoke)" if args.smoke else "")
+    else:
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+        model_name = str(args.model.name if args.model == REFERENCE else args.model)
     base.generation_config.eos_token_id = None
     base.generation_config.pad_token_id = base.generation_config.pad_token_id or 0
     g = torch.Generator().manual_seed(0)
@@ -190,14 +207,14 @@ def main(argv=None) -> int:
         m["compile_s"] = cs["compile_s"] if cs else (m["warmup_s"] if m["graphs"] else 0.0)
         if cs:
             m["compiled_steps"], m["eager_steps"] = cs["compiled_steps"], cs["eager_steps"]
-        counts = {"segments": 0.0, "aten_ops": 0.0, "inductor_kernels": 0.0} if args.no_profile else \
-            per_step_counts(m["generate"], inputs, min(args.new_tokens, 8))
+        counts = dict.fromkeys(("segments", "aten_ops", "inductor_kernels", "cuda_graph_replays"), 0.0) if args.no_profile else \
+            per_step_counts(m["generate"], inputs, args.new_tokens)  # the timed length: no new static cache
         m.update({f"{k}_per_token": v for k, v in counts.items()})
         del m["generate"]
     base_name = "unwrapped compiled (transformers static cache)"
     result = {
         "benchmark": "compiled_decode",
-        "model": str(args.model.name if args.model == REFERENCE else args.model),
+        "model": model_name,
         "settings": {"capacities": args.capacities, "predictor": None, "dtype": str(dtype), "backend": args.backend,
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats},
         "environment": environment(device),
@@ -209,7 +226,7 @@ def main(argv=None) -> int:
     }
     out = args.out / f"{args.name or 'compiled_decode_' + device.type}.json"
     if args.calibration and "wrapped 1 compiled" in modes and not args.no_profile:
-        write_calibration(args.calibration, result, out)
+        write_calibration(Path(args.calibration), result, out)
     write_json(out, result)
     write_text(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
