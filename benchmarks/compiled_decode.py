@@ -4,9 +4,10 @@ Modes, in one process, interleaved over repeats (medians): the unwrapped model e
 compiled by transformers' own static-cache path (``generate(cache_implementation="static",
 compile_config=...)``), and SpeculativeMoE (no predictor) at each capacity, eager and with ``compile=True``.
 For each mode it also records, per decode step (from a profiled N-token call minus a profiled 1-token call):
-compiled graph segments entered, aten ops dispatched by the host, and inductor's generated C++ kernels run;
+compiled graph segments entered, aten ops dispatched by the host, and CUDA-graph replays;
 the compile time (the warm-up decode steps that compiled); and whether its greedy tokens equal the unwrapped
-eager model's. This is what the simulator's compiled host model (`sim.host.compiled_host_model`) reads.
+eager model's. The segment counts are what the simulator's "compiled" compute model reads (`sim.compute`, via
+`--calibration`).
 
     nice python benchmarks/compiled_decode.py --threads 1            # the reference model on CPU (README table)
     python benchmarks/compiled_decode.py --model PATH --device cuda --capacities 1.0 0.5 --name X   # gpu_check
@@ -27,7 +28,7 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 from specmoe import SpeculativeMoE
-from specmoe.io import write_json, write_text
+from specmoe.io import read_json, write_json, write_text
 from specmoe.measure import environment, time_generate
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,32 +56,30 @@ def hf_compiled_generate(model, backend: str, device: torch.device):
 
 
 def per_step_counts(generate, inputs, new_tokens: int) -> dict:
-    """Per decode step: compiled segments entered, aten ops the host dispatched (outermost), inductor kernels,
-    CUDA-graph replays (cudaGraphLaunch calls)."""
+    """Per decode step: compiled segments entered, aten ops the host dispatched (outermost: eager ops, and inside
+    compiled graphs their extern calls), CUDA-graph replays (cudaGraphLaunch calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     def count(n):
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        seg = ops = kernels = replays = 0
+        seg = ops = replays = 0
         for ev in prof.events():
             name = ev.name
             if name.startswith("Torch-Compiled Region"):
                 seg += 1
             elif name == "cudaGraphLaunch":
                 replays += 1
-            elif name.startswith("cpp_fused") or name.startswith("triton_"):
-                kernels += 1
             elif name.startswith("aten::"):
                 parent = ev.cpu_parent
                 while parent is not None and not parent.name.startswith("aten::"):
                     parent = parent.cpu_parent
                 ops += parent is None
-        return seg, ops, kernels, replays
+        return seg, ops, replays
 
     full, one = count(new_tokens), count(1)
     steps = new_tokens - 1
-    return {k: (a - b) / steps for k, a, b in zip(("segments", "aten_ops", "inductor_kernels", "cuda_graph_replays"),
+    return {k: (a - b) / steps for k, a, b in zip(("segments", "aten_ops", "cuda_graph_replays"),
                                                    full, one)}
 
 
@@ -105,13 +104,13 @@ def write_calibration(path: Path, result: dict, source: Path) -> None:
 def markdown(r: dict) -> str:
     env, st = r["environment"], r["settings"]
     lines = ["| mode | decode tok/s (median) | vs eager | segments / token | aten ops / token | "
-             "inductor kernels / token | CUDA-graph replays / token | compile s | same tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+             "CUDA-graph replays / token | compile s | same tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for name, m in r["modes"].items():
         eager = r["modes"].get(m.get("eager_of") or name, m)
         lines.append(f"| {name} | {m['decode_tok_s']:.1f} | {m['decode_tok_s'] / eager['decode_tok_s']:.2f}x | "
                      f"{m['segments_per_token']:.1f} | {m['aten_ops_per_token']:.0f} | "
-                     f"{m['inductor_kernels_per_token']:.0f} | {m['cuda_graph_replays_per_token']:.0f} | "
+                     f"{m['cuda_graph_replays_per_token']:.0f} | "
                      f"{m['compile_s']:.1f} | {'yes' if m['same_tokens'] else 'NO'} |")
     lines += ["", f"{r['model']}, {st['dtype']}, prompt {st['prompt_len']} tokens, {st['new_tokens']} new, medians "
               f"of {st['repeats']} interleaved repeats, backend {st['backend']}, wrapped rows without a predictor; "
@@ -140,14 +139,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--calibration", default=str(CALIBRATION),
                     help="where the simulator's segment counts go (default: specmoe/sim/calibration/; '' for none)")
+    ap.add_argument("--render", type=Path, help="only rewrite the markdown of this result JSON")
     ap.add_argument("--name", default=None, help="file stem (default: compiled_decode_<device type>)")
     args = ap.parse_args(argv)
 
+    if args.render:
+        write_text(args.render.with_suffix(".md"), markdown(read_json(args.render, what="compiled_decode result")))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    import torch._inductor.config as inductor_config
-
-    inductor_config.cpp.enable_kernel_profile = not args.no_profile  # generated C++ kernels show in the profiler
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.shape:
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         m["compile_s"] = cs["compile_s"] if cs else (m["warmup_s"] if m["graphs"] else 0.0)
         if cs:
             m["compiled_steps"], m["eager_steps"] = cs["compiled_steps"], cs["eager_steps"]
-        counts = dict.fromkeys(("segments", "aten_ops", "inductor_kernels", "cuda_graph_replays"), 0.0) if args.no_profile else \
+        counts = dict.fromkeys(("segments", "aten_ops", "cuda_graph_replays"), 0.0) if args.no_profile else \
             per_step_counts(m["generate"], inputs, args.new_tokens)  # the timed length: no new static cache
         m.update({f"{k}_per_token": v for k, v in counts.items()})
         del m["generate"]
