@@ -339,10 +339,11 @@ def _compiled_json(ctx: Context) -> Path:
 def compiled_decode(ctx: Context) -> dict:
     """Eager vs compiled decode (CUDA graphs) on SHAPE, wrapped at 1.0 / 0.5 and unwrapped through transformers'
     static-cache compile; goal: wrapped compiled at 1.0 >= 0.9x the unwrapped compiled model."""
-    args = ["benchmarks/compiled_decode.py", "--shape", SHAPE, "--capacities", "1.0", "0.5", "--calibration", "",
-            "--out", str(ctx.out), "--name", _compiled_json(ctx).stem]
-    args += ["--smoke", "--device", "cpu", "--backend", "eager", "--repeats", "1", "--new-tokens", "4",
-             "--prompt-len", "6"] if ctx.smoke else ["--repeats", "3", "--new-tokens", "24"]
+    args = ["benchmarks/compiled_decode.py", "--shape", SHAPE, "--calibration", "", "--out", str(ctx.out),
+            "--name", _compiled_json(ctx).stem]
+    args += ["--smoke", "--device", "cpu", "--backend", "eager", "--capacities", "1.0", "--repeats", "1",
+             "--new-tokens", "4", "--prompt-len", "6"] if ctx.smoke else \
+        ["--capacities", "1.0", "0.5", "--repeats", "3", "--new-tokens", "24"]
     ctx.run(*args)
     r = _read(_compiled_json(ctx))
     ratio = r["ratio_wrapped_1_compiled_over_unwrapped_compiled"]
