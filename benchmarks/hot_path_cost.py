@@ -117,7 +117,7 @@ def measure(base, calls, passes, policy: str, predictor_name: str, capacity: flo
     smoe.set_predictor(predictor)
     zeros = {}
 
-    def no_compute(layer, args, kwargs, ids, weights, chosen, partial):
+    def no_compute(layer, args, kwargs, ids, weights, chosen, partial=False):
         hidden = args[0]
         out = zeros.get(hidden.shape)
         if out is None:

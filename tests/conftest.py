@@ -103,12 +103,24 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+# The loading, wrapper and CLI tests: .ci/run runs them again against the oldest transformers setup.py allows
+# (5.17.0, what the GPU machines ship), installed beside the suite, so that an API that release lacks fails here.
+TRANSFORMERS_FLOOR = {
+    "test_loading", "test_streaming_load", "test_staging", "test_hooks", "test_wrapper", "test_errors",
+    "test_partial_compute", "test_router_changes", "test_device_identity", "test_cli_errors", "test_generate_hub",
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: over ~20 s on 2 CPU cores")
+    config.addinivalue_line("markers", "transformers_floor: also run against transformers 5.17.0 (.ci/run)")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in TRANSFORMERS_FLOOR:
+            item.add_marker(pytest.mark.transformers_floor)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA device")

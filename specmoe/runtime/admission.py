@@ -9,15 +9,16 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
 - the link is idle before its use for `d * period - backlog - d * demand - n * copy_s` (d layer calls ahead,
   `period` and `demand` the moving averages of a call's length and of its demand copies' link time, n copies
   admitted before it in this pump). A copy that fits there costs no link time, only the slot it evicts: the
-  chance q that a prefetch's victim is routed at its layer's next visit (counted online); it is admitted when
+  chance q that the policy's victim is routed at its layer's next visit (counted online); it is admitted when
   p_r >= q. One that does not fit takes link time from demand copies: with misses="fetch" it is admitted when
   it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), with
   "auto"/"host" never (the host computes the miss meanwhile, beside the device);
 - experts computed on the host with misses="auto" are queued for copying too (so they are resident the next
   time); their p is the calibrated chance that such an expert is routed at its layer's next visit.
 
-Costs (`copy_s`, `layer_s`: seconds between consecutive MoE layer calls) come from the cost object the
-scheduler is given (`misses.MissCosts`-like; the simulator's `sim.clock.HostMissCosts` carries both); without a
+The predictor itself runs only while its admitted copies are expected to save more than its own host time
+(`predict_s`, per call) and some rank could pass; else at probe calls. Costs (`copy_s`, `layer_s`: seconds
+between consecutive MoE layer calls, `predict_s`) come from the cost object the scheduler is given (`misses.MissCosts`-like; the simulator's `sim.clock.HostMissCosts` carries both); without a
 positive `layer_s` there is no admission: every candidate is prefetched, as before.
 """
 
@@ -41,9 +42,13 @@ class PrefetchAdmission:
     REUSE = -1  # the "rank" of an expert computed on the host, queued to be resident at its layer's next visit
 
     def __init__(self, num_layers: int, copy_s: float, layer_s: float, late_ok: bool, ranks: int = 16,
-                 host_s: float | None = None, host_call_s: float = 0.0, smoothing: float = 0.05):
+                 host_s: float | None = None, host_call_s: float = 0.0, predict_s: float = 0.0,
+                 smoothing: float = 0.05):
         self.L, self.copy_s, self.layer_s, self.late_ok, self.R = num_layers, copy_s, layer_s, late_ok, ranks
-        self.host_s, self.host_call_s, self.smoothing = host_s, host_call_s, smoothing
+        self.host_s, self.host_call_s, self.predict_s, self.smoothing = host_s, host_call_s, predict_s, smoothing
+        # what a used prefetch saves: a demand copy, or (misses="auto") the host's compute of the expert
+        self.saving = copy_s if late_ok or host_s is None else min(copy_s, host_s)
+        self.gain = predict_s  # expected seconds saved per predicted call (moving average; starts at break-even)
         self.used = [0] * (ranks + 1)  # [R + 1] candidates routed at their target (index R: REUSE)
         self.seen = [0] * (ranks + 1)
         self.victim_reused = self.victims = 0
@@ -53,6 +58,7 @@ class PrefetchAdmission:
         self.demand = 0.0  # link seconds of demand copies per call (moving average)
         self.admitted = self.refused = 0
         self._every = self._wait = self.PROBE  # calls between probes, and until the next
+        self._expected = 0.0  # sum of p over the copies admitted in the current pump
         self._last_best: float | None = None
 
     def call_done(self, fetched: int, on_host: int) -> None:
@@ -101,7 +107,7 @@ class PrefetchAdmission:
             watch.setdefault(t, []).append((e, self.R))
 
     def evicted(self, key: Key) -> None:
-        """A prefetch evicted `key`: was it needed at its layer's next visit?"""
+        """The policy evicted `key` (for a demand fetch or a prefetch): was it needed at its layer's next visit?"""
         self._victims.setdefault(key[0], []).append(key[1])
 
     MARGIN = 0.15  # a late copy also arrives late: of its saving only part is saved (chosen on the development routing)
@@ -111,18 +117,25 @@ class PrefetchAdmission:
     def worth_predicting(self) -> bool:
         """Whether the predictor should run at this call: some rank's calibrated p could pass `admit`, or this
         is a probe call. A predictor that is often wrong then costs its host time at 1 call in PROBE or fewer."""
-        best, q = max(self.p(r) for r in range(self.R)), self.q()
+        sampled = [self.p(r) for r in range(self.R) if self.seen[r]]  # ranks the predictor has named
+        best, q = (max(sampled) if sampled else 0.5), self.q()
         self._wait -= 1
         if self._wait <= 0:  # a probe: back off while the best rank's estimate keeps falling
             falling = self._last_best is not None and best < self._last_best
             self._every = min(self._every * 2, 64 * self.PROBE) if falling else self.PROBE
             self._wait, self._last_best = self._every, best
             return True
-        if self.late_ok and best >= (1 + q) / 2 + self.MARGIN:
+        if self.late_ok and best >= (1 + q) / 2 + self.MARGIN and self.gain >= self.predict_s:
             return True
+        if self.gain < self.predict_s:  # its admitted copies have not paid for its own host time
+            return False
         if self.late_ok:
             return self.period - self.demand >= self.copy_s and best >= q  # a copy can land on an idle link
         return self.period >= self.copy_s and best >= (1 + q) / 2 + self.MARGIN  # ... before its use
+
+    def pumped(self, expected_used: float) -> None:
+        """A predicted call's admitted copies are expected to be used `expected_used` times (sum of their p)."""
+        self.gain += self.smoothing * (expected_used * self.saving - self.gain)
 
     def p(self, rank: int) -> float:
         i = self._index(rank)
@@ -148,6 +161,7 @@ class PrefetchAdmission:
             ok = p >= (1 + q) / 2 + self.MARGIN
         if ok:
             self.admitted += 1
+            self._expected += p
         else:
             self.refused += 1
         return ok

@@ -1,7 +1,9 @@
 """How a fused-experts MoE layer's routed experts are computed on the slot pool: small strategies, one interface.
 
-``compute(layer, args, kwargs, ids, weights, chosen, partial) -> [T, H]`` runs the routed experts in `chosen`
-(all resident); with `partial`, routes to other experts get weight 0 (the caller sums the parts).
+``compute(layer, args, kwargs, ids, weights, chosen) -> [T, H]`` runs the routed experts, all in `chosen` and
+resident: every route of the call goes to one of them (a layer call split over chunks or the host gives each part
+only its own routes, one per row, and sums them with `accumulate`, as the model sums its routes; a part never
+reads a slot outside its chunk).
 
 - `GatherCompute`: the model's own experts implementation on a compact [n, ...] copy of the routed slots
   (dequantized when the slots are compressed).
@@ -36,6 +38,31 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without a blocking copy (pinned staging, non_blocking)."""
     t = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
     return t.to(device, non_blocking=True)
+
+
+def accumulate(experts, values: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, H] in `dtype` (the model's) the layer's output from each route's weighted output values [T, k, H]
+    (expert output x routing weight, in their promoted dtype, unrounded: as the model computes them; 0 for a
+    route to no expert) and ids [T, k], summed as the model's own experts implementation sums them, so that a
+    layer call split over chunks and the host gives the unwrapped model's bits:
+
+    - "grouped_mm" / "batched_mm" (transformers' default): ``values.sum(dim=1)`` (float32 accumulation in route
+      order), cast once: the very ops those implementations end with;
+    - the family's eager loop (``_experts_implementation`` "eager" or unset): ``index_add_`` expert after
+      expert, ascending, of values cast to the model dtype: each token's routes added one by one in ascending
+      expert order.
+
+    Any other registered implementation (GPU-only kernels) is summed as "grouped_mm" does.
+    """
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if implementation not in (None, "eager"):
+        return values.sum(dim=1).to(dtype)
+    order = ids.masked_fill(ids < 0, torch.iinfo(ids.dtype).max).argsort(dim=1)  # [T, k] ascending expert id
+    ordered = values.gather(1, order.unsqueeze(-1).expand_as(values)).to(dtype)  # [T, k, H]
+    out = torch.zeros_like(ordered[:, 0])
+    for j in range(ordered.shape[1]):
+        out += ordered[:, j]
+    return out
 
 
 def _compressed_fallback(compute: str, model_compute: str) -> str:
@@ -166,23 +193,11 @@ class ModelCompute:
     def remap(self, layer: MoELayer, ids: torch.Tensor, chosen_t: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def first_index(self, layer: MoELayer, chosen_t: torch.Tensor) -> torch.Tensor:
-        """[1] the remapped id of chosen_t[0] (a slot this call computes on)."""
-        raise NotImplementedError
-
-    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool) -> torch.Tensor:
+    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int]) -> torch.Tensor:
         experts, layout = layer.experts, layer.layout
         # [n] on the device: only where it is read (pool compute of a whole call remaps through the table alone)
-        chosen_t = to_device(chosen, ids.device) if partial or self.reads_chosen else None
+        chosen_t = to_device(chosen, ids.device) if self.reads_chosen else None
         new_ids = self.remap(layer, ids, chosen_t)  # [T, k]
-        if partial:
-            member = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
-            member[chosen_t] = True
-            keep = member[ids]  # [T, k]
-            # weight 0 on a slot of this chunk, which compute waited for: any other may be mid-copy or never
-            # filled (torch.empty), and NaN x 0 is NaN
-            new_ids = torch.where(keep, new_ids, self.first_index(layer, chosen_t))
-            weights = weights * keep
         a, kw = layout.replace_call(args, kwargs, experts, new_ids, weights)
         return type(experts).forward(experts, *a, **kw)
 
@@ -199,12 +214,9 @@ class GatherCompute(ModelCompute):
         layer.layout.bind_pool(layer.experts, self.pool.gather(table[chosen_t]))  # [n, ...]
         return lut[ids]
 
-    def first_index(self, layer, chosen_t):
-        return torch.zeros(1, dtype=torch.long, device=chosen_t.device)  # compact index 0 is chosen_t[0]
-
-    def compute(self, layer, args, kwargs, ids, weights, chosen, partial):
+    def compute(self, layer, args, kwargs, ids, weights, chosen):
         try:
-            return super().compute(layer, args, kwargs, ids, weights, chosen, partial)
+            return super().compute(layer, args, kwargs, ids, weights, chosen)
         finally:  # drop the compact copy now, not at the layer's next call: memory holds one layer's gather
             layer.layout.bind_pool(layer.experts, self._nothing())
 
@@ -229,9 +241,6 @@ class PoolCompute(ModelCompute):
     def remap(self, layer, ids, chosen_t):
         return self.table[layer.index][ids]  # [T, k] slot ids
 
-    def first_index(self, layer, chosen_t):
-        return self.table[layer.index][chosen_t[:1]]
-
 
 class KernelCompute:
     """The fused kernel where `kernel.wanted` says so for this call, `fallback` elsewhere."""
@@ -247,16 +256,11 @@ class KernelCompute:
     def prepare(self, layer: MoELayer) -> None:
         self.fallback.prepare(layer)
 
-    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int], partial: bool) -> torch.Tensor:
+    def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int]) -> torch.Tensor:
         if not self.kernel.wanted(layer, ids, self.pool.weights):
-            return self.fallback.compute(layer, args, kwargs, ids, weights, chosen, partial)
+            return self.fallback.compute(layer, args, kwargs, ids, weights, chosen)
         hidden = layer.layout.routing(layer.experts, args, kwargs, self.top_k)[0]  # [T, H]
-        table = self.table[layer.index]  # [E] expert -> slot
-        if partial:  # experts outside the chunk contribute nothing: they are absent for the kernel
-            member = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
-            member[to_device(chosen, ids.device)] = True
-            table = torch.where(member, table, torch.full_like(table, -1))
-        return self.kernel(layer, hidden, ids, weights, self.pool.weights, table)
+        return self.kernel(layer, hidden, ids, weights, self.pool.weights, self.table[layer.index])
 
 
 def build_compute(model_compute: str, kernel: FusedKernelCompute | None, pool, table: torch.Tensor,

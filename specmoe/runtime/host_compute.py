@@ -6,8 +6,8 @@ host's memory bus when the host computes it (Fiddler, kTransformers, llama.cpp's
 hidden states cross to the host once, a worker thread computes the host experts from the store's buffers
 while the device computes the resident ones, and the partial outputs are summed on the device.
 
-The host runs the family's own (eager) experts code on views of the store: no copy of an uncompressed
-expert, and the same activation, gating, biases and layouts as the model. A compressed store (int8/int4,
+The host runs the model's own experts implementation on views of the store: no copy of an uncompressed
+expert, and the same activation, gating, biases, layouts and rounding as the model. A compressed store (int8/int4,
 `compression.py`) is decoded expert by expert with torch ops first; that decode is part of the host's cost
 and `benchmarks/host_compute.py` measures it.
 """
@@ -32,11 +32,12 @@ from .misses import MissCosts, hottest
 logger = logging.getLogger(__name__)
 
 
-def eager_forward(experts: nn.Module):
-    """The family's own experts loop (what `use_experts_implementation` wraps): it touches only the experts
-    that tokens were routed to, so it reads each host expert once and no other."""
-    forward = type(experts).forward
-    return getattr(forward, "__wrapped__", forward)
+def model_forward(experts: nn.Module):
+    """The experts implementation the model runs (`use_experts_implementation` dispatches on the config's
+    ``_experts_implementation``; the family's eager loop where it is "eager"): the host's routes then have the
+    model's own bits where the host's kernels are the model's (a model on the CPU). Each touches only the
+    experts that tokens were routed to."""
+    return type(experts).forward
 
 
 def only(ids: torch.Tensor, weights: torch.Tensor, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,7 @@ class HostExperts:
             module = self._module(layer)
             layer.layout.bind_pool(module, views)
             with torch.no_grad():
-                out = eager_forward(module)(module, hidden, ids, weights)  # [T, H]
+                out = model_forward(module)(module, hidden, ids, weights)  # [T, H]
             return out.float()
         finally:
             self.busy_s += time.perf_counter() - start

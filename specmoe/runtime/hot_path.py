@@ -3,10 +3,13 @@
 `HotPath` is what the installed `hooks.ExpertsHook`s call. Per MoE layer call (the router has just chosen):
 
 - `start_pass`: the wrapper's pass-start hook (`hooks.PassMarker`) hands on the index of each forward pass;
-- `route`: record the routing, run the predictor, and with ONE device->host sync learn the routed experts and
-  the predictor's ranked candidates; hand both to the scheduler (`Scheduler.begin`);
-- `fused_forward` (experts stored as stacked tensors): compute on the slots the scheduler yields, with the
-  chosen compute strategy (`compute.py`), summing partial outputs over chunks and host-computed experts;
+- `route`: record the routing, run the predictor (while the scheduler's admission wants its guesses), and with
+  ONE device->host sync learn the routed experts and the predictor's ranked candidates; the scheduler turns them
+  into the call's plan (`Scheduler.plan`);
+- `fused_forward` (experts stored as stacked tensors): execute the plan: host experts submitted, then each device
+  step (`Scheduler.step`: acquire; after the compute is issued, prefetch and release) computed on its slots, with the
+  chosen compute strategy (`compute.py`); a call split over chunks and the host computes each route once where
+  its expert is, and sums the routes as the model does (`compute.accumulate`);
 - `modulelist_forward` (one module per expert): the model's own loop runs; `expert_hooks` bind each expert to
   its slot (or its host tensors) as the loop reaches it.
 
@@ -23,6 +26,7 @@ import torch
 
 from ..predictors.base import rank_by_votes, top_candidates
 from .adapters import MoELayer
+from .compute import accumulate, to_device
 from .scheduler import LayerPlan, Scheduler
 
 
@@ -80,29 +84,32 @@ class HotPath:
         self._call = ListCall()  # the ModuleList layer call running (none: empty)
 
     def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> LayerPlan:
-        """Record routing, run the predictor, and with one host sync learn the routed and predicted experts;
-        returns the scheduler's plan of this call (`Scheduler.plan`)."""
+        """Record routing, run the predictor (while the scheduler wants its guesses), and with one host sync learn
+        the routed and predicted experts; returns the scheduler's plan of this call (`Scheduler.plan`)."""
         geo = self.geometry
         L = geo.num_layers
         T = hidden.shape[0]
         ids = ids.reshape(T, -1)  # [T, k]
-        predictor = self.predictor
+        predictor, sched = self.predictor, self.scheduler
         if predictor is not None:
+            ids = ids.long()
             if self._history is None or self._history.shape[0] != T:  # a pass started (or an inner module ran alone)
                 self._history = torch.full((T, L, geo.top_k), -1, dtype=torch.long, device=ids.device)
-            self._history[:, layer] = ids
-            if not self.scheduler.wants_prediction():  # admission says its guesses would not be copied
+            width = self._history.shape[2]  # the top-k predictors were bound with
+            if ids.shape[1] == width:
+                self._history[:, layer] = ids
+            else:  # a router's top_k changed after wrapping: its best first are kept, or -1 (no expert) pads
+                self._history[:, layer, : ids.shape[1]] = ids[:, :width]
+                self._history[:, layer, ids.shape[1]:] = -1
+            if not sched.wants_prediction():  # admission says its guesses would not be copied
                 predictor = None
         if predictor is None:
-            host = ids.flatten().tolist()  # the one device->host sync of this layer
+            host = self._routes = ids.flatten().tolist()  # the one device->host sync of this layer
             self.host_syncs += 1
             needed = sorted(set(host))
             if needed and needed[0] < 0:  # -1: a route to no expert
                 needed = needed[1:]
-            sched = self.scheduler
             return sched.plan(self.pass_index, layer, needed, (), Counter(host) if sched.misses != "fetch" else None)
-        ids = ids.long()
-        targets: list[int] = []
         parts = [ids.flatten()]
         scores = predictor.predict(layer, hidden.reshape(T, -1), self._history[:, : layer + 1])
         # encoder-decoder: the next pass starts elsewhere, so no target past the last layer
@@ -114,13 +121,13 @@ class HotPath:
         host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self.host_syncs += 1
         n = ids.numel()
+        self._routes = host[:n]  # [T * k] the routed expert of each route, on the host
         needed = sorted(set(host[:n]) - {-1})
         candidates = []
         if targets:
             m = (len(host) - n) // (len(targets) * T)
             for i, t in enumerate(targets):
                 candidates.extend((t % L, e) for e in rank_by_votes(host[n + i * T * m : n + (i + 1) * T * m], m))
-        sched = self.scheduler
         return sched.plan(self.pass_index, layer, needed, candidates,
                           Counter(host[:n]) if sched.misses != "fetch" else None)  # expert -> tokens routed to it
 
@@ -130,21 +137,37 @@ class HotPath:
         compute, step = self.experts_compute.compute, self.scheduler.step
         if not plan.host and len(plan.device) <= self.num_slots:
             step(plan)  # acquire
-            out = compute(layer, args, kwargs, ids, weights, plan.device, partial=False)
+            out = compute(layer, args, kwargs, ids, weights, plan.device)
             step(plan)  # the compute is issued: prefetch while it runs, then release
             return out
-        # Experts on the host, or more distinct experts than slots: sum partial outputs, masking the rest.
-        job = self.host.submit(layer, hidden, ids.reshape(hidden.shape[0], -1), weights, plan.host) \
-            if plan.host else None
-        total = None  # the host starts at once on its worker; its output joins the device's at the end
+        # Experts on the host, or more distinct experts than slots: each route is computed once, where its expert
+        # is (a chunk of slots or the host), in a call of one route per row with weight 1 (its expert's output,
+        # exact in the model dtype); the routing weight is applied here and the routes are summed as the model's
+        # experts implementation does (`compute.accumulate`), so the output has the unwrapped model's bits.
+        T = hidden.shape[0]
+        ids = ids.reshape(T, -1)  # [T, k]
+        k = ids.shape[1]
+        flat_ids, ones = ids.reshape(T * k, 1), torch.ones_like(weights.reshape(T * k, 1))  # [T*k, 1]
+        out = hidden.new_zeros(T * k, hidden.shape[-1])  # [T*k, H] each route's expert output (unweighted)
+
+        def rows(experts):  # the routes to `experts`, as device indices (from the host copy: no sync)
+            wanted = set(experts)
+            return to_device([i for i, e in enumerate(self._routes) if e in wanted], self.device)
+
+        job = None  # the host starts at once on its worker; its routes join the device's at the end
+        if plan.host:
+            on_host = rows(plan.host)
+            job = self.host.submit(layer, hidden[on_host // k], flat_ids[on_host], ones[on_host], plan.host)
         while step(plan):
             if plan.chunk:
-                part = compute(layer, args, kwargs, ids, weights, plan.chunk, partial=True).float()
-                total = part if total is None else total + part
+                r = rows(plan.chunk)
+                a, kw = layer.layout.replace_call(args, kwargs, layer.experts, flat_ids[r], ones[r],
+                                                  hidden=hidden[r // k])
+                out[r] = compute(layer, a, kw, flat_ids[r], ones[r], plan.chunk).to(out.dtype)
         if job is not None:
-            out = job.result().to(self.device, non_blocking=True)  # [T, H] float32
-            total = out if total is None else total + out
-        return total.to(hidden.dtype)
+            out[on_host] = job.result().to(self.device, out.dtype, non_blocking=True)  # [R, H]
+        values = out.view(T, k, -1) * weights.reshape(T, k, 1)  # [T, k, H] as the model weights its routes
+        return accumulate(layer.experts, values, ids, hidden.dtype)
 
     def modulelist_forward(self, layer: MoELayer, args: tuple, kwargs: dict) -> torch.Tensor:
         """One call of the model's own forward; the per-expert hooks bind each expert to its slot, taking the

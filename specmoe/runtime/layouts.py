@@ -129,13 +129,17 @@ class FusedExperts(ExpertsLayout):
         hidden, ids, weights = bound[0], bound[1], bound[2]
         return hidden, ids, weights
 
-    def replace_call(self, args: tuple, kwargs: dict, experts: nn.Module, ids: torch.Tensor, weights):
-        """Arguments for the original forward with ids/weights replaced (same positions or names)."""
+    def replace_call(self, args: tuple, kwargs: dict, experts: nn.Module, ids: torch.Tensor, weights,
+                     hidden: torch.Tensor | None = None):
+        """Arguments for the original forward with ids/weights (and hidden, if given) replaced (same positions
+        or names)."""
         if not kwargs and len(args) == 3:  # how every family calls its experts
-            return (args[0], ids, weights), {}
+            return (args[0] if hidden is None else hidden, ids, weights), {}
         sig = _forward_signature(experts)
         b = sig.bind(*args, **kwargs)
         names = list(sig.parameters)
+        if hidden is not None:
+            b.arguments[names[0]] = hidden
         b.arguments[names[1]] = ids
         b.arguments[names[2]] = weights
         return b.args, b.kwargs

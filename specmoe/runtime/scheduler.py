@@ -157,7 +157,8 @@ class Scheduler:
         layer_s, copy_s = getattr(costs, "layer_s", 0.0) or 0.0, getattr(costs, "copy_s", 0.0) or 0.0
         host_s = costs.host_seconds(1) if self.misses != "fetch" and layer_s > 0 else None
         self.admission = (PrefetchAdmission(self.num_layers, copy_s, layer_s, late_ok=self.misses == "fetch",
-                                            host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0))
+                                            host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0),
+                                            predict_s=getattr(costs, "predict_s", 0.0))
                           if layer_s > 0 and copy_s > 0 else None)
 
     def reset(self) -> None:
@@ -342,6 +343,7 @@ class Scheduler:
         backlog = self._backlog if self.misses == "auto" and adm is None else None
         if adm is not None:
             link_s, n, rank, layer = self._link_backlog(), 0, self._rank, self._layer
+            adm._expected = 0.0
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
                 break
@@ -369,6 +371,8 @@ class Scheduler:
             stats = self.stats[key[0]]
             stats.prefetch_issued += 1
             stats.bytes_moved += self.copy_bytes
+        if adm is not None and self._guessing:
+            adm.pumped(adm._expected)
         if self._read_ahead is not None:  # a file-backed store reads the waiting candidates from disk meanwhile
             self._read_ahead(queue[::-1])
 
@@ -403,7 +407,7 @@ class Scheduler:
             if got is None:
                 raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
         slot = got[0]
-        if not demand and got[1] is not None and self.admission is not None:
+        if got[1] is not None and self.admission is not None:  # the policy's victims: how often needed again
             self.admission.evicted(got[1])
         wasted = self._prefetched.pop(slot, None)
         if wasted is not None:

@@ -54,8 +54,9 @@ class HostMissCosts:
     admission compares a copy's landing with, `runtime.admission`; 0: no admission)."""
 
     def __init__(self, copy_s: float, host: HostProfile | None, shape: ModelShape, host_call_s: float = 0.0,
-                 layer_s: float = 0.0):
+                 layer_s: float = 0.0, predict_s: float = 0.0):
         self.copy_s, self.host, self.shape, self.host_call_s, self.layer_s = copy_s, host, shape, host_call_s, layer_s
+        self.predict_s = predict_s  # the predictor's host time per call (what its copies must save)
         self.fmt = expert_format(shape.expert_dtype, shape.compression)
         self._by_tokens: dict[int, float] = {}
 
@@ -77,4 +78,4 @@ def replay_costs(shape: ModelShape, profile: HardwareProfile, compute: ComputeMo
     c = pass_costs(shape, profile, compute, ops, 1, context)
     k = shape.top_k
     layer_s = max(c.host_layer + c.host_wrapper + c.host_experts, c.dev_layer + expert_device_seconds(c, k, k))
-    return HostMissCosts(copy_s, host, shape, crossing, layer_s)
+    return HostMissCosts(copy_s, host, shape, crossing, layer_s, c.host_predictor)

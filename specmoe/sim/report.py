@@ -16,6 +16,13 @@ def _label(run: dict) -> str:
     return label if mode == "fetch" else f"{label}, misses={mode}"
 
 
+def _hit_rate(run: dict) -> str:
+    """The hit rate, and (where some hits waited on a copy in flight) the share of those."""
+    n = run.get("hits", 0) + run.get("misses", 0)
+    late = run.get("hits_in_flight", 0)
+    return f"{run['hit_rate']:.3f}" + (f" ({late / n:.3f} in flight)" if late and n else "")
+
+
 def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
     """Every run of one profile and shape (at `capacities` only, if given; the max-fit capacity is named
     "max"): speed, cache figures, and distance to the bound."""
@@ -25,11 +32,13 @@ def runs_table(sweep: dict, profile: str, shape: str, capacities=None) -> str:
     for r in sorted(runs, key=lambda r: (r["capacity"], r["predictor"] != "none", r["predictor"], r["policy"])):
         per_tok = max(r["tokens"], 1)
         rows.append([f"{r['capacity']:.3f}" + (" (max fit)" if r["max_fit"] else ""), _label(r), f"{r['tok_s']:.1f}",
-                     f"{r['hit_rate']:.3f}", f"{r['prefetch_precision']:.2f}" if r["prefetch_issued"] else None,
+                     _hit_rate(r), f"{r['prefetch_precision']:.2f}"
+                     if r["prefetch_issued"] and r["predictor"] != "none" else None,
                      f"{(r['misses'] - r.get('host_computed', 0)) / per_tok:.2f} / "
                      f"{r.get('host_computed', 0) / per_tok:.2f}",
                      f"{r['bytes_moved'] / per_tok / MiB:.0f}", f"{1e3 * r['stall_s'] / per_tok:.2f}",
                      f"{r['bound_tok_s']:.1f}", f"{100 * r['fraction_of_bound']:.0f}%", f"{r['device_bytes'] / GiB:.1f}"])
+    # pf precision: of the predictor's prefetches, those used (no-predictor rows copy only host experts, with "auto")
     return markdown_table(["capacity", "policy / predictor", "tok/s", "hit rate", "pf precision",
                            "misses/token fetched / host", "MiB moved/token",
                            "stall ms/token", "bound tok/s", "of bound", "weights+cache GiB"], rows)
