@@ -111,7 +111,8 @@ def markdown(result: dict) -> str:
         cells = []
         for p in preds:
             v = runs[p]["tok_s"]
-            mark = "" if best_none is None or p == "none" or v >= best_none else " (below none)"
+            below = best_none is not None and p != "none" and round(v, 2) < round(best_none, 2)
+            mark = " (below none)" if below else ""
             cells.append(f"{v:.2f}{mark}")
         counts = ", ".join(f"{runs[p]['prefetch_issued']} / {runs[p]['prefetch_used']} / {runs[p]['prefetch_refused']}"
                            for p in preds if p != "none")
@@ -124,6 +125,13 @@ def markdown(result: dict) -> str:
               f"eviction (hits on copies still in flight among them); 'refused': candidates admission did not copy. "
               f"git {result['environment'].get('git_sha')}."]
     return "\n".join(lines) + "\n"
+
+
+def rerender(json_path: Path) -> None:
+    """Rewrite the markdown of a result JSON (the table is made from the JSON alone)."""
+    from specmoe.io import read_json
+
+    write_text(json_path.with_suffix(".md"), markdown(read_json(json_path)))
 
 
 def main(argv=None) -> int:

@@ -59,7 +59,6 @@ class PrefetchAdmission:
         self.admitted = self.refused = 0
         self._every = self._wait = self.PROBE  # calls between probes, and until the next
         self._expected = 0.0  # sum of p over the copies admitted in the current pump
-        self._last_best: float | None = None
 
     def call_done(self, fetched: int, on_host: int) -> None:
         """A layer call fetched `fetched` experts on demand and computed `on_host` on the host: its length is at
@@ -111,27 +110,28 @@ class PrefetchAdmission:
         self._victims.setdefault(key[0], []).append(key[1])
 
     MARGIN = 0.15  # a late copy also arrives late: of its saving only part is saved (chosen on the development routing)
-    PROBE = 32  # while no rank is worth a copy, the predictor still runs at every PROBE-th call (calibration),
-    # backing off (x2, up to x64) while the best rank's estimate keeps falling
+    PROBE = 32  # while no rank is worth a copy, the predictor still runs at probe calls (calibration)
 
     def worth_predicting(self) -> bool:
-        """Whether the predictor should run at this call: some rank's calibrated p could pass `admit`, or this
-        is a probe call. A predictor that is often wrong then costs its host time at 1 call in PROBE or fewer."""
+        """Whether the predictor should run at this call: its admitted copies have paid for its host time and
+        some rank's calibrated p could pass `admit`, or this is a probe call (every PROBE calls, the interval
+        doubling, up to 64 x, while probes find it not worth it). A predictor that is often wrong then costs its
+        host time at a few calls only; one whose copies can never land in time under misses="auto" at none."""
         sampled = [self.p(r) for r in range(self.R) if self.seen[r]]  # ranks the predictor has named
         best, q = (max(sampled) if sampled else 0.5), self.q()
-        self._wait -= 1
-        if self._wait <= 0:  # a probe: back off while the best rank's estimate keeps falling
-            falling = self._last_best is not None and best < self._last_best
-            self._every = min(self._every * 2, 64 * self.PROBE) if falling else self.PROBE
-            self._wait, self._last_best = self._every, best
-            return True
-        if self.late_ok and best >= (1 + q) / 2 + self.MARGIN and self.gain >= self.predict_s:
-            return True
-        if self.gain < self.predict_s:  # its admitted copies have not paid for its own host time
-            return False
+        if not self.late_ok and self.period < self.copy_s:
+            return False  # no copy lands before the next layer's call, whatever the predictor says
         if self.late_ok:
-            return self.period - self.demand >= self.copy_s and best >= q  # a copy can land on an idle link
-        return self.period >= self.copy_s and best >= (1 + q) / 2 + self.MARGIN  # ... before its use
+            could = best >= (1 + q) / 2 + self.MARGIN or (self.period - self.demand >= self.copy_s and best >= q)
+        else:
+            could = best >= (1 + q) / 2 + self.MARGIN
+        worth = could and self.gain >= self.predict_s
+        self._wait -= 1
+        if self._wait <= 0:  # a probe keeps the calibration going
+            self._every = self.PROBE if worth else min(self._every * 2, 64 * self.PROBE)
+            self._wait = self._every
+            return True
+        return worth
 
     def pumped(self, expected_used: float) -> None:
         """A predicted call's admitted copies are expected to be used `expected_used` times (sum of their p)."""

@@ -82,6 +82,7 @@ class HotPath:
         """Forget the current pass (a new generate call)."""
         self._history: torch.Tensor | None = None  # [T, L, k] ids routed in the current pass
         self._call = ListCall()  # the ModuleList layer call running (none: empty)
+        self._routes: list[int] = []  # [T * k] the routed expert of each route of the layer call running
 
     def route(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> LayerPlan:
         """Record routing, run the predictor (while the scheduler wants its guesses), and with one host sync learn
@@ -121,7 +122,7 @@ class HotPath:
         host = torch.cat(parts).tolist()  # the one device->host sync of this layer
         self.host_syncs += 1
         n = ids.numel()
-        self._routes = host[:n]  # [T * k] the routed expert of each route, on the host
+        self._routes = host[:n]
         needed = sorted(set(host[:n]) - {-1})
         candidates = []
         if targets:

@@ -14,8 +14,12 @@ host: the layer's hidden state crosses PCIe, a host worker (its own clock `w`) c
 device computes the resident ones, and the layer ends when both have (the host's output crossing back).
 
 Unwrapped (capacity None) every expert is resident: steps 2-3 cost nothing but the experts call.
-Every decision of step 2 (acquire, evict, prefetch, chunk; the counters) is the runtime's own scheduler
-(`specmoe.runtime.scheduler`), driven here by `ClockEngine`, a copy engine on a clock.
+Every decision of step 2 (acquire, evict, prefetch, chunk, admission; the counters) is the runtime's own
+scheduler (`specmoe.runtime.scheduler`): the replay asks it for each layer call's plan (`Scheduler.plan`) and
+carries the plan out with `Scheduler.step`, in the runtime's order, on `ClockEngine`, a copy engine on a clock;
+it holds no sequence of scheduler calls of its own. The result is the runtime's `Stats` (the same counters,
+per MoE layer) with the clock's figures (`SimResult`). The scheduler's costs (`clock.replay_costs`: one copy,
+the host's compute, the layer period, the predictor's host time) are the profiles' and the compute model's.
 """
 
 # Shape legend: T tokens, E experts, L MoE layers, k top-k, S slots, P passes
