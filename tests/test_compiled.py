@@ -64,6 +64,15 @@ def test_compiled_decode_same_tokens_no_recompiles(family):
     assert _compiles() == warm, "recompiled after warm-up"
 
 
+def test_compiled_decode_bf16_same_tokens():
+    model = build_tiny("qwen3_moe", dtype=torch.bfloat16)
+    inputs = make_inputs(model, length=6)
+    expected = _greedy(model, inputs, 8)
+    smoe = SpeculativeMoE(model, PreGatePredictor(), 0.25, compile="eager")
+    assert torch.equal(_greedy(smoe, inputs, 8), expected)
+    assert smoe.compile_stats["compiled_steps"] == 7
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SPECMOE_INDUCTOR_TEST"), reason="inductor's C++ compile: ~90 s on 2 busy "
                     "cores; set SPECMOE_INDUCTOR_TEST=1 (benchmarks/compiled_decode.py checks inductor's tokens too)")
