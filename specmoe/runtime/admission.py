@@ -59,6 +59,7 @@ class PrefetchAdmission:
         self.admitted = self.refused = 0
         self._every = self._wait = self.PROBE  # calls between probes, and until the next
         self._expected = 0.0  # sum of p over the copies admitted in the current pump
+        self._best = 0.5  # the highest p among the ranks seen (the prior before any)
 
     def call_done(self, fetched: int, on_host: int) -> None:
         """A layer call fetched `fetched` experts on demand and computed `on_host` on the host: its length is at
@@ -92,6 +93,8 @@ class PrefetchAdmission:
                 seen[i] += 1
                 if e in chosen:
                     used[i] += 1
+            self._best = max((used[r] + 1) / (seen[r] + 2) for r in range(self.R) if seen[r]) \
+                if any(seen[: self.R]) else 0.5
         if victims:
             self.victims += len(victims)
             self.victim_reused += sum(1 for e in victims if e in chosen)
@@ -117,8 +120,7 @@ class PrefetchAdmission:
         some rank's calibrated p could pass `admit`, or this is a probe call (every PROBE calls, the interval
         doubling, up to 64 x, while probes find it not worth it). A predictor that is often wrong then costs its
         host time at a few calls only; one whose copies can never land in time under misses="auto" at none."""
-        sampled = [self.p(r) for r in range(self.R) if self.seen[r]]  # ranks the predictor has named
-        best, q = (max(sampled) if sampled else 0.5), self.q()
+        best, q = self._best, self.q()  # the best calibrated rank the predictor has named
         if not self.late_ok and self.period < self.copy_s:
             return False  # no copy lands before the next layer's call, whatever the predictor says
         if self.late_ok:
