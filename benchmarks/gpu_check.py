@@ -23,7 +23,9 @@ are estimates (no GPU has run this yet); a step that runs out of time keeps what
   predictor and the pre-gate, plus the unwrapped model (benchmarks/shape_real.py, which saves after each row);
   per row decode tok/s, hit rate, stall and overlap (1 - stall / (bytes moved / measured pinned H2D rate)).
 * ``simulate_validate``: `specmoe simulate --validate` on that run.
-* ``host_misses``: shape_real again at 0.25 / 0.5 with misses="auto", against the fetch rows (last).
+* ``host_misses``: shape_real again at 0.25 / 0.5 with misses="auto", against the fetch rows.
+* ``compiled_decode``: eager vs compiled decode (CUDA graphs) on the same shape (benchmarks/compiled_decode.py;
+  last: it runs when the budget has room).
 
 Output: at most three files in --out, whatever happens (a lent machine returns at most 8 files of at most
 16 MiB): ``gpu_check_<device>.json`` (the summary), ``gpu_check_<device>.md`` (its table) and
@@ -326,6 +328,29 @@ def host_misses(ctx: Context) -> dict:
     misses="fetch" rows at the same capacities (issue 12)."""
     _run_shape_real(ctx, "--capacities", "0.25", "0.5", "--predictors", "none", "--misses", "auto", prompts=1)
     return _host_misses_rows(ctx, False)
+
+
+# ---- compiled decode (issue 20 item 4; its own script, benchmarks/compiled_decode.py) ----------------------------
+def _compiled_json(ctx: Context) -> Path:
+    return ctx.out / f"compiled_decode_{'cpu_smoke' if ctx.smoke else ctx.tag}.json"
+
+
+@step("compiled_decode", timeout_s=150, smoke_timeout_s=150)
+def compiled_decode(ctx: Context) -> dict:
+    """Eager vs compiled decode (CUDA graphs) on SHAPE, wrapped at 1.0 / 0.5 and unwrapped through transformers'
+    static-cache compile; goal: wrapped compiled at 1.0 >= 0.9x the unwrapped compiled model."""
+    args = ["benchmarks/compiled_decode.py", "--shape", SHAPE, "--calibration", "", "--out", str(ctx.out),
+            "--name", _compiled_json(ctx).stem]
+    args += ["--smoke", "--device", "cpu", "--backend", "eager", "--capacities", "1.0", "--repeats", "1",
+             "--new-tokens", "4", "--prompt-len", "6"] if ctx.smoke else \
+        ["--capacities", "1.0", "0.5", "--repeats", "3", "--new-tokens", "24"]
+    ctx.run(*args)
+    r = _read(_compiled_json(ctx))
+    ratio = r["ratio_wrapped_1_compiled_over_unwrapped_compiled"]
+    return {"file": _compiled_json(ctx).name, "ratio_wrapped_1_compiled_over_unwrapped_compiled": ratio,
+            "goal": 0.9, "rows": {k: {f: m[f] for f in ("decode_tok_s", "segments_per_token", "cuda_graph_replays_per_token",
+                                                     "compile_s", "same_tokens")} for k, m in r["modes"].items()},
+            "status": "ok" if all(m["same_tokens"] for m in r["modes"].values()) else "failed"}
 
 
 # ---- running ---------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights' dtype (default: the checkpoint's; float32 for the reference model on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode: dense parts as torch.compile graphs, the MoE layer calls between them")
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +84,8 @@ def load_model(args: argparse.Namespace):
         check_model_dir(path)
     smoe = load_offloaded(path, device=device, cache_capacity=args.capacity, predictor=predictor, dtype=dtype,
                           host_store=args.host_store,
-                          compression=None if args.compression == "none" else args.compression)
+                          compression=None if args.compression == "none" else args.compression,
+                          compile=getattr(args, "compile", False))
     try:
         if args.model == REFERENCE:
             from .reference.model import load_reference_tokenizer
@@ -152,8 +155,14 @@ def run_generate(args: argparse.Namespace) -> int:
     end = streamer.stop()
     new = out.shape[1] - ids.shape[1]
     decode_s = end - streamer.first_s if streamer.puts >= 2 else 0.0
+    compiled = smoe.compile_stats
+    if compiled is not None:  # the steps that compiled are reported apart, not as decode speed
+        decode_s -= compiled["compile_s"]
     tok_s = f"{(new - 1) / decode_s:.1f} tok/s decode" if new > 1 and decode_s > 0 else "no decode step"
     print(f"[{new} tokens, {tok_s}; {smoe.stats.summary()}]")
+    if compiled is not None:
+        print("[compiled decode: {graphs} graphs in {compile_s:.1f} s ({backend}), not in the tok/s above]".format(
+            **compiled))
     return 0
 
 

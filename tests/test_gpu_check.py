@@ -95,7 +95,8 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     report = json.loads((tmp_path / "gpu_check_cpu_smoke.json").read_text())
     steps = report["steps"]
     assert list(steps) == [s.name for s in gpu_check.STEPS] == [
-        "nvml", "gpu_tests", "wrapper_overhead", "moe_kernel", "shape_real", "simulate_validate", "host_misses"]
+        "nvml", "gpu_tests", "wrapper_overhead", "moe_kernel", "shape_real", "simulate_validate", "host_misses",
+        "compiled_decode"]
     assert all(s["status"] in ("ok", "skipped") for s in steps.values()), steps
     rows = steps["shape_real"]["result"]["rows"]
     grid = {(r["capacity"], r["predictor"]) for r in rows if r["capacity"] is not None}
@@ -112,6 +113,8 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     assert all(r["misses"] > 0 and r["host_computed"] is not None for r in host if r["capacity"] is not None)
     tests = steps["gpu_tests"]["result"]
     assert tests["tests"] > 0 and not tests["failed"]
+    if steps["compiled_decode"]["status"] == "ok":  # last: it runs where the budget has room
+        assert all(r["same_tokens"] for r in steps["compiled_decode"]["result"]["rows"].values())
     archived = members(tmp_path)
     shape = "shape_real_qwen1.5-moe-a2.7b_cpu_smoke"
     for name in (f"{shape}.json", f"{shape}.validation.json", "wrapper_overhead_cpu_smoke.json",

@@ -47,6 +47,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="host kernel threads for misses run on the host (default: physical cores - 1, at most 8)")
     p.add_argument("--policy", default="default", help="eviction policy: lru, lfu, hit-density, default, or a "
                    "learned policy's directory (specmoe train --policy learned)")
+    p.add_argument("--compile", action="store_true", help="compiled decode of the SpeculativeMoE rows")
     p.add_argument("--out", type=Path, default=Path("specmoe-bench"), help="output directory")
     p.add_argument("--name", default=None, help="file stem (default: bench_<device type>)")
     p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
@@ -107,7 +108,8 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, lookahead=args.lookahead, unwrapped=not args.no_unwrapped,
         accelerate=not args.no_accelerate, accelerate_capacity=args.accelerate_capacity,
         accelerate_new_tokens=args.accelerate_tokens,
-        offload=OffloadConfig(misses=args.misses, host_threads=args.host_threads, policy=args.policy))
+        offload=OffloadConfig(misses=args.misses, host_threads=args.host_threads, policy=args.policy,
+                              compile=args.compile))
     model, tokenizer, texts, name = _load(args, dtype)
     if not all(isinstance(c, float) for c in args.capacities):  # slot counts and budgets: as fractions
         from ..runtime.adapters import find_moe_layers

@@ -62,6 +62,7 @@ class DemoConfig:
             loops on a model this small, and loops flatter every cache figure).
         predictors: directories of trained predictors to compare besides the built-in ones.
         checkpoint: a reference checkpoint directory (default: the packaged one).
+        compile: compiled decode of the wrapped rows (`SpeculativeMoE(..., compile=True)`).
     """
 
     device: str | None = None
@@ -73,6 +74,7 @@ class DemoConfig:
     repetition_penalty: float = 1.3
     predictors: tuple[Path, ...] = ()
     checkpoint: Path | None = None
+    compile: bool = False
 
     def __post_init__(self):
         parse_capacity(str(self.capacity))  # the one reading of a capacity (ValueError: what to write)
@@ -160,7 +162,7 @@ def run_demo_experiment(cfg: DemoConfig, progress: bool = True) -> dict:
     rows = []
     geometry = find_moe_layers(model).geometry
     for name, make, per_prompt in _predictor_specs(cfg, geometry, routing):
-        smoe = SpeculativeMoE(model, make(0), cfg.capacity, device=device)
+        smoe = SpeculativeMoE(model, make(0), cfg.capacity, device=device, compile=cfg.compile)
         runs = []
         try:
             for i, ids in enumerate(tqdm(prompts, desc=name, disable=not progress, leave=False)):
@@ -246,6 +248,7 @@ def add_demo_arguments(parser) -> None:
     # from more, and spinning OpenMP threads make a busy machine several times slower
     parser.set_defaults(threads=1)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--compile", action="store_true", help="compiled decode of the wrapped rows (torch.compile)")
 
 
 def run_demo(args) -> int:
@@ -256,7 +259,7 @@ def run_demo(args) -> int:
     cfg = DemoConfig(device=args.device, dtype=args.dtype, capacity=args.capacity, prompts=args.prompts,
                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                      repetition_penalty=args.repetition_penalty, predictors=tuple(args.predictor),
-                     checkpoint=args.checkpoint)
+                     checkpoint=args.checkpoint, compile=args.compile)
     result = run_demo_experiment(cfg, progress=not args.quiet)
     ignored_output_dir(args.out)
     write_json(args.out / "demo.json", result)

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..kernels.prequant import PrequantFormat
 from ..kernels.quant import QuantFormat
 from .capacity import resolve_capacity
+from .compiled import backend_name
 from .compute import COMPUTE
 from .misses import check_misses
 from .policies import DEFAULT_POLICY
@@ -54,6 +55,9 @@ class OffloadConfig:
             implementation on a compact copy of the routed slots), "pool" (on all S slots, ids remapped, no
             copy), "triton" (the fused kernel on the slots), "auto" (default: "pool" on CUDA, the kernel where the
             tuned launch configs measured it faster, "gather" elsewhere).
+        compile: compiled decode (`runtime.compiled`): the dense parts of each decode step as torch.compile
+            graphs (CUDA graphs on a GPU), the MoE layer calls between them. True is inductor; "aot_eager" or
+            "eager" names a cheaper backend (graphs and breaks checked without code generation). Default False.
 
     Raises:
         ValueError / TypeError: a value out of range or of the wrong type, saying what to change.
@@ -69,6 +73,7 @@ class OffloadConfig:
     host_threads: int | None = None
     transfer: str | None = None
     compute: str | None = None
+    compile: bool | str = False
 
     def __post_init__(self):
         resolve_capacity(self.capacity, 1, 2**62, 1)  # the checks that need no geometry (type, range, unit)
@@ -92,6 +97,7 @@ class OffloadConfig:
                              f"{self.transfer!r}")
         if self.compute is not None and self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {COMPUTE} or None, got {self.compute!r}")
+        backend_name(self.compile)  # ValueError naming the choices
 
     # ---- derived values: computed here, once, for the runtime and the simulator ---------------------------------
     def inflight(self, top_k: int, lookahead: int = 1) -> int:

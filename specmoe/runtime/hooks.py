@@ -73,14 +73,18 @@ class ExpertsHook:
         forward: what runs instead of the experts module's forward.
         expert_hooks: for ModuleList layouts, ``expert_hooks(layer, e) -> (pre, post)``: forward pre/post hooks
             registered on expert e.
+        graph_break: the call is a graph break that the runtime owns (`torch.compiler.disable`): compiled decode
+            (`compiled.py`) compiles the dense parts around it, never the hot path.
     """
 
-    def __init__(self, layer: MoELayer, forward: Callable, expert_hooks: Callable | None = None):
+    def __init__(self, layer: MoELayer, forward: Callable, expert_hooks: Callable | None = None,
+                 graph_break: bool = False):
         module = self.module = layer.experts
         self.attr = "_old_forward" if getattr(module, "_hf_hook", None) is not None and \
             "_old_forward" in module.__dict__ else "forward"
         self.old = module.__dict__.get(self.attr, _MISSING)
-        setattr(module, self.attr, _Redirect(forward, layer))
+        redirect = _Redirect(forward, layer)
+        setattr(module, self.attr, torch.compiler.disable(redirect) if graph_break else redirect)
         self.handles = []
         if expert_hooks is not None:
             for e, expert in enumerate(layer.layout.experts_list(module)):

@@ -34,6 +34,7 @@ from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .cache import ExpertCache, SlotPool
 from .capacity import resolve_capacity
 from .checks import check_device_memory, check_materialised, check_predictor, model_devices, resolve_device
+from .compiled import CompiledDecode, backend_name, check_compilable
 from .compression import make_codec
 from .compute import COMPUTE, build_compute, choose_compute
 from .hooks import ExpertsHook, PassMarker, new_store, offload_experts, restore_experts
@@ -65,7 +66,7 @@ class SpeculativeMoE:
         config: an `OffloadConfig` (policy, misses, compression, transfer, compute, prefetch width, in-flight
             bound, host threads: see its docstring); the same names may be given as keyword arguments
             (`settings`: ``policy="lru"``, ``misses="auto"``, ``transfer="thread"``, ``compression="int4"``,
-            ``compute="pool"``, ``prefetch_width``, ``max_prefetch_inflight``, ``host_threads``), which override
+            ``compute="pool"``, ``compile=True``, ``prefetch_width``, ``max_prefetch_inflight``, ``host_threads``), which override
             it. `cache_capacity`, when given, overrides its capacity. `self.config` holds the result.
         expert_source: where the experts' bytes come from when the model's experts modules do not hold them
             (`specmoe.load_offloaded` builds the model with its experts on the meta device and passes a
@@ -105,6 +106,9 @@ class SpeculativeMoE:
         check_materialised(model, moe, streamed=expert_source is not None)
         geo = moe.geometry
         check_predictor(predictor)
+        self._backend = backend_name(cfg.compile)  # compiled decode (None: eager)
+        if self._backend is not None:
+            check_compilable(model)
         layout = ExpertLayout(moe.specs)
         self.codec = make_codec(cfg.compression, layout, moe.transposed)  # compressed experts: store, copies, slots
         store_layout = self.codec.layout if self.codec else layout
@@ -135,6 +139,7 @@ class SpeculativeMoE:
         self._saved: list[dict] = []
         self._hooks: list[ExpertsHook] = []
         self._passes: PassMarker | None = None
+        self._compiled: CompiledDecode | None = None
 
         # ---- move experts to the host store, the rest to the device -------------------------------
         try:
@@ -156,6 +161,8 @@ class SpeculativeMoE:
             self.hot = HotPath(self.scheduler, self.experts_compute, self.pool, self._host, geo, self.device,
                                self.prefetch_width, wrap=not moe.first_decode_layer)
             self._install()
+            if self._backend is not None:
+                self._compiled = CompiledDecode(model, geo.num_layers, self._backend, self.device)
             self.miss_costs = miss_costs
             if self.misses == "auto" and miss_costs is None:
                 self.miss_costs = measure_miss_costs(self._host, moe.layers[0], self.engine, self.pool, self.store,
@@ -185,7 +192,10 @@ class SpeculativeMoE:
         """`model.generate` with the runtime in the loop; the predictor starts afresh."""
         self._check_wrapped("generate")
         self._reset_state()
-        return self.model.generate(*self._to_device(args), **self._to_device(kwargs))
+        args, kwargs = self._to_device(args), self._to_device(kwargs)
+        if self._compiled is not None:  # a static cache, reused: decode steps replay compiled graphs
+            kwargs = self._compiled.generate_kwargs(args, kwargs)
+        return self.model.generate(*args, **kwargs)
 
     def set_predictor(self, predictor: Predictor | None) -> None:
         """Swap the predictor (None: on demand only) without rewrapping; the cache stays warm.
@@ -217,6 +227,12 @@ class SpeculativeMoE:
             layer_calls=self.scheduler.layer_calls,
             chunked_calls=self.scheduler.chunked_calls,
         )
+
+    @property
+    def compile_stats(self) -> dict | None:
+        """Compiled decode's costs (`runtime.compiled.CompiledDecode.stats`: compile seconds, graphs, steps run
+        compiled and eager); None when decode is eager."""
+        return self._compiled.stats() if self._compiled is not None else None
 
     def reset_stats(self) -> None:
         self.scheduler.reset_stats()
@@ -272,11 +288,15 @@ class SpeculativeMoE:
         for layer in self.moe.layers:
             if isinstance(layer.layout, FusedExperts):
                 self.experts_compute.prepare(layer)
-                self._hooks.append(ExpertsHook(layer, self.hot.fused_forward))
+                self._hooks.append(ExpertsHook(layer, self.hot.fused_forward, graph_break=self._backend is not None))
             else:
-                self._hooks.append(ExpertsHook(layer, self.hot.modulelist_forward, self.hot.expert_hooks))
+                self._hooks.append(ExpertsHook(layer, self.hot.modulelist_forward, self.hot.expert_hooks,
+                                               graph_break=self._backend is not None))
 
     def _restore_model(self) -> None:
+        if self._compiled is not None:
+            self._compiled.remove()
+            self._compiled = None
         if self._passes is not None:
             self._passes.detach(self.model, self._start_pass)
             self._passes = None

@@ -57,7 +57,7 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                         "need --model for routers and hidden states in the trace; history and interlayer do not)")
     p.add_argument("--model", help="model whose routers the pre-gate uses: a directory or hub id (default: the reference model)")
     p.add_argument("--lookahead", type=int, default=1, help="lookahead of the oracle and the pre-gate")
-    p.add_argument("--compute", default="hf-eager", choices=["hf-eager", "roofline"],
+    p.add_argument("--compute", default="hf-eager", choices=["hf-eager", "roofline", "compiled"],
                    help="compute-time model: hf-eager (transformers' eager kernels, default) or roofline")
     p.add_argument("--context", type=int, default=512, help="KV tokens read per decode step")
     p.add_argument("--warmup", type=int, default=64, help="passes replayed before measuring")

@@ -78,6 +78,10 @@ class ComputeModel:
         mem_efficiency: achieved fraction of peak device memory bandwidth when streaming weights.
         flops_efficiency: achieved fraction of peak bf16 FLOP/s.
         source: where the constants come from.
+        segment_s: compiled decode only: host seconds per compiled graph segment entered (guards, a CUDA-graph
+            replay); the dense parts then cost segments x segment_s instead of their ops x op_s.
+        segments_per_layer, segments_per_pass: compiled segments entered per MoE layer and per pass (0: eager),
+            measured by benchmarks/compiled_decode.py (`calibration/compiled_decode.json`).
     """
 
     name: str = "hf-eager"
@@ -88,9 +92,12 @@ class ComputeModel:
     mem_efficiency: float = 0.8
     flops_efficiency: float = 0.6
     source: str = ""
+    segment_s: float = 0.0
+    segments_per_layer: float = 0.0
+    segments_per_pass: float = 0.0
 
     def __post_init__(self):
-        for name in ("op_s", "sync_s", "wrapper_s", "copy_issue_s"):
+        for name in ("op_s", "sync_s", "wrapper_s", "copy_issue_s", "segment_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (0 <= value < 1e-1):
                 raise ValueError(f"ComputeModel.{name} must be seconds in [0, 0.1), got {value!r}")
@@ -105,7 +112,7 @@ class ComputeModel:
             raise ValueError(f"host scale factor must be positive, got {factor}")
         return replace(self, name=f"{self.name} (host x{factor:.3g})", op_s=self.op_s * factor,
                        sync_s=self.sync_s * factor, wrapper_s=self.wrapper_s * factor,
-                       copy_issue_s=self.copy_issue_s * factor)
+                       copy_issue_s=self.copy_issue_s * factor, segment_s=self.segment_s * factor)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +133,28 @@ COMPUTE_MODELS = {
         "roofline", op_s=0.0, sync_s=0.0, wrapper_s=0.0, copy_issue_s=0.0, mem_efficiency=1.0, flops_efficiency=1.0,
         source="hardware limits only: no host overhead, peak bandwidth and FLOP/s"),
 }
+
+
+COMPILED_FILE = Path(__file__).parent / "calibration" / "compiled_decode.json"  # benchmarks/compiled_decode.py
+
+
+def _compiled_model() -> ComputeModel | None:
+    """The "compiled" preset: hf-eager's constants, with the dense parts as the compiled segments measured per
+    MoE layer and per pass (the file), each charged an assumed host cost; None without the file."""
+    if not COMPILED_FILE.is_file():
+        return None
+    seg = read_json(COMPILED_FILE, what="compiled decode calibration")
+    return ComputeModel(
+        "compiled", segment_s=seg["assumed_segment_s"], segments_per_layer=seg["segments_per_layer"],
+        segments_per_pass=seg["segments_per_pass"],
+        source=f"hf-eager's constants for what stays eager (the runtime's experts calls, syncs); the dense parts as "
+        f"{seg['segments_per_layer']:.2f} compiled segments per MoE layer + {seg['segments_per_pass']:.0f} per pass "
+        f"(measured: {seg['command']}), each assumed {seg['assumed_segment_s'] * 1e6:.0f} us of host time (dynamo "
+        "guards + a CUDA-graph replay; an assumption until a GPU measures it)")
+
+
+if (_compiled := _compiled_model()) is not None:
+    COMPUTE_MODELS["compiled"] = _compiled
 
 
 @dataclass(frozen=True)
@@ -165,13 +194,15 @@ def pass_costs(shape: ModelShape, profile: HardwareProfile, model: ComputeModel,
                                2 * T * dense + 2 * head, profile, model)
     eff_bw = profile.memory_bytes_per_s * model.mem_efficiency
     eff_flops = profile.bf16_flops * model.flops_efficiency
+    compiled = model.segments_per_layer > 0  # the dense parts replay graphs; the experts calls stay eager
     return PassCosts(
-        host_layer=ops.layer * model.op_s,
+        host_layer=model.segments_per_layer * model.segment_s if compiled else ops.layer * model.op_s,
         dev_layer=dev_layer,
         host_experts=ops.experts * model.op_s,
         dev_expert=(shape.slot_bytes if shape.compression != "none" else shape.expert_bytes) / eff_bw,  # bytes read
         dev_expert_tokens=2 * shape.expert_params / eff_flops,
-        host_pass=(ops.per_pass + shape.dense_layers * ops.layer) * model.op_s + model.sync_s,
+        host_pass=(model.segments_per_pass * model.segment_s if compiled else
+                   (ops.per_pass + shape.dense_layers * ops.layer) * model.op_s) + model.sync_s,
         dev_pass=dev_pass,
         host_wrapper=ops.wrapper * model.op_s + model.wrapper_s + model.sync_s,
         host_predictor=ops.predictor * model.op_s,

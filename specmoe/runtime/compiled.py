@@ -1,0 +1,186 @@
+"""Compiled decode: the dense parts of each decode step as compiled graphs, the MoE experts calls between them.
+
+`SpeculativeMoE(..., compile=True)` installs a `CompiledDecode` on the model:
+
+- the model's `forward` becomes a dispatcher: a decode step (one new token per row, a static cache) runs
+  `torch.compile(forward)`; prefill and anything else run eagerly (prompts of every length would otherwise
+  each compile a graph);
+- each MoE layer's experts call is a graph break that the runtime owns (`hooks.ExpertsHook(graph_break=True)`
+  wraps it in `torch.compiler.disable`): the graphs end where the hot path starts and resume after it, so a
+  decode step is ``L + 1`` compiled segments (embeddings, attention, norms, routers, shared experts) with the
+  runtime's eager hot path between them;
+- `generate` gets a `transformers.StaticCache` kept by this object and reused (reset) across calls: its length
+  is a power of two >= `MIN_CACHE_LEN` that holds prompt + new tokens, so calls of other lengths replay the
+  same graphs; a longer call makes a longer cache (one recompilation, logged). Graph shapes are static
+  (``dynamic=False``): CUDA graphs on a GPU (``mode="reduce-overhead"``), inductor's C++ on a CPU.
+
+`stats()` reports what it cost: seconds spent in decode steps that compiled (the compile time), graphs
+compiled (torch's own `counters["stats"]["unique_graphs"]`), and decode steps run compiled / eager.
+
+What cannot work is refused with one line (`check_compilable`): encoder-decoder models (their cross-attention
+cache is built by `generate` from the encoder output, not by us), torch without `torch.compiler`.
+"""
+
+# Shape legend: B batch rows, T tokens per row, N static cache length
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MIN_CACHE_LEN = 256  # the shortest static cache made: generate calls up to this length share one set of graphs
+BACKENDS = ("inductor", "aot_eager", "eager")  # compile=True is "inductor"; the others check graphs cheaply
+_MISSING = object()
+
+
+def backend_name(compile) -> str | None:
+    """The torch.compile backend of an OffloadConfig.compile value (None: eager decode).
+
+    Raises:
+        ValueError: neither a bool nor one of `BACKENDS`.
+    """
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "inductor"
+    if isinstance(compile, str) and compile in BACKENDS:
+        return compile
+    raise ValueError(f"compile must be True, False or a backend name in {BACKENDS}, got {compile!r}")
+
+
+def check_compilable(model) -> None:
+    """Refuse, with one line, a model or torch where compiled decode cannot work.
+
+    Raises:
+        ValueError: an encoder-decoder model, or a torch without `torch.compiler.disable`.
+    """
+    if not hasattr(torch, "compiler") or not hasattr(torch.compiler, "disable"):
+        raise ValueError(f"compile=True needs torch >= 2.3 (torch.compiler.disable); this is torch {torch.__version__}")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"compile=True supports decoder-only models; {type(model).__name__} is encoder-decoder "
+                         "(generate builds its cross-attention cache from the encoder run); use compile=False")
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompiledDecode:
+    """Decode steps of `model` through `torch.compile`, prefill eager; installed on the model until `remove()`.
+
+    Args:
+        model: the (wrapped) transformers model; its experts calls must already be graph breaks.
+        num_layers: MoE layers (the decoder layers' forward is one code object compiled once per layer: the
+            recompile limit is raised to cover them, around the compiled calls only).
+        backend: a torch.compile backend name (`BACKENDS`).
+        device: the model's device: CUDA gets ``mode="reduce-overhead"`` (CUDA graphs).
+    """
+
+    def __init__(self, model, num_layers: int, backend: str = "inductor", device: torch.device | None = None):
+        check_compilable(model)
+        self.model = model
+        self.backend = backend
+        self.mode = "reduce-overhead" if device is not None and device.type == "cuda" and backend == "inductor" \
+            else None
+        self._own = model.__dict__.get("forward", _MISSING)  # an instance forward that was there (restored)
+        self._eager = model.forward
+        options = {"mode": self.mode} if self.mode else {}
+        self._compiled = torch.compile(self._eager, backend=backend, dynamic=False, fullgraph=False, **options)
+        import torch._dynamo.config as dynamo_config
+
+        limit = max(dynamo_config.recompile_limit, 2 * num_layers + 8)
+        self._limits = dict(recompile_limit=limit, accumulated_recompile_limit=max(
+            dynamo_config.accumulated_recompile_limit, 64 * limit))
+        if "nested_graph_breaks" in dynamo_config.get_config_copy():  # torch >= 2.9: the outer frames keep
+            self._limits["nested_graph_breaks"] = True  # tracing across an experts call (one break, not one per frame)
+        self._patch = dynamo_config.patch
+        params = inspect.signature(type(model).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: "cache"
+        self._cache = None
+        self._cache_key = None
+        self.compile_s = 0.0
+        self.graphs = 0
+        self.compiled_steps = 0
+        self.eager_steps = 0
+        model.forward = self._dispatch
+
+    # ---- the dispatcher ---------------------------------------------------------------------------------------
+    def _is_decode(self, kwargs) -> bool:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or not getattr(cache, "is_compileable", False):
+            return False
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        return ids is not None and ids.dim() >= 2 and ids.shape[1] == 1
+
+    def _dispatch(self, *args, **kwargs):
+        if not self._is_decode(kwargs):
+            self.eager_steps += 1
+            return self._eager(*args, **kwargs)
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        before = _graphs()
+        start = time.perf_counter()
+        with self._patch(**self._limits):
+            out = self._compiled(*args, **kwargs)
+        new = _graphs() - before
+        if new:  # this step compiled graphs: its time is the compile cost (plus one step)
+            self.graphs += new
+            self.compile_s += time.perf_counter() - start
+            logger.info("compiled decode: %d graph(s) in %.1f s (backend %s)", new, time.perf_counter() - start,
+                        self.backend)
+        self.compiled_steps += 1
+        return out
+
+    # ---- generate ----------------------------------------------------------------------------------------------
+    def generate_kwargs(self, args: tuple, kwargs: dict) -> dict:
+        """`kwargs` of a `generate` call with the static cache it decodes with (reused, reset) and transformers'
+        own compilation off (we compile); a cache or cache implementation the caller chose is left alone."""
+        if any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation")):
+            return kwargs
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            return kwargs
+        gen = kwargs.get("generation_config") or self.model.generation_config
+        new = kwargs.get("max_new_tokens", gen.max_new_tokens)
+        needed = ids.shape[1] + new if new is not None else kwargs.get("max_length", gen.max_length or 20)
+        length = MIN_CACHE_LEN
+        while length < needed:
+            length *= 2
+        key = (ids.shape[0], length)
+        if self._cache is None or self._cache_key[0] != key[0] or self._cache_key[1] < needed:
+            from transformers import StaticCache
+
+            if self._cache is not None:
+                logger.info("compiled decode: a new static cache (batch %d, length %d): its graphs compile once",
+                            *key)
+            self._cache = StaticCache(config=self.model.config, max_cache_len=length)
+            self._cache_key = key
+        else:
+            self._cache.reset()
+        out = dict(kwargs)
+        out[self.cache_kwarg] = self._cache
+        out["disable_compile"] = True  # transformers would compile __call__ itself on CUDA with a static cache
+        return out
+
+    def stats(self) -> dict:
+        return {"backend": self.backend, "mode": self.mode, "compile_s": self.compile_s, "graphs": self.graphs,
+                "compiled_steps": self.compiled_steps, "eager_steps": self.eager_steps}
+
+    def remove(self) -> None:
+        """Put the model's forward back as it was; the static cache is dropped."""
+        if self._own is _MISSING:
+            self.model.__dict__.pop("forward", None)
+        else:
+            self.model.forward = self._own
+        self._cache = None
