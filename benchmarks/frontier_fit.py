@@ -102,8 +102,10 @@ def markdown(data: dict) -> str:
     out += ["", f"**Simulated** (`specmoe plan` / `sim.plan.make_plan`, the runtime's scheduler on a clock): RTX 3090 "
             f"profile, {s['ram_gib']} GB RAM, disk {s['disk_gbps']} GB/s, routing {s['routing']}, {s['passes']} decode "
             "passes; `3090-box` = Ryzen 9 5950X + dual-channel DDR4-3200, `ddr5-desktop` = i9-13900K + dual-channel "
-            "DDR5-5600 (host profiles from spec sheets; host kernels at those profiles' rates, not kernels measured "
-            "here). Uniform routing has no locality: hit rates are a floor. Non-expert weights are bf16 on the GPU "
+            "DDR5-5600 (RAM bandwidth from spec sheets; host kernel rates: this project's AVX2 host kernel, "
+            "per thread as measured here, x 8 threads, `sim/calibration/host_kernels.json`; MXFP4 / GPTQ experts "
+            "are charged at its int4 rate and FP8 at its int8 rate, an assumption: the shipped host kernel does "
+            "not read those formats yet and dequantizes them in PyTorch). Uniform routing has no locality: hit rates are a floor. Non-expert weights are bf16 on the GPU "
             "(FP8 ones are dequantized on load), which is why DeepSeek-V3 does not fit a 24 GB card here.",
             "", "Published figures (not simulated; other engines, quantizations and machines):", ""]
     for model, figures in data["published"].items():
