@@ -99,6 +99,20 @@ def make_inputs(model, batch: int = 1, length: int = 6, seed: int = 1, left_pad:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def one_line_error(capsys, argv, *needles) -> str:
+    """Run the CLI on `argv`: it must exit 2 with a one-line error (no traceback) naming every needle."""
+    from specmoe.cli import main
+
+    capsys.readouterr()  # what came before
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
 def gpu_available() -> bool:
     return torch.cuda.is_available()
 

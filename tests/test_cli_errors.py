@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny, make_inputs
+from conftest import build_tiny, make_inputs, one_line_error
 
 from specmoe import SpeculativeMoE, __version__
 from specmoe.bench.compare import Schedule, run_schedule
@@ -17,28 +17,18 @@ from specmoe.predictors import PreGatePredictor
 from specmoe.sim.stream import RoutingStream
 
 
-def _one_line_error(capsys, argv, *needles):
-    capsys.readouterr()  # what came before
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
-
 
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
     missing = str(tmp_path / "missing")
-    _one_line_error(capsys, ["simulate", "--trace", missing], "specmoe simulate: error:", "not found")
-    _one_line_error(capsys, ["eval", missing, "--out", str(tmp_path / "e")], "specmoe eval: error:")
-    _one_line_error(capsys, ["train", missing, "--predictor", "history", "--out", str(tmp_path / "t")])
-    _one_line_error(capsys, ["bench", "--model", "/nonexistent", "--no-accelerate"], "/nonexistent")
-    _one_line_error(capsys, ["bench", "--capacities", "1.5"], "capacities")
-    _one_line_error(capsys, ["collect", "--model", "/nonexistent", "--out", str(tmp_path / "c")], "/nonexistent")
-    _one_line_error(capsys, ["demo", "--predictor", missing], "--predictor")
-    _one_line_error(capsys, ["generate", "--prompt", "x", "--predictor", missing], "--predictor")
-    _one_line_error(capsys, ["generate", "--prompt", "x", "--model", "no-such-org/no-such-model"], "no-such-org")
+    one_line_error(capsys, ["simulate", "--trace", missing], "specmoe simulate: error:", "not found")
+    one_line_error(capsys, ["eval", missing, "--out", str(tmp_path / "e")], "specmoe eval: error:")
+    one_line_error(capsys, ["train", missing, "--predictor", "history", "--out", str(tmp_path / "t")])
+    one_line_error(capsys, ["bench", "--model", "/nonexistent", "--no-accelerate"], "/nonexistent")
+    one_line_error(capsys, ["bench", "--capacities", "1.5"], "capacities")
+    one_line_error(capsys, ["collect", "--model", "/nonexistent", "--out", str(tmp_path / "c")], "/nonexistent")
+    one_line_error(capsys, ["demo", "--predictor", missing], "--predictor")
+    one_line_error(capsys, ["generate", "--prompt", "x", "--predictor", missing], "--predictor")
+    one_line_error(capsys, ["generate", "--prompt", "x", "--model", "no-such-org/no-such-model"], "no-such-org")
 
 
 def test_a_subprocess_shows_no_traceback_and_v_adds_it(tmp_path, capsys, caplog):
@@ -81,7 +71,7 @@ def test_every_option_of_every_command_has_help():
 def test_collect_checks_the_tokenizer_before_anything_else(tmp_path, capsys):
     build_tiny("qwen2_moe").save_pretrained(tmp_path / "model")  # no tokenizer files
     t0 = time.perf_counter()
-    _one_line_error(capsys, ["collect", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "t")],
+    one_line_error(capsys, ["collect", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "t")],
                     "no tokenizer files")
     assert time.perf_counter() - t0 < 5  # no text scanned
 

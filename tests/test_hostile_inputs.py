@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, one_line_error
 
 from specmoe import load_offloaded
-from specmoe.cli import main
 from specmoe.predictors import load_predictor, save_predictor
 from specmoe.runtime.checkpoint import SafetensorsCheckpoint
 from specmoe.traces.dataset import load_traces
@@ -23,16 +22,6 @@ from specmoe.traces.importers import import_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _one_line(capsys, argv, *needles):
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +80,8 @@ def test_a_manifest_cannot_name_files_outside_the_trace(tmp_path, field, value):
 
 
 def test_bench_and_simulate_names_stay_inside_out(tmp_path, capsys):
-    _one_line(capsys, ["bench", "--name", "../x", "--out", str(tmp_path / "b")], "--name")
-    _one_line(capsys, ["simulate", "--name", "../x", "--out", str(tmp_path / "s")], "--name")
+    one_line_error(capsys, ["bench", "--name", "../x", "--out", str(tmp_path / "b")], "--name")
+    one_line_error(capsys, ["simulate", "--name", "../x", "--out", str(tmp_path / "s")], "--name")
     assert not (tmp_path / "x.json").exists() and not list(tmp_path.iterdir())
 
 
@@ -147,7 +136,7 @@ def test_bad_safetensors_files_are_one_line_errors_in_every_command(saved_model,
                      ["collect", "--model", str(model), "--out", str(tmp_path / f"c{i}")],
                      ["simulate", "--predictors", "pregate", "--model", str(model), "--trace", str(trace),
                       "--shapes", "mixtral-8x7b", "--out", str(tmp_path / f"s{i}")]):
-            _one_line(capsys, argv, shard, needle)
+            one_line_error(capsys, argv, shard, needle)
 
 
 def _limited_files(max_bytes: int):
@@ -174,7 +163,7 @@ def test_a_full_disk_is_one_line(tmp_path, command):
 
 
 def test_collect_dtype_must_be_a_dtype(tmp_path, capsys):
-    _one_line(capsys, ["collect", "--dtype", "foo", "--out", str(tmp_path / "c")], "specmoe collect: error:",
+    one_line_error(capsys, ["collect", "--dtype", "foo", "--out", str(tmp_path / "c")], "specmoe collect: error:",
               "invalid choice: 'foo'")
 
 

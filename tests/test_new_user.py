@@ -9,22 +9,12 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, one_line_error
 
 from specmoe import cli
 from specmoe.cli import COMMANDS, build_parser, main
 from specmoe.runtime.capacity import parse_capacity, resolve_capacity
 
-
-def _one_line(capsys, argv, *needles):
-    capsys.readouterr()
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def _trace(tmp_path, layers=2):
@@ -83,7 +73,7 @@ def test_every_command_refuses_its_existing_outputs_before_any_work(tmp_path, ca
         out.mkdir()
         (out / output).write_text("mine")
         t0 = time.perf_counter()
-        _one_line(capsys, [*argv, "--out", str(out)], f"specmoe {name}: error:", "--overwrite")
+        one_line_error(capsys, [*argv, "--out", str(out)], f"specmoe {name}: error:", "--overwrite")
         assert time.perf_counter() - t0 < 5, name  # refused before loading anything
         assert (out / output).read_text() == "mine" and len(list(out.iterdir())) == 1, name
 
@@ -113,7 +103,7 @@ def test_train_with_overwrite_replaces_a_predictor_but_not_other_files(tmp_path,
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
-    _one_line(capsys, ["train", str(trace), "--predictor", "history", "--out", str(other), "--overwrite"],
+    one_line_error(capsys, ["train", str(trace), "--predictor", "history", "--out", str(other), "--overwrite"],
               "not a saved predictor")
 
 
@@ -122,9 +112,9 @@ def test_capacity_is_read_one_way_everywhere(capsys, caplog):
     assert [parse_capacity(t) for t in ("0.5", "96", "8GiB")] == [0.5, 96, "8GiB"]
     for argv in (["demo", "--capacity", "0"], ["generate", "--prompt", "x", "--capacity", "0"],
                  ["serve", "--capacity", "0"], ["bench", "--capacities", "0.5", "0"]):
-        err = _one_line(capsys, argv, "capacity '0': a slot count must be >= 1")
+        err = one_line_error(capsys, argv, "capacity '0': a slot count must be >= 1")
         assert "DemoConfig" not in err
-    _one_line(capsys, ["bench", "--capacities", "lots"], "capacity 'lots'", "8GiB")
+    one_line_error(capsys, ["bench", "--capacities", "lots"], "capacity 'lots'", "8GiB")
     with caplog.at_level(logging.WARNING, logger="specmoe.runtime.capacity"):
         assert resolve_capacity("999TiB", 2, 8, 1000) == 16
     assert "999TiB" in caplog.text and "all of them" in caplog.text  # said, not silently cut
@@ -143,23 +133,23 @@ def test_bench_takes_a_budget_as_the_fraction_it_comes_to(tmp_path):
 # ---- item 12: messages ------------------------------------------------------------------------------------------
 def test_messages_say_the_right_thing_once(tmp_path, capsys):
     trace = _trace(tmp_path)
-    err = _one_line(capsys, ["train", str(trace), "--predictor", "hidden", "--out", str(tmp_path / "h")])
+    err = one_line_error(capsys, ["train", str(trace), "--predictor", "hidden", "--out", str(tmp_path / "h")])
     assert err.count("specmoe train") == 1
-    _one_line(capsys, ["generate", "--model", "/etc", "--prompt", "x"], "no config.json")
+    one_line_error(capsys, ["generate", "--model", "/etc", "--prompt", "x"], "no config.json")
     model = tmp_path / "moe"
     build_tiny("mixtral").save_pretrained(model)  # no tokenizer files
-    _one_line(capsys, ["generate", "--model", str(model), "--prompt", "x"], "no tokenizer files")
+    one_line_error(capsys, ["generate", "--model", str(model), "--prompt", "x"], "no tokenizer files")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dense = tmp_path / "dense"
     AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, vocab_size=64)).save_pretrained(dense)
-    _one_line(capsys, ["generate", "--model", str(dense), "--prompt", "x"], "no MoE layers")  # not the tokenizer
+    one_line_error(capsys, ["generate", "--model", str(dense), "--prompt", "x"], "no MoE layers")  # not the tokenizer
     (model / "config.json").write_text("{corrupt")
-    _one_line(capsys, ["generate", "--model", str(model), "--prompt", "x"], str(model / "config.json"))
+    one_line_error(capsys, ["generate", "--model", str(model), "--prompt", "x"], str(model / "config.json"))
     (model / "config.json").unlink()
-    _one_line(capsys, ["simulate", "--out", str(tmp_path / "s"), "--capacities", "0.5", "--threads", "0"],
+    one_line_error(capsys, ["simulate", "--out", str(tmp_path / "s"), "--capacities", "0.5", "--threads", "0"],
               "--threads", ">= 1")
 
 
