@@ -23,13 +23,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..io import read_json, read_safetensors, write_json, write_safetensors
-from .policies import LRUPolicy, _lowest_allowed
+from .policies import ScoredPolicy
 
 POLICY_KIND = "learned-eviction"
 FORMAT_VERSION = 1
@@ -104,7 +103,7 @@ class MLPScorer:
         return np.tanh(x @ self._w1 + self._b1) @ self._w2 + self._b2
 
 
-class LearnedPolicy(LRUPolicy):
+class LearnedPolicy(ScoredPolicy):
     """Evict by the trained scorer's predictions of each resident expert's next use (see the module docstring).
 
     Rules (chosen at training, on the training routing's held-out tail):
@@ -206,21 +205,9 @@ class LearnedPolicy(LRUPolicy):
         experts = self.slot_expert
         steps = ((layers - self.layer - 1) % self.L) + 1 + self.ahead[layers, experts]
         score = -steps if self.rule == "farthest" else self.hit[layers, experts] / steps
-        slot_of = self.cache.slot_of
-        for key in self.predicted:
-            slot = slot_of.get(key)
-            if slot is not None:
-                score[slot] = np.inf
+        score = self._keep_predicted(score)
         score[~occupied] = np.inf
         return score
-
-    def victim(self, allowed: Callable[[int], bool]) -> int | None:
-        if self.layer is None:
-            return super().victim(allowed)
-        if self._score is None:
-            self._score = self._scores()
-        found = _lowest_allowed(self._score, allowed)
-        return found if found is not None else super().victim(allowed)
 
 
 def is_policy_dir(path) -> bool:

@@ -111,13 +111,42 @@ def _lowest_allowed(score: np.ndarray, allowed: Callable[[int], bool]) -> int | 
     return None
 
 
+class ScoredPolicy(LRUPolicy):
+    """LRU until bound and observing layers; then the victim is the allowed slot of the lowest score of the
+    current layer call (`_scores`, computed once per call: subclasses set `self._score = None` when it goes
+    stale), the oldest allowed slot when every allowed slot is kept (score inf). `_keep_predicted` gives the
+    slots of experts the predictor wants an infinite score."""
+
+    layer: int | None = None
+    _score: np.ndarray | None = None
+
+    def _scores(self) -> np.ndarray:  # [S] lowest evicted first, inf for kept slots
+        raise NotImplementedError
+
+    def _keep_predicted(self, score: np.ndarray) -> np.ndarray:
+        slot_of = self.cache.slot_of
+        for key in self.predicted:
+            slot = slot_of.get(key)
+            if slot is not None:
+                score[slot] = np.inf
+        return score
+
+    def victim(self, allowed: Callable[[int], bool]) -> int | None:
+        if self.layer is None:
+            return super().victim(allowed)
+        if self._score is None:
+            self._score = self._scores()
+        found = _lowest_allowed(self._score, allowed)
+        return found if found is not None else super().victim(allowed)  # only kept slots may go: the oldest
+
+
 # recency buckets: visits of a layer since the expert was last routed there (0: routed at the latest visit)
 _RECENCY_EDGES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _MAX_RECENCY = _RECENCY_EDGES[-1]
 _RECENCY_BUCKET = np.searchsorted(np.array(_RECENCY_EDGES), np.arange(_MAX_RECENCY + 1), side="right") - 1
 
 
-class HitDensityPolicy(LRUPolicy):
+class HitDensityPolicy(ScoredPolicy):
     """Evict the expert with the fewest expected hits per slot-step until its layer comes round again.
 
     At layer c, a resident expert of layer l is next needed d = (l - c - 1) % L + 1 layer steps ahead, at
@@ -253,20 +282,7 @@ class HitDensityPolicy(LRUPolicy):
         np.divide(self.hits, self.trials, out=ratio[:-1])  # the last entry, inf, is the empty slots' bucket
         layers = self.slot_layer
         score = ratio[self.bucket[layers, self.slot_expert]] / self._steps[self.layer][layers]  # empty slots: inf
-        slot_of = self.cache.slot_of
-        for key in self.predicted:
-            slot = slot_of.get(key)
-            if slot is not None:
-                score[slot] = np.inf
-        return score
-
-    def victim(self, allowed: Callable[[int], bool]) -> int | None:
-        if self.layer is None:
-            return super().victim(allowed)
-        if self._score is None:
-            self._score = self._scores()
-        found = _lowest_allowed(self._score, allowed)
-        return found if found is not None else super().victim(allowed)  # only kept slots may go: the oldest
+        return self._keep_predicted(score)
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "hit-density": HitDensityPolicy}
