@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -235,14 +234,10 @@ HOST_PROFILES: dict[str, HostProfile] = {p.name: p for p in (
 # ---- "this machine": measured -----------------------------------------------------------------------------
 def _median_time(fn, repeats: int) -> float:
     """Median seconds of `repeats` timed calls after one warm-up (the machine may be shared: the median, not
-    the fastest, is what a run of many calls sees)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    the fastest, is what a run of many calls sees), on the project's one clock (`measure.time_fn`)."""
+    from ..measure import time_fn
+
+    return time_fn(fn, "cpu", warmup=1, repeats=repeats)["median_us"] * 1e-6
 
 
 def measure_memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7, threads: int = 1) -> float:
