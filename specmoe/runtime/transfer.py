@@ -119,20 +119,26 @@ class ThreadedCopyEngine(CopyEngine):
     def ready(self, slot):
         return self._done[slot].is_set()
 
+    def _block(self, slot) -> float | None:
+        """Wait until the copy into `slot` has landed: the seconds waited, None if it already had."""
+        if self._done[slot].is_set():
+            return None
+        t0 = time.perf_counter()
+        self._done[slot].wait()
+        return time.perf_counter() - t0
+
     def wait(self, slots):
         for s in slots:
-            if not self._done[s].is_set():
-                t0 = time.perf_counter()
-                self._done[s].wait()
-                self.stall_s += time.perf_counter() - t0
+            waited = self._block(s)
+            if waited is not None:
+                self.stall_s += waited
                 self.waits += 1
         self._raise()
 
     def wait_host(self, slot):
-        if not self._done[slot].is_set():
-            t0 = time.perf_counter()
-            self._done[slot].wait()
-            self.host_wait_s += time.perf_counter() - t0
+        waited = self._block(slot)
+        if waited is not None:
+            self.host_wait_s += waited
             self.host_waits += 1
         self._raise()
 
