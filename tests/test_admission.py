@@ -56,3 +56,90 @@ def test_an_always_wrong_predictor_costs_decode_almost_nothing():
     guessed = simulate(stream, shape, PROFILES["rtx3090"], 0.3, candidates=wrong, **kw)
     assert guessed.prefetch_refused > 0 and guessed.prefetch_used == 0
     assert guessed.tok_s >= 0.99 * none.tok_s  # probes only: the predictor's host time at 1 call in 32
+
+
+# ---- misses="auto": copies of host-computed experts (REUSE) ----------------------------------------------------
+from specmoe.runtime.admission import ReuseByRecency  # noqa: E402
+from specmoe.sim.host import HostProfile  # noqa: E402
+from specmoe.sim.stream import RoutingStream  # noqa: E402
+import torch  # noqa: E402
+
+REUSE = PrefetchAdmission.REUSE
+
+
+def test_reuse_by_recency_is_the_hazard_of_the_gap():
+    rec = ReuseByRecency()
+    for v in range(200):  # expert 1 at odd visits, expert 2 at even ones: every gap is 2
+        rec.routed(0, [1] if v % 2 else [2])
+    rec.routed(0, [2])  # expert 2 again at once: one gap of 1
+    assert rec.p((0, 2)) < 0.05  # just routed: a gap of 1 is rare
+    assert rec.p((0, 1)) > 0.9  # routed one visit ago: the gap of 2 ends now
+    assert rec.p((0, 7)) < 0.05  # never routed: as long a gap as counted, which never ends
+
+
+def auto_admission(every: int, p_reuse: float = 0.4, calls: int = 200):
+    """misses="auto" admission where a REUSE copy lands in time (1 s, 4 layer calls of 0.5 s ahead), the host's
+    experts are reused at their next visit with frequency p_reuse, and one demand copy (1 s) would take the link
+    at every `every`-th call."""
+    adm = PrefetchAdmission(num_layers=4, copy_s=1.0, layer_s=0.5, late_ok=False, host_s=0.4)
+    for i in range(calls):
+        adm.watch((), [(0, 1)])
+        adm.routed(0, [1] if i % 20 < round(p_reuse * 20) else [2])
+        adm.call_done(0, 1, wanted=1 if i % every == 0 else 0)
+    return adm
+
+
+def test_a_reuse_copy_is_charged_its_victim_and_the_demand_copies_it_delays():
+    idle, busy = auto_admission(every=40), auto_admission(every=1)
+    assert idle.link_load() < 0.1 and busy.link_load() > 0.6
+    assert idle.admit(0, (0, 1), REUSE, 0, 0.0, victim=lambda: None)  # a free slot, an idle link: worth it
+    assert not busy.admit(0, (0, 1), REUSE, 0, 0.0, victim=lambda: None)  # it would push demand copies to the host
+    assert not idle.admit(0, (0, 1), REUSE, 0, 0.0, victim=lambda: False)  # no slot may go
+    hot = idle.recency
+    for _ in range(50):
+        hot.routed(3, [5])  # expert 5 of layer 3: routed at every visit
+    assert not idle.admit(0, (0, 1), REUSE, 0, 0.0, victim=lambda: (3, 5))  # its victim is needed more often
+    assert not idle.admit(0, (0, 1), REUSE, 0, 4.0, victim=lambda: None)  # behind 4 s of copies: lands too late
+
+
+def sticky_stream(shape, passes: int, stay: float, seed: int = 0) -> RoutingStream:
+    """Decode routing where each layer keeps its previous experts with probability `stay` per slot of top-k."""
+    g = torch.Generator().manual_seed(seed)
+    L, E, k = shape.moe_layers, shape.num_experts, shape.top_k
+    cur = [torch.randperm(E, generator=g)[:k].tolist() for _ in range(L)]
+    ids = []
+    for _ in range(passes):
+        for layer in range(L):
+            keep = [e for e in cur[layer] if torch.rand(1, generator=g).item() < stay]
+            rest = [e for e in torch.randperm(E, generator=g).tolist() if e not in keep]
+            cur[layer] = keep + rest[: k - len(keep)]
+        ids.append([list(row) for row in cur])
+    return RoutingStream.from_sequences(torch.tensor(ids), num_experts=E)  # one sequence, [N, L, k]
+
+
+def test_auto_keeps_what_the_host_computed_where_the_link_idles():
+    """Mixtral int4 at a capacity near its fit: the host computes the few misses, their copies land in time on a
+    link that idles, and the cache learns (before, admission refused them all and auto fell below fetch)."""
+    shape = ModelShape.from_name("mixtral-8x7b").compressed("int4-g128")
+    stream = sticky_stream(shape, passes=60, stay=0.8)
+    kw = dict(ops=OPS, policy="lru", warmup_passes=10)
+    host = HostProfile.from_name("3090-box")
+    fetch = simulate(stream, shape, PROFILES["rtx3090"], 0.85, **kw)
+    auto = simulate(stream, shape, PROFILES["rtx3090"], 0.85, misses="auto", host=host, **kw)
+    assert auto.reuse_issued > 0 and auto.reuse_issued == auto.prefetch_issued  # no predictor: all are REUSE
+    assert 0 < auto.reuse_used <= auto.prefetch_used
+    assert auto.tok_s >= fetch.tok_s
+
+
+def test_reuse_copies_that_would_crowd_demand_copies_are_refused(monkeypatch):
+    """DeepSeek-V2-Lite at 0.1: demand copies keep the link busy; admitting every REUSE copy that lands in time
+    (the rule's link and victim terms at 0) is slower than the rule."""
+    shape = ModelShape.from_name("deepseek-v2-lite")
+    stream = sticky_stream(shape, passes=40, stay=0.3)
+    kw = dict(ops=OPS, policy="lru", warmup_passes=8, misses="auto", host=HostProfile.from_name("3090-box"))
+    rule = simulate(stream, shape, PROFILES["rtx3090"], 0.1, **kw)
+    monkeypatch.setattr(PrefetchAdmission, "link_load", lambda self: 0.0)
+    monkeypatch.setattr(ReuseByRecency, "p", lambda self, key: 0.0)
+    every = simulate(stream, shape, PROFILES["rtx3090"], 0.1, **kw)
+    assert every.reuse_issued > 10 * max(rule.reuse_issued, 1)
+    assert rule.tok_s > every.tok_s

@@ -13,8 +13,17 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
   p_r >= q. One that does not fit takes link time from demand copies: with misses="fetch" it is admitted when
   it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), with
   "auto"/"host" never (the host computes the miss meanwhile, beside the device);
-- experts computed on the host with misses="auto" are queued for copying too (so they are resident the next
-  time); their p is the calibrated chance that such an expert is routed at its layer's next visit.
+- experts computed on the host with misses="auto" are queued for copying too (REUSE copies: resident the next
+  time). Each lands long before its layer's next visit, so what it costs is the slot and the link: it is
+  admitted when p >= q_v + rho. p is the calibrated chance that such an expert is routed at its layer's next
+  visit; q_v that of the victim the policy would evict for it (0 for a free slot), from the victim's recency
+  (`ReuseByRecency`: visits of its layer since it was last routed, the hazard of that gap counted online); rho
+  the link's load, the share of each call's period that demand copies would take on an idle link: a copy
+  holding the link delays the demand copies due meanwhile, which the host then computes or compute waits for.
+  All three are in units of one miss. Where demand copies keep the link busy (DeepSeek-V2-Lite's small experts
+  at low capacity: rho about 0.8) they are refused: admitted anyway, they pushed the demand copies onto the
+  host, which became the bottleneck. Where the link idles beside the host (Mixtral int4 at max fit: rho below
+  0.1) they are admitted, and the cache learns what the host computed.
 
 The predictor itself runs only while its admitted copies are expected to save more than its own host time
 (`predict_s`, per call) and some rank could pass; else at probe calls. Costs (`copy_s`, `layer_s`: seconds
@@ -27,6 +36,47 @@ positive `layer_s` there is no admission: every candidate is prefetched, as befo
 from __future__ import annotations
 
 Key = tuple[int, int]  # (layer, expert)
+
+
+class ReuseByRecency:
+    """The chance that an expert is routed at its layer's next visit given its recency r (visits of its layer since
+    it was last routed there: 0 = at the latest), counted online from the routing itself: the hazard of the gap
+    between two visits that route it, P(gap = r + 1 | gap > r), from a histogram of gaps (capped at G), with one
+    pseudo-count of the prior 1 / (r + 2) (the longer unused, the less likely next; never routed: r = G - 2)."""
+
+    G = 64
+
+    def __init__(self) -> None:
+        self.visits: dict[int, int] = {}  # layer -> visits so far
+        self.last: dict[int, dict[int, int]] = {}  # layer -> expert -> the visit that last routed it
+        self.gaps = [0] * (self.G + 1)  # [G + 1] gaps seen (index G: G or more)
+        self._tail: list[int] | None = None  # [G + 2] suffix sums of gaps (made again after REFRESH visits)
+        self._stale = 0
+
+    REFRESH = 256
+
+    def routed(self, layer: int, routed) -> None:
+        v = self.visits[layer] = self.visits.get(layer, 0) + 1
+        last, gaps, G = self.last.setdefault(layer, {}), self.gaps, self.G
+        for e in routed:
+            u = last.get(e)
+            if u is not None:
+                gaps[min(v - u, G)] += 1
+            last[e] = v
+        self._stale += 1
+
+    def p(self, key: Key) -> float:
+        """P(`key` is routed at its layer's next visit), from its recency (never routed: the longest)."""
+        layer, e = key
+        u = self.last.get(layer, {}).get(e)
+        r = self.G - 2 if u is None else min(self.visits[layer] - u, self.G - 2)  # index G lumps the longest gaps
+        if self._tail is None or self._stale >= self.REFRESH:
+            tail, acc = [0] * (self.G + 2), 0
+            for g in range(self.G, -1, -1):
+                acc += self.gaps[g]
+                tail[g] = acc
+            self._tail, self._stale = tail, 0
+        return (self.gaps[r + 1] + 1 / (r + 2)) / (self._tail[r + 1] + 1)  # prior: a hazard of 1 / (r + 2)
 
 
 class PrefetchAdmission:
@@ -52,19 +102,26 @@ class PrefetchAdmission:
         self.used = [0] * (ranks + 1)  # [R + 1] candidates routed at their target (index R: REUSE)
         self.seen = [0] * (ranks + 1)
         self.victim_reused = self.victims = 0
+        self.recency = None if late_ok else ReuseByRecency()  # per-victim reuse (misses="auto"/"host")
         self._watch: dict[int, list[tuple[int, int]]] = {}  # target layer -> [(expert, rank index)]
         self._victims: dict[int, list[int]] = {}  # layer -> experts evicted for a prefetch, not yet revisited
         self.period = layer_s  # seconds per MoE layer call (moving average of what the calls needed)
         self.demand = 0.0  # link seconds of demand copies per call (moving average)
+        self.wanted = 0.0  # link seconds per call that demand copies would take on an idle link (misses="auto")
+        self._settled = 1.0  # (1 - smoothing) ** calls done: `wanted`'s start-up bias (it starts at 0)
         self.admitted = self.refused = 0
         self._every = self._wait = self.PROBE  # calls between probes, and until the next
         self._expected = 0.0  # sum of p over the copies admitted in the current pump
         self._best = 0.5  # the highest p among the ranks seen (the prior before any)
 
-    def call_done(self, fetched: int, on_host: int) -> None:
+    def call_done(self, fetched: int, on_host: int, wanted: int | None = None) -> None:
         """A layer call fetched `fetched` experts on demand and computed `on_host` on the host: its length is at
-        least the device's layer, the demand copies in a row, and the host's experts."""
+        least the device's layer, the demand copies in a row, and the host's experts. `wanted`: how many of its
+        misses an idle link would have fetched (misses="auto": some went to the host only because copies were
+        queued; default `fetched`)."""
         demand = fetched * self.copy_s
+        self.wanted += self.smoothing * ((fetched if wanted is None else wanted) * self.copy_s - self.wanted)
+        self._settled *= 1.0 - self.smoothing
         t = max(self.layer_s, demand)
         if on_host and self.host_s is not None:
             t = max(t, self.host_call_s + on_host * self.host_s)
@@ -82,6 +139,8 @@ class PrefetchAdmission:
 
     def routed(self, layer: int, routed: list[int]) -> None:
         """Layer `layer` was just routed to `routed`: settle the candidates and victims that waited for it."""
+        if self.recency is not None:
+            self.recency.routed(layer, routed)
         watched = self._watch.pop(layer, None)
         victims = self._victims.pop(layer, None)
         if watched is None and victims is None:
@@ -146,9 +205,19 @@ class PrefetchAdmission:
     def q(self) -> float:
         return (self.victim_reused + 1) / (self.victims + 2)
 
-    def admit(self, layer: int, key: Key, rank: int, n: int, backlog_s: float) -> bool:
-        """Whether to copy `key` (rank `rank`) now, at layer `layer`'s call, with `n` copies admitted before it
-        in this pump and `backlog_s` of copies queued on the link."""
+    def link_load(self) -> float:
+        """rho: the share of the link that demand copies would take on an idle link (moving averages; it does not
+        fall when queued copies push misses to the host). A copy that holds the link for copy_s delays the demand
+        copies due meanwhile by about rho x copy_s; under misses="auto" each one so delayed is computed on the
+        host instead, or waited for: rho of a miss's cost."""
+        if self._settled > 0.99:
+            return 1.0  # no call done yet: nothing known of the demand, so no copy is taken to be free
+        return min(1.0, self.wanted / (1.0 - self._settled) / self.period)
+
+    def admit(self, layer: int, key: Key, rank: int, n: int, backlog_s: float, victim=None) -> bool:
+        """Whether to copy `key` (rank `rank`, or REUSE) now, at layer `layer`'s call, with `n` copies admitted
+        before it in this pump and `backlog_s` of copies queued on the link. `victim()`, where given, says what the
+        copy would evict: None (a free slot), a key, or False (no slot may go); not given: the calibrated q."""
         copy = self.copy_s
         d = (key[0] - layer) % self.L or self.L  # layer calls until its use
         # link time left idle before the target call: d periods, less what is queued and the demand copies
@@ -156,7 +225,16 @@ class PrefetchAdmission:
         p, q = self.p(rank), self.q()
         if not self.late_ok:  # misses go to the host: a copy is worth it only if it lands before its use (demand
             # copies behind it are few, and split_misses sends them to the host when the link is busy)
-            ok = backlog_s + (n + 1) * copy <= d * self.period and p >= (1 + q) / 2 + self.MARGIN
+            ok = backlog_s + (n + 1) * copy <= d * self.period
+            if rank == self.REUSE and ok:  # an expert the host just computed, resident at its layer's next visit:
+                # it saves p misses, its own victim costs that one's chance of reuse, and the demand copies it
+                # delays rho (all in units of a miss's cost)
+                if victim is not None:  # else the policy's victims' calibrated q
+                    out = victim()
+                    q = 1.0 if out is False else 0.0 if out is None else self.recency.p(out)
+                ok = p >= q + self.link_load()
+            else:
+                ok = ok and p >= (1 + q) / 2 + self.MARGIN
         elif copy <= d * self.period - backlog_s - d * self.demand - n * copy:
             ok = p >= q  # lands in time on a link that would idle: it costs the slot it evicts
         else:  # it takes link time from demand copies: a used copy saves one, a wasted one costs one and a slot

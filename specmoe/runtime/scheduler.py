@@ -124,6 +124,7 @@ class Scheduler:
         self._predicted: set[Key] = set()  # what the latest prediction wants kept
         self._inflight: set[int] = set()  # slots with a prefetch copy that may not have landed
         self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
+        self._reused: set[int] = set()  # of those, copies of experts the host computed (`_split`)
         self._in_use: set[int] = set()  # slots the layer being computed reads
         self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
         self._bind_filters()
@@ -179,7 +180,8 @@ class Scheduler:
 
     def reset(self) -> None:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
-        for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._in_use):
+        for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._reused,
+                          self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
         self._rank.clear()
@@ -233,7 +235,9 @@ class Scheduler:
         elif plan.next >= len(device):  # the last chunk's compute is issued
             plan.done = True
             if self.admission is not None:
-                self.admission.call_done(self._call_fetched, len(plan.host))
+                wanted = self._call_wanted
+                self.admission.call_done(self._call_fetched, len(plan.host),
+                                         None if wanted is None else max(wanted, self._call_fetched))
             if plan.single:
                 if self._queue:
                     self.pump()  # the slots just computed on are still in use: no prefetch evicts them
@@ -254,6 +258,7 @@ class Scheduler:
         self._guessing = bool(candidates)
         self._layer = layer
         self._call_fetched = 0
+        self._call_wanted = None  # misses an idle link would have fetched, where copies were queued (`_split`)
         adm = self.admission
         if adm is not None:
             adm.routed(layer, routed)
@@ -287,9 +292,10 @@ class Scheduler:
         missing = [e for e in routed if (layer, e) not in slot_of]
         if not missing:
             return routed, []
-        backlog = self._backlog
-        _, host = split_misses(missing, tokens, self.misses, self.miss_costs,
-                               copy_backlog_s=backlog() if backlog is not None else 0.0)
+        backlog = self._backlog() if self._backlog is not None else 0.0
+        _, host = split_misses(missing, tokens, self.misses, self.miss_costs, copy_backlog_s=backlog)
+        if backlog > 0 and self.admission is not None:  # what an idle link would have fetched (its load)
+            self._call_wanted = len(missing) - len(split_misses(missing, tokens, self.misses, self.miss_costs)[1])
         if not host:
             return routed, []
         stats = self.stats[layer]
@@ -311,7 +317,7 @@ class Scheduler:
         in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
         inflight = self._inflight
         slots = []
-        hits = in_flight = used = misses = 0
+        hits = in_flight = used = reused = misses = 0
         for e in experts:
             slot = slot_of.get(keys[e])
             if slot is None:
@@ -331,6 +337,9 @@ class Scheduler:
                 if slot in prefetched:
                     del prefetched[slot]
                     used += 1
+                    if slot in self._reused:
+                        self._reused.discard(slot)
+                        reused += 1
                 touch(slot)
             slots.append(slot)
         in_use.update(slots)
@@ -339,6 +348,7 @@ class Scheduler:
             stats.hits += hits
             stats.hits_in_flight += in_flight
             stats.prefetch_used += used
+            stats.reuse_used += reused
         if misses:
             self._call_fetched += misses
             stats.misses += misses
@@ -374,7 +384,7 @@ class Scheduler:
             if key in slot_of:
                 continue
             if adm is not None:
-                if not adm.admit(layer, key, rank.get(key, adm.REUSE), n, link_s):
+                if not adm.admit(layer, key, rank.get(key, adm.REUSE), n, link_s, self._victim):
                     self.stats[key[0]].prefetch_refused += 1
                     continue
                 n += 1
@@ -387,10 +397,21 @@ class Scheduler:
             stats = self.stats[key[0]]
             stats.prefetch_issued += 1
             stats.bytes_moved += self.copy_bytes
+            if not self._guessing:  # no prediction: the queue holds the experts `_split` sent to the host
+                stats.reuse_issued += 1
+                self._reused.add(slot)
         if adm is not None and self._guessing:
             adm.pumped(adm._expected)
         if self._read_ahead is not None:  # a file-backed store reads the waiting candidates from disk meanwhile
             self._read_ahead(queue[::-1])
+
+    def _victim(self):
+        """What a prefetch issued now would evict: None (a free slot), the policy's victim's key, or False."""
+        cache = self.cache
+        if len(cache.slot_of) < self.num_slots:
+            return None
+        slot = cache.policy.victim(self._evictable_for_guess)
+        return False if slot is None else cache.key_of[slot]
 
     def _link_backlog(self) -> float:
         """Seconds of copies queued on the link: the engine's own figure where it keeps one (the simulator's
@@ -427,6 +448,7 @@ class Scheduler:
             self.admission.evicted(got[1])
         wasted = self._prefetched.pop(slot, None)
         if wasted is not None:
+            self._reused.discard(slot)
             self.stats[wasted[0]].prefetch_wasted += 1
         self.engine.copy_in(slot, key, demand)
         self._copying.add(slot)
