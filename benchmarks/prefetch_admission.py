@@ -3,9 +3,10 @@
 Each trace is split by sequence as `benchmarks/real_routing.py` does (seeded 80/10/10, or with fewer than 3
 sequences the longest trains; history and interlayer fitted on the training sequences), and its held-out decode is simulated for every capacity x policy x misses mode x
 predictor: "none", the oracle and the trained routing-only predictors. All figures are simulated (hardware and host
-profiles, the trace's matching model shape; `--compression` for a compressed shape); prefetch counters say what was
-copied ("issued"), used before eviction ("used", the hits on copies in flight among them), and refused by
-admission ("refused": candidates not resident that were not copied).
+profiles, the trace's matching model shape; `--compression` for a compressed shape). The predictor's own copies
+("issued", "used" before eviction, "refused" by admission) are counted apart from the copies of host-computed
+experts (misses="auto", `Stats.reuse_issued` / `reuse_used`), and hits on copies still in flight apart from hits
+on resident experts.
 
     specmoe import-routing moe-beyond /work/traces/eamc --max-sequences 120 --out /tmp/deepseek
     python benchmarks/prefetch_admission.py /tmp/deepseek --capacities 0.1 0.25 0.5 --max-fit
@@ -89,10 +90,13 @@ def run_trace(directory: Path, args) -> list[dict]:
                         r = simulate(stream, shape, profile, cap, ops=ops, policy=policy, misses=misses,
                                      host=host if misses != "fetch" else None, warmup_passes=args.warmup,
                                      context=args.context, **kw)
-                        row["runs"][pred] = {"tok_s": r.tok_s, "hit_rate": r.hit_rate, "hits_in_flight": r.hits_in_flight,
+                        row["runs"][pred] = {"tok_s": r.tok_s, "hit_rate": r.hit_rate, "hits": r.hits,
+                                             "hits_in_flight": r.hits_in_flight, "misses": r.misses,
                                              "prefetch_issued": r.prefetch_issued, "prefetch_used": r.prefetch_used,
                                              "prefetch_refused": r.prefetch_refused,
                                              "prefetch_precision": r.prefetch_precision,
+                                             "reuse_issued": r.reuse_issued, "reuse_used": r.reuse_used,
+                                             "reuse_refused": r.reuse_refused,
                                              "host_computed": r.host_computed}
                     rows.append(row)
                     print(label, policy, misses, {p: round(v["tok_s"], 2) for p, v in row["runs"].items()},
@@ -100,11 +104,19 @@ def run_trace(directory: Path, args) -> list[dict]:
     return rows
 
 
+def predicted(run: dict) -> str:
+    """A predictor's own copies: issued / used / refused (REUSE copies, of host-computed experts, apart)."""
+    return (f"{run['prefetch_issued'] - run.get('reuse_issued', 0)} / {run['prefetch_used'] - run.get('reuse_used', 0)}"
+            f" / {run['prefetch_refused'] - run.get('reuse_refused', 0)}")
+
+
 def markdown(result: dict) -> str:
     preds = result["settings"]["predictors"]
+    guessing = [p for p in preds if p != "none"]
     lines = ["| shape | capacity | policy | misses | " + " | ".join(f"{p} tok/s" for p in preds) +
-             " | prefetches issued / used / refused (" + ", ".join(p for p in preds if p != "none") + ") |",
-             "|---|---|---|---|" + "---:|" * len(preds) + "---|"]
+             " | predicted copies issued / used / refused (" + ", ".join(guessing) + ") | copies of host-computed "
+             "experts issued / used / refused (" + ", ".join(preds) + ") | hits on copies in flight (" + ", ".join(preds) + ") |",
+             "|---|---|---|---|" + "---:|" * len(preds) + "---|---|---|"]
     for row in result["rows"]:
         runs = row["runs"]
         best_none = runs.get("none", {}).get("tok_s")
@@ -114,16 +126,23 @@ def markdown(result: dict) -> str:
             below = best_none is not None and p != "none" and round(v, 2) < round(best_none, 2)
             mark = " (below none)" if below else ""
             cells.append(f"{v:.2f}{mark}")
-        counts = ", ".join(f"{runs[p]['prefetch_issued']} / {runs[p]['prefetch_used']} / {runs[p]['prefetch_refused']}"
-                           for p in preds if p != "none")
+        counts = ", ".join(predicted(runs[p]) for p in guessing)
+        reuse = ("—" if row["misses"] == "fetch" else
+                 ", ".join(f"{runs[p].get('reuse_issued', 0)} / {runs[p].get('reuse_used', 0)} / "
+                           f"{runs[p].get('reuse_refused', 0)}" for p in preds))
+        late = ", ".join(str(runs[p]["hits_in_flight"]) for p in preds)
         lines.append(f"| {row['shape']} | {row['capacity_label']} | {row['policy']} | {row['misses']} | "
-                     + " | ".join(cells) + f" | {counts} |")
+                     + " | ".join(cells) + f" | {counts} | {reuse} | {late} |")
     s = result["settings"]
     lines += ["", f"Simulated decode (not measured on a GPU) on {s['profile']} with host {s['host']}, held-out "
               f"sequences of each trace (seed {s['seed']}), first {s['max_passes']} steps, warm-up {s['warmup']} "
-              f"excluded; prefetch admission on (`runtime/admission.py`). 'used' counts prefetches routed to before "
-              f"eviction (hits on copies still in flight among them); 'refused': candidates admission did not copy. "
-              f"git {result['environment'].get('git_sha')}."]
+              f"excluded; prefetch admission on (`runtime/admission.py`). *Predicted copies*: the predictor's "
+              f"candidates copied ahead of their use ('used': routed to before eviction; 'refused': candidates not "
+              f"resident that admission did not copy). *Copies of host-computed experts* (misses=auto only, at "
+              f"calls without a prediction, in every predictor's row: no predictor is involved): experts the host "
+              f"just computed, copied so that they are resident at their layer's next visit. *Hits on copies in "
+              f"flight*: routed experts whose copy had not landed (compute waited for it), counted apart from hits "
+              f"on resident experts. git {result['environment'].get('git_sha')}."]
     return "\n".join(lines) + "\n"
 
 

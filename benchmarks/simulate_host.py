@@ -106,16 +106,23 @@ def markdown(result: dict) -> str:
                          f"{r['tok_s']:.1f}", f"{r['tok_s'] / r['unwrapped_tok_s']:.2f}",
                          f"{r['tok_s'] / base:.2f}" if base else None,
                          f"{(r['misses'] - r['host_computed']) / per_tok:.2f} / {r['host_computed'] / per_tok:.2f}",
+                         f"{(r['prefetch_issued'] - r.get('reuse_issued', 0)) / per_tok:.2f} / "
+                         f"{r.get('reuse_issued', 0) / per_tok:.2f}",
+                         f"{r['hits_in_flight'] / per_tok:.2f}",
                          f"{r['bytes_moved'] / per_tok / 2**20:.0f}", f"{r['bound_tok_s']:.1f}"])
         r0 = runs[0]
         out += [f"*{case}* ({r0['shape']}, {r0['passes_replayed']} passes, {r0['warmup_passes']} of them warm-up; "
                 f"all-resident {r0['unwrapped_tok_s']:.1f} tok/s, simulated)", "",
                 markdown_table(["capacity", "placement", "misses", "tok/s", "× all-resident", "× fetch",
-                                "misses/token fetched / host", "MiB moved/token", "host bound tok/s"], rows), ""]
+                                "misses/token fetched / host", "copies ahead/token predicted / host-computed",
+                                "hits in flight/token", "MiB moved/token", "host bound tok/s"], rows), ""]
     anchors = "; ".join(f"{a['what']}: {a['tok_s']:g} tok/s ({a['source']})" for a in result["anchors"])
     env = result["environment"]
     out += [f"**Simulated**: GPU `{result['gpu']['name']}`, host `{result['host']['name']}` "
             f"({result['host']['description']}). Published anchor beside it, not simulated: {anchors}. "
+            "*Copies ahead*: the predictor's prefetches, and copies of experts the host just computed (misses=auto, "
+            "calls without a prediction: resident at their layer's next visit); *hits in flight*: routed experts "
+            "whose copy had not landed (counted apart from hits on resident experts). "
             "Host bound: max(device compute, copied bytes / bandwidth, host compute) for Belady-with-bypass misses "
             f"split at best between link and host. git {env['git_sha']}, {env['date']}."]
     return "\n".join(out)

@@ -22,7 +22,7 @@ from specmoe.sim.stream import RoutingStream
 
 OPS = OpCounts(layer=80, experts=24, per_pass=60, wrapper=12, predictor=12)
 COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
-            "prefetch_refused")
+            "prefetch_refused", "reuse_issued", "reuse_used", "reuse_refused")
 NEW_TOKENS = 6
 
 

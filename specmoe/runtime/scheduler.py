@@ -385,7 +385,10 @@ class Scheduler:
                 continue
             if adm is not None:
                 if not adm.admit(layer, key, rank.get(key, adm.REUSE), n, link_s, self._victim):
-                    self.stats[key[0]].prefetch_refused += 1
+                    stats = self.stats[key[0]]
+                    stats.prefetch_refused += 1
+                    if not self._guessing:
+                        stats.reuse_refused += 1
                     continue
                 n += 1
             slot = self._take_slot(key, False)

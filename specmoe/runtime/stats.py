@@ -16,7 +16,8 @@ class LayerStats:
     prefetch_wasted: int = 0  # prefetched experts evicted without being used
     prefetch_refused: int = 0  # candidates not resident that admission did not copy (`runtime.admission`)
     reuse_issued: int = 0  # of prefetch_issued, copies of experts just computed on the host (misses="auto", no
-    reuse_used: int = 0  # prediction): kept for their layer's next visit; of prefetch_used, those routed to
+    reuse_used: int = 0  # prediction): kept for their layer's next visit; of prefetch_used, those routed to;
+    reuse_refused: int = 0  # of prefetch_refused, those that admission did not copy
     bytes_moved: int = 0  # host -> device, demand and prefetch
 
     def add(self, other: "LayerStats") -> None:
@@ -54,6 +55,7 @@ class Stats:
     prefetch_refused = property(lambda self: self.total.prefetch_refused)
     reuse_issued = property(lambda self: self.total.reuse_issued, doc="of prefetch_issued, copies of host-computed experts")
     reuse_used = property(lambda self: self.total.reuse_used, doc="of prefetch_used, those of host-computed experts")
+    reuse_refused = property(lambda self: self.total.reuse_refused, doc="of prefetch_refused, host-computed experts")
     bytes_moved = property(lambda self: self.total.bytes_moved, doc="host -> device bytes, all layers")
 
     @property
@@ -115,7 +117,7 @@ class Stats:
             f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted, "
             f"{t.prefetch_refused} refused by admission "
             f"(precision {self.prefetch_precision:.3f}); of them copies of host-computed experts: "
-            f"{t.reuse_issued} issued, {t.reuse_used} used",
+            f"{t.reuse_issued} issued, {t.reuse_used} used, {t.reuse_refused} refused",
             f"moved {t.bytes_moved / 2**20:.1f} MiB host->device; compute stalled {self.stall_s * 1e3:.2f} ms "
             f"in {self.stall_waits} waits, the host blocked {self.host_stall_s * 1e3:.2f} ms on copies in "
             f"{self.host_stall_waits} waits; {self.host_syncs} host syncs over {self.layer_calls} layer calls",
