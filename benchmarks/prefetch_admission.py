@@ -138,9 +138,10 @@ def markdown(result: dict) -> str:
               f"sequences of each trace (seed {s['seed']}), first {s['max_passes']} steps, warm-up {s['warmup']} "
               f"excluded; prefetch admission on (`runtime/admission.py`). *Predicted copies*: the predictor's "
               f"candidates copied ahead of their use ('used': routed to before eviction; 'refused': candidates not "
-              f"resident that admission did not copy). *Copies of host-computed experts* (misses=auto only, at "
-              f"calls without a prediction, in every predictor's row: no predictor is involved): experts the host "
-              f"just computed, copied so that they are resident at their layer's next visit. *Hits on copies in "
+              f"resident that admission did not copy). *Copies of host-computed experts* (misses=auto only, in every "
+              f"predictor's row; no predictor chooses them): experts the host just computed, copied behind the "
+              f"predictor's candidates so that they are resident at their layer's next visit, where admission finds "
+              f"them worth their victim and the link time they take from demand copies. *Hits on copies in "
               f"flight*: routed experts whose copy had not landed (compute waited for it), counted apart from hits "
               f"on resident experts. git {result['environment'].get('git_sha')}."]
     return "\n".join(lines) + "\n"

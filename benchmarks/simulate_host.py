@@ -120,8 +120,8 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     out += [f"**Simulated**: GPU `{result['gpu']['name']}`, host `{result['host']['name']}` "
             f"({result['host']['description']}). Published anchor beside it, not simulated: {anchors}. "
-            "*Copies ahead*: the predictor's prefetches, and copies of experts the host just computed (misses=auto, "
-            "calls without a prediction: resident at their layer's next visit); *hits in flight*: routed experts "
+            "*Copies ahead*: the predictor's prefetches, and copies of experts the host just computed (misses=auto: "
+            "resident at their layer's next visit, where admission finds them worth their victim and link time); *hits in flight*: routed experts "
             "whose copy had not landed (counted apart from hits on resident experts). "
             "Host bound: max(device compute, copied bytes / bandwidth, host compute) for Belady-with-bypass misses "
             f"split at best between link and host. git {env['git_sha']}, {env['date']}."]

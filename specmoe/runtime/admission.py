@@ -13,17 +13,18 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
   p_r >= q. One that does not fit takes link time from demand copies: with misses="fetch" it is admitted when
   it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), with
   "auto"/"host" never (the host computes the miss meanwhile, beside the device);
-- experts computed on the host with misses="auto" are queued for copying too (REUSE copies: resident the next
-  time). Each lands long before its layer's next visit, so what it costs is the slot and the link: it is
-  admitted when p >= q_v + rho. p is the calibrated chance that such an expert is routed at its layer's next
-  visit; q_v that of the victim the policy would evict for it (0 for a free slot), from the victim's recency
-  (`ReuseByRecency`: visits of its layer since it was last routed, the hazard of that gap counted online); rho
-  the link's load, the share of each call's period that demand copies would take on an idle link: a copy
-  holding the link delays the demand copies due meanwhile, which the host then computes or compute waits for.
-  All three are in units of one miss. Where demand copies keep the link busy (DeepSeek-V2-Lite's small experts
-  at low capacity: rho about 0.8) they are refused: admitted anyway, they pushed the demand copies onto the
-  host, which became the bottleneck. Where the link idles beside the host (Mixtral int4 at max fit: rho below
-  0.1) they are admitted, and the cache learns what the host computed.
+- experts computed on the host with misses="auto" are queued for copying too, behind the candidates (REUSE
+  copies: resident at their layer's next visit). One lands long before that visit, so what it costs is the
+  slot and the link: it is admitted when p >= q_v + rho, all three in units of one miss. p is the calibrated
+  chance that such an expert is routed at its layer's next visit; q_v that of the victim the policy would
+  evict for it (0 for a free slot), from the victim's recency (`ReuseByRecency`: the hazard of its gap, counted
+  online); rho the link's load, the share of a call's period that demand copies would take on an idle link
+  (counted as if no copy were queued, so it does not fall as copies push misses to the host) plus the
+  predicted copies admitted: a copy holding the link delays the copies due meanwhile (a delayed demand copy is
+  computed on the host instead, or waited for). Where demand copies keep the link busy (DeepSeek-V2-Lite's
+  small experts at capacity 0.1: rho about 0.8, p about 0.2) they are refused: admitted, they pushed the
+  demand copies onto the host, which became the bottleneck. Where the link idles beside the host (Mixtral int4
+  at max fit: rho below 0.1, p about 0.3) they are admitted, and the cache learns what the host computed.
 
 The predictor itself runs only while its admitted copies are expected to save more than its own host time
 (`predict_s`, per call) and some rank could pass; else at probe calls. Costs (`copy_s`, `layer_s`: seconds
@@ -109,6 +110,7 @@ class PrefetchAdmission:
         self.demand = 0.0  # link seconds of demand copies per call (moving average)
         self.wanted = 0.0  # link seconds per call that demand copies would take on an idle link (misses="auto")
         self._settled = 1.0  # (1 - smoothing) ** calls done: `wanted`'s start-up bias (it starts at 0)
+        self._predicted_now = 0  # predicted copies admitted since the last call_done (they load the link too)
         self.admitted = self.refused = 0
         self._every = self._wait = self.PROBE  # calls between probes, and until the next
         self._expected = 0.0  # sum of p over the copies admitted in the current pump
@@ -120,7 +122,9 @@ class PrefetchAdmission:
         misses an idle link would have fetched (misses="auto": some went to the host only because copies were
         queued; default `fetched`)."""
         demand = fetched * self.copy_s
-        self.wanted += self.smoothing * ((fetched if wanted is None else wanted) * self.copy_s - self.wanted)
+        wanted = (fetched if wanted is None else wanted) + self._predicted_now
+        self._predicted_now = 0
+        self.wanted += self.smoothing * (wanted * self.copy_s - self.wanted)
         self._settled *= 1.0 - self.smoothing
         t = max(self.layer_s, demand)
         if on_host and self.host_s is not None:
@@ -241,7 +245,9 @@ class PrefetchAdmission:
             ok = p >= (1 + q) / 2 + self.MARGIN
         if ok:
             self.admitted += 1
-            self._expected += p
+            if rank != self.REUSE:
+                self._expected += p  # what the predictor's copies are expected to save
+                self._predicted_now += 1
         else:
             self.refused += 1
         return ok

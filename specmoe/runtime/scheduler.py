@@ -125,6 +125,7 @@ class Scheduler:
         self._inflight: set[int] = set()  # slots with a prefetch copy that may not have landed
         self._prefetched: dict[int, Key] = {}  # slot -> key, prefetched and not yet used
         self._reused: set[int] = set()  # of those, copies of experts the host computed (`_split`)
+        self._reuse_keys: set[Key] = set()  # experts the current call's host computes, queued for copying
         self._in_use: set[int] = set()  # slots the layer being computed reads
         self._copying: set[int] = set()  # slots whose copy may not have landed (others have: no need to ask)
         self._bind_filters()
@@ -181,7 +182,7 @@ class Scheduler:
     def reset(self) -> None:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
         for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._reused,
-                          self._in_use):
+                          self._reuse_keys, self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
         self._rank.clear()
@@ -259,6 +260,8 @@ class Scheduler:
         self._layer = layer
         self._call_fetched = 0
         self._call_wanted = None  # misses an idle link would have fetched, where copies were queued (`_split`)
+        if self._reuse_keys:
+            self._reuse_keys.clear()
         adm = self.admission
         if adm is not None:
             adm.routed(layer, routed)
@@ -284,10 +287,10 @@ class Scheduler:
     def _split(self, layer: int, routed: list[int], tokens: Mapping[int, int]) -> tuple[list[int], list[int]]:
         """(experts the device computes, experts the host computes) of `routed`. Only experts that are neither
         resident nor in flight can go to the host; those count as misses (and `host_computed`) here, the rest are
-        acquired by `step`. With "auto" and no prediction for this call, the experts the host computes are also
-        queued for copying (as prefetches: never evicting a busy slot), so they are resident the next time; with
-        a prediction the link is left to it (prediction decides what is worth moving, the host takes what was not
-        predicted)."""
+        acquired by `step`. With "auto" the experts the host computes are also queued for copying (as prefetches,
+        behind the prediction's candidates: never evicting a busy slot), so they are resident the next time;
+        admission (`PrefetchAdmission.admit`, REUSE) weighs each against its victim and the link's load. Without
+        admission they are queued only at calls without a prediction (the link is left to the prediction)."""
         slot_of = self.cache.slot_of
         missing = [e for e in routed if (layer, e) not in slot_of]
         if not missing:
@@ -301,9 +304,10 @@ class Scheduler:
         stats = self.stats[layer]
         stats.misses += len(host)
         stats.host_computed += len(host)
-        if self.misses == "auto" and not self._guessing:
+        if self.misses == "auto" and (not self._guessing or self.admission is not None):
             queued = [(layer, e) for e in reversed(host)]
-            self._queue[:0] = queued
+            self._queue[:0] = queued  # behind the candidates: popped last
+            self._reuse_keys.update(queued)
             if self.admission is not None:
                 self.admission.watch((), queued)
         on_host = set(host)
@@ -384,10 +388,12 @@ class Scheduler:
             if key in slot_of:
                 continue
             if adm is not None:
-                if not adm.admit(layer, key, rank.get(key, adm.REUSE), n, link_s, self._victim):
+                reuse = key in self._reuse_keys
+                if not adm.admit(layer, key, adm.REUSE if reuse else rank.get(key, adm.REUSE), n, link_s,
+                                 self._victim):
                     stats = self.stats[key[0]]
                     stats.prefetch_refused += 1
-                    if not self._guessing:
+                    if reuse:
                         stats.reuse_refused += 1
                     continue
                 n += 1
@@ -400,7 +406,7 @@ class Scheduler:
             stats = self.stats[key[0]]
             stats.prefetch_issued += 1
             stats.bytes_moved += self.copy_bytes
-            if not self._guessing:  # no prediction: the queue holds the experts `_split` sent to the host
+            if key in self._reuse_keys:  # an expert `_split` sent to the host
                 stats.reuse_issued += 1
                 self._reused.add(slot)
         if adm is not None and self._guessing:

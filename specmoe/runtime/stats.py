@@ -15,9 +15,9 @@ class LayerStats:
     prefetch_used: int = 0  # prefetched experts later routed to before being evicted
     prefetch_wasted: int = 0  # prefetched experts evicted without being used
     prefetch_refused: int = 0  # candidates not resident that admission did not copy (`runtime.admission`)
-    reuse_issued: int = 0  # of prefetch_issued, copies of experts just computed on the host (misses="auto", no
-    reuse_used: int = 0  # prediction): kept for their layer's next visit; of prefetch_used, those routed to;
-    reuse_refused: int = 0  # of prefetch_refused, those that admission did not copy
+    reuse_issued: int = 0  # of prefetch_issued, copies of experts just computed on the host (misses="auto"),
+    reuse_used: int = 0  # kept for their layer's next visit (no predictor chose them); of prefetch_used, those
+    reuse_refused: int = 0  # routed to; of prefetch_refused, those that admission did not copy
     bytes_moved: int = 0  # host -> device, demand and prefetch
 
     def add(self, other: "LayerStats") -> None:
