@@ -210,10 +210,10 @@ class PrefetchAdmission:
         return (self.victim_reused + 1) / (self.victims + 2)
 
     def link_load(self) -> float:
-        """rho: the share of the link that demand copies would take on an idle link (moving averages; it does not
-        fall when queued copies push misses to the host). A copy that holds the link for copy_s delays the demand
-        copies due meanwhile by about rho x copy_s; under misses="auto" each one so delayed is computed on the
-        host instead, or waited for: rho of a miss's cost."""
+        """rho: the share of the link that demand copies would take on an idle link, plus the predicted copies
+        admitted (moving averages; it does not fall when queued copies push misses to the host). A copy that
+        holds the link for copy_s delays the copies due meanwhile by about rho x copy_s; under misses="auto" a
+        demand copy so delayed is computed on the host instead, or waited for: rho of a miss's cost."""
         if self._settled > 0.99:
             return 1.0  # no call done yet: nothing known of the demand, so no copy is taken to be free
         return min(1.0, self.wanted / (1.0 - self._settled) / self.period)
