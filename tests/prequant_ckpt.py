@@ -99,6 +99,11 @@ def write_checkpoint(kind: str, out: Path, seed: int = 0, *, split_g_idx: bool =
         elif kind == "fp8" and ".self_attn." in key and key.endswith("_proj.weight"):
             parts = quantize(value.float(), fmt)
             tensors[key], tensors[key + "_scale_inv"] = parts[""], parts["_scale_inv"]
+        elif kind in ("gptq-act", "awq") and ".self_attn." in key and key.endswith("_proj.weight"):
+            # as GPTQ / AWQ builds ship them: attention quantized too (the router gate and lm_head are not)
+            g_idx = act_order_g_idx(value.shape[1], fmt.block, gen) if act_order else None
+            parts = quantize_gptq(value.float(), fmt.block, g_idx) if act_order else quantize(value.float(), fmt)
+            tensors.update({key[: -len(".weight")] + sfx: part for sfx, part in parts.items()})
         else:
             tensors[key] = value.to(torch.bfloat16) if value.is_floating_point() else value
     out = Path(out)
@@ -132,4 +137,8 @@ def dequantized_reference(kind: str, path: Path):
                     p[e].copy_(torch.cat(mats, dim=0))
             elif name in state:
                 p.copy_(state[name])
+            elif name.endswith(".weight") and name[: -len("weight")] + "qweight" in state:  # quantized attention
+                p.copy_(fmt.dequantize({sfx: state[name[: -len(".weight")] + sfx] for sfx in fmt.suffixes}))
+            else:
+                raise KeyError(f"{path}: no tensor for {name}")
     return model

@@ -157,7 +157,8 @@ def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], d
                     fmt: PrequantFormat | None = None) -> None:
     """Read every non-expert tensor to `device` and assign it into the meta model. Block-scaled FP8 weights
     (DeepSeek-V3 quantizes its attention too) are dequantized with their ``weight_scale_inv``, as transformers
-    does on a machine without FP8 kernels."""
+    does on a machine without FP8 kernels; so are GPTQ / AWQ linears (their builds quantize attention and
+    shared experts too: ``q_proj.qweight`` ... in place of ``q_proj.weight``)."""
     wanted = [k for k in model.state_dict() if k not in expert_keys]
     missing = [k for k in wanted if k not in plan.nonexpert]
     state = {}
@@ -171,6 +172,11 @@ def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], d
                                      "specmoe can apply")
                 t = dequantize_fp8(t, plan.checkpoint.read(scale), fmt.block, torch.float32)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        elif fmt is not None and fmt.kind in ("gptq-int4", "awq-int4") and key.endswith(".weight") and \
+                key[: -len("weight")] + "qweight" in plan.nonexpert:
+            stem = key[: -len(".weight")]
+            parts = {sfx: plan.checkpoint.read(plan.nonexpert[stem + sfx]) for sfx in fmt.suffixes}
+            state[key] = fmt.dequantize(parts, torch.float32).to(device=device, dtype=dtype)  # [out, in]
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in expert_keys]
