@@ -268,14 +268,15 @@ def quantize_gptq(w: torch.Tensor, group: int = 128, g_idx: torch.Tensor | None 
 def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """int32 [..., R, N/8] packed in AWQ's order -> codes int32 [..., R, N]."""
     shifts = torch.tensor(AWQ_SHIFT, device=packed.device, dtype=torch.int32)
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)
+    return (packed.unsqueeze(-1) >> shifts).bitwise_and_(0xF).flatten(-2)
 
 
 def dequantize_awq(qweight, qzeros, scales, group: int, dtype=torch.float32) -> torch.Tensor:
     """AWQ GEMM int4 (see the module docstring) -> W [..., N, K]."""
     q = _unpack_awq(qweight)  # [..., K, N]
-    z = _unpack_awq(qzeros).repeat_interleave(group, -2)  # [..., K, N]
-    w = (q - z).float() * scales.float().repeat_interleave(group, -2)  # [..., K, N]
+    k, n = q.shape[-2:]
+    q = q.view(*q.shape[:-2], k // group, group, n).sub_(_unpack_awq(qzeros).unsqueeze(-2))  # [..., K/G, G, N]
+    w = q.float().mul_(scales.float().unsqueeze(-2)).view(*q.shape[:-3], k, n)  # [..., K, N]
     return w.transpose(-1, -2).to(dtype)
 
 
