@@ -129,3 +129,15 @@ def test_mxfp4_slots_of_a_model_the_kernel_computes():
     gpt = SpeculativeMoE(tiny_model("mxfp4", dtype=torch.bfloat16), None, cache_capacity=0.5, compression="mxfp4", compute="triton",
                          device=DEVICE)
     assert {gpt.experts_compute.kernel_name(layer) for layer in gpt.moe.layers} == {"gather-dequantized-mxfp4"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8-b128", "gptq-int4-g128", "awq-int4-g128"])
+@pytest.mark.parametrize("T,k,block_t", [(1, 4, 1), (100, 4, 16)])
+def test_kernel_reads_published_slots_on_cuda_at_model_sizes(fmt, T, k, block_t):
+    """Qwen1.5-MoE's expert sizes (H 2048, I 1408: FP8's last block is partial), compiled, bf16."""
+    p = prequant_problem(fmt, T, k, 2048, 1408, torch.bfloat16, act_order=fmt.startswith("gptq"), E=8, S=6)
+    cfg = MoEKernelConfig(block_t=block_t, block_k=64, block_i=64 if block_t > 1 else 32, block_h=64)
+    out = fused_experts(*p, "silu", cfg)
+    torch.testing.assert_close(out, experts_reference(*p), atol=6e-2, rtol=3e-2)
