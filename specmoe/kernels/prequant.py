@@ -1,8 +1,10 @@
-"""Experts as their publishers ship them: MXFP4 (gpt-oss), block-scaled FP8 (DeepSeek-V3, Qwen3-FP8) and GPTQ
-int4, the tensors of one matrix in each format, and the PyTorch reference that dequantizes them.
+"""Experts as their publishers ship them: MXFP4 (gpt-oss), block-scaled FP8 (DeepSeek-V3, Qwen3-FP8), GPTQ
+and AWQ int4, the tensors of one matrix in each format, and the PyTorch reference that dequantizes them.
 
 Unlike `quant.py` (formats specmoe makes itself from bf16 experts), these formats arrive from a checkpoint; the
-runtime keeps their bytes as published in the host store, over PCIe and in the slots, and dequantizes on use.
+runtime keeps their bytes as published in the host store, over PCIe and in the slots. The fused experts kernel
+reads a slot pool's parts as they are (`PrequantStack`) and dequantizes in registers; elsewhere they are
+dequantized on use with the references below.
 A matrix W [N, K] (N output channels, K input channels: `y = x @ W.T`) is held as:
 
 * ``mxfp4`` (transformers' integrations/mxfp4.py, gpt-oss): ``_blocks`` uint8 [N, K/32, 16] (two e2m1 codes per
