@@ -5,6 +5,8 @@
   `reference.experts_reference` where Triton cannot run).
 * `quant`: int8 per-channel / int4 group-wise expert compression, `QuantizedStack` (a compressed slot pool's
   matrices, which `fused_experts` / `experts_reference` read directly) and a dequantize kernel.
+* `prequant`: the publishers' formats (MXFP4, block-scaled FP8, GPTQ / AWQ int4) and `PrequantStack`, which
+  `fused_experts` / `experts_reference` read directly too.
 * `launch_config`: launch configurations as data (`configs/*.json`, per device, shape and token bucket),
   with a logged fallback to untuned defaults; `benchmarks/autotune_moe_kernel.py` writes them on a GPU.
 * `compile_check`: compile every kernel variant for a CUDA arch without a GPU.
@@ -15,12 +17,12 @@ On CPU the kernels run in triton's interpreter when TRITON_INTERPRET=1 was set b
 
 from .jit import triton_runs_on
 from .launch_config import LaunchConfigs, MoEKernelConfig, launch_configs, shape_key
-from .experts_kernel import align_pairs, fused_experts, kernel_activation, moe_experts
+from .experts_kernel import FORMATS, align_pairs, fused_experts, kernel_activation, moe_experts, weight_format
 from .quant import QuantFormat, QuantizedStack, dequantize, dequantize_into, fake_quantize, quantize
 from .reference import ACTIVATIONS, experts_reference
 
 __all__ = [
-    "ACTIVATIONS", "LaunchConfigs", "MoEKernelConfig", "QuantFormat", "QuantizedStack", "align_pairs", "dequantize",
+    "ACTIVATIONS", "FORMATS", "LaunchConfigs", "MoEKernelConfig", "QuantFormat", "QuantizedStack", "align_pairs", "dequantize",
     "dequantize_into", "experts_reference", "fake_quantize", "fused_experts", "kernel_activation",
-    "launch_configs", "moe_experts", "quantize", "shape_key", "triton_runs_on",
+    "launch_configs", "moe_experts", "quantize", "shape_key", "triton_runs_on", "weight_format",
 ]

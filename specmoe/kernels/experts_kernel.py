@@ -9,6 +9,10 @@ with atomics (the sum over I-tiles and over top-k). Every weight element is read
 * ``block_t >= 16`` (prefill): pairs are sorted by expert and padded to blocks (`align_pairs`, device-side,
   no host sync); products use ``tl.dot``.
 
+The slots are read in their own bytes and dequantized in registers, one constexpr per format (`FORMATS`):
+plain weights, specmoe's int8 / int4 (`quant.QuantizedStack`) and the publishers' MXFP4, block-scaled FP8,
+GPTQ and AWQ int4 (`prequant.PrequantStack`); no dequantized copy of an expert is ever written.
+
 The expert -> slot lookup happens in the kernel through the layer's row of the cache table, so compute
 reads the slots in place. Atomics make the summation order vary between runs on a GPU (float32, so the
 difference is at rounding level). The plain PyTorch reference is `specmoe.kernels.reference.experts_reference`.
@@ -24,6 +28,7 @@ import torch
 
 from .jit import interpreting, jit, triton_runs_on
 from .launch_config import MoEKernelConfig, launch_configs, shape_key
+from .prequant import PrequantStack
 from .quant import QuantizedStack
 from .reference import ACTIVATIONS, experts_reference
 
@@ -37,51 +42,100 @@ logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2
+# what a slot pool's weight is, as the kernel's FMT code: plain views, specmoe's own compression
+# (`quant.QuantizedStack`), the publishers' formats (`prequant.PrequantStack`)
+FORMATS = ("plain", "int8", "int4", "mxfp4", "fp8", "gptq-int4", "awq-int4")
+Stack = (QuantizedStack, PrequantStack)
 
 
 @jit
-def _load_weight(w, s, z, rows, cols, stride_n, stride_k, stride_sn, mask, wdt: tl.constexpr,
-                 QBITS: tl.constexpr, GROUP: tl.constexpr):
-    """A tile of one slot's weight matrix at (rows, cols) (broadcastable index tiles), in the weights' dtype.
+def _load_weight(w, s, z, g, rows, cols, stride_n, stride_k, stride_sn, stride_sk, stride_zn, stride_zk, mask,
+                 wdt: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr):
+    """A tile of one slot's weight matrix W [N, K] at (rows, cols) (broadcastable index tiles), in the weights'
+    dtype: every format is dequantized here, in registers, with the math of its PyTorch reference (float32, then
+    one rounding to the weights' dtype). `FORMATS` names the FMT codes; the strides are those of the format's
+    own parts (see `_kernel_weights`).
 
-    QBITS 0: plain weights. 8: int8 codes times the row's scale. 4: two codes per byte (even column in the
-    low nibble), code * scale + zero of the (row, column group). Same math as `quant.dequantize`: float32,
-    then one rounding to the weights' dtype.
+    0 plain. 1 int8: code * the row's scale. 2 int4: two codes per byte along K (even column low), code *
+    scale + zero of the (row, column group). 3 MXFP4: the same packing, e2m1 code * 2**(e8m0 scale - 127) per
+    32 columns. 4 FP8-b: e4m3 byte * scale_inv of the (GROUP x GROUP) block. 5 GPTQ: qweight [K/8, N] (eight
+    codes along K), group g_idx[k], (code - zero - 1) * scale, zeros packed along N. 6 AWQ: qweight [K, N/8]
+    and zeros packed along N in AWQ's order, group k // GROUP, (code - zero) * scale.
     """
-    if QBITS == 0:
-        return tl.load(w + rows * stride_n + cols * stride_k, mask=mask, other=0.0)
-    if QBITS == 8:
+    # one static branch per format (the others are not compiled); one return
+    if FMT == 0:
+        out = tl.load(w + rows * stride_n + cols * stride_k, mask=mask, other=0.0)
+    elif FMT == 1:
         q = tl.load(w + rows * stride_n + cols * stride_k, mask=mask, other=0).to(tl.float32)
         scale = tl.load(s + rows * stride_sn, mask=mask, other=0.0).to(tl.float32)
-        return (q * scale).to(wdt)
-    byte = tl.load(w + rows * stride_n + (cols // 2) * stride_k, mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((cols % 2) * 4)) & 15
-    g = rows * stride_sn + cols // GROUP
-    scale = tl.load(s + g, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(z + g, mask=mask, other=0.0).to(tl.float32)
-    return (code.to(tl.float32) * scale + zero).to(wdt)
+        out = (q * scale).to(wdt)
+    elif FMT == 2:
+        byte = tl.load(w + rows * stride_n + (cols // 2) * stride_k, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((cols % 2) * 4)) & 15
+        scale = tl.load(s + rows * stride_sn + (cols // GROUP) * stride_sk, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z + rows * stride_zn + (cols // GROUP) * stride_zk, mask=mask, other=0.0).to(tl.float32)
+        out = (code.to(tl.float32) * scale + zero).to(wdt)
+    elif FMT == 3:  # MXFP4: e2m1 = sign | 2-bit exponent | 1-bit mantissa
+        byte = tl.load(w + rows * stride_n + (cols // 2) * stride_k, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((cols % 2) * 4)) & 15
+        e = (code >> 1) & 3
+        m = code & 1
+        normal = (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)  # (1 + m/2) 2**(e-1)
+        mag = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
+        val = tl.where(code >= 8, -mag, mag)
+        sbits = tl.load(s + rows * stride_sn + (cols // 32) * stride_sk, mask=mask, other=127).to(tl.int32)
+        scale = tl.where(sbits == 0, 0x00400000, sbits << 23).to(tl.float32, bitcast=True)  # 2**(s - 127)
+        out = (val * scale).to(wdt)
+    elif FMT == 4:  # FP8 e4m3fn = sign | 4-bit exponent (bias 7) | 3-bit mantissa, read as bytes
+        byte = tl.load(w + rows * stride_n + cols * stride_k, mask=mask, other=0).to(tl.int32)
+        e = (byte >> 3) & 15
+        m = byte & 7
+        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormal: m 2**-9
+        val = tl.where(byte >= 128, -mag, mag)
+        scale = tl.load(s + (rows // GROUP) * stride_sn + (cols // GROUP) * stride_sk, mask=mask, other=0.0)
+        out = (val * scale.to(tl.float32)).to(wdt)
+    elif FMT == 5:  # GPTQ
+        word = tl.load(w + (cols // 8) * stride_k + rows * stride_n, mask=mask, other=0)
+        code = (word >> ((cols % 8) * 4)) & 15
+        grp = tl.load(g + cols + rows * 0, mask=mask, other=0)  # g_idx[k]: any order (act-order)
+        scale = tl.load(s + grp * stride_sk + rows * stride_sn, mask=mask, other=0.0).to(tl.float32)
+        zword = tl.load(z + grp * stride_zk + (rows // 8) * stride_zn, mask=mask, other=0)
+        zero = (zword >> ((rows % 8) * 4)) & 15
+        out = ((code - zero - 1).to(tl.float32) * scale).to(wdt)
+    else:  # AWQ: column c of 8 sits in nibble AWQ_ORDER.index(c) = c // 2 + 4 (c % 2)
+        shift = ((rows % 8) // 2 + (rows % 2) * 4) * 4
+        word = tl.load(w + cols * stride_k + (rows // 8) * stride_n, mask=mask, other=0)
+        code = (word >> shift) & 15
+        grp = cols // GROUP
+        scale = tl.load(s + grp * stride_sk + rows * stride_sn, mask=mask, other=0.0).to(tl.float32)
+        zword = tl.load(z + grp * stride_zk + (rows // 8) * stride_zn, mask=mask, other=0)
+        zero = (zword >> shift) & 15
+        out = ((code - zero).to(tl.float32) * scale).to(wdt)
+    return out
 
 
 @jit
 def _fused_experts_kernel(
     x_ptr,  # [T, H] in the weights' dtype
     out_ptr,  # [T, H] float32, zeroed
-    w1_ptr,  # gate_up [S, 2I, H] slot-strided (compressed: qweight [S, 2I, H] int8 / [S, 2I, Hp/2] uint8)
-    w2_ptr,  # down [S, H, I] slot-strided (compressed: qweight [S, H, I] int8 / [S, H, Ip/2] uint8)
-    s1_ptr, z1_ptr,  # compressed gate_up: scales [S, 2I] f32 (int8) / [S, 2I, Hp/G] f16 and zeros (int4)
-    s2_ptr, z2_ptr,  # compressed down: scales [S, H] / [S, H, Ip/G] and zeros
+    w1_ptr,  # gate_up [S, 2I, H] slot-strided, or its format's packed weight part (see _load_weight)
+    w2_ptr,  # down [S, H, I] slot-strided, or its packed weight part
+    s1_ptr, z1_ptr, g1_ptr,  # gate_up's scales, zeros and GPTQ g_idx (per format; unused ones alias w1)
+    s2_ptr, z2_ptr, g2_ptr,  # down's
     table_ptr,  # [E] expert -> slot, -1 absent
     pairs_ptr,  # [num_blocks * BLOCK_T] sorted pair ids, P = padding (unused when BLOCK_T == 1)
     block_expert_ptr,  # [num_blocks] expert of each block, -1 = nothing to do
     rw_ptr,  # [P] routing weights
     H, I, P, TOP_K,
     stride_xt, stride_ot,
-    stride_w1s, stride_w1n, stride_w1k,
-    stride_w2s, stride_w2n, stride_w2k,
-    stride_s1s, stride_s1n, stride_s2s, stride_s2n,
+    stride_w1s, stride_w1n, stride_w1k, stride_s1s, stride_s1n, stride_s1k, stride_z1s, stride_z1n, stride_z1k,
+    stride_g1s,
+    stride_w2s, stride_w2n, stride_w2k, stride_s2s, stride_s2n, stride_s2k, stride_z2s, stride_z2n, stride_z2k,
+    stride_g2s,
     ACT: tl.constexpr,
-    QBITS: tl.constexpr,  # 0: plain weights; 8 / 4: compressed slots, dequantized in registers
-    GROUP: tl.constexpr,  # int4 group size along K
+    FMT: tl.constexpr,  # 0: plain weights; else compressed or pre-quantized slots (`FORMATS`), dequantized in registers
+    GROUP: tl.constexpr,  # int4 / GPTQ / AWQ group size along K, FP8 block
     DOT_F32: tl.constexpr,  # dots in float32 ("ieee"): fp32 weights, or bf16 under the interpreter
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -111,9 +165,11 @@ def _fused_experts_kernel(
     w1 = w1_ptr + slot * stride_w1s
     w2 = w2_ptr + slot * stride_w2s
     s1 = s1_ptr + slot * stride_s1s
-    z1 = z1_ptr + slot * stride_s1s
+    z1 = z1_ptr + slot * stride_z1s
+    g1 = g1_ptr + slot * stride_g1s
     s2 = s2_ptr + slot * stride_s2s
-    z2 = z2_ptr + slot * stride_s2s
+    z2 = z2_ptr + slot * stride_z2s
+    g2 = g2_ptr + slot * stride_g2s
     wdt = x_ptr.dtype.element_ty  # the weights' (dequantized) dtype
 
     # ---- gate and up for this I-tile, reduced over all of H ---------------------------------------
@@ -125,10 +181,10 @@ def _fused_experts_kernel(
         xt = tl.load(x_ptr + token[:, None] * stride_xt + kk[None, :],
                      mask=pmask[:, None] & kmask[None, :], other=0.0)  # [BT, BK]
         wmask = kmask[:, None] & imask[None, :]
-        wg = _load_weight(w1, s1, z1, offs_i[None, :], kk[:, None], stride_w1n, stride_w1k, stride_s1n, wmask,
-                          wdt, QBITS, GROUP)  # [BK, BI]
-        wu = _load_weight(w1, s1, z1, offs_i[None, :] + I, kk[:, None], stride_w1n, stride_w1k, stride_s1n, wmask,
-                          wdt, QBITS, GROUP)
+        wg = _load_weight(w1, s1, z1, g1, offs_i[None, :], kk[:, None], stride_w1n, stride_w1k, stride_s1n,
+                          stride_s1k, stride_z1n, stride_z1k, wmask, wdt, FMT, GROUP)  # [BK, BI]
+        wu = _load_weight(w1, s1, z1, g1, offs_i[None, :] + I, kk[:, None], stride_w1n, stride_w1k, stride_s1n,
+                          stride_s1k, stride_z1n, stride_z1k, wmask, wdt, FMT, GROUP)
         if BLOCK_T == 1:
             xf = xt.to(tl.float32)[:, :, None]  # [1, BK, 1]
             acc_g += tl.sum(xf * wg.to(tl.float32)[None, :, :], axis=1)
@@ -154,8 +210,9 @@ def _fused_experts_kernel(
     for n0 in range(0, H, BLOCK_H):
         nn = n0 + tl.arange(0, BLOCK_H)  # [BH]
         nmask = nn < H
-        wd = _load_weight(w2, s2, z2, nn[None, :], offs_i[:, None], stride_w2n, stride_w2k, stride_s2n,
-                          imask[:, None] & nmask[None, :], wdt, QBITS, GROUP)  # [BI, BH]
+        wd = _load_weight(w2, s2, z2, g2, nn[None, :], offs_i[:, None], stride_w2n, stride_w2k, stride_s2n,
+                          stride_s2k, stride_z2n, stride_z2k, imask[:, None] & nmask[None, :], wdt, FMT,
+                          GROUP)  # [BI, BH]
         if BLOCK_T == 1:
             part = tl.sum(h.to(tl.float32)[:, :, None] * wd.to(tl.float32)[None, :, :], axis=1)  # [1, BH]
         elif DOT_F32:
@@ -201,11 +258,11 @@ def align_pairs(flat_ids: torch.Tensor, num_experts: int, block_t: int) -> tuple
 
 
 def _geometry(w) -> tuple[int, int, int, torch.dtype]:
-    """(S, N, K, dtype) of a slot pool view [S, N, K] or a QuantizedStack."""
-    if isinstance(w, QuantizedStack):
+    """(S, N, K, dtype) of a slot pool view [S, N, K], a QuantizedStack or a PrequantStack."""
+    if isinstance(w, Stack):
         return (w.num, *w.shape, w.dtype)
     if not isinstance(w, torch.Tensor) or w.dim() != 3:
-        raise ValueError(f"expert weights must be 3-D slot pool views or QuantizedStacks, got "
+        raise ValueError(f"expert weights must be 3-D slot pool views, QuantizedStacks or PrequantStacks, got "
                          f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     return (*w.shape, w.dtype)
 
@@ -216,9 +273,10 @@ def _check(hidden, ids, weights, gate_up, down, table, activation) -> None:
     if hidden.dim() != 2 or ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"expected hidden [T, H], ids [T, k], weights [T, k]; got {tuple(hidden.shape)}, "
                          f"{tuple(ids.shape)}, {tuple(weights.shape)}")
-    if isinstance(gate_up, QuantizedStack) != isinstance(down, QuantizedStack):
-        raise ValueError("gate_up and down must both be compressed (QuantizedStack) or both plain tensors")
-    if isinstance(gate_up, QuantizedStack) and gate_up.fmt != down.fmt:
+    if type(gate_up) is not type(down) and (isinstance(gate_up, Stack) or isinstance(down, Stack)):
+        raise ValueError("gate_up and down must both be compressed (QuantizedStack), both pre-quantized "
+                         "(PrequantStack) or both plain tensors")
+    if isinstance(gate_up, Stack) and gate_up.fmt != down.fmt:
         raise ValueError(f"gate_up and down must share one compression format, got {gate_up.fmt} and {down.fmt}")
     s1, i2, h1, dt1 = _geometry(gate_up)
     s2, h2, i1, dt2 = _geometry(down)
@@ -228,7 +286,7 @@ def _check(hidden, ids, weights, gate_up, down, table, activation) -> None:
                          "form gate_up [S, 2I, H], down [S, H, I]")
     if dt1 not in DTYPES or dt2 != dt1:
         raise ValueError(f"expert weights must share one of {DTYPES}; got {dt1} and {dt2}")
-    if not isinstance(gate_up, QuantizedStack) and (gate_up.stride(-1) != 1 or down.stride(-1) != 1):
+    if not isinstance(gate_up, Stack) and (gate_up.stride(-1) != 1 or down.stride(-1) != 1):
         raise ValueError("expert weights must be contiguous along their last dim (slot pool views are)")
     if ids.dtype.is_floating_point or table.dtype.is_floating_point or table.dim() != 1:
         raise ValueError(f"ids and table must be integer tensors, table [E]; got {ids.dtype}, {table.dtype} "
@@ -238,15 +296,42 @@ def _check(hidden, ids, weights, gate_up, down, table, activation) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def weight_format(w) -> str:
+    """How the kernel reads a slot pool weight: "plain" or its format ("int4-g64", "mxfp4", "fp8-b128",
+    "gptq-int4-g128", "awq-int4-g128"), for the log and `kernel_name`."""
+    return str(w.fmt) if isinstance(w, Stack) else "plain"
+
+
 def _kernel_weights(w) -> tuple:
-    """(weight, scale, zero, weight strides [3], scale strides [2]) kernel arguments of a view or a stack."""
-    if not isinstance(w, QuantizedStack):
-        return w, w, w, (w.stride(0), w.stride(1), w.stride(2)), (0, 0)
-    scale, zero = w.qscale, w.qzero if w.qzero is not None else w.qscale
-    if zero.stride() != scale.stride():
-        raise ValueError("int4 scales and zeros of a QuantizedStack must share their strides (slot views do)")
-    q = w.qweight
-    return q, scale, zero, (q.stride(0), q.stride(1), q.stride(2)), (scale.stride(0), scale.stride(1))
+    """(FMT code, GROUP, (weight, scale, zero, g_idx) pointers, 10 strides: weight (slot, n, k), scale (slot, n,
+    k), zero (slot, n, k), g_idx (slot)) kernel arguments of a view or a stack; pointers a format does not have
+    alias the weight, with stride 0."""
+    if isinstance(w, torch.Tensor):
+        return 0, 16, (w, w, w, w), (w.stride(0), w.stride(1), w.stride(2), 0, 0, 0, 0, 0, 0, 0)
+    if isinstance(w, QuantizedStack):
+        q, scale = w.qweight, w.qscale
+        if w.fmt.scheme == "int8":
+            return 1, 16, (q, scale, q, q), (*q.stride(), scale.stride(0), scale.stride(1), 0, 0, 0, 0, 0)
+        zero = w.qzero
+        return 2, w.fmt.group_size, (q, scale, zero, q), (*q.stride(), *scale.stride(), *zero.stride(), 0)
+    p, kind = w.parts, w.fmt.kind
+    if kind == "mxfp4":
+        blocks, scales = p["_blocks"], p["_scales"]  # [S, N, K/32, 16], [S, N, K/32]
+        if blocks.stride(2) != 16:
+            raise ValueError("MXFP4 blocks must be contiguous over their last two dims (slot views are)")
+        return 3, 32, (blocks, scales, blocks, blocks), (blocks.stride(0), blocks.stride(1), 1, *scales.stride(),
+                                                         0, 0, 0, 0)
+    if kind == "fp8":
+        q, scale = p[""].view(torch.uint8), p["_scale_inv"]  # e4m3 [S, N, K] read as bytes, [S, N/B, K/B]
+        return 4, w.fmt.block, (q, scale, q, q), (*q.stride(), *scale.stride(), 0, 0, 0, 0)
+    q, zeros, scales = p[".qweight"], p[".qzeros"], p[".scales"]  # GPTQ [S, K/8, N], AWQ [S, K, N/8]; [S, K/G, ...]
+    # stride order (slot, n, k): these parts are [S, k-ish, n-ish]
+    strides = (q.stride(0), q.stride(2), q.stride(1), scales.stride(0), scales.stride(2), scales.stride(1),
+               zeros.stride(0), zeros.stride(2), zeros.stride(1))
+    if kind == "gptq-int4":
+        g_idx = p[".g_idx"]  # [S, K]
+        return 5, w.fmt.block, (q, scales, zeros, g_idx), (*strides, g_idx.stride(0))
+    return 6, w.fmt.block, (q, scales, zeros, q), (*strides, 0)
 
 
 def fused_experts(
@@ -266,8 +351,9 @@ def fused_experts(
         ids: [T, k] expert ids; negative ids contribute nothing.
         weights: [T, k] routing weights.
         gate_up: [S, 2I, H] slot pool view, rows gate then up; any stride over S, contiguous last dim. Or a
-            `QuantizedStack` of S compressed [2I, H] matrices (a compressed pool), dequantized in registers.
-        down: [S, H, I] slot pool view, or a `QuantizedStack` of [H, I] matrices (same format as gate_up).
+            `QuantizedStack` of S compressed [2I, H] matrices (a compressed pool), or a `PrequantStack` of them
+            in a publisher's format (MXFP4, FP8-b, GPTQ / AWQ int4): read as they are, dequantized in registers.
+        down: [S, H, I] slot pool view, or a stack of [H, I] matrices (the same format as gate_up).
         table: [E] expert -> slot (the layer's row of the cache table), -1 = absent (contributes nothing).
         activation: "silu", "gelu" or "gelu_tanh".
         config: launch configuration; default from `launch_configs(device)` for this shape and T.
@@ -302,18 +388,15 @@ def fused_experts(
         pairs, block_expert = align_pairs(flat, table.numel(), config.block_t)
     rw = weights.reshape(-1).contiguous()  # [P]
     dot_f32 = wdtype == torch.float32 or (interpreting() and wdtype == torch.bfloat16)
-    qbits, group = 0, 16
-    if isinstance(gate_up, QuantizedStack):
-        qbits, group = (8 if gate_up.fmt.scheme == "int8" else 4), gate_up.fmt.group_size
-    w1, s1, z1, w1_strides, s1_strides = _kernel_weights(gate_up)
-    w2, s2, z2, w2_strides, s2_strides = _kernel_weights(down)
+    fmt, group, (w1, s1, z1, g1), w1_strides = _kernel_weights(gate_up)
+    _, _, (w2, s2, z2, g2), w2_strides = _kernel_weights(down)
     grid = (block_expert.numel(), triton.cdiv(inter, config.block_i))
     _fused_experts_kernel[grid](
-        x, out, w1, w2, s1, z1, s2, z2, table.contiguous(), pairs, block_expert, rw,
+        x, out, w1, w2, s1, z1, g1, s2, z2, g2, table.contiguous(), pairs, block_expert, rw,
         H, inter, P, k,
         x.stride(0), out.stride(0),
-        *w1_strides, *w2_strides, *s1_strides, *s2_strides,
-        ACT=_ACT_CODE[activation], QBITS=qbits, GROUP=group, DOT_F32=dot_f32,
+        *w1_strides, *w2_strides,
+        ACT=_ACT_CODE[activation], FMT=fmt, GROUP=group, DOT_F32=dot_f32,
         BLOCK_T=config.block_t, BLOCK_K=config.block_k, BLOCK_I=config.block_i, BLOCK_H=config.block_h,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -323,7 +406,7 @@ def fused_experts(
 def moe_experts(hidden, ids, weights, gate_up, down, table, activation: str = "silu",
                 config: MoEKernelConfig | None = None) -> torch.Tensor:
     """`fused_experts` where Triton runs on the tensors' device, else the PyTorch reference (logged once);
-    gate_up/down may be compressed (`QuantizedStack`).
+    gate_up/down may be compressed (`QuantizedStack`) or pre-quantized (`PrequantStack`).
 
     Same arguments, result and errors as `fused_experts` (minus the RuntimeError).
     """

@@ -1,8 +1,10 @@
-"""Experts as their publishers ship them: MXFP4 (gpt-oss), block-scaled FP8 (DeepSeek-V3, Qwen3-FP8) and GPTQ
-int4, the tensors of one matrix in each format, and the PyTorch reference that dequantizes them.
+"""Experts as their publishers ship them: MXFP4 (gpt-oss), block-scaled FP8 (DeepSeek-V3, Qwen3-FP8), GPTQ
+and AWQ int4, the tensors of one matrix in each format, and the PyTorch reference that dequantizes them.
 
 Unlike `quant.py` (formats specmoe makes itself from bf16 experts), these formats arrive from a checkpoint; the
-runtime keeps their bytes as published in the host store, over PCIe and in the slots, and dequantizes on use.
+runtime keeps their bytes as published in the host store, over PCIe and in the slots. The fused experts kernel
+reads a slot pool's parts as they are (`PrequantStack`) and dequantizes in registers; elsewhere they are
+dequantized on use with the references below.
 A matrix W [N, K] (N output channels, K input channels: `y = x @ W.T`) is held as:
 
 * ``mxfp4`` (transformers' integrations/mxfp4.py, gpt-oss): ``_blocks`` uint8 [N, K/32, 16] (two e2m1 codes per
@@ -12,6 +14,10 @@ A matrix W [N, K] (N output channels, K input channels: `y = x @ W.T`) is held a
 * ``gptq-int4-g128`` (GPTQ, `checkpoint_format` "gptq", `sym` either): ``.qweight`` int32 [K/8, N] (eight 4-bit
   codes per int32 along K, lowest nibble first), ``.qzeros`` int32 [K/G, N/8] (packed along N, stored minus 1),
   ``.scales`` float16 [K/G, N], ``.g_idx`` int32 [K]; W.T[k, n] = (q[k, n] - z[g_idx[k], n] - 1) * s[g_idx[k], n].
+  Act-order (`desc_act`): g_idx is any map of columns to groups, read as it is.
+* ``awq-int4-g128`` (AutoAWQ's GEMM layout, `version` "gemm", `zero_point` true): ``.qweight`` int32 [K, N/8]
+  and ``.qzeros`` int32 [K/G, N/8], both packed along N in AWQ's order (nibble i of a word holds column
+  8 c + AWQ_ORDER[i]), ``.scales`` float16 [K/G, N]; W.T[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
 
 The names are suffixes of the matrix's own name (``gate_up_proj_blocks``, ``down_proj_scale_inv``,
 ``gate_up_proj.qweight``).
@@ -28,9 +34,11 @@ import torch
 
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_BLOCK = 32
-KINDS = ("mxfp4", "fp8", "gptq-int4")
+KINDS = ("mxfp4", "fp8", "gptq-int4", "awq-int4")
 SUFFIXES = {"mxfp4": ("_blocks", "_scales"), "fp8": ("", "_scale_inv"),
-            "gptq-int4": (".qweight", ".qzeros", ".scales", ".g_idx")}
+            "gptq-int4": (".qweight", ".qzeros", ".scales", ".g_idx"), "awq-int4": (".qweight", ".qzeros", ".scales")}
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's WQLinear_GEMM packing: nibble i <- column AWQ_ORDER[i] of 8
+AWQ_SHIFT = tuple(4 * AWQ_ORDER.index(c) for c in range(8))  # column c of 8 -> its nibble's bit shift
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,8 @@ class PrequantFormat:
     """A publisher's expert format.
 
     Args:
-        kind: "mxfp4", "fp8" (block-scaled e4m3) or "gptq-int4".
-        block: FP8 scale block (square, `weight_block_size`), or GPTQ `group_size`; ignored for MXFP4.
+        kind: "mxfp4", "fp8" (block-scaled e4m3), "gptq-int4" or "awq-int4".
+        block: FP8 scale block (square, `weight_block_size`), or GPTQ / AWQ `group_size`; ignored for MXFP4.
     """
 
     kind: str
@@ -52,15 +60,16 @@ class PrequantFormat:
             raise ValueError(f"block/group size must be an int >= 8, got {self.block!r}")
 
     def __str__(self) -> str:
-        return {"mxfp4": "mxfp4", "fp8": f"fp8-b{self.block}", "gptq-int4": f"gptq-int4-g{self.block}"}[self.kind]
+        return {"mxfp4": "mxfp4", "fp8": f"fp8-b{self.block}", "gptq-int4": f"gptq-int4-g{self.block}",
+                "awq-int4": f"awq-int4-g{self.block}"}[self.kind]
 
     @classmethod
     def parse(cls, text: str) -> "PrequantFormat | None":
-        """'mxfp4', 'fp8-b128', 'gptq-int4-g128' -> a format; any other text (bf16, fp16, ...) -> None."""
+        """'mxfp4', 'fp8-b128', 'gptq-int4-g128', 'awq-int4-g128' -> a format; any other text (bf16, ...) -> None."""
         text = str(text)
         if text == "mxfp4":
             return cls("mxfp4", MXFP4_BLOCK)
-        for kind, sep in (("fp8", "-b"), ("gptq-int4", "-g")):
+        for kind, sep in (("fp8", "-b"), ("gptq-int4", "-g"), ("awq-int4", "-g")):
             if text == kind or text.startswith(kind + sep):
                 rest = text[len(kind) + len(sep):]
                 try:
@@ -101,8 +110,21 @@ class PrequantFormat:
                 raise ValueError(f"GPTQ group_size {group!r} is not supported; specmoe reads group sizes >= 8 "
                                  "(not -1, per-channel)")
             return cls("gptq-int4", group)
+        if method == "awq":
+            if qc.get("bits", qc.get("w_bit", 4)) != 4:
+                raise ValueError(f"AWQ with {qc.get('bits')} bits is not supported; specmoe reads 4-bit AWQ")
+            version = str(qc.get("version", "gemm")).lower()
+            if version != "gemm":
+                raise ValueError(f"AWQ version {version!r} is not supported; specmoe reads AutoAWQ's 'gemm' layout")
+            if not qc.get("zero_point", True):
+                raise ValueError("AWQ without zero points (zero_point false) is not supported; specmoe reads "
+                                 "zero_point true")
+            group = qc.get("group_size", qc.get("q_group_size", 128))
+            if not isinstance(group, int) or group < 8:
+                raise ValueError(f"AWQ group_size {group!r} is not supported; specmoe reads group sizes >= 8")
+            return cls("awq-int4", group)
         raise ValueError(f"quantization method {method!r} is not supported for experts; specmoe reads mxfp4, "
-                         "fp8 (block-scaled) and gptq (4-bit)")
+                         "fp8 (block-scaled), gptq and awq (4-bit)")
 
     # ---- layout --------------------------------------------------------------------------------------
     @property
@@ -124,8 +146,12 @@ class PrequantFormat:
             b = self.block
             return {"": ((n, k), torch.float8_e4m3fn), "_scale_inv": ((math.ceil(n / b), math.ceil(k / b)), torch.float32)}
         g = self.block
+        name = "GPTQ" if self.kind == "gptq-int4" else "AWQ"
         if k % g or k % 8 or n % 8:
-            raise ValueError(f"GPTQ int4 needs K a multiple of the group size {g} and of 8, N of 8; got [{n}, {k}]")
+            raise ValueError(f"{name} int4 needs K a multiple of the group size {g} and of 8, N of 8; got [{n}, {k}]")
+        if self.kind == "awq-int4":
+            return {".qweight": ((k, n // 8), torch.int32), ".qzeros": ((k // g, n // 8), torch.int32),
+                    ".scales": ((k // g, n), torch.float16)}
         return {".qweight": ((k // 8, n), torch.int32), ".qzeros": ((k // g, n // 8), torch.int32),
                 ".scales": ((k // g, n), torch.float16), ".g_idx": ((k,), torch.int32)}
 
@@ -142,7 +168,55 @@ class PrequantFormat:
             return dequantize_mxfp4(parts["_blocks"], parts["_scales"], dtype)
         if self.kind == "fp8":
             return dequantize_fp8(parts[""], parts["_scale_inv"], self.block, dtype)
+        if self.kind == "awq-int4":
+            return dequantize_awq(parts[".qweight"], parts[".qzeros"], parts[".scales"], self.block, dtype)
         return dequantize_gptq(parts[".qweight"], parts[".qzeros"], parts[".scales"], parts[".g_idx"], dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class PrequantStack:
+    """S matrices [N, K] in a publisher's format: one weight of every slot of a pre-quantized slot pool (views of
+    the slots, no copy), as the fused experts kernel reads them (`kernels.experts_kernel`).
+
+    Args:
+        fmt: the format.
+        shape: (N, K) of one matrix (the model's [out, in] weight).
+        dtype: what they dequantize to (the model's expert dtype).
+        parts: suffix -> [S, *part shape] (`fmt.parts`), each contiguous in its last dim.
+
+    Raises:
+        ValueError: parts of other shapes or dtypes than `fmt.parts(N, K)` gives.
+    """
+
+    fmt: PrequantFormat
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    parts: dict
+
+    def __post_init__(self):
+        want = self.fmt.parts(*self.shape)
+        if set(want) != set(self.parts):
+            raise ValueError(f"{self.fmt} needs parts {sorted(want)}, got {sorted(self.parts)}")
+        s = self.num
+        for sfx, (shape, dt) in want.items():
+            t = self.parts[sfx]
+            if tuple(t.shape) != (s, *shape) or t.dtype != dt or t.stride(-1) != 1:
+                raise ValueError(f"part {sfx!r} of {s} {tuple(self.shape)} matrices in {self.fmt} should be {dt} "
+                                 f"{(s, *shape)} contiguous in its last dim; got {t.dtype} {tuple(t.shape)}")
+
+    @property
+    def num(self) -> int:
+        return next(iter(self.parts.values())).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parts.values())).device
+
+    def dequantize(self, index=None) -> torch.Tensor:
+        """Matrix `index` (int) -> [N, K], a [n] tensor of slots -> [n, N, K], None -> [S, N, K], in `dtype`
+        (the PyTorch reference)."""
+        parts = self.parts if index is None else {k: v[index] for k, v in self.parts.items()}
+        return self.fmt.dequantize(parts, self.dtype)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -168,26 +242,61 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, dtype=torch.float32) -> torc
     q = (qweight.unsqueeze(-2) >> shifts.view(-1, 1)) & 0xF  # [..., K/8, 8, N]
     q = q.flatten(-3, -2)  # [..., K, N]
     z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)  # [..., K/G, N]
-    g = g_idx.long()
-    w = (q - z[..., g, :] - 1).float() * scales[..., g, :].float()  # [..., K, N]
+    g = g_idx.long().unsqueeze(-1).expand(*g_idx.shape, q.shape[-1])  # [..., K, N]: each column's group
+    w = (q - z.gather(-2, g) - 1).float() * scales.gather(-2, g).float()  # [..., K, N]
     return w.transpose(-1, -2).to(dtype)
 
 
-def quantize_gptq(w: torch.Tensor, group: int = 128) -> dict[str, torch.Tensor]:
-    """W [N, K] float -> GPTQ int4 parts (asymmetric, round-to-nearest per group, trivial g_idx): what a GPTQ
-    checkpoint holds, for tests and tiny checkpoints (not GPTQ's error-compensating solver)."""
+def quantize_gptq(w: torch.Tensor, group: int = 128, g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """W [N, K] float -> GPTQ int4 parts (asymmetric, round-to-nearest per group): what a GPTQ checkpoint holds,
+    for tests and tiny checkpoints (not GPTQ's error-compensating solver). `g_idx` [K]: each column's group
+    (act-order: any map with `group` columns per group); default column // group."""
     n, k = w.shape
-    wt = w.float().T.reshape(k // group, group, n)  # [K/G, G, N]
-    lo, hi = wt.amin(1), wt.amax(1)
+    g_idx = torch.arange(k, dtype=torch.int32) // group if g_idx is None else g_idx.to(torch.int32).clone()
+    wt = w.float().T  # [K, N]
+    index = g_idx.long()[:, None].expand(k, n)
+    lo = torch.full((k // group, n), float("inf")).scatter_reduce(0, index, wt, "amin")  # [K/G, N]
+    hi = torch.full((k // group, n), float("-inf")).scatter_reduce(0, index, wt, "amax")
     scale = ((hi - lo) / 15).clamp_min(1e-8).half()
     zero = (-lo / scale.float()).round().clamp(1, 15)  # stored minus 1: >= 1 keeps the stored value >= 0
-    q = (wt / scale.float().unsqueeze(1) + zero.unsqueeze(1)).round().clamp(0, 15).to(torch.int32).reshape(k, n)
+    q = (wt / scale.float()[g_idx.long()] + zero[g_idx.long()]).round().clamp(0, 15).to(torch.int32)  # [K, N]
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
     qweight = (q.reshape(k // 8, 8, n) << shifts.view(1, 8, 1)).sum(1, dtype=torch.int32)
     zs = (zero.to(torch.int32) - 1).reshape(k // group, n // 8, 8)
     qzeros = (zs << shifts).sum(-1, dtype=torch.int32)
-    return {".qweight": qweight, ".qzeros": qzeros, ".scales": scale,
-            ".g_idx": (torch.arange(k, dtype=torch.int32) // group)}
+    return {".qweight": qweight, ".qzeros": qzeros, ".scales": scale, ".g_idx": g_idx}
+
+
+def _unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., R, N/8] packed in AWQ's order -> codes int32 [..., R, N]."""
+    shifts = torch.tensor(AWQ_SHIFT, device=packed.device, dtype=torch.int32)
+    return (packed.unsqueeze(-1) >> shifts).bitwise_and_(0xF).flatten(-2)
+
+
+def dequantize_awq(qweight, qzeros, scales, group: int, dtype=torch.float32) -> torch.Tensor:
+    """AWQ GEMM int4 (see the module docstring) -> W [..., N, K]."""
+    q = _unpack_awq(qweight)  # [..., K, N]
+    k, n = q.shape[-2:]
+    q = q.view(*q.shape[:-2], k // group, group, n).sub_(_unpack_awq(qzeros).unsqueeze(-2))  # [..., K/G, G, N]
+    w = q.float().mul_(scales.float().unsqueeze(-2)).view(*q.shape[:-3], k, n)  # [..., K, N]
+    return w.transpose(-1, -2).to(dtype)
+
+
+def quantize_awq(w: torch.Tensor, group: int = 128) -> dict[str, torch.Tensor]:
+    """W [N, K] float -> AWQ GEMM int4 parts as AutoAWQ's `WQLinear_GEMM.from_linear` packs them (asymmetric,
+    round-to-nearest per group; not AWQ's activation-aware scale search)."""
+    n, k = w.shape
+    wt = w.float().T.reshape(k // group, group, n)  # [K/G, G, N]
+    lo, hi = wt.amin(1), wt.amax(1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8).half()
+    zero = (-lo / scale.float()).round().clamp(0, 15)  # [K/G, N]
+    q = (wt / scale.float().unsqueeze(1) + zero.unsqueeze(1)).round().clamp(0, 15).to(torch.int32).reshape(k, n)
+
+    def pack(x: torch.Tensor) -> torch.Tensor:  # [R, N] codes -> [R, N/8], column 8c + AWQ_ORDER[i] in nibble i
+        cols = x.reshape(x.shape[0], n // 8, 8)[..., list(AWQ_ORDER)]
+        return (cols << torch.arange(0, 32, 4, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+
+    return {".qweight": pack(q), ".qzeros": pack(zero.to(torch.int32)), ".scales": scale}
 
 
 def quantize_fp8(w: torch.Tensor, block: int = 128) -> dict[str, torch.Tensor]:
@@ -221,4 +330,6 @@ def quantize(w: torch.Tensor, fmt: PrequantFormat) -> dict[str, torch.Tensor]:
         return quantize_mxfp4(w)
     if fmt.kind == "fp8":
         return quantize_fp8(w, fmt.block)
+    if fmt.kind == "awq-int4":
+        return quantize_awq(w, fmt.block)
     return quantize_gptq(w, fmt.block)

@@ -59,7 +59,8 @@ def experts_reference(
         ids: [T, k] expert ids (any integer dtype).
         weights: [T, k] routing weights.
         gate_up: [S, 2I, H] slot pool view (rows: gate then up), or a `QuantizedStack` of compressed
-            [2I, H] matrices (a compressed pool): only the routed slots are dequantized, one at a time.
+            [2I, H] matrices (a compressed pool), or a `prequant.PrequantStack` (a publisher's format): only the
+            routed slots are dequantized, one at a time.
         down: [S, H, I] slot pool view, or a `QuantizedStack` of [H, I] matrices.
         table: [E] expert -> slot of this layer, -1 when absent.
         activation: one of ACTIVATIONS.
@@ -69,7 +70,7 @@ def experts_reference(
     """
     T, H = hidden.shape
     k = ids.shape[1]
-    compressed = isinstance(gate_up, QuantizedStack)
+    compressed = not isinstance(gate_up, torch.Tensor)  # a QuantizedStack or a prequant.PrequantStack
     inter = down.shape[-1]
     wdt = gate_up.dtype
     out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)  # [T, H]

@@ -16,8 +16,9 @@ kept, so `unwrap()` gives back the dequantized experts (with a warning).
 
 `PrequantCodec` is the same interface for experts that arrive quantized in their publisher's format (MXFP4,
 block-scaled FP8, GPTQ int4: `kernels.prequant`): their bytes as published are the store's, the copies' and
-the slots' layout; compute dequantizes the routed slots on use (PyTorch reference; the fused kernel does not
-read these formats yet), as do the host experts (misses="host"/"auto") and `unwrap()`.
+the slots' layout; the fused kernel reads them in place (`PrequantStack`, dequantized in registers); elsewhere the
+routed slots are dequantized on use (PyTorch reference), as do the host experts (misses="host"/"auto") and
+`unwrap()`.
 """
 
 # Shape legend: L MoE layers, E experts, n slots, B bytes per expert (uncompressed layout), Bc compressed
@@ -186,9 +187,14 @@ class PrequantCodec:
         return out
 
     def weights(self, views: Mapping[str, torch.Tensor]) -> dict:
-        """Nothing the fused kernel reads: it does not read the publishers' formats (the routed slots are
-        dequantized into a scratch for the model's experts implementation instead)."""
-        return {}
+        """Published views [S, ...] (a slot pool's) -> name -> `PrequantStack` of S matrices for the quantized
+        tensors, the view itself for the others: what the fused kernel reads, no copy. Empty for transposed
+        experts (gpt-oss), which the kernel does not compute."""
+        if self.transposed:
+            return {}
+        return {spec.name: prequant.PrequantStack(self.fmt, tuple(spec.shape), spec.dtype,
+                                                  {sfx: views[spec.name + sfx] for sfx in self._suffixes})
+                if spec.name in self.compressed else views[spec.name] for spec in self.slot_layout.specs}
 
     def _dequantize(self, packed: Mapping[str, torch.Tensor], spec) -> torch.Tensor:
         w = self.fmt.dequantize({sfx: packed[spec.name + sfx] for sfx in self._suffixes}, spec.dtype)  # [..., N, K]

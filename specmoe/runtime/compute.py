@@ -17,7 +17,10 @@ reads a slot outside its chunk).
   per shape.
 
 `choose_compute` picks once, in the wrapper's constructor (before the experts leave their modules: the kernel
-plans read them); `build_compute` makes the strategy once the pool exists.
+plans read them); `build_compute` makes the strategy once the pool exists. Every strategy's `kernel_name(layer)`
+says what computes a layer's device experts and how it reads the slots: "triton-fused-mxfp4" (the kernel,
+dequantizing MXFP4 in registers), "torch-reference-fp8-b128" (its PyTorch fallback where Triton cannot run),
+"gather-dequantized-gptq-int4-g128" (the model's implementation on a dequantized scratch), "pool", ...
 """
 
 # Shape legend: T tokens, E experts, H hidden, k top-k, S slots, n experts computed
@@ -188,6 +191,11 @@ class ModelCompute:
     def prepare(self, layer: MoELayer) -> None:
         """Called once per fused-experts layer at install."""
 
+    def kernel_name(self, layer: MoELayer) -> str:
+        """What computes this layer's device experts: the model's implementation on the pool, or on a scratch
+        of the routed slots dequantized from the pool's format."""
+        return f"{self.name}-dequantized-{self.pool.codec.fmt}" if self.pool.compressed else self.name
+
     reads_chosen = True  # remap reads the chosen experts' ids on the device
 
     def remap(self, layer: MoELayer, ids: torch.Tensor, chosen_t: torch.Tensor | None) -> torch.Tensor:
@@ -255,6 +263,22 @@ class KernelCompute:
 
     def prepare(self, layer: MoELayer) -> None:
         self.fallback.prepare(layer)
+
+    def kernel_name(self, layer: MoELayer) -> str:
+        """What computes this layer's device experts: "triton-fused-<format>" (the kernel reading the slots in
+        their format: plain, int8, int4-g64, mxfp4, fp8-b128, gptq-int4-g128, awq-int4-g128), its PyTorch
+        reference "torch-reference-<format>" where Triton cannot run, or the fallback's name; compute="auto" on
+        plain slots: "triton-fused-plain|<fallback>", the kernel where measured faster."""
+        weights = self.pool.weights
+        if layer.index not in self.kernel.activation or not weights:
+            return self.fallback.kernel_name(layer)
+        fmt = self.kernel.kernels.weight_format(weights["gate_up_proj"])
+        if self.kernel.mode == "auto" and not self.kernel.runs_here:
+            return self.fallback.kernel_name(layer)
+        name = f"{'triton-fused' if self.kernel.runs_here else 'torch-reference'}-{fmt}"
+        if self.kernel.mode == "auto" and not self.kernel.compressed:
+            return f"{name}|{self.fallback.kernel_name(layer)}"
+        return name
 
     def compute(self, layer: MoELayer, args, kwargs, ids, weights, chosen: list[int]) -> torch.Tensor:
         if not self.kernel.wanted(layer, ids, self.pool.weights):

@@ -83,7 +83,7 @@ class OffloadConfig:
         if comp is not None and comp != "none" and not isinstance(comp, (QuantFormat, PrequantFormat)):
             if not isinstance(comp, str):
                 raise TypeError(f"compression must be None, 'int8', 'int4' or 'int4-g128' (or a publisher's "
-                                f"format: 'mxfp4', 'fp8-b128', 'gptq-int4-g128'), got {comp!r}")
+                                f"format: 'mxfp4', 'fp8-b128', 'gptq-int4-g128', 'awq-int4-g128'), got {comp!r}")
             if PrequantFormat.parse(comp) is None:
                 QuantFormat.parse(comp)  # ValueError saying what to write
         if self.host_store not in HOST_STORES:

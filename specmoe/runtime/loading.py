@@ -17,11 +17,13 @@ never holding the whole model in host memory.
      ``smoe.store_path`` say so and why.
 
    A checkpoint with pre-quantized experts (config.json `quantization_config`: MXFP4 as gpt-oss publishes it,
-   block-scaled FP8 as DeepSeek-V3 and Qwen3-FP8, GPTQ int4) keeps them as published: the store holds the
+   block-scaled FP8 as DeepSeek-V3 and Qwen3-FP8, GPTQ int4 with or without act-order, AWQ int4 in AutoAWQ's GEMM
+   layout) keeps them as published: the store holds the
    published parts (`compression.PrequantCodec`, `prequant_checkpoint.PrequantPlan`), read as byte ranges of
    the files where they are (gpt-oss's fused tensors, FP8's per-expert tensors; "mmap" serves them from the
-   files) or concatenated without loss (GPTQ's gate and up along the output channels); the host never holds
-   a dequantized copy of all experts.
+   files) or concatenated without loss (GPTQ's and AWQ's gate and up along the output channels); the host never
+   holds a dequantized copy of all experts. Their quantized non-expert linears (FP8, GPTQ, AWQ attention) are
+   dequantized on load.
 
    Not done here: a pinned staging ring for CUDA copies from the files (copies read into pageable buffers), and
    read-ahead of prefetched experts from disk on worker threads.
@@ -157,7 +159,8 @@ def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], d
                     fmt: PrequantFormat | None = None) -> None:
     """Read every non-expert tensor to `device` and assign it into the meta model. Block-scaled FP8 weights
     (DeepSeek-V3 quantizes its attention too) are dequantized with their ``weight_scale_inv``, as transformers
-    does on a machine without FP8 kernels."""
+    does on a machine without FP8 kernels; so are GPTQ / AWQ linears (their builds quantize attention and
+    shared experts too: ``q_proj.qweight`` ... in place of ``q_proj.weight``)."""
     wanted = [k for k in model.state_dict() if k not in expert_keys]
     missing = [k for k in wanted if k not in plan.nonexpert]
     state = {}
@@ -171,6 +174,11 @@ def _load_nonexpert(model: nn.Module, plan: ExpertPlan, expert_keys: set[str], d
                                      "specmoe can apply")
                 t = dequantize_fp8(t, plan.checkpoint.read(scale), fmt.block, torch.float32)
             state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        elif fmt is not None and fmt.kind in ("gptq-int4", "awq-int4") and key.endswith(".weight") and \
+                key[: -len("weight")] + "qweight" in plan.nonexpert:
+            stem = key[: -len(".weight")]
+            parts = {sfx: plan.checkpoint.read(plan.nonexpert[stem + sfx]) for sfx in fmt.suffixes}
+            state[key] = fmt.dequantize(parts, torch.float32).to(device=device, dtype=dtype)  # [out, in]
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in expert_keys]
@@ -274,7 +282,7 @@ def load_offloaded(path, *, device=None, cache_capacity=None, predictor=None, dt
             (experts read from the checkpoint files; see the module docstring for when that falls back to "ram").
         **wrapper_kwargs: `OffloadConfig` settings (host_store, compression, policy, ...), overriding `config`,
             and the rest of `SpeculativeMoE`'s keyword arguments (placement, miss_costs). A checkpoint whose
-            config.json has a `quantization_config` (MXFP4, block-scaled FP8, GPTQ int4 experts) sets
+            config.json has a `quantization_config` (MXFP4, block-scaled FP8, GPTQ / AWQ int4 experts) sets
             compression to its format: the experts stay as published (see the module docstring).
 
     Returns:

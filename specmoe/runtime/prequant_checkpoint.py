@@ -10,8 +10,9 @@ each expert in the published layout of its codec (`compression.PrequantCodec`): 
   (``mlp.experts.*.gate_proj.weight`` + ``...up_proj.weight`` -> ``gate_up_proj``) with ``.weight`` replaced by
   the part's key (FP8: ``.weight`` and ``.weight_scale_inv``; GPTQ: ``.qweight``, ``.qzeros``, ``.scales``,
   ``.g_idx``), concatenated along the output channels: dim 0 for FP8 (plain bytes too, when every block row
-  is whole) and the last dim for GPTQ (built in memory, without loss; GPTQ's ``g_idx`` must be the same for
-  the concatenated matrices, as it is without act-order).
+  is whole) and the last dim for GPTQ and AWQ (built in memory, without loss; GPTQ's ``g_idx`` must be the same
+  for the concatenated matrices: it is without act-order, and with it too, since gate_proj and up_proj share
+  their input and so GPTQ's column order).
 
 `PrequantPlan` has `ExpertPlan`'s two reading methods, so `loading.CheckpointExperts` serves either.
 """
@@ -133,7 +134,7 @@ class PrequantPlan:
         """Expert e's part, read from the checkpoint (a new CPU tensor).
 
         Raises:
-            ValueError: a shape other than the layout's, or GPTQ matrices with different g_idx (act-order).
+            ValueError: a shape other than the layout's, or concatenated GPTQ matrices with different g_idx.
         """
         r = self.recipes[key]
         if r.fused is not None:
@@ -144,8 +145,8 @@ class PrequantPlan:
             parts = [self.checkpoint.read(self.renamed[tpl.format(e=e)]) for tpl in r.templates]
             if r.cat_dim is None:
                 if any(not torch.equal(p, parts[0]) for p in parts[1:]):
-                    raise ValueError(f"{key} expert {e}: the concatenated GPTQ matrices have different g_idx "
-                                     "(act-order, desc_act=True); specmoe reads GPTQ without act-order")
+                    raise ValueError(f"{key} expert {e}: gate_proj and up_proj have different GPTQ g_idx; specmoe "
+                                     "reads act-order (desc_act) only with one g_idx for both, as GPTQ gives them")
                 t = parts[0]
             else:
                 t = torch.cat(parts, dim=r.cat_dim)

@@ -166,7 +166,7 @@ def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream
         store = s.moe_layers * s.num_experts * s.slot_bytes
         if store <= ram_for_experts:
             host_store, ram_fraction = "ram", 1.0
-        elif scheme != "none" or s.expert_dtype.startswith("gptq"):
+        elif scheme != "none" or s.expert_dtype.startswith(("gptq", "awq")):
             why_not.append(f"{scheme}: its {store / GiB:.1f} GiB store exceeds RAM and cannot be served from the "
                            "checkpoint files (re-encoded, or GPTQ's concatenated parts)")
             continue
