@@ -41,7 +41,7 @@ from .stats import LayerStats
 Key = tuple[int, int]  # (layer, expert)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LayerPlan:
     """What one MoE layer call does (`Scheduler.plan`), carried out by an executor driving `Scheduler.step`:
     the runtime's hot path (streams and kernels) or the simulator's replay (its clock).
@@ -95,6 +95,11 @@ class Scheduler:
         num_layers: L.
         max_inflight: bound on prefetch copies in flight.
         copy_bytes: bytes one copy moves (counted in `bytes_moved`).
+
+    Attributes:
+        predicting: whether the executor has a predictor (the runtime's `HotPath.predictor`, the simulator's
+            candidates). Prefetch admission calibrates only while it has something to admit: a predictor's
+            candidates, or (misses="auto") experts computed on the host queued for copying.
     """
 
     def __init__(self, cache: ExpertCache, engine: SlotEngine, num_layers: int, max_inflight: int, copy_bytes: int,
@@ -109,10 +114,12 @@ class Scheduler:
         self.copy_bytes = copy_bytes
         self.misses = check_misses(misses)  # where routed experts that are not resident run (see `split`)
         self.admission: PrefetchAdmission | None = None  # made with costs that know the layer period
+        self._adm: PrefetchAdmission | None = None  # the admission while it has something to admit, else None
+        self._predicting = False
         self.miss_costs = miss_costs
         self._layer = 0  # the layer of the current call
         self._call_fetched = 0  # experts the current call fetched on demand
-        self._rank: dict[Key, int] = {}  # candidate -> its rank in the current call's prediction
+        self._candidates: Sequence[Key] = ()  # the current call's prediction, best first (a key's rank: its index)
         self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
         policy = cache.policy  # bound to the cache by the cache (`bind`)
         self._observe = getattr(policy, "observe", None)
@@ -176,13 +183,23 @@ class Scheduler:
                                             host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0),
                                             predict_s=getattr(costs, "predict_s", 0.0))
                           if layer_s > 0 and copy_s > 0 else None)
+        self._adm = self.admission if self._predicting or self.misses == "auto" else None
+
+    @property
+    def predicting(self) -> bool:
+        return self._predicting
+
+    @predicting.setter
+    def predicting(self, value: bool) -> None:
+        self._predicting = bool(value)
+        self._adm = self.admission if self._predicting or self.misses == "auto" else None
 
     def reset(self) -> None:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
         for container in (self._queue, self._predicted, self._inflight, self._prefetched, self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
-        self._rank.clear()
+        self._candidates = ()
         if self.admission is not None:
             self.admission.reset()
 
@@ -214,7 +231,7 @@ class Scheduler:
     def wants_prediction(self) -> bool:
         """Whether the executor should run the predictor for the call about to be planned (always, without
         admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
-        return self.admission is None or self.admission.worth_predicting()
+        return self._adm is None or self._adm.worth_predicting()
 
     def step(self, plan: LayerPlan) -> bool:
         """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
@@ -232,8 +249,8 @@ class Scheduler:
                 self.land_prefetches()
         elif plan.next >= len(device):  # the last chunk's compute is issued
             plan.done = True
-            if self.admission is not None:
-                self.admission.call_done(self._call_fetched, len(plan.host))
+            if self._adm is not None:
+                self._adm.call_done(self._call_fetched, len(plan.host))
             if plan.single:
                 if self._queue:
                     self.pump()  # the slots just computed on are still in use: no prefetch evicts them
@@ -254,14 +271,12 @@ class Scheduler:
         self._guessing = bool(candidates)
         self._layer = layer
         self._call_fetched = 0
-        adm = self.admission
+        adm = self._adm
         if adm is not None:
             adm.routed(layer, routed)
             if candidates:
                 adm.watch(candidates)
-                self._rank = {key: i for i, key in enumerate(candidates)}
-            elif self._rank:
-                self._rank = {}
+        self._candidates = candidates
         predicted, queue = self._predicted, self._queue
         if predicted:
             predicted.clear()
@@ -298,8 +313,8 @@ class Scheduler:
         if self.misses == "auto" and not self._guessing:
             queued = [(layer, e) for e in reversed(host)]
             self._queue[:0] = queued
-            if self.admission is not None:
-                self.admission.watch((), queued)
+            if self._adm is not None:
+                self._adm.watch((), queued)
         on_host = set(host)
         return [e for e in routed if e not in on_host], host
 
@@ -310,13 +325,14 @@ class Scheduler:
         slot_of, touch, ready = self.cache.slot_of, self.cache.policy.touch, engine.ready
         in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
         inflight = self._inflight
+        found = [slot_of.get(keys[e]) for e in experts]  # resident ones stay so: none is evicted for another
         slots = []
         hits = in_flight = used = misses = 0
-        for e in experts:
-            slot = slot_of.get(keys[e])
+        for e, slot in zip(experts, found):
             if slot is None:
                 if not misses:  # no routed expert of this step may be evicted by another of it
-                    in_use.update(s for s in (slot_of.get(keys[x]) for x in experts) if s is not None)
+                    in_use.update(found)
+                    in_use.discard(None)
                 in_use.update(slots)  # nor one fetched for it already
                 misses += 1
                 slot = self._take_slot(keys[e], True)
@@ -355,10 +371,11 @@ class Scheduler:
         an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
         an expert: a copy issued then would land after the host could have computed it."""
         queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
-        adm = self.admission
+        adm = self._adm
         backlog = self._backlog if self.misses == "auto" and adm is None else None
         if adm is not None:
-            link_s, n, rank, layer = self._link_backlog(), 0, self._rank, self._layer
+            link_s, n, layer = self._link_backlog(), 0, self._layer
+            predicted, rank_of, reuse = self._predicted, self._candidates.index, adm.REUSE
             adm._expected = 0.0
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
@@ -374,7 +391,7 @@ class Scheduler:
             if key in slot_of:
                 continue
             if adm is not None:
-                if not adm.admit(layer, key, rank.get(key, adm.REUSE), n, link_s):
+                if not adm.admit(layer, key, rank_of(key) if key in predicted else reuse, n, link_s):
                     self.stats[key[0]].prefetch_refused += 1
                     continue
                 n += 1
@@ -398,7 +415,7 @@ class Scheduler:
         if self._backlog is not None:
             return self._backlog()
         ready = self.engine.ready
-        return sum(1 for s in self._copying if not ready(s)) * self.admission.copy_s
+        return sum(1 for s in self._copying if not ready(s)) * self._adm.copy_s
 
     def land_prefetches(self) -> None:
         """The host waits for every prefetch in flight (before a chunked layer needs every slot)."""
@@ -423,8 +440,8 @@ class Scheduler:
             if got is None:
                 raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
         slot = got[0]
-        if got[1] is not None and self.admission is not None:  # the policy's victims: how often needed again
-            self.admission.evicted(got[1])
+        if got[1] is not None and self._adm is not None:  # the policy's victims: how often needed again
+            self._adm.evicted(got[1])
         wasted = self._prefetched.pop(slot, None)
         if wasted is not None:
             self.stats[wasted[0]].prefetch_wasted += 1

@@ -221,6 +221,7 @@ class _Replay:
             self.policy_s = getattr(cache.policy, "host_s_per_call", 0.0)  # a learned policy's measured cost
             costs = replay_costs(shape, profile, compute, ops, host, context)
             self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
+            self.sched.predicting = candidates is not None  # as the runtime's HotPath.predictor tells it
         self.host_costs = costs
         self.on_host = self.wrapped and misses != "fetch"
         T_bytes = shape.hidden_size * shape.dtype_bytes  # one token's hidden state
