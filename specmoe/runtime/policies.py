@@ -135,10 +135,21 @@ class ScoredPolicy(LRUPolicy):
     def victim(self, allowed: Callable[[int], bool]) -> int | None:
         if self.layer is None:
             return super().victim(allowed)
-        if self._score is None:
-            self._score = self._scores()
-        found = _lowest_allowed(self._score, allowed)
-        return found if found is not None else super().victim(allowed)  # only kept slots may go: the oldest
+        score = self._score
+        if score is None:
+            score = self._score = self._scores()
+        argmin, inf = score.argmin, np.inf  # _lowest_allowed, inlined: every miss asks
+        while True:
+            slot = int(argmin())
+            if score[slot] == inf:
+                break
+            if allowed(slot):
+                return slot
+            score[slot] = inf
+        for s in self._order:  # only kept slots may go: the oldest (LRUPolicy.victim)
+            if allowed(s):
+                return s
+        return None
 
 
 # recency buckets: visits of a layer since the expert was last routed there (0: routed at the latest visit)
@@ -257,8 +268,7 @@ class HitDensityPolicy(ScoredPolicy):
         total = self.freq_sum[layer] = np.add.reduce(freq)
         recency, rel2 = self._row_int, self._row_float
         np.subtract(visit, last, out=recency)
-        np.minimum(recency, _MAX_RECENCY, out=recency)
-        self._recency_f.take(recency, out=bucket)
+        self._recency_f.take(recency, out=bucket, mode="clip")  # recency capped at _MAX_RECENCY, its last index
         np.multiply(freq, 2 * self.E, out=rel2)  # twice the frequency relative to the layer's average
         np.divide(rel2, total, out=rel2)
         np.minimum(rel2, self.F - 1, out=rel2)  # >= 0: the same as the cap after truncation

@@ -39,6 +39,7 @@ from .misses import MissCosts, check_misses, split_misses
 from .stats import LayerStats
 
 Key = tuple[int, int]  # (layer, expert)
+_NOTHING: frozenset = frozenset()  # what the policy observes as predicted when nothing is
 
 
 @dataclass(eq=False, slots=True)
@@ -89,7 +90,7 @@ class Scheduler:
     Args:
         cache: the slot cache and its eviction policy (which the cache `bind`s, where it has that method); the
             policy's optional `observe(layer, predicted, routed)` and `observe_time(t)` are called at each
-            `begin` (t = pass_index * L + layer, the pass index its caller hands on: the runtime's pass-start hook,
+            `plan` (t = pass_index * L + layer, the pass index its caller hands on: the runtime's pass-start hook,
             the simulator's stream; `routed` is read-only).
         engine: the copies (`SlotEngine`).
         num_layers: L.
@@ -222,51 +223,6 @@ class Scheduler:
         the prediction's keys, best first; `tokens` maps a routed expert to the tokens routed to it (needed only
         where misses may run on the host). Queues the candidates, lets the policy observe the call, and decides
         where each routed expert runs (`LayerPlan.device` / `.host`); the executor then drives `step`."""
-        self._begin(pass_index, layer, routed, candidates)
-        if self.misses == "fetch" or not routed:
-            return LayerPlan(layer, routed, ())
-        device, host = self._split(layer, routed, tokens or {})
-        return LayerPlan(layer, device, host)
-
-    def wants_prediction(self) -> bool:
-        """Whether the executor should run the predictor for the call about to be planned (always, without
-        admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
-        return self._adm is None or self._adm.worth_predicting()
-
-    def step(self, plan: LayerPlan) -> bool:
-        """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
-        it fits in the slots; else the prefetches in flight land and chunks of at most S experts follow):
-        `plan.chunk` and `plan.slots` say what to compute on, and True is returned. Each later call means the
-        compute on `plan.slots` has been issued: it releases them and acquires the next chunk (True), or, after
-        the last, issues the queued prefetches (while that compute runs) and returns False."""
-        if plan.done:
-            return False
-        device, S = plan.device, self.num_slots
-        if plan.slots is None:  # the first step
-            plan.single = len(device) <= S
-            if not plan.single:
-                self.chunked_calls += 1
-                self.land_prefetches()
-        elif plan.next >= len(device):  # the last chunk's compute is issued
-            plan.done = True
-            if self._adm is not None:
-                self._adm.call_done(self._call_fetched, len(plan.host))
-            if plan.single:
-                if self._queue:
-                    self.pump()  # the slots just computed on are still in use: no prefetch evicts them
-                self.release(plan.slots)
-            else:
-                self.release(plan.slots)
-                self.pump()
-            return False
-        else:
-            self.release(plan.slots)
-        chunk = device if plan.single else device[plan.next : plan.next + S]
-        plan.next += len(chunk) if chunk else 1
-        plan.chunk, plan.slots = chunk, self.acquire(plan.layer, chunk)
-        return True
-
-    def _begin(self, pass_index: int, layer: int, routed: list[int], candidates: Sequence[Key]) -> None:
         self.layer_calls += 1
         self._guessing = bool(candidates)
         self._layer = layer
@@ -287,9 +243,56 @@ class Scheduler:
         elif queue:
             queue.clear()
         if self._observe is not None:  # a snapshot: the scheduler's own set changes at the next call
-            self._observe(layer, frozenset(predicted), routed)
+            self._observe(layer, frozenset(predicted) if predicted else _NOTHING, routed)
         if self._observe_time is not None:
             self._observe_time(pass_index * self.num_layers + layer)
+        if self.misses == "fetch" or not routed:
+            return LayerPlan(layer, routed, ())
+        device, host = self._split(layer, routed, tokens or {})
+        return LayerPlan(layer, device, host)
+
+    def wants_prediction(self) -> bool:
+        """Whether the executor should run the predictor for the call about to be planned (always, without
+        admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
+        return self._adm is None or self._adm.worth_predicting()
+
+    def step(self, plan: LayerPlan) -> bool:
+        """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
+        it fits in the slots; else the prefetches in flight land and chunks of at most S experts follow):
+        `plan.chunk` and `plan.slots` say what to compute on, and True is returned. Each later call means the
+        compute on `plan.slots` has been issued: it releases them and acquires the next chunk (True), or, after
+        the last, issues the queued prefetches (while that compute runs) and returns False."""
+        if plan.done:
+            return False
+        device = plan.device
+        if plan.slots is None:  # the first step
+            if len(device) <= self.num_slots:  # all at once (the common case)
+                plan.next = len(device) or 1
+                plan.chunk, plan.slots = device, self.acquire(plan.layer, device)
+                return True
+            plan.single = False
+            self.chunked_calls += 1
+            self.land_prefetches()
+        elif plan.next >= len(device):  # the last chunk's compute is issued
+            plan.done = True
+            if self._adm is not None:
+                self._adm.call_done(self._call_fetched, len(plan.host))
+            if plan.single:
+                if self._queue:
+                    self.pump()  # the slots just computed on are still in use: no prefetch evicts them
+                self.engine.release(plan.slots)  # release(), inlined
+                self._in_use.difference_update(plan.slots)
+            else:
+                self.release(plan.slots)
+                self.pump()
+            return False
+        else:
+            self.release(plan.slots)
+        S = self.num_slots
+        chunk = device[plan.next : plan.next + S]
+        plan.next += len(chunk) if chunk else 1
+        plan.chunk, plan.slots = chunk, self.acquire(plan.layer, chunk)
+        return True
 
     def _split(self, layer: int, routed: list[int], tokens: Mapping[int, int]) -> tuple[list[int], list[int]]:
         """(experts the device computes, experts the host computes) of `routed`. Only experts that are neither
@@ -325,13 +328,13 @@ class Scheduler:
         slot_of, touch, ready = self.cache.slot_of, self.cache.policy.touch, engine.ready
         in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
         inflight = self._inflight
-        found = [slot_of.get(keys[e]) for e in experts]  # resident ones stay so: none is evicted for another
         slots = []
         hits = in_flight = used = misses = 0
-        for e, slot in zip(experts, found):
+        for e in experts:
+            slot = slot_of.get(keys[e])
             if slot is None:
                 if not misses:  # no routed expert of this step may be evicted by another of it
-                    in_use.update(found)
+                    in_use.update(map(slot_of.get, map(keys.__getitem__, experts)))
                     in_use.discard(None)
                 in_use.update(slots)  # nor one fetched for it already
                 misses += 1
