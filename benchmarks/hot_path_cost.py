@@ -10,7 +10,8 @@ hook sees it, through
   engine's byte copy by nothing (the transfer is not bookkeeping).
 
 The figure is (wrapped - bare) / calls, in µs per MoE layer call: the minimum over --repeats of the mean over
-all recorded calls (perf_counter; the machine may be shared). The predictor's own `predict` is timed apart on
+all recorded calls, in process CPU time (the machine may be shared: CPU time and the minimum are the least
+disturbed by other processes; torch runs one thread). The predictor's own `predict` is timed apart on
 the same calls and reported beside it ("bookkeeping" excludes it). Goal: <= 25 µs per layer call with the
 default policy and no predictor on this CPU.
 
@@ -47,7 +48,7 @@ from specmoe.predictors import HistoryPredictor, OraclePredictor, PreGatePredict
 from specmoe.runtime.policies import DEFAULT_POLICY
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.hooks import PassMarker
-from specmoe.sim.compute import ASSUMED_WRAPPER_S, BOOKKEEPING_FILE, ComputeModel
+from specmoe.sim.compute import ASSUMED_WRAPPER_S, BOOKKEEPING_FILE, ComputeModel, op_counter
 from specmoe.traces import RoutingTrace
 from wrapper_overhead import qwen15_geometry_model
 
@@ -94,14 +95,26 @@ def time_replay(fn, calls, repeats: int, before_pass=None) -> float:
     best = float("inf")
     for _ in range(repeats):
         current = None
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for p, layer, args, kwargs in calls:
             if p != current and before_pass is not None:
                 before_pass(p)
             current = p
             fn(p, layer, args, kwargs)
-        best = min(best, (time.perf_counter() - t0) / len(calls))
+        best = min(best, (time.process_time() - t0) / len(calls))
     return best
+
+
+def count_ops(fn, calls, before_pass=None) -> float:
+    """Aten ops per call of one replay of fn (counted, not timed: `sim.compute.op_counter`)."""
+    counter, current = op_counter(), None
+    with counter:
+        for p, layer, args, kwargs in calls:
+            if p != current and before_pass is not None:
+                before_pass(p)
+            current = p
+            fn(p, layer, args, kwargs)
+    return counter.n["all"] / len(calls)
 
 
 def make_predictor(name: str, geo, passes):
@@ -165,7 +178,10 @@ def measure(base, calls, passes, policy: str, predictor_name: str, capacity: flo
         t_bare = time_replay(bare, calls, repeats)
         t_wrapped = time_replay(wrapped, calls, repeats, new_pass)
         t_predict = time_replay(predict_only, calls, repeats, new_pass) - t_bare if predictor is not None else 0.0
-    stats = smoe.stats
+        stats = smoe.stats
+        ops = count_ops(wrapped, calls, new_pass)  # the hot path's own aten ops, which the op counts charge ...
+        if predictor is not None:  # ... less the predictor's own `predict` (and its stand-in history)
+            ops = max(0.0, ops - count_ops(predict_only, calls, new_pass))
     smoe.unwrap()
     per_call = (t_wrapped - t_bare) * 1e6
     copies = stats.misses - stats.host_computed + stats.prefetch_issued  # over the timed replays
@@ -173,7 +189,7 @@ def measure(base, calls, passes, policy: str, predictor_name: str, capacity: flo
             "bare_us": t_bare * 1e6, "wrapped_us": t_wrapped * 1e6, "hot_path_us": per_call,
             "predict_us": max(0.0, t_predict * 1e6), "bookkeeping_us": per_call - max(0.0, t_predict * 1e6),
             "hit_rate": stats.hit_rate, "prefetch_issued": stats.prefetch_issued,
-            "copies_per_call": copies / max(1, stats.layer_calls)}
+            "copies_per_call": copies / max(1, stats.layer_calls), "hot_path_ops": ops}
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -189,9 +205,11 @@ def calibration(rows: list[dict], default: str, command: str, env: dict) -> dict
     """The simulator's bookkeeping calibration from the rows (see the module docstring); None when a policy
     lacks its no-predictor rows."""
     policies = sorted({r["policy"] for r in rows})
-    out = {"what": "the runtime's bookkeeping per MoE layer call (hot path + scheduler + policy + candidate ranking, "
-                   "no expert compute, no byte copies), measured on this CPU; per policy a line per expert copy, "
-                   "per predictor the extra per predicted call (its own predict apart: the op counts)",
+    out = {"what": "the runtime's bookkeeping per MoE layer call (hot path + scheduler + policy + candidate "
+                   "ranking, no expert compute, no byte copies), measured on this CPU; per policy a line per expert "
+                   "copy, per predictor the extra per predicted call (its own predict apart: the op counts). It "
+                   "includes this CPU's time in the hot path's own aten ops (hot_path_ops per call in the "
+                   "benchmark's rows), which the op counts also charge on the GPU host: an overlap, not removed",
            "command": command, "environment": env, "load_average": list(os.getloadavg()),
            "default_policy": default, "policies": {}, "predictors": {},
            "host": "measured on this CPU; the simulator assumes the GPU host runs the same Python at the speed "
@@ -216,11 +234,12 @@ def calibration(rows: list[dict], default: str, command: str, env: dict) -> dict
 
 
 def markdown(r: dict) -> str:
-    lines = ["| policy | predictor | capacity | hot path µs/call | of which predict | bookkeeping µs/call | hit rate |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| policy | predictor | capacity | hot path µs/call | of which predict | bookkeeping µs/call "
+             "| its aten ops/call | copies/call | hit rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         lines.append(f"| {row['policy']} | {row['predictor']} | {row['capacity']} | {row['hot_path_us']:.1f} | "
-                     f"{row['predict_us']:.1f} | {row['bookkeeping_us']:.1f} | {row['hit_rate']:.3f} |")
+                     f"{row['predict_us']:.1f} | {row['bookkeeping_us']:.1f} | {row['hot_path_ops']:.1f} | "
+                     f"{row['copies_per_call']:.2f} | {row['hit_rate']:.3f} |")
     env, st = r["environment"], r["settings"]
     cal = r.get("calibration")
     if cal:
