@@ -1,8 +1,9 @@
 """The device-side expert cache: a slot pool shared by all MoE layers, expert->slot tables, eviction policy.
 
-The cache owns bookkeeping only (eviction policies live in policies.py); the copies themselves belong to a copy engine (transfer.py) and the
-decision of what to load belongs to the wrapper. A slot that is in use (pinned for the layer being computed)
-or whose copy is in flight is never chosen as a victim.
+The cache owns bookkeeping only (eviction policies live in policies.py); the copies themselves belong to a copy
+engine (transfer.py) and the decisions of what to load, evict and prefetch to the scheduler (scheduler.py), which
+passes `assign` the filter that keeps a slot in use (pinned for the layer being computed) or whose copy is in
+flight from ever being chosen as a victim.
 """
 
 # Shape legend: L MoE layers, E experts, S slots, B bytes per expert

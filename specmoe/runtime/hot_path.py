@@ -13,7 +13,9 @@
 - `modulelist_forward` (one module per expert): the model's own loop runs; `expert_hooks` bind each expert to
   its slot (or its host tensors) as the loop reaches it.
 
-Every decision (what to fetch, evict, prefetch, chunk, or compute on the host) is the scheduler's.
+Every decision (what to fetch, evict, prefetch, chunk, or compute on the host) is the scheduler's
+(`scheduler.py`); the simulator (`sim/engine.py`) executes the same plans on its clock. What this hot path costs
+itself per layer call is measured by `benchmarks/hot_path_cost.py`, and the simulator charges that.
 """
 
 # Shape legend: T tokens, E experts, H hidden, k top-k, L MoE layers, n target layers, m prefetch width

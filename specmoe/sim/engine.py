@@ -19,7 +19,9 @@ scheduler (`specmoe.runtime.scheduler`): the replay asks it for each layer call'
 carries the plan out with `Scheduler.step`, in the runtime's order, on `ClockEngine`, a copy engine on a clock;
 it holds no sequence of scheduler calls of its own. The result is the runtime's `Stats` (the same counters,
 per MoE layer) with the clock's figures (`SimResult`). The scheduler's costs (`clock.replay_costs`: one copy,
-the host's compute, the layer period, the predictor's host time) are the profiles' and the compute model's.
+the host's compute, the layer period, the predictor's host time) are the profiles' and the compute model's; the
+runtime's own bookkeeping is charged as measured (`compute.Bookkeeping`, `sim/calibration/bookkeeping.json`): the
+policy's per layer call, the predictor's per predicted call, and per copy on top of issuing it.
 """
 
 # Shape legend: T tokens, E experts, L MoE layers, k top-k, S slots, P passes
