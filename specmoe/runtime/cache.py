@@ -1,8 +1,9 @@
 """The device-side expert cache: a slot pool shared by all MoE layers, expert->slot tables, eviction policy.
 
-The cache owns bookkeeping only (eviction policies live in policies.py); the copies themselves belong to a copy engine (transfer.py) and the
-decision of what to load belongs to the wrapper. A slot that is in use (pinned for the layer being computed)
-or whose copy is in flight is never chosen as a victim.
+The cache owns bookkeeping only (eviction policies live in policies.py); the copies themselves belong to a copy
+engine (transfer.py) and the decisions of what to load, evict and prefetch to the scheduler (scheduler.py), which
+passes `assign` the filter that keeps a slot in use (pinned for the layer being computed) or whose copy is in
+flight from ever being chosen as a victim.
 """
 
 # Shape legend: L MoE layers, E experts, S slots, B bytes per expert
@@ -92,25 +93,26 @@ class ExpertCache:
     def assign(self, key: Key, allowed: Callable[[int], bool]) -> tuple[int, Key | None] | None:
         """Give `key` a slot: a free one, else the policy's victim among `allowed`. Returns (slot, evicted key),
         or None when every occupied slot is off limits."""
-        if key in self.slot_of:
-            raise ValueError(f"expert {key} is already in slot {self.slot_of[key]}")
+        slot_of, policy, table = self.slot_of, self.policy, self.table
+        if key in slot_of:
+            raise ValueError(f"expert {key} is already in slot {slot_of[key]}")
         evicted = None
         if self._free:
             slot = self._free.pop()
         else:
-            slot = self.policy.victim(allowed)
+            slot = policy.victim(allowed)
             if slot is None:
                 return None
             evicted = self.key_of[slot]
-            del self.slot_of[evicted]
-            if self.table is not None:
-                self.table[evicted] = -1
-            self.policy.forget(slot)
+            del slot_of[evicted]
+            if table is not None:
+                table[evicted] = -1
+            policy.forget(slot)
         self.key_of[slot] = key
-        self.slot_of[key] = slot
-        if self.table is not None:
-            self.table[key] = slot
-        self.policy.touch(slot)
+        slot_of[key] = slot
+        if table is not None:
+            table[key] = slot
+        policy.touch(slot)
         return slot, evicted
 
     def resident(self) -> set[Key]:

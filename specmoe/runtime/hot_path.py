@@ -13,7 +13,9 @@
 - `modulelist_forward` (one module per expert): the model's own loop runs; `expert_hooks` bind each expert to
   its slot (or its host tensors) as the loop reaches it.
 
-Every decision (what to fetch, evict, prefetch, chunk, or compute on the host) is the scheduler's.
+Every decision (what to fetch, evict, prefetch, chunk, or compute on the host) is the scheduler's
+(`scheduler.py`); the simulator (`sim/engine.py`) executes the same plans on its clock. What this hot path costs
+itself per layer call is measured by `benchmarks/hot_path_cost.py`, and the simulator charges that.
 """
 
 # Shape legend: T tokens, E experts, H hidden, k top-k, L MoE layers, n target layers, m prefetch width
@@ -68,10 +70,20 @@ class HotPath:
         self.scheduler, self.experts_compute, self.pool, self.host = scheduler, experts_compute, pool, host
         self.geometry, self.device, self.prefetch_width, self.wrap = geometry, device, prefetch_width, wrap
         self.num_slots = scheduler.num_slots
-        self.predictor = None
+        self._predictor = None
         self.host_syncs = 0
         self.pass_index = 0  # the forward pass running, as the wrapper's pass-start hook counts them
         self.reset()
+
+    @property
+    def predictor(self):
+        """The predictor (None: demand fetching only); the scheduler is told whether there is one."""
+        return self._predictor
+
+    @predictor.setter
+    def predictor(self, predictor) -> None:
+        self._predictor = predictor
+        self.scheduler.predicting = predictor is not None
 
     def start_pass(self, index: int) -> None:
         """Forward pass `index` starts (the wrapper's one pass-start signal, `hooks.PassMarker`)."""

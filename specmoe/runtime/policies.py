@@ -101,13 +101,14 @@ class LFUPolicy:
 
 def _lowest_allowed(score: np.ndarray, allowed: Callable[[int], bool]) -> int | None:
     """The slot of the lowest finite score that `allowed` accepts (scores of refused slots become inf)."""
+    argmin, inf = score.argmin, np.inf
     while score.size:
-        slot = int(np.argmin(score))
-        if score[slot] == np.inf:
+        slot = int(argmin())
+        if score[slot] == inf:
             return None
         if allowed(slot):
             return slot
-        score[slot] = np.inf
+        score[slot] = inf
     return None
 
 
@@ -134,10 +135,21 @@ class ScoredPolicy(LRUPolicy):
     def victim(self, allowed: Callable[[int], bool]) -> int | None:
         if self.layer is None:
             return super().victim(allowed)
-        if self._score is None:
-            self._score = self._scores()
-        found = _lowest_allowed(self._score, allowed)
-        return found if found is not None else super().victim(allowed)  # only kept slots may go: the oldest
+        score = self._score
+        if score is None:
+            score = self._score = self._scores()
+        argmin, inf = score.argmin, np.inf  # _lowest_allowed, inlined: every miss asks
+        while True:
+            slot = int(argmin())
+            if score[slot] == inf:
+                break
+            if allowed(slot):
+                return slot
+            score[slot] = inf
+        for s in self._order:  # only kept slots may go: the oldest (LRUPolicy.victim)
+            if allowed(s):
+                return s
+        return None
 
 
 # recency buckets: visits of a layer since the expert was last routed there (0: routed at the latest visit)
@@ -180,6 +192,7 @@ class HitDensityPolicy(ScoredPolicy):
             return
         L, E, S = num_layers, cache.num_experts, cache.num_slots
         self.cache, self.L, self.E = cache, L, E
+        self._key_of = cache.key_of
         self.freq = np.full((L, E), 1.0 / E)  # [L, E] decayed share of visits that routed each expert
         self.freq_sum = self.freq.sum(-1)  # [L] row sums, kept with the rows
         self.last = np.full((L, E), -(_MAX_RECENCY + 1), dtype=np.int64)  # [L, E] visit it was last routed at
@@ -188,17 +201,22 @@ class HitDensityPolicy(ScoredPolicy):
         self.trials = np.ones(R * self.F)  # [R * F] with a prior that falls with recency
         self.hits = np.repeat(1.0 / (2.0 + np.arange(R)), self.F)
         self.slot_layer = np.full(S, -1, dtype=np.int64)  # [S], -1: empty
-        self.slot_expert = np.zeros(S, dtype=np.int64)  # [S]
-        self._slot_key: list[Key | None] = [None] * S  # what slot_layer / slot_expert hold (plain: cheap to compare)
+        self._slot_key: list[Key | None] = [None] * S  # what slot_layer / _slot_flat hold (plain: cheap to compare)
         # [L + 1, E] the bucket of each (layer, expert): it changes only when its layer is visited. Row L (index
         # -1, an empty slot's layer) names bucket R * F, whose hit density is inf: never a victim.
         self.bucket = np.full((L + 1, E), R * self.F, dtype=np.int64)
         recency = np.minimum(self.visits[:, None] - self.last, _MAX_RECENCY)
         self.bucket[:L] = self._bucket_of(recency, self.freq, self.freq_sum[:, None])
+        self._bucket_flat = self.bucket.reshape(-1)  # [(L + 1) * E] (a view)
+        self._slot_flat = np.full(S, L * E, dtype=np.int64)  # [S] index of each slot's expert in _bucket_flat
         self._ratio = np.full(R * self.F + 1, np.inf)  # [R * F + 1] hits / trials per bucket, then inf
+        self._ratio_head = self._ratio[:-1]  # the buckets' (a view; the last entry, inf, is the empty slots')
         # [c, l] steps from layer c to l's next visit; column L (index -1: an empty slot) is 1
         self._steps = np.ones((L, L + 1))
         self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
+        # scratch, reused every call (no allocation per layer call): [S] score and its gathers, [E] a row's
+        self._score_buf, self._slot_bucket, self._slot_steps = np.empty(S), np.empty(S, np.int64), np.empty(S)
+        self._row_int, self._row_float = np.empty(E, np.int64), np.empty(E)
         self._pending: list[tuple[int, list[int]]] = []  # observed layer calls not yet counted (in order)
         self._pending_layers: set[int] = set()
 
@@ -215,7 +233,7 @@ class HitDensityPolicy(ScoredPolicy):
         if layer in self._pending_layers:
             self._count()
         self.layer, self.predicted, self._score = layer, predicted, None
-        self._pending.append((layer, list(routed)))
+        self._pending.append((layer, routed))  # read-only (the scheduler's contract): no copy
         self._pending_layers.add(layer)
 
     def _count(self) -> None:
@@ -224,64 +242,88 @@ class HitDensityPolicy(ScoredPolicy):
         pending = self._pending
         if not pending:
             return
-        decay, size = self.freq_decay, self.trials.size
         if len(pending) == 1:  # one call (a victim is asked for at most layer calls): on the layer's rows
-            (layer, used), = pending
-            u = np.array(used, dtype=np.int64)  # [k]
-            bucket = self.bucket[layer]  # [E] (a view)
-            self.trials += np.bincount(bucket, minlength=size)
-            if u.size:
-                self.hits += np.bincount(bucket[u], minlength=size)
-            visit = self.visits[layer] = self.visits[layer] + 1
-            self.last[layer, u] = visit
-            freq = self.freq[layer]  # [E] (a view: updated in place)
-            freq *= decay
-            freq[u] += 1 - decay
-            total = self.freq_sum[layer] = freq.sum()
-            bucket[:] = self._bucket_of(np.minimum(visit - self.last[layer], _MAX_RECENCY), freq, total)
+            self._count_one(*pending[0])
         else:
-            layers = np.fromiter((c[0] for c in pending), dtype=np.int64, count=len(pending))  # [n] distinct
-            rows = np.concatenate([np.full(len(u), i, dtype=np.int64) for i, (_, u) in enumerate(pending)])  # [m]
-            used = np.fromiter((e for _, u in pending for e in u), dtype=np.int64, count=rows.size)  # [m]
-            bucket = self.bucket[layers]  # [n, E]
-            self.trials += np.bincount(bucket.ravel(), minlength=size)
-            if rows.size:
-                self.hits += np.bincount(bucket[rows, used], minlength=size)
-            self.visits[layers] += 1
-            visits = self.visits[layers]  # [n]
-            self.last[layers[rows], used] = visits[rows]
-            freq = self.freq[layers]  # [n, E]
-            freq *= decay
-            freq[rows, used] += 1 - decay  # (row, expert) pairs are distinct: a call routes an expert once
-            self.freq[layers] = freq
-            total = self.freq_sum[layers] = freq.sum(-1)
-            recency = np.minimum(visits[:, None] - self.last[layers], _MAX_RECENCY)
-            self.bucket[layers] = self._bucket_of(recency, freq, total[:, None])
+            self._count_many(pending)
         pending.clear()
         self._pending_layers.clear()
 
+    def _count_one(self, layer: int, used) -> None:
+        """One call, on the layer's rows in place (the same arithmetic as `_bucket_of`, into scratch rows: a
+        layer call allocates next to nothing)."""
+        size = self.trials.size
+        bucket = self.bucket[layer]  # [E] (a view)
+        self.trials += np.bincount(bucket, minlength=size)
+        visit = int(self.visits[layer]) + 1
+        self.visits[layer] = visit
+        freq, last = self.freq[layer], self.last[layer]  # [E] (views: updated in place)
+        decay = self.freq_decay
+        freq *= decay
+        if used:
+            u = np.array(used, dtype=np.int64)  # [k]
+            self.hits += np.bincount(bucket[u], minlength=size)
+            last[u] = visit
+            freq[u] += 1 - decay
+        total = self.freq_sum[layer] = np.add.reduce(freq)
+        recency, rel2 = self._row_int, self._row_float
+        np.subtract(visit, last, out=recency)
+        self._recency_f.take(recency, out=bucket, mode="clip")  # recency capped at _MAX_RECENCY, its last index
+        np.multiply(freq, 2 * self.E, out=rel2)  # twice the frequency relative to the layer's average
+        np.divide(rel2, total, out=rel2)
+        np.minimum(rel2, self.F - 1, out=rel2)  # >= 0: the same as the cap after truncation
+        bucket += rel2.astype(np.int64)
+
+    def _count_many(self, pending) -> None:
+        """Calls on distinct layers, counted at once."""
+        decay, size = self.freq_decay, self.trials.size
+        layers = np.fromiter((c[0] for c in pending), dtype=np.int64, count=len(pending))  # [n] distinct
+        rows = np.concatenate([np.full(len(u), i, dtype=np.int64) for i, (_, u) in enumerate(pending)])  # [m]
+        used = np.fromiter((e for _, u in pending for e in u), dtype=np.int64, count=rows.size)  # [m]
+        bucket = self.bucket[layers]  # [n, E]
+        self.trials += np.bincount(bucket.ravel(), minlength=size)
+        if rows.size:
+            self.hits += np.bincount(bucket[rows, used], minlength=size)
+        self.visits[layers] += 1
+        visits = self.visits[layers]  # [n]
+        self.last[layers[rows], used] = visits[rows]
+        freq = self.freq[layers]  # [n, E]
+        freq *= decay
+        freq[rows, used] += 1 - decay  # (row, expert) pairs are distinct: a call routes an expert once
+        self.freq[layers] = freq
+        total = self.freq_sum[layers] = freq.sum(-1)
+        recency = np.minimum(visits[:, None] - self.last[layers], _MAX_RECENCY)
+        self.bucket[layers] = self._bucket_of(recency, freq, total[:, None])
+
     def touch(self, slot: int) -> None:
-        super().touch(slot)
+        order = self._order  # LRUPolicy.touch, inlined (every hit and every fill calls it)
+        if slot in order:
+            order.move_to_end(slot)
+        else:
+            order[slot] = None
         if self.cache is not None:
-            key = self.cache.key_of[slot]
+            key = self._key_of[slot]
             if self._slot_key[slot] != key:  # a new expert in the slot
                 self._slot_key[slot] = key
-                self.slot_layer[slot], self.slot_expert[slot] = key
+                self.slot_layer[slot] = key[0]
+                self._slot_flat[slot] = key[0] * self.E + key[1]
             if self._score is not None:
                 self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
 
     def forget(self, slot: int) -> None:
-        super().forget(slot)
+        self._order.pop(slot, None)
         if self.cache is not None:
             self.slot_layer[slot] = -1
+            self._slot_flat[slot] = self.L * self.E
             self._slot_key[slot] = None
 
     def _scores(self) -> np.ndarray:
+        """[S] hit density of each slot's expert (into a buffer reused every call), inf for kept slots."""
         self._count()
         ratio = self._ratio
-        np.divide(self.hits, self.trials, out=ratio[:-1])  # the last entry, inf, is the empty slots' bucket
-        layers = self.slot_layer
-        score = ratio[self.bucket[layers, self.slot_expert]] / self._steps[self.layer][layers]  # empty slots: inf
+        np.divide(self.hits, self.trials, out=self._ratio_head)
+        score = ratio.take(self._bucket_flat.take(self._slot_flat, out=self._slot_bucket), out=self._score_buf)
+        score /= self._steps[self.layer].take(self.slot_layer, out=self._slot_steps)  # empty slots: inf
         return self._keep_predicted(score)
 
 

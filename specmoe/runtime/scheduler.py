@@ -39,9 +39,10 @@ from .misses import MissCosts, check_misses, split_misses
 from .stats import LayerStats
 
 Key = tuple[int, int]  # (layer, expert)
+_NOTHING: frozenset = frozenset()  # what the policy observes as predicted when nothing is
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class LayerPlan:
     """What one MoE layer call does (`Scheduler.plan`), carried out by an executor driving `Scheduler.step`:
     the runtime's hot path (streams and kernels) or the simulator's replay (its clock).
@@ -89,12 +90,17 @@ class Scheduler:
     Args:
         cache: the slot cache and its eviction policy (which the cache `bind`s, where it has that method); the
             policy's optional `observe(layer, predicted, routed)` and `observe_time(t)` are called at each
-            `begin` (t = pass_index * L + layer, the pass index its caller hands on: the runtime's pass-start hook,
+            `plan` (t = pass_index * L + layer, the pass index its caller hands on: the runtime's pass-start hook,
             the simulator's stream; `routed` is read-only).
         engine: the copies (`SlotEngine`).
         num_layers: L.
         max_inflight: bound on prefetch copies in flight.
         copy_bytes: bytes one copy moves (counted in `bytes_moved`).
+
+    Attributes:
+        predicting: whether the executor has a predictor (the runtime's `HotPath.predictor`, the simulator's
+            candidates). Prefetch admission calibrates only while it has something to admit: a predictor's
+            candidates, or (misses="auto") experts computed on the host queued for copying.
     """
 
     def __init__(self, cache: ExpertCache, engine: SlotEngine, num_layers: int, max_inflight: int, copy_bytes: int,
@@ -109,10 +115,12 @@ class Scheduler:
         self.copy_bytes = copy_bytes
         self.misses = check_misses(misses)  # where routed experts that are not resident run (see `split`)
         self.admission: PrefetchAdmission | None = None  # made with costs that know the layer period
+        self._adm: PrefetchAdmission | None = None  # the admission while it has something to admit, else None
+        self._predicting = False
         self.miss_costs = miss_costs
         self._layer = 0  # the layer of the current call
         self._call_fetched = 0  # experts the current call fetched on demand
-        self._rank: dict[Key, int] = {}  # candidate -> its rank in the current call's prediction
+        self._candidates: Sequence[Key] = ()  # the current call's prediction, best first (a key's rank: its index)
         self._keys = [[(layer, e) for e in range(cache.num_experts)] for layer in range(num_layers)]  # made once
         policy = cache.policy  # bound to the cache by the cache (`bind`)
         self._observe = getattr(policy, "observe", None)
@@ -178,6 +186,16 @@ class Scheduler:
                                             host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0),
                                             predict_s=getattr(costs, "predict_s", 0.0))
                           if layer_s > 0 and copy_s > 0 else None)
+        self._adm = self.admission if self._predicting or self.misses == "auto" else None
+
+    @property
+    def predicting(self) -> bool:
+        return self._predicting
+
+    @predicting.setter
+    def predicting(self, value: bool) -> None:
+        self._predicting = bool(value)
+        self._adm = self.admission if self._predicting or self.misses == "auto" else None
 
     def reset(self) -> None:
         """Forget the queue and prefetch bookkeeping (a new generate call); the cache stays warm."""
@@ -185,7 +203,7 @@ class Scheduler:
                           self._reuse_keys, self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
-        self._rank.clear()
+        self._candidates = ()
         if self.admission is not None:
             self.admission.reset()
 
@@ -208,53 +226,6 @@ class Scheduler:
         the prediction's keys, best first; `tokens` maps a routed expert to the tokens routed to it (needed only
         where misses may run on the host). Queues the candidates, lets the policy observe the call, and decides
         where each routed expert runs (`LayerPlan.device` / `.host`); the executor then drives `step`."""
-        self._begin(pass_index, layer, routed, candidates)
-        if self.misses == "fetch" or not routed:
-            return LayerPlan(layer, routed, ())
-        device, host = self._split(layer, routed, tokens or {})
-        return LayerPlan(layer, device, host)
-
-    def wants_prediction(self) -> bool:
-        """Whether the executor should run the predictor for the call about to be planned (always, without
-        admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
-        return self.admission is None or self.admission.worth_predicting()
-
-    def step(self, plan: LayerPlan) -> bool:
-        """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
-        it fits in the slots; else the prefetches in flight land and chunks of at most S experts follow):
-        `plan.chunk` and `plan.slots` say what to compute on, and True is returned. Each later call means the
-        compute on `plan.slots` has been issued: it releases them and acquires the next chunk (True), or, after
-        the last, issues the queued prefetches (while that compute runs) and returns False."""
-        if plan.done:
-            return False
-        device, S = plan.device, self.num_slots
-        if plan.slots is None:  # the first step
-            plan.single = len(device) <= S
-            if not plan.single:
-                self.chunked_calls += 1
-                self.land_prefetches()
-        elif plan.next >= len(device):  # the last chunk's compute is issued
-            plan.done = True
-            if self.admission is not None:
-                wanted = self._call_wanted
-                self.admission.call_done(self._call_fetched, len(plan.host),
-                                         None if wanted is None else max(wanted, self._call_fetched))
-            if plan.single:
-                if self._queue:
-                    self.pump()  # the slots just computed on are still in use: no prefetch evicts them
-                self.release(plan.slots)
-            else:
-                self.release(plan.slots)
-                self.pump()
-            return False
-        else:
-            self.release(plan.slots)
-        chunk = device if plan.single else device[plan.next : plan.next + S]
-        plan.next += len(chunk) if chunk else 1
-        plan.chunk, plan.slots = chunk, self.acquire(plan.layer, chunk)
-        return True
-
-    def _begin(self, pass_index: int, layer: int, routed: list[int], candidates: Sequence[Key]) -> None:
         self.layer_calls += 1
         self._guessing = bool(candidates)
         self._layer = layer
@@ -262,14 +233,12 @@ class Scheduler:
         self._call_wanted = None  # misses an idle link would have fetched, where copies were queued (`_split`)
         if self._reuse_keys:
             self._reuse_keys.clear()
-        adm = self.admission
+        adm = self._adm
         if adm is not None:
             adm.routed(layer, routed)
             if candidates:
                 adm.watch(candidates)
-                self._rank = {key: i for i, key in enumerate(candidates)}
-            elif self._rank:
-                self._rank = {}
+        self._candidates = candidates
         predicted, queue = self._predicted, self._queue
         if predicted:
             predicted.clear()
@@ -280,9 +249,58 @@ class Scheduler:
         elif queue:
             queue.clear()
         if self._observe is not None:  # a snapshot: the scheduler's own set changes at the next call
-            self._observe(layer, frozenset(predicted), routed)
+            self._observe(layer, frozenset(predicted) if predicted else _NOTHING, routed)
         if self._observe_time is not None:
             self._observe_time(pass_index * self.num_layers + layer)
+        if self.misses == "fetch" or not routed:
+            return LayerPlan(layer, routed, ())
+        device, host = self._split(layer, routed, tokens or {})
+        return LayerPlan(layer, device, host)
+
+    def wants_prediction(self) -> bool:
+        """Whether the executor should run the predictor for the call about to be planned (always, without
+        admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
+        return self._adm is None or self._adm.worth_predicting()
+
+    def step(self, plan: LayerPlan) -> bool:
+        """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
+        it fits in the slots; else the prefetches in flight land and chunks of at most S experts follow):
+        `plan.chunk` and `plan.slots` say what to compute on, and True is returned. Each later call means the
+        compute on `plan.slots` has been issued: it releases them and acquires the next chunk (True), or, after
+        the last, issues the queued prefetches (while that compute runs) and returns False."""
+        if plan.done:
+            return False
+        device = plan.device
+        if plan.slots is None:  # the first step
+            if len(device) <= self.num_slots:  # all at once (the common case)
+                plan.next = len(device) or 1
+                plan.chunk, plan.slots = device, self.acquire(plan.layer, device)
+                return True
+            plan.single = False
+            self.chunked_calls += 1
+            self.land_prefetches()
+        elif plan.next >= len(device):  # the last chunk's compute is issued
+            plan.done = True
+            if self._adm is not None:
+                wanted = self._call_wanted
+                self._adm.call_done(self._call_fetched, len(plan.host),
+                                    None if wanted is None else max(wanted, self._call_fetched))
+            if plan.single:
+                if self._queue:
+                    self.pump()  # the slots just computed on are still in use: no prefetch evicts them
+                self.engine.release(plan.slots)  # release(), inlined
+                self._in_use.difference_update(plan.slots)
+            else:
+                self.release(plan.slots)
+                self.pump()
+            return False
+        else:
+            self.release(plan.slots)
+        S = self.num_slots
+        chunk = device[plan.next : plan.next + S]
+        plan.next += len(chunk) if chunk else 1
+        plan.chunk, plan.slots = chunk, self.acquire(plan.layer, chunk)
+        return True
 
     def _split(self, layer: int, routed: list[int], tokens: Mapping[int, int]) -> tuple[list[int], list[int]]:
         """(experts the device computes, experts the host computes) of `routed`. Only experts that are neither
@@ -297,19 +315,19 @@ class Scheduler:
             return routed, []
         backlog = self._backlog() if self._backlog is not None else 0.0
         _, host = split_misses(missing, tokens, self.misses, self.miss_costs, copy_backlog_s=backlog)
-        if backlog > 0 and self.admission is not None:  # what an idle link would have fetched (its load)
+        if backlog > 0 and self._adm is not None:  # what an idle link would have fetched (its load)
             self._call_wanted = len(missing) - len(split_misses(missing, tokens, self.misses, self.miss_costs)[1])
         if not host:
             return routed, []
         stats = self.stats[layer]
         stats.misses += len(host)
         stats.host_computed += len(host)
-        if self.misses == "auto" and (not self._guessing or self.admission is not None):
+        if self.misses == "auto" and (not self._guessing or self._adm is not None):
             queued = [(layer, e) for e in reversed(host)]
             self._queue[:0] = queued  # behind the candidates: popped last
             self._reuse_keys.update(queued)
-            if self.admission is not None:
-                self.admission.watch((), queued)
+            if self._adm is not None:
+                self._adm.watch((), queued)
         on_host = set(host)
         return [e for e in routed if e not in on_host], host
 
@@ -326,7 +344,8 @@ class Scheduler:
             slot = slot_of.get(keys[e])
             if slot is None:
                 if not misses:  # no routed expert of this step may be evicted by another of it
-                    in_use.update(s for s in (slot_of.get(keys[x]) for x in experts) if s is not None)
+                    in_use.update(map(slot_of.get, map(keys.__getitem__, experts)))
+                    in_use.discard(None)
                 in_use.update(slots)  # nor one fetched for it already
                 misses += 1
                 slot = self._take_slot(keys[e], True)
@@ -369,10 +388,11 @@ class Scheduler:
         an engine that knows its backlog, not while the link is busy for longer than the host takes to compute
         an expert: a copy issued then would land after the host could have computed it."""
         queue, inflight, slot_of, bound = self._queue, self._inflight, self.cache.slot_of, self.max_inflight
-        adm = self.admission
+        adm = self._adm
         backlog = self._backlog if self.misses == "auto" and adm is None else None
         if adm is not None:
-            link_s, n, rank, layer = self._link_backlog(), 0, self._rank, self._layer
+            link_s, n, layer = self._link_backlog(), 0, self._layer
+            predicted, rank_of, reuse = self._predicted, self._candidates.index, adm.REUSE
             adm._expected = 0.0
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
@@ -388,12 +408,12 @@ class Scheduler:
             if key in slot_of:
                 continue
             if adm is not None:
-                reuse = key in self._reuse_keys
-                if not adm.admit(layer, key, adm.REUSE if reuse else rank.get(key, adm.REUSE), n, link_s,
+                is_reuse = key in self._reuse_keys
+                if not adm.admit(layer, key, reuse if is_reuse or key not in predicted else rank_of(key), n, link_s,
                                  self._victim):
                     stats = self.stats[key[0]]
                     stats.prefetch_refused += 1
-                    if reuse:
+                    if is_reuse:
                         stats.reuse_refused += 1
                     continue
                 n += 1
@@ -428,7 +448,7 @@ class Scheduler:
         if self._backlog is not None:
             return self._backlog()
         ready = self.engine.ready
-        return sum(1 for s in self._copying if not ready(s)) * self.admission.copy_s
+        return sum(1 for s in self._copying if not ready(s)) * self._adm.copy_s
 
     def land_prefetches(self) -> None:
         """The host waits for every prefetch in flight (before a chunked layer needs every slot)."""
@@ -453,8 +473,8 @@ class Scheduler:
             if got is None:
                 raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
         slot = got[0]
-        if got[1] is not None and self.admission is not None:  # the policy's victims: how often needed again
-            self.admission.evicted(got[1])
+        if got[1] is not None and self._adm is not None:  # the policy's victims: how often needed again
+            self._adm.evicted(got[1])
         wasted = self._prefetched.pop(slot, None)
         if wasted is not None:
             self._reused.discard(slot)

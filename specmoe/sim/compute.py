@@ -4,7 +4,9 @@ Decoding one token at batch 1 in PyTorch eager is often bound by the host launch
 running them, so the simulator keeps two clocks. Host time is (aten ops) x (seconds per op) plus the
 runtime's own bookkeeping; the op counts are calibration data (`calibration/op_counts.json`, read by
 `load_op_counts`), measured by `benchmarks/op_counts.py` on a tiny model of each family under a counting
-dispatch mode. Device time is max(bytes / bandwidth, FLOPs / FLOP/s), each derated by
+dispatch mode, and so is the bookkeeping (`calibration/bookkeeping.json`, read by `load_bookkeeping`: the hot
+path's Python per MoE layer call and per expert copy, for each eviction policy, and per predicted call, measured
+by `benchmarks/hot_path_cost.py`). Device time is max(bytes / bandwidth, FLOPs / FLOP/s), each derated by
 an efficiency. The per-op and efficiency constants are the uncertain part: `specmoe simulate --validate`
 fits the host scale to a GPU measurement and reports the error before and after.
 """
@@ -73,7 +75,9 @@ class ComputeModel:
         name: preset name.
         op_s: host seconds to dispatch one aten op (and launch its kernel).
         sync_s: one device->host synchronisation (generate's per step, the runtime's per MoE layer).
-        wrapper_s: the runtime's Python bookkeeping per MoE layer call, besides its ops.
+        wrapper_s: the runtime's Python bookkeeping per MoE layer call, besides its ops: the default policy's,
+            without a predictor or copies (each policy, predictor and copy is charged relative to it from the
+            measured `Bookkeeping`, `bookkeeping_charges`; what `specmoe simulate --validate` fits).
         copy_issue_s: host seconds to issue one expert copy (cudaMemcpyAsync + event record).
         mem_efficiency: achieved fraction of peak device memory bandwidth when streaming weights.
         flops_efficiency: achieved fraction of peak bf16 FLOP/s.
@@ -124,11 +128,94 @@ class ComputeModel:
         return COMPUTE_MODELS[name]
 
 
+# ---- the runtime's bookkeeping: calibration data -----------------------------------------------------------------
+CALIBRATION_DIR = Path(__file__).parent / "calibration"
+BOOKKEEPING_FILE = CALIBRATION_DIR / "bookkeeping.json"  # written by benchmarks/hot_path_cost.py
+ASSUMED_WRAPPER_S = 60e-6  # what hf-eager charged per MoE layer call before the bookkeeping was measured
+HOST_PYTHON_SCALE = 1.0  # the GPU host's Python speed relative to the CPU that measured it (assumed, see below)
+
+
+@dataclass(frozen=True)
+class Bookkeeping:
+    """The runtime's measured bookkeeping (`benchmarks/hot_path_cost.py`: hot path + scheduler + policy + candidate
+    ranking, without expert compute or byte copies), as a line per eviction policy through the capacities it was
+    measured at: `per_call_s[policy] + per_copy_s[policy] * copies`, and per predictor the extra per predicted call
+    (its candidates ranked, queued, admitted; the predictor's own `predict` is in the op counts).
+
+    Args:
+        default: the policy `wrapper_s` stands for (the runtime's default).
+        per_call_s / per_copy_s: policy -> seconds per MoE layer call / per expert copy started.
+        predictor_s: predictor -> seconds per MoE layer call that runs it, beyond none.
+        source: how it was measured (command, machine).
+    """
+
+    default: str
+    per_call_s: dict
+    per_copy_s: dict
+    predictor_s: dict
+    source: str = ""
+
+    def charges(self, policy: str, predictor: str | None, wrapper_s: float) -> tuple[float, float, float]:
+        """(seconds per MoE layer call, per expert copy, per predicted call) for `policy` and `predictor`, scaled
+        so that the default policy's per-call figure is `wrapper_s` (the compute model's, possibly fitted by
+        validation). A policy or predictor not measured gets the default's / the mean over the predictors
+        measured (a learned policy adds its own measured extra, `LearnedPolicy.host_s_per_call`)."""
+        base = self.per_call_s[self.default]
+        scale = wrapper_s / base if base > 0 else 0.0
+        call = self.per_call_s.get(policy, base)
+        copy = self.per_copy_s.get(policy, self.per_copy_s[self.default])
+        if predictor is None or predictor not in self.predictor_s:
+            pred = sum(self.predictor_s.values()) / len(self.predictor_s) if self.predictor_s else 0.0
+        else:
+            pred = self.predictor_s[predictor]
+        return max(0.0, call * scale), max(0.0, copy * scale), max(0.0, pred * scale)
+
+
+@functools.lru_cache(maxsize=None)
+def load_bookkeeping(path: Path | None = None) -> Bookkeeping | None:
+    """The measured bookkeeping (`BOOKKEEPING_FILE`, written by `benchmarks/hot_path_cost.py`); None without it."""
+    path = Path(path) if path is not None else BOOKKEEPING_FILE
+    if not path.is_file():
+        return None
+    d = read_json(path, what="bookkeeping calibration")
+    pol = d["policies"]
+    return Bookkeeping(d["default_policy"], {k: v["per_call_s"] for k, v in pol.items()},
+                       {k: v["per_copy_s"] for k, v in pol.items()},
+                       {k: v["per_call_s"] for k, v in d.get("predictors", {}).items()},
+                       f"{d['command']} on {d['environment']['device_name']}")
+
+
+def bookkeeping_charges(model: "ComputeModel", policy: str, predictor: str | None) -> tuple[float, float, float]:
+    """What `model` charges for the runtime's bookkeeping (see `Bookkeeping.charges`): the measured figures where
+    the calibration file is there, else `wrapper_s` per call for every policy and nothing per copy or prediction
+    beyond the op counts."""
+    book = load_bookkeeping()
+    if book is None:
+        return model.wrapper_s, 0.0, 0.0
+    return book.charges(policy, predictor, model.wrapper_s)
+
+
+def _eager_model() -> ComputeModel:
+    """The "hf-eager" preset: assumed per-op and efficiency constants, the runtime's bookkeeping as measured."""
+    book = load_bookkeeping()
+    assumed = ("~5 us per eager aten op on a GPU host (PyTorch dispatch + kernel launch); 80% of peak memory "
+               "bandwidth, 60% of peak FLOP/s (assumed; not measured on a GPU yet: `specmoe simulate --validate` "
+               "fits the host scale to a measurement)")
+    if book is None:
+        return ComputeModel("hf-eager", wrapper_s=ASSUMED_WRAPPER_S,
+                            source=f"{assumed}; {ASSUMED_WRAPPER_S * 1e6:.0f} us of runtime Python per MoE layer (assumed)")
+    wrapper_s = book.per_call_s[book.default] * HOST_PYTHON_SCALE
+    return ComputeModel(
+        "hf-eager", wrapper_s=wrapper_s,
+        source=f"{assumed}; the runtime's Python bookkeeping per MoE layer call measured on this CPU ({book.source}): "
+               f"{wrapper_s * 1e6:.1f} us for {book.default} without a predictor (was an assumed "
+               f"{ASSUMED_WRAPPER_S * 1e6:.0f} us), each policy, predictor and copy charged its own measured figure; "
+               f"the RTX 3090 box's host (Ryzen 9 5950X) is assumed to run that Python at x{HOST_PYTHON_SCALE:g} "
+               "this CPU's speed")
+
+
 COMPUTE_MODELS = {
-    "hf-eager": ComputeModel(
-        "hf-eager", source="assumed: ~5 us per eager aten op on a GPU host (PyTorch dispatch + kernel launch); "
-        "60 us of runtime Python per MoE layer; 80% of peak memory bandwidth, 60% of peak FLOP/s. Not measured "
-        "on a GPU yet: `specmoe simulate --validate` fits the host scale to a measurement."),
+    "hf-eager": _eager_model(),
     "roofline": ComputeModel(
         "roofline", op_s=0.0, sync_s=0.0, wrapper_s=0.0, copy_issue_s=0.0, mem_efficiency=1.0, flops_efficiency=1.0,
         source="hardware limits only: no host overhead, peak bandwidth and FLOP/s"),
@@ -145,7 +232,8 @@ def _compiled_model() -> ComputeModel | None:
         return None
     seg = read_json(COMPILED_FILE, what="compiled decode calibration")
     return ComputeModel(
-        "compiled", segment_s=seg["assumed_segment_s"], segments_per_layer=seg["segments_per_layer"],
+        "compiled", wrapper_s=COMPUTE_MODELS["hf-eager"].wrapper_s,  # the hot path stays eager
+        segment_s=seg["assumed_segment_s"], segments_per_layer=seg["segments_per_layer"],
         segments_per_pass=seg["segments_per_pass"],
         source=f"hf-eager's constants for what stays eager (the runtime's experts calls, syncs); the dense parts as "
         f"{seg['segments_per_layer']:.2f} compiled segments per MoE layer + {seg['segments_per_pass']:.0f} per pass "
@@ -217,7 +305,6 @@ def expert_device_seconds(costs: PassCosts, distinct: int, pairs: int) -> float:
 
 
 # ---- op counts: calibration data ------------------------------------------------------------------------------
-CALIBRATION_DIR = Path(__file__).parent / "calibration"
 OP_COUNTS_FILE = CALIBRATION_DIR / "op_counts.json"  # written by benchmarks/op_counts.py
 
 

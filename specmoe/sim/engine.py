@@ -19,7 +19,9 @@ scheduler (`specmoe.runtime.scheduler`): the replay asks it for each layer call'
 carries the plan out with `Scheduler.step`, in the runtime's order, on `ClockEngine`, a copy engine on a clock;
 it holds no sequence of scheduler calls of its own. The result is the runtime's `Stats` (the same counters,
 per MoE layer) with the clock's figures (`SimResult`). The scheduler's costs (`clock.replay_costs`: one copy,
-the host's compute, the layer period, the predictor's host time) are the profiles' and the compute model's.
+the host's compute, the layer period, the predictor's host time) are the profiles' and the compute model's; the
+runtime's own bookkeeping is charged as measured (`compute.Bookkeeping`, `sim/calibration/bookkeeping.json`): the
+policy's per layer call, the predictor's per predicted call, and per copy on top of issuing it.
 """
 
 # Shape legend: T tokens, E experts, L MoE layers, k top-k, S slots, P passes
@@ -36,7 +38,7 @@ from ..runtime.misses import hottest
 from ..runtime.scheduler import Scheduler
 from ..runtime.stats import LayerStats, Stats
 from .clock import ClockEngine, HostMissCosts, replay_costs
-from .compute import ComputeModel, OpCounts, expert_device_seconds, pass_costs
+from .compute import ComputeModel, OpCounts, bookkeeping_charges, expert_device_seconds, pass_costs
 from .hardware import HardwareProfile
 from .host import HostProfile
 from .policies import make_sim_policy
@@ -98,6 +100,7 @@ def simulate(
     warmup_passes: int = 0,
     host: HostProfile | None = None,
     placement=None,
+    predictor: str | None = None,
     **settings,
 ) -> SimResult:
     """Replay `stream` on `profile` with `shape`'s sizes, under the offloading settings `config` (the runtime's
@@ -123,6 +126,8 @@ def simulate(
         placement: a static placement: routing frequencies [L][E], or "trace" (counted over this stream): the
             hottest experts fill the slots before the first pass (llama.cpp-style; with misses="host" and no
             candidates nothing is ever copied).
+        predictor: the name of the predictor the candidates are of, for its measured bookkeeping
+            (`compute.Bookkeeping`; None: the mean over the predictors measured).
 
     Returns:
         A SimResult over the measured passes (`pass_times` holds every pass).
@@ -147,7 +152,8 @@ def simulate(
         raise ValueError(f"misses={cfg.misses!r} needs a host profile (host=HostProfile.from_name('3090-box'))")
     replay = _Replay(stream, shape, profile, cfg.capacity if wrapped else None, ops,
                      compute or ComputeModel.from_name("hf-eager"), cfg.policy, candidates,
-                     cfg.inflight(shape.top_k, lookahead), context, not cfg.asynchronous, cfg.misses, host)
+                     cfg.inflight(shape.top_k, lookahead), context, not cfg.asynchronous, cfg.misses, host,
+                     predictor)
     if placement is not None and replay.sched is not None:
         trace = isinstance(placement, str) and placement == "trace"
         replay.place(stream_frequencies(stream, shape.num_experts) if trace else placement)
@@ -202,7 +208,7 @@ class _Replay:
     """State of one simulated run (see the module docstring for the order of events)."""
 
     def __init__(self, stream, shape, profile, capacity, ops, compute, policy, candidates, max_inflight, context,
-                 sync_copies=False, misses="fetch", host=None):
+                 sync_copies=False, misses="fetch", host=None, predictor=None):
         L, E = shape.moe_layers, shape.num_experts
         self.stream, self.shape, self.profile, self.ops, self.compute = stream, shape, profile, ops, compute
         self.passes = stream.passes()
@@ -213,14 +219,21 @@ class _Replay:
         copy_s = profile.copy_seconds(shape.transfer_bytes)  # compressed slots: the compressed bytes, no dequantize
         self.res = SimResult(per_layer=[], num_slots=self.num_slots,
                              device_bytes=device_weight_bytes(shape, self.num_slots))
-        self.engine = ClockEngine(self.num_slots or 0, copy_s, compute.copy_issue_s, sync_copies)
+        # The runtime's bookkeeping, as measured (`compute.Bookkeeping`): this policy's per layer call in place of
+        # the default's (`wrapper_s`, in pass_costs' host_wrapper), its per copy on top of issuing the copy, and
+        # the predictor's per predicted call.
+        call_s, book_copy_s, self.predict_s = bookkeeping_charges(compute, str(policy), predictor)
+        issue_s = compute.copy_issue_s + (book_copy_s if self.wrapped else 0.0)
+        self.engine = ClockEngine(self.num_slots or 0, copy_s, issue_s, sync_copies)
         self.sched = costs = None
         self.policy_s = 0.0
         if self.wrapped:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
-            self.policy_s = getattr(cache.policy, "host_s_per_call", 0.0)  # a learned policy's measured cost
+            # a learned policy's measured cost beyond the default's
+            self.policy_s = call_s - compute.wrapper_s + getattr(cache.policy, "host_s_per_call", 0.0)
             costs = replay_costs(shape, profile, compute, ops, host, context)
             self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
+            self.sched.predicting = candidates is not None  # as the runtime's HotPath.predictor tells it
         self.host_costs = costs
         self.on_host = self.wrapped and misses != "fetch"
         T_bytes = shape.hidden_size * shape.dtype_bytes  # one token's hidden state
@@ -264,8 +277,8 @@ class _Replay:
                 c = costs_by_tokens[T] = pass_costs(self.shape, self.profile, self.compute, self.ops, T, self.context)
             host_layer, dev_layer, host_experts = c.host_layer, c.dev_layer, c.host_experts
             dev_expert, dev_pair = c.dev_expert, c.dev_expert_tokens
-            host_wrapper = c.host_wrapper + self.policy_s  # a learned policy's cost: every layer call
-            host_call = host_wrapper + c.host_predictor
+            host_wrapper = c.host_wrapper + self.policy_s  # this policy's bookkeeping: every layer call
+            host_call = host_wrapper + c.host_predictor + self.predict_s
             cands = candidates[p] if candidates is not None else None
             pairs_of = routed_pairs[p]
             h = eng.h
