@@ -102,7 +102,7 @@ class LFUPolicy:
 def _lowest_allowed(score: np.ndarray, allowed: Callable[[int], bool]) -> int | None:
     """The slot of the lowest finite score that `allowed` accepts (scores of refused slots become inf)."""
     while score.size:
-        slot = int(np.argmin(score))
+        slot = int(score.argmin())  # the method: np.argmin adds a wrapper call (hot path)
         if score[slot] == np.inf:
             return None
         if allowed(slot):
