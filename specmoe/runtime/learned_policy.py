@@ -55,18 +55,18 @@ class LayerState:
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
         L, E = num_layers, num_experts
         self.L, self.E = L, E
+        scale = FREQ_SCALE * E / top_k  # frequencies are kept in bucket units
         self.decays = np.array(DECAYS)  # [J]
-        self.keep = 1.0 - self.decays  # [J]
-        self.freq = np.full((L, E, len(DECAYS)), top_k / E)  # [L, E, J]
-        self._scale = FREQ_SCALE * E / top_k
+        self.keep = (1.0 - self.decays) * scale  # [J] what a routed visit adds
+        self.freq = np.full((L, E, len(DECAYS)), top_k / E * scale)  # [L, E, J]
         self._caps = np.array(FREQ_BUCKETS) - 1e-9  # [J] below the last bucket's end
-        self._strides = np.cumprod((1, *FREQ_BUCKETS[::-1]))[::-1][1:].astype(np.float64)  # [J] cell strides
+        self._strides = np.cumprod((1, *FREQ_BUCKETS[::-1]))[::-1][1:].copy()  # [J] cell strides (int)
+        self._buckets = np.empty((E, len(DECAYS)))  # [E, J] scratch
         self.cell = np.stack([self._cells(layer) for layer in range(L)])  # [L, E]
 
     def _cells(self, layer: int) -> np.ndarray:  # [E] int
-        freq = self.freq[layer] * self._scale  # [E, J] in buckets
-        np.minimum(freq, self._caps, out=freq)
-        return (np.floor(freq, out=freq) @ self._strides).astype(np.int64)
+        buckets = np.minimum(self.freq[layer], self._caps, out=self._buckets)  # [E, J]
+        return np.dot(buckets.astype(np.int64), self._strides)
 
     def observe(self, layer: int, used) -> np.ndarray:
         """Layer `layer` was visited and routed to `used` (expert ids: an int array or a list); returns its
@@ -128,9 +128,10 @@ class LearnedPolicy(ScoredPolicy):
         self.cache, self.L, self.E = cache, L, E
         self.state = LayerState(L, E, self.geometry["top_k"])
         hit, extra = keep_terms(self.table, self.horizon)
-        self._terms_of = np.stack([hit, L * extra], 1)  # [B, 2] per cell: P(n <= h), steps past the next visit
-        # per (layer, expert), flat, then one row for an empty slot: hit inf (never a victim), nothing ahead
-        self.terms = np.concatenate([self._terms_of[self.state.cell.ravel()], [[np.inf, 0.0]]])  # [L * E + 1, 2]
+        self._hit_of, self._ahead_of = hit, L * extra  # [B] per cell: P(n <= h), steps past the next visit
+        # per (layer, expert), flat, then one entry for an empty slot: hit inf (never a victim), nothing ahead
+        self.hit = np.append(hit[self.state.cell.ravel()], np.inf)  # [L * E + 1]
+        self.ahead = np.append(self._ahead_of[self.state.cell.ravel()], 0.0)  # [L * E + 1]
         # [c, l] steps from layer c to l's next visit; column L (an empty slot's layer) is 1
         self._steps = np.ones((L, L + 1))
         self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
@@ -144,7 +145,8 @@ class LearnedPolicy(ScoredPolicy):
         self.layer, self.predicted, self._score = layer, predicted, None
         cell = self.state.observe(layer, routed)
         lo = layer * self.E
-        self.terms[lo : lo + self.E] = self._terms_of[cell]
+        self.hit[lo : lo + self.E] = self._hit_of.take(cell)
+        self.ahead[lo : lo + self.E] = self._ahead_of.take(cell)
 
     def touch(self, slot: int) -> None:
         super().touch(slot)
@@ -167,8 +169,8 @@ class LearnedPolicy(ScoredPolicy):
 
     def _scores(self) -> np.ndarray:
         """[S] expected hits per slot-step (lowest: evicted first), inf for kept and empty slots."""
-        terms = self.terms[self.slot_flat]  # [S, 2]
-        score = terms[:, 0] / (self._steps[self.layer][self.slot_layer] + terms[:, 1])
+        flat = self.slot_flat
+        score = self.hit.take(flat) / (self._steps[self.layer].take(self.slot_layer) + self.ahead.take(flat))
         return self._keep_predicted(score)
 
 
