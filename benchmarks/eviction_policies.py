@@ -123,8 +123,7 @@ def learned_info(path: Path) -> dict:
     config = read_json(path / "config.json", what="learned policy config")
     training, cost, rule = config.get("training", {}), config.get("cost", {}), config.get("rule", {})
     return {"path": str(path), "traces": training.get("traces", "?"), "trained_on": training.get("sequences", "?"),
-            "rule": f"{rule.get('name')}, horizon {rule.get('horizon')}"
-                    + (", next-layer affinity" if rule.get("affinity") else ""),
+            "rule": f"hit density within {rule.get('horizon')} visits of a table of Belady's next use",
             "cost_us": cost.get("per_call_s", 0.0) * 1e6,
             "hit_density_us": cost.get("hit_density_per_call_s", 0.0) * 1e6,
             "charged_us": cost.get("charged_s", 0.0) * 1e6, "training": training}

@@ -13,7 +13,7 @@ from specmoe import SpeculativeMoE
 from specmoe.cli import main
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.cache import ExpertCache
-from specmoe.runtime.learned_policy import LearnedPolicy, load_learned_policy
+from specmoe.runtime.learned_policy import CELLS, HORIZONS, LayerState, LearnedPolicy, load_learned_policy
 from specmoe.runtime.policies import make_policy
 from specmoe.sim.bounds import demand_misses
 from specmoe.sim.engine import simulate
@@ -21,7 +21,7 @@ from specmoe.sim.hardware import PROFILES
 from specmoe.sim.stream import RoutingStream
 from specmoe.training.eviction import EvictionTrainConfig, replay_demand, train_learned_policy
 
-QUICK = EvictionTrainConfig(max_samples=20_000, epochs=3, hidden=8, cost_calls=500)
+QUICK = EvictionTrainConfig(choice_calls=2000, cost_calls=500)
 
 
 def hot_stream(tokens=400, L=4, E=16, k=2, seed=0) -> RoutingStream:
@@ -52,7 +52,9 @@ def trained(tmp_path_factory):
 
 def test_training_learns_and_beats_lru_on_held_out_routing(trained):
     out, policy, rec = trained
-    assert rec["val_loss"] < rec["constant_val_loss"]  # the features say something about the next use
+    table = policy.table  # [B, H + 1]: P(n = j) per cell
+    hot, cold = CELLS - 1, 0  # routed at every visit of every horizon / at none
+    assert np.allclose(table.sum(1), 1) and table[hot, 0] > table[cold, 0]  # more often routed: sooner again
     test = hot_stream(seed=1)  # other hot sets
     slots = 16  # a quarter of the experts
     learned = demand_misses(test, 16, slots, str(out))
@@ -67,17 +69,17 @@ def test_training_learns_and_beats_lru_on_held_out_routing(trained):
 def test_round_trip_and_atomic_overwrite(trained, tmp_path):
     out, policy, _ = trained
     again = load_learned_policy(out)
-    x = np.random.default_rng(0).normal(size=(16, len(again.scorer.w["mean"])))
-    assert np.allclose(again.scorer(x), policy.scorer(x))
-    assert (again.rule, again.horizon) == (policy.rule, policy.horizon)
+    assert np.array_equal(again.table, policy.table) and again.horizon == policy.horizon
+    assert again.horizon in HORIZONS and str(again.horizon) in json.loads((out / "config.json").read_text())[
+        "training"]["horizon_choice"]["hit_rates"]
     config = json.loads((out / "config.json").read_text())
     assert config["specmoe_policy"] == "learned-eviction" and config["geometry"]["num_experts"] == 16
     stream = hot_stream(tokens=100)
     target = tmp_path / "p"
     train_learned_policy(stream, geometry_of(stream), target, QUICK)
     first = (target / "model.safetensors").read_bytes()
-    train_learned_policy(stream, geometry_of(stream), target, EvictionTrainConfig(max_samples=20_000, epochs=1,
-                                                                                  hidden=4, seed=3, cost_calls=100))
+    train_learned_policy(stream, geometry_of(stream), target, EvictionTrainConfig(smoothing=500.0, choice_calls=500,
+                                                                                  cost_calls=100))
     assert (target / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # nothing left beside it
     assert isinstance(make_policy(str(target)), LearnedPolicy) and isinstance(make_policy(target), LearnedPolicy)
@@ -93,6 +95,29 @@ def test_geometry_mismatch_is_one_line(trained):
     assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="eviction policy config not found"):
         make_policy(str(out.parent))  # a directory that holds no policy
+
+
+def test_older_format_is_refused_in_one_line(trained, tmp_path):
+    out, _, _ = trained
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((out / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+    with pytest.raises(ValueError, match="has format 1, this specmoe reads 2: train it again") as err:
+        load_learned_policy(old)
+    assert "\n" not in str(err.value)
+
+
+def test_layer_state_cells_follow_the_routing():
+    """A layer's cells move only when that layer is visited: an expert routed at every visit climbs to the top
+    bucket of every horizon, one never routed falls to cell 0; frequencies are in units of k / E."""
+    state = LayerState(3, 8, 2)
+    start = state.cell.copy()
+    for _ in range(200):
+        state.observe(1, [2, 5])
+    assert np.array_equal(state.cell[[0, 2]], start[[0, 2]])
+    assert state.cell[1, 2] == state.cell[1, 5] == CELLS - 1  # the last bucket of every horizon
+    assert np.all(np.delete(state.cell[1], [2, 5]) == 0)
 
 
 def test_victim_only_among_allowed_and_keeps_predicted(trained):
