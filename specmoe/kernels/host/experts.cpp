@@ -11,8 +11,8 @@
 //
 // Phases, one OpenMP team: (1) gate/up rows of every routed expert split over the threads by weight bytes,
 // (2) activation, routing weight folded in, (3) down rows split over the threads (each thread owns output
-// rows, so no atomics). Every weight byte is read once per call whatever the tokens: a tile of R rows (GPTQ:
-// GCOLS output channels) is decoded into registers once per column step and multiplied with TB tokens at a time.
+// rows, so no atomics). Every weight byte is read once per call whatever the tokens: a tile of R rows (GPTQ: a
+// strip of output channels) is decoded into registers once per column step and multiplied with TB tokens at a time.
 //
 // Compiled three times (ISA_AVX512, ISA_AVX2, neither = portable scalar); the loader picks one at run time.
 // Files: vec.h (vector unit, loaders, Mat), tiles.h (specmoe's formats), prequant_tiles.h (publishers'), this.
