@@ -11,7 +11,10 @@ project's host kernel (`specmoe.kernels.host`, the one `HostExperts` runs) was m
 one: "this-machine" measures the runtime's own host path here, at real expert sizes read from RAM
 (`measure_host_profile`); the desktop presets take the per-thread rates of the kernel's AVX2 build measured by
 `benchmarks/host_kernels.py --calibrate` (`calibration/host_kernels.json`) times the threads the runtime
-would use there (`kernels.host.default_threads`), beside their RAM bandwidth; the source says which.
+would use there (`kernels.host.default_threads`), beside their RAM bandwidth; the source says which. Each
+format runs its own kernel (`expert_format`): experts as published (MXFP4, FP8, GPTQ) are charged the rate of the
+kernel that reads those bytes, which `--calibrate --kernel-formats` measures beside the int4 / int8 kernel in
+one run; a profile without such a measurement charges the int4 / int8 rate and logs that it assumes so.
 `benchmarks/host_compute.py` checks the model against the runtime's measured host time at real shapes.
 """
 
