@@ -55,7 +55,8 @@ def oai_gate(experts: nn.Module) -> tuple[float, float] | None:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     except ImportError:
         return None
-    if not isinstance(experts, GptOssExperts) or type(experts)._apply_gate is not GptOssExperts._apply_gate:
+    gate = getattr(GptOssExperts, "_apply_gate", None)  # the gate the kernel's "swiglu_oai" reproduces
+    if gate is None or not isinstance(experts, GptOssExperts) or getattr(type(experts), "_apply_gate", None) is not gate:
         return None
     return float(experts.alpha), float(experts.limit)
 
