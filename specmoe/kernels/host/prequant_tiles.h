@@ -30,8 +30,13 @@ static inline void tile_mxfp4(const Mat& m, int64_t r, int nr, int64_t K, const 
         if (!(g & 15))
             for (int i = 0; i < R; i++) {
                 __m128i raw;
-                if (G - g >= 16) raw = _mm_loadu_si128((const __m128i*)(sc[i] + g));
-                else { uint8_t t[16] = {0}; memcpy(t, sc[i] + g, G - g); raw = _mm_loadu_si128((const __m128i*)t); }
+                if (G - g >= 16) {
+                    raw = _mm_loadu_si128((const __m128i*)(sc[i] + g));
+                } else {  // the last groups, byte by byte (no call in the loop: the accumulators stay in registers)
+                    alignas(16) uint8_t t[16] = {0};
+                    for (int64_t b = 0; b < G - g; b++) t[b] = sc[i][g + b];
+                    raw = _mm_load_si128((const __m128i*)t);
+                }
                 sv[i] = _mm512_castsi512_ps(_mm512_max_epi32(_mm512_slli_epi32(_mm512_cvtepu8_epi32(raw), 23),
                                                              _mm512_set1_epi32(0x00400000)));
             }
@@ -58,10 +63,12 @@ static inline void tile_mxfp4(const Mat& m, int64_t r, int nr, int64_t K, const 
     for (int64_t k = 0, g = 0; k < K; k += 32, g++) {
         if (!(g & 7))
             for (int i = 0; i < R; i++) {
-                int64_t raw = 0;
-                memcpy(&raw, sc[i] + g, G - g >= 8 ? 8 : G - g);
+                uint64_t raw = 0;
+                if (G - g >= 8) memcpy(&raw, sc[i] + g, 8);  // one 8-byte load
+                else  // the last groups, byte by byte (no call in the loop: the accumulators stay in registers)
+                    for (int64_t b = 0; b < G - g; b++) raw |= (uint64_t)sc[i][g + b] << (8 * b);
                 sv[i] = _mm256_castsi256_ps(_mm256_max_epi32(
-                    _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(raw)), 23), _mm256_set1_epi32(0x00400000)));
+                    _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)raw)), 23), _mm256_set1_epi32(0x00400000)));
             }
         const __m256i lane = _mm256_set1_epi32((int)(g & 7));
         if (!(k & 127))
