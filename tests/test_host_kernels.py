@@ -297,3 +297,23 @@ def test_published_checkpoints_host_misses_run_the_kernel(kind, tmp_path):
     assert {host.kernel_name(layer) for layer in find_layers(smoe)} == {f"{host.kernel.name}-{kind}"}
     assert smoe.stats.total.host_computed > 0 and host.calls > 0
     assert torch.equal(tokens, expected)
+
+
+def test_simulator_charges_each_published_format_its_own_kernel(caplog):
+    """The desktop presets carry the MXFP4 / FP8 / GPTQ kernels' measured rates (calibrated beside int4 / int8);
+    experts as published are charged those; a profile without them falls back to int4 / int8 and says so."""
+    from specmoe.sim.host import HOST_PROFILES, HostKernel, HostProfile, expert_format
+
+    assert [expert_format(d, "none") for d in ("mxfp4", "fp8-b128", "gptq-int4-g128")] == ["mxfp4", "fp8", "gptq"]
+    assert expert_format("mxfp4", "int4-g128") == "int4"  # re-encoded: specmoe's kernel
+    desk = HOST_PROFILES["ddr5-desktop"]
+    assert "measured beside the int4 / int8 kernel" in desk.source
+    for fmt, ref in (("mxfp4", "int4"), ("fp8", "int8"), ("gptq", "int4")):
+        assert desk.kernel(fmt) != desk.kernel(ref) and desk.kernel(fmt).bytes_per_s > 0
+    old = HostProfile("old", 5e10, 8, 1e12, tuple((f, HostKernel(1e10 * (i + 1), 1e11)) for i, f in
+                                                   enumerate(("bf16", "int8", "int4"))))
+    with caplog.at_level(logging.WARNING, logger="specmoe.sim.host"):
+        assert old.kernel("mxfp4") == old.kernel("int4") and old.kernel("fp8") == old.kernel("int8")
+    assert any("no measured mxfp4 kernel" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="no host kernel"):
+        old.kernel("int3")
