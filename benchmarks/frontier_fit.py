@@ -19,7 +19,7 @@ from pathlib import Path
 from specmoe.io import write_json, write_text
 from specmoe.measure import environment
 from specmoe.sim.hardware import HardwareProfile
-from specmoe.sim.host import HostProfile
+from specmoe.sim.host import HostProfile, expert_format
 from specmoe.sim.plan import Machine, make_plan
 from specmoe.sim.shapes import ModelShape
 
@@ -72,6 +72,8 @@ def run(passes: int) -> dict:
                     row.update(fits=False, reason=why[0] if why else "slower than the experts as published")
                     rows.append(row)
                     continue
+                kernel = expert_format(shape.expert_dtype, c.compression if c.lossy else "none")
+                row.update(host_kernel=kernel, host_kernel_gbps=machine.host.kernel(kernel).bytes_per_s / 1e9)
                 row.update(fits=True, format=c.compression, capacity=c.capacity, slots=c.slots,
                            host_store=c.host_store, ram_fraction=c.ram_fraction, misses=c.misses, tok_s=c.tok_s,
                            hit_rate=c.hit_rate, misses_per_token=c.misses_per_token,
@@ -103,14 +105,23 @@ def markdown(data: dict) -> str:
             f"profile, {s['ram_gib']} GB RAM, disk {s['disk_gbps']} GB/s, routing {s['routing']}, {s['passes']} decode "
             "passes; `3090-box` = Ryzen 9 5950X + dual-channel DDR4-3200, `ddr5-desktop` = i9-13900K + dual-channel "
             "DDR5-5600 (RAM bandwidth from spec sheets; host kernel rates: this project's AVX2 host kernel, "
-            "per thread as measured here, x 8 threads, `sim/calibration/host_kernels.json`; MXFP4 / GPTQ experts "
-            "are charged at its int4 rate and FP8 at its int8 rate, an assumption: the shipped host kernel does "
-            "not read those formats yet and dequantizes them in PyTorch). Uniform routing has no locality: hit rates are a floor. Non-expert weights are bf16 on the GPU "
+            "per thread as measured here, x 8 threads, `sim/calibration/host_kernels.json`: each format its own "
+            "kernel, MXFP4 / FP8 / GPTQ experts read from their published bytes, their per-thread rates measured "
+            "beside the int4 / int8 kernel in one run and scaled to its rate; host kernel GB/s: "
+            + ", ".join(sorted({f"{r['host_kernel']} {r['host_kernel_gbps']:.0f} ({r['host']})" for r in data['rows']
+                                if r.get('host_kernel')}))
+            + "). Uniform routing has no locality: hit rates are a floor. Non-expert weights are bf16 on the GPU "
             "(FP8 ones are dequantized on load), which is why DeepSeek-V3 does not fit a 24 GB card here.",
             "", "Published figures (not simulated; other engines, quantizations and machines):", ""]
     for model, figures in data["published"].items():
         for f in figures:
             out.append(f"- {model}: {f['figure']} ({f['source']})")
+    goal = next((r for r in data["rows"] if r["model"] == "gpt-oss-120b" and r["host"] == "ddr5-desktop"
+                 and r.get("fits")), None)
+    if goal is not None:
+        out += ["", f"Goal (issue 22 item 5): gpt-oss-120b MXFP4 on an RTX 3090 + DDR5 desktop, simulated with the host "
+                f"kernel the project ships, >= 25 tok/s: {goal['tok_s']:.1f} tok/s, "
+                f"{'met' if goal['tok_s'] >= 25 else 'missed'}."]
     out += ["", "No published figure was found for GLM-4.5-Air, Qwen3-Next-80B-A3B or Llama-4-Scout on a 3090-class "
             "card during this work. " + f"{data['environment'].get('git_sha', '')[:12]}, "
             f"{data['environment'].get('date', '')}."]

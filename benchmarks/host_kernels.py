@@ -4,16 +4,19 @@ measured in the same run, and beside llama.cpp's CPU kernels (ggml) at the same 
     python benchmarks/host_kernels.py --ggml /path/to/ggml            # ggml checkout with its build in build/
     python benchmarks/host_kernels.py --shapes 4096x14336 --threads 1 --tokens 1 4   # other cases
     python benchmarks/host_kernels.py --calibrate   # per-thread rates of each build -> specmoe/sim/calibration
+    python benchmarks/host_kernels.py --calibrate --kernel-formats mxfp4 fp8 gptq   # only these, beside int4/int8
 
 One case = one expert (gate/up [2I, H], activation, down [H, I]) for T tokens, in a format the store holds
-(bf16, int8, int4-g32, int4-g128), on N threads. Each case rotates over enough copies of the expert that they
+(bf16, int8, int4-g32, int4-g128, and the publishers' mxfp4, fp8-b128, gptq-int4-g128 as their checkpoints
+hold them; a shape a format cannot hold, e.g. GPTQ g128 at gpt-oss's 2880, is skipped), on N threads. Each case rotates over enough copies of the expert that they
 exceed the last-level cache 8x (every call reads its weights from RAM), and reports the median over repeats
 (the machine is shared; the load average is recorded). Read bandwidth: a vectorised sum (the kernel library's
 `read_sum`) reading the same copies in the same turn on the same threads, right before each case; fraction =
 the kernel's GB/s over it. ggml: a small C driver (in this file, compiled against the given build) times the same expert as
-llama.cpp computes it (ggml_mul_mat gate, up, silu, mul, ggml_mul_mat down) in BF16, Q8_0, Q4_0 and Q4_1 (Q4_1:
-a scale and a minimum per 32 weights, the int4-g32 layout), with a persistent ggml threadpool; its commit is
-recorded. Writes benchmarks/results/host_kernels.{json,md,png}.
+llama.cpp computes it (ggml_mul_mat gate, up, silu, mul, ggml_mul_mat down) in BF16, Q8_0, Q4_0, Q4_1 (Q4_1:
+a scale and a minimum per 32 weights, the int4-g32 layout) and MXFP4 (gpt-oss's format: the same e2m1 codes and
+e8m0 scale per 32), with a persistent ggml threadpool; its commit is recorded. The peers: MXFP4 - ggml MXFP4,
+FP8 - Q8_0 (ggml has no FP8), GPTQ int4 - Q4_0. Writes benchmarks/results/host_kernels.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling ggml_peer.py
+from ggml_peer import GGML_TYPES, Ggml, ggml_bytes  # noqa: E402
+
 from specmoe.bench.environment import environment
 from specmoe.io import write_json, write_text
-from specmoe.kernels.host import HostExpertsKernel, matrix
+from specmoe.kernels.host import HostExpertsKernel, kernel_group, matrix, prequant_matrix
+from specmoe.kernels.prequant import PrequantFormat
 from specmoe.kernels.quant import QuantFormat, quantize
 from specmoe.sim.host import copies_beyond_cache, last_level_cache
 
@@ -42,107 +47,56 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "host_kernels"
 SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408), "qwen3-30b-a3b": (2048, 768),
           "gpt-oss": (2880, 2880)}
-FORMATS = ("bf16", "int8", "int4-g32", "int4-g128")
-GGML_TYPES = ("bf16", "q8_0", "q4_0", "q4_1")
-BITS = {"bf16": 16, "int8": 8, "int4-g32": 4, "int4-g128": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4}
-PEER = {"bf16": "bf16", "int8": "q8_0", "int4-g32": "q4_1", "int4-g128": "q4_0"}  # the goal's comparison
+FORMATS = ("bf16", "int8", "int4-g32", "int4-g128", "mxfp4", "fp8-b128", "gptq-int4-g128")
+PUBLISHED = {"mxfp4": "mxfp4", "fp8-b128": "fp8", "gptq-int4-g128": "gptq"}  # format -> kernel format
+BITS = {"bf16": 16, "int8": 8, "int4-g32": 4, "int4-g128": 4, "mxfp4": 4, "fp8-b128": 8, "gptq-int4-g128": 4,
+        "q8_0": 8, "q4_0": 4, "q4_1": 4}
+PEER = {"bf16": "bf16", "int8": "q8_0", "int4-g32": "q4_1", "int4-g128": "q4_0",  # the goal's comparison
+        "mxfp4": "mxfp4", "fp8-b128": "q8_0", "gptq-int4-g128": "q4_0"}
 GOALS = {"fraction": 0.6, "vs_ggml": 0.9, "two_threads": 1.6}
 
-DRIVER_C = r"""
-// Times one expert with ggml's CPU kernels: usage TYPE H I T THREADS BUFFERS REPEATS; prints one JSON line.
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include "ggml.h"
-#include "ggml-cpu.h"
-static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
-static int cmp(const void* a, const void* b) { double x = *(const double*)a, y = *(const double*)b; return (x > y) - (x < y); }
-int main(int argc, char** argv) {
-    if (argc < 8) return 2;
-    int H = atoi(argv[2]), I = atoi(argv[3]), T = atoi(argv[4]), nth = atoi(argv[5]), nbuf = atoi(argv[6]), reps = atoi(argv[7]);
-    enum ggml_type type;
-    if (!strcmp(argv[1], "bf16")) type = GGML_TYPE_BF16; else if (!strcmp(argv[1], "q8_0")) type = GGML_TYPE_Q8_0;
-    else if (!strcmp(argv[1], "q4_0")) type = GGML_TYPE_Q4_0; else if (!strcmp(argv[1], "q4_1")) type = GGML_TYPE_Q4_1;
-    else return 2;
-    if (nbuf > 64) nbuf = 64;
-    ggml_cpu_init();
-    size_t wbytes = ggml_row_size(type, H) * (size_t)(2 * I) + ggml_row_size(type, I) * (size_t)H;
-    struct ggml_init_params ip = {nbuf * (wbytes + (size_t)T * (2 * H + 3 * I) * 4 + 65536) + (64u << 20), NULL, false};
-    struct ggml_context* ctx = ggml_init(ip);
-    float* src = malloc(sizeof(float) * (size_t)I * H);
-    srand(1);
-    for (size_t i = 0; i < (size_t)I * H; i++) src[i] = ((float)rand() / RAND_MAX - 0.5f) * 0.04f;
-    struct ggml_cgraph* graphs[64];
-    struct ggml_tensor* w[64][3];
-    for (int b = 0; b < nbuf; b++) {
-        w[b][0] = ggml_new_tensor_2d(ctx, type, H, I);
-        w[b][1] = ggml_new_tensor_2d(ctx, type, H, I);
-        w[b][2] = ggml_new_tensor_2d(ctx, type, I, H);
-        for (int m = 0; m < 3; m++) {
-            if (b == 0) ggml_quantize_chunk(type, src, w[b][m]->data, 0, m < 2 ? I : H, m < 2 ? H : I, NULL);
-            else memcpy(w[b][m]->data, w[0][m]->data, ggml_nbytes(w[0][m]));
-        }
-        struct ggml_tensor* x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, H, T);
-        for (int i = 0; i < H * T; i++) ((float*)x->data)[i] = ((float)rand() / RAND_MAX - 0.5f);
-        struct ggml_tensor* g = ggml_mul_mat(ctx, w[b][0], x);
-        struct ggml_tensor* u = ggml_mul_mat(ctx, w[b][1], x);
-        struct ggml_tensor* y = ggml_mul_mat(ctx, w[b][2], ggml_mul(ctx, ggml_silu(ctx, g), u));
-        graphs[b] = ggml_new_graph(ctx);
-        ggml_build_forward_expand(graphs[b], y);
-    }
-    free(src);
-    struct ggml_threadpool_params tpp = ggml_threadpool_params_default(nth);
-    struct ggml_threadpool* tp = ggml_threadpool_new(&tpp);
-    struct ggml_cplan plans[64];
-    size_t work = 0;
-    for (int b = 0; b < nbuf; b++) { plans[b] = ggml_graph_plan(graphs[b], nth, tp); if (plans[b].work_size > work) work = plans[b].work_size; }
-    uint8_t* wd = malloc(work + 64);
-    for (int b = 0; b < nbuf; b++) { plans[b].work_data = wd; ggml_graph_compute(graphs[b], &plans[b]); }
-    double* ts = malloc(sizeof(double) * reps);
-    for (int r = 0; r < reps; r++) { double t0 = now(); ggml_graph_compute(graphs[r % nbuf], &plans[r % nbuf]); ts[r] = now() - t0; }
-    qsort(ts, reps, sizeof(double), cmp);
-    printf("{\"bytes\": %zu, \"median_s\": %.9f, \"min_s\": %.9f, \"max_s\": %.9f}\n", wbytes, ts[reps / 2], ts[0], ts[reps - 1]);
-    ggml_threadpool_free(tp);
-    ggml_free(ctx);
-    return 0;
-}
-"""
-
-
-class Ggml:
-    """llama.cpp's CPU kernels via a driver compiled against a ggml build."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        build = root / "build" / "src"
-        if not (root / "include" / "ggml.h").exists() or not list(build.glob("libggml-cpu.so*")):
-            raise SystemExit(f"--ggml {root}: expected a ggml checkout with include/ggml.h and its build in build/src "
-                             "(cmake -B build -G Ninja -DGGML_NATIVE=ON && ninja -C build)")
-        self.commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip() or "unknown"
-        self.dir = Path(tempfile.mkdtemp(prefix="specmoe-ggml-"))
-        (self.dir / "driver.c").write_text(DRIVER_C)
-        self.exe = self.dir / "driver"
-        subprocess.run(["gcc", "-O2", str(self.dir / "driver.c"), "-o", str(self.exe), f"-I{root / 'include'}",
-                        f"-L{build}", "-lggml", "-lggml-base", "-lggml-cpu", f"-Wl,-rpath,{build}"], check=True)
-
-    def time(self, gtype: str, hidden: int, inter: int, tokens: int, threads: int, buffers: int,
-             repeats: int) -> dict:
-        out = subprocess.run([str(self.exe), gtype, str(hidden), str(inter), str(tokens), str(threads), str(buffers),
-                              str(repeats)], capture_output=True, text=True, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+def published_parts(fmt: PrequantFormat, n: int, k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """One W [N, K] in a publisher's format with random codes (what the kernel reads, at no quantizing cost:
+    the timing does not depend on the values): finite, normal-range scales; FP8 codes without NaN; GPTQ with a
+    sorted g_idx (desc_act false, as the published Qwen GPTQ builds)."""
+    parts = {}
+    for sfx, (shape, dtype) in fmt.parts(n, k).items():
+        if sfx == "_scales":
+            t = torch.randint(118, 123, shape, generator=g, dtype=torch.uint8)  # 2^-9 .. 2^-5
+        elif sfx == "":  # normal e4m3 codes, |x| < 1 (exponent field 1-6), both signs
+            t = (torch.randint(8, 56, shape, generator=g, dtype=torch.uint8) |
+                 (torch.randint(0, 2, shape, generator=g, dtype=torch.uint8) << 7)).view(torch.float8_e4m3fn)
+        elif sfx == "_scale_inv":
+            t = torch.rand(shape, generator=g) * 0.01 + 0.001
+        elif sfx == ".scales":
+            t = (torch.rand(shape, generator=g) * 0.002 + 0.001).half()
+        elif sfx == ".g_idx":
+            t = torch.arange(k, dtype=torch.int32) // fmt.block
+        else:  # _blocks, .qweight, .qzeros: random codes
+            t = torch.randint(0, 256, (math.prod(shape) * torch.tensor([], dtype=dtype).element_size(),),
+                              generator=g, dtype=torch.uint8).view(dtype).reshape(shape)
+        parts[sfx] = t
+    return parts
 
 
 def expert_copies(fmt: str, hidden: int, inter: int, copies: int):
     """`copies` identical experts in `fmt` (distinct buffers): ([(gate_up Mat, down Mat)], bytes, keep)."""
     g = torch.Generator().manual_seed(0)
+    shapes = [(2 * inter, hidden), (hidden, inter)]
+    if fmt in PUBLISHED:
+        pre = PrequantFormat.parse(fmt)
+        parts = [published_parts(pre, n, k, g) for n, k in shapes]
+        mats, keep = [], []
+        for _ in range(copies):
+            own = [{k: v.clone() for k, v in p.items()} for p in parts]
+            keep.append(own)
+            mats.append(tuple(prequant_matrix(own[i], shapes[i], pre) for i in range(2)))
+        return mats, sum(v.numel() * v.element_size() for p in parts for v in p.values()), keep
     gate_up = (torch.rand(2 * inter, hidden, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
     down = (torch.rand(hidden, inter, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
     q = None if fmt == "bf16" else QuantFormat.parse(fmt)
     parts = [gate_up, down] if q is None else [quantize(gate_up, q), quantize(down, q)]
     del gate_up, down
-    shapes = [(2 * inter, hidden), (hidden, inter)]
     mats, keep = [], []
     for _ in range(copies):
         own = [p.clone() for p in parts] if q is None else [{k: v.clone() for k, v in p.items()} for p in parts]
@@ -196,6 +150,28 @@ def repeats_for(seconds: float, budget_s: float) -> int:
     return int(min(40, max(7, math.ceil(budget_s / max(seconds, 1e-6)))))
 
 
+def holds(fmt: str, hidden: int, inter: int) -> bool:
+    """Whether `fmt` can hold an expert of (H, I) (GPTQ g128 needs H and I multiples of 128, MXFP4 of 32)."""
+    if fmt not in PUBLISHED:
+        return True
+    try:
+        pre = PrequantFormat.parse(fmt)
+        pre.parts(2 * inter, hidden), pre.parts(hidden, inter)
+    except ValueError:
+        return False
+    return True
+
+
+def kernel_args(fmt: str) -> tuple[str, int]:
+    """(kernel format, group) of a benchmark format."""
+    if fmt in PUBLISHED:
+        return PUBLISHED[fmt], kernel_group(PrequantFormat.parse(fmt))
+    if fmt == "bf16":
+        return "bf16", 64
+    q = QuantFormat.parse(fmt)
+    return q.scheme, q.group_size
+
+
 def run(args) -> dict:
     load_before = os.getloadavg()
     shapes = [(f"{h}x{i}", (h, i)) for h, i in args.shapes] if args.shapes else \
@@ -204,16 +180,18 @@ def run(args) -> dict:
     ggml = Ggml(args.ggml) if args.ggml else None
     llc = last_level_cache()
     rows, probes = [], {}
-    plan = [(name, hi, fmt) for name, hi in shapes for fmt in args.formats]
+    plan = [(name, hi, fmt) for name, hi in shapes for fmt in args.formats if holds(fmt, *hi)]
+    skipped = [{"shape": name, "format": fmt} for name, hi in shapes for fmt in args.formats if not holds(fmt, *hi)]
     bar = tqdm(total=len(plan) + (len(shapes) * len(GGML_TYPES) if ggml else 0), desc="host kernels", unit="case")
     for name, (hidden, inter) in shapes:
         for fmt in args.formats:
+            if not holds(fmt, hidden, inter):
+                continue
             probe = expert_copies(fmt, hidden, inter, 1)
             copies = copies_beyond_cache(probe[1])
             del probe
             mats, nbytes, keep = expert_copies(fmt, hidden, inter, copies)
-            q = None if fmt == "bf16" else QuantFormat.parse(fmt)
-            kind, group = ("bf16", 64) if q is None else (q.scheme, q.group_size)
+            kind, group = kernel_args(fmt)
             for t in args.threads:
                 for tokens in args.tokens:
                     bw = probes[(name, fmt, t)] = copies_bandwidth(kernels[t], t, keep)  # right before the case
@@ -229,13 +207,14 @@ def run(args) -> dict:
         for gtype in GGML_TYPES:
             for t in args.threads:
                 for tokens in args.tokens:
-                    peer = next((f for f, g in PEER.items() if g == gtype), None)
+                    peer = next((f for f, g in PEER.items() if g == gtype and (name, f, t) in probes), None)
                     bw = probes.get((name, peer, t)) or next(v for (n, _, th), v in probes.items() if n == name
                                                              and th == t)
-                    wbytes = ggml.time(gtype, hidden, inter, tokens, t, 1, 3)
-                    copies = copies_beyond_cache(wbytes["bytes"])
+                    copies = copies_beyond_cache(ggml_bytes(gtype, hidden, inter))
+                    ours = next((r["seconds"] for r in rows if (r["shape"], r["format"], r["threads"], r["tokens"])
+                                 == (name, peer, t, tokens)), None)  # how many calls fill the budget, about
                     res = ggml.time(gtype, hidden, inter, tokens, t, copies,
-                                    repeats_for(wbytes["min_s"], args.budget))
+                                    repeats_for(ours, args.budget) if ours else 7)
                     rows.append(_row(f"ggml-{ggml.commit[:10]}", name, hidden, inter, gtype, t, tokens, res["bytes"],
                                      [res["median_s"]], bw, copies, spread=(res["min_s"], res["max_s"])))
             bar.update()
@@ -248,7 +227,7 @@ def run(args) -> dict:
                                                               "formats": list(args.formats),
                                                               "threads": args.threads, "tokens": args.tokens,
                                                               "budget_s": args.budget},
-        "rows": rows,
+        "skipped": skipped, "rows": rows,
     }
     result["goals"] = goals(rows)
     return result
@@ -325,7 +304,9 @@ def markdown(result: dict) -> str:
         f"fastest call over the fastest sum, the least disturbed pair on a shared machine. "
         f"The machine is shared with other jobs (load average {result['load_average_before'][0]:.1f} before, "
         f"{result['load_average_after'][0]:.1f} after). int4-g32 is compared with Q4_1 (a scale and a minimum per "
-        f"32 weights, the same layout); int4-g128 with Q4_0 (the nearest 4-bit type). ggml quantizes the "
+        f"32 weights, the same layout); int4-g128 with Q4_0 (the nearest 4-bit type); the publishers' formats, read "
+        f"in their own bytes: mxfp4 with ggml's MXFP4 (the same e2m1 codes and e8m0 scale per 32), fp8-b128 with "
+        f"Q8_0 (ggml has no FP8), gptq-int4-g128 with Q4_0. ggml quantizes the "
         f"activations to 8 bits (Q8_0/Q8_1) for its Q8/Q4 dot products; specmoe keeps them in float32, so its "
         f"outputs equal the dequantized expert's to float rounding.",
         f"Goals at T = 1 met: {len(met)} of {len(result['goals'])}.",
@@ -367,14 +348,21 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def calibrate(out: Path, repeats: int = 3) -> dict:
+def calibrate(out: Path, repeats: int = 3, formats: list[str] | None = None) -> dict:
     """Per-thread rates of each build this CPU runs (AVX2 and the native one), as the simulator's desktop
     presets use them: `sim.host.measure_kernel` (the runtime's HostExperts path, one thread, a DeepSeek-V2-Lite
-    expert read from RAM, 1 and 8 tokens), the median of `repeats` runs of it per format."""
+    expert read from RAM, 1 and 8 tokens), the median of `repeats` runs of it per format.
+
+    `formats` (publishers' formats, e.g. ["mxfp4"]): measure only those, each in turn with the kernel it stands
+    beside (`sim.host.STAND_IN`: int4 for MXFP4 / GPTQ, int8 for FP8) in the same run, and store the file's rate
+    of that kernel times the ratio measured (a shared machine's load cancels in the ratio); the rest of the file
+    is kept as it is."""
     from specmoe.kernels.host import build
-    from specmoe.sim.host import KERNEL_FORMATS, MEASURE_SHAPE, MEASURE_TOKENS, _median_time, measure_kernel
+    from specmoe.sim.host import (KERNEL_FORMATS, MEASURE_SHAPE, MEASURE_TOKENS, PUBLISHED_FORMATS, STAND_IN,
+                                  _median_time, measure_kernel)
     from specmoe.sim.calibrate import SyntheticExpert
 
+    old = json.loads(out.read_text()) if formats else None
     saved = os.environ.get("SPECMOE_HOST_ISA")
     builds = {}
     try:
@@ -384,8 +372,28 @@ def calibrate(out: Path, repeats: int = 3) -> dict:
             call = _median_time(tiny.runner(1), 31)
             name = tiny.kernel
             tiny.close()
+            if formats:
+                builds[isa] = old["builds"][isa]
+                for fmt in formats:
+                    ref = STAND_IN[fmt]
+                    pairs = [(measure_kernel(ref, 1, call_s=call)[0], measure_kernel(fmt, 1, call_s=call)[0])
+                             for _ in range(repeats)]
+                    rb = statistics.median(k.bytes_per_s / r.bytes_per_s for r, k in pairs)
+                    rf = statistics.median(k.flops / r.flops for r, k in pairs)
+                    base = builds[isa]["kernels"][ref]
+                    builds[isa]["kernels"][fmt] = {
+                        "bytes_per_s_per_thread": base["bytes_per_s_per_thread"] * rb,
+                        "flops_per_thread": base["flops_per_thread"] * rf,
+                        "relative_to": ref, "ratio": {"bytes_per_s": rb, "flops": rf},
+                        "runs": [{"bytes_per_s": k.bytes_per_s, "flops": k.flops, f"{ref}_bytes_per_s": r.bytes_per_s,
+                                  f"{ref}_flops": r.flops} for r, k in pairs],
+                        "measured": {"date": environment("cpu")["date"], "git_sha": environment("cpu")["git_sha"],
+                                     "load_average": os.getloadavg(),
+                                     "command": f"python benchmarks/host_kernels.py --calibrate --kernel-formats "
+                                                f"{' '.join(formats)}"}}
+                continue
             kernels = {}
-            for fmt in KERNEL_FORMATS:
+            for fmt in KERNEL_FORMATS + PUBLISHED_FORMATS:
                 runs = [measure_kernel(fmt, 1, call_s=call)[0] for _ in range(repeats)]
                 kernels[fmt] = {"bytes_per_s_per_thread": statistics.median(k.bytes_per_s for k in runs),
                                 "flops_per_thread": statistics.median(k.flops for k in runs),
@@ -397,9 +405,12 @@ def calibrate(out: Path, repeats: int = 3) -> dict:
             os.environ.pop("SPECMOE_HOST_ISA", None)
         else:
             os.environ["SPECMOE_HOST_ISA"] = saved
-    data = {"what": "per-thread rates of this project's host experts kernel builds (sim.host.calibrated_kernels)",
-            "command": "python benchmarks/host_kernels.py --calibrate", "environment": environment("cpu"),
-            "load_average": os.getloadavg(), "builds": builds}
+    if formats:
+        data = {**old, "builds": builds}
+    else:
+        data = {"what": "per-thread rates of this project's host experts kernel builds (sim.host.calibrated_kernels)",
+                "command": "python benchmarks/host_kernels.py --calibrate", "environment": environment("cpu"),
+                "load_average": os.getloadavg(), "builds": builds}
     write_json(out, data)
     return data
 
@@ -419,17 +430,20 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--budget", type=float, default=0.4, help="seconds of timed calls per case (>= 7 calls)")
+    ap.add_argument("--budget", type=float, default=0.3, help="seconds of timed calls per case (>= 7 calls)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=NAME)
     ap.add_argument("--calibrate", action="store_true",
                     help="measure each build's per-thread rates into specmoe/sim/calibration/host_kernels.json")
+    ap.add_argument("--kernel-formats", nargs="+", default=None, choices=("mxfp4", "fp8", "gptq"),
+                    help="with --calibrate: only these publishers' formats, measured beside their int4/int8 kernel "
+                         "and scaled to its rate in the file (the rest kept)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.calibrate:
         from specmoe.sim.host import CALIBRATION
 
-        data = calibrate(CALIBRATION)
+        data = calibrate(CALIBRATION, formats=args.kernel_formats)
         for isa, b in data["builds"].items():
             print(isa, {f: f"{k['bytes_per_s_per_thread'] / 1e9:.2f} GB/s, {k['flops_per_thread'] / 1e9:.1f} "
                            f"GFLOP/s" for f, k in b["kernels"].items()}, f"call {b['call_s'] * 1e6:.0f} us")

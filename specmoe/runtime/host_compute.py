@@ -7,10 +7,11 @@ hidden states cross to the host once, a worker thread computes the host experts 
 while the device computes the resident ones, and the partial outputs are summed on the device.
 
 Where the layer's experts are the common fused layout (gate/up concatenated, SiLU/GELU, no biases: what
-`kernels.kernel_activation` accepts) and the store holds fp32/bf16/fp16, int8 or int4 experts, the host runs the
+`kernels.kernel_activation` accepts; or gpt-oss's, with its clamped gate and biases, held in a publisher's format)
+and the store holds fp32/bf16/fp16, int8, int4 or a publisher's MXFP4 / FP8 / GPTQ int4 experts, the host runs the
 compiled host kernel (`specmoe.kernels.host`): every chosen expert of the layer in one call, straight from
 the store's bytes (compressed bytes read once, nothing dequantized into memory), on `threads` cores. Elsewhere
-(gpt-oss's clamped gate and biases, ModuleList experts, no compiler) it runs the family's own (eager) experts
+(gpt-oss's experts stored unquantized ([in, out]) or int8/int4, ModuleList experts, no compiler) it runs the family's own (eager) experts
 code on views of the store, a compressed store decoded expert by expert with torch ops first. Which ran is
 `HostExperts.kernel_name(layer)`; `benchmarks/host_kernels.py` and `benchmarks/host_compute.py` measure both.
 """
@@ -28,9 +29,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from ..kernels.host import HostExpertsKernel, available, check_threads, kernel_format, matrix
+from ..kernels.host import (HostExpertsKernel, available, check_threads, kernel_format, kernel_group, matrix,
+                            prequant_matrix)
 from ..measure import time_fn
 from .adapters import FusedExperts, MoELayer
+from .compression import PrequantCodec
 from .misses import MissCosts, hottest
 from .store import HostStore
 
@@ -43,6 +46,19 @@ def model_forward(experts: nn.Module):
     model's own bits where the host's kernels are the model's (a model on the CPU). Each touches only the
     experts that tokens were routed to."""
     return type(experts).forward
+
+
+def oai_gate(experts: nn.Module) -> tuple[float, float] | None:
+    """(alpha, limit) of gpt-oss's clamped SwiGLU when `experts` is transformers' `GptOssExperts` (gate/up
+    interleaved, biases), which the host kernel computes as "swiglu_oai"; else None."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:
+        return None
+    gate = getattr(GptOssExperts, "_apply_gate", None)  # the gate the kernel's "swiglu_oai" reproduces
+    if gate is None or not isinstance(experts, GptOssExperts) or getattr(type(experts), "_apply_gate", None) is not gate:
+        return None
+    return float(experts.alpha), float(experts.limit)
 
 
 def only(ids: torch.Tensor, weights: torch.Tensor, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +89,7 @@ class HostExperts:
         self.codec = codec
         self.threads = check_threads(threads)
         self.kernel = HostExpertsKernel(self.threads) if available() else None
-        self._plans: dict[int, tuple | None] = {}  # layer -> (format, activation, group, I) or None: torch path
+        self._plans: dict[int, tuple | None] = {}  # layer -> (format, activation, group, I, params) or None: torch
         self._mats: dict[tuple[int, int], tuple] = {}  # (layer, e) -> (gate_up Mat, down Mat) of a RAM store
         self._clones: dict[int, nn.Module] = {}
         self._lock = threading.Lock()
@@ -111,17 +127,23 @@ class HostExperts:
             probe.__dict__.update(gate_up_proj=torch.empty(1, 1, 1, device="meta"),
                                   down_proj=torch.empty(1, 1, 1, device="meta"))
             activation, why = kernel_activation(probe)
+            params, tensors = None, {"gate_up_proj", "down_proj"}
+            published = isinstance(self.codec, PrequantCodec)  # a publisher's parts: [out, in]
+            if activation is None and oai_gate(layer.experts) is not None:
+                params, tensors = oai_gate(layer.experts), tensors | {"gate_up_proj_bias", "down_proj_bias"}
+                activation, why = ("swiglu_oai", "") if published else \
+                    (None, "gpt-oss experts stored as [in, out] (the kernel reads them in a publisher's format)")
             specs = {s.name: s for s in (self.codec.slot_layout if self.codec else self.store.layout).specs}
             gate_up, down = specs.get("gate_up_proj"), specs.get("down_proj")
             fmt = self.codec.fmt if self.codec is not None else None
             kind = kernel_format(gate_up.dtype, fmt) if gate_up is not None else None
             if activation is not None and kind is None:
                 why = f"experts stored as {gate_up.dtype if fmt is None else fmt}"
-            elif activation is not None and set(specs) != {"gate_up_proj", "down_proj"}:
+            elif activation is not None and set(specs) != tensors:
                 why = f"expert tensors {sorted(specs)}"
             elif activation is not None:
-                inter = down.shape[1]
-                plan = (kind, activation, fmt.group_size if fmt is not None else 64, inter)
+                inter = self.codec._nk(down)[1] if published else down.shape[1]
+                plan = (kind, activation, kernel_group(fmt), inter, params)
         self._plans[layer.index] = plan
         logger.info("MoE layer %s: host experts run %s", layer.name,
                     f"{self.kernel.name} ({plan[0]}, {self.threads} threads)" if plan else f"the model's torch "
@@ -141,7 +163,13 @@ class HostExperts:
             return mats
         row = self.store[(layer, e)]  # [B] uint8: a view of RAM, or this call's read of a file
         keep.append(row)
-        if self.codec is None:
+        if isinstance(self.codec, PrequantCodec):  # a publisher's parts, [out, in]
+            packed = self.codec.layout.unpack(row)
+            specs = {s.name: s for s in self.codec.slot_layout.specs}
+            mats = tuple(prequant_matrix({sfx: packed[n + sfx] for sfx in self.codec.fmt.suffixes},
+                                         self.codec._nk(specs[n]), self.codec.fmt, packed.get(n + "_bias"))
+                         for n in ("gate_up_proj", "down_proj"))
+        elif self.codec is None:
             parts = self.store.layout.unpack(row)
             specs = {s.name: s for s in self.store.layout.specs}
             mats = tuple(matrix(parts[n], specs[n].shape) for n in ("gate_up_proj", "down_proj"))
@@ -176,10 +204,11 @@ class HostExperts:
         try:
             plan = self.plan(layer)
             if plan is not None:
-                fmt, activation, group, inter = plan
+                fmt, activation, group, inter, params = plan
                 keep: list = []
                 mats = [self._matrices(layer.index, e, keep) for e in chosen]
-                return self.kernel(fmt, activation, hidden, ids, weights, chosen, mats, inter, group)
+                return self.kernel(fmt, activation, hidden, ids, weights, chosen, mats, inter, group,
+                                   act_params=params)
             views, lut = self.tensors(layer.index, chosen)
             ids, weights = only(ids, weights, chosen)
             if lut is not None:  # compact rows: expert id -> row

@@ -18,11 +18,13 @@ from ..runtime.compression import make_codec
 from ..runtime.host_compute import HostExperts
 from ..runtime.store import ExpertLayout, HostStore
 
-COMPRESSION = {"bf16": None, "int8": "int8", "int4": "int4-g128"}  # host kernel format -> store compression
+COMPRESSION = {"bf16": None, "int8": "int8", "int4": "int4-g128",  # host kernel format -> store compression
+               "mxfp4": "mxfp4", "fp8": "fp8-b128", "gptq": "gptq-int4-g128"}  # the publishers' formats
 
 
 class SyntheticExpert:
-    """A one-expert host store of shape (H, I) in `fmt` ("bf16", "int8", "int4") with random weights.
+    """A one-expert host store of shape (H, I) in `fmt` ("bf16", "int8", "int4"; the publishers' "mxfp4",
+    "fp8" (128 blocks), "gptq" (g128, sorted g_idx)) with random weights.
 
     Attributes:
         layer: a `MoELayer` whose experts module (on the meta device) drives `HostExperts`.
@@ -49,7 +51,14 @@ class SyntheticExpert:
         self.store = HostStore(codec.layout if codec else slot_layout, 1, copies)
         g = torch.Generator().manual_seed(seed)
         for name, view in self.store.expert((0, 0)).items():  # plausible values, no NaN or denormals
-            if view.dtype.is_floating_point:
+            if name.endswith("_scales"):  # MXFP4 e8m0: 2^-9 .. 2^-5
+                view.copy_(torch.randint(118, 123, view.shape, generator=g).to(view.dtype))
+            elif name.endswith(".g_idx"):  # GPTQ, desc_act false
+                view.copy_(torch.arange(view.shape[0], dtype=torch.int32) // codec.fmt.block)
+            elif view.dtype == torch.float8_e4m3fn:  # normal codes with |x| < 1, both signs
+                view.view(torch.uint8).copy_(torch.randint(8, 56, view.shape, generator=g, dtype=torch.uint8) |
+                                             (torch.randint(0, 2, view.shape, generator=g, dtype=torch.uint8) << 7))
+            elif view.dtype.is_floating_point:
                 view.copy_(torch.rand(view.shape, generator=g) * 0.02 + (0.001 if ".q" in name else -0.01))
             else:
                 view.copy_(torch.randint(-100, 100, view.shape, generator=g).to(view.dtype))

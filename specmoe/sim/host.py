@@ -11,7 +11,10 @@ project's host kernel (`specmoe.kernels.host`, the one `HostExperts` runs) was m
 one: "this-machine" measures the runtime's own host path here, at real expert sizes read from RAM
 (`measure_host_profile`); the desktop presets take the per-thread rates of the kernel's AVX2 build measured by
 `benchmarks/host_kernels.py --calibrate` (`calibration/host_kernels.json`) times the threads the runtime
-would use there (`kernels.host.default_threads`), beside their RAM bandwidth; the source says which.
+would use there (`kernels.host.default_threads`), beside their RAM bandwidth; the source says which. Each
+format runs its own kernel (`expert_format`): experts as published (MXFP4, FP8, GPTQ) are charged the rate of the
+kernel that reads those bytes, which `--calibrate --kernel-formats` measures beside the int4 / int8 kernel in
+one run; a profile without such a measurement charges the int4 / int8 rate and logs that it assumes so.
 `benchmarks/host_compute.py` checks the model against the runtime's measured host time at real shapes.
 """
 
@@ -32,16 +35,22 @@ from ..io import read_json
 logger = logging.getLogger(__name__)
 
 GB = 10**9
-KERNEL_FORMATS = ("bf16", "int8", "int4")
+KERNEL_FORMATS = ("bf16", "int8", "int4")  # every profile has these
+PUBLISHED_FORMATS = ("mxfp4", "fp8", "gptq")  # the publishers' formats' kernels (MXFP4, FP8 b128, GPTQ int4 g128)
+REQUIRED_FORMATS = KERNEL_FORMATS
+STAND_IN = {"mxfp4": "int4", "fp8": "int8", "gptq": "int4"}  # for a profile measured before these kernels existed
 
 
 def expert_format(expert_dtype: str, compression: str) -> str:
-    """The host kernel an expert runs: its compression scheme, or its dtype when uncompressed."""
+    """The host kernel an expert runs: its compression scheme, or its dtype when uncompressed; experts as
+    published run their own kernel ("mxfp4", "fp8", "gptq")."""
     if compression and compression != "none":
         return "int8" if compression.startswith("int8") else "int4"
     if expert_dtype in ("bf16", "fp16", "fp32"):
         return "bf16"
-    return "int8" if expert_dtype.startswith("fp8") else "int4"  # mxfp4, gptq-int4: a 4-bit kernel
+    if expert_dtype.startswith("fp8"):
+        return "fp8"
+    return "mxfp4" if expert_dtype == "mxfp4" else "gptq"
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,8 @@ class HostProfile:
         memory_bytes_per_s: sustained read bandwidth of host RAM (what a streaming kernel reaches).
         cores: physical cores.
         flops: peak fp32 FLOP/s of all cores (for reference; the kernels' rates are what the model uses).
-        kernels: (format, HostKernel) for "bf16", "int8" and "int4".
+        kernels: (format, HostKernel) for "bf16", "int8" and "int4", and for the publishers' "mxfp4", "fp8",
+            "gptq" where measured (`kernel` charges a profile without them its int4 / int8 rate, and says so).
         expert_call_s: fixed cost of computing one expert in one call (dispatch, thread hand-off).
         source: where the numbers come from.
         description: the machine in words.
@@ -126,16 +136,24 @@ class HostProfile:
             raise ValueError(f"HostProfile.cores must be a positive int, got {self.cores!r}")
         if not (0 <= self.expert_call_s < 0.1):
             raise ValueError(f"HostProfile.expert_call_s must be seconds in [0, 0.1), got {self.expert_call_s!r}")
-        missing = set(KERNEL_FORMATS) - {fmt for fmt, _ in self.kernels}
+        missing = set(REQUIRED_FORMATS) - {fmt for fmt, _ in self.kernels}
         if missing:
             raise ValueError(f"HostProfile {self.name}: kernels for {sorted(missing)} missing; give all of "
-                             f"{KERNEL_FORMATS}")
+                             f"{REQUIRED_FORMATS}")
 
     def kernel(self, fmt: str) -> HostKernel:
+        """The kernel `fmt` runs; a publisher's format this profile has no measurement of is charged its
+        `STAND_IN`'s rate (an assumption, logged once)."""
         for name, kernel in self.kernels:
             if name == fmt:
                 return kernel
-        raise ValueError(f"no host kernel {fmt!r}; choose one of {KERNEL_FORMATS}")
+        if fmt in STAND_IN:
+            if (self.name, fmt) not in _SAID:
+                _SAID.add((self.name, fmt))
+                logger.warning("host profile %s has no measured %s kernel; charging the %s kernel's rate (assumed)",
+                               self.name, fmt, STAND_IN[fmt])
+            return self.kernel(STAND_IN[fmt])
+        raise ValueError(f"no host kernel {fmt!r}; choose one of {KERNEL_FORMATS + PUBLISHED_FORMATS}")
 
     def expert_seconds(self, nbytes: int, weights: int, tokens: int, fmt: str) -> float:
         """Host time of one expert of `nbytes` bytes and `weights` weights for `tokens` tokens routed to it."""
@@ -178,6 +196,7 @@ class HostProfile:
         raise ValueError(f"unknown host profile {name!r}; choose one of {sorted(HOST_PROFILES) + ['this-machine']}")
 
 
+_SAID: set[tuple[str, str]] = set()
 CALIBRATION = Path(__file__).parent / "calibration" / "host_kernels.json"
 _DESKTOP_THREADS = 8  # kernels.host.default_threads() on a 16- or 24-core desktop: min(physical cores - 1, 8)
 
@@ -201,7 +220,12 @@ def calibrated_kernels(isa: str, threads: int) -> tuple[tuple[tuple[str, HostKer
     source = (f"kernel rates: this project's host kernel ({build['kernel']}) measured by `{data['command']}` on "
               f"{env['device_name']} ({env['date'][:10]}, git {env['git_sha'][:10]}), per thread at "
               f"{build['shape']} read from RAM (1 and {build['tokens'][1]} tokens), times {threads} threads (assumed: "
-              f"the same per-core rate there, scaling with cores up to the RAM's bandwidth)")
+              f"the same per-core rate there, scaling with cores up to the RAM's bandwidth)"
+              + ("; the publishers' formats' kernels (" + ", ".join(
+                  f"{f}: {k['ratio']['bytes_per_s']:.2f}x the {k['relative_to']} byte rate" for f, k in
+                  build["kernels"].items() if "relative_to" in k) + ") measured beside the int4 / int8 kernel in "
+                 "one run and scaled to its rate" if any("relative_to" in k for k in build["kernels"].values())
+                 else ""))
     return kernels, source, build["call_s"]
 
 
@@ -292,8 +316,8 @@ def measure_kernel(fmt: str, threads: int, hidden: int = MEASURE_SHAPE[0], inter
     less the per-call cost). Returns (kernel, which implementation ran)."""
     from .calibrate import SyntheticExpert
 
-    probe = SyntheticExpert(fmt, 16, 16)
-    nbytes = probe.store.layout.nbytes * (hidden * inter) // (16 * 16)
+    probe = SyntheticExpert(fmt, 128, 128)  # the smallest every format holds (GPTQ g128)
+    nbytes = probe.store.layout.nbytes * (hidden * inter) // (128 * 128)
     probe.close()
     expert = SyntheticExpert(fmt, hidden, inter, copies=copies_beyond_cache(nbytes), threads=threads)
     try:
@@ -326,7 +350,7 @@ def measure_host_profile(refresh: bool = False, threads: int | None = None) -> H
     tiny = SyntheticExpert("bf16", 64, 64, threads=threads)
     call = _median_time(tiny.runner(1), 31)
     tiny.close()
-    measured = {fmt: measure_kernel(fmt, threads, call_s=call) for fmt in KERNEL_FORMATS}
+    measured = {fmt: measure_kernel(fmt, threads, call_s=call) for fmt in KERNEL_FORMATS + PUBLISHED_FORMATS}
     kernels = []
     for fmt, (k, _) in measured.items():  # and at a Mixtral-8x7B expert (352 MB in bf16)
         big, _ = measure_kernel(fmt, threads, *LARGE_SHAPE, repeats=7, call_s=call)

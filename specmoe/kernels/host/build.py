@@ -1,6 +1,6 @@
 """Build and load the host experts kernels (`experts.cpp`): compiled with g++ at first use, cached, loaded by ctypes.
 
-One source, three builds: ``avx512`` (AVX-512 F/BW/VL, FMA, F16C), ``avx2`` (AVX2, FMA, F16C) and ``scalar``
+One source (`experts.cpp`, with the headers it includes), three builds: ``avx512`` (AVX-512 F/BW/VL, FMA, F16C), ``avx2`` (AVX2, FMA, F16C) and ``scalar``
 (portable C++, no vector flags). The one that runs is chosen at run time from the CPU's flags
 (``/proc/cpuinfo``), or forced with ``SPECMOE_HOST_ISA=avx512|avx2|scalar`` (``off``: no kernel, the torch
 path). Builds are cached in ``$SPECMOE_CACHE_DIR`` (default ``~/.cache/specmoe``) under ``host_kernels/``, named
@@ -24,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("experts.cpp")
+HEADERS = tuple(SOURCE.with_name(n) for n in ("vec.h", "tiles.h", "prequant_tiles.h"))  # included by SOURCE
 ISAS = ("avx512", "avx2", "scalar")
 FLAGS = {
     "avx512": ["-DISA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
@@ -84,7 +85,8 @@ def _compiler() -> str | None:
 
 def library_path(isa: str, compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(COMMON + FLAGS[isa]), *version]).encode())
+    texts = [f.read_text() for f in (SOURCE, *HEADERS)]
+    key = hashlib.sha256("\n".join([*texts, " ".join(COMMON + FLAGS[isa]), *version]).encode())
     return cache_dir() / f"experts-{isa}-{key.hexdigest()[:16]}.so"
 
 
@@ -126,6 +128,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         c.c_int, c.c_int, c.c_int, c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_void_p,  # fmt .. x
         c.c_int64, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,  # k, ids, weights, n, chosen
         c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,  # gate_up, down, out, scratch, threads
+        c.c_void_p,  # act_params
     ]
     lib.specmoe_read_sum.restype = c.c_double
     lib.specmoe_read_sum.argtypes = [c.c_void_p, c.c_int64, c.c_int]

@@ -1,320 +1,34 @@
 // Routed experts of one MoE layer computed on the host, straight from the host store's bytes.
 //
-// out[t] += sum over routed pairs (t, e): w[t, e] * down_e @ (act(gate_e @ x[t]) * (up_e @ x[t]))
+// out[t] += sum over routed pairs (t, e): w[t, e] * (down_e @ act(gate_e @ x[t] + b, up_e @ x[t] + b) + b_down)
 //
 // Weights are read in the store's own format (no dequantized copy): fp32, bf16, fp16 [N, K] row-major, int8
 // [N, K] with a float32 scale per row (W = q * s), int4 [N, Kp/2] (two codes per byte, even column in the low
 // nibble) with float16 scale and zero per (row, group of G columns) (W = code * s + z), as
-// specmoe/kernels/quant.py writes them. gate_up is [2I, H] (gate rows then up rows), down [H, I].
+// specmoe/kernels/quant.py writes them; and the publishers' MXFP4, block-scaled FP8 and GPTQ int4 as their
+// checkpoints hold them (vec.h, specmoe/kernels/prequant.py). gate_up is [2I, H] (gate rows then up rows; gpt-oss:
+// interleaved), down [H, I]; biases (gpt-oss) optional.
 //
 // Phases, one OpenMP team: (1) gate/up rows of every routed expert split over the threads by weight bytes,
 // (2) activation, routing weight folded in, (3) down rows split over the threads (each thread owns output
-// rows, so no atomics). Every weight byte is read once per call whatever the tokens: a tile of R rows is
-// decoded into registers once per column step and multiplied with TB tokens at a time.
+// rows, so no atomics). Every weight byte is read once per call whatever the tokens: a tile of R rows (GPTQ: a
+// strip of output channels) is decoded into registers once per column step and multiplied with TB tokens at a time.
 //
 // Compiled three times (ISA_AVX512, ISA_AVX2, neither = portable scalar); the loader picks one at run time.
+// Files: vec.h (vector unit, loaders, Mat), tiles.h (specmoe's formats), prequant_tiles.h (publishers'), this.
 
 // Shape legend: T tokens, H hidden, I intermediate, n routed experts of this call, P routed pairs, K columns
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#include <omp.h>
+#include "vec.h"
+#include "tiles.h"
+#include "prequant_tiles.h"
 
-#if defined(ISA_AVX512) || defined(ISA_AVX2)
-#include <immintrin.h>
-#endif
-
-enum { F_FP32 = 0, F_BF16 = 1, F_FP16 = 2, F_INT8 = 3, F_INT4 = 4 };
-enum { A_SILU = 0, A_GELU = 1, A_GELU_TANH = 2 };
-
-static inline float half_to_float(uint16_t h) {
-#if defined(ISA_AVX512) || defined(ISA_AVX2)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {  // subnormal: normalise
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
-static inline float bf16_to_float(uint16_t b) {
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-// One weight matrix of one expert, as the store holds it.
-struct Mat {
-    const uint8_t* w;      // row-major weights / codes
-    const void* scale;     // int8: float32 [N]; int4: float16 [N, groups]
-    const uint16_t* zero;  // int4: float16 [N, groups]
-    int64_t row_bytes;     // bytes from one row of w to the next
-    int64_t groups;        // int4: scale/zero entries per row
-};
-
-// ---- the vector unit: VL floats ----------------------------------------------------------------------------
-#if defined(ISA_AVX512)
-#define VL 16
-typedef __m512 vf;
-static inline vf vzero() { return _mm512_setzero_ps(); }
-static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-static inline vf vset1(float a) { return _mm512_set1_ps(a); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
-static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
-static inline vf wload_fp32(const uint8_t* p) { return _mm512_loadu_ps((const float*)p); }
-static inline vf wload_bf16(const uint8_t* p) {
-    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-static inline vf wload_fp16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-static inline vf wload_int8(const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
-// 16 int4 codes (8 bytes) -> 16 floats in column order
-static inline vf wload_int4(const uint8_t* p) {
-    __m128i b = _mm_loadl_epi64((const __m128i*)p);
-    const __m128i m = _mm_set1_epi8(0x0f);
-    __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-}
-#elif defined(ISA_AVX2)
-#define VL 8
-typedef __m256 vf;
-static inline vf vzero() { return _mm256_setzero_ps(); }
-static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-static inline vf vset1(float a) { return _mm256_set1_ps(a); }
-static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
-static inline float vsum(vf a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-static inline vf wload_fp32(const uint8_t* p) { return _mm256_loadu_ps((const float*)p); }
-static inline vf wload_bf16(const uint8_t* p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-static inline vf wload_fp16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
-static inline vf wload_int8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-static inline vf wload_int4(const uint8_t* p) {  // 8 codes (4 bytes)
-    int32_t raw;
-    memcpy(&raw, p, 4);
-    __m128i b = _mm_cvtsi32_si128(raw);
-    const __m128i m = _mm_set1_epi8(0x0f);
-    __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-}
-#else
-#define VL 1
-typedef float vf;
-static inline vf vzero() { return 0.0f; }
-static inline vf vload(const float* p) { return *p; }
-static inline vf vset1(float a) { return a; }
-static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
-static inline vf vmul(vf a, vf b) { return a * b; }
-static inline float vsum(vf a) { return a; }
-static inline vf wload_fp32(const uint8_t* p) { float f; memcpy(&f, p, 4); return f; }
-static inline vf wload_bf16(const uint8_t* p) { uint16_t b; memcpy(&b, p, 2); return bf16_to_float(b); }
-static inline vf wload_fp16(const uint8_t* p) { uint16_t b; memcpy(&b, p, 2); return half_to_float(b); }
-static inline vf wload_int8(const uint8_t* p) { return (float)(int8_t)*p; }
-static inline vf wload_int4(const uint8_t* p) { return (float)(*p & 15); }  // one code at an even column
-#endif
-
-// Rows per tile and tokens per pass: R * TB accumulators live in registers.
-#if defined(ISA_AVX512)
-#define R 4
-#define TB 4
-#elif defined(ISA_AVX2)
-#define R 4
-#define TB 2
-#else
-#define R 2
-#define TB 2
-#endif
-
-// Scalar weight (column k of a row) for tails.
-template <int FMT>
-static inline float wscalar(const uint8_t* row, int64_t k) {
-    if (FMT == F_FP32) { float f; memcpy(&f, row + 4 * k, 4); return f; }
-    if (FMT == F_BF16) { uint16_t b; memcpy(&b, row + 2 * k, 2); return bf16_to_float(b); }
-    if (FMT == F_FP16) { uint16_t b; memcpy(&b, row + 2 * k, 2); return half_to_float(b); }
-    if (FMT == F_INT8) return (float)(int8_t)row[k];
-    return (float)((row[k >> 1] >> ((k & 1) * 4)) & 15);
-}
-
-template <int FMT>
-static inline vf wvec(const uint8_t* row, int64_t k) {
-    if (FMT == F_FP32) return wload_fp32(row + 4 * k);
-    if (FMT == F_BF16) return wload_bf16(row + 2 * k);
-    if (FMT == F_FP16) return wload_fp16(row + 2 * k);
-    if (FMT == F_INT8) return wload_int8(row + k);
-#if VL == 1
-    return wscalar<F_INT4>(row, k);
-#else
-    return wload_int4(row + (k >> 1));
-#endif
-}
-
-// One tile: rows [r, r + nr) (nr <= R) times NB tokens xs[0..NB) (fp32, zero beyond K up to a multiple of VL);
-// res[i][j] = dot(M[r + i], xs[j]). int4: gsum[j] holds each token's sums over the K groups (zero term).
 template <int FMT, int NB>
-static inline void tile(const Mat& m, int64_t r, int nr, int64_t K, int group, const float* const* xs,
-                        const float* const* gsum, float res[R][TB]) {
-    const uint8_t* row[R];
-    for (int i = 0; i < R; i++) row[i] = m.w + (r + (i < nr ? i : 0)) * m.row_bytes;
-    const int64_t ahead = R * m.row_bytes;  // prefetch distance: the same column of the next tile's rows
-    vf acc[R][NB];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < NB; j++) acc[i][j] = vzero();
-#if defined(ISA_AVX512)
-    if (FMT == F_INT4 && group % 32 == 0) {
-        // a table of the group's 16 values (code * scale + zero, rounded as quant.dequantize rounds them) per
-        // row; 16 bytes hold 32 codes: the low nibbles (even columns) and high nibbles (odd columns) index it
-        // directly (vpermps reads the low 4 bits). x comes deinterleaved per 32 columns (even, then odd).
-        const int64_t kv = (K + 31) / 32 * 32;
-        const uint16_t* sc = (const uint16_t*)m.scale;
-        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        for (int64_t g0 = 0, g = 0; g0 < kv; g0 += group, g++) {
-            const int64_t gend = (g0 + group < kv) ? g0 + group : kv;
-            __m512 lut[R];
-            for (int i = 0; i < R; i++) {
-                const int64_t rr = (r + (i < nr ? i : 0)) * m.groups + g;
-                lut[i] = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(half_to_float(sc[rr]))),
-                                       _mm512_set1_ps(half_to_float(m.zero[rr])));
-            }
-            for (int64_t k = g0; k < gend; k += 32) {
-                __m512 xe[NB], xo[NB];
-                for (int j = 0; j < NB; j++) { xe[j] = _mm512_loadu_ps(xs[j] + k); xo[j] = _mm512_loadu_ps(xs[j] + k + 16); }
-                if (!(k & 127))  // the next tile's rows, 64 bytes at a time (their streams start cold)
-                    for (int i = 0; i < R; i++) _mm_prefetch((const char*)(row[i] + (k >> 1) + ahead), _MM_HINT_T0);
-                for (int i = 0; i < R; i++) {
-                    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row[i] + (k >> 1))));
-                    const __m512 we = _mm512_permutexvar_ps(b, lut[i]);
-                    const __m512 wo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut[i]);
-                    for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(wo, xo[j], _mm512_fmadd_ps(we, xe[j], acc[i][j]));
-                }
-            }
-        }
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < NB; j++) res[i][j] = vsum(acc[i][j]);
-        return;
-    }
-#endif
-#if defined(ISA_AVX2)
-    if (FMT == F_INT4 && group % 16 == 0) {
-        // 8 bytes widen to 8 lanes holding two codes each: the low nibbles (even columns) and high nibbles (odd
-        // columns) multiply x deinterleaved per 16 columns; per group, the sum of code * x times the scale,
-        // plus the zero times the group's sum of x
-        const int64_t kv = (K + 15) / 16 * 16;
-        const uint16_t* sc = (const uint16_t*)m.scale;
-        const __m256i low = _mm256_set1_epi32(15);
-        float zacc[R][NB];
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < NB; j++) zacc[i][j] = 0.f;
-        for (int64_t g0 = 0, g = 0; g0 < kv; g0 += group, g++) {
-            const int64_t gend = (g0 + group < kv) ? g0 + group : kv;
-            vf part[R][NB];
-            for (int i = 0; i < R; i++)
-                for (int j = 0; j < NB; j++) part[i][j] = vzero();
-            for (int64_t k = g0; k < gend; k += 16) {
-                if (!(k & 127))
-                    for (int i = 0; i < R; i++) _mm_prefetch((const char*)(row[i] + (k >> 1) + ahead), _MM_HINT_T0);
-                vf xe[NB], xo[NB];
-                for (int j = 0; j < NB; j++) { xe[j] = vload(xs[j] + k); xo[j] = vload(xs[j] + k + 8); }
-                for (int i = 0; i < R; i++) {
-                    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row[i] + (k >> 1))));
-                    const vf we = _mm256_cvtepi32_ps(_mm256_and_si256(v, low));
-                    const vf wo = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-                    for (int j = 0; j < NB; j++) part[i][j] = vfma(wo, xo[j], vfma(we, xe[j], part[i][j]));
-                }
-            }
-            for (int i = 0; i < R; i++) {
-                const int64_t rr = (r + (i < nr ? i : 0)) * m.groups + g;
-                const vf sv = vset1(half_to_float(sc[rr]));
-                const float z = half_to_float(m.zero[rr]);
-                for (int j = 0; j < NB; j++) {
-                    acc[i][j] = vfma(part[i][j], sv, acc[i][j]);
-                    zacc[i][j] += z * gsum[j][g];
-                }
-            }
-        }
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < NB; j++) res[i][j] = vsum(acc[i][j]) + zacc[i][j];
-        return;
-    }
-#endif
-    if (FMT == F_INT4) {
-        // code * scale per group, multiplied with x; the zeros multiply each group's sum of x
-        const int64_t kv = (K + VL - 1) / VL * VL;  // codes exist up to the padded K; x is zero there
-        const uint16_t* sc = (const uint16_t*)m.scale;
-        float zacc[R][NB];
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < NB; j++) zacc[i][j] = 0.f;
-        for (int64_t g0 = 0, g = 0; g0 < kv; g0 += group, g++) {
-            const int64_t gend = (g0 + group < kv) ? g0 + group : kv;
-            vf sv[R];
-            for (int i = 0; i < R; i++) {
-                const int64_t rr = (r + (i < nr ? i : 0)) * m.groups + g;
-                sv[i] = vset1(half_to_float(sc[rr]));
-                const float z = half_to_float(m.zero[rr]);
-                for (int j = 0; j < NB; j++) zacc[i][j] += z * gsum[j][g];
-            }
-            for (int64_t k = g0; k < gend; k += VL) {
-                vf xv[NB];
-                for (int j = 0; j < NB; j++) xv[j] = vload(xs[j] + k);
-                for (int i = 0; i < R; i++) {
-                    const vf w = vmul(wvec<F_INT4>(row[i], k), sv[i]);
-                    for (int j = 0; j < NB; j++) acc[i][j] = vfma(w, xv[j], acc[i][j]);
-                }
-            }
-        }
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < NB; j++) res[i][j] = vsum(acc[i][j]) + zacc[i][j];
-        return;
-    }
-    const int64_t kv = K / VL * VL;
-    constexpr int64_t wb = FMT == F_FP32 ? 4 : (FMT == F_INT8 ? 1 : 2);  // bytes per weight
-    for (int64_t k = 0; k < kv; k += VL) {
-#if VL > 1
-        if (!((k * wb) & 63))
-            for (int i = 0; i < R; i++) _mm_prefetch((const char*)(row[i] + k * wb + ahead), _MM_HINT_T0);
-#endif
-        vf xv[NB];
-        for (int j = 0; j < NB; j++) xv[j] = vload(xs[j] + k);
-        for (int i = 0; i < R; i++) {
-            const vf w = wvec<FMT>(row[i], k);
-            for (int j = 0; j < NB; j++) acc[i][j] = vfma(w, xv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < R; i++) {
-        const float s = FMT == F_INT8 ? ((const float*)m.scale)[r + (i < nr ? i : 0)] : 1.0f;
-        for (int j = 0; j < NB; j++) {
-            float d = vsum(acc[i][j]);
-            for (int64_t k = kv; k < K; k++) d += wscalar<FMT>(row[i], k) * xs[j][k];
-            res[i][j] = d * s;
-        }
-    }
+static inline void row_tile(const Mat& m, int64_t r, int nr, int64_t K, int group, const float* const* xs,
+                            const float* const* gsum, float res[R][TB]) {
+    if constexpr (FMT == F_MXFP4) tile_mxfp4<NB>(m, r, nr, K, xs, res);
+    else if constexpr (FMT == F_FP8) tile_fp8<NB>(m, r, nr, K, group, xs, res);
+    else tile<FMT, NB>(m, r, nr, K, group, xs, gsum, res);
 }
 
 // ys[j][r] (+)= dot(M[r], xs[j]) for rows r in [r0, r1) and nt tokens.
@@ -329,13 +43,13 @@ static void rows_dot(const Mat& m, int64_t r0, int64_t r1, int64_t K, int group,
             const float* const* x = xs + t0;
             const float* const* gs = gsum + t0;
             switch (nb) {
-                case 1: tile<FMT, 1>(m, r, nr, K, group, x, gs, res); break;
+                case 1: row_tile<FMT, 1>(m, r, nr, K, group, x, gs, res); break;
 #if TB >= 2
-                case 2: tile<FMT, 2>(m, r, nr, K, group, x, gs, res); break;
+                case 2: row_tile<FMT, 2>(m, r, nr, K, group, x, gs, res); break;
 #endif
 #if TB >= 4
-                case 3: tile<FMT, 3>(m, r, nr, K, group, x, gs, res); break;
-                case 4: tile<FMT, 4>(m, r, nr, K, group, x, gs, res); break;
+                case 3: row_tile<FMT, 3>(m, r, nr, K, group, x, gs, res); break;
+                case 4: row_tile<FMT, 4>(m, r, nr, K, group, x, gs, res); break;
 #endif
             }
             for (int j = 0; j < nb; j++) {
@@ -356,6 +70,9 @@ static rows_fn pick(int fmt) {
         case F_FP16: return rows_dot<F_FP16>;
         case F_INT8: return rows_dot<F_INT8>;
         case F_INT4: return rows_dot<F_INT4>;
+        case F_MXFP4: return rows_dot<F_MXFP4>;
+        case F_FP8: return rows_dot<F_FP8>;
+        case F_GPTQ: return gptq_rows;
     }
     return nullptr;
 }
@@ -367,11 +84,11 @@ static inline float activate(float g, int act) {
     return 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
 }
 
-// [lo, hi) of `total` items for thread `tid` of `nth`, in units of R rows
-static inline void share(int64_t total, int tid, int nth, int64_t* lo, int64_t* hi) {
-    int64_t tiles = (total + R - 1) / R;
-    *lo = tiles * tid / nth * R;
-    *hi = tiles * (tid + 1) / nth * R;
+// [lo, hi) of `total` items for thread `tid` of `nth`, in units of `unit` rows (R; GPTQ: GCOLS)
+static inline void share(int64_t total, int tid, int nth, int64_t* lo, int64_t* hi, int64_t unit = R) {
+    int64_t tiles = (total + unit - 1) / unit;
+    *lo = tiles * tid / nth * unit;
+    *hi = tiles * (tid + 1) / nth * unit;
     if (*hi > total) *hi = total;
     if (*lo > total) *lo = total;
 }
@@ -388,11 +105,11 @@ const char* specmoe_host_isa() {
 #endif
 }
 
-// Whether int4 reads x deinterleaved per 2 * VL columns (even columns, then odd: `lut_pos`): the AVX-512
-// table path and the AVX2 path.
+// Whether int4 / MXFP4 read x deinterleaved per 2 * VL columns (even columns, then odd: `lut_pos`): the
+// AVX-512 table path and the AVX2 path.
 static inline bool int4_lut(int fmt, int group) {
 #if defined(ISA_AVX512) || defined(ISA_AVX2)
-    return fmt == F_INT4 && group % (2 * VL) == 0;
+    return (fmt == F_INT4 && group % (2 * VL) == 0) || fmt == F_MXFP4;
 #else
     (void)fmt; (void)group;
     return false;
@@ -416,19 +133,25 @@ int64_t specmoe_host_scratch(int64_t P, int64_t Hx, int64_t I, int group) {
 }
 
 // Returns 0 on success, a negative code on bad arguments.
-//   fmt, act, group: weight format (F_*), activation (A_*), int4 group size (columns per scale; any power of
-//     two >= 16 for the other formats)
+//   fmt, act, group: weight format (F_*), activation (A_*), int4 / GPTQ group size (columns per scale), FP8
+//     block, 32 for MXFP4 (any power of two >= 16 for the other formats)
 //   x: [T, Hx] float32, zero from column H to Hx (Hx a multiple of the group and of 64)
 //   ids: [T, k] int64 routed expert ids; wts: [T, k] float32 routing weights
 //   chosen: [n] expert ids this call computes; gate_up / down: [n] matrices of those experts ([2I, H], [H, I])
 //   out: [T, H] float32, accumulated into
 //   scratch: specmoe_host_scratch(T * k, Hx, I, group) floats
+//   act_params: A_SWIGLU_OAI's (alpha, limit); unused (may be null) for the others
 int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int64_t I, int64_t Hx, const float* x,
                          int64_t k, const int64_t* ids, const float* wts, int64_t n, const int64_t* chosen,
-                         const Mat* gate_up, const Mat* down, float* out, float* scratch, int threads) {
+                         const Mat* gate_up, const Mat* down, float* out, float* scratch, int threads,
+                         const float* act_params) {
     rows_fn fn = pick(fmt);
     if (!fn || T < 0 || k < 1 || H <= 0 || I <= 0 || n < 0 || threads < 1) return -1;
     if (group < 16 || (group & (group - 1)) || Hx < H || Hx % group || Hx % 64) return -2;
+    if (act < A_SILU || act > A_SWIGLU_OAI || (act == A_SWIGLU_OAI && !act_params)) return -3;
+    if ((fmt == F_MXFP4 && (H % 32 || I % 32 || group != 32)) || (fmt == F_GPTQ && (H % 8 || I % 8))) return -4;
+    const float alpha = act == A_SWIGLU_OAI ? act_params[0] : 0.f, limit = act == A_SWIGLU_OAI ? act_params[1] : 0.f;
+    const int64_t unit = fmt == F_GPTQ ? GCOLS : R;  // rows per share of the work
     const int64_t P = T * k, ip = padded_inter(I, group), ngx = Hx / group, nga = ip / group;
     float* gu = scratch;                   // [P, 2I] gate/up before the activation, pairs grouped by expert
     float* a = gu + P * 2 * I;             // [P, ip] activations * routing weight, zero beyond I
@@ -445,11 +168,12 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
 #endif
     // group the routed pairs by chosen expert: expert i owns pairs [off[i], off[i + 1])
     int64_t off[n + 1];
+    int64_t pe[P > 0 ? P : 1];  // chosen expert of each grouped pair
     int64_t p = 0;
     for (int64_t i = 0; i < n; i++) {
         off[i] = p;
         for (int64_t q = 0; q < P; q++)
-            if (ids[q] == chosen[i]) { ptok[p] = q / k; pw[p] = wts[q]; p++; }
+            if (ids[q] == chosen[i]) { ptok[p] = q / k; pw[p] = wts[q]; pe[p] = i; p++; }
     }
     off[n] = p;
     if (p == 0) return 0;
@@ -486,7 +210,7 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
 #pragma omp barrier
         }
         // (1) gate/up
-        share(rows1, tid, nt, &lo, &hi);
+        share(rows1, tid, nt, &lo, &hi, unit);
         int64_t base = 0;
         for (int64_t i = 0; i < n && lo < hi; i++) {
             const int64_t np = off[i + 1] - off[i];
@@ -500,7 +224,20 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
         for (int64_t q = plo; q < phi; q++) {
             const float* g = gu + q * 2 * I;
             float* aq = a + q * ip;
-            if (lut) {
+            const Mat& gm = gate_up[pe[q]];
+            if (act == A_SWIGLU_OAI) {  // gate 2j, up 2j + 1, each with its bias
+                for (int64_t j = 0; j < I; j++) {
+                    float gg = g[2 * j] + bias_at(gm, 2 * j), uu = g[2 * j + 1] + bias_at(gm, 2 * j + 1);
+                    gg = fminf(gg, limit);
+                    uu = fminf(fmaxf(uu, -limit), limit);
+                    aq[lut ? lut_pos(j) : j] = (uu + 1.0f) * (gg / (1.0f + expf(-alpha * gg))) * pw[q];
+                }
+                for (int64_t j = I; j < ip; j++) aq[lut ? lut_pos(j) : j] = 0.f;
+            } else if (gm.bias_fmt != B_NONE) {
+                for (int64_t j = 0; j < I; j++)
+                    aq[lut ? lut_pos(j) : j] = activate(g[j] + bias_at(gm, j), act) * (g[I + j] + bias_at(gm, I + j)) * pw[q];
+                for (int64_t j = I; j < ip; j++) aq[lut ? lut_pos(j) : j] = 0.f;
+            } else if (lut) {
                 for (int64_t j = 0; j < I; j++) aq[lut_pos(j)] = activate(g[j], act) * g[I + j] * pw[q];
                 for (int64_t j = I; j < ip; j++) aq[lut_pos(j)] = 0.f;
             } else {
@@ -516,10 +253,13 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
         }
 #pragma omp barrier
         // (3) down: this thread's output rows, every expert (one expert's pairs are distinct tokens)
-        share(H, tid, nt, &lo, &hi);
+        share(H, tid, nt, &lo, &hi, unit);
         for (int64_t i = 0; i < n && lo < hi; i++) {
             const int64_t np = off[i + 1] - off[i];
             if (np) fn(down[i], lo, hi, I, group, as + off[i], gas + off[i], (int)np, os + off[i], true);
+            if (np && down[i].bias_fmt != B_NONE)  // its bias, times each pair's routing weight
+                for (int64_t q = off[i]; q < off[i + 1]; q++)
+                    for (int64_t r = lo; r < hi; r++) os[q][r] += pw[q] * bias_at(down[i], r);
         }
     }
     return 0;

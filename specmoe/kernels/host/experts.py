@@ -4,8 +4,11 @@
 
     out[t] = sum over pairs (t, e) with e in chosen: w[t, e] * down_e @ (act(gate_e @ x[t]) * (up_e @ x[t]))
 
-with the weights in the store's format: plain fp32 / bf16 / fp16 [N, K] matrices, or the compressed parts
-`specmoe.kernels.quant` writes (int8 per row, int4 group-wise). Nothing is dequantized into memory and nothing
+with the weights in the store's format: plain fp32 / bf16 / fp16 [N, K] matrices, the compressed parts
+`specmoe.kernels.quant` writes (int8 per row, int4 group-wise), or a publisher's parts as its checkpoint holds
+them (`specmoe.kernels.prequant`: MXFP4, block-scaled FP8, GPTQ int4 with g_idx; `prequant_matrix`). Biases
+(gpt-oss) are added where given, and gpt-oss's clamped SwiGLU ("swiglu_oai": gate/up rows interleaved,
+`act_params` (alpha, limit)) is one of the activations. Nothing is dequantized into memory and nothing
 the size of a weight is allocated per call (scratch for activations is kept and grown). Multi-threaded over
 output rows (OpenMP, `threads`); the GIL is released during the call. Layout: gate_up [2I, H] (gate rows then
 up rows, as transformers' fused experts), down [H, I], SiLU / GELU / GELU-tanh (`ACTIVATIONS`).
@@ -25,29 +28,81 @@ import torch
 from ..quant import QuantFormat
 from . import build
 
-FORMATS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+FORMATS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4, "mxfp4": 5, "fp8": 6, "gptq": 7}
+PREQUANT = {"mxfp4": "mxfp4", "fp8": "fp8", "gptq-int4": "gptq"}  # PrequantFormat.kind -> kernel format
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
 PLAIN = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+BIAS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 class Mat(ctypes.Structure):
     """One expert matrix as the kernel reads it (see `experts.cpp` struct Mat)."""
 
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
-                ("row_bytes", ctypes.c_int64), ("groups", ctypes.c_int64)]
+                ("row_bytes", ctypes.c_int64), ("groups", ctypes.c_int64), ("aux", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("bias_fmt", ctypes.c_int64)]
 
 
-def kernel_format(dtype: torch.dtype, fmt: QuantFormat | None) -> str | None:
-    """The kernel format of experts stored in `dtype` (uncompressed) or under `fmt`; None if unsupported (a
-    publisher's format, `kernels.prequant.PrequantFormat`: MXFP4, FP8, GPTQ, read by the torch path for now)."""
+def kernel_format(dtype: torch.dtype, fmt) -> str | None:
+    """The kernel format of experts stored in `dtype` (uncompressed) or under `fmt` (a `QuantFormat`, or a
+    publisher's `kernels.prequant.PrequantFormat`: "mxfp4", "fp8", "gptq"); None if unsupported."""
     if fmt is not None:
-        return fmt.scheme if isinstance(fmt, QuantFormat) else None
+        if isinstance(fmt, QuantFormat):
+            return fmt.scheme
+        kind = PREQUANT.get(getattr(fmt, "kind", None))
+        if kind == "fp8" and not (fmt.block >= 16 and fmt.block & (fmt.block - 1) == 0):
+            return None  # FP8 blocks the kernel walks: powers of two >= 16 (128 as published)
+        if kind == "gptq" and not (fmt.block >= 16 and fmt.block & (fmt.block - 1) == 0):
+            return None
+        return kind
     return PLAIN.get(dtype)
 
 
-def matrix(weight, shape: tuple[int, int], fmt: QuantFormat | None = None) -> Mat:
+def kernel_group(fmt) -> int:
+    """The `group` argument of the kernel for experts under `fmt` (None: uncompressed)."""
+    if fmt is None:
+        return 64
+    if isinstance(fmt, QuantFormat):
+        return fmt.group_size
+    return 32 if fmt.kind == "mxfp4" else fmt.block
+
+
+def _with_bias(mat: Mat, bias: torch.Tensor | None, n: int) -> Mat:
+    if bias is not None:
+        if tuple(bias.shape) != (n,) or bias.dtype not in BIAS or not bias.is_contiguous():
+            raise ValueError(f"host kernel needs a contiguous fp32/bf16/fp16 bias of shape ({n},), got "
+                             f"{bias.dtype} {tuple(bias.shape)}")
+        mat.bias, mat.bias_fmt = bias.data_ptr(), BIAS[bias.dtype]
+    return mat
+
+
+def prequant_matrix(parts: dict, shape: tuple[int, int], fmt, bias: torch.Tensor | None = None) -> Mat:
+    """A `Mat` of one W [N, K] held in a publisher's format (`kernels.prequant.PrequantFormat`): `parts` maps
+    the format's suffixes ("_blocks"/"_scales", ""/"_scale_inv", ".qweight"/".qzeros"/".scales"/".g_idx") to
+    the store's tensors, read in place (they must stay alive while the kernel reads them); `bias` [N] optional.
+
+    Raises:
+        ValueError: a part whose shape, dtype or layout does not match the format.
+    """
+    n, k = shape
+    for sfx, (shp, dt) in fmt.parts(n, k).items():
+        t = parts.get(sfx)
+        if t is None or tuple(t.shape) != shp or t.dtype != dt or not t.is_contiguous():
+            raise ValueError(f"host kernel needs {fmt} part {sfx!r} as contiguous {dt} {shp}, got "
+                             f"{None if t is None else (t.dtype, tuple(t.shape))}")
+    ptr = lambda sfx: parts[sfx].data_ptr()  # noqa: E731
+    if fmt.kind == "mxfp4":
+        mat = Mat(ptr("_blocks"), ptr("_scales"), None, k // 2, k // 32, None, None, 0)
+    elif fmt.kind == "fp8":
+        mat = Mat(ptr(""), ptr("_scale_inv"), None, k, -(-k // fmt.block), None, None, 0)
+    else:
+        mat = Mat(ptr(".qweight"), ptr(".scales"), ptr(".qzeros"), 4 * n, n, ptr(".g_idx"), None, 0)
+    return _with_bias(mat, bias, n)
+
+
+def matrix(weight, shape: tuple[int, int], fmt: QuantFormat | None = None, bias: torch.Tensor | None = None) -> Mat:
     """A `Mat` of one [N, K] matrix: a plain tensor (rows contiguous), or {".qweight", ".qscale"[, ".qzero"]}
-    parts under `fmt`. The tensors must stay alive while the kernel reads them.
+    parts under `fmt`; `bias` [N] optional. The tensors must stay alive while the kernel reads them.
 
     Raises:
         ValueError: a tensor whose shape, dtype or strides do not match.
@@ -57,7 +112,7 @@ def matrix(weight, shape: tuple[int, int], fmt: QuantFormat | None = None) -> Ma
         if tuple(weight.shape) != (n, k) or weight.dtype not in PLAIN or weight.stride(1) != 1:
             raise ValueError(f"host kernel needs a row-contiguous fp32/bf16/fp16 {shape} matrix, got "
                              f"{weight.dtype} {tuple(weight.shape)} strides {weight.stride()}")
-        return Mat(weight.data_ptr(), None, None, weight.stride(0) * weight.element_size(), 0)
+        return _with_bias(Mat(weight.data_ptr(), None, None, weight.stride(0) * weight.element_size(), 0), bias, n)
     want = fmt.parts((n, k))
     for sfx, (shp, dt) in want.items():
         t = weight.get(sfx)
@@ -66,7 +121,8 @@ def matrix(weight, shape: tuple[int, int], fmt: QuantFormat | None = None) -> Ma
                              f"{None if t is None else (t.dtype, tuple(t.shape))}")
     q, s, z = weight[".qweight"], weight[".qscale"], weight.get(".qzero")
     groups = s.shape[1] if fmt.scheme == "int4" else 0
-    return Mat(q.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(), q.stride(0), groups)
+    return _with_bias(Mat(q.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(), q.stride(0), groups),
+                      bias, n)
 
 
 _MADV_HUGEPAGE = 14  # Linux
@@ -171,10 +227,11 @@ class HostExpertsKernel:
 
     def __call__(self, fmt: str, activation: str, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  chosen: list[int], mats: list[tuple[Mat, Mat]], inter: int, group: int = 64,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, act_params: tuple[float, float] | None = None) -> torch.Tensor:
         """Routed experts `chosen` of one layer for hidden [T, H], ids / weights [T, k] (CPU tensors); `mats`
-        the (gate_up [2I, H], down [H, I]) matrices of each chosen expert. Returns out [T, H] float32 (new,
-        or `out` accumulated into).
+        the (gate_up [2I, H], down [H, I]) matrices of each chosen expert; `group` the format's
+        (`kernel_group`); `act_params` (alpha, limit) of "swiglu_oai". Returns out [T, H] float32 (new, or
+        `out` accumulated into).
 
         Raises:
             ValueError: an unknown format or activation, or mismatched arguments.
@@ -186,7 +243,10 @@ class HostExpertsKernel:
             raise ValueError(f"{len(chosen)} chosen experts but {len(mats)} matrix pairs")
         tokens, hidden_size = hidden.shape
         top_k = ids.shape[-1]
-        group = group if fmt == "int4" else 64
+        group = group if fmt in ("int4", "mxfp4", "fp8", "gptq") else 64
+        if activation == "swiglu_oai" and act_params is None:
+            raise ValueError("activation 'swiglu_oai' needs act_params (alpha, limit)")
+        params = torch.tensor(act_params or (0.0, 0.0), dtype=torch.float32)
         hx = -(-hidden_size // max(64, group)) * max(64, group)
         buf = self._buffers(tokens, hx, tokens * top_k, inter, group)
         buf.x[:tokens, :hidden_size].copy_(hidden)
@@ -202,7 +262,7 @@ class HostExpertsKernel:
         rc = self.lib.specmoe_host_experts(
             FORMATS[fmt], ACTIVATIONS[activation], group, tokens, hidden_size, inter, hx, buf.x.data_ptr(),
             top_k, ids64.data_ptr(), w32.data_ptr(), len(chosen), chosen_t.data_ptr(), ctypes.addressof(gate_up),
-            ctypes.addressof(down), out.data_ptr(), buf.scratch.data_ptr(), self.threads)
+            ctypes.addressof(down), out.data_ptr(), buf.scratch.data_ptr(), self.threads, params.data_ptr())
         if rc != 0:
             raise ValueError(f"host experts kernel rejected its arguments (code {rc}): fmt {fmt}, group {group}, "
                              f"H {hidden_size}, I {inter}, T {tokens}, k {top_k}")
