@@ -29,6 +29,7 @@ import torch
 
 from specmoe.bench.environment import environment
 from specmoe.io import read_json, write_json, write_text
+from specmoe.predictors import save_predictor
 from specmoe.sim.bounds import memory_plan
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
@@ -42,11 +43,25 @@ from specmoe.training.fit import fit_predictor
 from specmoe.training.loop import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
-PREDICTORS = ("none", "oracle", "history", "interlayer")
+PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity")
+# how each trained predictor is fitted here: its options, and the training loop's settings beyond the defaults
+# (steps, minutes and seed come from the command line)
+FIT = {"interlayer": ({"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {}),
+       "affinity": ({"context": 3, "tokens": 2}, {"batch_size": 2048, "lr": 1e-2, "eval_every": 100})}
 
 
-def split(trace, seed: int) -> tuple[dict, str]:
-    """{"train", "val", "test"} RoutingTraces of whole sequences, and how they were chosen."""
+def split(trace, seed: int, held_out=None) -> tuple[dict, str]:
+    """{"train", "val", "test"} RoutingTraces of whole sequences, and how they were chosen. With `held_out` (a
+    RoutingTrace of other sequences) that is the test split and `trace`'s sequences train (90 %) and validate."""
+    if held_out is not None:
+        if trace.num_sequences < 2:
+            raise SystemExit("a trace of one sequence cannot also validate; give at least two")
+        perm = torch.randperm(trace.num_sequences, generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, round(0.1 * trace.num_sequences))
+        return ({"train": trace.select(perm[n_val:].sort().values), "val": trace.select(perm[:n_val].sort().values),
+                 "test": held_out},
+                f"trained on its {trace.num_sequences} sequences (seeded 90/10 train/validation split, seed {seed}), "
+                f"tested on {held_out.num_sequences} other sequences")
     if trace.num_sequences >= 3:
         return trace.split((0.8, 0.1, 0.1), seed=seed), f"seeded split by sequence (seed {seed}): 80/10/10 %"
     if trace.num_sequences < 2:
@@ -60,11 +75,12 @@ def split(trace, seed: int) -> tuple[dict, str]:
             "the others are tested")
 
 
-def run_trace(directory: Path, args) -> dict:
+def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
     t0 = time.perf_counter()
     trace = load_traces(directory, hidden=False)
     geo, manifest = trace.geometry, trace.manifest
-    splits, how = split(trace, args.seed)
+    test_trace = load_traces(held_out, geometry=geo, hidden=False) if held_out is not None else None
+    splits, how = split(trace, args.seed, test_trace)
     test = splits["test"]
     stream = RoutingStream.from_trace(test)
     if args.max_passes and stream.num_passes > args.max_passes:
@@ -80,10 +96,12 @@ def run_trace(directory: Path, args) -> dict:
         if name == "oracle":
             replays.append(replay_oracle(stream, geo.num_experts, args.lookahead))
             continue
+        options, loop = FIT.get(name, ({}, {}))
         config = TrainConfig(steps=args.train_steps, warmup_steps=max(1, min(100, args.train_steps // 10)),
-                             max_minutes=args.train_minutes, device="cpu", seed=args.seed)
-        options = {"dim": 64, "layers": 2, "heads": 4, "ff": 128} if name == "interlayer" else {}
+                             max_minutes=args.train_minutes, device="cpu", seed=args.seed, **loop)
         predictor, record = fit_predictor(name, splits, lookahead=args.lookahead, config=config, **options)
+        if args.save_predictors is not None:
+            save_predictor(predictor, args.save_predictors / f"{directory.name}-{name}")
         trained[name] = {k: record[k] for k in ("kind", "train_tokens", "val_tokens", "options")}
         if "result" in record:
             trained[name].update(best_val_recall=record["result"]["best_val_recall"],
@@ -95,10 +113,11 @@ def run_trace(directory: Path, args) -> dict:
     policies = tuple(dict.fromkeys(map(resolve_policy_name, args.policies)))  # "default" -> the runtime's
     settings = SweepSettings(capacities=capacities, policies=policies,
                              prefetch_policies=tuple(p for p in policies if p != "belady"),
-                             warmup_passes=args.warmup, context=args.context)
+                             warmup_passes=args.warmup, context=args.context, misses=tuple(args.misses),
+                             host=args.host if set(args.misses) - {"fetch"} else None)
     sweep = run_sweep(stream, [shape], [profile], settings, replays)
     return {
-        "trace": str(directory), "model": manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
+        "trace": str(directory), "held_out": str(held_out) if held_out is not None else None, "model": manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
         "source_format": manifest.source.get("format"), "trace_tokens": trace.num_tokens,
         "trace_sequences": trace.num_sequences, "split": how,
         "split_tokens": {k: v.num_tokens for k, v in splits.items()},
@@ -166,6 +185,14 @@ def plot(result: dict, path: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("traces", nargs="*", type=Path, help="trace directories written by specmoe import-routing")
+    p.add_argument("--held-out", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="one trace directory per trace: its sequences are the test split, the trace's own train "
+                        "(90 %%) and validate (10 %%); default: a seeded 80/10/10 split of each trace")
+    p.add_argument("--misses", nargs="+", default=["fetch"], choices=("fetch", "host", "auto"),
+                   help="where misses run (SpeculativeMoE's misses): each row once per mode")
+    p.add_argument("--host", default="3090-box", help="host profile for misses host/auto")
+    p.add_argument("--save-predictors", type=Path, default=None, metavar="DIR",
+                   help="also save each fitted predictor to DIR/<trace>-<name> (config.json + model.safetensors)")
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"],
                    help="eviction policies (any `specmoe simulate --policies` name); belady runs without a predictor")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.1, 0.25, 0.5],
@@ -193,10 +220,12 @@ def main(argv=None) -> int:
         p.error("give trace directories (or --report-only)")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    traces = [run_trace(d, args) for d in args.traces]
+    if args.held_out is not None and len(args.held_out) != len(args.traces):
+        p.error(f"--held-out takes one directory per trace: {len(args.traces)} traces, {len(args.held_out)} given")
+    traces = [run_trace(d, args, h) for d, h in zip(args.traces, args.held_out or [None] * len(args.traces))]
     result = {
         "environment": environment("cpu"),
-        "settings": {"profile": args.profile, "policies": list(dict.fromkeys(map(resolve_policy_name, args.policies))), "capacities": args.capacities,
+        "settings": {"profile": args.profile, "misses": args.misses, "host": args.host, "policies": list(dict.fromkeys(map(resolve_policy_name, args.policies))), "capacities": args.capacities,
                      "predictors": args.predictors, "lookahead": args.lookahead, "context": args.context,
                      "warmup": args.warmup, "max_passes": args.max_passes, "train_steps": args.train_steps,
                      "train_minutes": args.train_minutes, "seed": args.seed, "threads": args.threads, "simulated": True,
