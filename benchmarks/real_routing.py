@@ -75,6 +75,30 @@ def split(trace, seed: int, held_out=None) -> tuple[dict, str]:
             "the others are tested")
 
 
+def rank_precision(stream, candidates, k: int) -> dict:
+    """How the candidates the simulator replays fare at the ranks admission calibrates (`runtime.admission`: rank r
+    of a call's ranked keys): precision at each rank r < k (routed at its target layer's next call), and recall of
+    the next layer's routed set within the candidates of that layer (decode: one token per pass)."""
+    passes = [ids.tolist() for ids in stream.passes()]  # [P][T][L][k]
+    hits, seen = [0] * k, [0] * k
+    found = wanted = 0
+    for p, per_layer in enumerate(candidates):
+        for layer, keys in enumerate(per_layer):
+            for r, (t, e) in enumerate(keys[:k]):
+                q = p if t > layer else p + 1  # a target at or before the source layer is the next pass's
+                if q < len(passes):
+                    seen[r] += 1
+                    hits[r] += any(e in token[t] for token in passes[q])
+            nxt, q = (layer + 1) % len(passes[p][0]), p + (layer + 1 == len(passes[p][0]))
+            if q < len(passes):
+                routed = {e for token in passes[q] for e in token[nxt] if e >= 0}
+                named = {e for t, e in keys if t == nxt}
+                found += len(routed & named)
+                wanted += len(routed)
+    return {"precision_at_rank": [h / s if s else None for h, s in zip(hits, seen)],
+            "named_at_rank": seen, "recall_next_layer": found / wanted if wanted else None}
+
+
 def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
     t0 = time.perf_counter()
     trace = load_traces(directory, hidden=False)
@@ -107,6 +131,7 @@ def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
             trained[name].update(best_val_recall=record["result"]["best_val_recall"],
                                  steps_run=record["result"]["steps_run"], stopped=record["result"]["stopped"])
         replays.append(replay_predictor(stream, predictor, geo, [None] * geo.num_layers, name))
+    ranks = {rep.name: rank_precision(stream, rep.candidates, geo.top_k) for rep in replays}
     profile = HardwareProfile.from_name(args.profile)
     fits = memory_plan(shape, profile, (), context=SweepSettings().memory_context)["max_capacity"]
     capacities = tuple(c for c in args.capacities if c < fits)  # the largest that fits is added by the sweep
@@ -122,7 +147,7 @@ def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
         "trace_sequences": trace.num_sequences, "split": how,
         "split_tokens": {k: v.num_tokens for k, v in splits.items()},
         "split_sequences": {k: v.num_sequences for k, v in splits.items()},
-        "simulated_passes": stream.num_passes, "trained": trained, "sweep": sweep, "max_fit_capacity": fits,
+        "simulated_passes": stream.num_passes, "trained": trained, "ranks": ranks, "sweep": sweep, "max_fit_capacity": fits,
         "capacities_left_out": [c for c in args.capacities if c not in capacities],
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -141,6 +166,18 @@ def markdown(result: dict) -> str:
         if t["capacities_left_out"]:
             parts += [f"Capacities {t['capacities_left_out']} do not fit {s['profile']}'s memory with this model "
                       f"(largest: {t['max_fit_capacity']:.3f}) and are left out.", ""]
+        if t.get("ranks"):
+            k = t["geometry"]["top_k"]
+            parts += ["Candidates on the simulated held-out steps, at the ranks admission calibrates (precision: "
+                      "named at rank r and routed at its target; recall: the next layer's routed experts named; "
+                      "resident or not):", "",
+                      "| predictor | " + " | ".join(f"rank {r}" for r in range(k)) + " | recall, next layer |",
+                      "|---|" + "---:|" * (k + 1)]
+            for name, rk in t["ranks"].items():
+                cells = ["—" if v is None else f"{v:.3f}" for v in rk["precision_at_rank"]]
+                rec = rk["recall_next_layer"]
+                parts.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if rec is None else f'{rec:.3f}'} |")
+            parts.append("")
         for name, rec in t["trained"].items():
             extra = f", val recall@k {rec['best_val_recall']:.3f} after {rec['steps_run']} steps" \
                 if "best_val_recall" in rec else ""

@@ -15,7 +15,7 @@ from specmoe.predictors import AffinityPredictor, load_predictor
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.sim.predictions import predictor_candidates
 from specmoe.sim.stream import RoutingStream
-from specmoe.traces import RoutingTrace
+from specmoe.traces import RoutingTrace, load_traces
 from specmoe.training.evaluate import EvalConfig, decode_replay, evaluate_predictors
 from specmoe.training.loop import TrainConfig, train_predictor
 
@@ -182,3 +182,34 @@ def test_inside_speculative_moe_same_tokens():
     assert torch.equal(out, ref)
     assert stats.total.prefetch_issued > 0
     assert predictor._past is not None and (predictor._past >= 0).all()  # decode steps saw complete tokens before
+
+
+def test_real_routing_benchmark_with_a_held_out_trace(tmp_path):
+    """benchmarks/real_routing.py: train on one imported trace, simulate another (fetch and auto), affinity among
+    the predictors, and the candidates' precision at each rank in the JSON and the table."""
+    import importlib.util
+    from pathlib import Path
+
+    from test_import_routing import make_routing, write_jsonl
+
+    from specmoe.traces.importers import import_routing
+
+    path = Path(__file__).parent.parent / "benchmarks" / "real_routing.py"
+    spec = importlib.util.spec_from_file_location("real_routing", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = ("problem_id", "token_idx", "layer", "experts", "gating_probs")
+    for part, seed in (("train", 0), ("test", 1)):
+        routing = make_routing(sequences=3, tokens=4, layers=32, experts=8, k=2, seed=seed)
+        src = write_jsonl(tmp_path / f"{part}.jsonl", routing, shuffle=False, names=names)
+        import_routing("speculative-moe", [src], tmp_path / part, progress=False)
+    assert script.main([str(tmp_path / "train"), "--held-out", str(tmp_path / "test"), "--policies", "lru",
+                        "--capacities", "0.25", "--predictors", "none", "oracle", "affinity", "--misses", "fetch",
+                        "auto", "--warmup", "1", "--train-steps", "5", "--out", str(tmp_path), "--name", "rr"]) == 0
+    (t,) = json.loads((tmp_path / "rr.json").read_text())["traces"]
+    assert t["split_sequences"] == {"train": 2, "val": 1, "test": 3}
+    assert t["simulated_passes"] == t["split_tokens"]["test"] == load_traces(tmp_path / "test").num_tokens
+    assert {(r["predictor"], r["misses_mode"]) for r in t["sweep"]["runs"]} >= {("affinity", "fetch"),
+                                                                                 ("affinity", "auto")}
+    assert t["ranks"]["oracle"]["precision_at_rank"][0] == 1.0 and t["ranks"]["oracle"]["recall_next_layer"] > 0.9
+    assert "| affinity |" in (tmp_path / "rr.md").read_text()

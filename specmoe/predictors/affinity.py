@@ -119,16 +119,26 @@ class AffinityPredictor(TrainablePredictor):
         return self.module(layers.to(self.device), ids.to(self.device))
 
     def prepare(self, layer):
-        return self.offsets[layer].to(self.device) + self.keep * self.geometry.num_layers  # [D, S]
+        """(steps [1, D, S] of the slots in the rows `runtime_logits` builds, counted from the first earlier token;
+        and for the logistic model its table offsets [D, S, 1] and bias [D, E], or None with a hidden layer)."""
+        net = self.module
+        rel = (self.offsets[layer] + self.keep * self.geometry.num_layers).to(self.device)[None]  # [1, D, S]
+        return rel, (None if net.H else (net.base[layer][..., None], net.bias[layer].detach()))
 
     def runtime_logits(self, layer, hidden, history):
         """history [T, layer+1, k] of this pass; the earlier tokens come from the state kept since `reset`."""
-        T, L, k = history.shape[0], self.geometry.num_layers, self.geometry.top_k
+        T, k, device = history.shape[0], self.geometry.top_k, history.device
         self.observe(layer, history)
-        known = torch.cat([self._earlier(history.device), self._padded(history)])  # [Q + T, L, k]
-        rel = self.prepared(layer)  # [D, S] steps relative to layer 0 of the Q-th known token
-        steps = rel + torch.arange(0, T * L, L, device=history.device)[:, None, None]  # [T, D, S]
-        return self.module(torch.full((T,), layer, device=history.device), known.view(-1, k)[steps])
+        known = torch.cat([self._earlier(device), self._padded(history)]).view(-1, k)  # [(Q + T) * L, k]
+        rel, logistic = self.prepared(layer)
+        if T > 1:
+            rel = rel + torch.arange(0, T * self.geometry.num_layers, self.geometry.num_layers, device=device)[:, None, None]
+        ids = known[rel]  # [T, D, S, k]
+        if logistic is None:
+            return self.module(torch.full((T,), layer, device=device), ids)
+        base, bias = logistic  # the logistic model in five ops: one table lookup over the T * D * S * k routed ids
+        rows = (ids.remainder(self.geometry.num_experts + 1) + base).flatten(2)  # [T, D, S * k]
+        return F.embedding(rows, self.module.weight.weight).sum(2) + bias  # [T, D, E]
 
     # --- state across passes -----------------------------------------------------------------------------------
     def _clear_state(self) -> None:
@@ -155,6 +165,8 @@ class AffinityPredictor(TrainablePredictor):
     def reset(self) -> None:
         super().reset()
         self._clear_state()
+        if not self.module.training:  # the per-layer tensors, made here rather than at a layer call
+            self._prepared = {layer: self.prepare(layer) for layer in range(self.geometry.num_layers)}
 
     def start_pass(self, index: int) -> None:
         """The tokens of the pass that ended become the earlier tokens (only if it was the previous pass and the
