@@ -45,9 +45,10 @@ from specmoe.training.loop import TrainConfig
 RESULTS = Path(__file__).parent / "results"
 PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity")
 # how each trained predictor is fitted here: its options, and the training loop's settings beyond the defaults
-# (steps, minutes and seed come from the command line)
-FIT = {"interlayer": ({"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {}),
-       "affinity": ({"context": 3, "tokens": 2}, {"batch_size": 2048, "lr": 1e-2, "eval_every": 100})}
+# (--train-steps / --train-minutes replace the steps and minutes of every one)
+FIT = {"interlayer": ({"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {"steps": 600, "max_minutes": 2.5}),
+       "affinity": ({"context": 3, "tokens": 2},
+                    {"batch_size": 2048, "lr": 1e-2, "eval_every": 100, "steps": 1500, "max_minutes": 4.0})}
 
 
 def split(trace, seed: int, held_out=None) -> tuple[dict, str]:
@@ -120,9 +121,10 @@ def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
         if name == "oracle":
             replays.append(replay_oracle(stream, geo.num_experts, args.lookahead))
             continue
-        options, loop = FIT.get(name, ({}, {}))
-        config = TrainConfig(steps=args.train_steps, warmup_steps=max(1, min(100, args.train_steps // 10)),
-                             max_minutes=args.train_minutes, device="cpu", seed=args.seed, **loop)
+        options, loop = FIT.get(name, ({}, {"steps": 600, "max_minutes": 2.5}))
+        loop = {**loop, **{k: v for k, v in (("steps", args.train_steps), ("max_minutes", args.train_minutes))
+                           if v is not None}}
+        config = TrainConfig(warmup_steps=max(1, min(100, loop["steps"] // 10)), device="cpu", seed=args.seed, **loop)
         predictor, record = fit_predictor(name, splits, lookahead=args.lookahead, config=config, **options)
         if args.save_predictors is not None:
             save_predictor(predictor, args.save_predictors / f"{directory.name}-{name}")
@@ -222,9 +224,10 @@ def plot(result: dict, path: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("traces", nargs="*", type=Path, help="trace directories written by specmoe import-routing")
-    p.add_argument("--held-out", nargs="+", type=Path, default=None, metavar="DIR",
-                   help="one trace directory per trace: its sequences are the test split, the trace's own train "
-                        "(90 %%) and validate (10 %%); default: a seeded 80/10/10 split of each trace")
+    p.add_argument("--held-out", nargs="+", default=None, metavar="DIR",
+                   help="one trace directory per trace ('none': that trace's own split): its sequences are the test "
+                        "split, the trace's own train (90 %%) and validate (10 %%); default: a seeded 80/10/10 split "
+                        "of each trace")
     p.add_argument("--misses", nargs="+", default=["fetch"], choices=("fetch", "host", "auto"),
                    help="where misses run (SpeculativeMoE's misses): each row once per mode")
     p.add_argument("--host", default="3090-box", help="host profile for misses host/auto")
@@ -240,8 +243,11 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512, help="KV tokens read per decode step")
     p.add_argument("--warmup", type=int, default=16, help="decode steps replayed before measuring")
     p.add_argument("--max-passes", type=int, default=600, help="simulate the first N held-out decode steps")
-    p.add_argument("--train-steps", type=int, default=600, help="interlayer optimizer steps at most")
-    p.add_argument("--train-minutes", type=float, default=2.5, help="interlayer training wall-time limit")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps at most of every trained predictor (default: FIT's, interlayer 600, "
+                        "affinity 1500)")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="training wall-time limit of every trained predictor (default: FIT's, 2.5 and 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (training)")
     p.add_argument("--name", default="real_routing")
@@ -259,7 +265,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.held_out is not None and len(args.held_out) != len(args.traces):
         p.error(f"--held-out takes one directory per trace: {len(args.traces)} traces, {len(args.held_out)} given")
-    traces = [run_trace(d, args, h) for d, h in zip(args.traces, args.held_out or [None] * len(args.traces))]
+    held_out = [None if h in (None, "none") else Path(h) for h in (args.held_out or [None] * len(args.traces))]
+    traces = [run_trace(d, args, h) for d, h in zip(args.traces, held_out)]
     result = {
         "environment": environment("cpu"),
         "settings": {"profile": args.profile, "misses": args.misses, "host": args.host, "policies": list(dict.fromkeys(map(resolve_policy_name, args.policies))), "capacities": args.capacities,

@@ -18,8 +18,8 @@ layer adds interactions between slots. One call is a dozen aten ops whatever T i
 
 The token slots need the previous tokens' routing at layers later than l, which a prefill pass has not routed
 yet but a decode step knows from the passes before it: the predictor keeps the last P tokens' routing since its
-last `reset` (what it saw in `predict`: layers it was not called at stay "none"), so it is `stateful`, and
-replays run it pass by pass as the runtime does (`sim.predictions`, `training.evaluate`). Tokens of one pass are
+last `reset` (what it saw in `predict`, or in `observe` at the calls where admission skips it), so it is
+`stateful`, and replays run it pass by pass as the runtime does (`sim.predictions`, `training.evaluate`). Tokens of one pass are
 taken as consecutive positions of one sequence (batch-1 prefill, or one decode token); with a batch of several
 sequences the token slots read neighbouring sequences (worse guesses, never a wrong result).
 """
