@@ -43,12 +43,16 @@ from specmoe.training.fit import fit_predictor
 from specmoe.training.loop import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
-PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity")
-# how each trained predictor is fitted here: its options, and the training loop's settings beyond the defaults
-# (--train-steps / --train-minutes replace the steps and minutes of every one)
-FIT = {"interlayer": ({"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {"steps": 600, "max_minutes": 2.5}),
-       "affinity": ({"context": 3, "tokens": 2},
-                    {"batch_size": 2048, "lr": 1e-2, "eval_every": 100, "steps": 1500, "max_minutes": 4.0})}
+PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity", "affinity-2")
+# how each trained predictor is fitted here: (kind, its options, the training loop's settings beyond the defaults,
+# its lookahead: None for --lookahead); --train-steps / --train-minutes replace the steps and minutes of every one
+AFFINITY = ({"context": 4, "tokens": 4}, {"batch_size": 2048, "lr": 1e-2, "eval_every": 100, "steps": 1500,
+                                          "max_minutes": 4.0})
+FIT = {"history": ("history", {}, {"steps": 600, "max_minutes": 2.5}, None),
+       "interlayer": ("interlayer", {"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {"steps": 600, "max_minutes": 2.5},
+                      None),
+       "affinity": ("affinity", *AFFINITY, None),
+       "affinity-2": ("affinity", *AFFINITY, 2)}  # two layers ahead: copies that can land before use with misses=auto
 
 
 def split(trace, seed: int, held_out=None) -> tuple[dict, str]:
@@ -121,14 +125,15 @@ def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
         if name == "oracle":
             replays.append(replay_oracle(stream, geo.num_experts, args.lookahead))
             continue
-        options, loop = FIT.get(name, ({}, {"steps": 600, "max_minutes": 2.5}))
+        kind, options, loop, lookahead = FIT[name]
         loop = {**loop, **{k: v for k, v in (("steps", args.train_steps), ("max_minutes", args.train_minutes))
                            if v is not None}}
         config = TrainConfig(warmup_steps=max(1, min(100, loop["steps"] // 10)), device="cpu", seed=args.seed, **loop)
-        predictor, record = fit_predictor(name, splits, lookahead=args.lookahead, config=config, **options)
+        predictor, record = fit_predictor(kind, splits, lookahead=lookahead or args.lookahead, config=config,
+                                          **options)
         if args.save_predictors is not None:
             save_predictor(predictor, args.save_predictors / f"{directory.name}-{name}")
-        trained[name] = {k: record[k] for k in ("kind", "train_tokens", "val_tokens", "options")}
+        trained[name] = {k: record[k] for k in ("kind", "lookahead", "train_tokens", "val_tokens", "options")}
         if "result" in record:
             trained[name].update(best_val_recall=record["result"]["best_val_recall"],
                                  steps_run=record["result"]["steps_run"], stopped=record["result"]["stopped"])
@@ -183,7 +188,8 @@ def markdown(result: dict) -> str:
         for name, rec in t["trained"].items():
             extra = f", val recall@k {rec['best_val_recall']:.3f} after {rec['steps_run']} steps" \
                 if "best_val_recall" in rec else ""
-            parts.append(f"- {name}: fitted on {rec['train_tokens']} training tokens{extra}")
+            what = f" ({rec['kind']}, lookahead {rec['lookahead']}, {rec['options']})" if rec.get("lookahead") else ""
+            parts.append(f"- {name}{what}: fitted on {rec['train_tokens']} training tokens{extra}")
         parts.append("")
     parts.append(f"Settings: policies {', '.join(s['policies'])}; capacities {s['capacities']} + max fit; "
                  f"lookahead {s['lookahead']}; context {s['context']}; max passes {s['max_passes']}. "
