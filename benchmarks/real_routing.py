@@ -1,17 +1,23 @@
 """Real routing, simulated: eviction policies x cache capacities x predictors on routing that real models
 produced, imported with `specmoe import-routing` (no hidden states, so the predictors are the oracle and
-those that read only the routing history: history and interlayer).
+those that read only the routing history: history, interlayer and affinity, the last also two layers ahead as
+affinity-2).
 
-Each trace's sequences are split by a seeded permutation: history and interlayer are fitted on the training
-sequences (interlayer stops early on the validation ones) and every row is simulated on the held-out test
-sequences only, replayed as decode (teacher-forced routing; a sequence of n tokens = n decode steps) on the
-hardware profile with the model shape that matches the trace's geometry. A trace of fewer than 3 sequences
-trains on its longest one (validating on it too) and tests on the others. All figures are simulated.
+Each trace's sequences are split by a seeded permutation (80/10/10), or with `--held-out DIR` the trace trains
+(90/10 train/validation) and DIR's sequences are the test: history, interlayer and affinity are fitted on the
+training sequences (the trained ones stop early on the validation ones) and every row is simulated on the
+held-out test sequences only, replayed as decode (teacher-forced routing; a sequence of n tokens = n decode
+steps) on the hardware profile with the model shape that matches the trace's geometry, once per `--misses` mode.
+A trace of fewer than 3 sequences trains on its longest one (validating on it too) and tests on the others. The
+candidates' precision at each rank (what admission calibrates) is reported next to the table. All figures are
+simulated.
 
     specmoe import-routing moe-beyond DIR/training_data_eamc --out traces/deepseek
     specmoe import-routing speculative-moe DIR/humaneval_2_routing.jsonl --out traces/mixtral
     python benchmarks/real_routing.py traces/deepseek traces/mixtral   # about 15 min on 2 busy cores
     python benchmarks/real_routing.py traces/deepseek --policies default lru belady --name real_routing_default
+    python benchmarks/real_routing.py traces/ds_train traces/mixtral --held-out traces/ds_test none \
+        --policies default --misses fetch auto      # prompts 1-800 train, 801-1000 test (README's table)
 
 Writes benchmarks/results/<name>.{json,md,png}.
 """

@@ -14,7 +14,9 @@ The runtime calls it once per MoE layer, between the router and the experts:
 
 Around those calls: ``bind(geometry, routers)`` once, ``reset()`` at each generate call, and
 ``start_pass(index)`` as each forward pass starts (index from 0 after the reset; the runtime's one pass-start
-signal, so no predictor guesses passes).
+signal, so no predictor guesses passes). A `stateful` predictor (one that keeps earlier passes' routing, e.g.
+`affinity`) is also shown the routing by ``observe(layer, history)`` at the calls where the runtime skips
+``predict`` (prefetch admission), and replays run it pass by pass.
 """
 
 # Shape legend: T tokens, E experts, H hidden, L MoE layers, k top-k
