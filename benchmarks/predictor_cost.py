@@ -32,7 +32,7 @@ from specmoe import SpeculativeMoE
 from specmoe.measure import environment, sync_device, time_generate
 from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import (
-    HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, make_predictor,
+    AffinityPredictor, HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, make_predictor,
 )
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.traces import RoutingTrace, capture_routing
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         predictors["interlayer"] = InterLayerPredictor(geo)
         predictors["hidden"] = HiddenStatePredictor(geo).init_from_routers(trace.routers)
+        predictors["affinity"] = AffinityPredictor(geo, lookahead=2)
     for p in predictors.values():
         p.bind(geo, trace.routers)
 

@@ -1,17 +1,23 @@
 """Real routing, simulated: eviction policies x cache capacities x predictors on routing that real models
 produced, imported with `specmoe import-routing` (no hidden states, so the predictors are the oracle and
-those that read only the routing history: history and interlayer).
+those that read only the routing history: history, interlayer and affinity, the last also two layers ahead as
+affinity-2).
 
-Each trace's sequences are split by a seeded permutation: history and interlayer are fitted on the training
-sequences (interlayer stops early on the validation ones) and every row is simulated on the held-out test
-sequences only, replayed as decode (teacher-forced routing; a sequence of n tokens = n decode steps) on the
-hardware profile with the model shape that matches the trace's geometry. A trace of fewer than 3 sequences
-trains on its longest one (validating on it too) and tests on the others. All figures are simulated.
+Each trace's sequences are split by a seeded permutation (80/10/10), or with `--held-out DIR` the trace trains
+(90/10 train/validation) and DIR's sequences are the test: history, interlayer and affinity are fitted on the
+training sequences (the trained ones stop early on the validation ones) and every row is simulated on the
+held-out test sequences only, replayed as decode (teacher-forced routing; a sequence of n tokens = n decode
+steps) on the hardware profile with the model shape that matches the trace's geometry, once per `--misses` mode.
+A trace of fewer than 3 sequences trains on its longest one (validating on it too) and tests on the others. The
+candidates' precision at each rank (what admission calibrates) is reported next to the table. All figures are
+simulated.
 
     specmoe import-routing moe-beyond DIR/training_data_eamc --out traces/deepseek
     specmoe import-routing speculative-moe DIR/humaneval_2_routing.jsonl --out traces/mixtral
     python benchmarks/real_routing.py traces/deepseek traces/mixtral   # about 15 min on 2 busy cores
     python benchmarks/real_routing.py traces/deepseek --policies default lru belady --name real_routing_default
+    python benchmarks/real_routing.py traces/ds_train traces/mixtral --held-out traces/ds_test none \
+        --policies default --misses fetch auto      # prompts 1-800 train, 801-1000 test (README's table)
 
 Writes benchmarks/results/<name>.{json,md,png}.
 """
@@ -29,6 +35,7 @@ import torch
 
 from specmoe.bench.environment import environment
 from specmoe.io import read_json, write_json, write_text
+from specmoe.predictors import save_predictor
 from specmoe.sim.bounds import memory_plan
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
@@ -42,11 +49,30 @@ from specmoe.training.fit import fit_predictor
 from specmoe.training.loop import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
-PREDICTORS = ("none", "oracle", "history", "interlayer")
+PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity", "affinity-2")
+# how each trained predictor is fitted here: (kind, its options, the training loop's settings beyond the defaults,
+# its lookahead: None for --lookahead); --train-steps / --train-minutes replace the steps and minutes of every one
+AFFINITY = ({"context": 4, "tokens": 4}, {"batch_size": 2048, "lr": 1e-2, "eval_every": 100, "steps": 1500,
+                                          "max_minutes": 4.0})
+FIT = {"history": ("history", {}, {"steps": 600, "max_minutes": 2.5}, None),
+       "interlayer": ("interlayer", {"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {"steps": 600, "max_minutes": 2.5},
+                      None),
+       "affinity": ("affinity", *AFFINITY, None),
+       "affinity-2": ("affinity", *AFFINITY, 2)}  # two layers ahead: copies that can land before use with misses=auto
 
 
-def split(trace, seed: int) -> tuple[dict, str]:
-    """{"train", "val", "test"} RoutingTraces of whole sequences, and how they were chosen."""
+def split(trace, seed: int, held_out=None) -> tuple[dict, str]:
+    """{"train", "val", "test"} RoutingTraces of whole sequences, and how they were chosen. With `held_out` (a
+    RoutingTrace of other sequences) that is the test split and `trace`'s sequences train (90 %) and validate."""
+    if held_out is not None:
+        if trace.num_sequences < 2:
+            raise SystemExit("a trace of one sequence cannot also validate; give at least two")
+        perm = torch.randperm(trace.num_sequences, generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, round(0.1 * trace.num_sequences))
+        return ({"train": trace.select(perm[n_val:].sort().values), "val": trace.select(perm[:n_val].sort().values),
+                 "test": held_out},
+                f"trained on its {trace.num_sequences} sequences (seeded 90/10 train/validation split, seed {seed}), "
+                f"tested on {held_out.num_sequences} other sequences")
     if trace.num_sequences >= 3:
         return trace.split((0.8, 0.1, 0.1), seed=seed), f"seeded split by sequence (seed {seed}): 80/10/10 %"
     if trace.num_sequences < 2:
@@ -60,11 +86,36 @@ def split(trace, seed: int) -> tuple[dict, str]:
             "the others are tested")
 
 
-def run_trace(directory: Path, args) -> dict:
+def rank_precision(stream, candidates, k: int) -> dict:
+    """How the candidates the simulator replays fare at the ranks admission calibrates (`runtime.admission`: rank r
+    of a call's ranked keys): precision at each rank r < k (routed at its target layer's next call), and recall of
+    the next layer's routed set within the candidates of that layer (decode: one token per pass)."""
+    passes = [ids.tolist() for ids in stream.passes()]  # [P][T][L][k]
+    hits, seen = [0] * k, [0] * k
+    found = wanted = 0
+    for p, per_layer in enumerate(candidates):
+        for layer, keys in enumerate(per_layer):
+            for r, (t, e) in enumerate(keys[:k]):
+                q = p if t > layer else p + 1  # a target at or before the source layer is the next pass's
+                if q < len(passes):
+                    seen[r] += 1
+                    hits[r] += any(e in token[t] for token in passes[q])
+            nxt, q = (layer + 1) % len(passes[p][0]), p + (layer + 1 == len(passes[p][0]))
+            if q < len(passes):
+                routed = {e for token in passes[q] for e in token[nxt] if e >= 0}
+                named = {e for t, e in keys if t == nxt}
+                found += len(routed & named)
+                wanted += len(routed)
+    return {"precision_at_rank": [h / s if s else None for h, s in zip(hits, seen)],
+            "named_at_rank": seen, "recall_next_layer": found / wanted if wanted else None}
+
+
+def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
     t0 = time.perf_counter()
     trace = load_traces(directory, hidden=False)
     geo, manifest = trace.geometry, trace.manifest
-    splits, how = split(trace, args.seed)
+    test_trace = load_traces(held_out, geometry=geo, hidden=False) if held_out is not None else None
+    splits, how = split(trace, args.seed, test_trace)
     test = splits["test"]
     stream = RoutingStream.from_trace(test)
     if args.max_passes and stream.num_passes > args.max_passes:
@@ -80,30 +131,36 @@ def run_trace(directory: Path, args) -> dict:
         if name == "oracle":
             replays.append(replay_oracle(stream, geo.num_experts, args.lookahead))
             continue
-        config = TrainConfig(steps=args.train_steps, warmup_steps=max(1, min(100, args.train_steps // 10)),
-                             max_minutes=args.train_minutes, device="cpu", seed=args.seed)
-        options = {"dim": 64, "layers": 2, "heads": 4, "ff": 128} if name == "interlayer" else {}
-        predictor, record = fit_predictor(name, splits, lookahead=args.lookahead, config=config, **options)
-        trained[name] = {k: record[k] for k in ("kind", "train_tokens", "val_tokens", "options")}
+        kind, options, loop, lookahead = FIT[name]
+        loop = {**loop, **{k: v for k, v in (("steps", args.train_steps), ("max_minutes", args.train_minutes))
+                           if v is not None}}
+        config = TrainConfig(warmup_steps=max(1, min(100, loop["steps"] // 10)), device="cpu", seed=args.seed, **loop)
+        predictor, record = fit_predictor(kind, splits, lookahead=lookahead or args.lookahead, config=config,
+                                          **options)
+        if args.save_predictors is not None:
+            save_predictor(predictor, args.save_predictors / f"{directory.name}-{name}")
+        trained[name] = {k: record[k] for k in ("kind", "lookahead", "train_tokens", "val_tokens", "options")}
         if "result" in record:
             trained[name].update(best_val_recall=record["result"]["best_val_recall"],
                                  steps_run=record["result"]["steps_run"], stopped=record["result"]["stopped"])
         replays.append(replay_predictor(stream, predictor, geo, [None] * geo.num_layers, name))
+    ranks = {rep.name: rank_precision(stream, rep.candidates, geo.top_k) for rep in replays}
     profile = HardwareProfile.from_name(args.profile)
     fits = memory_plan(shape, profile, (), context=SweepSettings().memory_context)["max_capacity"]
     capacities = tuple(c for c in args.capacities if c < fits)  # the largest that fits is added by the sweep
     policies = tuple(dict.fromkeys(map(resolve_policy_name, args.policies)))  # "default" -> the runtime's
     settings = SweepSettings(capacities=capacities, policies=policies,
                              prefetch_policies=tuple(p for p in policies if p != "belady"),
-                             warmup_passes=args.warmup, context=args.context)
+                             warmup_passes=args.warmup, context=args.context, misses=tuple(args.misses),
+                             host=args.host if set(args.misses) - {"fetch"} else None)
     sweep = run_sweep(stream, [shape], [profile], settings, replays)
     return {
-        "trace": str(directory), "model": manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
+        "trace": str(directory), "held_out": str(held_out) if held_out is not None else None, "model": manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
         "source_format": manifest.source.get("format"), "trace_tokens": trace.num_tokens,
         "trace_sequences": trace.num_sequences, "split": how,
         "split_tokens": {k: v.num_tokens for k, v in splits.items()},
         "split_sequences": {k: v.num_sequences for k, v in splits.items()},
-        "simulated_passes": stream.num_passes, "trained": trained, "sweep": sweep, "max_fit_capacity": fits,
+        "simulated_passes": stream.num_passes, "trained": trained, "ranks": ranks, "sweep": sweep, "max_fit_capacity": fits,
         "capacities_left_out": [c for c in args.capacities if c not in capacities],
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -122,10 +179,23 @@ def markdown(result: dict) -> str:
         if t["capacities_left_out"]:
             parts += [f"Capacities {t['capacities_left_out']} do not fit {s['profile']}'s memory with this model "
                       f"(largest: {t['max_fit_capacity']:.3f}) and are left out.", ""]
+        if t.get("ranks"):
+            k = t["geometry"]["top_k"]
+            parts += ["Candidates on the simulated held-out steps, at the ranks admission calibrates (precision: "
+                      "named at rank r and routed at its target; recall: the next layer's routed experts named; "
+                      "resident or not):", "",
+                      "| predictor | " + " | ".join(f"rank {r}" for r in range(k)) + " | recall, next layer |",
+                      "|---|" + "---:|" * (k + 1)]
+            for name, rk in t["ranks"].items():
+                cells = ["—" if v is None else f"{v:.3f}" for v in rk["precision_at_rank"]]
+                rec = rk["recall_next_layer"]
+                parts.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if rec is None else f'{rec:.3f}'} |")
+            parts.append("")
         for name, rec in t["trained"].items():
             extra = f", val recall@k {rec['best_val_recall']:.3f} after {rec['steps_run']} steps" \
                 if "best_val_recall" in rec else ""
-            parts.append(f"- {name}: fitted on {rec['train_tokens']} training tokens{extra}")
+            what = f" ({rec['kind']}, lookahead {rec['lookahead']}, {rec['options']})" if rec.get("lookahead") else ""
+            parts.append(f"- {name}{what}: fitted on {rec['train_tokens']} training tokens{extra}")
         parts.append("")
     parts.append(f"Settings: policies {', '.join(s['policies'])}; capacities {s['capacities']} + max fit; "
                  f"lookahead {s['lookahead']}; context {s['context']}; max passes {s['max_passes']}. "
@@ -166,6 +236,15 @@ def plot(result: dict, path: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("traces", nargs="*", type=Path, help="trace directories written by specmoe import-routing")
+    p.add_argument("--held-out", nargs="+", default=None, metavar="DIR",
+                   help="one trace directory per trace ('none': that trace's own split): its sequences are the test "
+                        "split, the trace's own train (90 %%) and validate (10 %%); default: a seeded 80/10/10 split "
+                        "of each trace")
+    p.add_argument("--misses", nargs="+", default=["fetch"], choices=("fetch", "host", "auto"),
+                   help="where misses run (SpeculativeMoE's misses): each row once per mode")
+    p.add_argument("--host", default="3090-box", help="host profile for misses host/auto")
+    p.add_argument("--save-predictors", type=Path, default=None, metavar="DIR",
+                   help="also save each fitted predictor to DIR/<trace>-<name> (config.json + model.safetensors)")
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "default", "belady"],
                    help="eviction policies (any `specmoe simulate --policies` name); belady runs without a predictor")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.1, 0.25, 0.5],
@@ -176,8 +255,11 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512, help="KV tokens read per decode step")
     p.add_argument("--warmup", type=int, default=16, help="decode steps replayed before measuring")
     p.add_argument("--max-passes", type=int, default=600, help="simulate the first N held-out decode steps")
-    p.add_argument("--train-steps", type=int, default=600, help="interlayer optimizer steps at most")
-    p.add_argument("--train-minutes", type=float, default=2.5, help="interlayer training wall-time limit")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps at most of every trained predictor (default: FIT's, interlayer 600, "
+                        "affinity 1500)")
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="training wall-time limit of every trained predictor (default: FIT's, 2.5 and 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (training)")
     p.add_argument("--name", default="real_routing")
@@ -193,10 +275,13 @@ def main(argv=None) -> int:
         p.error("give trace directories (or --report-only)")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    traces = [run_trace(d, args) for d in args.traces]
+    if args.held_out is not None and len(args.held_out) != len(args.traces):
+        p.error(f"--held-out takes one directory per trace: {len(args.traces)} traces, {len(args.held_out)} given")
+    held_out = [None if h in (None, "none") else Path(h) for h in (args.held_out or [None] * len(args.traces))]
+    traces = [run_trace(d, args, h) for d, h in zip(args.traces, held_out)]
     result = {
         "environment": environment("cpu"),
-        "settings": {"profile": args.profile, "policies": list(dict.fromkeys(map(resolve_policy_name, args.policies))), "capacities": args.capacities,
+        "settings": {"profile": args.profile, "misses": args.misses, "host": args.host, "policies": list(dict.fromkeys(map(resolve_policy_name, args.policies))), "capacities": args.capacities,
                      "predictors": args.predictors, "lookahead": args.lookahead, "context": args.context,
                      "warmup": args.warmup, "max_passes": args.max_passes, "train_steps": args.train_steps,
                      "train_minutes": args.train_minutes, "seed": args.seed, "threads": args.threads, "simulated": True,

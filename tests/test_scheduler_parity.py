@@ -7,7 +7,7 @@ import torch
 from routing_synth import synthetic_trace
 from conftest import SEQ2SEQ, build_tiny, make_inputs
 from specmoe import SpeculativeMoE
-from specmoe.predictors import HistoryPredictor, OraclePredictor, PreGatePredictor
+from specmoe.predictors import AffinityPredictor, HistoryPredictor, OraclePredictor, PreGatePredictor
 from specmoe.predictors.base import rank_by_votes, top_candidates
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.hooks import PassMarker
@@ -88,6 +88,14 @@ def sim_miss_costs(geo, host):
     return replay_costs(proxy_shape(geo), PROFILES["rtx3090"], ComputeModel.from_name("hf-eager"), OPS, host)
 
 
+def random_affinity(geo):
+    """A stateful predictor (it keeps the previous tokens' routing): the simulator replays it pass by pass."""
+    torch.manual_seed(0)
+    pred = AffinityPredictor(geo, lookahead=2, context=2, tokens=2)
+    torch.nn.init.normal_(pred.module.weight.weight)
+    return pred
+
+
 def run_both(family, capacity, predictor_kind, misses="fetch"):
     model = build_tiny(family)
     inputs = make_inputs(model, length=6)
@@ -109,6 +117,7 @@ def run_both(family, capacity, predictor_kind, misses="fetch"):
         "history": lambda: HistoryPredictor.fit(synthetic_trace(geo.num_layers, geo.num_experts, geo.top_k,
                                                                 geo.hidden_size, sequences=8, length=12),
                                                 lookahead=2, progress=False),
+        "affinity": lambda: random_affinity(geo),
     }[predictor_kind]()
     host = HostProfile.from_name("3090-box") if misses != "fetch" else None
     costs = sim_miss_costs(geo, host)
@@ -135,7 +144,7 @@ def run_both(family, capacity, predictor_kind, misses="fetch"):
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3", "switch_transformers"])
-@pytest.mark.parametrize("predictor_kind", ["none", "pregate", "oracle", "history"])
+@pytest.mark.parametrize("predictor_kind", ["none", "pregate", "oracle", "history", "affinity"])
 @pytest.mark.parametrize("capacity", ["one-per-layer", 0.3, 0.6, 1.0])
 def test_runtime_counters_equal_the_simulators(family, predictor_kind, capacity):
     stats, sim, smoe = run_both(family, capacity, predictor_kind)
@@ -149,7 +158,7 @@ def test_runtime_counters_equal_the_simulators(family, predictor_kind, capacity)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3", "switch_transformers"])
-@pytest.mark.parametrize("predictor_kind", ["none", "oracle", "history"])
+@pytest.mark.parametrize("predictor_kind", ["none", "oracle", "history", "affinity"])
 @pytest.mark.parametrize("misses", ["host", "auto"])
 def test_counters_equal_with_misses_on_the_host(family, predictor_kind, misses):
     stats, sim, smoe = run_both(family, 0.3, predictor_kind, misses)

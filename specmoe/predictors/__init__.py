@@ -1,5 +1,6 @@
 """Speculation predictors: policy that scores the experts upcoming MoE layers will need."""
 
+from .affinity import AffinityPredictor
 from .base import PREDICTORS, Predictor, load_predictor, register_predictor, save_predictor
 from .factory import make_predictor
 from .hidden import HiddenStatePredictor
@@ -10,6 +11,7 @@ from .pregate import PreGatePredictor
 from .trainable import TrainablePredictor
 
 __all__ = [
+    "AffinityPredictor",
     "PREDICTORS",
     "HiddenStatePredictor",
     "HistoryPredictor",

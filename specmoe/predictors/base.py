@@ -14,7 +14,9 @@ The runtime calls it once per MoE layer, between the router and the experts:
 
 Around those calls: ``bind(geometry, routers)`` once, ``reset()`` at each generate call, and
 ``start_pass(index)`` as each forward pass starts (index from 0 after the reset; the runtime's one pass-start
-signal, so no predictor guesses passes).
+signal, so no predictor guesses passes). A `stateful` predictor (one that keeps earlier passes' routing, e.g.
+`affinity`) is also shown the routing by ``observe(layer, history)`` at the calls where the runtime skips
+``predict`` (prefetch admission), and replays run it pass by pass.
 """
 
 # Shape legend: T tokens, E experts, H hidden, L MoE layers, k top-k
@@ -81,6 +83,10 @@ class Predictor:
     """
 
     kind: ClassVar[str] = "base"
+    # True: `predict` reads routing of earlier passes that it kept since `reset` (the previous tokens), so a replay
+    # runs the passes in order, one call per layer, as the runtime does; False: a call depends on its arguments
+    # only, and replays may batch many tokens into one call.
+    stateful: ClassVar[bool] = False
 
     def __init__(self, lookahead: int = 1, geometry: MoEGeometry | None = None):
         if not isinstance(lookahead, int) or lookahead < 1:
@@ -108,6 +114,10 @@ class Predictor:
 
     def predict(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
         raise NotImplementedError
+
+    def observe(self, layer: int, history: torch.Tensor) -> None:
+        """Layer `layer` was routed (history as for `predict`) but the runtime does not want scores at this call
+        (prefetch admission skips it): called for `stateful` predictors only, which keep the routing they see."""
 
     def targets(self, layer: int, wrap: bool = True) -> list[int]:
         """Target layers layer+1 .. layer+lookahead (past the last layer only if `wrap`)."""

@@ -115,6 +115,8 @@ class HotPath:
                 self._history[:, layer, : ids.shape[1]] = ids[:, :width]
                 self._history[:, layer, ids.shape[1]:] = -1
             if not sched.wants_prediction():  # admission says its guesses would not be copied
+                if getattr(predictor, "stateful", False):  # it keeps the previous tokens' routing: it sees this call
+                    predictor.observe(layer, self._history[:, : layer + 1])
                 predictor = None
         if predictor is None:
             host = self._routes = ids.flatten().tolist()  # the one device->host sync of this layer

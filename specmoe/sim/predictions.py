@@ -52,6 +52,8 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
                          "capture_routing(model, hidden_layers=range(L)) to replay a predictor")
     predictor.bind(geometry, list(routers))
     m = min(width or k, E)
+    if getattr(predictor, "stateful", False):  # it reads the passes before: called pass by pass, as the runtime does
+        return _stateful_candidates(stream, predictor, geometry, m, progress, wrap)
     N = stream.num_tokens
     parts: list[dict[int, list[torch.Tensor]]] = [dict() for _ in range(L)]  # layer -> target -> chunks [n, m]
     with torch.no_grad():
@@ -77,6 +79,35 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
             keys: list[Key] = []
             for target, best in sorted(top[layer].items()):  # best [N, m]
                 keys.extend((target % L, e) for e in rank_by_votes(best[a:b].flatten().tolist(), best.shape[1]))
+            per_layer.append(keys)
+        out.append(per_layer)
+    return out
+
+
+@torch.no_grad()
+def _stateful_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry, m: int, progress: bool,
+                         wrap: bool) -> Candidates:
+    """`predictor_candidates` of a `Predictor.stateful` predictor: reset at each sequence's first pass (a generate
+    call), `start_pass`, and one `predict` per MoE layer with the pass's routing so far, as `SpeculativeMoE` runs."""
+    L = geometry.num_layers
+    starts, off = set(stream.seq_offsets.tolist()), stream.pass_offsets.tolist()
+    out: Candidates = []
+    index = 0
+    for p in tqdm(range(stream.num_passes), desc="predict", unit="pass", disable=not progress):
+        a, b = off[p], off[p + 1]
+        if a in starts:
+            predictor.reset()
+            index = 0
+        predictor.start_pass(index)
+        index += 1
+        ids, per_layer = stream.ids[a:b], []
+        for layer in range(L):
+            hidden = stream.hidden[layer][a:b].float() if layer in stream.hidden else \
+                torch.zeros(1, geometry.hidden_size).expand(b - a, -1)  # [T, H] (read by none of them)
+            scores = predictor.predict(layer, hidden, ids[:, : layer + 1])
+            keys: list[Key] = []
+            for target in sorted(t for t in scores if wrap or t < L):
+                keys.extend((target % L, e) for e in rank_by_votes(top_candidates(scores[target], m).flatten().tolist(), m))
             per_layer.append(keys)
         out.append(per_layer)
     return out

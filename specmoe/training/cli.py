@@ -53,7 +53,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory for config.json + model.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace a predictor (or policy) already in --out")
     p.add_argument("--no-wrap", dest="wrap", action="store_false", help="do not predict the next token's layers")
-    p.add_argument("--context", type=int, default=None, help="known layers used (interlayer: 3, history: 1)")
+    p.add_argument("--context", type=int, default=None,
+                   help="known layers used (interlayer: 3, affinity: 3, history: 1)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="affinity: earlier tokens whose routing at the target layer is used (default 2)")
+    p.add_argument("--hidden", type=int, default=None, help="affinity: hidden-layer width (default 0: logistic)")
     p.add_argument("--dim", type=int, default=None, help="network width (interlayer/hidden)")
     p.add_argument("--layers", type=int, default=None, help="encoder layers (interlayer)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (interlayer)")
@@ -82,7 +86,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def predictor_options(args) -> dict:
     """The predictor's own options given on the command line (unset ones keep the class defaults)."""
     names = {"history": ("context",), "interlayer": ("context", "dim", "layers", "heads", "ff"),
-             "hidden": ("dim", "router_init")}[args.predictor]
+             "hidden": ("dim", "router_init"), "affinity": ("context", "tokens", "hidden")}[args.predictor]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

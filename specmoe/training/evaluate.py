@@ -1,7 +1,8 @@
 """Evaluate predictors on held-out traces exactly as the runtime calls them.
 
 Whole sequences are replayed as forward passes: at each MoE layer l every predictor gets the hidden state
-entering l and the routing of layers 0..l, as `SpeculativeMoE` gives them, and its scores for target layer
+entering l and the routing of layers 0..l, as `SpeculativeMoE` gives them (a stateful predictor, which keeps the
+previous tokens' routing, token by token: `decode_replay`), and its scores for target layer
 t = l + d are compared with what was routed at t (t >= L: layer t - L of the next token of the sequence).
 Metrics are kept per lookahead d and per source layer l, within the token and across the token boundary.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -93,6 +95,31 @@ def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 48
 
 
 @torch.no_grad()
+def decode_replay(predictor: Predictor, trace: RoutingTrace, start: int, end: int,
+                  device="cpu") -> tuple[float, list[dict[int, torch.Tensor]]]:
+    """Tokens start..end of one sequence decoded one pass per token, as the runtime runs a stateful predictor
+    (`Predictor.stateful`): reset, then `start_pass(i)` and one `predict` per MoE layer for token i.
+
+    Returns:
+        (seconds spent in `predict`, per layer {target: scores [end - start, E]}).
+    """
+    L = trace.geometry.num_layers
+    ids = trace.ids[start:end].to(device)  # [T, L, k]
+    zeros = torch.zeros(1, trace.geometry.hidden_size, device=device)
+    predictor.reset()
+    rows: list[dict[int, list[torch.Tensor]]] = [dict() for _ in range(L)]
+    t0 = time.perf_counter()
+    for i in range(end - start):
+        predictor.start_pass(i)
+        for layer in range(L):
+            hidden = trace.hidden[layer][start + i : start + i + 1].to(device) if layer in trace.hidden else zeros
+            for t, s in predictor.predict(layer, hidden, ids[i : i + 1, : layer + 1]).items():
+                rows[layer].setdefault(t, []).append(s)
+    seconds = time.perf_counter() - t0
+    return seconds, [{t: torch.cat(v) for t, v in per.items()} for per in rows]
+
+
+@torch.no_grad()
 def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace,
                         config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
     """Metrics of every predictor on `trace` (held-out sequences).
@@ -128,18 +155,28 @@ def evaluate_predictors(predictors: Mapping[str, Predictor], trace: RoutingTrace
         predictor.reset()
         spent = 0.0
         start_pass = getattr(predictor, "start_pass", None)
-        for p, (start, end) in enumerate(tqdm(passes, desc=f"eval {name}", unit="pass", disable=not progress)):
-            if start_pass is not None:  # the pass index, handed on as the runtime does (never guessed)
+        stateful = getattr(predictor, "stateful", False)  # decoded token by token, one sequence at a time
+        units = list(zip(trace.offsets[:-1].tolist(), trace.offsets[1:].tolist())) if stateful else passes
+        for p, (start, end) in enumerate(tqdm(units, desc=f"eval {name}", unit="seq" if stateful else "pass",
+                                              disable=not progress)):
+            if start_pass is not None and not stateful:  # the pass index, handed on as the runtime does (never guessed)
                 start_pass(p)
             ids = trace.ids[start:end]  # [T, L, k]
             ids_dev = ids.to(device)
             nxt = has_next[start:end]  # [T]
             nxt_ids = torch.cat([ids[1:], ids[-1:]])  # [T, L, k] the next token's routing
-            for layer in range(L):
-                hidden = trace.hidden[layer][start:end].to(device) if layer in trace.hidden else \
-                    torch.zeros(1, geo.hidden_size, device=device).expand(end - start, -1)  # read by none of them
-                seconds, scores = timed_call(lambda: predictor.predict(layer, hidden, ids_dev[:, : layer + 1]), device)
+            if stateful:
+                seconds, decoded = decode_replay(predictor, trace, start, end, device)
                 spent += seconds
+            for layer in range(L):
+                if stateful:
+                    scores = decoded[layer]
+                else:
+                    hidden = trace.hidden[layer][start:end].to(device) if layer in trace.hidden else \
+                        torch.zeros(1, geo.hidden_size, device=device).expand(end - start, -1)  # read by none of them
+                    seconds, scores = timed_call(lambda: predictor.predict(layer, hidden, ids_dev[:, : layer + 1]),
+                                                 device)
+                    spent += seconds
                 for t, s in scores.items():
                     d = t - layer
                     if d > D:

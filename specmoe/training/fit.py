@@ -1,5 +1,5 @@
 """Build and fit a predictor of a named kind on trace splits: counting for `history`, the training loop for
-`interlayer` and `hidden` (the latter started from the model's routers when the trace saved them)."""
+`interlayer`, `affinity` and `hidden` (the latter started from the model's routers when the trace saved them)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import asdict
 
 import torch
 
-from ..predictors import HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, Predictor
+from ..predictors import AffinityPredictor, HiddenStatePredictor, HistoryPredictor, InterLayerPredictor, Predictor
 from ..traces.dataset import RoutingTrace
 from .loop import TrainConfig, train_predictor
 
 logger = logging.getLogger(__name__)
 
-TRAINABLE = {"interlayer": InterLayerPredictor, "hidden": HiddenStatePredictor}
+TRAINABLE = {"interlayer": InterLayerPredictor, "hidden": HiddenStatePredictor, "affinity": AffinityPredictor}
 KINDS = ("history", *TRAINABLE)
 
 
@@ -23,7 +23,7 @@ def build_predictor(kind: str, train: RoutingTrace, lookahead: int = 2, wrap: bo
     """A fresh predictor of `kind` for `train`'s geometry (history: already counted on `train`).
 
     Args:
-        kind: "history", "interlayer" or "hidden".
+        kind: "history", "interlayer", "affinity" or "hidden".
         train: the training split (geometry, routers, and for history the counts).
         lookahead, wrap: target layers l+1..l+lookahead, and whether to cross into the next token.
         seed: seeds the initial weights.
