@@ -18,6 +18,7 @@ def gpu_check(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", module)  # before exec: its dataclasses look themselves up
+    monkeypatch.delitem(sys.modules, "benchmarks.gpu_check_steps", raising=False)  # a fresh step table per test
     spec.loader.exec_module(module)
     return module
 
@@ -68,7 +69,7 @@ def test_a_timed_out_test_run_keeps_each_tests_outcome(gpu_check, tmp_path, monk
     (fake / "test_fake.py").write_text(
         "import time\n\ndef test_fast():\n    pass\n\ndef test_fails():\n    assert 1 == 2\n\n"
         "def test_hangs():\n    time.sleep(120)\n")
-    monkeypatch.setattr(gpu_check, "GPU_TESTS", (str(fake / "test_fake.py"),))
+    monkeypatch.setattr(gpu_check.steps, "GPU_TESTS", (str(fake / "test_fake.py"),))
     out = tmp_path / "out"
     gpu_check.main(["--smoke", "--only", "gpu_tests", "--budget-s", str(gpu_check.RESERVE_S + 25), "--out", str(out)])
     step = json.loads((out / "gpu_check_cpu_smoke.json").read_text())["steps"]["gpu_tests"]
