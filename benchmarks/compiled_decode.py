@@ -111,9 +111,10 @@ ASSUMED_REPLAY_S = 15e-6  # host cost of one CUDA-graph replay: cudaGraphLaunch 
 
 
 def host_costs(backend: str, calls: int = 2000, repeats: int = 7) -> dict:
-    """Host seconds, on this machine, of (a) entering a compiled region that runs one tiny kernel and (b) one
+    """Host seconds, on this machine, of (a) entering a compiled region that runs one tiny kernel, (b) one
     `specmoe::experts` call from inside compiled code (its dispatch; the runtime's own work left out: the op
-    returns a preallocated tensor). Process CPU seconds (what other processes on a shared machine do not
+    returns a preallocated tensor) and (c) one eager aten op (the same tiny kernel called eagerly), and (a), (b)
+    in units of (c): what the simulator charges, times its eager per-op cost. Process CPU seconds (what other processes on a shared machine do not
     inflate), minimum over `repeats` batches of `calls` calls (medians recorded too)."""
     from specmoe.runtime import compiled as runtime_compiled
 
@@ -126,7 +127,7 @@ def host_costs(backend: str, calls: int = 2000, repeats: int = 7) -> dict:
     def with_op(x, ids, w):
         return torch.ops.specmoe.experts(x, ids, w, 0) + 1
 
-    fns = {"region": torch.compile(plain, backend=backend, dynamic=False),
+    fns = {"eager_op": plain, "region": torch.compile(plain, backend=backend, dynamic=False),
            "region_with_op": torch.compile(with_op, backend=backend, dynamic=False)}
     previous = getattr(runtime_compiled._ACTIVE, "calls", None)
     runtime_compiled._ACTIVE.calls = {0: lambda h, i, ww: out}
@@ -144,8 +145,10 @@ def host_costs(backend: str, calls: int = 2000, repeats: int = 7) -> dict:
     finally:
         runtime_compiled._ACTIVE.calls = previous
     best = {k: min(v) for k, v in samples.items()}
-    return {"backend": backend, "calls": calls, "repeats": repeats, "segment_s": best["region"],
-            "experts_op_s": max(0.0, best["region_with_op"] - best["region"]),
+    op = max(0.0, best["region_with_op"] - best["region"])
+    return {"backend": backend, "calls": calls, "repeats": repeats, "clock": "process CPU time",
+            "segment_s": best["region"], "experts_op_s": op, "eager_op_s": best["eager_op"],
+            "segment_in_eager_ops": best["region"] / best["eager_op"], "experts_op_in_eager_ops": op / best["eager_op"],
             "median_segment_s": statistics.median(samples["region"]),
             "median_experts_op_s": max(0.0, statistics.median(samples["region_with_op"]) -
                                        statistics.median(samples["region"]))}
@@ -168,9 +171,12 @@ def write_calibration(path: Path, result: dict, source: Path) -> None:
         "environment": result["environment"], "num_layers": layers,
         "segments_per_token": seg, "segments_per_layer": max(0.0, seg - 1) / layers, "segments_per_pass": 1.0,
         "experts_op_calls_per_token": calls, "experts_op_calls_per_layer": calls / layers,
-        "segment_s": costs["segment_s"], "experts_op_s": costs["experts_op_s"],
-        "host_costs_source": f"measured on {cpu} with backend {costs['backend']} (process CPU time, min of "
-                             f"{costs['repeats']} x {costs['calls']} calls); a GPU host's Python assumed the same",
+        "segment_s": costs["segment_s"], "experts_op_s": costs["experts_op_s"], "eager_op_s": costs["eager_op_s"],
+        "segment_in_eager_ops": costs["segment_in_eager_ops"],
+        "experts_op_in_eager_ops": costs["experts_op_in_eager_ops"],
+        "host_costs_source": f"measured on {cpu} with backend {costs['backend']} as multiples of one eager aten op "
+                             f"there (process CPU time, min of {costs['repeats']} x {costs['calls']} calls); a GPU "
+                             "host assumed to keep the ratios",
         "replays_per_layer": (replays - 1) / layers if cuda else 1.0,
         "replays_per_pass": 1.0,
         "replay_s": ASSUMED_REPLAY_S,
@@ -209,8 +215,10 @@ def markdown(r: dict) -> str:
                       f"{'/'.join(f'{x:.1f}' for x in la['after'])} after.")
     if r.get("host_costs"):
         hc = r["host_costs"]
-        lines[-1] += (f" Host costs here ({hc['backend']}, CPU time, min of {hc['repeats']} x {hc['calls']} calls): a compiled "
-                      f"region {hc['segment_s'] * 1e6:.1f} us, an experts op call in it {hc['experts_op_s'] * 1e6:.1f} us.")
+        lines[-1] += (f" Host costs here ({hc['backend']}, CPU time, min of {hc['repeats']} x {hc['calls']} calls): an "
+                      f"eager aten op {hc['eager_op_s'] * 1e6:.1f} us, a compiled region "
+                      f"{hc['segment_s'] * 1e6:.1f} us ({hc['segment_in_eager_ops']:.1f} ops), an experts op call in "
+                      f"it {hc['experts_op_s'] * 1e6:.1f} us ({hc['experts_op_in_eager_ops']:.1f} ops).")
     return "\n".join(lines) + "\n"
 
 
@@ -241,9 +249,13 @@ def main(argv=None) -> int:
     if args.render:
         write_text(args.render.with_suffix(".md"), markdown(read_json(args.render, what="compiled_decode result")))
         return 0
-    if args.calibration_from:
-        write_calibration(Path(args.calibration), read_json(args.calibration_from, what="compiled_decode result"),
-                          args.calibration_from)
+    if args.calibration_from:  # the host costs measured again now (the counts are the result's)
+        result = read_json(args.calibration_from, what="compiled_decode result")
+        result["host_costs"] = host_costs(result["settings"]["backend"])
+        result["load_average"]["host_costs"] = list(os.getloadavg())
+        write_json(args.calibration_from, result)
+        write_text(args.calibration_from.with_suffix(".md"), markdown(result))
+        write_calibration(Path(args.calibration), result, args.calibration_from)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

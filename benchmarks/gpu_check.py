@@ -26,6 +26,8 @@ are estimates (no GPU has run this yet); a step that runs out of time keeps what
 * ``host_misses``: shape_real again at 0.25 / 0.5 with misses="auto", against the fetch rows.
 * ``compiled_decode``: eager vs compiled decode (CUDA graphs) on the same shape (benchmarks/compiled_decode.py;
   last: it runs when the budget has room).
+* ``compiled_validate``: shape_real again with ``--compile`` at 1.0 / 0.5 and `specmoe simulate --validate` on it
+  (the simulator's "compiled" compute model against the measured compiled rows; last, when the budget has room).
 
 Output: at most three files in --out, whatever happens (a lent machine returns at most 8 files of at most
 16 MiB): ``gpu_check_<device>.json`` (the summary), ``gpu_check_<device>.md`` (its table) and

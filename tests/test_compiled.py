@@ -177,9 +177,10 @@ def test_simulator_compiled_compute_model_charges_regions_ops_and_replays_not_de
     cal = read_json(COMPILED_FILE)
     assert cal["segments_per_pass"] == 1 and cal["experts_op_calls_per_layer"] == 1  # one graph, an op per layer
     assert e.host_layer == pytest.approx(ops.layer * eager.op_s)
-    assert c.host_layer == pytest.approx(cal["segments_per_layer"] * cal["segment_s"] + cal["experts_op_s"] +
+    segment_s, op_s = (cal[k] * eager.op_s for k in ("segment_in_eager_ops", "experts_op_in_eager_ops"))
+    assert c.host_layer == pytest.approx(cal["segments_per_layer"] * segment_s + op_s +
                                          cal["replays_per_layer"] * cal["replay_s"]) and c.host_layer < e.host_layer
-    assert c.host_pass == pytest.approx(cal["segment_s"] + cal["replays_per_pass"] * cal["replay_s"] + compiled.sync_s)
+    assert c.host_pass == pytest.approx(segment_s + cal["replays_per_pass"] * cal["replay_s"] + compiled.sync_s)
     assert c.host_experts == e.host_experts and c.host_wrapper == e.host_wrapper  # the hot path stays eager
     assert c.dev_layer == e.dev_layer
     assert "measured on" in compiled.source and "assumed" in compiled.source

@@ -97,7 +97,7 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     steps = report["steps"]
     assert list(steps) == [s.name for s in gpu_check.STEPS] == [
         "nvml", "gpu_tests", "wrapper_overhead", "moe_kernel", "shape_real", "simulate_validate", "host_misses",
-        "compiled_decode"]
+        "compiled_decode", "compiled_validate"]
     assert all(s["status"] in ("ok", "skipped") for s in steps.values()), steps
     rows = steps["shape_real"]["result"]["rows"]
     grid = {(r["capacity"], r["predictor"]) for r in rows if r["capacity"] is not None}
@@ -116,6 +116,8 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     assert tests["tests"] > 0 and not tests["failed"]
     if steps["compiled_decode"]["status"] == "ok":  # last: it runs where the budget has room
         assert all(r["same_tokens"] for r in steps["compiled_decode"]["result"]["rows"].values())
+    if steps["compiled_validate"]["status"] == "ok":
+        assert steps["compiled_validate"]["result"]["compiled_run"] and steps["compiled_validate"]["result"]["rows"]
     archived = members(tmp_path)
     shape = "shape_real_qwen1.5-moe-a2.7b_cpu_smoke"
     for name in (f"{shape}.json", f"{shape}.validation.json", "wrapper_overhead_cpu_smoke.json",

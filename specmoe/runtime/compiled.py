@@ -1,4 +1,4 @@
-"""Compiled decode: the dense parts of each decode step as compiled graphs, the MoE experts calls between them.
+"""Compiled decode: each decode step as one compiled graph, the runtime's MoE experts calls inside it as an op.
 
 `SpeculativeMoE(..., compile=True)` installs a `CompiledDecode` on the model:
 
@@ -11,8 +11,9 @@
   (routing ids to the host, copies, the experts compute) from inside the compiled code. On CUDA the op is tagged
   `cudagraph_unsafe` and inductor's graph partition (torch >= 2.8) splits the step's CUDA graphs around it
   (``L + 1`` graph replays per step, one compiled region). Where that cannot work (CUDA on a torch without graph
-  partition, or an experts call that is not ``(hidden, ids, weights)``), the call is a `torch.compiler.disable`
-  graph break instead (one log line): ``L + 1`` compiled segments per step with the hot path between them;
+  partition, ModuleList experts, or an experts call that is not ``(hidden, ids, weights)``), the call is a
+  `torch.compiler.disable` graph break instead (one log line): compiled segments around each experts call (54
+  per step on the 24-layer reference model, with dynamo's nested graph breaks) and the hot path between them;
 - `generate` gets a `transformers.StaticCache` kept by this object and reused (reset) across calls: its length
   is a power of two >= `MIN_CACHE_LEN` that holds prompt + new tokens, so calls of other lengths replay the
   same graphs; a longer call makes a longer cache (one recompilation, logged). Graph shapes are static
@@ -147,7 +148,7 @@ def experts_wrap(device: torch.device):
     custom op (`ExpertsOp`), or on CUDA without graph partition a `torch.compiler.disable` break (logged)."""
     if device.type == "cuda" and not partition_supported():
         logger.info("compiled decode: torch %s has no inductor graph partition for cudagraph-unsafe ops; each "
-                    "experts call is a graph break (L + 1 compiled segments per step)", torch.__version__)
+                    "experts call is a graph break (compiled segments around each)", torch.__version__)
         return torch.compiler.disable
     return _op_wrap
 

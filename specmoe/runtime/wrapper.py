@@ -291,9 +291,9 @@ class SpeculativeMoE:
             if isinstance(layer.layout, FusedExperts):
                 self.experts_compute.prepare(layer)
                 self._hooks.append(ExpertsHook(layer, self.hot.fused_forward, wrap=wrap))
-            else:
+            else:  # the family's own loop and output: compiled, a graph break (never the op)
                 self._hooks.append(ExpertsHook(layer, self.hot.modulelist_forward, self.hot.expert_hooks,
-                                               wrap=wrap))
+                                               wrap=torch.compiler.disable if wrap is not None else None))
 
     def _restore_model(self) -> None:
         if self._compiled is not None:

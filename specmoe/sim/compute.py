@@ -159,14 +159,18 @@ def _compiled_model() -> ComputeModel | None:
     if not COMPILED_FILE.is_file():
         return None
     c = read_json(COMPILED_FILE, what="compiled decode calibration")
+    op_s = COMPUTE_MODELS["hf-eager"].op_s  # the measured costs are multiples of an eager op: the same host scale
+    segment_s, experts_op_s = c["segment_in_eager_ops"] * op_s, c["experts_op_in_eager_ops"] * op_s
     return ComputeModel(
-        "compiled", segment_s=c["segment_s"], segments_per_layer=c["segments_per_layer"],
-        segments_per_pass=c["segments_per_pass"], experts_op_s=c["experts_op_s"] * c["experts_op_calls_per_layer"],
+        "compiled", segment_s=segment_s, segments_per_layer=c["segments_per_layer"],
+        segments_per_pass=c["segments_per_pass"], experts_op_s=experts_op_s * c["experts_op_calls_per_layer"],
         replay_s=c["replay_s"], replays_per_layer=c["replays_per_layer"], replays_per_pass=c["replays_per_pass"],
         source=f"hf-eager's constants for what stays eager (the runtime's experts calls, syncs); the dense parts as "
         f"{c['segments_per_pass']:.0f} compiled region per pass + {c['segments_per_layer']:.2f} per MoE layer, "
-        f"{c['segment_s'] * 1e6:.1f} us each, and {c['experts_op_calls_per_layer']:.0f} experts op call per layer, "
-        f"{c['experts_op_s'] * 1e6:.1f} us each ({c['host_costs_source']}); {c['replays_per_layer']:.0f} CUDA-graph "
+        f"{c['segment_in_eager_ops']:.1f} eager ops' host time each, and {c['experts_op_calls_per_layer']:.0f} "
+        f"experts op call per layer, {c['experts_op_in_eager_ops']:.1f} eager ops each ({c['host_costs_source']}; "
+        f"x {op_s * 1e6:.0f} us per op: {segment_s * 1e6:.1f} and {experts_op_s * 1e6:.1f} us); "
+        f"{c['replays_per_layer']:.0f} CUDA-graph "
         f"replay per layer + {c['replays_per_pass']:.0f} per pass at {c['replay_s'] * 1e6:.0f} us each "
         f"({c['replay_source']})")
 
