@@ -185,6 +185,56 @@ def write_calibration(path: Path, result: dict, source: Path) -> None:
         + f"; {ASSUMED_REPLAY_S * 1e6:.0f} us per replay assumed (launch + cudagraph trees + an input copy)"})
 
 
+def record_routing(model, inputs, new_tokens: int) -> list[dict]:
+    """The routing of the calls a mode's measurement makes, in order (the warm-up N-token call, then the timed
+    1-token and N-token calls), on the unwrapped model (every mode gives its tokens): per call its passes' ids."""
+    from specmoe.traces import capture_routing
+
+    calls = []
+    for n, timed in ((new_tokens, False), (1, True), (new_tokens, True)):
+        with torch.no_grad(), capture_routing(model) as cap:
+            model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        calls.append({"new_tokens": n, "timed": timed, "ids": [p.ids for p in cap.passes]})
+    return calls
+
+
+def write_validation_views(out: Path, result: dict, routing: list[dict], config, dtype) -> list[Path]:
+    """`specmoe simulate --validate` inputs from this run, one per mode (eager / compiled SpeculativeMoE rows, each
+    with the eager unwrapped row): the recorded routing, the shape, and per row its decode tok/s per CPU second
+    (load-proof on a shared machine; wall-clock on a GPU)."""
+    from specmoe.sim.compute import load_op_counts
+    from specmoe.sim.shapes import ModelShape
+    from specmoe.sim.stream import RoutingStream
+
+    cpu = result["environment"].get("device") == "cpu"
+    dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    shape = ModelShape.from_config(config, name=result["model"], dtype=dt, expert_dtype=dt)
+    stream_path = out.with_name(out.stem + ".routing.safetensors")
+    passes = [ids for call in routing for ids in call["ids"]]
+    calls = [{"prompt": 0, "new_tokens": c["new_tokens"], "timed": c["timed"], "passes": len(c["ids"])}
+             for c in routing]
+    RoutingStream.from_passes(passes, calls=calls, num_experts=config.num_experts).save(stream_path)
+    paths = []
+    for view in ("eager", "compiled"):
+        variants = []
+        for name, m in result["modes"].items():
+            if name == "unwrapped eager" or (name.startswith("wrapped") and name.endswith(view)):
+                tok = m["decode_tok_per_cpu_s"] if cpu else m["decode_tok_s"]
+                variants.append({"name": name, "kind": "unwrapped" if name.startswith("unwrapped") else "specmoe",
+                                 "capacity": m.get("capacity"), "predictor": None if "capacity" not in m else "none",
+                                 "decode_tok_s": tok, "ttft_s": m.get("ttft_cpu_s" if cpu else "ttft_s")})
+        path = out.with_name(f"{out.stem}.{view}_view.json")
+        write_json(path, {
+            "benchmark": "compiled_decode (validation view)", "source": out.name, "routing_file": stream_path.name,
+            "timing": "decode tokens per process CPU second" if cpu else "decode tokens per second",
+            "environment": result["environment"], "shape": shape.to_dict(),
+            "op_counts": load_op_counts(shape.model_type).to_dict(), "variants": variants,
+            "settings": {"new_tokens": result["settings"]["new_tokens"], "prompt_len": result["settings"]["prompt_len"],
+                         "lookahead": 1, "policy": "default", "offload": {"compile": view == "compiled"}}})
+        paths.append(path)
+    return paths
+
+
 def markdown(r: dict) -> str:
     env, st = r["environment"], r["settings"]
     lines = ["| mode | decode tok/s (median) | vs eager | vs eager (median of pairs) | decode tok per CPU s | "
@@ -237,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-step op counts")
+    ap.add_argument("--no-routing", action="store_true", help="skip recording the routing (the validation views: "
+                    "`specmoe simulate --validate <stem>.{eager,compiled}_view.json`)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--calibration", default=str(CALIBRATION),
                     help="where the simulator's segment counts go (default: specmoe/sim/calibration/; '' for none)")
@@ -299,6 +351,7 @@ def main(argv=None) -> int:
         expected = unwrapped.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
     runs = {k: [] for k in modes}
     cpu_runs = {k: [] for k in modes}  # decode tokens per process CPU second: what a shared machine cannot blur
+    cpu_ttft, wall_ttft = {k: [] for k in modes}, {k: [] for k in modes}
     for r in range(args.repeats):  # interleaved: drift on a shared machine hits every mode alike
         for name, m in modes.items():
             if r == 0:  # warm-up: compiles; its tokens are checked
@@ -315,6 +368,8 @@ def main(argv=None) -> int:
             stamps.append(time.process_time())
             runs[name].append(t.decode_tok_s)
             cpu_runs[name].append((args.new_tokens - 1) / max((stamps[2] - stamps[1]) - (stamps[1] - stamps[0]), 1e-9))
+            cpu_ttft[name].append(stamps[1] - stamps[0])
+            wall_ttft[name].append(t.ttft_s)
             print(f"repeat {r} {name}: {t.decode_tok_s:.1f} tok/s, {cpu_runs[name][-1]:.1f} per CPU s",
                   file=sys.stderr)
     for name, m in modes.items():
@@ -322,6 +377,7 @@ def main(argv=None) -> int:
         m["runs_decode_tok_s"] = runs[name]
         m["decode_tok_per_cpu_s"] = statistics.median(cpu_runs[name])
         m["runs_decode_tok_per_cpu_s"] = cpu_runs[name]
+        m["ttft_cpu_s"], m["ttft_s"] = statistics.median(cpu_ttft[name]), statistics.median(wall_ttft[name])
         smoe = wrappers.get(name)
         cs = smoe.compile_stats if smoe is not None else None
         m["compile_s"] = cs["compile_s"] if cs else (m["warmup_s"] if m["graphs"] else 0.0)
@@ -354,6 +410,10 @@ def main(argv=None) -> int:
     out = args.out / f"{args.name or 'compiled_decode_' + device.type}.json"
     if args.calibration and "wrapped 1 compiled" in modes and not args.no_profile:
         write_calibration(Path(args.calibration), result, out)
+    if not args.no_routing:
+        views = write_validation_views(out, result, record_routing(unwrapped, inputs, args.new_tokens), base.config,
+                                       dtype)
+        result["validation_views"] = [v.name for v in views]
     write_json(out, result)
     write_text(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
