@@ -79,8 +79,7 @@ _TAGS = (torch._C.Tag.cudagraph_unsafe,) if hasattr(torch._C.Tag, "cudagraph_uns
 OP_NAME = "specmoe::experts"
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=(), tags=_TAGS)
-def experts_op(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, layer: int) -> torch.Tensor:
+def _experts_op(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, layer: int) -> torch.Tensor:
     """Layer `layer`'s experts call ``(hidden [T, H], ids [T, k], weights [T, k]) -> [T, H]``, run by the runtime
     of the compiled decode step running now (its slots, copies and host state are its own, not graph inputs)."""
     out = _calls()[layer](hidden, ids, weights)
@@ -89,14 +88,20 @@ def experts_op(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, l
     return out.to(hidden.dtype).contiguous()  # [T, H], as the fake impl says
 
 
-@experts_op.register_fake
 def _experts_fake(hidden, ids, weights, layer):
     return hidden.new_empty(hidden.shape)  # [T, H], contiguous
 
 
+_CUSTOM_OP = getattr(torch.library, "custom_op", None)  # torch >= 2.4 (the floor); tags= from torch 2.8
+if _CUSTOM_OP is not None:
+    _kw = {"tags": _TAGS} if "tags" in inspect.signature(_CUSTOM_OP).parameters else {}
+    experts_op = _CUSTOM_OP(OP_NAME, mutates_args=(), **_kw)(_experts_op)
+    experts_op.register_fake(_experts_fake)
+
+
 def partition_supported() -> bool:
     """Inductor can split CUDA graphs around a `cudagraph_unsafe` op (graph partition: torch >= 2.8)."""
-    return bool(_TAGS) and "graph_partition" in inductor_config.get_config_copy()
+    return bool(_TAGS) and _CUSTOM_OP is not None and "graph_partition" in inductor_config.get_config_copy()
 
 
 def _calls() -> dict:
@@ -146,6 +151,10 @@ def _op_wrap(redirect) -> ExpertsOp:
 def experts_wrap(device: torch.device):
     """How each experts call is installed for compiled decode on `device` (`hooks.ExpertsHook(wrap=...)`): the
     custom op (`ExpertsOp`), or on CUDA without graph partition a `torch.compiler.disable` break (logged)."""
+    if _CUSTOM_OP is None:
+        logger.info("compiled decode: torch %s has no torch.library.custom_op; each experts call is a graph break",
+                    torch.__version__)
+        return torch.compiler.disable
     if device.type == "cuda" and not partition_supported():
         logger.info("compiled decode: torch %s has no inductor graph partition for cudagraph-unsafe ops; each "
                     "experts call is a graph break (compiled segments around each)", torch.__version__)

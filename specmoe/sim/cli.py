@@ -185,7 +185,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         md_path = json_path.with_suffix(".md")
         write_json(json_path, {"environment": environment("cpu"), **report})
         text = validation_table(report)
-        write_text(md_path, f"# Simulator validation\n\n{text}\n")
+        write_text(md_path, f"**Simulator validation**\n\n{text}\n")  # a block README can include
         print(text)
         print(f"\nwrote {json_path}, {md_path}")
         return 0
