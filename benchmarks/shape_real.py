@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-accelerate", action="store_true")
     ap.add_argument("--misses", default="fetch", choices=["fetch", "host", "auto"],
                     help="where missed experts run (SpeculativeMoE's misses; the file name says it unless fetch)")
+    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                    help="compiled decode of the SpeculativeMoE rows (file name: _compiled), optionally with a cheap "
+                    "backend (eager, aot_eager); `specmoe simulate --validate` then checks the compiled compute model")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -108,9 +111,9 @@ def main(argv=None) -> int:
                              new_tokens=args.new_tokens, warmup=args.warmup, lookahead=args.lookahead,
                              unwrapped=unwrapped,
                              accelerate=not args.no_accelerate, accelerate_new_tokens=args.accelerate_tokens,
-                             offload=OffloadConfig(misses=args.misses))
+                             offload=OffloadConfig(misses=args.misses, compile=args.compile))
     tag = f"{published.name}_{device_tag(device)}" + ("_smoke" if args.smoke else "") + \
-        (f"_misses-{args.misses}" if args.misses != "fetch" else "")
+        (f"_misses-{args.misses}" if args.misses != "fetch" else "") + ("_compiled" if args.compile else "")
     json_path = args.out / f"shape_real_{tag}.json"
     extras = {"benchmark": "shape_real", "shape": shape.to_dict(), "scaled_down": args.smoke,
               "op_counts": load_op_counts(shape.model_type).to_dict(),

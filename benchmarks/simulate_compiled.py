@@ -1,9 +1,10 @@
 """Compiled decode, simulated (issue 20 item 3): the "hf-eager" compute model vs "compiled" on an RTX 3090.
 
 "compiled" keeps hf-eager's constants for what stays eager (the runtime's experts calls, its bookkeeping and
-syncs) and charges the dense parts as compiled segments: their count per MoE layer measured by
-benchmarks/compiled_decode.py (specmoe/sim/calibration/compiled_decode.json), their host cost each an assumption
-(named in the output) until a GPU measures it. Every figure is simulated.
+syncs) and charges the dense parts as benchmarks/compiled_decode.py measured them
+(specmoe/sim/calibration/compiled_decode.json): compiled regions and `specmoe::experts` op calls per MoE layer and
+per pass, each at the host cost measured on this CPU, plus CUDA-graph replays (L + 1 per step, the graph
+partition's structure) at an assumed cost until a GPU counts and times them. Every figure is simulated.
 
     python benchmarks/simulate_compiled.py --mixtral /work/tmp/compile/mixtral    # the imported vLLM log
 

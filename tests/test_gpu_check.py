@@ -18,6 +18,7 @@ def gpu_check(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", module)  # before exec: its dataclasses look themselves up
+    monkeypatch.delitem(sys.modules, "benchmarks.gpu_check_steps", raising=False)  # a fresh step table per test
     spec.loader.exec_module(module)
     return module
 
@@ -68,7 +69,7 @@ def test_a_timed_out_test_run_keeps_each_tests_outcome(gpu_check, tmp_path, monk
     (fake / "test_fake.py").write_text(
         "import time\n\ndef test_fast():\n    pass\n\ndef test_fails():\n    assert 1 == 2\n\n"
         "def test_hangs():\n    time.sleep(120)\n")
-    monkeypatch.setattr(gpu_check, "GPU_TESTS", (str(fake / "test_fake.py"),))
+    monkeypatch.setattr(gpu_check.steps, "GPU_TESTS", (str(fake / "test_fake.py"),))
     out = tmp_path / "out"
     gpu_check.main(["--smoke", "--only", "gpu_tests", "--budget-s", str(gpu_check.RESERVE_S + 25), "--out", str(out)])
     step = json.loads((out / "gpu_check_cpu_smoke.json").read_text())["steps"]["gpu_tests"]
@@ -96,7 +97,7 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     steps = report["steps"]
     assert list(steps) == [s.name for s in gpu_check.STEPS] == [
         "nvml", "gpu_tests", "wrapper_overhead", "moe_kernel", "shape_real", "simulate_validate", "host_misses",
-        "compiled_decode"]
+        "compiled_decode", "compiled_validate"]
     assert all(s["status"] in ("ok", "skipped") for s in steps.values()), steps
     rows = steps["shape_real"]["result"]["rows"]
     grid = {(r["capacity"], r["predictor"]) for r in rows if r["capacity"] is not None}
@@ -115,6 +116,8 @@ def test_smoke_runs_every_step_on_cpu(gpu_check, tmp_path):
     assert tests["tests"] > 0 and not tests["failed"]
     if steps["compiled_decode"]["status"] == "ok":  # last: it runs where the budget has room
         assert all(r["same_tokens"] for r in steps["compiled_decode"]["result"]["rows"].values())
+    if steps["compiled_validate"]["status"] == "ok":
+        assert steps["compiled_validate"]["result"]["compiled_run"] and steps["compiled_validate"]["result"]["rows"]
     archived = members(tmp_path)
     shape = "shape_real_qwen1.5-moe-a2.7b_cpu_smoke"
     for name in (f"{shape}.json", f"{shape}.validation.json", "wrapper_overhead_cpu_smoke.json",

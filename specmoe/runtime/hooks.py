@@ -73,18 +73,18 @@ class ExpertsHook:
         forward: what runs instead of the experts module's forward.
         expert_hooks: for ModuleList layouts, ``expert_hooks(layer, e) -> (pre, post)``: forward pre/post hooks
             registered on expert e.
-        graph_break: the call is a graph break that the runtime owns (`torch.compiler.disable`): compiled decode
-            (`compiled.py`) compiles the dense parts around it, never the hot path.
+        wrap: what the redirect is installed as, ``wrap(redirect)``: compiled decode's call of the hot path
+            (`compiled.experts_wrap`: an opaque custom op in the graph, or a graph break), never compiled itself.
     """
 
     def __init__(self, layer: MoELayer, forward: Callable, expert_hooks: Callable | None = None,
-                 graph_break: bool = False):
+                 wrap: Callable | None = None):
         module = self.module = layer.experts
         self.attr = "_old_forward" if getattr(module, "_hf_hook", None) is not None and \
             "_old_forward" in module.__dict__ else "forward"
         self.old = module.__dict__.get(self.attr, _MISSING)
-        redirect = _Redirect(forward, layer)
-        setattr(module, self.attr, torch.compiler.disable(redirect) if graph_break else redirect)
+        redirect = self.redirect = _Redirect(forward, layer)
+        setattr(module, self.attr, wrap(redirect) if wrap is not None else redirect)
         self.handles = []
         if expert_hooks is not None:
             for e, expert in enumerate(layer.layout.experts_list(module)):

@@ -34,7 +34,7 @@ from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .cache import ExpertCache, SlotPool
 from .capacity import resolve_capacity
 from .checks import check_device_memory, check_materialised, check_predictor, model_devices, resolve_device
-from .compiled import CompiledDecode, backend_name, check_compilable
+from .compiled import CompiledDecode, backend_name, check_compilable, experts_wrap
 from .compression import make_codec
 from .compute import COMPUTE, build_compute, choose_compute
 from .hooks import ExpertsHook, PassMarker, new_store, offload_experts, restore_experts
@@ -162,7 +162,8 @@ class SpeculativeMoE:
                                self.prefetch_width, wrap=not moe.first_decode_layer)
             self._install()
             if self._backend is not None:
-                self._compiled = CompiledDecode(model, geo.num_layers, self._backend, self.device)
+                self._compiled = CompiledDecode(model, geo.num_layers, self._backend, self.device,
+                                                {h.redirect.layer.index: h.redirect for h in self._hooks})
             self.miss_costs = miss_costs
             if self.misses == "auto" and miss_costs is None:
                 self.miss_costs = measure_miss_costs(self._host, moe.layers[0], self.engine, self.pool, self.store,
@@ -285,13 +286,14 @@ class SpeculativeMoE:
 
     # ---- install / restore --------------------------------------------------------------------------
     def _install(self) -> None:
+        wrap = experts_wrap(self.device) if self._backend is not None else None  # compiled decode's experts call
         for layer in self.moe.layers:
             if isinstance(layer.layout, FusedExperts):
                 self.experts_compute.prepare(layer)
-                self._hooks.append(ExpertsHook(layer, self.hot.fused_forward, graph_break=self._backend is not None))
-            else:
+                self._hooks.append(ExpertsHook(layer, self.hot.fused_forward, wrap=wrap))
+            else:  # the family's own loop and output: compiled, a graph break (never the op)
                 self._hooks.append(ExpertsHook(layer, self.hot.modulelist_forward, self.hot.expert_hooks,
-                                               graph_break=self._backend is not None))
+                                               wrap=torch.compiler.disable if wrap is not None else None))
 
     def _restore_model(self) -> None:
         if self._compiled is not None:

@@ -68,8 +68,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
     p.add_argument("--validate", type=Path, metavar="RESULT_JSON",
                    help="compare the simulator with a measured run (benchmarks/shape_real.py output) instead")
-    p.add_argument("--validate-profile", choices=sorted(PROFILES),
-                   help="profile for --validate (default: matched from the measured device's name)")
+    p.add_argument("--validate-profile", choices=sorted(PROFILES) + ["this-machine"],
+                   help="profile for --validate (default: matched from the measured device's name; this-machine: "
+                        "this CPU as the device, measured here, for a CPU run)")
 
 
 DEFAULT_SHAPE = "qwen1.5-moe-a2.7b"
@@ -175,13 +176,16 @@ def run_simulate(args: argparse.Namespace) -> int:
 
         stem = args.validate.stem
         check_outputs(args.out, [f"{stem}.validation.json", f"{stem}.validation.md"], args.overwrite)
-        profile = HardwareProfile.from_name(args.validate_profile) if args.validate_profile else None
+        from .validate import this_machine_profile
+
+        profile = this_machine_profile() if args.validate_profile == "this-machine" else \
+            HardwareProfile.from_name(args.validate_profile) if args.validate_profile else None
         report = validate_measurement(args.validate, profile=profile)
         json_path = args.out / f"{args.validate.stem}.validation.json"
         md_path = json_path.with_suffix(".md")
         write_json(json_path, {"environment": environment("cpu"), **report})
         text = validation_table(report)
-        write_text(md_path, f"# Simulator validation\n\n{text}\n")
+        write_text(md_path, f"**Simulator validation**\n\n{text}\n")  # a block README can include
         print(text)
         print(f"\nwrote {json_path}, {md_path}")
         return 0

@@ -82,10 +82,14 @@ class ComputeModel:
         mem_efficiency: achieved fraction of peak device memory bandwidth when streaming weights.
         flops_efficiency: achieved fraction of peak bf16 FLOP/s.
         source: where the constants come from.
-        segment_s: compiled decode only: host seconds per compiled graph segment entered (guards, a CUDA-graph
-            replay); the dense parts then cost segments x segment_s instead of their ops x op_s.
-        segments_per_layer, segments_per_pass: compiled segments entered per MoE layer and per pass (0: eager),
+        segment_s: compiled decode only: host seconds per compiled region entered (dynamo's guards, the
+            compiled wrapper); the dense parts then cost what compiled code costs the host instead of ops x op_s.
+        segments_per_layer, segments_per_pass: compiled regions entered per MoE layer and per pass (0: eager),
             measured by benchmarks/compiled_decode.py (`calibration/compiled_decode.json`).
+        experts_op_s: host seconds of one experts call from compiled code (the `specmoe::experts` op's dispatch),
+            besides the runtime's own cost (wrapper_s).
+        replay_s: host seconds per CUDA-graph replay (cudaGraphLaunch + cudagraph trees' bookkeeping).
+        replays_per_layer, replays_per_pass: CUDA-graph replays per MoE layer and per pass.
     """
 
     name: str = "hf-eager"
@@ -99,9 +103,18 @@ class ComputeModel:
     segment_s: float = 0.0
     segments_per_layer: float = 0.0
     segments_per_pass: float = 0.0
+    experts_op_s: float = 0.0
+    replay_s: float = 0.0
+    replays_per_layer: float = 0.0
+    replays_per_pass: float = 0.0
+
+    @property
+    def compiled(self) -> bool:
+        """Compiled decode: the dense parts cost compiled regions and replays, not ops."""
+        return self.segments_per_layer > 0 or self.segments_per_pass > 0
 
     def __post_init__(self):
-        for name in ("op_s", "sync_s", "wrapper_s", "copy_issue_s", "segment_s"):
+        for name in ("op_s", "sync_s", "wrapper_s", "copy_issue_s", "segment_s", "experts_op_s", "replay_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (0 <= value < 1e-1):
                 raise ValueError(f"ComputeModel.{name} must be seconds in [0, 0.1), got {value!r}")
@@ -116,7 +129,8 @@ class ComputeModel:
             raise ValueError(f"host scale factor must be positive, got {factor}")
         return replace(self, name=f"{self.name} (host x{factor:.3g})", op_s=self.op_s * factor,
                        sync_s=self.sync_s * factor, wrapper_s=self.wrapper_s * factor,
-                       copy_issue_s=self.copy_issue_s * factor, segment_s=self.segment_s * factor)
+                       copy_issue_s=self.copy_issue_s * factor, segment_s=self.segment_s * factor,
+                       experts_op_s=self.experts_op_s * factor, replay_s=self.replay_s * factor)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,19 +240,27 @@ COMPILED_FILE = Path(__file__).parent / "calibration" / "compiled_decode.json"  
 
 
 def _compiled_model() -> ComputeModel | None:
-    """The "compiled" preset: hf-eager's constants, with the dense parts as the compiled segments measured per
-    MoE layer and per pass (the file), each charged an assumed host cost; None without the file."""
+    """The "compiled" preset: hf-eager's constants for what stays eager, the dense parts charged as the file says
+    (compiled regions and experts-op calls per layer and pass, their host cost measured on a CPU; CUDA-graph
+    replays, their count and cost assumed until a GPU run measures them); None without the file."""
     if not COMPILED_FILE.is_file():
         return None
-    seg = read_json(COMPILED_FILE, what="compiled decode calibration")
+    c = read_json(COMPILED_FILE, what="compiled decode calibration")
+    op_s = COMPUTE_MODELS["hf-eager"].op_s  # the measured costs are multiples of an eager op: the same host scale
+    segment_s, experts_op_s = c["segment_in_eager_ops"] * op_s, c["experts_op_in_eager_ops"] * op_s
     return ComputeModel(
         "compiled", wrapper_s=COMPUTE_MODELS["hf-eager"].wrapper_s,  # the hot path stays eager
-        segment_s=seg["assumed_segment_s"], segments_per_layer=seg["segments_per_layer"],
-        segments_per_pass=seg["segments_per_pass"],
+        segment_s=segment_s, segments_per_layer=c["segments_per_layer"],
+        segments_per_pass=c["segments_per_pass"], experts_op_s=experts_op_s * c["experts_op_calls_per_layer"],
+        replay_s=c["replay_s"], replays_per_layer=c["replays_per_layer"], replays_per_pass=c["replays_per_pass"],
         source=f"hf-eager's constants for what stays eager (the runtime's experts calls, syncs); the dense parts as "
-        f"{seg['segments_per_layer']:.2f} compiled segments per MoE layer + {seg['segments_per_pass']:.0f} per pass "
-        f"(measured: {seg['command']}), each assumed {seg['assumed_segment_s'] * 1e6:.0f} us of host time (dynamo "
-        "guards + a CUDA-graph replay; an assumption until a GPU measures it)")
+        f"{c['segments_per_pass']:.0f} compiled region per pass + {c['segments_per_layer']:.2f} per MoE layer, "
+        f"{c['segment_in_eager_ops']:.1f} eager ops' host time each, and {c['experts_op_calls_per_layer']:.0f} "
+        f"experts op call per layer, {c['experts_op_in_eager_ops']:.1f} eager ops each ({c['host_costs_source']}; "
+        f"x {op_s * 1e6:.0f} us per op: {segment_s * 1e6:.1f} and {experts_op_s * 1e6:.1f} us); "
+        f"{c['replays_per_layer']:.0f} CUDA-graph "
+        f"replay per layer + {c['replays_per_pass']:.0f} per pass at {c['replay_s'] * 1e6:.0f} us each "
+        f"({c['replay_source']})")
 
 
 if (_compiled := _compiled_model()) is not None:
@@ -282,14 +304,15 @@ def pass_costs(shape: ModelShape, profile: HardwareProfile, model: ComputeModel,
                                2 * T * dense + 2 * head, profile, model)
     eff_bw = profile.memory_bytes_per_s * model.mem_efficiency
     eff_flops = profile.bf16_flops * model.flops_efficiency
-    compiled = model.segments_per_layer > 0  # the dense parts replay graphs; the experts calls stay eager
+    compiled = model.compiled  # the dense parts run compiled code and replay graphs; the experts calls stay eager
     return PassCosts(
-        host_layer=model.segments_per_layer * model.segment_s if compiled else ops.layer * model.op_s,
+        host_layer=(model.segments_per_layer * model.segment_s + model.experts_op_s + model.replays_per_layer *
+                    model.replay_s) if compiled else ops.layer * model.op_s,
         dev_layer=dev_layer,
         host_experts=ops.experts * model.op_s,
         dev_expert=(shape.slot_bytes if shape.compression != "none" else shape.expert_bytes) / eff_bw,  # bytes read
         dev_expert_tokens=2 * shape.expert_params / eff_flops,
-        host_pass=(model.segments_per_pass * model.segment_s if compiled else
+        host_pass=(model.segments_per_pass * model.segment_s + model.replays_per_pass * model.replay_s if compiled else
                    (ops.per_pass + shape.dense_layers * ops.layer) * model.op_s) + model.sync_s,
         dev_pass=dev_pass,
         host_wrapper=ops.wrapper * model.op_s + model.wrapper_s + model.sync_s,
