@@ -36,6 +36,8 @@ def test_charges_scale_with_wrapper_s_and_fall_back_to_the_default():
     assert BOOK.charges("hit-density", None, 10e-6) == pytest.approx((10e-6, 20e-6, 40e-6))  # mean predictor
     assert BOOK.charges("lru", "oracle", 10e-6) == pytest.approx((4e-6, 5e-6, 30e-6))
     assert BOOK.charges("lru", "oracle", 20e-6) == pytest.approx((8e-6, 10e-6, 60e-6))  # a fitted wrapper_s scales all
+    # ... unless the host's own scale is given: then a fitted wrapper_s moves the per-call figures only
+    assert BOOK.charges("lru", "oracle", 20e-6, host_scale=1.0) == pytest.approx((8e-6, 5e-6, 30e-6))
     assert BOOK.charges("belady", "unknown", 10e-6) == pytest.approx((10e-6, 20e-6, 40e-6))
     assert BOOK.charges("lru", "oracle", 0.0) == (0.0, 0.0, 0.0)  # roofline: no host overhead
 

@@ -169,20 +169,25 @@ class Bookkeeping:
     predictor_s: dict
     source: str = ""
 
-    def charges(self, policy: str, predictor: str | None, wrapper_s: float) -> tuple[float, float, float]:
-        """(seconds per MoE layer call, per expert copy, per predicted call) for `policy` and `predictor`, scaled
-        so that the default policy's per-call figure is `wrapper_s` (the compute model's, possibly fitted by
-        validation). A policy or predictor not measured gets the default's / the mean over the predictors
-        measured (a learned policy adds its own measured extra, `LearnedPolicy.host_s_per_call`)."""
+    def charges(self, policy: str, predictor: str | None, wrapper_s: float,
+                host_scale: float | None = None) -> tuple[float, float, float]:
+        """(seconds per MoE layer call, per expert copy, per predicted call) for `policy` and `predictor`: the
+        per-call figure scaled so that the default policy's is `wrapper_s` (the compute model's, possibly fitted by
+        validation), the per-copy and per-prediction figures by `host_scale` (the model's host speed against the
+        machine they were measured on; default: the per-call scale too), so that a fitted `wrapper_s`, which also
+        absorbs what a model leaves out, does not multiply them. A policy or predictor not measured gets the
+        default's / the mean over the predictors measured (a learned policy adds its own measured extra,
+        `LearnedPolicy.host_s_per_call`)."""
         base = self.per_call_s[self.default]
         scale = wrapper_s / base if base > 0 else 0.0
+        other = scale if host_scale is None else host_scale
         call = self.per_call_s.get(policy, base)
         copy = self.per_copy_s.get(policy, self.per_copy_s[self.default])
         if predictor is None or predictor not in self.predictor_s:
             pred = sum(self.predictor_s.values()) / len(self.predictor_s) if self.predictor_s else 0.0
         else:
             pred = self.predictor_s[predictor]
-        return max(0.0, call * scale), max(0.0, copy * scale), max(0.0, pred * scale)
+        return max(0.0, call * scale), max(0.0, copy * other), max(0.0, pred * other)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +211,9 @@ def bookkeeping_charges(model: "ComputeModel", policy: str, predictor: str | Non
     book = load_bookkeeping()
     if book is None:
         return model.wrapper_s, 0.0, 0.0
-    return book.charges(policy, predictor, model.wrapper_s)
+    # the host's speed: the model's per-op cost against the preset's (scale_host multiplies both; roofline: 0)
+    host_scale = model.op_s / ComputeModel.op_s * HOST_PYTHON_SCALE if model.wrapper_s > 0 else 0.0
+    return book.charges(policy, predictor, model.wrapper_s, host_scale)
 
 
 def _eager_model() -> ComputeModel:
