@@ -89,10 +89,9 @@ def trace_markdown(entry: dict) -> str:
 
 def plot(out: dict, path: Path) -> bool:
     try:
-        import matplotlib
+        from specmoe.measure.results import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     traces = out["traces"]

@@ -319,10 +319,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in result["rows"] if r["tokens"] == 1]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))

@@ -104,10 +104,9 @@ def run(args) -> dict:
 
 def report(result: dict, md_path: Path, png_path: Path) -> None:
     """Markdown table and PNG (kernel speedup over grouped_mm vs tokens), from the JSON only."""
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     env, settings = result["environment"], result["settings"]
     by = {}

@@ -205,10 +205,9 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> bool:
     try:
-        import matplotlib
+        from specmoe.measure.results import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     traces = result["traces"]

@@ -106,10 +106,9 @@ def render_markdown(result: dict) -> str:
 
 
 def plot_training(result: dict, path) -> None:
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curve = result["training_curve"]
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -67,10 +67,9 @@ def goals_table(goals: dict) -> str:
 
 def bench_plot(result: dict, path) -> None:
     """Decode tok/s and hit rate against capacity, one line per predictor; unwrapped/accelerate as levels."""
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     wrapped = [v for v in result["variants"] if v["kind"] == "specmoe"]

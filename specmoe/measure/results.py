@@ -36,6 +36,17 @@ def environment_line(env: dict) -> str:
             f"git {sha} · {env.get('date')}")
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (figures go to files; no display is needed). Raises ImportError
+    without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path) -> None:
     """Render a matplotlib figure to PNG and write it atomically; closes the figure."""
     import matplotlib.pyplot as plt

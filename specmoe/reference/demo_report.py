@@ -59,10 +59,9 @@ def _spread_note(spreads: list[float]) -> str:
 
 def plot_demo(result: dict, path) -> None:
     """Bars per predictor: decode hit rate, MiB moved per decoded token, decode tokens/s."""
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     s = result["settings"]
     rows = result["rows"]

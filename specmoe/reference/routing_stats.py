@@ -142,10 +142,9 @@ def plot_routing(stats: dict[str, dict], path, title: str = "") -> None:
 
     Reads only the dicts (as stored in a results JSON), so the figure can be remade from the JSON alone.
     """
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(stats)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))

@@ -166,10 +166,9 @@ def sweep_summary(sweep: dict, profile: str, capacities=(0.25, "max")) -> str:
 def sweep_plot(sweep: dict, path) -> bool:
     """tok/s against capacity per policy/predictor, with the bound, one panel per (profile, shape) with runs.
     Returns False (and writes nothing) when there are no runs."""
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = list(dict.fromkeys((r["profile"], r["shape"]) for r in sweep["runs"]))
     if not panels:

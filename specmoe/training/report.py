@@ -81,10 +81,9 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict) -> bytes:
     """PNG bytes: recall@k per source layer at each lookahead, and recall@k/2k/4k per predictor."""
-    import matplotlib
+    from specmoe.measure.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     preds = report["predictors"]
     lookaheads = sorted({d for p in preds.values() for d in p["lookahead"]}, key=int)
