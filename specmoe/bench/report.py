@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import read_json, write_text
-from ..measure.results import MiB, environment_line, markdown_table, save_figure
+from ..measure.results import MiB, environment_line, markdown_table, pyplot, save_figure
 from ..measure.results import fmt as _fmt
 
 
@@ -67,8 +67,6 @@ def goals_table(goals: dict) -> str:
 
 def bench_plot(result: dict, path) -> None:
     """Decode tok/s and hit rate against capacity, one line per predictor; unwrapped/accelerate as levels."""
-    from specmoe.measure.results import pyplot
-
     plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -59,7 +59,7 @@ def _spread_note(spreads: list[float]) -> str:
 
 def plot_demo(result: dict, path) -> None:
     """Bars per predictor: decode hit rate, MiB moved per decoded token, decode tokens/s."""
-    from specmoe.measure.results import pyplot
+    from ..measure.results import pyplot  # here, not at the top: specmoe.measure imports torch
 
     plt = pyplot()
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..measure.results import pyplot
 from ..runtime.adapters import find_moe_layers
 from ..traces.capture import capture_routing
 
@@ -142,8 +143,6 @@ def plot_routing(stats: dict[str, dict], path, title: str = "") -> None:
 
     Reads only the dicts (as stored in a results JSON), so the figure can be remade from the JSON alone.
     """
-    from specmoe.measure.results import pyplot
-
     plt = pyplot()
 
     names = list(stats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..measure.results import environment_line, markdown_table, save_figure
+from ..measure.results import environment_line, markdown_table, pyplot, save_figure
 from ..io import read_json, write_text
 
 GiB, MiB = 2**30, 2**20
@@ -166,8 +166,6 @@ def sweep_summary(sweep: dict, profile: str, capacities=(0.25, "max")) -> str:
 def sweep_plot(sweep: dict, path) -> bool:
     """tok/s against capacity per policy/predictor, with the bound, one panel per (profile, shape) with runs.
     Returns False (and writes nothing) when there are no runs."""
-    from specmoe.measure.results import pyplot
-
     plt = pyplot()
 
     panels = list(dict.fromkeys((r["profile"], r["shape"]) for r in sweep["runs"]))

@@ -81,7 +81,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict) -> bytes:
     """PNG bytes: recall@k per source layer at each lookahead, and recall@k/2k/4k per predictor."""
-    from specmoe.measure.results import pyplot
+    from ..measure.results import pyplot  # here, not at the top: specmoe.measure imports torch
 
     plt = pyplot()
 
