@@ -124,20 +124,13 @@ class LearnedPolicy(ScoredPolicy):
         if (L, E) != want:
             raise ValueError(f"learned eviction policy was trained for L={want[0]} E={want[1]}, the model has "
                              f"L={L} E={E}: train one on this model's routing (specmoe train --policy learned)")
-        S = cache.num_slots
-        self.cache, self.L, self.E = cache, L, E
+        self._bind_slots(cache, L, E)
         self.state = LayerState(L, E, self.geometry["top_k"])
         hit, extra = keep_terms(self.table, self.horizon)
         self._hit_of, self._ahead_of = hit, L * extra  # [B] per cell: P(n <= h), steps past the next visit
         # per (layer, expert), flat, then one entry for an empty slot: hit inf (never a victim), nothing ahead
         self.hit = np.append(hit[self.state.cell.ravel()], np.inf)  # [L * E + 1]
         self.ahead = np.append(self._ahead_of[self.state.cell.ravel()], 0.0)  # [L * E + 1]
-        # [c, l] steps from layer c to l's next visit; column L (an empty slot's layer) is 1
-        self._steps = np.ones((L, L + 1))
-        self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
-        self.slot_layer = np.full(S, L, dtype=np.int64)  # [S], L: empty
-        self.slot_flat = np.full(S, L * E, dtype=np.int64)  # [S] layer * E + expert, L * E: empty
-        self._slot_key: list = [None] * S
 
     def observe(self, layer: int, predicted, routed=()) -> None:
         if self.cache is None:
@@ -147,25 +140,6 @@ class LearnedPolicy(ScoredPolicy):
         lo = layer * self.E
         self.hit[lo : lo + self.E] = self._hit_of.take(cell)
         self.ahead[lo : lo + self.E] = self._ahead_of.take(cell)
-
-    def touch(self, slot: int) -> None:
-        super().touch(slot)
-        cache = self.cache
-        if cache is not None:
-            key = cache.key_of[slot]
-            if self._slot_key[slot] != key:  # a new expert in the slot
-                self._slot_key[slot] = key
-                self.slot_layer[slot] = key[0]
-                self.slot_flat[slot] = key[0] * self.E + key[1]
-            if self._score is not None:
-                self._score[slot] = np.inf  # holds an expert of the current layer now: kept this step
-
-    def forget(self, slot: int) -> None:
-        super().forget(slot)
-        if self.cache is not None:
-            self.slot_layer[slot] = self.L
-            self.slot_flat[slot] = self.L * self.E
-            self._slot_key[slot] = None
 
     def _scores(self) -> np.ndarray:
         """[S] expected hits per slot-step (lowest: evicted first), inf for kept and empty slots."""

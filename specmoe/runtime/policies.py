@@ -124,6 +124,41 @@ class ScoredPolicy(LRUPolicy):
     def _scores(self) -> np.ndarray:  # [S] lowest evicted first, inf for kept slots
         raise NotImplementedError
 
+    def _bind_slots(self, cache, L: int, E: int) -> None:
+        """What both scores read about the slots, for `cache` with L layers of E experts: `slot_layer` [S] each
+        slot's layer (-1: empty, the last column of `_steps`), `slot_flat` [S] its expert as layer * E + expert
+        (L * E: empty), `_slot_key` the keys they hold (plain: cheap to compare), and `_steps` [L, L + 1], the
+        layer steps from layer c to layer l's next visit (column L, an empty slot's, is 1)."""
+        S = cache.num_slots
+        self.cache, self.L, self.E, self._key_of = cache, L, E, cache.key_of
+        self.slot_layer = np.full(S, -1, dtype=np.int64)
+        self.slot_flat = np.full(S, L * E, dtype=np.int64)
+        self._slot_key: list[Key | None] = [None] * S
+        self._steps = np.ones((L, L + 1))
+        self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
+
+    def _filled(self, slot: int) -> None:
+        """A touched slot (bound): a new expert in it moves its entries; it is kept for the rest of this call."""
+        key = self._key_of[slot]
+        if self._slot_key[slot] != key:
+            self._slot_key[slot] = key
+            self.slot_layer[slot] = key[0]
+            self.slot_flat[slot] = key[0] * self.E + key[1]
+        if self._score is not None:
+            self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
+
+    def touch(self, slot: int) -> None:
+        super().touch(slot)
+        if self.cache is not None:
+            self._filled(slot)
+
+    def forget(self, slot: int) -> None:
+        super().forget(slot)
+        if self.cache is not None:
+            self.slot_layer[slot] = -1
+            self.slot_flat[slot] = self.L * self.E
+            self._slot_key[slot] = None
+
     def _keep_predicted(self, score: np.ndarray) -> np.ndarray:
         slot_of = self.cache.slot_of
         for key in self.predicted:
@@ -191,8 +226,7 @@ class HitDensityPolicy(ScoredPolicy):
         if cache is self.cache:  # the cache binds its policy, and so may the scheduler: once is enough
             return
         L, E, S = num_layers, cache.num_experts, cache.num_slots
-        self.cache, self.L, self.E = cache, L, E
-        self._key_of = cache.key_of
+        self._bind_slots(cache, L, E)
         self.freq = np.full((L, E), 1.0 / E)  # [L, E] decayed share of visits that routed each expert
         self.freq_sum = self.freq.sum(-1)  # [L] row sums, kept with the rows
         self.last = np.full((L, E), -(_MAX_RECENCY + 1), dtype=np.int64)  # [L, E] visit it was last routed at
@@ -200,20 +234,14 @@ class HitDensityPolicy(ScoredPolicy):
         R = len(_RECENCY_EDGES)
         self.trials = np.ones(R * self.F)  # [R * F] with a prior that falls with recency
         self.hits = np.repeat(1.0 / (2.0 + np.arange(R)), self.F)
-        self.slot_layer = np.full(S, -1, dtype=np.int64)  # [S], -1: empty
-        self._slot_key: list[Key | None] = [None] * S  # what slot_layer / _slot_flat hold (plain: cheap to compare)
         # [L + 1, E] the bucket of each (layer, expert): it changes only when its layer is visited. Row L (index
         # -1, an empty slot's layer) names bucket R * F, whose hit density is inf: never a victim.
         self.bucket = np.full((L + 1, E), R * self.F, dtype=np.int64)
         recency = np.minimum(self.visits[:, None] - self.last, _MAX_RECENCY)
         self.bucket[:L] = self._bucket_of(recency, self.freq, self.freq_sum[:, None])
         self._bucket_flat = self.bucket.reshape(-1)  # [(L + 1) * E] (a view)
-        self._slot_flat = np.full(S, L * E, dtype=np.int64)  # [S] index of each slot's expert in _bucket_flat
         self._ratio = np.full(R * self.F + 1, np.inf)  # [R * F + 1] hits / trials per bucket, then inf
         self._ratio_head = self._ratio[:-1]  # the buckets' (a view; the last entry, inf, is the empty slots')
-        # [c, l] steps from layer c to l's next visit; column L (index -1: an empty slot) is 1
-        self._steps = np.ones((L, L + 1))
-        self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
         # scratch, reused every call (no allocation per layer call): [S] score and its gathers, [E] a row's
         self._score_buf, self._slot_bucket, self._slot_steps = np.empty(S), np.empty(S, np.int64), np.empty(S)
         self._row_int, self._row_float = np.empty(E, np.int64), np.empty(E)
@@ -302,27 +330,14 @@ class HitDensityPolicy(ScoredPolicy):
         else:
             order[slot] = None
         if self.cache is not None:
-            key = self._key_of[slot]
-            if self._slot_key[slot] != key:  # a new expert in the slot
-                self._slot_key[slot] = key
-                self.slot_layer[slot] = key[0]
-                self._slot_flat[slot] = key[0] * self.E + key[1]
-            if self._score is not None:
-                self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
-
-    def forget(self, slot: int) -> None:
-        self._order.pop(slot, None)
-        if self.cache is not None:
-            self.slot_layer[slot] = -1
-            self._slot_flat[slot] = self.L * self.E
-            self._slot_key[slot] = None
+            self._filled(slot)
 
     def _scores(self) -> np.ndarray:
         """[S] hit density of each slot's expert (into a buffer reused every call), inf for kept slots."""
         self._count()
         ratio = self._ratio
         np.divide(self.hits, self.trials, out=self._ratio_head)
-        score = ratio.take(self._bucket_flat.take(self._slot_flat, out=self._slot_bucket), out=self._score_buf)
+        score = ratio.take(self._bucket_flat.take(self.slot_flat, out=self._slot_bucket), out=self._score_buf)
         score /= self._steps[self.layer].take(self.slot_layer, out=self._slot_steps)  # empty slots: inf
         return self._keep_predicted(score)
 
