@@ -69,13 +69,15 @@ class HostMissCosts:
 
 
 def replay_costs(shape: ModelShape, profile: HardwareProfile, compute: ComputeModel, ops: OpCounts,
-                 host: HostProfile | None, context: int = 512) -> HostMissCosts:
+                 host: HostProfile | None, context: int = 512, predictor_bookkeeping_s: float = 0.0) -> HostMissCosts:
     """The miss costs the simulator's scheduler gets: one copy on `profile`'s link, the hidden state crossing
-    both ways, the host's compute (if `host`), and the layer period of one decode step without stalls (the
-    host's launches or the device's layer + its top-k experts, whichever is longer)."""
+    both ways, the host's compute (if `host`), the layer period of one decode step without stalls (the
+    host's launches or the device's layer + its top-k experts, whichever is longer), and the predictor's host
+    time per call: its ops plus `predictor_bookkeeping_s`, the runtime's measured cost of a predicted call (what
+    the replay charges for it, so admission weighs the predictor at that)."""
     copy_s = profile.copy_seconds(shape.transfer_bytes)  # compressed slots: the compressed bytes
     crossing = 2 * profile.copy_seconds(shape.hidden_size * shape.dtype_bytes)  # one token, both ways
     c = pass_costs(shape, profile, compute, ops, 1, context)
     k = shape.top_k
     layer_s = max(c.host_layer + c.host_wrapper + c.host_experts, c.dev_layer + expert_device_seconds(c, k, k))
-    return HostMissCosts(copy_s, host, shape, crossing, layer_s, c.host_predictor)
+    return HostMissCosts(copy_s, host, shape, crossing, layer_s, c.host_predictor + predictor_bookkeeping_s)

@@ -231,8 +231,7 @@ class _Replay:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
             # a learned policy's measured cost beyond the default's
             self.policy_s = call_s - compute.wrapper_s + getattr(cache.policy, "host_s_per_call", 0.0)
-            costs = replay_costs(shape, profile, compute, ops, host, context)
-            costs.predict_s += self.predict_s  # admission weighs the predictor at what this replay charges for it
+            costs = replay_costs(shape, profile, compute, ops, host, context, self.predict_s)
             self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
             self.sched.predicting = candidates is not None  # as the runtime's HotPath.predictor tells it
         self.host_costs = costs
