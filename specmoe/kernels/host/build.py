@@ -24,7 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("experts.cpp")
-HEADERS = tuple(SOURCE.with_name(n) for n in ("vec.h", "tiles.h", "prequant_tiles.h"))  # included by SOURCE
+HEADERS = tuple(SOURCE.with_name(n) for n in ("vec.h", "tiles.h", "prequant_tiles.h", "q8_tiles.h"))  # included by SOURCE
 ISAS = ("avx512", "avx2", "scalar")
 FLAGS = {
     "avx512": ["-DISA_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
@@ -128,7 +128,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         c.c_int, c.c_int, c.c_int, c.c_int64, c.c_int64, c.c_int64, c.c_int64, c.c_void_p,  # fmt .. x
         c.c_int64, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,  # k, ids, weights, n, chosen
         c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int,  # gate_up, down, out, scratch, threads
-        c.c_void_p,  # act_params
+        c.c_void_p, c.c_int,  # act_params, q8 (int8 activations)
     ]
     lib.specmoe_read_sum.restype = c.c_double
     lib.specmoe_read_sum.argtypes = [c.c_void_p, c.c_int64, c.c_int]

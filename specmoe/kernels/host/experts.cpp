@@ -15,13 +15,17 @@
 // strip of output channels) is decoded into registers once per column step and multiplied with TB tokens at a time.
 //
 // Compiled three times (ISA_AVX512, ISA_AVX2, neither = portable scalar); the loader picks one at run time.
-// Files: vec.h (vector unit, loaders, Mat), tiles.h (specmoe's formats), prequant_tiles.h (publishers'), this.
+// Opt-in (`q8`): MXFP4 weights times int8 activations, each token's x and each pair's activations quantized
+// per 32 columns first (q8_tiles.h; changes the numerics).
+// Files: vec.h (vector unit, loaders, Mat), tiles.h (specmoe's formats), prequant_tiles.h (publishers'),
+// q8_tiles.h (MXFP4 x int8), this.
 
 // Shape legend: T tokens, H hidden, I intermediate, n routed experts of this call, P routed pairs, K columns
 
 #include "vec.h"
 #include "tiles.h"
 #include "prequant_tiles.h"
+#include "q8_tiles.h"
 
 template <int FMT, int NB>
 static inline void row_tile(const Mat& m, int64_t r, int nr, int64_t K, int group, const float* const* xs,
@@ -129,7 +133,7 @@ static inline int64_t padded_inter(int64_t I, int group) {
 // Scratch floats `specmoe_host_experts` needs for P routed pairs (the caller allocates it once and reuses it).
 int64_t specmoe_host_scratch(int64_t P, int64_t Hx, int64_t I, int group) {
     const int64_t ip = padded_inter(I, group);
-    return P * (2 * I + ip + 3 + Hx / group + ip / group + Hx);
+    return P * (2 * I + ip + 3 + Hx / group + ip / group + Hx) + P * (Hx + ip) / 32 + P * (Hx + ip) / 4;
 }
 
 // Returns 0 on success, a negative code on bad arguments.
@@ -141,15 +145,17 @@ int64_t specmoe_host_scratch(int64_t P, int64_t Hx, int64_t I, int group) {
 //   out: [T, H] float32, accumulated into
 //   scratch: specmoe_host_scratch(T * k, Hx, I, group) floats
 //   act_params: A_SWIGLU_OAI's (alpha, limit); unused (may be null) for the others
+//   q8: 1 = int8 activations (MXFP4 only: q8_tiles.h), 0 = exact float32 activations
 int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int64_t I, int64_t Hx, const float* x,
                          int64_t k, const int64_t* ids, const float* wts, int64_t n, const int64_t* chosen,
                          const Mat* gate_up, const Mat* down, float* out, float* scratch, int threads,
-                         const float* act_params) {
+                         const float* act_params, int q8) {
     rows_fn fn = pick(fmt);
     if (!fn || T < 0 || k < 1 || H <= 0 || I <= 0 || n < 0 || threads < 1) return -1;
     if (group < 16 || (group & (group - 1)) || Hx < H || Hx % group || Hx % 64) return -2;
     if (act < A_SILU || act > A_SWIGLU_OAI || (act == A_SWIGLU_OAI && !act_params)) return -3;
     if ((fmt == F_MXFP4 && (H % 32 || I % 32 || group != 32)) || (fmt == F_GPTQ && (H % 8 || I % 8))) return -4;
+    if (q8 && fmt != F_MXFP4) return -5;
     const float alpha = act == A_SWIGLU_OAI ? act_params[0] : 0.f, limit = act == A_SWIGLU_OAI ? act_params[1] : 0.f;
     const int64_t unit = fmt == F_GPTQ ? GCOLS : R;  // rows per share of the work
     const int64_t P = T * k, ip = padded_inter(I, group), ngx = Hx / group, nga = ip / group;
@@ -160,7 +166,11 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
     float* gx = (float*)(ptok + P);        // [P, ngx] int4: sums of x over H's groups
     float* ga = gx + P * ngx;              // [P, nga] int4: sums of the activations over I's groups
     float* xd = ga + P * nga;              // [T, Hx] int4 table path: x deinterleaved
-    const bool lut = int4_lut(fmt, group);
+    float* dxq = xd + P * Hx;              // [T, Hx / 32] q8: x's scales (d / 2 per 32 columns)
+    float* daq = dxq + P * Hx / 32;        // [P, ip / 32] q8: the activations' scales
+    int8_t* qx8 = (int8_t*)(daq + P * ip / 32);  // [T, Hx] q8: x as int8
+    int8_t* qa8 = qx8 + P * Hx;            // [P, ip] q8: the activations as int8
+    const bool lut = int4_lut(fmt, group) && !q8;
 #if defined(ISA_AVX512)
     const bool need_gsum = fmt == F_INT4 && !lut;
 #else
@@ -183,9 +193,14 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
     const float* gas[p];
     float* gs[p];         // gate/up row of each pair
     float* os[p];         // output row of each pair's token
+    const int8_t* qxs[p];  // q8: each pair's quantized input and activation rows, and their scales
+    const int8_t* qas[p];
+    const float* dxs[p];
+    const float* das[p];
     for (int64_t q = 0; q < p; q++) {
         xs[q] = (lut ? xd : x) + ptok[q] * Hx; as[q] = a + q * ip; gs[q] = gu + q * 2 * I; os[q] = out + ptok[q] * H;
         gxs[q] = gx + q * ngx; gas[q] = ga + q * nga;
+        qxs[q] = qx8 + ptok[q] * Hx; dxs[q] = dxq + ptok[q] * (Hx / 32); qas[q] = qa8 + q * ip; das[q] = daq + q * (ip / 32);
     }
     int64_t rows1 = 0;  // phase 1 work: every chosen expert's 2I rows, flattened, split evenly
     for (int64_t i = 0; i < n; i++) if (off[i + 1] > off[i]) rows1 += 2 * I;
@@ -206,7 +221,10 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
                     gx[q * ngx + g] = s;
                 }
         }
-        if (lut || need_gsum) {
+        if (q8)
+            for (int64_t t = T * tid / nt; t < T * (tid + 1) / nt; t++)
+                quantize_q8(x + t * Hx, Hx, qx8 + t * Hx, dxq + t * (Hx / 32));
+        if (lut || need_gsum || q8) {
 #pragma omp barrier
         }
         // (1) gate/up
@@ -216,7 +234,8 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
             const int64_t np = off[i + 1] - off[i];
             if (!np) continue;
             const int64_t s = lo > base ? lo - base : 0, e = hi - base < 2 * I ? hi - base : 2 * I;
-            if (s < e) fn(gate_up[i], s, e, H, group, xs + off[i], gxs + off[i], (int)np, gs + off[i], false);
+            if (s < e && q8) rows_dot_q8(gate_up[i], s, e, H, qxs + off[i], dxs + off[i], (int)np, gs + off[i], false);
+            else if (s < e) fn(gate_up[i], s, e, H, group, xs + off[i], gxs + off[i], (int)np, gs + off[i], false);
             base += 2 * I;
         }
 #pragma omp barrier
@@ -244,6 +263,7 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
                 for (int64_t j = 0; j < I; j++) aq[j] = activate(g[j], act) * g[I + j] * pw[q];
                 for (int64_t j = I; j < ip; j++) aq[j] = 0.f;
             }
+            if (q8) quantize_q8(aq, I, qa8 + q * ip, daq + q * (ip / 32));
             if (need_gsum)
                 for (int64_t g2 = 0; g2 < nga; g2++) {
                     float s = 0.f;
@@ -256,7 +276,8 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
         share(H, tid, nt, &lo, &hi, unit);
         for (int64_t i = 0; i < n && lo < hi; i++) {
             const int64_t np = off[i + 1] - off[i];
-            if (np) fn(down[i], lo, hi, I, group, as + off[i], gas + off[i], (int)np, os + off[i], true);
+            if (np && q8) rows_dot_q8(down[i], lo, hi, I, qas + off[i], das + off[i], (int)np, os + off[i], true);
+            else if (np) fn(down[i], lo, hi, I, group, as + off[i], gas + off[i], (int)np, os + off[i], true);
             if (np && down[i].bias_fmt != B_NONE)  // its bias, times each pair's routing weight
                 for (int64_t q = off[i]; q < off[i + 1]; q++)
                     for (int64_t r = lo; r < hi; r++) os[q][r] += pw[q] * bias_at(down[i], r);

@@ -12,6 +12,11 @@ them (`specmoe.kernels.prequant`: MXFP4, block-scaled FP8, GPTQ int4 with g_idx;
 the size of a weight is allocated per call (scratch for activations is kept and grown). Multi-threaded over
 output rows (OpenMP, `threads`); the GIL is released during the call. Layout: gate_up [2I, H] (gate rows then
 up rows, as transformers' fused experts), down [H, I], SiLU / GELU / GELU-tanh (`ACTIVATIONS`).
+
+Activations are float32 (exact: the dequantized expert's output to float rounding) unless a call asks for
+``activations="int8"`` (`HOST_ACTIVATIONS`; MXFP4 only, `INT8_FORMATS`): then each token's x and each pair's
+SwiGLU output are rounded to int8 with one scale per 32 columns (d = max|v| / 127, each value off by at most
+d / 2) and multiplied with the MXFP4 codes as int8 (llama.cpp's MXFP4 x Q8_0): faster, and not exact.
 """
 
 # Shape legend: T tokens, H hidden, I intermediate, k top-k, n experts in one call, N rows, K columns, G group
@@ -33,6 +38,8 @@ PREQUANT = {"mxfp4": "mxfp4", "fp8": "fp8", "gptq-int4": "gptq"}  # PrequantForm
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swiglu_oai": 3}
 PLAIN = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 BIAS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+HOST_ACTIVATIONS = ("fp32", "int8")  # exact float32 activations; int8 per 32 columns (opt-in, changes numerics)
+INT8_FORMATS = ("mxfp4",)  # kernel formats with an int8-activation path
 
 
 class Mat(ctypes.Structure):
@@ -227,11 +234,13 @@ class HostExpertsKernel:
 
     def __call__(self, fmt: str, activation: str, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  chosen: list[int], mats: list[tuple[Mat, Mat]], inter: int, group: int = 64,
-                 out: torch.Tensor | None = None, act_params: tuple[float, float] | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, act_params: tuple[float, float] | None = None,
+                 activations: str = "fp32") -> torch.Tensor:
         """Routed experts `chosen` of one layer for hidden [T, H], ids / weights [T, k] (CPU tensors); `mats`
         the (gate_up [2I, H], down [H, I]) matrices of each chosen expert; `group` the format's
-        (`kernel_group`); `act_params` (alpha, limit) of "swiglu_oai". Returns out [T, H] float32 (new, or
-        `out` accumulated into).
+        (`kernel_group`); `act_params` (alpha, limit) of "swiglu_oai"; `activations` "fp32" (exact) or "int8"
+        (`INT8_FORMATS` only: rounded per 32 columns, see the module docstring). Returns out [T, H] float32
+        (new, or `out` accumulated into).
 
         Raises:
             ValueError: an unknown format or activation, or mismatched arguments.
@@ -239,6 +248,9 @@ class HostExpertsKernel:
         if fmt not in FORMATS or activation not in ACTIVATIONS:
             raise ValueError(f"host kernel formats {sorted(FORMATS)}, activations {sorted(ACTIVATIONS)}; got "
                              f"{fmt!r}, {activation!r}")
+        if activations not in HOST_ACTIVATIONS or (activations == "int8" and fmt not in INT8_FORMATS):
+            raise ValueError(f"host kernel activations {HOST_ACTIVATIONS} ('int8' for {INT8_FORMATS} only); got "
+                             f"{activations!r} for {fmt!r}")
         if len(mats) != len(chosen):
             raise ValueError(f"{len(chosen)} chosen experts but {len(mats)} matrix pairs")
         tokens, hidden_size = hidden.shape
@@ -262,7 +274,8 @@ class HostExpertsKernel:
         rc = self.lib.specmoe_host_experts(
             FORMATS[fmt], ACTIVATIONS[activation], group, tokens, hidden_size, inter, hx, buf.x.data_ptr(),
             top_k, ids64.data_ptr(), w32.data_ptr(), len(chosen), chosen_t.data_ptr(), ctypes.addressof(gate_up),
-            ctypes.addressof(down), out.data_ptr(), buf.scratch.data_ptr(), self.threads, params.data_ptr())
+            ctypes.addressof(down), out.data_ptr(), buf.scratch.data_ptr(), self.threads, params.data_ptr(),
+            int(activations == "int8"))
         if rc != 0:
             raise ValueError(f"host experts kernel rejected its arguments (code {rc}): fmt {fmt}, group {group}, "
                              f"H {hidden_size}, I {inter}, T {tokens}, k {top_k}")
