@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from ..kernels.host.experts import HOST_ACTIVATIONS
 from ..kernels.prequant import PrequantFormat
 from ..kernels.quant import QuantFormat
 from .capacity import resolve_capacity
@@ -48,6 +49,11 @@ class OffloadConfig:
         prefetch_width: experts prefetched per token per target layer (None: top-k).
         host_threads: threads of the host's expert kernels (None: physical cores less one, at most 8:
             `specmoe.kernels.host.default_threads`).
+        host_activations: "fp32" (default: exact, experts computed on the host give the dequantized expert's
+            output to float rounding) or "int8": the host kernel rounds each token's hidden state and each
+            expert's activations to int8, one scale per 32 columns, and multiplies them with the weights as
+            integers (llama.cpp's MXFP4 x Q8_0). Faster, and it changes the numerics (opt-in). Only MXFP4 experts
+            have that kernel; other formats keep float32 activations (the host logs which ran).
         transfer: the copy engine: "cuda" (streams and events; the default on CUDA), "thread" (a CPU worker) or
             "sync" (the default on CPU). The simulator models "sync" as the host waiting for each copy, the
             others as an asynchronous copy engine.
@@ -71,6 +77,7 @@ class OffloadConfig:
     max_prefetch_inflight: int | None = None
     prefetch_width: int | None = None
     host_threads: int | None = None
+    host_activations: str = "fp32"
     transfer: str | None = None
     compute: str | None = None
     compile: bool | str = False
@@ -92,6 +99,9 @@ class OffloadConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.host_activations not in HOST_ACTIVATIONS:
+            raise ValueError(f"host_activations must be one of {HOST_ACTIVATIONS} ('int8': the host kernel's "
+                             f"int8 activations, MXFP4 experts only), got {self.host_activations!r}")
         if self.transfer is not None and self.transfer not in TRANSFERS:
             raise ValueError(f"transfer must be one of {TRANSFERS} or None (the device's default), got "
                              f"{self.transfer!r}")

@@ -29,8 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from ..kernels.host import (HostExpertsKernel, available, check_threads, kernel_format, kernel_group, matrix,
-                            prequant_matrix)
+from ..kernels.host import (INT8_FORMATS, HostExpertsKernel, available, check_threads, kernel_format,
+                            kernel_group, matrix, prequant_matrix)
 from ..measure import time_fn
 from .adapters import FusedExperts, MoELayer
 from .compression import PrequantCodec
@@ -79,17 +79,21 @@ class HostExperts:
         codec: the store's `ExpertCodec` when compressed, else None.
         threads: cores the host kernel uses per call (None: `kernels.host.default_threads()`, physical cores
             less one, at most 8).
+        activations: "fp32" (exact) or "int8" (`OffloadConfig.host_activations`: the kernel's int8 activations
+            where the experts' format has them, `kernels.host.INT8_FORMATS`; float32 elsewhere).
 
     The worker is one thread: host experts of one layer are computed in order, one layer at a time, which is
     how the wrapper uses it (submit, compute the resident experts on the device, then `result`).
     """
 
-    def __init__(self, store, codec=None, threads: int | None = None):
+    def __init__(self, store, codec=None, threads: int | None = None, activations: str = "fp32"):
         self.store = store
+        self.activations = activations
         self.codec = codec
         self.threads = check_threads(threads)
         self.kernel = HostExpertsKernel(self.threads) if available() else None
-        self._plans: dict[int, tuple | None] = {}  # layer -> (format, activation, group, I, params) or None: torch
+        self._plans: dict[int, tuple | None] = {}  # layer -> (format, activation, group, I, params, activations)
+        # or None: torch
         self._mats: dict[tuple[int, int], tuple] = {}  # (layer, e) -> (gate_up Mat, down Mat) of a RAM store
         self._clones: dict[int, nn.Module] = {}
         self._lock = threading.Lock()
@@ -115,7 +119,8 @@ class HostExperts:
             return clone
 
     def plan(self, layer: MoELayer) -> tuple | None:
-        """(format, activation, group, I) when the host kernel computes this layer, else None (torch path)."""
+        """(format, activation, group, I, act params, activations) when the host kernel computes this layer, else
+        None (torch path)."""
         if layer.index in self._plans:
             return self._plans[layer.index]
         plan, why = None, "the host kernel is not available here"
@@ -143,17 +148,21 @@ class HostExperts:
                 why = f"expert tensors {sorted(specs)}"
             elif activation is not None:
                 inter = self.codec._nk(down)[1] if published else down.shape[1]
-                plan = (kind, activation, kernel_group(fmt), inter, params)
+                acts = self.activations if kind in INT8_FORMATS else "fp32"
+                if acts != self.activations:
+                    logger.info("MoE layer %s: host_activations=%r asked, but the %s kernel has float32 activations "
+                                "only (int8: %s)", layer.name, self.activations, kind, ", ".join(INT8_FORMATS))
+                plan = (kind, activation, kernel_group(fmt), inter, params, acts)
         self._plans[layer.index] = plan
         logger.info("MoE layer %s: host experts run %s", layer.name,
-                    f"{self.kernel.name} ({plan[0]}, {self.threads} threads)" if plan else f"the model's torch "
-                    f"code ({why})")
+                    f"{self.kernel.name} ({plan[0]}, {plan[5]} activations, {self.threads} threads)" if plan else
+                    f"the model's torch code ({why})")
         return plan
 
     def kernel_name(self, layer: MoELayer) -> str:
-        """Which implementation computes this layer's host experts."""
+        """Which implementation computes this layer's host experts ("-int8act" where the activations are int8)."""
         plan = self.plan(layer)
-        return f"{self.kernel.name}-{plan[0]}" if plan else "torch-eager"
+        return f"{self.kernel.name}-{plan[0]}" + ("-int8act" if plan[5] == "int8" else "") if plan else "torch-eager"
 
     def _matrices(self, layer: int, e: int, keep: list) -> tuple:
         """(gate_up Mat, down Mat) of expert e read in place from the store (cached for a RAM store, whose
@@ -204,11 +213,11 @@ class HostExperts:
         try:
             plan = self.plan(layer)
             if plan is not None:
-                fmt, activation, group, inter, params = plan
+                fmt, activation, group, inter, params, acts = plan
                 keep: list = []
                 mats = [self._matrices(layer.index, e, keep) for e in chosen]
                 return self.kernel(fmt, activation, hidden, ids, weights, chosen, mats, inter, group,
-                                   act_params=params)
+                                   act_params=params, activations=acts)
             views, lut = self.tensors(layer.index, chosen)
             ids, weights = only(ids, weights, chosen)
             if lut is not None:  # compact rows: expert id -> row

@@ -157,7 +157,8 @@ class SpeculativeMoE:
                                        misses=self.misses)
             self.experts_compute = build_compute(model_compute, kernel, self.pool, self.cache.table, geo.num_experts,
                                                  geo.top_k)
-            self._host = HostExperts(self.store, self.codec, self.host_threads) if self.misses != "fetch" else None
+            self._host = HostExperts(self.store, self.codec, self.host_threads, cfg.host_activations) \
+                if self.misses != "fetch" else None
             self.hot = HotPath(self.scheduler, self.experts_compute, self.pool, self._host, geo, self.device,
                                self.prefetch_width, wrap=not moe.first_decode_layer)
             self._install()
