@@ -355,10 +355,12 @@ def calibrate(out: Path, repeats: int = 3, formats: list[str] | None = None) -> 
     `formats` (publishers' formats, e.g. ["mxfp4"]): measure only those, each in turn with the kernel it stands
     beside (`sim.host.STAND_IN`: int4 for MXFP4 / GPTQ, int8 for FP8) in the same run, and store the file's rate
     of that kernel times the ratio measured (a shared machine's load cancels in the ratio); the rest of the file
-    is kept as it is."""
+    is kept as it is. A format with an int8-activation kernel (`sim.host.INT8_ACT`: MXFP4) has it measured in
+    the same turns too ("mxfp4-int8act", labelled: host_activations="int8", which changes the numerics), stored
+    the same way, with its ratio to the exact kernel of the same run (`vs_exact`)."""
     from specmoe.kernels.host import build
-    from specmoe.sim.host import (KERNEL_FORMATS, MEASURE_SHAPE, MEASURE_TOKENS, PUBLISHED_FORMATS, STAND_IN,
-                                  _median_time, measure_kernel)
+    from specmoe.sim.host import (INT8_ACT, INT8_ACT_FORMATS, KERNEL_FORMATS, MEASURE_SHAPE, MEASURE_TOKENS,
+                                  PUBLISHED_FORMATS, STAND_IN, _median_time, measure_kernel)
     from specmoe.sim.calibrate import SyntheticExpert
 
     old = json.loads(out.read_text()) if formats else None
@@ -374,25 +376,38 @@ def calibrate(out: Path, repeats: int = 3, formats: list[str] | None = None) -> 
             if formats:
                 builds[isa] = old["builds"][isa]
                 for fmt in formats:
-                    ref = STAND_IN[fmt]
-                    pairs = [(measure_kernel(ref, 1, call_s=call)[0], measure_kernel(fmt, 1, call_s=call)[0])
-                             for _ in range(repeats)]
-                    rb = statistics.median(k.bytes_per_s / r.bytes_per_s for r, k in pairs)
-                    rf = statistics.median(k.flops / r.flops for r, k in pairs)
+                    ref, q8 = STAND_IN[fmt], INT8_ACT.get(fmt)
+                    turns = [fmt] + ([q8] if q8 else [])  # measured in the same turns, beside `ref`
+                    runs = [(measure_kernel(ref, 1, call_s=call)[0],
+                             *(measure_kernel(f, 1, call_s=call)[0] for f in turns)) for _ in range(repeats)]
+                    measured = {"date": environment("cpu")["date"], "git_sha": environment("cpu")["git_sha"],
+                                "load_average": os.getloadavg(),
+                                "command": f"python benchmarks/host_kernels.py --calibrate --kernel-formats "
+                                           f"{' '.join(formats)}"}
                     base = builds[isa]["kernels"][ref]
-                    builds[isa]["kernels"][fmt] = {
-                        "bytes_per_s_per_thread": base["bytes_per_s_per_thread"] * rb,
-                        "flops_per_thread": base["flops_per_thread"] * rf,
-                        "relative_to": ref, "ratio": {"bytes_per_s": rb, "flops": rf},
-                        "runs": [{"bytes_per_s": k.bytes_per_s, "flops": k.flops, f"{ref}_bytes_per_s": r.bytes_per_s,
-                                  f"{ref}_flops": r.flops} for r, k in pairs],
-                        "measured": {"date": environment("cpu")["date"], "git_sha": environment("cpu")["git_sha"],
-                                     "load_average": os.getloadavg(),
-                                     "command": f"python benchmarks/host_kernels.py --calibrate --kernel-formats "
-                                                f"{' '.join(formats)}"}}
+                    for n, f in enumerate(turns, start=1):
+                        rb = statistics.median(run[n].bytes_per_s / run[0].bytes_per_s for run in runs)
+                        rf = statistics.median(run[n].flops / run[0].flops for run in runs)
+                        entry = builds[isa]["kernels"][f] = {
+                            "bytes_per_s_per_thread": base["bytes_per_s_per_thread"] * rb,
+                            "flops_per_thread": base["flops_per_thread"] * rf,
+                            "relative_to": ref, "ratio": {"bytes_per_s": rb, "flops": rf},
+                            "runs": [{"bytes_per_s": run[n].bytes_per_s, "flops": run[n].flops,
+                                      f"{ref}_bytes_per_s": run[0].bytes_per_s, f"{ref}_flops": run[0].flops}
+                                     for run in runs], "measured": measured}
+                        if f == q8:
+                            entry.update(
+                                activations="int8",
+                                label=f"{fmt} weights x int8 activations (opt-in host_activations='int8': x and the "
+                                      "activations rounded to int8 per 32 columns; changes the numerics)",
+                                vs_exact={"bytes_per_s": statistics.median(r[n].bytes_per_s / r[1].bytes_per_s
+                                                                           for r in runs),
+                                          "flops": statistics.median(r[n].flops / r[1].flops for r in runs)})
+                            for run, row in zip(runs, entry["runs"]):
+                                row[f"{fmt}_bytes_per_s"] = run[1].bytes_per_s
                 continue
             kernels = {}
-            for fmt in KERNEL_FORMATS + PUBLISHED_FORMATS:
+            for fmt in KERNEL_FORMATS + PUBLISHED_FORMATS + INT8_ACT_FORMATS:
                 runs = [measure_kernel(fmt, 1, call_s=call)[0] for _ in range(repeats)]
                 kernels[fmt] = {"bytes_per_s_per_thread": statistics.median(k.bytes_per_s for k in runs),
                                 "flops_per_thread": statistics.median(k.flops for k in runs),
@@ -436,7 +451,8 @@ def main(argv=None) -> int:
                     help="measure each build's per-thread rates into specmoe/sim/calibration/host_kernels.json")
     ap.add_argument("--kernel-formats", nargs="+", default=None, choices=("mxfp4", "fp8", "gptq"),
                     help="with --calibrate: only these publishers' formats, measured beside their int4/int8 kernel "
-                         "and scaled to its rate in the file (the rest kept)")
+                         "and scaled to its rate in the file (the rest kept); mxfp4 with its int8-activation kernel "
+                         "too")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.calibrate:

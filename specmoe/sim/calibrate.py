@@ -34,7 +34,7 @@ class SyntheticExpert:
     """
 
     def __init__(self, fmt: str, hidden: int, inter: int, seed: int = 0, copies: int = 1,
-                 threads: int | None = None):
+                 threads: int | None = None, activations: str = "fp32"):
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -66,7 +66,7 @@ class SyntheticExpert:
             self.store[(0, e)].copy_(self.store[(0, 0)])
         self.copies = copies
         self.layer = MoELayer(0, f"synthetic {fmt} H={hidden} I={inter}", experts, None, layout)
-        self.host = HostExperts(self.store, codec, threads)
+        self.host = HostExperts(self.store, codec, threads, activations)  # activations: host_activations
         self.nbytes = self.store.layout.nbytes
         self.weights = 3 * hidden * inter
         self.hidden_size = hidden

@@ -54,10 +54,10 @@ class HostMissCosts:
     admission compares a copy's landing with, `runtime.admission`; 0: no admission)."""
 
     def __init__(self, copy_s: float, host: HostProfile | None, shape: ModelShape, host_call_s: float = 0.0,
-                 layer_s: float = 0.0, predict_s: float = 0.0):
+                 layer_s: float = 0.0, predict_s: float = 0.0, activations: str = "fp32"):
         self.copy_s, self.host, self.shape, self.host_call_s, self.layer_s = copy_s, host, shape, host_call_s, layer_s
         self.predict_s = predict_s  # the predictor's host time per call (what its copies must save)
-        self.fmt = expert_format(shape.expert_dtype, shape.compression)
+        self.fmt = expert_format(shape.expert_dtype, shape.compression, activations)  # host_activations
         self._by_tokens: dict[int, float] = {}
 
     def host_seconds(self, tokens: int) -> float:
@@ -69,7 +69,8 @@ class HostMissCosts:
 
 
 def replay_costs(shape: ModelShape, profile: HardwareProfile, compute: ComputeModel, ops: OpCounts,
-                 host: HostProfile | None, context: int = 512, predictor_bookkeeping_s: float = 0.0) -> HostMissCosts:
+                 host: HostProfile | None, context: int = 512, predictor_bookkeeping_s: float = 0.0,
+                 host_activations: str = "fp32") -> HostMissCosts:
     """The miss costs the simulator's scheduler gets: one copy on `profile`'s link, the hidden state crossing
     both ways, the host's compute (if `host`), the layer period of one decode step without stalls (the
     host's launches or the device's layer + its top-k experts, whichever is longer), and the predictor's host
@@ -80,4 +81,5 @@ def replay_costs(shape: ModelShape, profile: HardwareProfile, compute: ComputeMo
     c = pass_costs(shape, profile, compute, ops, 1, context)
     k = shape.top_k
     layer_s = max(c.host_layer + c.host_wrapper + c.host_experts, c.dev_layer + expert_device_seconds(c, k, k))
-    return HostMissCosts(copy_s, host, shape, crossing, layer_s, c.host_predictor + predictor_bookkeeping_s)
+    return HostMissCosts(copy_s, host, shape, crossing, layer_s, c.host_predictor + predictor_bookkeeping_s,
+                         host_activations)

@@ -153,7 +153,7 @@ def simulate(
     replay = _Replay(stream, shape, profile, cfg.capacity if wrapped else None, ops,
                      compute or ComputeModel.from_name("hf-eager"), cfg.policy, candidates,
                      cfg.inflight(shape.top_k, lookahead), context, not cfg.asynchronous, cfg.misses, host,
-                     predictor)
+                     predictor, cfg.host_activations)
     if placement is not None and replay.sched is not None:
         trace = isinstance(placement, str) and placement == "trace"
         replay.place(stream_frequencies(stream, shape.num_experts) if trace else placement)
@@ -208,7 +208,7 @@ class _Replay:
     """State of one simulated run (see the module docstring for the order of events)."""
 
     def __init__(self, stream, shape, profile, capacity, ops, compute, policy, candidates, max_inflight, context,
-                 sync_copies=False, misses="fetch", host=None, predictor=None):
+                 sync_copies=False, misses="fetch", host=None, predictor=None, host_activations="fp32"):
         L, E = shape.moe_layers, shape.num_experts
         self.stream, self.shape, self.profile, self.ops, self.compute = stream, shape, profile, ops, compute
         self.passes = stream.passes()
@@ -231,7 +231,7 @@ class _Replay:
             cache = ExpertCache(self.num_slots, L, E, None, make_sim_policy(policy, self.passes, L))
             # a learned policy's measured cost beyond the default's
             self.policy_s = call_s - compute.wrapper_s + getattr(cache.policy, "host_s_per_call", 0.0)
-            costs = replay_costs(shape, profile, compute, ops, host, context, self.predict_s)
+            costs = replay_costs(shape, profile, compute, ops, host, context, self.predict_s, host_activations)
             self.sched = Scheduler(cache, self.engine, L, max_inflight, shape.transfer_bytes, misses, costs)
             self.sched.predicting = candidates is not None  # as the runtime's HotPath.predictor tells it
         self.host_costs = costs

@@ -15,6 +15,8 @@ would use there (`kernels.host.default_threads`), beside their RAM bandwidth; th
 format runs its own kernel (`expert_format`): experts as published (MXFP4, FP8, GPTQ) are charged the rate of the
 kernel that reads those bytes, which `--calibrate --kernel-formats` measures beside the int4 / int8 kernel in
 one run; a profile without such a measurement charges the int4 / int8 rate and logs that it assumes so.
+With ``host_activations="int8"`` (opt-in, it changes the numerics) MXFP4 experts run the int8-activation kernel
+("mxfp4-int8act", `INT8_ACT`), measured beside the exact one; a profile without it is charged the exact kernel's.
 `benchmarks/host_compute.py` checks the model against the runtime's measured host time at real shapes.
 """
 
@@ -38,19 +40,25 @@ GB = 10**9
 KERNEL_FORMATS = ("bf16", "int8", "int4")  # every profile has these
 PUBLISHED_FORMATS = ("mxfp4", "fp8", "gptq")  # the publishers' formats' kernels (MXFP4, FP8 b128, GPTQ int4 g128)
 REQUIRED_FORMATS = KERNEL_FORMATS
-STAND_IN = {"mxfp4": "int4", "fp8": "int8", "gptq": "int4"}  # for a profile measured before these kernels existed
+INT8_ACT = {"mxfp4": "mxfp4-int8act"}  # kernels with int8 activations (host_activations="int8")
+INT8_ACT_FORMATS = tuple(INT8_ACT.values())
+STAND_IN = {"mxfp4": "int4", "fp8": "int8", "gptq": "int4",  # for a profile measured before these kernels existed
+            "mxfp4-int8act": "mxfp4"}
 
 
-def expert_format(expert_dtype: str, compression: str) -> str:
+def expert_format(expert_dtype: str, compression: str, activations: str = "fp32") -> str:
     """The host kernel an expert runs: its compression scheme, or its dtype when uncompressed; experts as
-    published run their own kernel ("mxfp4", "fp8", "gptq")."""
+    published run their own kernel ("mxfp4", "fp8", "gptq"); with `activations` "int8" (the runtime's
+    `host_activations`) the int8-activation kernel where the format has one (`INT8_ACT`), as `HostExperts` does."""
     if compression and compression != "none":
-        return "int8" if compression.startswith("int8") else "int4"
-    if expert_dtype in ("bf16", "fp16", "fp32"):
-        return "bf16"
-    if expert_dtype.startswith("fp8"):
-        return "fp8"
-    return "mxfp4" if expert_dtype == "mxfp4" else "gptq"
+        fmt = "int8" if compression.startswith("int8") else "int4"
+    elif expert_dtype in ("bf16", "fp16", "fp32"):
+        fmt = "bf16"
+    elif expert_dtype.startswith("fp8"):
+        fmt = "fp8"
+    else:
+        fmt = "mxfp4" if expert_dtype == "mxfp4" else "gptq"
+    return INT8_ACT.get(fmt, fmt) if activations == "int8" else fmt
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,8 @@ class HostProfile:
         cores: physical cores.
         flops: peak fp32 FLOP/s of all cores (for reference; the kernels' rates are what the model uses).
         kernels: (format, HostKernel) for "bf16", "int8" and "int4", and for the publishers' "mxfp4", "fp8",
-            "gptq" where measured (`kernel` charges a profile without them its int4 / int8 rate, and says so).
+            "gptq" and "mxfp4-int8act" where measured (`kernel` charges a profile without them its `STAND_IN`'s
+            rate, and says so).
         expert_call_s: fixed cost of computing one expert in one call (dispatch, thread hand-off).
         source: where the numbers come from.
         description: the machine in words.
@@ -153,7 +162,7 @@ class HostProfile:
                 logger.warning("host profile %s has no measured %s kernel; charging the %s kernel's rate (assumed)",
                                self.name, fmt, STAND_IN[fmt])
             return self.kernel(STAND_IN[fmt])
-        raise ValueError(f"no host kernel {fmt!r}; choose one of {KERNEL_FORMATS + PUBLISHED_FORMATS}")
+        raise ValueError(f"no host kernel {fmt!r}; choose one of {KERNEL_FORMATS + PUBLISHED_FORMATS + INT8_ACT_FORMATS}")
 
     def expert_seconds(self, nbytes: int, weights: int, tokens: int, fmt: str) -> float:
         """Host time of one expert of `nbytes` bytes and `weights` weights for `tokens` tokens routed to it."""
@@ -222,7 +231,9 @@ def calibrated_kernels(isa: str, threads: int) -> tuple[tuple[tuple[str, HostKer
               f"{build['shape']} read from RAM (1 and {build['tokens'][1]} tokens), times {threads} threads (assumed: "
               f"the same per-core rate there, scaling with cores up to the RAM's bandwidth)"
               + ("; the publishers' formats' kernels (" + ", ".join(
-                  f"{f}: {k['ratio']['bytes_per_s']:.2f}x the {k['relative_to']} byte rate" for f, k in
+                  f"{f}: {k['ratio']['bytes_per_s']:.2f}x the {k['relative_to']} byte rate"
+                  + (f", {k['vs_exact']['bytes_per_s']:.2f}x the exact mxfp4 kernel's" if "vs_exact" in k else "")
+                  for f, k in
                   build["kernels"].items() if "relative_to" in k) + ") measured beside the int4 / int8 kernel in "
                  "one run and scaled to its rate" if any("relative_to" in k for k in build["kernels"].values())
                  else ""))
@@ -313,13 +324,17 @@ def measure_kernel(fmt: str, threads: int, hidden: int = MEASURE_SHAPE[0], inter
                    repeats: int = 21, call_s: float = 0.0) -> tuple[HostKernel, str]:
     """The runtime's own host path for `fmt` (`HostExperts` on a synthetic expert of (H, I), rotating copies
     read from RAM): its byte rate from the 1-token time, its FLOP/s from the `MEASURE_TOKENS`-token time (each
-    less the per-call cost). Returns (kernel, which implementation ran)."""
+    less the per-call cost). `fmt` may be an int8-activation kernel (`INT8_ACT_FORMATS`: its format's experts,
+    host_activations "int8"). Returns (kernel, which implementation ran)."""
     from .calibrate import SyntheticExpert
 
+    acts = "int8" if fmt in INT8_ACT_FORMATS else "fp32"
+    fmt = next((f for f, k in INT8_ACT.items() if k == fmt), fmt)
     probe = SyntheticExpert(fmt, 128, 128)  # the smallest every format holds (GPTQ g128)
     nbytes = probe.store.layout.nbytes * (hidden * inter) // (128 * 128)
     probe.close()
-    expert = SyntheticExpert(fmt, hidden, inter, copies=copies_beyond_cache(nbytes), threads=threads)
+    expert = SyntheticExpert(fmt, hidden, inter, copies=copies_beyond_cache(nbytes), threads=threads,
+                             activations=acts)
     try:
         t1 = _median_time(expert.runner(1), repeats)
         tn = _median_time(expert.runner(MEASURE_TOKENS), repeats)
@@ -350,7 +365,8 @@ def measure_host_profile(refresh: bool = False, threads: int | None = None) -> H
     tiny = SyntheticExpert("bf16", 64, 64, threads=threads)
     call = _median_time(tiny.runner(1), 31)
     tiny.close()
-    measured = {fmt: measure_kernel(fmt, threads, call_s=call) for fmt in KERNEL_FORMATS + PUBLISHED_FORMATS}
+    measured = {fmt: measure_kernel(fmt, threads, call_s=call)
+                for fmt in KERNEL_FORMATS + PUBLISHED_FORMATS + INT8_ACT_FORMATS}
     kernels = []
     for fmt, (k, _) in measured.items():  # and at a Mixtral-8x7B expert (352 MB in bf16)
         big, _ = measure_kernel(fmt, threads, *LARGE_SHAPE, repeats=7, call_s=call)

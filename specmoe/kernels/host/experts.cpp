@@ -133,7 +133,7 @@ static inline int64_t padded_inter(int64_t I, int group) {
 // Scratch floats `specmoe_host_experts` needs for P routed pairs (the caller allocates it once and reuses it).
 int64_t specmoe_host_scratch(int64_t P, int64_t Hx, int64_t I, int group) {
     const int64_t ip = padded_inter(I, group);
-    return P * (2 * I + ip + 3 + Hx / group + ip / group + Hx) + P * (Hx + ip) / 32 + P * (Hx + ip) / 4;
+    return P * (2 * I + ip + 3 + Hx / group + ip / group + Hx) + P * (Hx + ip) / 8 + P * (Hx + ip) / 4;
 }
 
 // Returns 0 on success, a negative code on bad arguments.
@@ -166,9 +166,9 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
     float* gx = (float*)(ptok + P);        // [P, ngx] int4: sums of x over H's groups
     float* ga = gx + P * ngx;              // [P, nga] int4: sums of the activations over I's groups
     float* xd = ga + P * nga;              // [T, Hx] int4 table path: x deinterleaved
-    float* dxq = xd + P * Hx;              // [T, Hx / 32] q8: x's scales (d / 2 per 32 columns)
-    float* daq = dxq + P * Hx / 32;        // [P, ip / 32] q8: the activations' scales
-    int8_t* qx8 = (int8_t*)(daq + P * ip / 32);  // [T, Hx] q8: x as int8
+    float* dxq = xd + P * Hx;              // [T, Hx / 8] q8: x's scales (d / 2 per 32 columns, 4 times)
+    float* daq = dxq + P * Hx / 8;         // [P, ip / 8] q8: the activations' scales
+    int8_t* qx8 = (int8_t*)(daq + P * ip / 8);  // [T, Hx] q8: x as int8
     int8_t* qa8 = qx8 + P * Hx;            // [P, ip] q8: the activations as int8
     const bool lut = int4_lut(fmt, group) && !q8;
 #if defined(ISA_AVX512)
@@ -200,7 +200,7 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
     for (int64_t q = 0; q < p; q++) {
         xs[q] = (lut ? xd : x) + ptok[q] * Hx; as[q] = a + q * ip; gs[q] = gu + q * 2 * I; os[q] = out + ptok[q] * H;
         gxs[q] = gx + q * ngx; gas[q] = ga + q * nga;
-        qxs[q] = qx8 + ptok[q] * Hx; dxs[q] = dxq + ptok[q] * (Hx / 32); qas[q] = qa8 + q * ip; das[q] = daq + q * (ip / 32);
+        qxs[q] = qx8 + ptok[q] * Hx; dxs[q] = dxq + ptok[q] * (Hx / 8); qas[q] = qa8 + q * ip; das[q] = daq + q * (ip / 8);
     }
     int64_t rows1 = 0;  // phase 1 work: every chosen expert's 2I rows, flattened, split evenly
     for (int64_t i = 0; i < n; i++) if (off[i + 1] > off[i]) rows1 += 2 * I;
@@ -223,7 +223,7 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
         }
         if (q8)
             for (int64_t t = T * tid / nt; t < T * (tid + 1) / nt; t++)
-                quantize_q8(x + t * Hx, Hx, qx8 + t * Hx, dxq + t * (Hx / 32));
+                quantize_q8(x + t * Hx, H, qx8 + t * Hx, dxq + t * (Hx / 8));
         if (lut || need_gsum || q8) {
 #pragma omp barrier
         }
@@ -263,7 +263,7 @@ int specmoe_host_experts(int fmt, int act, int group, int64_t T, int64_t H, int6
                 for (int64_t j = 0; j < I; j++) aq[j] = activate(g[j], act) * g[I + j] * pw[q];
                 for (int64_t j = I; j < ip; j++) aq[j] = 0.f;
             }
-            if (q8) quantize_q8(aq, I, qa8 + q * ip, daq + q * (ip / 32));
+            if (q8) quantize_q8(aq, I, qa8 + q * ip, daq + q * (ip / 8));
             if (need_gsum)
                 for (int64_t g2 = 0; g2 < nga; g2++) {
                     float s = 0.f;
