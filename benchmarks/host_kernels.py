@@ -15,7 +15,8 @@ exceed the last-level cache 8x (every call reads its weights from RAM), and repo
 the kernel's GB/s over it. ggml: a small C driver (in this file, compiled against the given build) times the same expert as
 llama.cpp computes it (ggml_mul_mat gate, up, silu, mul, ggml_mul_mat down) in BF16, Q8_0, Q4_0, Q4_1 (Q4_1:
 a scale and a minimum per 32 weights, the int4-g32 layout) and MXFP4 (gpt-oss's format: the same e2m1 codes and
-e8m0 scale per 32), with a persistent ggml threadpool; its commit is recorded. The peers: MXFP4 - ggml MXFP4,
+e8m0 scale per 32), with a persistent ggml threadpool, one process per expert and type (quantized once, every case timed on it);
+its commit is recorded. The peers: MXFP4 - ggml MXFP4,
 FP8 - Q8_0 (ggml has no FP8), GPTQ int4 - Q4_0. Writes benchmarks/results/host_kernels.{json,md,png}.
 """
 
@@ -204,19 +205,20 @@ def run(args) -> dict:
             bar.update()
         if ggml is None:
             continue
-        for gtype in GGML_TYPES:
+        for gtype in GGML_TYPES:  # one process per type: the expert quantized once, every case timed on it
+            copies = copies_beyond_cache(ggml_bytes(gtype, hidden, inter))
+            cases, bws = [], []
             for t in args.threads:
                 for tokens in args.tokens:
                     peer = next((f for f, g in PEER.items() if g == gtype and (name, f, t) in probes), None)
-                    bw = probes.get((name, peer, t)) or next(v for (n, _, th), v in probes.items() if n == name
-                                                             and th == t)
-                    copies = copies_beyond_cache(ggml_bytes(gtype, hidden, inter))
+                    bws.append(probes.get((name, peer, t)) or next(v for (n, _, th), v in probes.items()
+                                                                   if n == name and th == t))
                     ours = next((r["seconds"] for r in rows if (r["shape"], r["format"], r["threads"], r["tokens"])
                                  == (name, peer, t, tokens)), None)  # how many calls fill the budget, about
-                    res = ggml.time(gtype, hidden, inter, tokens, t, copies,
-                                    repeats_for(ours, args.budget) if ours else 7)
-                    rows.append(_row(f"ggml-{ggml.commit[:10]}", name, hidden, inter, gtype, t, tokens, res["bytes"],
-                                     [res["median_s"]], bw, copies, spread=(res["min_s"], res["max_s"])))
+                    cases.append((tokens, t, repeats_for(ours, args.budget) if ours else 7))
+            for (tokens, t, _), bw, res in zip(cases, bws, ggml.time_cases(gtype, hidden, inter, copies, cases)):
+                rows.append(_row(f"ggml-{ggml.commit[:10]}", name, hidden, inter, gtype, t, tokens, res["bytes"],
+                                 [res["median_s"]], bw, copies, spread=(res["min_s"], res["max_s"])))
             bar.update()
     bar.close()
     result = {
@@ -383,7 +385,7 @@ def calibrate(out: Path, repeats: int = 3, formats: list[str] | None = None) -> 
                     measured = {"date": environment("cpu")["date"], "git_sha": environment("cpu")["git_sha"],
                                 "load_average": os.getloadavg(),
                                 "command": f"python benchmarks/host_kernels.py --calibrate --kernel-formats "
-                                           f"{' '.join(formats)}"}
+                                           f"{' '.join(formats)}" + (f" --repeats {repeats}" if repeats != 3 else "")}
                     base = builds[isa]["kernels"][ref]
                     for n, f in enumerate(turns, start=1):
                         rb = statistics.median(run[n].bytes_per_s / run[0].bytes_per_s for run in runs)
@@ -453,12 +455,14 @@ def main(argv=None) -> int:
                     help="with --calibrate: only these publishers' formats, measured beside their int4/int8 kernel "
                          "and scaled to its rate in the file (the rest kept); mxfp4 with its int8-activation kernel "
                          "too")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="with --calibrate: runs per kernel, the median kept (more on a busy machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.calibrate:
         from specmoe.sim.host import CALIBRATION
 
-        data = calibrate(CALIBRATION, formats=args.kernel_formats)
+        data = calibrate(CALIBRATION, repeats=args.repeats, formats=args.kernel_formats)
         for isa, b in data["builds"].items():
             print(isa, {f: f"{k['bytes_per_s_per_thread'] / 1e9:.2f} GB/s, {k['flops_per_thread'] / 1e9:.1f} "
                            f"GFLOP/s" for f, k in b["kernels"].items()}, f"call {b['call_s'] * 1e6:.0f} us")

@@ -319,6 +319,38 @@ def test_simulator_charges_each_published_format_its_own_kernel(caplog):
         old.kernel("int3")
 
 
+def test_simulator_charges_int8_activations_only_where_asked(caplog):
+    """host_activations="int8" picks the MXFP4 int8-activation kernel (measured beside the exact one, labelled in
+    the calibration), other formats keep theirs; a profile without it is charged the exact kernel's rate and says
+    so; the setting is validated once, in OffloadConfig."""
+    from specmoe.runtime.config import OffloadConfig
+    from specmoe.sim.calibrate import SyntheticExpert
+    from specmoe.sim.host import CALIBRATION, HOST_PROFILES, HostKernel, HostProfile, expert_format
+    from specmoe.io import read_json
+
+    assert expert_format("mxfp4", "none", "int8") == "mxfp4-int8act" and expert_format("mxfp4", "none") == "mxfp4"
+    assert [expert_format(d, c, "int8") for d, c in (("bf16", "none"), ("fp8-b128", "none"), ("bf16", "int4"))] == \
+        ["bf16", "fp8", "int4"]
+    entry = read_json(CALIBRATION)["builds"]["avx2"]["kernels"]["mxfp4-int8act"]
+    assert entry["activations"] == "int8" and "changes the numerics" in entry["label"] and entry["vs_exact"]
+    desk = HOST_PROFILES["ddr5-desktop"]
+    assert desk.kernel("mxfp4-int8act").bytes_per_s > desk.kernel("mxfp4").bytes_per_s
+    nbytes, weights = 13_236_736, 3 * 2880 * 2880  # one gpt-oss expert
+    assert desk.expert_seconds(nbytes, weights, 1, "mxfp4-int8act") < desk.expert_seconds(nbytes, weights, 1, "mxfp4")
+    old = HostProfile("old2", 5e10, 8, 1e12, tuple((f, HostKernel(1e10 * (i + 1), 1e11)) for i, f in
+                                                    enumerate(("bf16", "int8", "int4", "mxfp4"))))
+    with caplog.at_level(logging.WARNING, logger="specmoe.sim.host"):
+        assert old.kernel("mxfp4-int8act") == old.kernel("mxfp4")
+    assert any("no measured mxfp4-int8act kernel" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="host_activations must be one of"):
+        OffloadConfig(host_activations="int4")
+    expert = SyntheticExpert("gptq", 128, 128, activations="int8")  # no int8 kernel: float32, and said
+    try:
+        assert expert.kernel.endswith("-gptq")
+    finally:
+        expert.close()
+
+
 # ---- MXFP4 with int8 activations (opt-in: host_activations="int8") -----------------------------------------
 SILU_LIP = 1.0998  # sup |d/dz (z sigmoid(z))|: silu's, and (z/a) sigmoid(z)'s in z = a g (gpt-oss's gate)
 DELTA = 0.5 + 2**-16  # an int8 activation is off by at most d / 2, plus the rounding of v / d (|v / d| <= 127)

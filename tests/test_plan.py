@@ -111,5 +111,32 @@ def test_frontier_figures_are_the_plan_of_their_settings():
                      Machine(HardwareProfile.from_name("rtx3090"), HostProfile.from_name("ddr5-desktop"),
                              64 * GiB, 3e9), lossy=False, passes=data["settings"]["passes"])
     assert plan.chosen.tok_s == pytest.approx(r["tok_s"], rel=1e-6) and plan.chosen.slots == r["slots"]
+    q8 = rows[("gpt-oss-120b", "ddr5-desktop", "as published, int8 activations")]
+    plan8 = make_plan(ModelShape.from_name("gpt-oss-120b"),
+                      Machine(HardwareProfile.from_name("rtx3090"), HostProfile.from_name("ddr5-desktop"),
+                              64 * GiB, 3e9), lossy=False, passes=data["settings"]["passes"], activations=("int8",))
+    assert plan8.chosen.tok_s == pytest.approx(q8["tok_s"], rel=1e-6) and q8["host_activations"] == "int8"
+    assert r["host_activations"] == "fp32" and q8["host_kernel"] == "mxfp4-int8act"
+    assert ("glm-4.5-air", "ddr5-desktop", "as published, int8 activations") not in rows  # bf16: no such kernel
     assert not rows[("deepseek-v3", "3090-box", "as published")]["fits"]
     assert all(f["source"].startswith("https://") for figs in data["published"].values() for f in figs)
+
+
+def test_int8_host_activations_are_tried_where_allowed_and_labelled():
+    """make_plan tries the int8-activation kernel for host misses of MXFP4 experts when numerics may change (not
+    with lossy=False, not for formats without that kernel), says which activations each option assumes, and
+    passes the setting on when it picks it."""
+    shape = ModelShape.from_name("gpt-oss-120b")
+    plan = make_plan(shape, machine(), passes=16)
+    modes = {(o.misses, o.host_activations) for o in plan.options}
+    assert modes == {("fetch", "fp32"), ("auto", "fp32"), ("auto", "int8")}
+    q8 = next(o for o in plan.options if o.host_activations == "int8")
+    exact = next(o for o in plan.options if o.misses == "auto" and o.host_activations == "fp32")
+    assert q8.slots == exact.slots and q8.tok_s != exact.tok_s  # the same tiers, another host kernel's rate
+    if plan.chosen.host_activations == "int8":
+        assert plan.load_kwargs["host_activations"] == "int8" and "changes numerics" in plan.summary()
+    else:
+        assert "host_activations" not in plan.load_kwargs
+    assert {o.host_activations for o in make_plan(shape, machine(), passes=16, lossy=False).options} == {"fp32"}
+    bf16 = make_plan(ModelShape.from_name("qwen3-30b-a3b"), machine(ram_gib=128), passes=16)
+    assert {o.host_activations for o in bf16.options} == {"fp32"}  # no int8 kernel for bf16 / int8 / int4

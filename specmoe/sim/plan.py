@@ -7,7 +7,10 @@ tier, the disk the third). `make_plan` tries each compression the checkpoint all
 int8 / int4-g128 when they are bf16 and lossy compression is allowed), sizes the slots to the GPU
 (`bounds.memory_plan`), places the store, simulates decode with misses copied ("fetch") and split by the cost
 model ("auto") on routing of the model's geometry, charges disk reads for misses whose expert is not in RAM,
-and keeps the fastest. Every figure is simulated, and `FitPlan.assumptions` says what it rests on.
+and keeps the fastest. With misses split with the host, it also tries the host kernel's int8 activations
+(`host_activations="int8"`, where the experts' format has that kernel: MXFP4) when numerics may change; each
+option says which activations it assumes. Every figure is simulated, and `FitPlan.assumptions` says what it
+rests on.
 """
 
 # Shape legend: L MoE layers, E experts, S slots
@@ -21,7 +24,7 @@ from .bounds import DEVICE_RESERVE_BYTES, memory_plan
 from .compute import ComputeModel, load_op_counts
 from .engine import simulate
 from .hardware import HardwareProfile
-from .host import HostProfile
+from .host import HostProfile, expert_format
 from .shapes import ModelShape
 from .sweep import synthetic_stream
 
@@ -73,6 +76,7 @@ class Option:
     ram_bytes: int
     disk_bytes: int
     lossy: bool
+    host_activations: str = "fp32"  # the host kernel's activations ("int8": opt-in, changes numerics)
 
 
 @dataclass
@@ -99,6 +103,8 @@ class FitPlan:
         out = {"cache_capacity": c.slots, "host_store": c.host_store, "misses": c.misses}
         if c.lossy:
             out["compression"] = c.compression
+        if c.host_activations != "fp32":
+            out["host_activations"] = c.host_activations
         return out
 
     def summary(self) -> str:
@@ -113,7 +119,8 @@ class FitPlan:
                  + (f", {c.ram_fraction:.0%} of the experts in the page cache" if c.host_store == "mmap" else "") + ")",
                  f"  disk: {c.disk_bytes / GiB:6.2f} GiB  experts read from the mmap'd checkpoint files"
                  + (f" ({c.disk_s_per_token * 1e3:.1f} ms/token charged)" if c.disk_bytes else ""),
-                 f"  misses: {c.misses}; host threads: {self.host_threads}",
+                 f"  misses: {c.misses}; host threads: {self.host_threads}; host activations: {c.host_activations}"
+                 + (" (int8 per 32 columns: changes numerics)" if c.host_activations == "int8" else ""),
                  f"  simulated decode: {c.tok_s:.1f} tok/s (hit rate {c.hit_rate:.2f}, "
                  f"{c.misses_per_token:.1f} misses/token; routing: {self.routing})",
                  "  load_offloaded(path, " + ", ".join(f"{k}={v!r}" for k, v in self.load_kwargs.items()) + ")",
@@ -131,7 +138,7 @@ def _compressions(shape: ModelShape, lossy: bool) -> list[str]:
 
 
 def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream=None, context: int = 2048,
-              passes: int = 48, compute: str = "hf-eager") -> FitPlan:
+              passes: int = 48, compute: str = "hf-eager", activations: tuple[str, ...] | None = None) -> FitPlan:
     """The fastest setting of `shape` on `machine` (see the module docstring).
 
     Args:
@@ -141,6 +148,8 @@ def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream
         stream: routing of the model's geometry to simulate on (None: synthetic uniform routing).
         context: KV tokens per sequence (device memory and attention time).
         passes: decode passes of the synthetic routing.
+        activations: the host kernel's activations to try with misses on the host (`OffloadConfig.host_activations`;
+            "int8" only where the format has that kernel). None: ("fp32", "int8") if `lossy`, else ("fp32",).
 
     Raises:
         ValueError: the model does not fit (non-expert weights larger than the GPU, experts larger than RAM
@@ -153,6 +162,7 @@ def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream
                    "per layer (no locality: pessimistic for the cache)")
     stream.check_geometry(shape.moe_layers, shape.top_k, shape.num_experts)
     ops, model = load_op_counts(shape.model_type), ComputeModel.from_name(compute)
+    activations = activations or (("fp32", "int8") if lossy else ("fp32",))
     ram_for_experts = machine.ram_bytes - RAM_RESERVE_BYTES
     options, why_not = [], []
     for scheme in _compressions(shape, lossy):
@@ -172,10 +182,12 @@ def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream
             continue
         else:
             host_store, ram_fraction = "mmap", ram_for_experts / store
-        for misses in ("fetch", "auto"):
+        exact = expert_format(s.expert_dtype, s.compression)
+        modes = [a for a in activations if expert_format(s.expert_dtype, s.compression, a) != exact or a == "fp32"]
+        for misses, acts in [("fetch", "fp32")] + [("auto", a) for a in modes or ["fp32"]]:
             run = simulate(stream, s, machine.gpu, slots, ops=ops, compute=model, context=context,
                            warmup_passes=stream.num_passes // 4, misses=misses,
-                           host=machine.host if misses != "fetch" else None)
+                           host=machine.host if misses != "fetch" else None, host_activations=acts)
             tokens = max(run.tokens, 1)
             disk_s = run.misses * (1 - ram_fraction) * s.slot_bytes / machine.disk_bytes_per_s
             tok_s = tokens / (run.time_s + disk_s) if run.time_s + disk_s > 0 else 0.0
@@ -185,7 +197,7 @@ def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream
                 capacity=slots / (s.moe_layers * s.num_experts), host_store=host_store, ram_fraction=ram_fraction,
                 misses=misses, tok_s=tok_s, hit_rate=run.hit_rate, misses_per_token=run.misses / tokens,
                 disk_s_per_token=disk_s / tokens, gpu_bytes=gpu, ram_bytes=min(store, ram_for_experts),
-                disk_bytes=max(0, store - ram_for_experts), lossy=scheme != "none"))
+                disk_bytes=max(0, store - ram_for_experts), lossy=scheme != "none", host_activations=acts))
     if not options:
         raise ValueError(f"{shape.name} does not fit this machine: " + "; ".join(why_not))
     chosen = max(options, key=lambda o: o.tok_s)
@@ -200,8 +212,9 @@ def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream
         f"disk {machine.disk_bytes_per_s / 1e9:.1f} GB/s; a miss whose expert is not in the page cache reads it "
         "from disk before it is copied or computed, not overlapped with compute; which experts are in RAM is "
         "uniform (the page cache keeps no hotter ones)",
-        "the host kernels of the experts' format (host misses) as the host profile gives them; pre-quantized "
-        "formats are charged as the 4-bit kernel (the runtime dequantizes them on use in PyTorch today)",
+        "host misses at the host profile's rates of the kernel of the experts' format (" + machine.host.kernel_name
+        + "); with host_activations='int8' (opt-in, changes numerics), MXFP4 experts at the int8-activation "
+        "kernel's",
     ]
     if why_not:
         assumptions.append("not possible: " + "; ".join(why_not))
