@@ -8,7 +8,7 @@ measured in the same run, and beside llama.cpp's CPU kernels (ggml) at the same 
 
 One case = one expert (gate/up [2I, H], activation, down [H, I]) for T tokens, in a format the store holds
 (bf16, int8, int4-g32, int4-g128, and the publishers' mxfp4, fp8-b128, gptq-int4-g128 as their checkpoints
-hold them; a shape a format cannot hold, e.g. GPTQ g128 at gpt-oss's 2880, is skipped), on N threads. Each case rotates over enough copies of the expert that they
+hold them, and mxfp4-int8act: MXFP4 with the opt-in int8 activations, `host_activations="int8"`; a shape a format cannot hold, e.g. GPTQ g128 at gpt-oss's 2880, is skipped), on N threads. Each case rotates over enough copies of the expert that they
 exceed the last-level cache 8x (every call reads its weights from RAM), and reports the median over repeats
 (the machine is shared; the load average is recorded). Read bandwidth: a vectorised sum (the kernel library's
 `read_sum`) reading the same copies in the same turn on the same threads, right before each case; fraction =
@@ -48,12 +48,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "host_kernels"
 SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408), "qwen3-30b-a3b": (2048, 768),
           "gpt-oss": (2880, 2880)}
-FORMATS = ("bf16", "int8", "int4-g32", "int4-g128", "mxfp4", "fp8-b128", "gptq-int4-g128")
+FORMATS = ("bf16", "int8", "int4-g32", "int4-g128", "mxfp4", "mxfp4-int8act", "fp8-b128", "gptq-int4-g128")
 PUBLISHED = {"mxfp4": "mxfp4", "fp8-b128": "fp8", "gptq-int4-g128": "gptq"}  # format -> kernel format
-BITS = {"bf16": 16, "int8": 8, "int4-g32": 4, "int4-g128": 4, "mxfp4": 4, "fp8-b128": 8, "gptq-int4-g128": 4,
-        "q8_0": 8, "q4_0": 4, "q4_1": 4}
+INT8_ACT = {"mxfp4-int8act": "mxfp4"}  # the opt-in int8 activations (host_activations="int8") on these bytes
+BITS = {"bf16": 16, "int8": 8, "int4-g32": 4, "int4-g128": 4, "mxfp4": 4, "mxfp4-int8act": 4, "fp8-b128": 8,
+        "gptq-int4-g128": 4, "q8_0": 8, "q4_0": 4, "q4_1": 4}
 PEER = {"bf16": "bf16", "int8": "q8_0", "int4-g32": "q4_1", "int4-g128": "q4_0",  # the goal's comparison
-        "mxfp4": "mxfp4", "fp8-b128": "q8_0", "gptq-int4-g128": "q4_0"}
+        "mxfp4": "mxfp4", "mxfp4-int8act": "mxfp4", "fp8-b128": "q8_0", "gptq-int4-g128": "q4_0"}
 GOALS = {"fraction": 0.6, "vs_ggml": 0.9, "two_threads": 1.6}
 
 def published_parts(fmt: PrequantFormat, n: int, k: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -80,45 +81,51 @@ def published_parts(fmt: PrequantFormat, n: int, k: int, g: torch.Generator) -> 
     return parts
 
 
-def expert_copies(fmt: str, hidden: int, inter: int, copies: int):
-    """`copies` identical experts in `fmt` (distinct buffers): ([(gate_up Mat, down Mat)], bytes, keep)."""
+def expert_copies(fmt: str, hidden: int, inter: int, copies: int | None = None):
+    """`copies` identical experts in `fmt` (distinct buffers; None: enough to exceed the last-level cache 8x,
+    `copies_beyond_cache`), the expert built once: ([(gate_up Mat, down Mat)], bytes, keep)."""
+    fmt = INT8_ACT.get(fmt, fmt)  # the same bytes
     g = torch.Generator().manual_seed(0)
     shapes = [(2 * inter, hidden), (hidden, inter)]
     if fmt in PUBLISHED:
         pre = PrequantFormat.parse(fmt)
         parts = [published_parts(pre, n, k, g) for n, k in shapes]
+        nbytes = sum(v.numel() * v.element_size() for p in parts for v in p.values())
+        copies = copies or copies_beyond_cache(nbytes)
         mats, keep = [], []
         for _ in range(copies):
             own = [{k: v.clone() for k, v in p.items()} for p in parts]
             keep.append(own)
             mats.append(tuple(prequant_matrix(own[i], shapes[i], pre) for i in range(2)))
-        return mats, sum(v.numel() * v.element_size() for p in parts for v in p.values()), keep
+        return mats, nbytes, keep
     gate_up = (torch.rand(2 * inter, hidden, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
     down = (torch.rand(hidden, inter, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
     q = None if fmt == "bf16" else QuantFormat.parse(fmt)
     parts = [gate_up, down] if q is None else [quantize(gate_up, q), quantize(down, q)]
     del gate_up, down
+    nbytes = sum(p.numel() * p.element_size() for p in parts) if q is None else \
+        sum(v.numel() * v.element_size() for p in parts for v in p.values())
+    copies = copies or copies_beyond_cache(nbytes)
     mats, keep = [], []
     for _ in range(copies):
         own = [p.clone() for p in parts] if q is None else [{k: v.clone() for k, v in p.items()} for p in parts]
         keep.append(own)
         mats.append(tuple(matrix(own[i], shapes[i], q) for i in range(2)))
-    nbytes = sum(p.numel() * p.element_size() for p in parts) if q is None else \
-        sum(v.numel() * v.element_size() for p in parts for v in p.values())
     return mats, nbytes, keep
 
 
-def time_calls(kernel, kind: str, group: int, mats, hidden: int, inter: int, tokens: int, repeats: int) -> list[float]:
+def time_calls(kernel, kind: str, group: int, mats, hidden: int, inter: int, tokens: int, repeats: int,
+               activations: str = "fp32") -> list[float]:
     """Seconds of `repeats` calls for `tokens` tokens, each on the next copy (after one warm-up call per copy)."""
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(1))
     ids, w = torch.zeros(tokens, 1, dtype=torch.long), torch.ones(tokens, 1)
     out = torch.zeros(tokens, hidden)
     for m in mats:
-        kernel(kind, "silu", x, ids, w, [0], [m], inter, group, out=out)
+        kernel(kind, "silu", x, ids, w, [0], [m], inter, group, out=out, activations=activations)
     times = []
     for r in range(repeats):
         start = time.perf_counter()
-        kernel(kind, "silu", x, ids, w, [0], [mats[r % len(mats)]], inter, group, out=out)
+        kernel(kind, "silu", x, ids, w, [0], [mats[r % len(mats)]], inter, group, out=out, activations=activations)
         times.append(time.perf_counter() - start)
     return times
 
@@ -153,6 +160,7 @@ def repeats_for(seconds: float, budget_s: float) -> int:
 
 def holds(fmt: str, hidden: int, inter: int) -> bool:
     """Whether `fmt` can hold an expert of (H, I) (GPTQ g128 needs H and I multiples of 128, MXFP4 of 32)."""
+    fmt = INT8_ACT.get(fmt, fmt)
     if fmt not in PUBLISHED:
         return True
     try:
@@ -163,14 +171,16 @@ def holds(fmt: str, hidden: int, inter: int) -> bool:
     return True
 
 
-def kernel_args(fmt: str) -> tuple[str, int]:
-    """(kernel format, group) of a benchmark format."""
+def kernel_args(fmt: str) -> tuple[str, int, str]:
+    """(kernel format, group, activations) of a benchmark format."""
+    if fmt in INT8_ACT:
+        return *kernel_args(INT8_ACT[fmt])[:2], "int8"
     if fmt in PUBLISHED:
-        return PUBLISHED[fmt], kernel_group(PrequantFormat.parse(fmt))
+        return PUBLISHED[fmt], kernel_group(PrequantFormat.parse(fmt)), "fp32"
     if fmt == "bf16":
-        return "bf16", 64
+        return "bf16", 64, "fp32"
     q = QuantFormat.parse(fmt)
-    return q.scheme, q.group_size
+    return q.scheme, q.group_size, "fp32"
 
 
 def run(args) -> dict:
@@ -188,17 +198,15 @@ def run(args) -> dict:
         for fmt in args.formats:
             if not holds(fmt, hidden, inter):
                 continue
-            probe = expert_copies(fmt, hidden, inter, 1)
-            copies = copies_beyond_cache(probe[1])
-            del probe
-            mats, nbytes, keep = expert_copies(fmt, hidden, inter, copies)
-            kind, group = kernel_args(fmt)
+            mats, nbytes, keep = expert_copies(fmt, hidden, inter)
+            copies = len(mats)
+            kind, group, acts = kernel_args(fmt)
             for t in args.threads:
                 for tokens in args.tokens:
                     bw = probes[(name, fmt, t)] = copies_bandwidth(kernels[t], t, keep)  # right before the case
-                    first = time_calls(kernels[t], kind, group, mats, hidden, inter, tokens, 1)
+                    first = time_calls(kernels[t], kind, group, mats, hidden, inter, tokens, 1, acts)
                     times = time_calls(kernels[t], kind, group, mats, hidden, inter, tokens,
-                                       repeats_for(min(first), args.budget))
+                                       repeats_for(min(first), args.budget), acts)
                     rows.append(_row(kernels[t].name, name, hidden, inter, fmt, t, tokens, nbytes, times, bw,
                                      copies))
             del mats, keep
@@ -309,8 +317,10 @@ def markdown(result: dict) -> str:
         f"32 weights, the same layout); int4-g128 with Q4_0 (the nearest 4-bit type); the publishers' formats, read "
         f"in their own bytes: mxfp4 with ggml's MXFP4 (the same e2m1 codes and e8m0 scale per 32), fp8-b128 with "
         f"Q8_0 (ggml has no FP8), gptq-int4-g128 with Q4_0. ggml quantizes the "
-        f"activations to 8 bits (Q8_0/Q8_1) for its Q8/Q4 dot products; specmoe keeps them in float32, so its "
-        f"outputs equal the dequantized expert's to float rounding.",
+        f"activations to 8 bits (Q8_0/Q8_1) for its Q8/Q4 and MXFP4 dot products; specmoe keeps them in float32, "
+        f"so its outputs equal the dequantized expert's to float rounding, except in the mxfp4-int8act rows: the "
+        f"same MXFP4 bytes with the opt-in int8 activations (host_activations='int8', one scale per 32 columns, "
+        f"as ggml's MXFP4 x Q8_0), which change the numerics.",
         f"Goals at T = 1 met: {len(met)} of {len(result['goals'])}.",
         "",
         "| goal | expert | format | threads | value | met |", "|---|---|---|---:|---:|---|",
