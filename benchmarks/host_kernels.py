@@ -23,6 +23,7 @@ FP8 - Q8_0 (ggml has no FP8), GPTQ int4 - Q4_0. Writes benchmarks/results/host_k
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -81,6 +82,15 @@ def published_parts(fmt: PrequantFormat, n: int, k: int, g: torch.Generator) -> 
     return parts
 
 
+@functools.lru_cache(maxsize=1)
+def _bf16_expert(hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random bf16 expert (gate_up [2I, H], down [H, I]), made once per shape for every format built from it."""
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.rand(2 * inter, hidden, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
+    down = (torch.rand(hidden, inter, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
+    return gate_up, down
+
+
 def expert_copies(fmt: str, hidden: int, inter: int, copies: int | None = None):
     """`copies` identical experts in `fmt` (distinct buffers; None: enough to exceed the last-level cache 8x,
     `copies_beyond_cache`), the expert built once: ([(gate_up Mat, down Mat)], bytes, keep)."""
@@ -98,8 +108,7 @@ def expert_copies(fmt: str, hidden: int, inter: int, copies: int | None = None):
             keep.append(own)
             mats.append(tuple(prequant_matrix(own[i], shapes[i], pre) for i in range(2)))
         return mats, nbytes, keep
-    gate_up = (torch.rand(2 * inter, hidden, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
-    down = (torch.rand(hidden, inter, generator=g) * 0.04 - 0.02).to(torch.bfloat16)
+    gate_up, down = _bf16_expert(hidden, inter)
     q = None if fmt == "bf16" else QuantFormat.parse(fmt)
     parts = [gate_up, down] if q is None else [quantize(gate_up, q), quantize(down, q)]
     del gate_up, down
