@@ -66,7 +66,8 @@ class SpeculativeMoE:
         config: an `OffloadConfig` (policy, misses, compression, transfer, compute, prefetch width, in-flight
             bound, host threads: see its docstring); the same names may be given as keyword arguments
             (`settings`: ``policy="lru"``, ``misses="auto"``, ``transfer="thread"``, ``compression="int4"``,
-            ``compute="pool"``, ``compile=True``, ``prefetch_width``, ``max_prefetch_inflight``, ``host_threads``), which override
+            ``compute="pool"``, ``compile=True``, ``prefetch_width``, ``max_prefetch_inflight``, ``host_threads``,
+            ``host_activations="int8"``), which override
             it. `cache_capacity`, when given, overrides its capacity. `self.config` holds the result.
         expert_source: where the experts' bytes come from when the model's experts modules do not hold them
             (`specmoe.load_offloaded` builds the model with its experts on the meta device and passes a
