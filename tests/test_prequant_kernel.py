@@ -96,9 +96,10 @@ def test_without_triton_the_prequant_reference_runs(monkeypatch):
 
 @needs_triton
 def test_runtime_chooses_the_kernel_for_published_slots(tmp_path):
-    """An AWQ checkpoint loaded with compute="triton": the kernel computes every MoE layer from the AWQ slots
-    (its name says so) and gives the tokens of the model with its experts dequantized; compute="auto" on a CPU
-    runs the model's implementation on a dequantized scratch, and says that."""
+    """An AWQ checkpoint loaded with compute="triton": the kernel computes every MoE layer from its slots, which
+    hold AWQ's experts in GPTQ's layout (converted without loss at load; the name says so), and gives the
+    tokens of the model with its experts dequantized; compute="auto" on a CPU runs the model's implementation
+    on a dequantized scratch, and says that."""
     from prequant_ckpt import dequantized_reference
 
     path = write_checkpoint("awq", tmp_path / "awq")
@@ -107,13 +108,13 @@ def test_runtime_chooses_the_kernel_for_published_slots(tmp_path):
         want = dequantized_reference("awq", path).generate(ids, max_new_tokens=2, do_sample=False)
     smoe = load_offloaded(path, cache_capacity=0.5, device=DEVICE, compute="triton")
     names = {smoe.experts_compute.kernel_name(layer) for layer in smoe.moe.layers}
-    assert names == {"triton-fused-awq-int4-g32"}
+    assert names == {"triton-fused-gptq-int4-g32"}
     with torch.no_grad():
         assert torch.equal(smoe.generate(ids.to(DEVICE), max_new_tokens=2, do_sample=False).cpu(), want)
     if DEVICE.type == "cpu":
         auto = load_offloaded(path, cache_capacity=0.5, device="cpu")
         assert {auto.experts_compute.kernel_name(layer) for layer in auto.moe.layers} == {
-            "gather-dequantized-awq-int4-g32"}
+            "gather-dequantized-gptq-int4-g32"}
 
 
 @needs_triton
