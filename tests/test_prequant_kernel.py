@@ -119,8 +119,8 @@ def test_runtime_chooses_the_kernel_for_published_slots(tmp_path):
 
 @needs_triton
 def test_mxfp4_slots_of_a_model_the_kernel_computes():
-    """compression="mxfp4" on a Qwen3-MoE model: MXFP4 slots, read by the kernel; gpt-oss's own MXFP4 experts
-    (transposed, biases, clamped gate) stay on the model's implementation, and the name says which."""
+    """compression="mxfp4" on a Qwen3-MoE model: MXFP4 slots, read by the kernel; on gpt-oss's experts
+    (transposed, biases, clamped gate) too, with its gate, and the name says which."""
     from prequant_ckpt import tiny_model
 
     model = tiny_model("gptq", dtype=torch.bfloat16)  # Qwen3-MoE, H = I = 64: K a multiple of MXFP4's 32
@@ -129,7 +129,7 @@ def test_mxfp4_slots_of_a_model_the_kernel_computes():
     smoe.unwrap()
     gpt = SpeculativeMoE(tiny_model("mxfp4", dtype=torch.bfloat16), None, cache_capacity=0.5, compression="mxfp4", compute="triton",
                          device=DEVICE)
-    assert {gpt.experts_compute.kernel_name(layer) for layer in gpt.moe.layers} == {"gather-dequantized-mxfp4"}
+    assert {gpt.experts_compute.kernel_name(layer) for layer in gpt.moe.layers} == {"triton-fused-mxfp4-swiglu_oai"}
 
 
 @pytest.mark.gpu
