@@ -314,14 +314,14 @@ def awq_to_gptq(parts: dict[str, torch.Tensor], group: int) -> dict[str, torch.T
     z = _awq_codes(qzeros)  # uint8 [..., K/G, N]
     flip = z == 0
     step = max(1, 2**16 // (group * n))  # groups per chunk: the scratch of the codes stays ~64K codes a matrix
-    words = []
+    out = torch.empty(*qweight.shape[:-2], k // 8, n, dtype=torch.int32, device=qweight.device)  # [..., K/8, N]
     for g0 in range(0, k // group, step):  # K in chunks of whole groups: [..., rows, N] codes each
         q = _awq_codes(qweight[..., g0 * group:(g0 + step) * group, :])
         q = q.view(*q.shape[:-2], -1, group, n)  # [..., g, G, N]
         q = torch.where(flip[..., g0:g0 + step, :].unsqueeze(-2), 15 - q, q).view(*q.shape[:-3], -1, 4, 2, n)
-        words.append(_words(q[..., 0, :] | (q[..., 1, :] << 4), -2))  # [..., rows/8, 4, N] bytes -> [.., rows/8, N]
+        out[..., g0 * group // 8:(g0 + step) * group // 8, :] = _words(q[..., 0, :] | (q[..., 1, :] << 4), -2)
     z = torch.where(flip, 14, z - 1).view(*z.shape[:-1], n // 8, 4, 2)  # stored zero - 1, [..., K/G, N/8, 4, 2]
-    return {".qweight": torch.cat(words, dim=-2) if len(words) > 1 else words[0],
+    return {".qweight": out,  # [..., rows/8, 4, N] bytes of each chunk -> [..., rows/8, N] words
             ".qzeros": _words(z[..., 0] | (z[..., 1] << 4), -1),  # [..., K/G, N/8]
             ".scales": torch.where(flip, -s, s),
             ".g_idx": (torch.arange(k, dtype=torch.int32, device=s.device) // group).expand(*s.shape[:-2], k).contiguous()}
