@@ -152,20 +152,42 @@ def test_tokens_equal_transformers_load(checkpoints, kind, host_store):
         assert torch.equal(model(ids).logits, ref_logits)
 
 
+HOST_KERNEL = {"mxfp4": "mxfp4", "fp8": "fp8", "gptq": "gptq", "awq": "gptq"}  # what computes host misses
+
+
 @pytest.mark.parametrize("kind", ["mxfp4", "gptq", "awq"])
 def test_host_misses_read_the_published_store(checkpoints, kind):
+    """misses="host": the host kernel computes the misses from the store's bytes (AWQ's too, held in GPTQ's
+    layout), with the tokens of fetching them and of the dequantized model (FP8: tests/test_host_kernels.py)."""
     path = checkpoints[kind]
     ref = dequantized_reference(kind, path)
     ids = torch.tensor([[3, 5, 7, 9, 11, 2]])
     with torch.no_grad():
         expected = ref.generate(ids, max_new_tokens=5, do_sample=False)
+        fetched = load_offloaded(path, cache_capacity=0.25, device="cpu").generate(ids, max_new_tokens=5,
+                                                                                   do_sample=False)
+    assert torch.equal(fetched, expected)
     smoe = load_offloaded(path, cache_capacity=0.25, device="cpu", misses="host")
     with torch.no_grad():
         assert torch.equal(smoe.generate(ids, max_new_tokens=5, do_sample=False), expected)
-    assert smoe.stats.total.misses > 0 and smoe._host.calls > 0
-    if host_kernel_available():  # AWQ too: its store holds GPTQ's layout, which the host kernel reads
-        kernel = {"mxfp4": "mxfp4", "gptq": "gptq", "awq": "gptq"}[kind]
-        assert {smoe._host.kernel_name(layer) for layer in smoe.moe.layers} == {f"{smoe._host.kernel.name}-{kernel}"}
+    host = smoe.hot.host
+    assert smoe.stats.total.host_computed > 0 and host.calls > 0
+    if host_kernel_available():
+        assert {host.kernel_name(layer) for layer in smoe.moe.layers} == {f"{host.kernel.name}-{HOST_KERNEL[kind]}"}
+
+
+def test_readme_formats_table_matches_the_tests():
+    """README's table of pre-quantized formats: one row per format these tests load (KINDS), each naming the
+    device kernel and the host kernel the tests assert ran (`HOST_KERNEL`; gpt-oss's gate on both)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| experts (`quantization_config`)"):]
+    rows = [r for r in table[: table.index("\n\n")].splitlines()[2:]]
+    methods = {r.split("(`", 1)[1].split("`", 1)[0]: r.split(" | ") for r in rows}
+    assert set(methods) == {QUANT[k]["quant_method"] for k in KINDS} == set(KINDS)
+    for kind, cells in methods.items():
+        assert cells[2].startswith("fused Triton kernel"), cells
+        assert cells[3].startswith(f"host kernel (`{HOST_KERNEL[kind]}`"), cells
+    assert "gpt-oss's own experts too" in methods["mxfp4"][2] and "gpt-oss's gate" in methods["mxfp4"][3]
 
 
 def test_awq_converts_to_gptq_without_loss():

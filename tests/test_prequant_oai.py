@@ -111,6 +111,14 @@ def test_gpt_oss_gate_arguments_are_checked():
         moe_experts(*p, "swiglu_oai", **{**gate, "down_bias": gate["down_bias"][:, :10]})
 
 
+def test_without_triton_the_gpt_oss_reference_runs(monkeypatch):
+    import specmoe.kernels.experts_kernel as ek
+
+    monkeypatch.setattr(ek, "triton_runs_on", lambda device: False)
+    p, gate = oai_problem("mxfp4", 3, 2, 64, 32, torch.float32)
+    assert torch.equal(moe_experts(*p, "swiglu_oai", **gate), experts_reference(*p, "swiglu_oai", **gate))
+
+
 @needs_triton
 def test_runtime_runs_the_kernel_on_gpt_oss_mxfp4_checkpoint(tmp_path):
     """The tiny gpt-oss MXFP4 checkpoint with compute="triton": every MoE layer runs the kernel from the
