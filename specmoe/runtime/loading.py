@@ -150,17 +150,16 @@ class CheckpointExperts:
         self.checkpoint.close()  # the files are not read again
         return store
 
-
     def _as_gptq(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One expert's AWQ tensors (published names) -> the same expert in GPTQ's parts (biases kept)."""
-        group, out = self.plan.codec.fmt.block, {}
-        for name in self.plan.codec.slot_layout.specs:
-            name = name.name
-            if name in self.plan.codec.compressed:
-                parts = awq_to_gptq({sfx: tensors[name + sfx] for sfx in self.plan.codec.fmt.suffixes}, group)
-                out.update({name + sfx: t for sfx, t in parts.items()})
+        published, out = self.plan.codec, {}
+        for spec in published.slot_layout.specs:
+            if spec.name in published.compressed:
+                parts = awq_to_gptq({sfx: tensors[spec.name + sfx] for sfx in published.fmt.suffixes},
+                                    published.fmt.block)
+                out.update({spec.name + sfx: t for sfx, t in parts.items()})
             else:
-                out[name] = tensors[name]
+                out[spec.name] = tensors[spec.name]
         return out
 
 
