@@ -31,7 +31,8 @@ def oai_problem(fmt: str, T, k, H, I, dtype, E=6, S=4, seed=0):
     (`PrequantCodec(transposed=True)` of gpt-oss's [H, 2I] / [I, H] weights and [2I] / [H] biases), and routing.
     Returns (hidden, ids, weights, gate_up stack, down stack, table) and the gate's keyword arguments."""
     g = torch.Generator().manual_seed(seed)
-    specs = (ExpertTensorSpec("gate_up_proj", (H, 2 * I), dtype), ExpertTensorSpec("gate_up_proj_bias", (2 * I,), dtype),
+    specs = (ExpertTensorSpec("gate_up_proj", (H, 2 * I), dtype),
+             ExpertTensorSpec("gate_up_proj_bias", (2 * I,), dtype),
              ExpertTensorSpec("down_proj", (I, H), dtype), ExpertTensorSpec("down_proj_bias", (H,), dtype))
     codec = PrequantCodec(ExpertLayout(specs), PrequantFormat.parse(fmt), transposed=True)
     data = torch.zeros(S, codec.layout.nbytes, dtype=torch.uint8)

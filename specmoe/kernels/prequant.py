@@ -324,7 +324,8 @@ def awq_to_gptq(parts: dict[str, torch.Tensor], group: int) -> dict[str, torch.T
     return {".qweight": out,  # [..., rows/8, 4, N] bytes of each chunk -> [..., rows/8, N] words
             ".qzeros": _words(z[..., 0] | (z[..., 1] << 4), -1),  # [..., K/G, N/8]
             ".scales": torch.where(flip, -s, s),
-            ".g_idx": (torch.arange(k, dtype=torch.int32, device=s.device) // group).expand(*s.shape[:-2], k).contiguous()}
+            ".g_idx": _sorted_g_idx(k, group, torch.empty(*s.shape[:-2], k, dtype=torch.int32, device=s.device))
+            .contiguous()}
 
 
 def _awq_codes(packed: torch.Tensor) -> torch.Tensor:

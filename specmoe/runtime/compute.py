@@ -129,6 +129,7 @@ class FusedKernelCompute:
         self.fallback = (f"{fallback} on the routed slots dequantized into a scratch" if compressed else fallback)
         self.activation: dict[int, str] = {}  # MoE layer -> activation, for layers the kernel supports
         self.act_params: dict[int, tuple[float, float]] = {}  # gpt-oss layers -> (alpha, limit)
+        self._why: dict[int, tuple[str, str]] = {}  # gpt-oss layers -> (name, why its own layout is not read)
         self._logged: set[str] = set()
         self._wanted: dict[tuple[int, int, int], bool] = {}  # (layer, tokens, k) -> kernel measured faster
         self.runs_here = kernels.triton_runs_on(device)  # else moe_experts falls back to the torch reference
@@ -138,27 +139,31 @@ class FusedKernelCompute:
     def plan(self, layer: MoELayer) -> None:
         activation, reason = self.kernels.kernel_activation(layer.experts)
         params = oai_gate(layer.experts) if activation is None else None
-        if params is not None:  # gpt-oss: read from slots in a publisher's format (`reads`)
+        if params is not None:  # gpt-oss: from slots in a publisher's format only (`bind` checks the pool's)
             activation, self.act_params[layer.index] = OAI, params
+            self._why[layer.index] = (layer.name, reason)
         if activation is None:
             logger.info("MoE layer %s: the fused kernel does not support it (%s); using the model's experts "
                         "implementation (%s)", layer.name, reason, self.fallback)
         else:
             self.activation[layer.index] = activation
 
+    def bind(self, weights: dict) -> None:
+        """Called once the pool exists with its weights (views or stacks): gpt-oss's layers keep the kernel only
+        where the slots hold a publisher's format, whose parts are [out, in] (its own layout, plain or int8 /
+        int4, is [in, out])."""
+        if isinstance(weights.get("gate_up_proj"), PrequantStack):
+            return
+        for index in list(self.act_params):
+            del self.activation[index], self.act_params[index]
+            name, why = self._why[index]
+            logger.info("MoE layer %s: the fused kernel does not support it (%s); it computes gpt-oss's experts "
+                        "from slots in a publisher's format (MXFP4, FP8, GPTQ), not in their own [in, out] layout; "
+                        "using the model's experts implementation (%s)", name, why, self.fallback)
+
     def reads(self, layer: MoELayer, views: dict) -> bool:
-        """Whether the kernel computes this layer from the pool's weights `views`: a layer it supports, in a
-        format it reads (gpt-oss's: a publisher's, whose parts are [out, in]; its own layout is [in, out])."""
-        if layer.index not in self.activation or not views:  # no views: a format the kernel does not read
-            return False
-        if self.activation[layer.index] == OAI and not isinstance(views.get("gate_up_proj"), PrequantStack):
-            if "oai" not in self._logged:
-                self._logged.add("oai")
-                logger.info("MoE layer %s: gpt-oss's experts in their own [in, out] layout are not read by the "
-                            "fused kernel (a publisher's format is: MXFP4, FP8, GPTQ); using %s", layer.name,
-                            self.fallback)
-            return False
-        return True
+        """Whether the kernel computes this layer from the pool's weights `views`."""
+        return layer.index in self.activation and bool(views)  # no views: a format the kernel does not read
 
     def wanted(self, layer: MoELayer, ids: torch.Tensor, views: dict[str, torch.Tensor]) -> bool:
         """Whether this call (routed ids [T, k]) runs the kernel."""
@@ -322,4 +327,7 @@ class KernelCompute:
 def build_compute(model_compute: str, kernel: FusedKernelCompute | None, pool, table: torch.Tensor,
                   num_experts: int, top_k: int) -> ModelCompute | KernelCompute:
     strategy = (GatherCompute if model_compute == "gather" else PoolCompute)(pool, table, num_experts)
-    return KernelCompute(kernel, strategy, top_k) if kernel is not None else strategy
+    if kernel is None:
+        return strategy
+    kernel.bind(pool.weights)
+    return KernelCompute(kernel, strategy, top_k)
