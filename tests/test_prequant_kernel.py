@@ -96,9 +96,10 @@ def test_without_triton_the_prequant_reference_runs(monkeypatch):
 
 @needs_triton
 def test_runtime_chooses_the_kernel_for_published_slots(tmp_path):
-    """An AWQ checkpoint loaded with compute="triton": the kernel computes every MoE layer from the AWQ slots
-    (its name says so) and gives the tokens of the model with its experts dequantized; compute="auto" on a CPU
-    runs the model's implementation on a dequantized scratch, and says that."""
+    """An AWQ checkpoint loaded with compute="triton": the kernel computes every MoE layer from its slots, which
+    hold AWQ's experts in GPTQ's layout (converted without loss at load; the name says so), and gives the
+    tokens of the model with its experts dequantized; compute="auto" on a CPU runs the model's implementation
+    on a dequantized scratch, and says that."""
     from prequant_ckpt import dequantized_reference
 
     path = write_checkpoint("awq", tmp_path / "awq")
@@ -107,19 +108,19 @@ def test_runtime_chooses_the_kernel_for_published_slots(tmp_path):
         want = dequantized_reference("awq", path).generate(ids, max_new_tokens=2, do_sample=False)
     smoe = load_offloaded(path, cache_capacity=0.5, device=DEVICE, compute="triton")
     names = {smoe.experts_compute.kernel_name(layer) for layer in smoe.moe.layers}
-    assert names == {"triton-fused-awq-int4-g32"}
+    assert names == {"triton-fused-gptq-int4-g32"}
     with torch.no_grad():
         assert torch.equal(smoe.generate(ids.to(DEVICE), max_new_tokens=2, do_sample=False).cpu(), want)
     if DEVICE.type == "cpu":
         auto = load_offloaded(path, cache_capacity=0.5, device="cpu")
         assert {auto.experts_compute.kernel_name(layer) for layer in auto.moe.layers} == {
-            "gather-dequantized-awq-int4-g32"}
+            "gather-dequantized-gptq-int4-g32"}
 
 
 @needs_triton
 def test_mxfp4_slots_of_a_model_the_kernel_computes():
-    """compression="mxfp4" on a Qwen3-MoE model: MXFP4 slots, read by the kernel; gpt-oss's own MXFP4 experts
-    (transposed, biases, clamped gate) stay on the model's implementation, and the name says which."""
+    """compression="mxfp4" on a Qwen3-MoE model: MXFP4 slots, read by the kernel; on gpt-oss's experts
+    (transposed, biases, clamped gate) too, with its gate, and the name says which."""
     from prequant_ckpt import tiny_model
 
     model = tiny_model("gptq", dtype=torch.bfloat16)  # Qwen3-MoE, H = I = 64: K a multiple of MXFP4's 32
@@ -128,7 +129,7 @@ def test_mxfp4_slots_of_a_model_the_kernel_computes():
     smoe.unwrap()
     gpt = SpeculativeMoE(tiny_model("mxfp4", dtype=torch.bfloat16), None, cache_capacity=0.5, compression="mxfp4", compute="triton",
                          device=DEVICE)
-    assert {gpt.experts_compute.kernel_name(layer) for layer in gpt.moe.layers} == {"gather-dequantized-mxfp4"}
+    assert {gpt.experts_compute.kernel_name(layer) for layer in gpt.moe.layers} == {"triton-fused-mxfp4-swiglu_oai"}
 
 
 @pytest.mark.gpu

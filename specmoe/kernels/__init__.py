@@ -3,6 +3,7 @@
 * `experts_kernel`: one MoE layer's routed experts (gate/up, activation, down, weighted top-k sum) computed
   from the cache's slot pool through the expert->slot table (`fused_experts`; `moe_experts` falls back to
   `reference.experts_reference` where Triton cannot run).
+* `gates`: which transformers experts modules the kernel computes as they are (`kernel_activation`).
 * `quant`: int8 per-channel / int4 group-wise expert compression, `QuantizedStack` (a compressed slot pool's
   matrices, which `fused_experts` / `experts_reference` read directly) and a dequantize kernel.
 * `prequant`: the publishers' formats (MXFP4, block-scaled FP8, GPTQ / AWQ int4) and `PrequantStack`, which
@@ -17,7 +18,8 @@ On CPU the kernels run in triton's interpreter when TRITON_INTERPRET=1 was set b
 
 from .jit import triton_runs_on
 from .launch_config import LaunchConfigs, MoEKernelConfig, launch_configs, shape_key
-from .experts_kernel import FORMATS, align_pairs, fused_experts, kernel_activation, moe_experts, weight_format
+from .experts_kernel import FORMATS, align_pairs, fused_experts, moe_experts, weight_format
+from .gates import kernel_activation
 from .quant import QuantFormat, QuantizedStack, dequantize, dequantize_into, fake_quantize, quantize
 from .reference import ACTIVATIONS, experts_reference
 

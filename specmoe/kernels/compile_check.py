@@ -23,7 +23,7 @@ def variants(dtypes=tuple(_DT)):
 
     strides = [f"stride_{p}{m}{d}" for m in "12" for p, dims in (("w", "snk"), ("s", "snk"), ("z", "snk"), ("g", "s"))
                for d in dims]
-    ints = ["H", "I", "P", "TOP_K", "stride_xt", "stride_ot", *strides]
+    ints = ["H", "I", "P", "TOP_K", "stride_xt", "stride_ot", *strides, "stride_b1s", "stride_b2s"]
     # the slots' formats (experts_kernel.FORMATS): weight, scale, zero, g_idx pointer types
     parts = {0: None, 1: ("*i8", "*fp32", "*i8", "*i8"), 2: ("*u8", "*fp16", "*fp16", "*u8"),
              3: ("*u8", "*u8", "*u8", "*u8"), 4: ("*u8", "*fp32", "*u8", "*u8"), 5: ("*i32", "*fp16", "*i32", "*i32"),
@@ -31,16 +31,19 @@ def variants(dtypes=tuple(_DT)):
     for dtype in dtypes:
         dt = _DT[dtype]
         # plain slots, then compressed slots (int8 per channel, int4 groups of 128), then the publishers' formats
-        # (MXFP4, FP8-b128, GPTQ and AWQ int4-g128), on the decode and dot paths
+        # (MXFP4, FP8-b128, GPTQ and AWQ int4-g128), on the decode and dot paths; last gpt-oss's experts (act 3:
+        # interleaved gate/up, biases, clamped SwiGLU) from MXFP4 as published, and from FP8 / GPTQ slots
         for fmt, block_t, act in ((0, 1, 0), (0, 16, 0), (0, 64, 1), (0, 16, 2), (1, 1, 0), (1, 16, 0),
                                   (2, 1, 0), (2, 64, 0), (3, 1, 0), (3, 16, 0), (4, 1, 0), (4, 16, 0),
-                                  (5, 1, 0), (5, 16, 0), (6, 1, 0), (6, 16, 0)):
+                                  (5, 1, 0), (5, 16, 0), (6, 1, 0), (6, 16, 0),
+                                  (3, 1, 3), (3, 16, 3), (4, 1, 3), (5, 16, 3)):
             w, s, z, g = parts[fmt] or (f"*{dt}",) * 4
             sig = {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "w1_ptr": w, "w2_ptr": w, "s1_ptr": s, "z1_ptr": z,
-                   "g1_ptr": g, "s2_ptr": s, "z2_ptr": z, "g2_ptr": g, "table_ptr": "*i64", "pairs_ptr": "*i32",
-                   "block_expert_ptr": "*i32", "rw_ptr": "*fp32", **{n: "i32" for n in ints}}
-            const = {"ACT": act, "FMT": fmt, "GROUP": 128, "DOT_F32": dtype == "float32", "BLOCK_T": block_t,
-                     "BLOCK_K": 64, "BLOCK_I": 64, "BLOCK_H": 64}
+                   "g1_ptr": g, "s2_ptr": s, "z2_ptr": z, "g2_ptr": g, "b1_ptr": f"*{dt}", "b2_ptr": f"*{dt}",
+                   "table_ptr": "*i64", "pairs_ptr": "*i32", "block_expert_ptr": "*i32", "rw_ptr": "*fp32",
+                   **{n: "i32" for n in ints}, "alpha": "fp32", "limit": "fp32"}
+            const = {"ACT": act, "HAS_BIAS": act == 3, "FMT": fmt, "GROUP": 128, "DOT_F32": dtype == "float32",
+                     "BLOCK_T": block_t, "BLOCK_K": 64, "BLOCK_I": 64, "BLOCK_H": 64}
             yield (f"fused_experts {dtype} fmt={FORMATS[fmt]} block_t={block_t} act={act}", _fused_experts_kernel,
                    sig, const, {"num_warps": 4, "num_stages": 3})
         for bits, q, s in ((8, "*i8", "*fp32"), (4, "*u8", "*fp16")):

@@ -9,6 +9,12 @@ with atomics (the sum over I-tiles and over top-k). Every weight element is read
 * ``block_t >= 16`` (prefill): pairs are sorted by expert and padded to blocks (`align_pairs`, device-side,
   no host sync); products use ``tl.dot``.
 
+Two gates (the ``ACT`` constexpr): transformers' default, ``act(gate) * up`` with gate rows [0, I) and up rows
+[I, 2I) of gate_up (SiLU, GELU, GELU-tanh); and gpt-oss's ("swiglu_oai"): gate and up rows interleaved (2j,
+2j + 1), a bias added to each, ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g)`` with
+``g = min(gate, limit)``, and down's bias added once per routed pair (by the programs of the first I-tile),
+all in registers. gpt-oss's [in, out] matrices are read in a publisher's format, whose parts are [out, in].
+
 The slots are read in their own bytes and dequantized in registers, one constexpr per format (`FORMATS`):
 plain weights, specmoe's int8 / int4 (`quant.QuantizedStack`) and the publishers' MXFP4, block-scaled FP8,
 GPTQ and AWQ int4 (`prequant.PrequantStack`); no dequantized copy of an expert is ever written.
@@ -30,7 +36,7 @@ from .jit import interpreting, jit, triton_runs_on
 from .launch_config import MoEKernelConfig, launch_configs, shape_key
 from .prequant import PrequantStack
 from .quant import QuantizedStack
-from .reference import ACTIVATIONS, experts_reference
+from .reference import ACTIVATIONS, KERNEL_ACTIVATIONS, OAI, experts_reference
 
 try:  # triton is optional: without it every entry point falls back to the torch reference
     import triton
@@ -41,7 +47,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2
+_ACT_CODE = {name: i for i, name in enumerate(KERNEL_ACTIVATIONS)}  # silu 0, gelu 1, gelu_tanh 2, swiglu_oai 3
 # what a slot pool's weight is, as the kernel's FMT code: plain views, specmoe's own compression
 # (`quant.QuantizedStack`), the publishers' formats (`prequant.PrequantStack`)
 FORMATS = ("plain", "int8", "int4", "mxfp4", "fp8", "gptq-int4", "awq-int4")
@@ -123,17 +129,21 @@ def _fused_experts_kernel(
     w2_ptr,  # down [S, H, I] slot-strided, or its packed weight part
     s1_ptr, z1_ptr, g1_ptr,  # gate_up's scales, zeros and GPTQ g_idx (per format; unused ones alias w1)
     s2_ptr, z2_ptr, g2_ptr,  # down's
+    b1_ptr, b2_ptr,  # gate_up bias [S, 2I] and down bias [S, H], in their slots (read when HAS_BIAS)
     table_ptr,  # [E] expert -> slot, -1 absent
     pairs_ptr,  # [num_blocks * BLOCK_T] sorted pair ids, P = padding (unused when BLOCK_T == 1)
     block_expert_ptr,  # [num_blocks] expert of each block, -1 = nothing to do
     rw_ptr,  # [P] routing weights
     H, I, P, TOP_K,
+    alpha, limit,  # gpt-oss's gate (ACT 3)
     stride_xt, stride_ot,
     stride_w1s, stride_w1n, stride_w1k, stride_s1s, stride_s1n, stride_s1k, stride_z1s, stride_z1n, stride_z1k,
     stride_g1s,
     stride_w2s, stride_w2n, stride_w2k, stride_s2s, stride_s2n, stride_s2k, stride_z2s, stride_z2n, stride_z2k,
     stride_g2s,
-    ACT: tl.constexpr,
+    stride_b1s, stride_b2s,
+    ACT: tl.constexpr,  # 0 silu, 1 gelu, 2 gelu_tanh: act(gate) * up, halves; 3 gpt-oss's clamped SwiGLU, interleaved
+    HAS_BIAS: tl.constexpr,
     FMT: tl.constexpr,  # 0: plain weights; else compressed or pre-quantized slots (`FORMATS`), dequantized in registers
     GROUP: tl.constexpr,  # int4 / GPTQ / AWQ group size along K, FP8 block
     DOT_F32: tl.constexpr,  # dots in float32 ("ieee"): fp32 weights, or bf16 under the interpreter
@@ -170,6 +180,12 @@ def _fused_experts_kernel(
     s2 = s2_ptr + slot * stride_s2s
     z2 = z2_ptr + slot * stride_z2s
     g2 = g2_ptr + slot * stride_g2s
+    if ACT == 3:  # gpt-oss: gate row 2j, up row 2j + 1
+        rows_g = 2 * offs_i
+        rows_u = 2 * offs_i + 1
+    else:  # gate rows [0, I), up rows [I, 2I)
+        rows_g = offs_i
+        rows_u = offs_i + I
     wdt = x_ptr.dtype.element_ty  # the weights' (dequantized) dtype
 
     # ---- gate and up for this I-tile, reduced over all of H ---------------------------------------
@@ -181,9 +197,9 @@ def _fused_experts_kernel(
         xt = tl.load(x_ptr + token[:, None] * stride_xt + kk[None, :],
                      mask=pmask[:, None] & kmask[None, :], other=0.0)  # [BT, BK]
         wmask = kmask[:, None] & imask[None, :]
-        wg = _load_weight(w1, s1, z1, g1, offs_i[None, :], kk[:, None], stride_w1n, stride_w1k, stride_s1n,
+        wg = _load_weight(w1, s1, z1, g1, rows_g[None, :], kk[:, None], stride_w1n, stride_w1k, stride_s1n,
                           stride_s1k, stride_z1n, stride_z1k, wmask, wdt, FMT, GROUP)  # [BK, BI]
-        wu = _load_weight(w1, s1, z1, g1, offs_i[None, :] + I, kk[:, None], stride_w1n, stride_w1k, stride_s1n,
+        wu = _load_weight(w1, s1, z1, g1, rows_u[None, :], kk[:, None], stride_w1n, stride_w1k, stride_s1n,
                           stride_s1k, stride_z1n, stride_z1k, wmask, wdt, FMT, GROUP)
         if BLOCK_T == 1:
             xf = xt.to(tl.float32)[:, :, None]  # [1, BK, 1]
@@ -196,15 +212,23 @@ def _fused_experts_kernel(
             acc_g = tl.dot(xt, wg, acc_g)
             acc_u = tl.dot(xt, wu, acc_u)
 
+    if HAS_BIAS:
+        b1 = b1_ptr + slot * stride_b1s
+        acc_g += tl.load(b1 + rows_g, mask=imask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b1 + rows_u, mask=imask, other=0.0).to(tl.float32)[None, :]
+
     # ---- activation; the intermediate is rounded to the weights' dtype, as in the model -------------
     if ACT == 0:  # silu: x sigmoid(x)
-        gate = acc_g / (1.0 + tl.exp(-acc_g))
+        h = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(wdt)  # [BT, BI]
     elif ACT == 1:  # exact gelu
-        gate = 0.5 * acc_g * (1.0 + tl.math.erf(acc_g * 0.7071067811865476))
-    else:  # tanh gelu: 0.5 x (1 + tanh(y)) = x sigmoid(2y)
+        h = (0.5 * acc_g * (1.0 + tl.math.erf(acc_g * 0.7071067811865476)) * acc_u).to(wdt)
+    elif ACT == 2:  # tanh gelu: 0.5 x (1 + tanh(y)) = x sigmoid(2y)
         y = 0.7978845608028654 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
-        gate = acc_g / (1.0 + tl.exp(-2.0 * y))
-    h = (gate * acc_u).to(wdt)  # [BT, BI]
+        h = (acc_g / (1.0 + tl.exp(-2.0 * y)) * acc_u).to(wdt)
+    else:  # gpt-oss: (clamp(up, -limit, limit) + 1) * g sigmoid(alpha g), g = min(gate, limit)
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        h = ((u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))).to(wdt)
 
     # ---- down for this I-tile, weighted, added into the output ------------------------------------
     for n0 in range(0, H, BLOCK_H):
@@ -219,6 +243,9 @@ def _fused_experts_kernel(
             part = tl.dot(h.to(tl.float32), wd.to(tl.float32), input_precision="ieee")  # [BT, BH]
         else:
             part = tl.dot(h, wd)
+        if HAS_BIAS:  # down's bias, once per pair: by the first I-tile's programs
+            bd = tl.load(b2_ptr + slot * stride_b2s + nn, mask=nmask & (nn * 0 + pid_i == 0), other=0.0)
+            part += bd.to(tl.float32)[None, :]
         part = part * rw[:, None]
         tl.atomic_add(out_ptr + token[:, None] * stride_ot + nn[None, :], part,
                       mask=pmask[:, None] & nmask[None, :], sem="relaxed")
@@ -267,9 +294,14 @@ def _geometry(w) -> tuple[int, int, int, torch.dtype]:
     return (*w.shape, w.dtype)
 
 
-def _check(hidden, ids, weights, gate_up, down, table, activation) -> None:
+def _check(hidden, ids, weights, gate_up, down, table, activation, gate_up_bias=None, down_bias=None,
+           act_params=None) -> None:
     if activation not in _ACT_CODE:
-        raise ValueError(f"activation {activation!r} is not supported by the kernel; choose one of {ACTIVATIONS}")
+        raise ValueError(f"activation {activation!r} is not supported by the kernel; choose one of "
+                         f"{KERNEL_ACTIVATIONS}")
+    if (activation == OAI) != (act_params is not None):
+        raise ValueError(f"act_params (alpha, limit) go with activation {OAI!r} and only with it; got "
+                         f"{activation!r} and {act_params!r}")
     if hidden.dim() != 2 or ids.dim() != 2 or weights.shape != ids.shape or ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"expected hidden [T, H], ids [T, k], weights [T, k]; got {tuple(hidden.shape)}, "
                          f"{tuple(ids.shape)}, {tuple(weights.shape)}")
@@ -291,7 +323,17 @@ def _check(hidden, ids, weights, gate_up, down, table, activation) -> None:
     if ids.dtype.is_floating_point or table.dtype.is_floating_point or table.dim() != 1:
         raise ValueError(f"ids and table must be integer tensors, table [E]; got {ids.dtype}, {table.dtype} "
                          f"{tuple(table.shape)}")
-    devices = {t.device for t in (hidden, ids, weights, table)} | {w.device for w in (gate_up, down)}
+    if (gate_up_bias is None) != (down_bias is None):
+        raise ValueError("give both biases (gate_up_bias [S, 2I], down_bias [S, H]) or neither")
+    if gate_up_bias is not None:
+        if tuple(gate_up_bias.shape) != (s1, i2) or tuple(down_bias.shape) != (s1, H) or \
+                gate_up_bias.stride(-1) != 1 or down_bias.stride(-1) != 1 or \
+                not (gate_up_bias.is_floating_point() and down_bias.is_floating_point()):
+            raise ValueError(f"biases must be float gate_up_bias [S, 2I] = {[s1, i2]} and down_bias [S, H] = "
+                             f"{[s1, H]}, contiguous in their last dim; got {tuple(gate_up_bias.shape)}, "
+                             f"{tuple(down_bias.shape)}")
+    biases = () if gate_up_bias is None else (gate_up_bias, down_bias)
+    devices = {t.device for t in (hidden, ids, weights, table, *biases)} | {w.device for w in (gate_up, down)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
@@ -343,6 +385,10 @@ def fused_experts(
     table: torch.Tensor,
     activation: str = "silu",
     config: MoEKernelConfig | None = None,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    act_params: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer with the Triton kernel (see `experts_reference` for the math).
 
@@ -355,8 +401,13 @@ def fused_experts(
             in a publisher's format (MXFP4, FP8-b, GPTQ / AWQ int4): read as they are, dequantized in registers.
         down: [S, H, I] slot pool view, or a stack of [H, I] matrices (the same format as gate_up).
         table: [E] expert -> slot (the layer's row of the cache table), -1 = absent (contributes nothing).
-        activation: "silu", "gelu" or "gelu_tanh".
+        activation: "silu", "gelu" or "gelu_tanh" (gate rows then up rows), or "swiglu_oai": gpt-oss's clamped
+            SwiGLU, gate and up rows interleaved (gpt-oss's [in, out] experts given as [out, in] stacks: a
+            publisher's format).
         config: launch configuration; default from `launch_configs(device)` for this shape and T.
+        gate_up_bias: [S, 2I] bias of each slot's gate_up rows (gpt-oss), or None.
+        down_bias: [S, H] bias of each slot's down, added once per routed pair before its routing weight.
+        act_params: (alpha, limit) of "swiglu_oai" (gpt-oss's `swiglu_alpha`, `swiglu_limit`).
 
     Returns:
         [T, H] in hidden's dtype.
@@ -365,7 +416,7 @@ def fused_experts(
         ValueError: shapes, dtypes, strides or devices that do not fit the contract above.
         RuntimeError: Triton cannot run on this device (CPU without TRITON_INTERPRET=1, or no triton).
     """
-    _check(hidden, ids, weights, gate_up, down, table, activation)
+    _check(hidden, ids, weights, gate_up, down, table, activation, gate_up_bias, down_bias, act_params)
     if not triton_runs_on(hidden.device):
         raise RuntimeError(f"the Triton kernel cannot run on {hidden.device} here (CUDA, or CPU with "
                            "TRITON_INTERPRET=1); use specmoe.kernels.moe_experts for the automatic fallback")
@@ -391,12 +442,15 @@ def fused_experts(
     fmt, group, (w1, s1, z1, g1), w1_strides = _kernel_weights(gate_up)
     _, _, (w2, s2, z2, g2), w2_strides = _kernel_weights(down)
     grid = (block_expert.numel(), triton.cdiv(inter, config.block_i))
+    has_bias = gate_up_bias is not None
+    b1, b2 = (gate_up_bias, down_bias) if has_bias else (x, x)  # not read without biases
+    alpha, limit = (float(v) for v in act_params) if act_params is not None else (0.0, 0.0)
     _fused_experts_kernel[grid](
-        x, out, w1, w2, s1, z1, g1, s2, z2, g2, table.contiguous(), pairs, block_expert, rw,
-        H, inter, P, k,
+        x, out, w1, w2, s1, z1, g1, s2, z2, g2, b1, b2, table.contiguous(), pairs, block_expert, rw,
+        H, inter, P, k, alpha, limit,
         x.stride(0), out.stride(0),
-        *w1_strides, *w2_strides,
-        ACT=_ACT_CODE[activation], FMT=fmt, GROUP=group, DOT_F32=dot_f32,
+        *w1_strides, *w2_strides, b1.stride(0) if has_bias else 0, b2.stride(0) if has_bias else 0,
+        ACT=_ACT_CODE[activation], HAS_BIAS=has_bias, FMT=fmt, GROUP=group, DOT_F32=dot_f32,
         BLOCK_T=config.block_t, BLOCK_K=config.block_k, BLOCK_I=config.block_i, BLOCK_H=config.block_h,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -404,68 +458,21 @@ def fused_experts(
 
 
 def moe_experts(hidden, ids, weights, gate_up, down, table, activation: str = "silu",
-                config: MoEKernelConfig | None = None) -> torch.Tensor:
+                config: MoEKernelConfig | None = None, **gate) -> torch.Tensor:
     """`fused_experts` where Triton runs on the tensors' device, else the PyTorch reference (logged once);
     gate_up/down may be compressed (`QuantizedStack`) or pre-quantized (`PrequantStack`).
 
-    Same arguments, result and errors as `fused_experts` (minus the RuntimeError).
+    Same arguments (`gate`: gate_up_bias, down_bias, act_params), result and errors as `fused_experts` (minus
+    the RuntimeError).
     """
     if triton_runs_on(hidden.device):
-        return fused_experts(hidden, ids, weights, gate_up, down, table, activation, config)
-    _check(hidden, ids, weights, gate_up, down, table, activation)
+        return fused_experts(hidden, ids, weights, gate_up, down, table, activation, config, **gate)
+    _check(hidden, ids, weights, gate_up, down, table, activation, **gate)
     if hidden.device.type not in _WARNED:
         _WARNED.add(hidden.device.type)
         logger.info("Triton cannot run on %s here (set TRITON_INTERPRET=1 to interpret it on CPU); the fused "
                     "experts use the PyTorch reference", hidden.device)
-    return experts_reference(hidden, ids, weights, gate_up, down, table, activation)
+    return experts_reference(hidden, ids, weights, gate_up, down, table, activation, **gate)
 
 
 _WARNED: set[str] = set()
-
-
-def kernel_activation(experts: torch.nn.Module) -> tuple[str | None, str]:
-    """Whether the fused kernel computes what a transformers experts module computes.
-
-    Supported: `use_experts_implementation` experts with 3-D gate_up_proj [E, 2I, H] / down_proj [E, H, I],
-    concatenated gate then up, not transposed, no biases, no post-expert norm, the default gate
-    (act(gate) * up) with a SiLU or GELU (exact or tanh) activation: Mixtral, Qwen2/3-MoE, OLMoE,
-    DeepSeek-V2/V3, Granite-MoE, Phi-MoE, ... Not: GPT-OSS (transposed, biases, clamped custom gate),
-    ModuleList experts (SwitchTransformers).
-
-    Returns:
-        (activation name, "") when supported, else (None, the reason).
-    """
-    flags = {"has_gate": True, "is_concatenated": True, "is_transposed": False, "has_bias": False,
-             "has_post_expert_norm": False, "_is_expert_parallel": False}
-    for name, want in flags.items():
-        if getattr(experts, name, want) != want:
-            return None, f"{name}={getattr(experts, name)!r}"
-    for name, dims in (("gate_up_proj", 3), ("down_proj", 3)):
-        p = getattr(experts, name, None)
-        if not isinstance(p, torch.Tensor) or p.dim() != dims:
-            return None, f"no 3-D {name}"
-    try:
-        from transformers.integrations.moe import _default_apply_gate
-    except ImportError:
-        return None, "this transformers version has no default experts gate to compare with"
-    if getattr(type(experts), "_apply_gate", None) is not _default_apply_gate:
-        return None, f"{type(experts).__name__} has its own gate function"
-    activation = _activation_name(getattr(experts, "act_fn", None))
-    if activation is None:
-        return None, f"activation {type(getattr(experts, 'act_fn', None)).__name__} is not SiLU or GELU"
-    return activation, ""
-
-
-def _activation_name(act) -> str | None:
-    if act is None:
-        return None
-    name = type(act).__name__
-    if isinstance(act, torch.nn.SiLU) or name == "SiLUActivation":
-        return "silu"
-    if isinstance(act, torch.nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    if name == "GELUActivation":
-        return "gelu"
-    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation"):
-        return "gelu_tanh"
-    return None

@@ -18,6 +18,8 @@ A matrix W [N, K] (N output channels, K input channels: `y = x @ W.T`) is held a
 * ``awq-int4-g128`` (AutoAWQ's GEMM layout, `version` "gemm", `zero_point` true): ``.qweight`` int32 [K, N/8]
   and ``.qzeros`` int32 [K/G, N/8], both packed along N in AWQ's order (nibble i of a word holds column
   8 c + AWQ_ORDER[i]), ``.scales`` float16 [K/G, N]; W.T[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
+  `awq_to_gptq` rewrites these parts as GPTQ's (g_idx = k // G) without loss: the dequantized W is the same
+  bits. A checkpoint's AWQ experts are stored so (`runtime.loading`), and both kernels read GPTQ's layout.
 
 The names are suffixes of the matrix's own name (``gate_up_proj_blocks``, ``down_proj_scale_inv``,
 ``gate_up_proj.qweight``).
@@ -239,12 +241,25 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: int, dt
 def dequantize_gptq(qweight, qzeros, scales, g_idx, dtype=torch.float32) -> torch.Tensor:
     """GPTQ int4 (see the module docstring) -> W [..., N, K]."""
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    q = (qweight.unsqueeze(-2) >> shifts.view(-1, 1)) & 0xF  # [..., K/8, 8, N]
+    q = (qweight.unsqueeze(-2) >> shifts.view(-1, 1)).bitwise_and_(0xF)  # [..., K/8, 8, N]
     q = q.flatten(-3, -2)  # [..., K, N]
-    z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).flatten(-2)  # [..., K/G, N]
-    g = g_idx.long().unsqueeze(-1).expand(*g_idx.shape, q.shape[-1])  # [..., K, N]: each column's group
-    w = (q - z.gather(-2, g) - 1).float() * scales.gather(-2, g).float()  # [..., K, N]
+    z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).flatten(-2).add_(1)  # [..., K/G, N] zero points
+    k, n, groups = q.shape[-2], q.shape[-1], z.shape[-2]
+    if k % groups == 0 and torch.equal(g_idx, _sorted_g_idx(k, k // groups, g_idx)):  # k // G: groups as a view
+        w = q.view(*q.shape[:-2], groups, k // groups, n).sub_(z.unsqueeze(-2)).float()  # [..., K/G, G, N]
+        w = w.mul_(scales.unsqueeze(-2)).view(*q.shape)
+    elif g_idx.dim() == 1:  # one matrix (one g_idx): rows of the groups, without an index of every element
+        g = g_idx.long()
+        w = q.sub_(z.index_select(-2, g)).float().mul_(scales.index_select(-2, g))  # [..., K, N]
+    else:
+        g = g_idx.long().unsqueeze(-1).expand(*g_idx.shape, q.shape[-1])  # [..., K, N]: each column's group
+        w = q.sub_(z.gather(-2, g)).float().mul_(scales.gather(-2, g))
     return w.transpose(-1, -2).to(dtype)
+
+
+def _sorted_g_idx(k: int, group: int, like: torch.Tensor) -> torch.Tensor:
+    """k // group for k < K, shaped and placed as `like` (GPTQ's g_idx without act-order)."""
+    return (torch.arange(k, dtype=like.dtype, device=like.device) // group).expand_as(like)
 
 
 def quantize_gptq(w: torch.Tensor, group: int = 128, g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -280,6 +295,51 @@ def dequantize_awq(qweight, qzeros, scales, group: int, dtype=torch.float32) -> 
     q = q.view(*q.shape[:-2], k // group, group, n).sub_(_unpack_awq(qzeros).unsqueeze(-2))  # [..., K/G, G, N]
     w = q.float().mul_(scales.float().unsqueeze(-2)).view(*q.shape[:-3], k, n)  # [..., K, N]
     return w.transpose(-1, -2).to(dtype)
+
+
+def awq_to_gptq(parts: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
+    """AWQ GEMM int4 parts (``.qweight`` [..., K, N/8], ``.qzeros`` [..., K/G, N/8], ``.scales`` [..., K/G, N])
+    -> GPTQ int4 parts (``.qweight`` [..., K/8, N], ``.qzeros``, ``.scales``, ``.g_idx`` [..., K] = k // G) of
+    the same W, without loss: ``dequantize_gptq`` of the result equals ``dequantize_awq`` of the input, bit for
+    bit (up to the sign of a zero).
+
+    The codes are re-packed along K, the zeros in sequential order. GPTQ stores zero - 1 in a nibble, so it holds
+    zeros 1..16 and AWQ's are 0..15: a (group, column) whose AWQ zero is 0 is written negated, code 15 - q, zero
+    15, scale -s, since (q - 0) s = ((15 - q) - 15) (-s) exactly (fp16 negation and small integers are exact).
+    """
+    qweight, qzeros, s = parts[".qweight"], parts[".qzeros"], parts[".scales"]
+    k, n = qweight.shape[-2], 8 * qweight.shape[-1]
+    if k % group or k % 8 or qzeros.shape[-2] * group != k:
+        raise ValueError(f"AWQ parts of K = {k} do not form groups of {group} (qzeros {tuple(qzeros.shape)})")
+    z = _awq_codes(qzeros)  # uint8 [..., K/G, N]
+    flip = z == 0
+    step = max(1, 2**16 // (group * n))  # groups per chunk: the scratch of the codes stays ~64K codes a matrix
+    out = torch.empty(*qweight.shape[:-2], k // 8, n, dtype=torch.int32, device=qweight.device)  # [..., K/8, N]
+    for g0 in range(0, k // group, step):  # K in chunks of whole groups: [..., rows, N] codes each
+        q = _awq_codes(qweight[..., g0 * group:(g0 + step) * group, :])
+        q = q.view(*q.shape[:-2], -1, group, n)  # [..., g, G, N]
+        q = torch.where(flip[..., g0:g0 + step, :].unsqueeze(-2), 15 - q, q).view(*q.shape[:-3], -1, 4, 2, n)
+        out[..., g0 * group // 8:(g0 + step) * group // 8, :] = _words(q[..., 0, :] | (q[..., 1, :] << 4), -2)
+    z = torch.where(flip, 14, z - 1).view(*z.shape[:-1], n // 8, 4, 2)  # stored zero - 1, [..., K/G, N/8, 4, 2]
+    return {".qweight": out,  # [..., rows/8, 4, N] bytes of each chunk -> [..., rows/8, N] words
+            ".qzeros": _words(z[..., 0] | (z[..., 1] << 4), -1),  # [..., K/G, N/8]
+            ".scales": torch.where(flip, -s, s),
+            ".g_idx": _sorted_g_idx(k, group, torch.empty(*s.shape[:-2], k, dtype=torch.int32, device=s.device))
+            .contiguous()}
+
+
+def _awq_codes(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., R, N/8] packed in AWQ's order -> codes uint8 [..., R, N] (a byte per code: the conversion's
+    scratch stays a quarter of int32 codes')."""
+    b = packed.contiguous().view(torch.uint8).view(*packed.shape, 4)  # little-endian: byte j = nibbles 2j, 2j+1
+    nibbles = torch.stack((b & 15, b >> 4), dim=-1).flatten(-2)  # [..., R, N/8, 8] in nibble order
+    return nibbles[..., [s // 4 for s in AWQ_SHIFT]].flatten(-2)  # column c of 8 from its nibble
+
+
+def _words(nibble_pairs: torch.Tensor, dim: int) -> torch.Tensor:
+    """uint8 bytes with the 4 bytes of each int32 along `dim` (low byte first) -> int32 with that dim gone."""
+    b = nibble_pairs.movedim(dim, -1).contiguous()  # [..., 4]
+    return b.view(torch.int32).squeeze(-1)
 
 
 def quantize_awq(w: torch.Tensor, group: int = 128) -> dict[str, torch.Tensor]:

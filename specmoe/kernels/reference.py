@@ -17,7 +17,17 @@ from torch.nn import functional as F
 
 from .quant import QuantizedStack
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # act(gate) * up, gate rows then up rows
+OAI = "swiglu_oai"  # gpt-oss's clamped SwiGLU, gate and up rows interleaved, with (alpha, limit)
+KERNEL_ACTIVATIONS = ACTIVATIONS + (OAI,)
+
+
+def swiglu_oai(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gate (transformers' `GptOssExperts._apply_gate`) on gate_up [..., 2I] (gate, up interleaved)
+    -> [..., I]: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit)."""
+    gate = gate_up[..., 0::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -47,12 +57,17 @@ def experts_reference(
     down: torch.Tensor,
     table: torch.Tensor,
     activation: str = "silu",
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    act_params: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer, weights read from cache slots.
 
     out[t] = sum_j weights[t, j] * down[s] @ (act(gate[s] @ x[t]) * (up[s] @ x[t])), s = table[ids[t, j]],
     with gate/up the first/second half of gate_up's rows. Pairs with a negative id or an absent expert
-    (table -1) contribute nothing.
+    (table -1) contribute nothing. With "swiglu_oai" (gpt-oss): out[t] = sum_j weights[t, j] * (down[s] @
+    swiglu_oai(gate_up[s] @ x[t] + gate_up_bias[s]) + down_bias[s]), gate and up rows interleaved.
 
     Args:
         hidden: [T, H] hidden states.
@@ -63,7 +78,9 @@ def experts_reference(
             routed slots are dequantized, one at a time.
         down: [S, H, I] slot pool view, or a `QuantizedStack` of [H, I] matrices.
         table: [E] expert -> slot of this layer, -1 when absent.
-        activation: one of ACTIVATIONS.
+        activation: one of KERNEL_ACTIVATIONS.
+        gate_up_bias, down_bias: [S, 2I] and [S, H] slot biases (added in float32), or None.
+        act_params: (alpha, limit) of "swiglu_oai".
 
     Returns:
         [T, H] in hidden's dtype.
@@ -83,7 +100,14 @@ def experts_reference(
         w1 = gate_up.dequantize(s) if compressed else gate_up[s]  # [2I, H]
         w2 = down.dequantize(s) if compressed else down[s]  # [H, I]
         gu = x @ w1.float().t()  # [n, 2I]
-        h = (activate(gu[:, :inter], activation) * gu[:, inter:]).to(wdt).float()  # [n, I]
+        if gate_up_bias is not None:
+            gu = gu + gate_up_bias[s].float()
+        if activation == OAI:
+            h = swiglu_oai(gu, *act_params).to(wdt).float()  # [n, I]
+        else:
+            h = (activate(gu[:, :inter], activation) * gu[:, inter:]).to(wdt).float()  # [n, I]
         y = h @ w2.float().t()  # [n, H]
+        if down_bias is not None:
+            y = y + down_bias[s].float()
         out.index_add_(0, tokens, y * w[rows, None])
     return out.to(hidden.dtype)

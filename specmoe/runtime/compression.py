@@ -187,12 +187,10 @@ class PrequantCodec:
         return out
 
     def weights(self, views: Mapping[str, torch.Tensor]) -> dict:
-        """Published views [S, ...] (a slot pool's) -> name -> `PrequantStack` of S matrices for the quantized
-        tensors, the view itself for the others: what the fused kernel reads, no copy. Empty for transposed
-        experts (gpt-oss), which the kernel does not compute."""
-        if self.transposed:
-            return {}
-        return {spec.name: prequant.PrequantStack(self.fmt, tuple(spec.shape), spec.dtype,
+        """Published views [S, ...] (a slot pool's) -> name -> `PrequantStack` of S matrices [out, in] (gpt-oss's
+        transposed experts too) for the quantized tensors, the view itself for the others (biases): what the
+        fused kernel reads, no copy."""
+        return {spec.name: prequant.PrequantStack(self.fmt, self._nk(spec), spec.dtype,
                                                   {sfx: views[spec.name + sfx] for sfx in self._suffixes})
                 if spec.name in self.compressed else views[spec.name] for spec in self.slot_layout.specs}
 

@@ -15,6 +15,10 @@ reads a slot outside its chunk).
   of this GPU (`specmoe/kernels/configs/<device>.json`) record that the kernel measured faster than
   transformers' experts implementation; elsewhere the model's implementation, and a log line saying so, once
   per shape.
+  gpt-oss's experts (transposed, gate/up interleaved, biases, clamped SwiGLU) go through the kernel as
+  "swiglu_oai" when their slots hold a publisher's format (MXFP4 as published, or compression="fp8-b.." /
+  "gptq-int4-g.." / "mxfp4"), whose parts are [out, in]; in their own [in, out] layout they stay on the model's
+  implementation.
 
 `choose_compute` picks once, in the wrapper's constructor (before the experts leave their modules: the kernel
 plans read them); `build_compute` makes the strategy once the pool exists. Every strategy's `kernel_name(layer)`
@@ -31,7 +35,10 @@ import logging
 
 import torch
 
+from ..kernels.prequant import PrequantStack
+from ..kernels.reference import OAI
 from .adapters import FusedExperts, MoELayer
+from .host_compute import oai_gate
 
 COMPUTE = ("auto", "gather", "pool", "triton")
 logger = logging.getLogger(__name__)
@@ -121,6 +128,8 @@ class FusedKernelCompute:
         self.compressed = compressed
         self.fallback = (f"{fallback} on the routed slots dequantized into a scratch" if compressed else fallback)
         self.activation: dict[int, str] = {}  # MoE layer -> activation, for layers the kernel supports
+        self.act_params: dict[int, tuple[float, float]] = {}  # gpt-oss layers -> (alpha, limit)
+        self._why: dict[int, tuple[str, str]] = {}  # gpt-oss layers -> (name, why its own layout is not read)
         self._logged: set[str] = set()
         self._wanted: dict[tuple[int, int, int], bool] = {}  # (layer, tokens, k) -> kernel measured faster
         self.runs_here = kernels.triton_runs_on(device)  # else moe_experts falls back to the torch reference
@@ -129,15 +138,36 @@ class FusedKernelCompute:
 
     def plan(self, layer: MoELayer) -> None:
         activation, reason = self.kernels.kernel_activation(layer.experts)
+        params = oai_gate(layer.experts) if activation is None else None
+        if params is not None:  # gpt-oss: from slots in a publisher's format only (`bind` checks the pool's)
+            activation, self.act_params[layer.index] = OAI, params
+            self._why[layer.index] = (layer.name, reason)
         if activation is None:
             logger.info("MoE layer %s: the fused kernel does not support it (%s); using the model's experts "
                         "implementation (%s)", layer.name, reason, self.fallback)
         else:
             self.activation[layer.index] = activation
 
+    def bind(self, weights: dict) -> None:
+        """Called once the pool exists with its weights (views or stacks): gpt-oss's layers keep the kernel only
+        where the slots hold a publisher's format, whose parts are [out, in] (its own layout, plain or int8 /
+        int4, is [in, out])."""
+        if isinstance(weights.get("gate_up_proj"), PrequantStack):
+            return
+        for index in list(self.act_params):
+            del self.activation[index], self.act_params[index]
+            name, why = self._why[index]
+            logger.info("MoE layer %s: the fused kernel does not support it (%s); it computes gpt-oss's experts "
+                        "from slots in a publisher's format (MXFP4, FP8, GPTQ), not in their own [in, out] layout; "
+                        "using the model's experts implementation (%s)", name, why, self.fallback)
+
+    def reads(self, layer: MoELayer, views: dict) -> bool:
+        """Whether the kernel computes this layer from the pool's weights `views`."""
+        return layer.index in self.activation and bool(views)  # no views: a format the kernel does not read
+
     def wanted(self, layer: MoELayer, ids: torch.Tensor, views: dict[str, torch.Tensor]) -> bool:
         """Whether this call (routed ids [T, k]) runs the kernel."""
-        if layer.index not in self.activation or not views:  # no views: a format the kernel does not read
+        if not self.reads(layer, views):
             return False
         if self.mode == "triton":
             return True
@@ -164,9 +194,13 @@ class FusedKernelCompute:
     def __call__(self, layer: MoELayer, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  views: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor:
         """[T, H] routed experts' output for hidden [T, H], ids/weights [T, k], the pool's weights (views, or
-        QuantizedStacks when compressed), table [E]."""
+        QuantizedStacks or PrequantStacks when compressed; gpt-oss's biases), table [E]."""
+        gate = {}
+        if layer.index in self.act_params:  # gpt-oss: biases in the slots, clamped SwiGLU
+            gate = dict(gate_up_bias=views["gate_up_proj_bias"], down_bias=views["down_proj_bias"],
+                        act_params=self.act_params[layer.index])
         return self.kernels.moe_experts(hidden, ids, weights, views["gate_up_proj"], views["down_proj"], table,
-                                        self.activation[layer.index])
+                                        self.activation[layer.index], **gate)
 
 
 class ModelCompute:
@@ -266,16 +300,19 @@ class KernelCompute:
 
     def kernel_name(self, layer: MoELayer) -> str:
         """What computes this layer's device experts: "triton-fused-<format>" (the kernel reading the slots in
-        their format: plain, int8, int4-g64, mxfp4, fp8-b128, gptq-int4-g128, awq-int4-g128), its PyTorch
-        reference "torch-reference-<format>" where Triton cannot run, or the fallback's name; compute="auto" on
-        plain slots: "triton-fused-plain|<fallback>", the kernel where measured faster."""
+        their format: plain, int8, int4-g64, mxfp4, fp8-b128, gptq-int4-g128, awq-int4-g128), with "-swiglu_oai"
+        for gpt-oss's gate and biases ("triton-fused-mxfp4-swiglu_oai"), its PyTorch reference
+        "torch-reference-<format>" where Triton cannot run, or the fallback's name; compute="auto" on plain
+        slots: "triton-fused-plain|<fallback>", the kernel where measured faster."""
         weights = self.pool.weights
-        if layer.index not in self.kernel.activation or not weights:
+        if not self.kernel.reads(layer, weights):
             return self.fallback.kernel_name(layer)
         fmt = self.kernel.kernels.weight_format(weights["gate_up_proj"])
         if self.kernel.mode == "auto" and not self.kernel.runs_here:
             return self.fallback.kernel_name(layer)
         name = f"{'triton-fused' if self.kernel.runs_here else 'torch-reference'}-{fmt}"
+        if self.kernel.activation[layer.index] == OAI:
+            name += f"-{OAI}"
         if self.kernel.mode == "auto" and not self.kernel.compressed:
             return f"{name}|{self.fallback.kernel_name(layer)}"
         return name
@@ -290,4 +327,7 @@ class KernelCompute:
 def build_compute(model_compute: str, kernel: FusedKernelCompute | None, pool, table: torch.Tensor,
                   num_experts: int, top_k: int) -> ModelCompute | KernelCompute:
     strategy = (GatherCompute if model_compute == "gather" else PoolCompute)(pool, table, num_experts)
-    return KernelCompute(kernel, strategy, top_k) if kernel is not None else strategy
+    if kernel is None:
+        return strategy
+    kernel.bind(pool.weights)
+    return KernelCompute(kernel, strategy, top_k)

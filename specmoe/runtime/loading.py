@@ -22,8 +22,10 @@ never holding the whole model in host memory.
    published parts (`compression.PrequantCodec`, `prequant_checkpoint.PrequantPlan`), read as byte ranges of
    the files where they are (gpt-oss's fused tensors, FP8's per-expert tensors; "mmap" serves them from the
    files) or concatenated without loss (GPTQ's and AWQ's gate and up along the output channels); the host never
-   holds a dequantized copy of all experts. Their quantized non-expert linears (FP8, GPTQ, AWQ attention) are
-   dequantized on load.
+   holds a dequantized copy of all experts. AWQ's experts are rewritten as they are read into GPTQ's layout
+   (`prequant.awq_to_gptq`: the same dequantized bits, g_idx = k // G), which both the device and the host
+   kernels read; so the store's format (`CheckpointExperts.store_format`) is "gptq-int4-g<G>" for them. Their
+   quantized non-expert linears (FP8, GPTQ, AWQ attention) are dequantized on load.
 
    Not done here: a pinned staging ring for CUDA copies from the files (copies read into pageable buffers), and
    read-ahead of prefetched experts from disk on worker threads.
@@ -48,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..kernels.prequant import PrequantFormat, dequantize_fp8
+from ..kernels.prequant import PrequantFormat, awq_to_gptq, dequantize_fp8
 from .adapters import FusedExperts, ModelMoE, find_moe_layers
 from .checkpoint import ExpertPlan, SafetensorsCheckpoint
 from .checks import indexed_device
@@ -79,6 +81,15 @@ class CheckpointExperts:
         self.path = ""  # which store was built, and why: set by build_store
         self.prequant = isinstance(plan, PrequantPlan)  # the files hold the published parts, not the model's
 
+    @property
+    def store_format(self) -> PrequantFormat | None:
+        """The format the store holds pre-quantized experts in: the published one, except AWQ's, converted into
+        GPTQ's layout without loss as they are read (`prequant.awq_to_gptq`); None for unquantized experts."""
+        if not self.prequant:
+            return None
+        fmt = self.plan.codec.fmt
+        return PrequantFormat("gptq-int4", fmt.block) if fmt.kind == "awq-int4" else fmt
+
     def _ranges(self, moe: ModelMoE, layout: ExpertLayout):
         """(layer, e) -> per tensor the byte ranges that make it, or (None, reason)."""
         out = {}
@@ -100,8 +111,17 @@ class CheckpointExperts:
             if not isinstance(codec, PrequantCodec):
                 raise ValueError("the checkpoint's experts are pre-quantized; load them with their own format "
                                  "(load_offloaded does), not another compression")
-            layout, codec = codec.layout, None  # the published parts are the store's tensors: read, not encoded
+            if codec.fmt != self.store_format:
+                raise ValueError(f"the store of these {self.plan.codec.fmt} experts holds {self.store_format}, "
+                                 f"not {codec.fmt}")
+            # the published parts are the store's tensors: read, not encoded (AWQ's: converted to GPTQ's)
+            convert = codec.fmt != self.plan.codec.fmt
+            store_layout, layout, codec = codec.layout, self.plan.codec.layout, None
+        else:
+            convert, store_layout = False, None
         ranges, why = self._ranges(moe, layout)
+        if convert:
+            ranges, why = None, "AWQ's parts are converted into GPTQ's layout as they are read"
         if self.kind == "mmap" and ranges is not None and codec is None:
             self.path = "mmap: experts read from the checkpoint files at copy time"
             logger.info(self.path)
@@ -113,8 +133,9 @@ class CheckpointExperts:
                            "host memory instead", why)
         else:
             self.path = "ram: built expert by expert from the checkpoint" + (
-                " (byte ranges read into place)" if ranges is not None and codec is None else "")
-        store = HostStore(codec.layout if codec else layout, geo.num_layers, geo.num_experts)
+                " (byte ranges read into place)" if ranges is not None and codec is None else
+                f" ({why})" if convert else "")
+        store = HostStore(codec.layout if codec else store_layout or layout, geo.num_layers, geo.num_experts)
         reader = FileStore(layout, geo.num_layers, geo.num_experts, self.checkpoint, ranges) if ranges else None
         big = layout.nbytes * len(store) > 2**30
         for layer in tqdm(moe.layers, desc="experts -> host store", unit="layer", disable=not big, leave=False):
@@ -125,9 +146,21 @@ class CheckpointExperts:
                     continue
                 tensors = {s.name: self.plan.expert_tensor(f"{layer.name}.{s.name}", e, s.shape, s.dtype)
                            for s in layout.specs}
-                store.write(key, codec.encode(tensors) if codec else tensors)
+                store.write(key, codec.encode(tensors) if codec else self._as_gptq(tensors) if convert else tensors)
         self.checkpoint.close()  # the files are not read again
         return store
+
+    def _as_gptq(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One expert's AWQ tensors (published names) -> the same expert in GPTQ's parts (biases kept)."""
+        published, out = self.plan.codec, {}
+        for spec in published.slot_layout.specs:
+            if spec.name in published.compressed:
+                parts = awq_to_gptq({sfx: tensors[spec.name + sfx] for sfx in published.fmt.suffixes},
+                                    published.fmt.block)
+                out.update({spec.name + sfx: t for sfx, t in parts.items()})
+            else:
+                out[spec.name] = tensors[spec.name]
+        return out
 
 
 def _meta_model(path: Path, config, dtype: torch.dtype) -> nn.Module:
@@ -313,10 +346,10 @@ def load_offloaded(path, *, device=None, cache_capacity=None, predictor=None, dt
         model, source, fmt = load_streaming(path, device=device, dtype=dtype, host_store=host_store)
         if fmt is not None:  # pre-quantized experts stay in their format: store, copies, slots
             asked = config.compression
-            if asked not in (None, "none", str(fmt)) and asked != fmt:
+            if asked not in (None, "none", str(fmt), str(source.store_format), fmt, source.store_format):
                 raise ValueError(f"{path}: the experts are published as {fmt}; compression={asked!r} would "
                                  "re-quantize them (leave compression unset)")
-            config = dataclasses.replace(config, compression=fmt)
+            config = dataclasses.replace(config, compression=source.store_format)
     except NotImplementedError as err:
         logger.warning("cannot stream %s (%s not replayed); loading it whole on the CPU with from_pretrained", path,
                        err)

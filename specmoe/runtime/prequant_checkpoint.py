@@ -56,7 +56,7 @@ class PrequantPlan:
     def __init__(self, checkpoint: SafetensorsCheckpoint, model: nn.Module, moe, codec):
         from transformers.core_model_loading import rename_source_key
 
-        self.checkpoint = checkpoint
+        self.checkpoint, self.codec = checkpoint, codec
         renamings, converters = _conversions(model)
         meta_keys = dict.fromkeys(model.state_dict().keys(), True)
         self.renamed = {rename_source_key(k, renamings, [], model.base_model_prefix, meta_keys)[0]: k
