@@ -37,6 +37,10 @@ CONFIGS = {
     "zaya": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1, vocab_size=96,
                  router_hidden_size=32, layer_types=["hybrid", "hybrid"]),
+    "longcat_flash": dict(hidden_size=64, num_layers=1, num_attention_heads=4, kv_lora_rank=16, q_lora_rank=32,
+                          qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, ffn_hidden_size=96,
+                          expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
+                          vocab_size=96),
 }
 
 
@@ -108,7 +112,7 @@ def test_llama4_routing_capture_reads_the_dense_call():
     assert ids.shape == (5, 4, 1) and torch.equal(ids[:, :, 0], torch.stack(chosen[-4:], 1))  # (find_moe_layers probes too)
 
 
-@pytest.mark.parametrize("model_type", ["jetmoe", "zaya"])
+@pytest.mark.parametrize("model_type", ["jetmoe", "zaya", "longcat_flash"])
 def test_refused_with_reason(model_type):
     model = tiny(model_type)
     with pytest.raises(TypeError, match=re.escape("cannot be offloaded by specmoe: " + UNSUPPORTED[model_type])):
