@@ -271,7 +271,7 @@ def test_online_labels_are_belady_next_use_in_any_refresh_order():
     expected = np.bincount((cells[:known] * (HORIZON + 1) + next_use(used)[:known] - 1).ravel(),
                            minlength=CELLS * (HORIZON + 1)).reshape(CELLS, HORIZON + 1)
     assert np.array_equal(once.counts, expected) and np.array_equal(often.counts, expected)
-    assert len(once.routed[0]) == HORIZON  # the last HORIZON visits wait for their labels
+    assert once.waiting[0] == HORIZON  # the last HORIZON visits wait for their labels
 
 
 def test_online_rule_moves_a_wrong_table_toward_the_served_routing():

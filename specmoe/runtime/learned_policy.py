@@ -108,52 +108,70 @@ class OnlineRule:
 
 class OnlineLabels:
     """Belady's label, learned from the routing as it is served. Each layer's visits (routed ids, the cells
-    they left) wait; at a refresh, every waiting visit with HORIZON visits after it gets its label per expert
-    (n: the first later visit that routes it, 1..HORIZON, else past HORIZON) and is counted, and the last
-    HORIZON visits wait on. The work is per refresh, on [visits, E] arrays, not per layer call. Deterministic:
-    the runtime and the simulator that drive one policy through the same calls get one table."""
+    they left) wait in a buffer; at a refresh, every waiting visit with HORIZON visits after it gets its label
+    per expert (n: the first later visit that routes it, 1..HORIZON, else past HORIZON) and is counted, and the
+    last HORIZON visits wait on. A layer call writes one row; the labels are a few operations on [L, visits, E]
+    arrays per refresh. Deterministic: the runtime and the simulator that drive one policy through the same
+    calls get one table."""
 
     def __init__(self, L: int, E: int, rule: OnlineRule):
-        self.L, self.E, self.rule, self.cols = L, E, rule, HORIZON + 1
-        self.routed: list[list] = [[] for _ in range(L)]  # per layer: routed ids of each waiting visit
-        self.cells: list[list] = [[] for _ in range(L)]  # per layer: [E] cells of each waiting visit
-        self.counts = np.zeros((CELLS, HORIZON + 1))  # [B, H + 1] online counts
+        H = HORIZON
+        self.L, self.E, self.rule, self.cols = L, E, rule, H + 1
+        cap = rule.period + 2 * H  # visits a layer may hold (more than a period's: they wait for a refresh)
+        self.used = np.zeros((L, cap, E), dtype=bool)  # [L, V, E] routed at each waiting visit
+        self.cells = np.zeros((L, cap, E), dtype=np.int64)  # [L, V, E] the cells each waiting visit left
+        self.waiting = np.zeros(L, dtype=np.int64)  # [L] waiting visits per layer
+        self.counts = np.zeros((CELLS, H + 1))  # [B, H + 1] online counts
+        self._parts: list[np.ndarray] = []
         self._calls, self._due = 0, rule.period * L
 
     def add(self, layer: int, routed, cell: np.ndarray) -> bool:
-        """Layer `layer`'s visit routed `routed` and left its experts in `cell` [E] (kept, not copied: the
-        policy's state makes a new row each visit); True when the table is due for a refresh."""
-        self.routed[layer].append(list(routed))
-        self.cells[layer].append(cell)
+        """Layer `layer`'s visit routed `routed` and left its experts in `cell` [E]; True when the table is due
+        for a refresh."""
+        v = int(self.waiting[layer])
+        if v == self.used.shape[1]:  # this layer came round more often than the others: label it alone now
+            self._label(slice(layer, layer + 1))
+            v = int(self.waiting[layer])
+        self.used[layer, v, routed] = True
+        self.cells[layer, v] = cell
+        self.waiting[layer] = v + 1
         self._calls += 1
         return self._calls % self._due == 0
 
-    def _label(self, layer: int) -> np.ndarray | None:
-        """Count index (cell * (H + 1) + column) of every expert of the layer's visits whose label is known."""
-        H, E = HORIZON, self.E
-        routed, cells = self.routed[layer], self.cells[layer]
-        V = len(routed)
+    def _label(self, layers) -> None:
+        """Count every known label of `layers` (a slice of layers with equally many waiting visits, V > H) and
+        keep their last HORIZON visits waiting."""
+        H = HORIZON
+        V = int(self.waiting[layers][0])
         R = V - H  # visits with H visits after them
         if R <= 0:
-            return None
-        used = np.zeros((V, E), dtype=bool)  # [V, E]
-        rows = np.fromiter((v for v, ids in enumerate(routed) for _ in ids), dtype=np.int64)
-        used[rows, np.fromiter((e for ids in routed for e in ids), dtype=np.int64, count=rows.size)] = True
-        column = np.full((R, E), H, dtype=np.int64)  # [R, E] past H
+            return
+        used = self.used[layers]  # [n, cap, E] (a view)
+        column = np.full(used[:, :R].shape, H, dtype=np.int64)  # [n, R, E] past H
         for j in range(H, 0, -1):  # the nearest later visit that routes it wins
-            column[used[j : j + R]] = j - 1
-        index = np.stack(cells[:R]) * self.cols + column  # [R, E]
-        del routed[:R], cells[:R]
-        return index.ravel()
+            column[used[:, j : j + R]] = j - 1
+        column += self.cells[layers][:, :R] * self.cols
+        self._parts.append(column.ravel())
+        used[:, :H] = used[:, R:V]
+        used[:, H:V] = False
+        cells = self.cells[layers]
+        cells[:, :H] = cells[:, R:V].copy()
+        self.waiting[layers] = H
 
     def table(self, trained: np.ndarray) -> np.ndarray:
         """[B, H + 1] the trained table moved by the counts so far (after counting what is known)."""
         counts = self.counts
         if self.rule.decay < 1:
             counts *= self.rule.decay
-        parts = [x for x in (self._label(layer) for layer in range(self.L)) if x is not None]
-        if parts:
-            counts += np.bincount(np.concatenate(parts), minlength=counts.size).reshape(counts.shape)
+        waiting = self.waiting
+        if np.all(waiting == waiting[0]):  # decode: every layer visited alike, all at once
+            self._label(slice(0, self.L))
+        else:
+            for layer in range(self.L):
+                self._label(slice(layer, layer + 1))
+        if self._parts:
+            counts += np.bincount(np.concatenate(self._parts), minlength=counts.size).reshape(counts.shape)
+            self._parts.clear()
         prior = self.rule.prior
         return (prior * trained + counts) / (prior + counts.sum(1, keepdims=True))
 
@@ -209,6 +227,7 @@ class LearnedPolicy(ScoredPolicy):
         self.ahead = np.append(self._ahead_of[self.state.cell.ravel()], 0.0)  # [L * E + 1]
         if self.online is not None:
             self._labels = OnlineLabels(L, E, self.online)
+        self._score_buf, self._steps_buf = np.empty(cache.num_slots), np.empty(cache.num_slots)  # [S] scratch
 
     def observe(self, layer: int, predicted, routed=()) -> None:
         if self.cache is None:
@@ -218,8 +237,8 @@ class LearnedPolicy(ScoredPolicy):
         if self.online is not None and self._labels.add(layer, routed, cell):
             self._refresh()
         lo = layer * self.E
-        self.hit[lo : lo + self.E] = self._hit_of.take(cell)
-        self.ahead[lo : lo + self.E] = self._ahead_of.take(cell)
+        self._hit_of.take(cell, out=self.hit[lo : lo + self.E])  # into the layer's entries (views)
+        self._ahead_of.take(cell, out=self.ahead[lo : lo + self.E])
 
     def _refresh(self) -> None:
         """The table moved by the served routing's labels (`OnlineLabels.table`): every cell's terms again."""
@@ -232,8 +251,10 @@ class LearnedPolicy(ScoredPolicy):
 
     def _scores(self) -> np.ndarray:
         """[S] expected hits per slot-step (lowest: evicted first), inf for kept and empty slots."""
-        flat = self.slot_flat
-        score = self.hit.take(flat) / (self._steps[self.layer].take(self.slot_layer) + self.ahead.take(flat))
+        flat, score, steps = self.slot_flat, self._score_buf, self._steps_buf  # buffers reused every call
+        self._steps[self.layer].take(self.slot_layer, out=steps)
+        steps += self.ahead.take(flat, out=score)
+        np.divide(self.hit.take(flat, out=score), steps, out=score)
         return self._keep_predicted(score)
 
 

@@ -40,6 +40,8 @@ class EvictionTrainConfig:
         choice_calls / cost_calls: MoE layer calls replayed per choice of horizon / to time the policy.
         min_choice_passes: a held-out tail shorter than this chooses on the whole training routing instead.
         online: how the policy goes on counting labels on the routing it serves (`OnlineRule`; None: never).
+        online_min_gain: the policy learns online only where that gains this much mean hit rate on the folds
+            that choose the horizon (it costs a few us per layer call).
     """
 
     smoothing: float = 50.0
@@ -49,6 +51,7 @@ class EvictionTrainConfig:
     cost_calls: int = 3000
     min_choice_passes: int = 100
     online: OnlineRule | None = field(default_factory=OnlineRule)
+    online_min_gain: float = 0.001
 
     def __post_init__(self):
         if self.smoothing <= 0 or self.choice_calls < 1 or self.cost_calls < 1:
@@ -186,8 +189,8 @@ def measure_costs(factories: dict, stream, num_experts: int, capacity: float = 0
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: OnlineRule | None = None
-                   ) -> tuple[int, dict]:
+def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: OnlineRule | None = None,
+                   horizons=HORIZONS) -> tuple[int, dict]:
     """The horizon (of HORIZONS) of the best mean demand hit rate over `capacities` on routing the table was not
     counted on, replayed by the policy as it would run (with its `online` rule), and every horizon's hit rates.
 
@@ -196,7 +199,7 @@ def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: Online
             (at most `calls` MoE layer calls) it was not counted on; hits and misses add up over the folds.
     """
     E, scores = geometry["num_experts"], {}
-    for h in HORIZONS:
+    for h in horizons:
         rates = []
         for cap in capacities:
             hits = misses = 0
@@ -207,7 +210,7 @@ def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: Online
             rates.append(hits / max(hits + misses, 1))
         scores[str(h)] = rates
         logger.info("horizon %d: held-out demand hit rates %s at %s", h, rates, capacities)
-    best = max(HORIZONS, key=lambda h: sum(scores[str(h)]))
+    best = max(horizons, key=lambda h: sum(scores[str(h)]))
     return best, {"capacities": list(capacities), "hit_rates": scores}
 
 
@@ -258,7 +261,14 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
     geo = {name: geometry[name] for name in ("num_layers", "num_experts", "top_k")}
     horizon, chosen = choose_horizon(folds, geo, online=config.online)
     chosen["on"] = how_chosen
-    costs = measure_costs({"learned": lambda: LearnedPolicy(table, geo, horizon, online=config.online),
+    online = config.online
+    if online is not None:  # online costs a few us per layer call: kept only where it gains on the same folds
+        offline = choose_horizon(folds, geo, horizons=(horizon,))[1]["hit_rates"][str(horizon)]
+        gain = (sum(chosen["hit_rates"][str(horizon)]) - sum(offline)) / len(offline)
+        chosen["offline_hit_rates"], chosen["online_gain"] = offline, gain
+        if gain < config.online_min_gain:
+            online = None
+    costs = measure_costs({"learned": lambda: LearnedPolicy(table, geo, horizon, online=online),
                            "hit-density": HitDensityPolicy}, stream, E, calls=config.cost_calls)
     cost, cost_hd = costs["learned"], costs["hit-density"]
     filled = counts.sum(1)
@@ -271,8 +281,8 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
            "(specmoe.training.eviction.measure_costs), the default hit-density's replays taking turns with them; "
            "the simulator charges charged_s per MoE layer call: what the learned policy costs beyond the default, "
            "whose bookkeeping is part of the compute model's wrapper_s")
-    online = None if config.online is None else asdict(config.online)
-    info = {"rule": {"name": "density", "horizon": horizon, "online": online}, "training": training,
+    info = {"rule": {"name": "density", "horizon": horizon, "online": online and asdict(online)},
+            "training": training,
             "cost": {"per_call_s": cost, "hit_density_per_call_s": cost_hd, "charged_s": max(0.0, cost - cost_hd),
                      "how": how}}
     save_learned_policy(out, table, geo, info)
