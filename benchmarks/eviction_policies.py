@@ -127,8 +127,8 @@ def learned_info(path: Path) -> dict:
     training, cost, rule = config.get("training", {}), config.get("cost", {}), config.get("rule", {})
     return {"path": str(path), "traces": training.get("traces", "?"), "trained_on": training.get("sequences", "?"),
             "rule": f"hit density within {rule.get('horizon')} visits of a table of Belady's next use"
-                    + (", the table updated online from the routing served (every {period} passes, prior weight {prior:g})"
-                       .format(**rule["online"]) if rule.get("online") else ""),
+                    + (", the table updated online from the routing served (every {period} passes, prior weight "
+                       "{prior:g})".format(**rule["online"]) if rule.get("online") else ""),
             "cost_us": cost.get("per_call_s", 0.0) * 1e6,
             "hit_density_us": cost.get("hit_density_per_call_s", 0.0) * 1e6,
             "charged_us": cost.get("charged_s", 0.0) * 1e6, "training": training}

@@ -329,7 +329,8 @@ def load_learned_policy(path, geometry=None) -> LearnedPolicy:
     try:
         online = OnlineRule(**rule["online"]) if rule.get("online") else None
     except TypeError:
-        raise ValueError(f"{path / CONFIG_NAME} has an online rule this specmoe does not read: {rule['online']}") from None
+        raise ValueError(f"{path / CONFIG_NAME} has an online rule this specmoe does not read: "
+                         f"{rule['online']}") from None
     return LearnedPolicy(tensors["table"].double().numpy(), saved, horizon=int(rule.get("horizon", 2)),
                          info=meta.get("training"), cost_s=meta.get("cost", {}).get("charged_s", 0.0),
                          online=online)

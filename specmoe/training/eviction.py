@@ -38,7 +38,7 @@ class EvictionTrainConfig:
         val_fraction: the last share of the training passes held out to choose the horizon (then counted too).
         max_passes: count at most this many passes (the first ones; None: all).
         choice_calls / cost_calls: MoE layer calls replayed per choice of horizon / to time the policy.
-        min_choice_passes: a held-out tail shorter than this chooses on the whole training routing instead.
+        min_choice_passes: a held-out tail shorter than this chooses on two halves instead (`choice_folds`).
         online: how the policy goes on counting labels on the routing it serves (`OnlineRule`; None: never).
         online_min_gain: the policy learns online only where that gains this much mean hit rate on the folds
             that choose the horizon (it costs a few us per layer call).
@@ -214,7 +214,7 @@ def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: Online
     return best, {"capacities": list(capacities), "hit_rates": scores}
 
 
-def choice_folds(stream, num_experts: int, top_k: int, config: "EvictionTrainConfig") -> tuple[list, np.ndarray, str]:
+def choice_folds(stream, num_experts: int, top_k: int, config: EvictionTrainConfig) -> tuple[list, np.ndarray, str]:
     """The folds `choose_horizon` replays and the counts over the whole of `stream`: a table counted before the
     held-out tail (the last `val_fraction` of the passes) and that tail, or, when the tail would be shorter than
     `min_choice_passes`, two halves each scored with the table of the other. Returns (folds, counts, how)."""
