@@ -1,8 +1,8 @@
 """What an eviction policy costs per MoE layer call on this CPU: the learned policies given, the default
 (hit-density) and LRU, each driven as the scheduler drives it with demand fetching (observe, touch, victim,
-forget through ExpertCache; `specmoe.training.eviction.measure_cost`) on the first calls of a routing trace.
-Process CPU time (a shared machine's other load is not counted), median of 3 replays; LRU's is the floor of
-the cache's own bookkeeping.
+forget through ExpertCache; `specmoe.training.eviction.measure_costs`) on the first calls of a routing trace.
+Process CPU time (a shared machine's other load is not counted), median of --repeats replays, the policies'
+replays taking turns (load falls on all alike); LRU's is the floor of the cache's own bookkeeping.
 
     python benchmarks/eviction_cost.py traces/ds_test --learned policies/deepseek --name eviction_cost
 
@@ -21,7 +21,7 @@ from specmoe.io import write_json, write_text
 from specmoe.runtime.learned_policy import load_learned_policy
 from specmoe.runtime.policies import HitDensityPolicy, LRUPolicy
 from specmoe.sim.stream import load_stream
-from specmoe.training.eviction import measure_cost
+from specmoe.training.eviction import measure_costs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--learned", nargs="+", type=Path, required=True, help="per trace: a learned policy directory")
     ap.add_argument("--capacity", type=float, default=0.25)
     ap.add_argument("--calls", type=int, default=3000, help="MoE layer calls replayed")
+    ap.add_argument("--repeats", type=int, default=5, help="replays per policy (taking turns); the median is kept")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default="eviction_cost")
     args = ap.parse_args(argv)
@@ -42,9 +43,9 @@ def main(argv=None) -> int:
     for path, learned in zip(args.traces, args.learned):
         stream = load_stream(path)
         E = stream.num_experts
-        costs = {name: measure_cost(factory, stream, E, args.capacity, args.calls) for name, factory in
-                 (("lru", LRUPolicy), ("hit-density", HitDensityPolicy),
-                  ("learned", lambda: load_learned_policy(learned)))}
+        costs = measure_costs({"lru": LRUPolicy, "hit-density": HitDensityPolicy,
+                               "learned": lambda: load_learned_policy(learned)}, stream, E, args.capacity, args.calls,
+                              args.repeats)
         out["traces"].append({"trace": path.name, "learned": str(learned), "per_call_s": costs})
         for name, s in costs.items():
             rows.append([path.name, name, f"{s * 1e6:.1f}", f"{(s - costs['lru']) * 1e6:.1f}"])
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
     write_json(json_path, out)
     md = ("**Eviction policy cost per MoE layer call on this CPU**\n\n"
           + markdown_table(["trace", "policy", "us per layer call", "us beyond LRU"], rows)
-          + f"\n\nProcess CPU time, median of 3 replays of {args.calls} layer calls at capacity {args.capacity}, demand "
-          f"fetching. git {out['environment'].get('git_sha', '?')}.\n")
+          + f"\n\nProcess CPU time, median of {args.repeats} replays (the policies taking turns) of {args.calls} layer "
+          f"calls at capacity {args.capacity}, demand fetching. git {out['environment'].get('git_sha', '?')}.\n")
     write_text(json_path.with_suffix(".md"), md)
     print(f"wrote {json_path}, {json_path.with_suffix('.md')}")
     return 0

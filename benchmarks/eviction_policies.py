@@ -10,6 +10,10 @@ and at the largest that fits the profile. Simulated (`specmoe.sim`): hit rate, M
     specmoe train traces/deepseek_train --policy learned --sequences 0:799 --out policies/deepseek
     python benchmarks/eviction_policies.py traces/deepseek_test --learned policies/deepseek --capacities 0.25 0.5
 
+    # the reference model's own routing: generated over held-out text, trained on half its windows, scored on
+    # the other half (nothing is downloaded; the trace and the policy go to --reference-dir)
+    python benchmarks/eviction_policies.py --reference --capacities 0.25 0.5 --name eviction_learned_reference
+
 Each TRACE is a routing stream written by `RoutingStream.save` or a trace directory (its windows replayed as
 decode); `--sequences` keeps some of its sequences (the held-out ones). Its model shape is the preset with its
 routing geometry (or --shapes, one per trace), once per --compression scheme. A learned policy's measured cost
@@ -122,15 +126,56 @@ def learned_info(path: Path) -> dict:
     config = read_json(path / "config.json", what="learned policy config")
     training, cost, rule = config.get("training", {}), config.get("cost", {}), config.get("rule", {})
     return {"path": str(path), "traces": training.get("traces", "?"), "trained_on": training.get("sequences", "?"),
-            "rule": f"hit density within {rule.get('horizon')} visits of a table of Belady's next use",
+            "rule": f"hit density within {rule.get('horizon')} visits of a table of Belady's next use"
+                    + (", the table updated online from the routing served (every {period} passes, prior weight "
+                       "{prior:g})".format(**rule["online"]) if rule.get("online") else ""),
             "cost_us": cost.get("per_call_s", 0.0) * 1e6,
             "hit_density_us": cost.get("hit_density_per_call_s", 0.0) * 1e6,
             "charged_us": cost.get("charged_s", 0.0) * 1e6, "training": training}
 
 
+def reference_routing(work: Path, windows: int, length: int) -> tuple[Path, Path, str]:
+    """The packaged reference model's routing over `windows` windows of `length` tokens of its corpus's validation
+    files (never trained on; `collect_traces` into work/routing), and a learned policy trained on the first half
+    of those windows (work/policy). Returns (trace directory, policy directory, the scored sequences)."""
+    import torch
+
+    from specmoe.reference.corpus import CorpusConfig, load_corpus
+    from specmoe.reference.data import encode_documents, eval_windows
+    from specmoe.reference.model import CHECKPOINT_DIR, TRAINING_NAME, load_reference_model, load_reference_tokenizer
+    from specmoe.sim.stream import load_stream
+    from specmoe.traces.collect import collect_traces
+    from specmoe.training.eviction import EvictionTrainConfig, train_learned_policy
+
+    seed = read_json(CHECKPOINT_DIR / TRAINING_NAME, what="reference training record")["settings"]["seed"]
+    split = load_corpus(CorpusConfig(seed=seed))
+    tokens = encode_documents(load_reference_tokenizer(), split.texts("val"))
+    rows = eval_windows(tokens, length, windows)  # [N, T]
+    if rows.shape[0] < 2:
+        raise SystemExit(f"the validation text holds {rows.shape[0]} windows of {length} tokens: need 2 or more")
+    trace, policy = work / "reference_routing", work / "reference_policy"
+    collect_traces(load_reference_model("cpu", torch.float32), rows, trace, model_name="specmoe reference model",
+                   source={"text": "the corpus's validation files", "windows": int(rows.shape[0]), "tokens": length},
+                   hidden_layers="none", overwrite=True, progress=False)
+    half = rows.shape[0] // 2
+    stream = load_stream(trace)
+    train = stream.select_sequences(range(half))
+    geometry = {"num_layers": stream.num_layers, "num_experts": stream.num_experts, "top_k": stream.top_k}
+    train_learned_policy(train, geometry, policy, EvictionTrainConfig(),
+                         {"traces": f"the reference model's routing ({trace.name})",
+                          "sequences": f"sequences 0:{half} of {rows.shape[0]}"})
+    return trace, policy, f"{half}:{rows.shape[0]}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("traces", nargs="+", type=Path, help="routing streams (.safetensors) or trace directories")
+    ap.add_argument("traces", nargs="*", type=Path, help="routing streams (.safetensors) or trace directories")
+    ap.add_argument("--reference", action="store_true",
+                    help="add the reference model's routing over held-out text, a policy trained on half of it")
+    ap.add_argument("--reference-windows", type=int, default=64, help="--reference: windows of text")
+    ap.add_argument("--reference-tokens", type=int, default=128, help="--reference: tokens per window")
+    ap.add_argument("--reference-dir", type=Path, help="--reference: where its trace and policy go (default: a "
+                    "temporary directory)")
     ap.add_argument("--shapes", nargs="+", choices=sorted(PRESETS),
                     help="model shape per trace (default: by geometry)")
     ap.add_argument("--compression", nargs="+", default=["none"],
@@ -153,9 +198,23 @@ def main(argv=None) -> int:
     for opt in ("shapes", "sequences", "learned"):
         if getattr(args, opt) and len(getattr(args, opt)) != len(args.traces):
             ap.error(f"give one --{opt} entry per trace")
+    if not args.traces and not args.reference:
+        ap.error("give routing traces, --reference, or both")
+    if args.reference:
+        import tempfile
+
+        work = args.reference_dir or Path(tempfile.mkdtemp(prefix="specmoe-reference-"))
+        trace, policy, scored = reference_routing(work, args.reference_windows, args.reference_tokens)
+        n = len(args.traces)
+        args.traces.append(trace)
+        args.sequences = (args.sequences or ["all"] * n) + [scored]
+        args.learned = (args.learned or [Path("none")] * n) + [policy]
+        args.shapes = args.shapes and args.shapes + [None]
     profile = HardwareProfile.from_name(args.profile)
     out = {"environment": environment("cpu"), "settings": {"profile": profile.name, "max_passes": args.max_passes,
-           "default_policy": DEFAULT_POLICY, "compression": args.compression, "warmup_passes": args.warmup},
+           "default_policy": DEFAULT_POLICY, "compression": args.compression, "warmup_passes": args.warmup,
+           "reference": {"windows": args.reference_windows, "tokens": args.reference_tokens} if args.reference
+           else None},
            "traces": []}
     for i, path in enumerate(args.traces):
         stream, scored = select(load_stream(path), args.sequences[i] if args.sequences else "all")

@@ -13,13 +13,15 @@ from specmoe import SpeculativeMoE
 from specmoe.cli import main
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.cache import ExpertCache
-from specmoe.runtime.learned_policy import CELLS, HORIZONS, LayerState, LearnedPolicy, load_learned_policy
+from specmoe.runtime.learned_policy import (
+    CELLS, HORIZON, HORIZONS, LayerState, LearnedPolicy, OnlineLabels, OnlineRule, load_learned_policy,
+)
 from specmoe.runtime.policies import make_policy
 from specmoe.sim.bounds import demand_misses
 from specmoe.sim.engine import simulate
 from specmoe.sim.hardware import PROFILES
 from specmoe.sim.stream import RoutingStream
-from specmoe.training.eviction import EvictionTrainConfig, replay_demand, train_learned_policy
+from specmoe.training.eviction import EvictionTrainConfig, next_use, replay_demand, train_learned_policy
 
 QUICK = EvictionTrainConfig(choice_calls=2000, cost_calls=500)
 
@@ -187,14 +189,32 @@ def test_runtime_tokens_equal_with_learned_policy(tiny_policy):
     smoe.unwrap()
 
 
+@pytest.fixture(scope="module")
+def tiny_online_policy(tiny_policy, tmp_path_factory):
+    """`tiny_policy` with an online rule that refreshes the table every pass and weighs it little: the served
+    routing moves its decisions within a short generate call."""
+    out = tmp_path_factory.mktemp("tiny_online") / "learned"
+    out.mkdir()
+    config = json.loads((tiny_policy / "config.json").read_text())
+    config["rule"]["online"] = {"prior": 1.0, "decay": 1.0, "period": 1}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "model.safetensors").write_bytes((tiny_policy / "model.safetensors").read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("online", [False, True])
 @pytest.mark.parametrize("capacity", [0.3, 0.6])
-def test_runtime_counters_equal_the_simulators_with_learned_policy(tiny_policy, capacity):
+def test_runtime_counters_equal_the_simulators_with_learned_policy(tiny_policy, tiny_online_policy, capacity,
+                                                                    online):
+    tiny_policy = tiny_online_policy if online else tiny_policy
     model = build_tiny("qwen2_moe")
     inputs = make_inputs(model, length=6)
     smoe = SpeculativeMoE(model, None, capacity, transfer="sync", policy=str(tiny_policy))
-    with record(smoe) as rec:
-        model_out = smoe.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with record(smoe) as rec:  # online: long enough for labels (HORIZON visits later) to move the table
+        model_out = smoe.generate(**inputs, max_new_tokens=3 * HORIZON if online else NEW_TOKENS, do_sample=False)
     stats, slots, geo = smoe.stats.total, smoe.num_slots, smoe.geometry
+    if online:
+        assert smoe.cache.policy._labels.counts.sum() > 0
     smoe.unwrap()
     assert model_out.shape[1] > inputs["input_ids"].shape[1]
     sim = simulate(rec.stream(), proxy_shape(geo), PROFILES["rtx3090"], slots, ops=OPS, policy=str(tiny_policy),
@@ -229,3 +249,45 @@ def test_train_and_simulate_cli(tmp_path, trained):
     runs = json.loads((tmp_path / "sim" / "simulate.json").read_text())["runs"]
     assert {r["policy"] for r in runs} >= {"lru", str(tmp_path / "pol")}
     assert main(["train", str(tmp_path / "traces"), "--out", str(tmp_path / "x")]) == 2  # no --predictor / --policy
+
+
+def test_online_labels_are_belady_next_use_in_any_refresh_order():
+    """The served routing's labels are the offline ones (`next_use`, what training counts) for every visit with
+    HORIZON visits after it, however the refreshes fall; later visits wait."""
+    rng = np.random.default_rng(0)
+    V, E, k = 120, 12, 3
+    used = np.zeros((V, E), dtype=bool)
+    cells = rng.integers(0, CELLS, (V, E))
+    once, often = OnlineLabels(1, E, OnlineRule(period=10**6)), OnlineLabels(1, E, OnlineRule(period=1))
+    flat = np.full((CELLS, HORIZON + 1), 1.0 / (HORIZON + 1))
+    for v in range(V):
+        ids = sorted(rng.choice(E, k, replace=False).tolist())
+        used[v, ids] = True
+        once.add(0, ids, cells[v])
+        if often.add(0, ids, cells[v]):
+            often.table(flat)
+    once.table(flat)
+    known = V - HORIZON
+    expected = np.bincount((cells[:known] * (HORIZON + 1) + next_use(used)[:known] - 1).ravel(),
+                           minlength=CELLS * (HORIZON + 1)).reshape(CELLS, HORIZON + 1)
+    assert np.array_equal(once.counts, expected) and np.array_equal(often.counts, expected)
+    assert once.waiting[0] == HORIZON  # the last HORIZON visits wait for their labels
+
+
+def test_online_rule_moves_a_wrong_table_toward_the_served_routing():
+    """A table that says nothing is ever reused soon, serving routing that reuses two experts at every visit: the
+    online policy's chance of reuse for them rises, the offline one's stays."""
+    L, E, k = 2, 8, 2
+    wrong = np.zeros((CELLS, HORIZON + 1))
+    wrong[:, HORIZON] = 1.0  # n > HORIZON everywhere
+    geo = {"num_layers": L, "num_experts": E, "top_k": k}
+    policies = [LearnedPolicy(wrong, geo, 1), LearnedPolicy(wrong, geo, 1, online={"prior": 5.0, "period": 2})]
+    for policy in policies:
+        ExpertCache(4, L, E, None, policy)  # binds it
+        for _ in range(300):  # enough visits for the slowest frequency to reach its top bucket and stay
+            for layer in range(L):
+                policy.observe(layer, frozenset(), [1, 6])
+    offline, online = (p.hit[: L * E].reshape(L, E) for p in policies)
+    assert np.all(offline == 0) and np.all(online[:, [1, 6]] > 0.5)
+    with pytest.raises(ValueError, match="online rule needs"):
+        OnlineRule(prior=0)

@@ -10,8 +10,13 @@ Relaxed Belady does for CDN caches). The victim is the lowest expected hits per 
 visits of its layer, P(n <= h) / (d + L * (E[min(n, h)] - 1)) (hit density, as LHD does for web caches).
 Experts the predictor wants and experts of the current layer touched this step are kept.
 
+The table goes on learning from the routing it serves (`OnlineLabels`, by the directory's `OnlineRule`): each
+visit's label becomes known HORIZON visits later at the latest, and every few passes the counts move the trained
+table, so a policy trained on little routing (Mixtral's 81 development tokens) adapts to the sequence it runs.
+
 Cost (the hot path's budget is per MoE layer call): a layer call moves only its own layer's E cells (a dozen
-numpy operations on E values, `observe`); a victim is a gather over the S slots, once per call.
+numpy operations on E values, `observe`); a victim is a gather over the S slots, once per call; the online
+labels are two list appends per call and, every `period` passes, a few operations on [visits, E] arrays.
 
 The policy directory holds `config.json` (cells, geometry, horizon, training record, measured cost) and
 `model.safetensors` (the table), written by `save_learned_policy` (atomically: a new directory beside, then
@@ -25,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +91,91 @@ def keep_terms(table: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]
     return within[:, -1], horizon - 1 - within[:, :-1].sum(1)
 
 
+@dataclass(frozen=True)
+class OnlineRule:
+    """How the served routing moves the table: every `period` passes (period * L layer calls), the visits whose
+    label is known are counted, and each cell's row becomes (prior * trained row + its online counts) / (prior +
+    their sum); the online counts decay by `decay` at each refresh."""
+
+    prior: float = 200.0
+    decay: float = 1.0
+    period: int = 16
+
+    def __post_init__(self):
+        if self.prior <= 0 or not 0 < self.decay <= 1 or self.period < 1:
+            raise ValueError(f"online rule needs prior > 0, 0 < decay <= 1 and period >= 1, got {self}")
+
+
+class OnlineLabels:
+    """Belady's label, learned from the routing as it is served. Each layer's visits (routed ids, the cells
+    they left) wait in a buffer; at a refresh, every waiting visit with HORIZON visits after it gets its label
+    per expert (n: the first later visit that routes it, 1..HORIZON, else past HORIZON) and is counted, and the
+    last HORIZON visits wait on. A layer call writes one row; the labels are a few operations on [L, visits, E]
+    arrays per refresh. Deterministic: the runtime and the simulator that drive one policy through the same
+    calls get one table."""
+
+    def __init__(self, L: int, E: int, rule: OnlineRule):
+        H = HORIZON
+        self.L, self.E, self.rule, self.cols = L, E, rule, H + 1
+        cap = rule.period + 2 * H  # visits a layer may hold (more than a period's: they wait for a refresh)
+        self.used = np.zeros((L, cap, E), dtype=bool)  # [L, V, E] routed at each waiting visit
+        self.cells = np.zeros((L, cap, E), dtype=np.int64)  # [L, V, E] the cells each waiting visit left
+        self.waiting = np.zeros(L, dtype=np.int64)  # [L] waiting visits per layer
+        self.counts = np.zeros((CELLS, H + 1))  # [B, H + 1] online counts
+        self._parts: list[np.ndarray] = []
+        self._calls, self._due = 0, rule.period * L
+
+    def add(self, layer: int, routed, cell: np.ndarray) -> bool:
+        """Layer `layer`'s visit routed `routed` and left its experts in `cell` [E]; True when the table is due
+        for a refresh."""
+        v = int(self.waiting[layer])
+        if v == self.used.shape[1]:  # this layer came round more often than the others: label it alone now
+            self._label(slice(layer, layer + 1))
+            v = int(self.waiting[layer])
+        self.used[layer, v, routed] = True
+        self.cells[layer, v] = cell
+        self.waiting[layer] = v + 1
+        self._calls += 1
+        return self._calls % self._due == 0
+
+    def _label(self, layers) -> None:
+        """Count every known label of `layers` (a slice of layers with equally many waiting visits, V > H) and
+        keep their last HORIZON visits waiting."""
+        H = HORIZON
+        V = int(self.waiting[layers][0])
+        R = V - H  # visits with H visits after them
+        if R <= 0:
+            return
+        used = self.used[layers]  # [n, cap, E] (a view)
+        column = np.full(used[:, :R].shape, H, dtype=np.int64)  # [n, R, E] past H
+        for j in range(H, 0, -1):  # the nearest later visit that routes it wins
+            column[used[:, j : j + R]] = j - 1
+        column += self.cells[layers][:, :R] * self.cols
+        self._parts.append(column.ravel())
+        used[:, :H] = used[:, R:V]
+        used[:, H:V] = False
+        cells = self.cells[layers]
+        cells[:, :H] = cells[:, R:V].copy()
+        self.waiting[layers] = H
+
+    def table(self, trained: np.ndarray) -> np.ndarray:
+        """[B, H + 1] the trained table moved by the counts so far (after counting what is known)."""
+        counts = self.counts
+        if self.rule.decay < 1:
+            counts *= self.rule.decay
+        waiting = self.waiting
+        if np.all(waiting == waiting[0]):  # decode: every layer visited alike, all at once
+            self._label(slice(0, self.L))
+        else:
+            for layer in range(self.L):
+                self._label(slice(layer, layer + 1))
+        if self._parts:
+            counts += np.bincount(np.concatenate(self._parts), minlength=counts.size).reshape(counts.shape)
+            self._parts.clear()
+        prior = self.rule.prior
+        return (prior * trained + counts) / (prior + counts.sum(1, keepdims=True))
+
+
 class LearnedPolicy(ScoredPolicy):
     """Evict by the trained table's distribution of each resident expert's next use (see the module docstring).
 
@@ -95,12 +186,14 @@ class LearnedPolicy(ScoredPolicy):
         info: what the policy directory said about its training (kept for reports).
         cost_s: seconds per MoE layer call the simulator charges: the measured cost of this policy's work
             (observe, touch, victim) beyond the default's, which the compute model's wrapper_s already holds.
+        online: the rule by which the table goes on learning from the routing it serves (`OnlineRule`, or its
+            fields as a dict; None: the trained table as it is).
     """
 
     name = "learned"
 
     def __init__(self, table: np.ndarray, geometry: dict, horizon: int = 2, info: dict | None = None,
-                 cost_s: float = 0.0):
+                 cost_s: float = 0.0, online: OnlineRule | dict | None = None):
         table = np.asarray(table, dtype=np.float64)
         if table.shape != (CELLS, HORIZON + 1) or not np.all(table >= 0):
             raise ValueError(f"the eviction table must be [{CELLS}, {HORIZON + 1}] of probabilities, got "
@@ -110,6 +203,7 @@ class LearnedPolicy(ScoredPolicy):
         super().__init__()
         self.table, self.geometry, self.info = table, dict(geometry), dict(info or {})
         self.horizon = horizon
+        self.online = OnlineRule(**online) if isinstance(online, dict) else online
         self.host_s_per_call = float(cost_s)
         self.cache = None
         self.layer: int | None = None
@@ -131,20 +225,36 @@ class LearnedPolicy(ScoredPolicy):
         # per (layer, expert), flat, then one entry for an empty slot: hit inf (never a victim), nothing ahead
         self.hit = np.append(hit[self.state.cell.ravel()], np.inf)  # [L * E + 1]
         self.ahead = np.append(self._ahead_of[self.state.cell.ravel()], 0.0)  # [L * E + 1]
+        if self.online is not None:
+            self._labels = OnlineLabels(L, E, self.online)
+        self._score_buf, self._steps_buf = np.empty(cache.num_slots), np.empty(cache.num_slots)  # [S] scratch
 
     def observe(self, layer: int, predicted, routed=()) -> None:
         if self.cache is None:
             return
         self.layer, self.predicted, self._score = layer, predicted, None
         cell = self.state.observe(layer, routed)
+        if self.online is not None and self._labels.add(layer, routed, cell):
+            self._refresh()
         lo = layer * self.E
-        self.hit[lo : lo + self.E] = self._hit_of.take(cell)
-        self.ahead[lo : lo + self.E] = self._ahead_of.take(cell)
+        self._hit_of.take(cell, out=self.hit[lo : lo + self.E])  # into the layer's entries (views)
+        self._ahead_of.take(cell, out=self.ahead[lo : lo + self.E])
+
+    def _refresh(self) -> None:
+        """The table moved by the served routing's labels (`OnlineLabels.table`): every cell's terms again."""
+        table = self._labels.table(self.table)
+        hit, extra = keep_terms(table, self.horizon)
+        self._hit_of, self._ahead_of = hit, self.L * extra
+        cells = self.state.cell.ravel()
+        self.hit[:-1] = self._hit_of.take(cells)
+        self.ahead[:-1] = self._ahead_of.take(cells)
 
     def _scores(self) -> np.ndarray:
         """[S] expected hits per slot-step (lowest: evicted first), inf for kept and empty slots."""
-        flat = self.slot_flat
-        score = self.hit.take(flat) / (self._steps[self.layer].take(self.slot_layer) + self.ahead.take(flat))
+        flat, score, steps = self.slot_flat, self._score_buf, self._steps_buf  # buffers reused every call
+        self._steps[self.layer].take(self.slot_layer, out=steps)
+        steps += self.ahead.take(flat, out=score)
+        np.divide(self.hit.take(flat, out=score), steps, out=score)
         return self._keep_predicted(score)
 
 
@@ -216,5 +326,11 @@ def load_learned_policy(path, geometry=None) -> LearnedPolicy:
     if "table" not in tensors:
         raise ValueError(f"{path / WEIGHTS_NAME} lacks the table")
     rule = meta.get("rule", {})
+    try:
+        online = OnlineRule(**rule["online"]) if rule.get("online") else None
+    except TypeError:
+        raise ValueError(f"{path / CONFIG_NAME} has an online rule this specmoe does not read: "
+                         f"{rule['online']}") from None
     return LearnedPolicy(tensors["table"].double().numpy(), saved, horizon=int(rule.get("horizon", 2)),
-                         info=meta.get("training"), cost_s=meta.get("cost", {}).get("charged_s", 0.0))
+                         info=meta.get("training"), cost_s=meta.get("cost", {}).get("charged_s", 0.0),
+                         online=online)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from ..runtime.learned_policy import (
-    CELLS, FEATURES, FREQ_BUCKETS, HORIZON, HORIZONS, LayerState, LearnedPolicy, save_learned_policy,
+    CELLS, FEATURES, FREQ_BUCKETS, HORIZON, HORIZONS, LayerState, LearnedPolicy, OnlineRule, save_learned_policy,
 )
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,13 @@ class EvictionTrainConfig:
     Args:
         smoothing: weight (in samples) of the cell's recency bucket's distribution of n added to every cell
             (see `smooth_table`).
-        val_fraction: the last share of the training passes held out (not counted) to choose the horizon.
+        val_fraction: the last share of the training passes held out to choose the horizon (then counted too).
         max_passes: count at most this many passes (the first ones; None: all).
         choice_calls / cost_calls: MoE layer calls replayed per choice of horizon / to time the policy.
+        min_choice_passes: a held-out tail shorter than this chooses on two halves instead (`choice_folds`).
+        online: how the policy goes on counting labels on the routing it serves (`OnlineRule`; None: never).
+        online_min_gain: the policy learns online only where that gains this much mean hit rate on the folds
+            that choose the horizon (it costs a few us per layer call).
     """
 
     smoothing: float = 50.0
@@ -45,6 +49,9 @@ class EvictionTrainConfig:
     max_passes: int | None = None
     choice_calls: int = 20_000
     cost_calls: int = 3000
+    min_choice_passes: int = 100
+    online: OnlineRule | None = field(default_factory=OnlineRule)
+    online_min_gain: float = 0.001
 
     def __post_init__(self):
         if self.smoothing <= 0 or self.choice_calls < 1 or self.cost_calls < 1:
@@ -79,30 +86,38 @@ def next_use(used: np.ndarray, cap: int = HORIZON + 1) -> np.ndarray:
     return np.minimum(out - np.arange(V)[:, None], cap)
 
 
-def count_table(stream, num_experts: int, top_k: int, stop: int | None = None) -> np.ndarray:
-    """Counts [B, H + 1] of n per cell over the visits before pass `stop` (all: None), the cells from the
-    policy's own state replayed in the runtime's order (pass by pass, layer by layer); n is labelled from the
-    whole routing's future."""
+def count_table(stream, num_experts: int, top_k: int, split: int | None = None):
+    """Counts [B, H + 1] of n per cell over all visits of `stream`, the cells from the policy's own state
+    replayed in the runtime's order (pass by pass, layer by layer); n is labelled from the whole routing's
+    future. With `split`, also the counts of the visits before pass `split` (a tuple: all, before)."""
     visits = layer_visits(stream, num_experts)
     L, cols = len(visits), HORIZON + 1
     labels = [next_use(v) - 1 for v in visits]  # [V, E] column of each visit's experts
     state = LayerState(L, num_experts, top_k)
     counts = np.zeros(CELLS * cols, dtype=np.int64)
+    head = None
     V = max(v.shape[0] for v in visits)
-    stop = V if stop is None else min(stop, V)
     parts: list[np.ndarray] = []
-    for t in range(stop):
+    for t in range(V):
+        if t == split:
+            if parts:
+                counts += np.bincount(np.concatenate(parts), minlength=counts.size)
+            parts.clear()
+            head = counts.copy()
         for layer in range(L):
             if t < visits[layer].shape[0]:
                 cell = state.observe(layer, np.flatnonzero(visits[layer][t]))
                 parts.append(cell * cols + labels[layer][t])
-        if len(parts) >= 8192 or t == stop - 1:
+        if len(parts) >= 8192 or t == V - 1:
             if parts:
                 counts += np.bincount(np.concatenate(parts), minlength=counts.size)
             parts.clear()
     if not counts.any():
         raise ValueError("the training routing has no layer visits to learn from")
-    return counts.reshape(CELLS, cols)
+    counts = counts.reshape(CELLS, cols)
+    if split is None:
+        return counts
+    return counts, (counts if head is None else head.reshape(CELLS, cols))
 
 
 def smooth_table(counts: np.ndarray, smoothing: float) -> np.ndarray:
@@ -160,25 +175,65 @@ def measure_cost(policy_factory, stream, num_experts: int, capacity: float = 0.2
                  repeats: int = 3) -> float:
     """Median seconds per MoE layer call of a policy's work (observe, touch, victim, forget) driven as the
     scheduler drives it (`replay_demand`) on the first `calls` layer calls of `stream`, no predictor."""
-    return float(np.median([replay_demand(policy_factory, stream, num_experts, capacity, calls)[2]
-                            for _ in range(repeats)]))
+    return measure_costs({"policy": policy_factory}, stream, num_experts, capacity, calls, repeats)["policy"]
 
 
-def choose_horizon(table: np.ndarray, geometry: dict, stream, start_pass: int, capacities=(0.25, 0.5),
-                   calls: int = 20_000) -> tuple[int, dict]:
-    """The horizon (of HORIZONS) of the best mean demand hit rate over `capacities`, replayed from `start_pass`
-    (the training routing's held-out tail), and every horizon's hit rates."""
+def measure_costs(factories: dict, stream, num_experts: int, capacity: float = 0.25, calls: int = 3000,
+                  repeats: int = 5) -> dict:
+    """`measure_cost` of several policies {name: factory}, their replays taking turns (a shared machine's load
+    then falls on all of them alike): {name: median seconds per MoE layer call}."""
+    times: dict = {name: [] for name in factories}
+    for _ in range(repeats):
+        for name, factory in factories.items():
+            times[name].append(replay_demand(factory, stream, num_experts, capacity, calls)[2])
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: OnlineRule | None = None,
+                   horizons=HORIZONS) -> tuple[int, dict]:
+    """The horizon (of HORIZONS) of the best mean demand hit rate over `capacities` on routing the table was not
+    counted on, replayed by the policy as it would run (with its `online` rule), and every horizon's hit rates.
+
+    Args:
+        folds: (table, stream, start_pass, calls) each: a table and the passes of `stream` from `start_pass`
+            (at most `calls` MoE layer calls) it was not counted on; hits and misses add up over the folds.
+    """
     E, scores = geometry["num_experts"], {}
-    for h in HORIZONS:
+    for h in horizons:
         rates = []
         for cap in capacities:
-            hits, misses, _ = replay_demand(lambda: LearnedPolicy(table, geometry, h), stream, E, cap, calls,
-                                            start_pass)
+            hits = misses = 0
+            for table, stream, start_pass, calls in folds:
+                got = replay_demand(lambda: LearnedPolicy(table, geometry, h, online=online), stream, E, cap, calls,
+                                    start_pass)
+                hits, misses = hits + got[0], misses + got[1]
             rates.append(hits / max(hits + misses, 1))
         scores[str(h)] = rates
         logger.info("horizon %d: held-out demand hit rates %s at %s", h, rates, capacities)
-    best = max(HORIZONS, key=lambda h: sum(scores[str(h)]))
+    best = max(horizons, key=lambda h: sum(scores[str(h)]))
     return best, {"capacities": list(capacities), "hit_rates": scores}
+
+
+def choice_folds(stream, num_experts: int, top_k: int, config: EvictionTrainConfig) -> tuple[list, np.ndarray, str]:
+    """The folds `choose_horizon` replays and the counts over the whole of `stream`: a table counted before the
+    held-out tail (the last `val_fraction` of the passes) and that tail, or, when the tail would be shorter than
+    `min_choice_passes`, two halves each scored with the table of the other. Returns (folds, counts, how)."""
+    P, L = stream.num_passes, stream.num_layers
+    tail = int(P * (1 - config.val_fraction))
+    if P - tail >= config.min_choice_passes and tail > 0:
+        counts, head = count_table(stream, num_experts, top_k, split=tail)
+        folds = [(smooth_table(head, config.smoothing), stream, tail, config.choice_calls)]
+        return folds, counts, f"the held-out tail from pass {tail} of {P}"
+    counts = count_table(stream, num_experts, top_k)
+    half = P // 2
+    if half < 1:
+        return [(smooth_table(counts, config.smoothing), stream, 0, config.choice_calls)], counts, "all its passes"
+    first, second = stream.select_passes(0, half), stream.select_passes(half, P)
+    folds = [(smooth_table(count_table(first, num_experts, top_k), config.smoothing), stream, half,
+              config.choice_calls),
+             (smooth_table(count_table(second, num_experts, top_k), config.smoothing), stream, 0,
+              min(config.choice_calls, half * L))]
+    return folds, counts, f"two folds: passes 0:{half} and {half}:{P}, each scored with the other's table"
 
 
 def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfig = EvictionTrainConfig(),
@@ -201,26 +256,33 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
     if config.max_passes is not None and config.max_passes < stream.num_passes:
         stream = stream.select_passes(0, config.max_passes)
     passes = stream.num_passes
-    tail = int(passes * (1 - config.val_fraction)) if config.val_fraction else passes
-    if not 0 < tail < passes:
-        tail = passes  # too short to hold a tail out: choose on the counted passes themselves
-    counts = count_table(stream, E, k, tail)
-    table = smooth_table(counts, config.smoothing)
+    folds, counts, how_chosen = choice_folds(stream, E, k, config)
+    table = smooth_table(counts, config.smoothing)  # the policy's: counted on every training pass
     geo = {name: geometry[name] for name in ("num_layers", "num_experts", "top_k")}
-    horizon, chosen = choose_horizon(table, geo, stream, tail % passes, calls=config.choice_calls)
-    cost = measure_cost(lambda: LearnedPolicy(table, geo, horizon), stream, E, calls=config.cost_calls)
-    cost_hd = measure_cost(HitDensityPolicy, stream, E, calls=config.cost_calls)
+    horizon, chosen = choose_horizon(folds, geo, online=config.online)
+    chosen["on"] = how_chosen
+    online = config.online
+    if online is not None:  # online costs a few us per layer call: kept only where it gains on the same folds
+        offline = choose_horizon(folds, geo, horizons=(horizon,))[1]["hit_rates"][str(horizon)]
+        gain = (sum(chosen["hit_rates"][str(horizon)]) - sum(offline)) / len(offline)
+        chosen["offline_hit_rates"], chosen["online_gain"] = offline, gain
+        if gain < config.online_min_gain:
+            online = None
+    costs = measure_costs({"learned": lambda: LearnedPolicy(table, geo, horizon, online=online),
+                           "hit-density": HitDensityPolicy}, stream, E, calls=config.cost_calls)
+    cost, cost_hd = costs["learned"], costs["hit-density"]
     filled = counts.sum(1)
     training = {"config": asdict(config), "passes": passes, "tokens": stream.num_tokens,
-                "counted_passes": tail, "held_out_from_pass": tail % passes, "samples": int(counts.sum()),
+                "samples": int(counts.sum()),
                 "cells": CELLS, "cells_with_samples": int((filled > 0).sum()), "features": list(FEATURES),
                 "horizon_choice": chosen, "seconds": time.perf_counter() - start, **(describe or {})}
-    how = (f"median over 3 replays of {config.cost_calls} MoE layer calls of the training routing at capacity 0.25, "
+    how = (f"median over 5 replays of {config.cost_calls} MoE layer calls of the training routing at capacity 0.25, "
            "no predictor: process CPU time of observe + touch + victim + forget through ExpertCache on this CPU "
-           "(specmoe.training.eviction.measure_cost), the default hit-density timed in the same way right after; "
+           "(specmoe.training.eviction.measure_costs), the default hit-density's replays taking turns with them; "
            "the simulator charges charged_s per MoE layer call: what the learned policy costs beyond the default, "
            "whose bookkeeping is part of the compute model's wrapper_s")
-    info = {"rule": {"name": "density", "horizon": horizon}, "training": training,
+    info = {"rule": {"name": "density", "horizon": horizon, "online": online and asdict(online)},
+            "training": training,
             "cost": {"per_call_s": cost, "hit_density_per_call_s": cost_hd, "charged_s": max(0.0, cost - cost_hd),
                      "how": how}}
     save_learned_policy(out, table, geo, info)
