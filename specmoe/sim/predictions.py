@@ -126,6 +126,14 @@ def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 
     """
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+    from .engine import gc_paused
+
+    with gc_paused():  # plain lists, no cycles
+        return _oracle_candidates(stream, num_experts, lookahead, width, wrap)
+
+
+def _oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int, width: int | None,
+                       wrap: bool) -> Candidates:
     L, E = stream.num_layers, num_experts
     m = min(width or stream.top_k, E)
     passes = [ids.tolist() for ids in stream.passes()]  # [P][T][L][k]
