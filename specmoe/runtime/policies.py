@@ -153,7 +153,7 @@ class ScoredPolicy(LRUPolicy):
             self._filled(slot)
 
     def forget(self, slot: int) -> None:
-        super().forget(slot)
+        self._order.pop(slot, None)  # LRUPolicy.forget, inlined (every eviction calls it)
         if self.cache is not None:
             self.slot_layer[slot] = -1
             self.slot_flat[slot] = self.L * self.E
@@ -334,8 +334,14 @@ class HitDensityPolicy(ScoredPolicy):
             order.move_to_end(slot)
         else:
             order[slot] = None
-        if self.cache is not None:
-            self._filled(slot)
+        if self.cache is not None:  # ScoredPolicy._filled, inlined
+            key = self._key_of[slot]
+            if self._slot_key[slot] != key:
+                self._slot_key[slot] = key
+                self.slot_layer[slot] = key[0]
+                self.slot_flat[slot] = key[0] * self.E + key[1]
+            if self._score is not None:
+                self._score[slot] = np.inf
 
     def _scores(self) -> np.ndarray:
         """[S] hit density of each slot's expert, inf for kept slots."""
