@@ -137,20 +137,22 @@ class ScoredPolicy(LRUPolicy):
         self._steps = np.ones((L, L + 1))
         self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
 
-    def _filled(self, slot: int) -> None:
-        """A touched slot (bound): a new expert in it moves its entries; it is kept for the rest of this call."""
-        key = self._key_of[slot]
-        if self._slot_key[slot] != key:
-            self._slot_key[slot] = key
-            self.slot_layer[slot] = key[0]
-            self.slot_flat[slot] = key[0] * self.E + key[1]
-        if self._score is not None:
-            self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
-
     def touch(self, slot: int) -> None:
-        super().touch(slot)
+        """LRU's touch (inlined: every hit and every fill calls it); bound, a new expert in the slot moves its
+        entries, and the slot is kept for the rest of this call."""
+        order = self._order
+        if slot in order:
+            order.move_to_end(slot)
+        else:
+            order[slot] = None
         if self.cache is not None:
-            self._filled(slot)
+            key = self._key_of[slot]
+            if self._slot_key[slot] != key:
+                self._slot_key[slot] = key
+                self.slot_layer[slot] = key[0]
+                self.slot_flat[slot] = key[0] * self.E + key[1]
+            if self._score is not None:
+                self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
 
     def forget(self, slot: int) -> None:
         self._order.pop(slot, None)  # LRUPolicy.forget, inlined (every eviction calls it)
@@ -327,21 +329,6 @@ class HitDensityPolicy(ScoredPolicy):
         total = self.freq_sum[layers] = freq.sum(-1)
         recency = np.minimum(visits[:, None] - self.last[layers], _MAX_RECENCY)
         self.bucket[layers] = self._bucket_of(recency, freq, total[:, None])
-
-    def touch(self, slot: int) -> None:
-        order = self._order  # LRUPolicy.touch, inlined (every hit and every fill calls it)
-        if slot in order:
-            order.move_to_end(slot)
-        else:
-            order[slot] = None
-        if self.cache is not None:  # ScoredPolicy._filled, inlined
-            key = self._key_of[slot]
-            if self._slot_key[slot] != key:
-                self._slot_key[slot] = key
-                self.slot_layer[slot] = key[0]
-                self.slot_flat[slot] = key[0] * self.E + key[1]
-            if self._score is not None:
-                self._score[slot] = np.inf
 
     def _scores(self) -> np.ndarray:
         """[S] hit density of each slot's expert, inf for kept slots."""
