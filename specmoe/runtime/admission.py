@@ -102,6 +102,7 @@ class PrefetchAdmission:
         self.gain = predict_s  # expected seconds saved per predicted call (moving average; starts at break-even)
         self.used = [0] * (ranks + 1)  # [R + 1] candidates routed at their target (index R: REUSE)
         self.seen = [0] * (ranks + 1)
+        self._rank_p = [-1.0] * ranks  # [R] p of each rank, kept as they settle (-1: none seen yet), for `_best`
         self.victim_reused = self.victims = 0
         self.recency = None if late_ok else ReuseByRecency()  # per-victim reuse (misses="auto"/"host")
         self._watch: dict[int, list[tuple[int, int]]] = {}  # target layer -> [(expert, rank index)]
@@ -151,13 +152,15 @@ class PrefetchAdmission:
             return
         chosen = set(routed)
         if watched:
-            used, seen = self.used, self.seen
+            used, seen, rank_p, R = self.used, self.seen, self._rank_p, self.R
             for e, i in watched:
                 seen[i] += 1
                 if e in chosen:
                     used[i] += 1
-            self._best = max((used[r] + 1) / (seen[r] + 2) for r in range(self.R) if seen[r]) \
-                if any(seen[: self.R]) else 0.5
+                if i < R:
+                    rank_p[i] = (used[i] + 1) / (seen[i] + 2)  # p(i)
+            best = max(rank_p)
+            self._best = best if best >= 0 else 0.5
         if victims:
             self.victims += len(victims)
             self.victim_reused += sum(1 for e in victims if e in chosen)
@@ -165,9 +168,11 @@ class PrefetchAdmission:
     def watch(self, candidates, host_queued=()) -> None:
         """The candidates of this call, best first (keys), and experts queued after host compute: check each
         at its target layer's next call."""
-        watch = self._watch
-        for rank, (t, e) in enumerate(candidates):
-            watch.setdefault(t, []).append((e, self._index(rank)))
+        watch, last, target, row = self._watch, self.R - 1, None, None
+        for rank, (t, e) in enumerate(candidates):  # ranks past R - 1 share the last (`_index`)
+            if t != target:
+                target, row = t, watch.setdefault(t, [])
+            row.append((e, rank if rank < last else last))
         for t, e in host_queued:
             watch.setdefault(t, []).append((e, self.R))
 
@@ -226,7 +231,8 @@ class PrefetchAdmission:
         d = (key[0] - layer) % self.L or self.L  # layer calls until its use
         # link time left idle before the target call: d periods, less what is queued and the demand copies
         # the calls until then need
-        p, q = self.p(rank), self.q()
+        i = self.R if rank == self.REUSE else rank if rank < self.R else self.R - 1  # p(rank), q(), inlined
+        p, q = (self.used[i] + 1) / (self.seen[i] + 2), (self.victim_reused + 1) / (self.victims + 2)
         if not self.late_ok:  # misses go to the host: a copy is worth it only if it lands before its use (demand
             # copies behind it are few, and split_misses sends them to the host when the link is busy)
             ok = backlog_s + (n + 1) * copy <= d * self.period

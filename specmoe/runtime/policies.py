@@ -137,23 +137,25 @@ class ScoredPolicy(LRUPolicy):
         self._steps = np.ones((L, L + 1))
         self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
 
-    def _filled(self, slot: int) -> None:
-        """A touched slot (bound): a new expert in it moves its entries; it is kept for the rest of this call."""
-        key = self._key_of[slot]
-        if self._slot_key[slot] != key:
-            self._slot_key[slot] = key
-            self.slot_layer[slot] = key[0]
-            self.slot_flat[slot] = key[0] * self.E + key[1]
-        if self._score is not None:
-            self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
-
     def touch(self, slot: int) -> None:
-        super().touch(slot)
+        """LRU's touch (inlined: every hit and every fill calls it); bound, a new expert in the slot moves its
+        entries, and the slot is kept for the rest of this call."""
+        order = self._order
+        if slot in order:
+            order.move_to_end(slot)
+        else:
+            order[slot] = None
         if self.cache is not None:
-            self._filled(slot)
+            key = self._key_of[slot]
+            if self._slot_key[slot] != key:
+                self._slot_key[slot] = key
+                self.slot_layer[slot] = key[0]
+                self.slot_flat[slot] = key[0] * self.E + key[1]
+            if self._score is not None:
+                self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
 
     def forget(self, slot: int) -> None:
-        super().forget(slot)
+        self._order.pop(slot, None)  # LRUPolicy.forget, inlined (every eviction calls it)
         if self.cache is not None:
             self.slot_layer[slot] = -1
             self.slot_flat[slot] = self.L * self.E
@@ -232,19 +234,26 @@ class HitDensityPolicy(ScoredPolicy):
         self.last = np.full((L, E), -(_MAX_RECENCY + 1), dtype=np.int64)  # [L, E] visit it was last routed at
         self.visits = np.zeros(L, dtype=np.int64)  # [L]
         R = len(_RECENCY_EDGES)
-        self.trials = np.ones(R * self.F)  # [R * F] with a prior that falls with recency
-        self.hits = np.repeat(1.0 / (2.0 + np.arange(R)), self.F)
+        # [R * F + 1] hits and trials per bucket, with a prior that falls with recency; the last entry (hits inf,
+        # trials 1) is the empty slots' bucket, so that hits / trials is inf there: never a victim
+        self._hits_all = np.append(np.repeat(1.0 / (2.0 + np.arange(R)), self.F), np.inf)
+        self._trials_all = np.ones(R * self.F + 1)
+        self.hits, self.trials = self._hits_all[:-1], self._trials_all[:-1]  # [R * F] (views)
         # [L + 1, E] the bucket of each (layer, expert): it changes only when its layer is visited. Row L (index
         # -1, an empty slot's layer) names bucket R * F, whose hit density is inf: never a victim.
         self.bucket = np.full((L + 1, E), R * self.F, dtype=np.int64)
         recency = np.minimum(self.visits[:, None] - self.last, _MAX_RECENCY)
         self.bucket[:L] = self._bucket_of(recency, self.freq, self.freq_sum[:, None])
         self._bucket_flat = self.bucket.reshape(-1)  # [(L + 1) * E] (a view)
-        self._ratio = np.full(R * self.F + 1, np.inf)  # [R * F + 1] hits / trials per bucket, then inf
-        self._ratio_head = self._ratio[:-1]  # the buckets' (a view; the last entry, inf, is the empty slots')
-        # scratch, reused every call (no allocation per layer call): [S] score and its gathers, [E] a row's
-        self._score_buf, self._slot_bucket, self._slot_steps = np.empty(S), np.empty(S, np.int64), np.empty(S)
-        self._row_int, self._row_float = np.empty(E, np.int64), np.empty(E)
+        # Made once for `_count_one` and `_scores`, which run at every layer call: per layer its rows of bucket,
+        # freq and last (views), its visits as a plain int, its row of the steps table, and the constants as 0-d
+        # arrays. (On arrays this small a numpy call costs its dispatch, not its work: the two run on fresh
+        # arrays and in-place operators, without `out=` keywords, which cost more than the arrays they save.)
+        self._rows = [(self.bucket[i], self.freq[i], self.last[i]) for i in range(L)]
+        self._visits = [0] * L  # = self.visits
+        self._steps_rows = list(self._steps)
+        self._decay0, self._gain0 = np.array(self.freq_decay), np.array(1 - self.freq_decay)
+        self._twoE0, self._top0 = np.array(2.0 * E), np.array(self.F - 1)
         self._pending: list[tuple[int, list[int]]] = []  # observed layer calls not yet counted (in order)
         self._pending_layers: set[int] = set()
 
@@ -278,29 +287,25 @@ class HitDensityPolicy(ScoredPolicy):
         self._pending_layers.clear()
 
     def _count_one(self, layer: int, used) -> None:
-        """One call, on the layer's rows in place (the same arithmetic as `_bucket_of`, into scratch rows: a
-        layer call allocates next to nothing)."""
+        """One call, on the layer's rows in place (the same arithmetic as `_bucket_of`)."""
         size = self.trials.size
-        bucket = self.bucket[layer]  # [E] (a view)
-        self.trials += np.bincount(bucket, minlength=size)
-        visit = int(self.visits[layer]) + 1
+        bucket, freq, last = self._rows[layer]  # [E] (views: updated in place)
+        self.trials += np.bincount(bucket, None, size)
+        visit = self._visits[layer] + 1
+        self._visits[layer] = visit
         self.visits[layer] = visit
-        freq, last = self.freq[layer], self.last[layer]  # [E] (views: updated in place)
-        decay = self.freq_decay
-        freq *= decay
+        freq *= self._decay0
         if used:
-            u = np.array(used, dtype=np.int64)  # [k]
-            self.hits += np.bincount(bucket[u], minlength=size)
+            u = np.array(used)  # [k]
+            self.hits += np.bincount(bucket[u], None, size)
             last[u] = visit
-            freq[u] += 1 - decay
+            freq[u] += self._gain0
         total = self.freq_sum[layer] = np.add.reduce(freq)
-        recency, rel2 = self._row_int, self._row_float
-        np.subtract(visit, last, out=recency)
-        self._recency_f.take(recency, out=bucket, mode="clip")  # recency capped at _MAX_RECENCY, its last index
-        np.multiply(freq, 2 * self.E, out=rel2)  # twice the frequency relative to the layer's average
-        np.divide(rel2, total, out=rel2)
-        np.minimum(rel2, self.F - 1, out=rel2)  # >= 0: the same as the cap after truncation
-        bucket += rel2.astype(np.int64)
+        rel2 = freq * self._twoE0  # twice the frequency relative to the layer's average
+        rel2 /= total
+        capped = np.minimum(rel2.astype(np.int64), self._top0)  # >= 0: truncated, then capped
+        self._recency_f.take(visit - last, None, bucket, "clip")  # recency capped at _MAX_RECENCY, its last index
+        bucket += capped
 
     def _count_many(self, pending) -> None:
         """Calls on distinct layers, counted at once."""
@@ -314,6 +319,8 @@ class HitDensityPolicy(ScoredPolicy):
             self.hits += np.bincount(bucket[rows, used], minlength=size)
         self.visits[layers] += 1
         visits = self.visits[layers]  # [n]
+        for layer, visit in zip(layers.tolist(), visits.tolist()):
+            self._visits[layer] = visit
         self.last[layers[rows], used] = visits[rows]
         freq = self.freq[layers]  # [n, E]
         freq *= decay
@@ -323,23 +330,13 @@ class HitDensityPolicy(ScoredPolicy):
         recency = np.minimum(visits[:, None] - self.last[layers], _MAX_RECENCY)
         self.bucket[layers] = self._bucket_of(recency, freq, total[:, None])
 
-    def touch(self, slot: int) -> None:
-        order = self._order  # LRUPolicy.touch, inlined (every hit and every fill calls it)
-        if slot in order:
-            order.move_to_end(slot)
-        else:
-            order[slot] = None
-        if self.cache is not None:
-            self._filled(slot)
-
     def _scores(self) -> np.ndarray:
-        """[S] hit density of each slot's expert (into a buffer reused every call), inf for kept slots."""
-        self._count()
-        ratio = self._ratio
-        np.divide(self.hits, self.trials, out=self._ratio_head)
-        score = ratio.take(self._bucket_flat.take(self.slot_flat, out=self._slot_bucket), out=self._score_buf)
-        score /= self._steps[self.layer].take(self.slot_layer, out=self._slot_steps)  # empty slots: inf
-        return self._keep_predicted(score)
+        """[S] hit density of each slot's expert, inf for kept slots."""
+        if self._pending:
+            self._count()
+        score = (self._hits_all / self._trials_all)[self._bucket_flat[self.slot_flat]]  # empty slots: inf
+        score /= self._steps_rows[self.layer][self.slot_layer]
+        return self._keep_predicted(score) if self.predicted else score
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "hit-density": HitDensityPolicy}

@@ -346,9 +346,9 @@ class Scheduler:
                 if not misses:  # no routed expert of this step may be evicted by another of it
                     in_use.update(map(slot_of.get, map(keys.__getitem__, experts)))
                     in_use.discard(None)
-                in_use.update(slots)  # nor one fetched for it already
                 misses += 1
                 slot = self._take_slot(keys[e], True)
+                in_use.add(slot)  # nor one fetched for it already
             else:
                 hits += 1
                 if slot in copying:

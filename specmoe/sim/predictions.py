@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..geometry import MoEGeometry
 from ..predictors.base import READS_HIDDEN, rank_by_votes, top_candidates
+from ..predictors.replay import replay_stateful
 from ..runtime.cache import Key
 from .stream import RoutingStream
 Candidates = list[list[list[Key]]]  # [pass][layer] -> ranked keys
@@ -87,27 +88,20 @@ def predictor_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry
 @torch.no_grad()
 def _stateful_candidates(stream: RoutingStream, predictor, geometry: MoEGeometry, m: int, progress: bool,
                          wrap: bool) -> Candidates:
-    """`predictor_candidates` of a `Predictor.stateful` predictor: reset at each sequence's first pass (a generate
-    call), `start_pass`, and one `predict` per MoE layer with the pass's routing so far, as `SpeculativeMoE` runs."""
+    """`predictor_candidates` of a `Predictor.stateful` predictor, replayed pass by pass as `SpeculativeMoE` runs it
+    (`predictors.replay.replay_stateful`: reset at each sequence's first pass, `start_pass`, one `predict` per MoE
+    layer with the pass's routing so far)."""
     L = geometry.num_layers
-    starts, off = set(stream.seq_offsets.tolist()), stream.pass_offsets.tolist()
+    passes = replay_stateful(predictor, stream.ids, stream.hidden, stream.pass_offsets.tolist(),
+                             set(stream.seq_offsets.tolist()), geometry.hidden_size, dtype=torch.float32)
     out: Candidates = []
-    index = 0
-    for p in tqdm(range(stream.num_passes), desc="predict", unit="pass", disable=not progress):
-        a, b = off[p], off[p + 1]
-        if a in starts:
-            predictor.reset()
-            index = 0
-        predictor.start_pass(index)
-        index += 1
-        ids, per_layer = stream.ids[a:b], []
-        for layer in range(L):
-            hidden = stream.hidden[layer][a:b].float() if layer in stream.hidden else \
-                torch.zeros(1, geometry.hidden_size).expand(b - a, -1)  # [T, H] (read by none of them)
-            scores = predictor.predict(layer, hidden, ids[:, : layer + 1])
+    for _, scores in tqdm(passes, total=stream.num_passes, desc="predict", unit="pass", disable=not progress):
+        per_layer = []
+        for per_target in scores:
             keys: list[Key] = []
-            for target in sorted(t for t in scores if wrap or t < L):
-                keys.extend((target % L, e) for e in rank_by_votes(top_candidates(scores[target], m).flatten().tolist(), m))
+            for target in sorted(t for t in per_target if wrap or t < L):
+                best = top_candidates(per_target[target], m).flatten().tolist()
+                keys.extend((target % L, e) for e in rank_by_votes(best, m))
             per_layer.append(keys)
         out.append(per_layer)
     return out
@@ -126,6 +120,14 @@ def oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int = 
     """
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+    from .engine import gc_paused
+
+    with gc_paused():  # plain lists, no cycles
+        return _oracle_candidates(stream, num_experts, lookahead, width, wrap)
+
+
+def _oracle_candidates(stream: RoutingStream, num_experts: int, lookahead: int, width: int | None,
+                       wrap: bool) -> Candidates:
     L, E = stream.num_layers, num_experts
     m = min(width or stream.top_k, E)
     passes = [ids.tolist() for ids in stream.passes()]  # [P][T][L][k]

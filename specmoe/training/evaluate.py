@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..measure import timed_call
 from ..predictors.base import READS_HIDDEN, Predictor
+from ..predictors.replay import replay_stateful
 from ..traces.dataset import RoutingTrace
 from .metrics import RECALL_MULTIPLES, TOP_N, PredictionMetrics
 
@@ -98,22 +99,21 @@ def decode_latency_us(predictor: Predictor, trace: RoutingTrace, calls: int = 48
 def decode_replay(predictor: Predictor, trace: RoutingTrace, start: int, end: int,
                   device="cpu") -> tuple[float, list[dict[int, torch.Tensor]]]:
     """Tokens start..end of one sequence decoded one pass per token, as the runtime runs a stateful predictor
-    (`Predictor.stateful`): reset, then `start_pass(i)` and one `predict` per MoE layer for token i.
+    (`Predictor.stateful`, replayed by `predictors.replay.replay_stateful`): reset, then `start_pass(i)` and one
+    `predict` per MoE layer for token i.
 
     Returns:
         (seconds spent in `predict`, per layer {target: scores [end - start, E]}).
     """
     L = trace.geometry.num_layers
-    ids = trace.ids[start:end].to(device)  # [T, L, k]
-    zeros = torch.zeros(1, trace.geometry.hidden_size, device=device)
-    predictor.reset()
     rows: list[dict[int, list[torch.Tensor]]] = [dict() for _ in range(L)]
+    hidden = {layer: h[start:end] for layer, h in trace.hidden.items()}  # [T, H] views
+    passes = replay_stateful(predictor, trace.ids[start:end], hidden, range(end - start + 1), {0},
+                             trace.geometry.hidden_size, device)
     t0 = time.perf_counter()
-    for i in range(end - start):
-        predictor.start_pass(i)
-        for layer in range(L):
-            hidden = trace.hidden[layer][start + i : start + i + 1].to(device) if layer in trace.hidden else zeros
-            for t, s in predictor.predict(layer, hidden, ids[i : i + 1, : layer + 1]).items():
+    for _, scores in passes:
+        for layer, per_target in enumerate(scores):
+            for t, s in per_target.items():
                 rows[layer].setdefault(t, []).append(s)
     seconds = time.perf_counter() - t0
     return seconds, [{t: torch.cat(v) for t, v in per.items()} for per in rows]
