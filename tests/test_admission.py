@@ -54,8 +54,9 @@ def test_an_always_wrong_predictor_costs_decode_almost_nothing():
     kw = dict(ops=OPS, policy="lru", warmup_passes=8)
     none = simulate(stream, shape, PROFILES["rtx3090"], 0.3, **kw)
     guessed = simulate(stream, shape, PROFILES["rtx3090"], 0.3, candidates=wrong, **kw)
-    assert guessed.prefetch_refused > 0 and guessed.prefetch_used == 0
-    assert guessed.tok_s >= 0.99 * none.tok_s  # probes only: the predictor's host time at 1 call in 32
+    assert guessed.prefetch_issued == 0  # calibrated while its probes copy nothing: it never earns a live call
+    assert guessed.predict_skipped > 10 * guessed.predict_calls > 0  # the governor's counters
+    assert guessed.tok_s >= 0.99 * none.tok_s  # probes only: the predictor's host time at a few calls
 
 
 # ---- misses="auto": copies of host-computed experts (REUSE) ----------------------------------------------------
