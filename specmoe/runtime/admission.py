@@ -11,8 +11,10 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
   admitted before it in this pump). A copy that fits there costs no link time, only the slot it evicts: the
   chance q that the policy's victim is routed at its layer's next visit (counted online); it is admitted when
   p_r >= q. One that does not fit takes link time from demand copies: with misses="fetch" it is admitted when
-  it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), with
-  "auto"/"host" never (the host computes the miss meanwhile, beside the device);
+  it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), and
+  only while the copies admitted in this pump fit in the device compute of the d calls before its use (the link
+  idles there; past it a copy only moves link time ahead of the demand copies queued behind it), unless it is all
+  but sure (p_r >= SURE); with "auto"/"host" never (the host computes the miss meanwhile, beside the device);
 - experts computed on the host with misses="auto" are queued for copying too, behind the candidates (REUSE
   copies: resident at their layer's next visit). One lands long before that visit, so what it costs is the
   slot and the link: it is admitted when p >= q_v + rho, all three in units of one miss. p is the calibrated

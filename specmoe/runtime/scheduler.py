@@ -203,8 +203,7 @@ class Scheduler:
                           self._reuse_keys, self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
-        self._ran = None  # `wants_prediction`'s answer for the call about to be planned (None: not asked)
-        self._call_predicted = False  # the predictor ran at the current call
+        self._ran, self._call_predicted = None, False  # `wants_prediction`'s answer; the predictor ran this call
         self._candidates = ()
         if self.admission is not None:
             self.admission.reset()
@@ -230,16 +229,11 @@ class Scheduler:
         where each routed expert runs (`LayerPlan.device` / `.host`); the executor then drives `step`."""
         self.layer_calls += 1
         self._guessing = bool(candidates)
-        ran = self._ran
-        if ran is not None:  # the executor asked `wants_prediction` for this call
-            self._ran = None
-            if ran:
-                self.stats[layer].predict_calls += 1
-            else:
-                self.stats[layer].predict_skipped += 1
-            self._call_predicted = ran
-        else:
-            self._call_predicted = self._guessing
+        ran, self._ran = self._ran, None  # `wants_prediction`'s answer for this call (None: not asked)
+        if ran is not None:
+            self.stats[layer].predict_calls += ran
+            self.stats[layer].predict_skipped += not ran
+        self._call_predicted = self._guessing if ran is None else ran
         self._layer = layer
         self._call_fetched = 0
         self._call_wanted = None  # misses an idle link would have fetched, where copies were queued (`_split`)
@@ -276,11 +270,8 @@ class Scheduler:
 
     def wants_prediction(self) -> bool:
         """Whether the executor should run the predictor for the call about to be planned (always, without
-        admission; else only while its copies pay for its calls, and at probe calls: the governor,
-        `PrefetchAdmission.worth_predicting`). The next `plan` counts the answer (`predict_calls` /
-        `predict_skipped`)."""
-        ran = self._adm is None or self._adm.worth_predicting()
-        self._ran = ran
+        admission; else the governor's `PrefetchAdmission.worth_predicting`), counted by the next `plan`."""
+        self._ran = ran = self._adm is None or self._adm.worth_predicting()
         return ran
 
     def step(self, plan: LayerPlan) -> bool:
