@@ -175,6 +175,26 @@ def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
     }
 
 
+def governor_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: the share of layer calls at which each predictor ran (the governor, `runtime/admission.py`:
+    it runs while its copies pay for its calls, else at probe calls that copy nothing), per capacity and mode."""
+    runs = [r for r in runs if r["predictor"] != "none" and "predict_calls" in r]
+    if not runs:
+        return []
+    names = list(dict.fromkeys(r["predictor"] for r in runs))
+    lines = ["Layer calls at which the predictor ran (the rest it was skipped: its copies did not pay for its calls; "
+             "some of those that ran were probes that copy nothing):", "",
+             "| capacity | misses | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for cap, mode in dict.fromkeys((r["capacity"], r["misses_mode"]) for r in runs):
+        cells = []
+        for name in names:
+            row = next((r for r in runs if (r["capacity"], r["misses_mode"], r["predictor"]) == (cap, mode, name)), None)
+            n = row and row["predict_calls"] + row["predict_skipped"]
+            cells.append(f"{row['predict_calls'] / n:.1%}" if n else "—")
+        lines.append(f"| {cap:.3f} | {mode} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     parts = [f"**Real routing, simulated decode on {s['profile']}** (policies x capacities x predictors; tok/s and "
@@ -200,6 +220,7 @@ def markdown(result: dict) -> str:
                 rec = rk["recall_next_layer"]
                 parts.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if rec is None else f'{rec:.3f}'} |")
             parts.append("")
+        parts += governor_table(t["sweep"]["runs"])
         for name, rec in t["trained"].items():
             extra = f", val recall@k {rec['best_val_recall']:.3f} after {rec['steps_run']} steps" \
                 if "best_val_recall" in rec else ""
