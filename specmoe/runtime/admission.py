@@ -214,10 +214,14 @@ class PrefetchAdmission:
     GOVERNOR_SMOOTHING = 1 / 64  # of `gain`, per predicted call (slower than the link's: one call's copies are few)
 
     def worth_predicting(self) -> bool:
-        """Whether the predictor should run at this call: its admitted copies have paid for its host time and
-        some rank's calibrated p could pass `admit`, or this is a probe call (every PROBE calls, the interval
-        doubling, up to 64 x, while probes find it not worth it). A predictor that is often wrong then costs its
-        host time at a few calls only; one whose copies can never land in time under misses="auto" at none."""
+        """Whether the predictor should run at this call (the governor): some rank's calibrated p could pass
+        `admit` and what its copies were seen to save per predicted call (`gain`, after WARM samples) pays for its
+        host time (`predict_s`); or it is still calibrating (the first CALIBRATE candidates); or this is a probe
+        call (every PROBE calls, the interval doubling while probes find it not worth it, up to 32 x, or 64 x
+        while no rank could pass). A call it runs at only to calibrate or probe is `dry`: its candidates are
+        checked but not copied (`dry_run`), so a predictor switched off leaves the cache as no predictor would.
+        A predictor that is often wrong then costs its host time at a few calls only; one whose copies can never
+        land in time under misses="auto" at none."""
         best, q = self._best, self.q()  # the best calibrated rank the predictor has named
         if not self.late_ok and self.period < self.copy_s:
             return False  # no copy lands before the next layer's call, whatever the predictor says
