@@ -30,8 +30,8 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
 
 The predictor itself runs only while what its copies were seen to save pays for its own host time (`predict_s`,
 per call) and some rank could pass; else at probe calls (a governor: `worth_predicting`). What they saved is
-counted as it happens, not expected: a predicted copy that is used saves a miss (`saving`, landed or still in flight),
-one evicted unused cost the link time it took (x the link's load), and a victim evicted for
+counted as it happens, not expected: a predicted copy that is used saves a miss (`saving`; one still in flight a
+layer call's length at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for
 it that its layer's next visit routes costs a miss; `gain` is the moving average of that net saving per predicted
 call, every predicted call counted (one with nothing to copy saves nothing). A predictor whose copies do not pay
 for its calls is then called at probe calls only, so prediction is never slower than none by more than the probes. Costs (`copy_s`, `layer_s`: seconds
@@ -196,10 +196,11 @@ class PrefetchAdmission:
         at its layer's next visit?"""
         self._victims.setdefault(key[0], []).append((key[1], guess))
 
-    def copies_used(self, used: int) -> None:
-        """`used` predicted copies were routed to: each saved a miss, landed or still in flight (a demand copy
-        issued now would have queued behind it: what the compute waits for is its remainder either way)."""
-        self._credit += used * self.saving
+    def copies_used(self, used: int, late: int = 0) -> None:
+        """`used` predicted copies were routed to; of them `late` were still in flight. One that had landed saved a
+        miss; one in flight started about a layer call before a demand copy would have: it saved that, at most a
+        miss."""
+        self._credit += (used - late) * self.saving + late * min(self.saving, self.period)
 
     def copy_wasted(self) -> None:
         """A predicted copy was evicted unused: it held the link for a copy, which delayed the copies due

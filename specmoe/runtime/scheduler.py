@@ -351,7 +351,7 @@ class Scheduler:
         in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
         inflight = self._inflight
         slots = []
-        hits = in_flight = used = reused = misses = 0
+        hits = in_flight = used = reused = misses = late_used = 0
         for e in experts:
             slot = slot_of.get(keys[e])
             if slot is None:
@@ -363,18 +363,22 @@ class Scheduler:
                 slot = self._take_slot(keys[e], True)
             else:
                 hits += 1
+                late = False
                 if slot in copying:
                     if ready(slot):
                         copying.discard(slot)
                         inflight.discard(slot)
                     else:
                         in_flight += 1
+                        late = True
                 if slot in prefetched:
                     del prefetched[slot]
                     used += 1
                     if slot in self._reused:
                         self._reused.discard(slot)
                         reused += 1
+                    else:
+                        late_used += late
                 touch(slot)
             slots.append(slot)
         in_use.update(slots)
@@ -385,7 +389,7 @@ class Scheduler:
             stats.prefetch_used += used
             stats.reuse_used += reused
             if used > reused and self._adm is not None:  # the predictor's copies paid: the governor's credit
-                self._adm.copies_used(used - reused)
+                self._adm.copies_used(used - reused, late_used)
         if misses:
             self._call_fetched += misses
             stats.misses += misses
