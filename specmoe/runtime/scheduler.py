@@ -269,8 +269,7 @@ class Scheduler:
         return LayerPlan(layer, device, host)
 
     def wants_prediction(self) -> bool:
-        """Whether the executor should run the predictor for the call about to be planned (always, without
-        admission; else the governor's `PrefetchAdmission.worth_predicting`), counted by the next `plan`."""
+        """Whether to run the predictor at the call about to be planned (with admission: the governor's answer)."""
         self._ran = ran = self._adm is None or self._adm.worth_predicting()
         return ran
 
@@ -363,22 +362,19 @@ class Scheduler:
                 slot = self._take_slot(keys[e], True)
             else:
                 hits += 1
-                late = False
-                if slot in copying:
-                    if ready(slot):
-                        copying.discard(slot)
-                        inflight.discard(slot)
-                    else:
-                        in_flight += 1
-                        late = True
+                late = slot in copying and not ready(slot)
+                if late:
+                    in_flight += 1
+                elif slot in copying:
+                    copying.discard(slot)
+                    inflight.discard(slot)
                 if slot in prefetched:
                     del prefetched[slot]
                     used += 1
+                    late_used += late and slot not in self._reused  # the predictor's copy, still in flight
                     if slot in self._reused:
                         self._reused.discard(slot)
                         reused += 1
-                    else:
-                        late_used += late
                 touch(slot)
             slots.append(slot)
         in_use.update(slots)
