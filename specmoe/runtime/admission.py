@@ -32,7 +32,7 @@ The predictor itself runs only while what its copies were seen to save pays for 
 per call) and some rank could pass; else at probe calls (a governor: `worth_predicting`). What they saved is
 counted as it happens, not expected: a predicted copy that is used saves a miss (`saving`; one still in flight a
 layer call's length at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for
-it that its layer's next visit routes costs a miss; `gain` is the moving average of that net saving per predicted
+it that its layer's next visit routes costs what a used copy saves (a miss, at most a layer call's length); `gain` is the moving average of that net saving per predicted
 call, every predicted call counted (one with nothing to copy saves nothing). A predictor whose copies do not pay
 for its calls is then called at probe calls only, so prediction is never slower than none by more than the probes. Costs (`copy_s`, `layer_s`: seconds
 between consecutive MoE layer calls, `predict_s`) come from the cost object the scheduler is given (`misses.MissCosts`-like; the simulator's `sim.clock.HostMissCosts` carries both); without a
@@ -180,7 +180,7 @@ class PrefetchAdmission:
                 if e in chosen:
                     self.victim_reused += 1
                     if guess:  # a predicted copy evicted an expert needed now: it costs a miss
-                        self._credit -= self.saving
+                        self._credit -= min(self.saving, self.period)  # it is copied again: as a used copy saves
 
     def watch(self, candidates, host_queued=()) -> None:
         """The candidates of this call, best first (keys), and experts queued after host compute: check each
