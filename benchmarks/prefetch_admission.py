@@ -169,7 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--max-passes", type=int, default=600)
     p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--train-minutes", type=float, default=1.5)
+    p.add_argument("--train-minutes", type=float, default=None,
+                   help="also cap each predictor's training at this wall time (default: none, so that a rerun fits "
+                        "the same predictors whatever the machine's load)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="prefetch_admission")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -35,7 +35,7 @@ import torch
 
 from specmoe.bench.environment import environment
 from specmoe.io import read_json, write_json, write_text
-from specmoe.predictors import save_predictor
+from specmoe.predictors import load_predictor, save_predictor
 from specmoe.sim.bounds import memory_plan
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.predictions import replay_oracle, replay_predictor
@@ -51,12 +51,12 @@ from specmoe.training.loop import TrainConfig
 RESULTS = Path(__file__).parent / "results"
 PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity", "affinity-2")
 # how each trained predictor is fitted here: (kind, its options, the training loop's settings beyond the defaults,
-# its lookahead: None for --lookahead); --train-steps / --train-minutes replace the steps and minutes of every one
-AFFINITY = ({"context": 4, "tokens": 4}, {"batch_size": 2048, "lr": 1e-2, "eval_every": 100, "steps": 1500,
-                                          "max_minutes": 4.0})
-FIT = {"history": ("history", {}, {"steps": 600, "max_minutes": 2.5}, None),
-       "interlayer": ("interlayer", {"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {"steps": 600, "max_minutes": 2.5},
-                      None),
+# its lookahead: None for --lookahead). Training runs a fixed number of optimizer steps (early stopping on the
+# validation split aside), so a rerun fits the same predictors whatever the machine's load; --train-steps replaces
+# every one's steps, --train-minutes adds a wall-clock cap (not reproducible: the steps then depend on the load).
+AFFINITY = ({"context": 4, "tokens": 4}, {"batch_size": 2048, "lr": 1e-2, "eval_every": 100, "steps": 1500})
+FIT = {"history": ("history", {}, {"steps": 600}, None),
+       "interlayer": ("interlayer", {"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {"steps": 600}, None),
        "affinity": ("affinity", *AFFINITY, None),
        "affinity-2": ("affinity", *AFFINITY, 2)}  # two layers ahead: copies that can land before use with misses=auto
 
@@ -132,17 +132,26 @@ def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
             replays.append(replay_oracle(stream, geo.num_experts, args.lookahead))
             continue
         kind, options, loop, lookahead = FIT[name]
-        loop = {**loop, **{k: v for k, v in (("steps", args.train_steps), ("max_minutes", args.train_minutes))
-                           if v is not None}}
-        config = TrainConfig(warmup_steps=max(1, min(100, loop["steps"] // 10)), device="cpu", seed=args.seed, **loop)
-        predictor, record = fit_predictor(kind, splits, lookahead=lookahead or args.lookahead, config=config,
-                                          **options)
-        if args.save_predictors is not None:
-            save_predictor(predictor, args.save_predictors / f"{directory.name}-{name}")
-        trained[name] = {k: record[k] for k in ("kind", "lookahead", "train_tokens", "val_tokens", "options")}
-        if "result" in record:
-            trained[name].update(best_val_recall=record["result"]["best_val_recall"],
-                                 steps_run=record["result"]["steps_run"], stopped=record["result"]["stopped"])
+        lookahead = lookahead or args.lookahead
+        if args.load_predictors is not None:  # fitted by an earlier run (--save-predictors): no training
+            path = args.load_predictors / f"{directory.name}-{name}"
+            if not path.is_dir():
+                raise SystemExit(f"--load-predictors: no {path} (save it first with --save-predictors)")
+            predictor = load_predictor(path, geo)
+            trained[name] = {"kind": kind, "lookahead": lookahead, "options": options, "loaded_from": str(path),
+                             "train_tokens": splits["train"].num_tokens, "val_tokens": splits["val"].num_tokens}
+        else:
+            loop = {**loop, **{k: v for k, v in (("steps", args.train_steps), ("max_minutes", args.train_minutes))
+                               if v is not None}}
+            config = TrainConfig(warmup_steps=max(1, min(100, loop["steps"] // 10)), device="cpu", seed=args.seed,
+                                 **loop)
+            predictor, record = fit_predictor(kind, splits, lookahead=lookahead, config=config, **options)
+            if args.save_predictors is not None:
+                save_predictor(predictor, args.save_predictors / f"{directory.name}-{name}")
+            trained[name] = {k: record[k] for k in ("kind", "lookahead", "train_tokens", "val_tokens", "options")}
+            if "result" in record:
+                trained[name].update(best_val_recall=record["result"]["best_val_recall"],
+                                     steps_run=record["result"]["steps_run"], stopped=record["result"]["stopped"])
         replays.append(replay_predictor(stream, predictor, geo, [None] * geo.num_layers, name))
     ranks = {rep.name: rank_precision(stream, rep.candidates, geo.top_k) for rep in replays}
     profile = HardwareProfile.from_name(args.profile)
@@ -164,6 +173,26 @@ def run_trace(directory: Path, args, held_out: Path | None = None) -> dict:
         "capacities_left_out": [c for c in args.capacities if c not in capacities],
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def governor_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: the share of layer calls at which each predictor ran (the governor, `runtime/admission.py`:
+    it runs while its copies pay for its calls, else at probe calls that copy nothing), per capacity and mode."""
+    runs = [r for r in runs if r["predictor"] != "none" and "predict_calls" in r]
+    if not runs:
+        return []
+    names = list(dict.fromkeys(r["predictor"] for r in runs))
+    lines = ["Layer calls at which the predictor ran (the rest it was skipped: its copies did not pay for its calls; "
+             "some of those that ran were probes that copy nothing):", "",
+             "| capacity | misses | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for cap, mode in dict.fromkeys((r["capacity"], r["misses_mode"]) for r in runs):
+        cells = []
+        for name in names:
+            row = next((r for r in runs if (r["capacity"], r["misses_mode"], r["predictor"]) == (cap, mode, name)), None)
+            n = row and row["predict_calls"] + row["predict_skipped"]
+            cells.append(f"{row['predict_calls'] / n:.1%}" if n else "—")
+        lines.append(f"| {cap:.3f} | {mode} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def markdown(result: dict) -> str:
@@ -191,11 +220,13 @@ def markdown(result: dict) -> str:
                 rec = rk["recall_next_layer"]
                 parts.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if rec is None else f'{rec:.3f}'} |")
             parts.append("")
+        parts += governor_table(t["sweep"]["runs"])
         for name, rec in t["trained"].items():
             extra = f", val recall@k {rec['best_val_recall']:.3f} after {rec['steps_run']} steps" \
                 if "best_val_recall" in rec else ""
             what = f" ({rec['kind']}, lookahead {rec['lookahead']}, {rec['options']})" if rec.get("lookahead") else ""
-            parts.append(f"- {name}{what}: fitted on {rec['train_tokens']} training tokens{extra}")
+            how = f" (loaded from {rec['loaded_from']})" if rec.get("loaded_from") else ""
+            parts.append(f"- {name}{what}: fitted on {rec['train_tokens']} training tokens{extra}{how}")
         parts.append("")
     parts.append(f"Settings: policies {', '.join(s['policies'])}; capacities {s['capacities']} + max fit; "
                  f"lookahead {s['lookahead']}; context {s['context']}; max passes {s['max_passes']}. "
@@ -255,10 +286,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=16, help="decode steps replayed before measuring")
     p.add_argument("--max-passes", type=int, default=600, help="simulate the first N held-out decode steps")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="optimizer steps at most of every trained predictor (default: FIT's, interlayer 600, "
-                        "affinity 1500)")
+                   help="optimizer steps of every trained predictor, fewer only where validation stops it early "
+                        "(default: FIT's: history and interlayer 600, affinity 1500)")
     p.add_argument("--train-minutes", type=float, default=None,
-                   help="training wall-time limit of every trained predictor (default: FIT's, 2.5 and 4)")
+                   help="also cap each predictor's training at this wall time (default: none; with a cap the "
+                        "steps run, and so the rows, depend on the machine's load)")
+    p.add_argument("--load-predictors", type=Path, default=None, metavar="DIR",
+                   help="load the fitted predictors from DIR/<trace>-<name> (an earlier run's --save-predictors) "
+                        "instead of training them")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (training)")
     p.add_argument("--name", default="real_routing")
@@ -283,7 +318,8 @@ def main(argv=None) -> int:
         "settings": {"profile": args.profile, "misses": args.misses, "host": args.host, "policies": list(dict.fromkeys(map(resolve_policy_name, args.policies))), "capacities": args.capacities,
                      "predictors": args.predictors, "lookahead": args.lookahead, "context": args.context,
                      "warmup": args.warmup, "max_passes": args.max_passes, "train_steps": args.train_steps,
-                     "train_minutes": args.train_minutes, "seed": args.seed, "threads": args.threads, "simulated": True,
+                     "train_minutes": args.train_minutes,
+                     "load_predictors": None if args.load_predictors is None else str(args.load_predictors), "seed": args.seed, "threads": args.threads, "simulated": True,
                      "command": "python benchmarks/real_routing.py " + " ".join(sys.argv[1:] if argv is None else argv)},
         "traces": traces,
     }

@@ -11,8 +11,10 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
   admitted before it in this pump). A copy that fits there costs no link time, only the slot it evicts: the
   chance q that the policy's victim is routed at its layer's next visit (counted online); it is admitted when
   p_r >= q. One that does not fit takes link time from demand copies: with misses="fetch" it is admitted when
-  it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), with
-  "auto"/"host" never (the host computes the miss meanwhile, beside the device);
+  it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), and
+  only while the copies admitted in this pump fit in the device compute of the d calls before its use (the link
+  idles there; past it a copy only moves link time ahead of the demand copies queued behind it), unless it is all
+  but sure (p_r >= SURE); with "auto"/"host" never (the host computes the miss meanwhile, beside the device);
 - experts computed on the host with misses="auto" are queued for copying too, behind the candidates (REUSE
   copies: resident at their layer's next visit). One lands long before that visit, so what it costs is the
   slot and the link: it is admitted when p >= q_v + rho, all three in units of one miss. p is the calibrated
@@ -26,8 +28,13 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
   demand copies onto the host, which became the bottleneck. Where the link idles beside the host (Mixtral int4
   at max fit: rho below 0.1, p about 0.3) they are admitted, and the cache learns what the host computed.
 
-The predictor itself runs only while its admitted copies are expected to save more than its own host time
-(`predict_s`, per call) and some rank could pass; else at probe calls. Costs (`copy_s`, `layer_s`: seconds
+The predictor itself runs only while what its copies were seen to save pays for its own host time (`predict_s`,
+per call) and some rank could pass; else at probe calls (a governor: `worth_predicting`). What they saved is
+counted as it happens, not expected: a predicted copy that is used saves a miss (`saving`; one still in flight a
+layer call's length at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for
+it that its layer's next visit routes costs what a used copy saves (a miss, at most a layer call's length); `gain` is the moving average of that net saving per predicted
+call, every predicted call counted (one with nothing to copy saves nothing). A predictor whose copies do not pay
+for its calls is then called at probe calls only, so prediction is never slower than none by more than the probes. Costs (`copy_s`, `layer_s`: seconds
 between consecutive MoE layer calls, `predict_s`) come from the cost object the scheduler is given (`misses.MissCosts`-like; the simulator's `sim.clock.HostMissCosts` carries both); without a
 positive `layer_s` there is no admission: every candidate is prefetched, as before.
 """
@@ -99,14 +106,18 @@ class PrefetchAdmission:
         self.host_s, self.host_call_s, self.predict_s, self.smoothing = host_s, host_call_s, predict_s, smoothing
         # what a used prefetch saves: a demand copy, or (misses="auto") the host's compute of the expert
         self.saving = copy_s if late_ok or host_s is None else min(copy_s, host_s)
-        self.gain = predict_s  # expected seconds saved per predicted call (moving average; starts at break-even)
+        self.gain = predict_s  # net seconds saved per predicted call, as seen (moving average; starts at break-even)
+        self._credit = 0.0  # seconds saved (less those lost) by predicted copies since the last predicted call
+        self._samples = 0  # predicted calls settled into `gain`
+        self.dry = False  # the call `worth_predicting` just allowed is a probe that copies nothing (`dry_run`)
+        self._checked = 0  # candidates checked at their target (calibration samples, REUSE included)
         self.used = [0] * (ranks + 1)  # [R + 1] candidates routed at their target (index R: REUSE)
         self.seen = [0] * (ranks + 1)
         self._rank_p = [-1.0] * ranks  # [R] p of each rank, kept as they settle (-1: none seen yet), for `_best`
         self.victim_reused = self.victims = 0
         self.recency = None if late_ok else ReuseByRecency()  # per-victim reuse (misses="auto"/"host")
         self._watch: dict[int, list[tuple[int, int]]] = {}  # target layer -> [(expert, rank index)]
-        self._victims: dict[int, list[int]] = {}  # layer -> experts evicted for a prefetch, not yet revisited
+        self._victims: dict[int, list[tuple[int, bool]]] = {}  # layer -> [(expert evicted, for a predicted copy)]
         self.period = layer_s  # seconds per MoE layer call (moving average of what the calls needed)
         self.demand = 0.0  # link seconds of demand copies per call (moving average)
         self.wanted = 0.0  # link seconds per call that demand copies would take on an idle link (misses="auto")
@@ -114,14 +125,18 @@ class PrefetchAdmission:
         self._predicted_now = 0  # predicted copies admitted since the last call_done (they load the link too)
         self.admitted = self.refused = 0
         self._every = self._wait = self.PROBE  # calls between probes, and until the next
-        self._expected = 0.0  # sum of p over the copies admitted in the current pump
         self._best = 0.5  # the highest p among the ranks seen (the prior before any)
 
-    def call_done(self, fetched: int, on_host: int, wanted: int | None = None) -> None:
+    def call_done(self, fetched: int, on_host: int, wanted: int | None = None, predicted: bool = False) -> None:
         """A layer call fetched `fetched` experts on demand and computed `on_host` on the host: its length is at
         least the device's layer, the demand copies in a row, and the host's experts. `wanted`: how many of its
         misses an idle link would have fetched (misses="auto": some went to the host only because copies were
-        queued; default `fetched`)."""
+        queued; default `fetched`). `predicted`: the predictor ran at this call (the governor's moving average of
+        what its copies saved takes a sample)."""
+        if predicted:  # a running mean over the first WARM samples, a moving average after
+            self._samples += 1
+            self.gain += max(self.GOVERNOR_SMOOTHING, 1.0 / self._samples) * (self._credit - self.gain)
+            self._credit = 0.0
         demand = fetched * self.copy_s
         wanted = (fetched if wanted is None else wanted) + self._predicted_now
         self._predicted_now = 0
@@ -153,6 +168,7 @@ class PrefetchAdmission:
         chosen = set(routed)
         if watched:
             used, seen, rank_p, R = self.used, self.seen, self._rank_p, self.R
+            self._checked += len(watched)
             for e, i in watched:
                 seen[i] += 1
                 if e in chosen:
@@ -163,7 +179,11 @@ class PrefetchAdmission:
             self._best = best if best >= 0 else 0.5
         if victims:
             self.victims += len(victims)
-            self.victim_reused += sum(1 for e in victims if e in chosen)
+            for e, guess in victims:
+                if e in chosen:
+                    self.victim_reused += 1
+                    if guess:  # a predicted copy evicted an expert needed now: it costs a miss
+                        self._credit -= min(self.saving, self.period)  # it is copied again: as a used copy saves
 
     def watch(self, candidates, host_queued=()) -> None:
         """The candidates of this call, best first (keys), and experts queued after host compute: check each
@@ -176,18 +196,38 @@ class PrefetchAdmission:
         for t, e in host_queued:
             watch.setdefault(t, []).append((e, self.R))
 
-    def evicted(self, key: Key) -> None:
-        """The policy evicted `key` (for a demand fetch or a prefetch): was it needed at its layer's next visit?"""
-        self._victims.setdefault(key[0], []).append(key[1])
+    def evicted(self, key: Key, guess: bool = False) -> None:
+        """The policy evicted `key` (for a demand fetch or a prefetch; `guess`: for a predicted copy): was it needed
+        at its layer's next visit?"""
+        self._victims.setdefault(key[0], []).append((key[1], guess))
 
+    def copies_used(self, used: int, late: int = 0) -> None:
+        """`used` predicted copies were routed to; of them `late` were still in flight. One that had landed saved a
+        miss; one in flight started about a layer call before a demand copy would have: it saved that, at most a
+        miss."""
+        self._credit += (used - late) * self.saving + late * min(self.saving, self.period)
+
+    def copy_wasted(self) -> None:
+        """A predicted copy was evicted unused: it held the link for a copy, which delayed the copies due
+        meanwhile by the link's load (rho) of it."""
+        self._credit -= self.copy_s * self.link_load()
+
+    SURE = 0.97  # a late copy past the compute window is admitted only at this calibrated p (chosen on the development routing)
     MARGIN = 0.15  # a late copy also arrives late: of its saving only part is saved (chosen on the development routing)
     PROBE = 32  # while no rank is worth a copy, the predictor still runs at probe calls (calibration)
+    CALIBRATE = 256  # candidates checked at their target before the calibration may stop the predictor
+    WARM = 64  # predicted calls the governor sees before it judges what the copies save (they land calls later)
+    GOVERNOR_SMOOTHING = 1 / 64  # of `gain`, per predicted call (slower than the link's: one call's copies are few)
 
     def worth_predicting(self) -> bool:
-        """Whether the predictor should run at this call: its admitted copies have paid for its host time and
-        some rank's calibrated p could pass `admit`, or this is a probe call (every PROBE calls, the interval
-        doubling, up to 64 x, while probes find it not worth it). A predictor that is often wrong then costs its
-        host time at a few calls only; one whose copies can never land in time under misses="auto" at none."""
+        """Whether the predictor should run at this call (the governor): some rank's calibrated p could pass
+        `admit` and what its copies were seen to save per predicted call (`gain`, after WARM samples) pays for its
+        host time (`predict_s`); or it is still calibrating (the first CALIBRATE candidates); or this is a probe
+        call (every PROBE calls, the interval doubling while probes find it not worth it, up to 32 x, or 64 x
+        while no rank could pass). A call it runs at only to calibrate or probe is `dry`: its candidates are
+        checked but not copied (`dry_run`), so a predictor switched off leaves the cache as no predictor would.
+        A predictor that is often wrong then costs its host time at a few calls only; one whose copies can never
+        land in time under misses="auto" at none."""
         best, q = self._best, self.q()  # the best calibrated rank the predictor has named
         if not self.late_ok and self.period < self.copy_s:
             return False  # no copy lands before the next layer's call, whatever the predictor says
@@ -195,17 +235,34 @@ class PrefetchAdmission:
             could = best >= (1 + q) / 2 + self.MARGIN or (self.period - self.demand >= self.copy_s and best >= q)
         else:
             could = best >= (1 + q) / 2 + self.MARGIN
-        worth = could and self.gain >= self.predict_s
+        if self._checked < self.CALIBRATE:  # calibrating: the predictor runs at every call, its copies go only
+            self.dry = not could  # while some rank could be admitted (else a probe that copies nothing)
+            return True
+        worth = could and (self._samples < self.WARM or self.gain >= self.predict_s)
         self._wait -= 1
-        if self._wait <= 0:  # a probe keeps the calibration going
-            self._every = self.PROBE if worth else min(self._every * 2, 64 * self.PROBE)
+        self.dry = False
+        if self._wait <= 0:  # a probe keeps the calibration and the governor's sample going
+            # (backing off only while no rank could be admitted: the governor needs its samples)
+            self._every = self.PROBE if worth else min(self._every * 2, (32 if could else 64) * self.PROBE)
             self._wait = self._every
+            self.dry = not worth  # a probe of a predictor switched off copies nothing (`dry_run`)
             return True
         return worth
 
-    def pumped(self, expected_used: float) -> None:
-        """A predicted call's admitted copies are expected to be used `expected_used` times (sum of their p)."""
-        self.gain += self.smoothing * (expected_used * self.saving - self.gain)
+    def dry_run(self, layer: int, ranked) -> None:
+        """A probe of a predictor switched off: its candidates `ranked` [(rank, key)], those not resident, are
+        calibrated (`watch`) but not copied, so that a probe leaves the cache as it was; the governor's sample is
+        what they would be expected to save, p x saving less (1 - p) x the link time a wasted copy takes, over
+        those `admit`'s rule for late copies passes, as many as fit in one call's device compute (at least one)."""
+        q, rho, fit = self.q(), self.link_load(), max(1, int(self.layer_s / self.copy_s))
+        need = (1 + q) / 2 + self.MARGIN
+        for rank, _ in ranked:
+            p = self.p(rank)
+            if p >= need:
+                self._credit += p * self.saving - (1 - p) * self.copy_s * rho
+                fit -= 1
+                if not fit:
+                    break
 
     def p(self, rank: int) -> float:
         i = self._index(rank)
@@ -247,12 +304,14 @@ class PrefetchAdmission:
                 ok = ok and p >= (1 + q) / 2 + self.MARGIN
         elif copy <= d * self.period - backlog_s - d * self.demand - n * copy:
             ok = p >= q  # lands in time on a link that would idle: it costs the slot it evicts
-        else:  # it takes link time from demand copies: a used copy saves one, a wasted one costs one and a slot
-            ok = p >= (1 + q) / 2 + self.MARGIN
+        else:  # it takes link time from demand copies: a used copy saves one, a wasted one costs one and a slot.
+            # Only while the copies admitted in this pump fit in the device compute of the d calls before its use
+            # (the link idles there; past it a copy only delays the demand copies queued behind it), unless it
+            # is all but sure to be used
+            ok = p >= (1 + q) / 2 + self.MARGIN and (n * copy < d * self.layer_s or p >= self.SURE)
         if ok:
             self.admitted += 1
             if rank != self.REUSE:
-                self._expected += p  # what the predictor's copies are expected to save
                 self._predicted_now += 1
         else:
             self.refused += 1

@@ -203,6 +203,7 @@ class Scheduler:
                           self._reuse_keys, self._in_use):
             container.clear()
         self._guessing = False  # the current call came with prefetch candidates
+        self._ran, self._call_predicted = None, False  # `wants_prediction`'s answer; the predictor ran this call
         self._candidates = ()
         if self.admission is not None:
             self.admission.reset()
@@ -228,6 +229,11 @@ class Scheduler:
         where each routed expert runs (`LayerPlan.device` / `.host`); the executor then drives `step`."""
         self.layer_calls += 1
         self._guessing = bool(candidates)
+        ran, self._ran = self._ran, None  # `wants_prediction`'s answer for this call (None: not asked)
+        if ran is not None:
+            self.stats[layer].predict_calls += ran
+            self.stats[layer].predict_skipped += not ran
+        self._call_predicted = self._guessing if ran is None else ran
         self._layer = layer
         self._call_fetched = 0
         self._call_wanted = None  # misses an idle link would have fetched, where copies were queued (`_split`)
@@ -238,6 +244,11 @@ class Scheduler:
             adm.routed(layer, routed)
             if candidates:
                 adm.watch(candidates)
+                if ran and adm.dry:  # a probe of a predictor switched off: calibrated, sampled, not copied
+                    slot_of = self.cache.slot_of
+                    adm.dry_run(layer, [(r, k) for r, k in enumerate(candidates) if k not in slot_of])
+                    candidates = ()
+                    self._guessing = False
         self._candidates = candidates
         predicted, queue = self._predicted, self._queue
         if predicted:
@@ -258,9 +269,9 @@ class Scheduler:
         return LayerPlan(layer, device, host)
 
     def wants_prediction(self) -> bool:
-        """Whether the executor should run the predictor for the call about to be planned (always, without
-        admission; else only while its calibrated candidates could be admitted, and at probe calls)."""
-        return self._adm is None or self._adm.worth_predicting()
+        """Whether to run the predictor at the call about to be planned (with admission: the governor's answer)."""
+        self._ran = ran = self._adm is None or self._adm.worth_predicting()
+        return ran
 
     def step(self, plan: LayerPlan) -> bool:
         """Advance `plan` by one device step. The first call acquires the first chunk (all of `plan.device` when
@@ -284,7 +295,7 @@ class Scheduler:
             if self._adm is not None:
                 wanted = self._call_wanted
                 self._adm.call_done(self._call_fetched, len(plan.host),
-                                    None if wanted is None else max(wanted, self._call_fetched))
+                                    None if wanted is None else max(wanted, self._call_fetched), self._call_predicted)
             if plan.single:
                 if self._queue:
                     self.pump()  # the slots just computed on are still in use: no prefetch evicts them
@@ -339,7 +350,7 @@ class Scheduler:
         in_use, prefetched, copying, keys = self._in_use, self._prefetched, self._copying, self._keys[layer]
         inflight = self._inflight
         slots = []
-        hits = in_flight = used = reused = misses = 0
+        hits = in_flight = used = reused = misses = late_used = 0
         for e in experts:
             slot = slot_of.get(keys[e])
             if slot is None:
@@ -351,15 +362,16 @@ class Scheduler:
                 in_use.add(slot)  # nor one fetched for it already
             else:
                 hits += 1
-                if slot in copying:
-                    if ready(slot):
-                        copying.discard(slot)
-                        inflight.discard(slot)
-                    else:
-                        in_flight += 1
+                late = slot in copying and not ready(slot)
+                if late:
+                    in_flight += 1
+                elif slot in copying:
+                    copying.discard(slot)
+                    inflight.discard(slot)
                 if slot in prefetched:
                     del prefetched[slot]
                     used += 1
+                    late_used += late and slot not in self._reused  # the predictor's copy, still in flight
                     if slot in self._reused:
                         self._reused.discard(slot)
                         reused += 1
@@ -372,6 +384,8 @@ class Scheduler:
             stats.hits_in_flight += in_flight
             stats.prefetch_used += used
             stats.reuse_used += reused
+            if used > reused and self._adm is not None:  # the predictor's copies paid: the governor's credit
+                self._adm.copies_used(used - reused, late_used)
         if misses:
             self._call_fetched += misses
             stats.misses += misses
@@ -393,7 +407,6 @@ class Scheduler:
         if adm is not None:
             link_s, n, layer = self._link_backlog(), 0, self._layer
             predicted, rank_of, reuse = self._predicted, self._candidates.index, adm.REUSE
-            adm._expected = 0.0
         while queue:
             if backlog is not None and backlog() > self.miss_costs.host_seconds(1):
                 break
@@ -429,8 +442,6 @@ class Scheduler:
             if key in self._reuse_keys:  # an expert `_split` sent to the host
                 stats.reuse_issued += 1
                 self._reused.add(slot)
-        if adm is not None and self._guessing:
-            adm.pumped(adm._expected)
         if self._read_ahead is not None:  # a file-backed store reads the waiting candidates from disk meanwhile
             self._read_ahead(queue[::-1])
 
@@ -473,11 +484,15 @@ class Scheduler:
             if got is None:
                 raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
         slot = got[0]
-        if got[1] is not None and self._adm is not None:  # the policy's victims: how often needed again
-            self._adm.evicted(got[1])
+        adm = self._adm
+        if got[1] is not None and adm is not None:  # the policy's victims: how often needed again
+            adm.evicted(got[1], not demand and key not in self._reuse_keys)
         wasted = self._prefetched.pop(slot, None)
         if wasted is not None:
-            self._reused.discard(slot)
+            if slot in self._reused:
+                self._reused.discard(slot)
+            elif adm is not None:  # a predicted copy never used: the governor's debit
+                adm.copy_wasted()
             self.stats[wasted[0]].prefetch_wasted += 1
         self.engine.copy_in(slot, key, demand)
         self._copying.add(slot)

@@ -19,6 +19,8 @@ class LayerStats:
     reuse_used: int = 0  # kept for their layer's next visit (no predictor chose them); of prefetch_used, those
     reuse_refused: int = 0  # routed to; of prefetch_refused, those that admission did not copy
     bytes_moved: int = 0  # host -> device, demand and prefetch
+    predict_calls: int = 0  # layer calls that ran the predictor (asked of the scheduler: `wants_prediction`)
+    predict_skipped: int = 0  # layer calls whose predictor the governor skipped (its copies did not pay for it)
 
     def add(self, other: "LayerStats") -> None:
         for f in fields(self):
@@ -57,6 +59,9 @@ class Stats:
     reuse_used = property(lambda self: self.total.reuse_used, doc="of prefetch_used, those of host-computed experts")
     reuse_refused = property(lambda self: self.total.reuse_refused, doc="of prefetch_refused, host-computed experts")
     bytes_moved = property(lambda self: self.total.bytes_moved, doc="host -> device bytes, all layers")
+    predict_calls = property(lambda self: self.total.predict_calls, doc="layer calls that ran the predictor")
+    predict_skipped = property(lambda self: self.total.predict_skipped,
+                               doc="layer calls whose predictor the governor skipped")
 
     @property
     def hit_rate(self) -> float:
@@ -117,7 +122,8 @@ class Stats:
             f"prefetch: {t.prefetch_issued} issued, {t.prefetch_used} used, {t.prefetch_wasted} wasted, "
             f"{t.prefetch_refused} refused by admission "
             f"(precision {self.prefetch_precision:.3f}); of them copies of host-computed experts: "
-            f"{t.reuse_issued} issued, {t.reuse_used} used, {t.reuse_refused} refused",
+            f"{t.reuse_issued} issued, {t.reuse_used} used, {t.reuse_refused} refused; the predictor ran at "
+            f"{t.predict_calls} layer calls, skipped at {t.predict_skipped} (its copies did not pay for it)",
             f"moved {t.bytes_moved / 2**20:.1f} MiB host->device; compute stalled {self.stall_s * 1e3:.2f} ms "
             f"in {self.stall_waits} waits, the host blocked {self.host_stall_s * 1e3:.2f} ms on copies in "
             f"{self.host_stall_waits} waits; {self.host_syncs} host syncs over {self.layer_calls} layer calls",
