@@ -376,19 +376,24 @@ def _int8_bound(x, ids, w, chosen, exact, inter, activation):
             h = gu @ xt + (0 if bg is None else bg)
             eh = gu.abs() @ ex + (xt.numel() / 32 + 16) * 2 * U * (gu.abs() @ (xt.abs() + ex)) + 2 * U * h.abs()
             wt = float(w[t, j])
-            if activation == "swiglu_oai":
-                g, u, eg, eu = h[0::2].clamp(max=OAI[1]), h[1::2].clamp(-OAI[1], OAI[1]), eh[0::2], eh[1::2]
-                f = g * torch.sigmoid(g * OAI[0])
-                a, ea = (u + 1) * f, SILU_LIP * eg * ((u + 1).abs() + eu) + f.abs() * eu
-            else:
-                g, u, eg, eu = h[:inter], h[inter:], eh[:inter], eh[inter:]
-                f = torch.nn.functional.silu(g)
-                a, ea = u * f, SILU_LIP * eg * (u.abs() + eu) + f.abs() * eu
+            a, ea = _gated(h, eh, inter, activation)
             a, ea = a * wt, (ea + 16 * U * (a.abs() + ea)) * wt  # the activation's own float32 evaluation
             ehat = DELTA * _block_steps(a.abs() + ea) * (1 + 4 * U)  # the kernel's steps, from its own a^
             bound[t] += dn.abs() @ (ea + ehat) + (inter / 32 + 16) * 2 * U * (dn.abs() @ (a.abs() + ea + ehat))
             bound[t] += 2 * U * (dn @ a).abs() + (0 if bd is None else 2 * U * wt * bd.abs())
     return bound + 2 * U * bound  # the output's own accumulation over pairs
+
+
+def _gated(h, eh, inter, activation):
+    """The gated activation a of the gate/up values h [2 * inter] (float64) and how far it may be from the kernel's,
+    given |h^ - h| <= eh: (a, ea)."""
+    if activation == "swiglu_oai":
+        g, u, eg, eu = h[0::2].clamp(max=OAI[1]), h[1::2].clamp(-OAI[1], OAI[1]), eh[0::2], eh[1::2]
+        f = g * torch.sigmoid(g * OAI[0])
+        return (u + 1) * f, SILU_LIP * eg * ((u + 1).abs() + eu) + f.abs() * eu
+    g, u, eg, eu = h[:inter], h[inter:], eh[:inter], eh[inter:]
+    f = torch.nn.functional.silu(g)
+    return u * f, SILU_LIP * eg * (u.abs() + eu) + f.abs() * eu
 
 
 def _q8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,14 +420,7 @@ def _int8_emulated(x, ids, w, chosen, exact, inter, activation):
             h = gu @ xq + (0 if bg is None else bg)
             eh = (x.shape[1] / 32 + 16) * 2 * U * (gu.abs() @ xq.abs()) + 2 * U * h.abs()
             wt = float(w[t, j])
-            if activation == "swiglu_oai":
-                g, u, eg, eu = h[0::2].clamp(max=OAI[1]), h[1::2].clamp(-OAI[1], OAI[1]), eh[0::2], eh[1::2]
-                f = g * torch.sigmoid(g * OAI[0])
-                a, ea = (u + 1) * f, SILU_LIP * eg * ((u + 1).abs() + eu) + f.abs() * eu
-            else:
-                g, u, eg, eu = h[:inter], h[inter:], eh[:inter], eh[inter:]
-                f = torch.nn.functional.silu(g)
-                a, ea = u * f, SILU_LIP * eg * (u.abs() + eu) + f.abs() * eu
+            a, ea = _gated(h, eh, inter, activation)
             a, ea = a * wt, (ea + 16 * U * (a.abs() + ea)) * wt + U * a.abs()  # the kernel's a^: |a^ - a| <= ea
             d = _block_steps(a)
             q = torch.where(d > 0, torch.round(a / d.clamp_min(1e-300)), torch.zeros_like(a))
