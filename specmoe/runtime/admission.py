@@ -30,8 +30,9 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
 
 The predictor itself runs only while what its copies were seen to save pays for its own host time (`predict_s`,
 per call) and some rank could pass; else at probe calls (a governor: `worth_predicting`). What they saved is
-counted as it happens, not expected: a predicted copy that is used saves a demand copy (`credit_s`, with `auto` too; one in flight a
-layer call's length at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for
+counted as it happens, not expected: a predicted copy that is used saves a demand copy (`copy_s`, with `auto`
+too: an expert the host computed is not resident after, so its next visits miss again; one in flight a layer
+call's length at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for
 it that its layer's next visit routes costs what a used copy saves (a miss, at most a layer call's length); `gain` is the moving average of that net saving per predicted
 call, every predicted call counted (one with nothing to copy saves nothing). A predictor whose copies do not pay
 for its calls is then called at probe calls only, so prediction is never slower than none by more than the probes. Costs (`copy_s`, `layer_s`: seconds
@@ -106,10 +107,6 @@ class PrefetchAdmission:
         self.host_s, self.host_call_s, self.predict_s, self.smoothing = host_s, host_call_s, predict_s, smoothing
         # what a used prefetch saves: a demand copy, or (misses="auto") the host's compute of the expert
         self.saving = copy_s if late_ok or host_s is None else min(copy_s, host_s)
-        # what the governor credits a used predicted copy: a demand copy's time, with misses="auto" too (an expert
-        # the host computed is not resident after, so its next visits miss again; crediting the host's time alone
-        # kept a paying predictor off: affinity-2 at DeepSeek 0.1 auto +0.1 % -> +3.3 %, development routing)
-        self.credit_s = copy_s
         self.gain = predict_s  # net seconds saved per predicted call, as seen (moving average; starts at break-even)
         self._credit = 0.0  # seconds saved (less those lost) by predicted copies since the last predicted call
         self._samples = 0  # predicted calls settled into `gain`
@@ -187,7 +184,7 @@ class PrefetchAdmission:
                 if e in chosen:
                     self.victim_reused += 1
                     if guess:  # a predicted copy evicted an expert needed now: it costs a miss
-                        self._credit -= min(self.credit_s, self.period)  # it is copied again: as a used copy saves
+                        self._credit -= min(self.copy_s, self.period)  # it is copied again: as a used copy saves
 
     def watch(self, candidates, host_queued=()) -> None:
         """The candidates of this call, best first (keys), and experts queued after host compute: check each
@@ -209,7 +206,7 @@ class PrefetchAdmission:
         """`used` predicted copies were routed to; of them `late` were still in flight. One that had landed saved a
         miss; one in flight started about a layer call before a demand copy would have: it saved that, at most a
         miss."""
-        self._credit += (used - late) * self.credit_s + late * min(self.credit_s, self.period)
+        self._credit += (used - late) * self.copy_s + late * min(self.copy_s, self.period)
 
     def copy_wasted(self) -> None:
         """A predicted copy was evicted unused: it held the link for a copy, which delayed the copies due
