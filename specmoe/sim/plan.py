@@ -101,6 +101,8 @@ class FitPlan:
         """The `load_offloaded` keyword arguments of the chosen option."""
         c = self.chosen
         out = {"cache_capacity": c.slots, "host_store": c.host_store, "misses": c.misses}
+        if c.misses != "fetch":  # the threads the host kernel's rates were charged for
+            out["host_threads"] = self.host_threads
         if c.lossy:
             out["compression"] = c.compression
         if c.host_activations != "fp32":
@@ -220,5 +222,5 @@ def make_plan(shape: ModelShape, machine: Machine, *, lossy: bool = True, stream
         assumptions.append("not possible: " + "; ".join(why_not))
     machine_d = {"gpu": machine.gpu.name, "gpu_bytes": machine.gpu.memory_bytes, "host": machine.host.name,
                  "ram_bytes": machine.ram_bytes, "disk_bytes_per_s": machine.disk_bytes_per_s}
-    return FitPlan(shape.name, machine_d, chosen, options, host_threads=machine.host.cores, routing=routing,
+    return FitPlan(shape.name, machine_d, chosen, options, host_threads=machine.host.threads, routing=routing,
                    assumptions=assumptions)
