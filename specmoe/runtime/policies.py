@@ -149,7 +149,7 @@ class ScoredPolicy(LRUPolicy):
         self._touches = t + 1
         if self.cache is not None:
             key = self._key_of[slot]
-            if self._slot_key[slot] != key:
+            if self._slot_key[slot] is not key:  # the cache's own key object while the slot holds it
                 self._slot_key[slot] = key
                 self.slot_layer[slot] = key[0]
                 self.slot_flat[slot] = key[0] * self.E + key[1]
@@ -157,10 +157,10 @@ class ScoredPolicy(LRUPolicy):
                 self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
 
     def forget(self, slot: int) -> None:
+        """The slot's expert was evicted. The cache fills the slot at once (its `touch` follows, which writes the
+        new expert's entries): only the old key is dropped here."""
         self._stamp.pop(slot, None)
         if self.cache is not None:
-            self.slot_layer[slot] = -1
-            self.slot_flat[slot] = self.L * self.E
             self._slot_key[slot] = None
 
     def _oldest(self, allowed: Callable[[int], bool]) -> int | None:
@@ -253,18 +253,21 @@ class HitDensityPolicy(ScoredPolicy):
         self.bucket[:L] = self._bucket_of(recency, self.freq, self.freq_sum[:, None])
         self._bucket_flat = self.bucket.reshape(-1)  # [(L + 1) * E] (a view)
         # Made once for `_count_one` and `_scores`, which run at every layer call: per layer its rows of bucket,
-        # freq and last (views), its row of the steps table, and the constants as 0-d arrays. (On arrays this small a numpy call costs its dispatch, not its work: the two run on fresh
-        # arrays and in-place operators, without `out=` keywords, which cost more than the arrays they save.)
+        # freq and last (views), its row of the steps table, and the constants as 0-d arrays. (On arrays this
+        # small a numpy call costs its dispatch, not its work: the two run on fresh arrays and in-place
+        # operators, without `out=` keywords, which cost more than the arrays they save.)
         self._rows = [(self.bucket[i], self.freq[i], self.last[i]) for i in range(L)]
         self._steps_rows = list(self._steps)
         self._decay0, self._gain0 = np.array(self.freq_decay), np.array(1 - self.freq_decay)
         self._twoE0, self._top0 = np.array(2.0 * E), np.array(self.F - 1)
         # 2E a power of two: freq * 2E is exact, so freq / (total / 2E) is (freq * 2E) / total to the bit, one
         # operation fewer
-        self._exact_scale = (2 * E) & (2 * E - 1) == 0
+        self._exact_scale = ((2 * E) & (2 * E - 1)) == 0
         # weights of ones for bincount: its float counts add to the float hits and trials without a cast (the
         # same integers: a sum of ones is exact)
-        self._ones = [np.ones(n) for n in range(E + 1)]
+        ones = [np.ones(n) for n in range(E + 1)]
+        self._consts = (self.trials, self.hits, ones, self._visits, self._decay0, self._gain0, self._twoE0,
+                        self._top0, self._recency_f, self._exact_scale)  # what `_count_one` reads, in one load
         self._pending: list[tuple[int, list[int]]] = []  # observed layer calls not yet counted (in order)
         self._pending_layers: set[int] = set()
 
@@ -304,25 +307,25 @@ class HitDensityPolicy(ScoredPolicy):
 
     def _count_one(self, layer: int, used) -> None:
         """One call, on the layer's rows in place (the same arithmetic as `_bucket_of`)."""
-        size, ones = self.trials.size, self._ones
+        trials, hits, ones, visits, decay, gain, two_e, top, recency_f, exact = self._consts
         bucket, freq, last = self._rows[layer]  # [E] (views: updated in place)
-        self.trials += np.bincount(bucket, ones[-1], size)
-        visit = self._visits[layer] + 1
-        self._visits[layer] = visit
-        freq *= self._decay0
+        size = trials.size
+        trials += np.bincount(bucket, ones[-1], size)
+        visit = visits[layer] = visits[layer] + 1
+        freq *= decay
         if used:
             u = np.array(used)  # [k]
-            self.hits += np.bincount(bucket[u], ones[len(used)], size)
+            hits += np.bincount(bucket[u], ones[len(used)], size)
             last[u] = visit
-            freq[u] += self._gain0
+            freq[u] += gain
         total = self.freq_sum[layer] = np.add.reduce(freq)
-        if self._exact_scale:
-            rel2 = freq / (total / self._twoE0)  # twice the frequency relative to the layer's average
+        if exact:
+            rel2 = freq / (total / two_e)  # twice the frequency relative to the layer's average
         else:
-            rel2 = freq * self._twoE0
+            rel2 = freq * two_e
             rel2 /= total
-        capped = np.minimum(rel2.astype(np.int64), self._top0)  # >= 0: truncated, then capped
-        self._recency_f.take(visit - last, None, bucket, "clip")  # recency capped at _MAX_RECENCY, its last index
+        capped = np.minimum(rel2.astype(np.int64), top)  # >= 0: truncated, then capped
+        recency_f.take(visit - last, None, bucket, "clip")  # recency capped at _MAX_RECENCY, its last index
         bucket += capped
 
     def _count_many(self, pending) -> None:
