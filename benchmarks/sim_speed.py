@@ -55,10 +55,11 @@ def synthetic_decode(tokens: int, layers: int, experts: int, top_k: int, reuse: 
     return ids
 
 
-def worker(tokens: int, capacity: float, stream_file: str | None = None) -> dict:
-    """One timed `simulate` per setting with whichever specmoe is importable; returns the figures."""
+def replay_setup(tokens: int, stream_file: str | None = None):
+    """(shape, stream, profile, op counts, inputs) with whichever specmoe is importable: DeepSeek-V2-Lite's shape,
+    the first `tokens` passes of `stream_file` (else the synthetic decode), the RTX 3090 profile, and per setting
+    a function giving `simulate`'s keyword arguments (its inputs)."""
     from specmoe.sim.compute import count_ops
-    from specmoe.sim.engine import simulate
     from specmoe.sim.hardware import HardwareProfile
     from specmoe.sim.predictions import oracle_candidates
     from specmoe.sim.shapes import ModelShape
@@ -71,11 +72,18 @@ def worker(tokens: int, capacity: float, stream_file: str | None = None) -> dict
     else:
         ids = synthetic_decode(tokens, shape.moe_layers, shape.num_experts, shape.top_k)
         stream = RoutingStream.from_sequences(ids, num_experts=shape.num_experts)
-    profile, ops = HardwareProfile.from_name("rtx3090"), count_ops(shape.model_type)
     inputs = {"lru": lambda: dict(policy="lru"),
               "oracle+lru": lambda: dict(policy="lru", candidates=oracle_candidates(stream, shape.num_experts)),
               "belady": lambda: dict(policy="belady"),  # Belady's future is built inside simulate
               "hit-density": lambda: dict(policy="hit-density")}  # the default policy
+    return shape, stream, HardwareProfile.from_name("rtx3090"), count_ops(shape.model_type), inputs
+
+
+def worker(tokens: int, capacity: float, stream_file: str | None = None) -> dict:
+    """One timed `simulate` per setting with whichever specmoe is importable; returns the figures."""
+    from specmoe.sim.engine import simulate
+
+    shape, stream, profile, ops, inputs = replay_setup(tokens, stream_file)
     simulate(stream.select_passes(0, 20), shape, profile, capacity, ops=ops)  # warm-up: first calls, lazy imports
     steps = stream.num_passes * shape.moe_layers
     out = {}

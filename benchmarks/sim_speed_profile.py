@@ -79,21 +79,10 @@ def main(argv=None) -> int:
 
     from specmoe.bench.environment import environment
     from specmoe.io import write_json, write_text
-    from specmoe.sim.compute import count_ops
     from specmoe.sim.engine import simulate
-    from specmoe.sim.hardware import HardwareProfile
-    from specmoe.sim.predictions import oracle_candidates
-    from specmoe.sim.shapes import ModelShape
-    from specmoe.sim.stream import RoutingStream
-    from sim_speed import SETTINGS
+    from sim_speed import SETTINGS, replay_setup
 
-    shape = ModelShape.from_name("deepseek-v2-lite")
-    stream = RoutingStream.load(args.stream)
-    stream = stream.select_passes(0, min(args.tokens, stream.num_passes))
-    profile, ops = HardwareProfile.from_name("rtx3090"), count_ops(shape.model_type)
-    makes = {"lru": lambda: dict(policy="lru"),
-             "oracle+lru": lambda: dict(policy="lru", candidates=oracle_candidates(stream, shape.num_experts)),
-             "belady": lambda: dict(policy="belady"), "hit-density": lambda: dict(policy="hit-density")}
+    shape, stream, profile, ops, makes = replay_setup(args.tokens, args.stream)
     simulate(stream.select_passes(0, 20), shape, profile, args.capacity, ops=ops)  # warm-up: lazy imports
     rows = {name: profile_setting(stream, shape, profile, args.capacity, ops, makes[name]) for name in SETTINGS}
     baseline = None
