@@ -254,7 +254,13 @@ def markdown(r: dict) -> str:
                    "assumed as fast)")
     else:
         charged = (f"the simulator's figure: {r['simulator_wrapper_us']:.1f} µs per call (`ComputeModel` hf-eager "
-                   f"`wrapper_s`; assumed before the bookkeeping was measured: {r['assumed_wrapper_us']:.0f} µs)")
+                   f"`wrapper_s`, from `sim/calibration/bookkeeping.json`; assumed before the bookkeeping was "
+                   f"measured: {r['assumed_wrapper_us']:.0f} µs)")
+        fit = r.get("fit")
+        if fit:
+            d = fit["policies"][fit["default_policy"]]
+            charged += (f"; this run's fit, not written to the calibration: {fit['default_policy']} "
+                        f"{d['per_call_s'] * 1e6:.1f} µs per call + {d['per_copy_s'] * 1e6:.1f} per copy")
     load = r.get("load_average")
     lines += ["", f"Bookkeeping of SpeculativeMoE per MoE layer call, expert compute and byte copies left out, minus a "
               f"bare hook on the same recorded calls ({st['model']}; {st['calls']} calls of a {st['new_tokens']}-token "
@@ -292,16 +298,18 @@ def main(argv=None) -> int:
     env = environment(torch.device("cpu"))
     command = "python benchmarks/hot_path_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cal = calibration(rows, DEFAULT_POLICY, command.strip(), env)
+    written = cal is not None and bool(args.calibration)
     result = {"benchmark": "hot_path_cost", "goal_us": GOAL_US,
               "simulator_wrapper_us": ComputeModel.from_name("hf-eager").wrapper_s * 1e6,
               "assumed_wrapper_us": ASSUMED_WRAPPER_S * 1e6, "load_average": list(os.getloadavg()),
-              "calibration": cal,
+              "calibration": cal if written else None,  # what the simulator now charges (else: `fit`, not adopted)
+              "fit": None if written else cal,
               "settings": {"model": "qwen2_moe L=24 E=60 k=4 H=%d (random weights)" % args.hidden,
                            "calls": len(calls), "new_tokens": args.new_tokens, "repeats": args.repeats,
                            "engine": "sync (copies stubbed)", "torch_threads": 1},
               "environment": env, "rows": rows}
     write_json(args.out, result)
-    if cal is not None and args.calibration:
+    if written:
         write_json(Path(args.calibration), cal)
         print(f"wrote {args.calibration}")
     write_text(args.out.with_suffix(".md"), markdown(result))

@@ -116,10 +116,15 @@ class ScoredPolicy(LRUPolicy):
     """LRU until bound and observing layers; then the victim is the allowed slot of the lowest score of the
     current layer call (`_scores`, computed once per call: subclasses set `self._score = None` when it goes
     stale), the oldest allowed slot when every allowed slot is kept (score inf). `_keep_predicted` gives the
-    slots of experts the predictor wants an infinite score."""
+    slots of experts the predictor wants an infinite score. The recency order is a stamp per slot (a dict store
+    per touch, where LRU's ordered dict moves an entry), sorted only when the oldest is asked for."""
 
     layer: int | None = None
     _score: np.ndarray | None = None
+
+    def __init__(self) -> None:
+        self._stamp: dict[int, int] = {}  # slot -> when it was last touched (forgotten slots: absent)
+        self._touches = 0
 
     def _scores(self) -> np.ndarray:  # [S] lowest evicted first, inf for kept slots
         raise NotImplementedError
@@ -138,16 +143,13 @@ class ScoredPolicy(LRUPolicy):
         self._steps[:, :L] = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1
 
     def touch(self, slot: int) -> None:
-        """LRU's touch (inlined: every hit and every fill calls it); bound, a new expert in the slot moves its
-        entries, and the slot is kept for the rest of this call."""
-        order = self._order
-        if slot in order:
-            order.move_to_end(slot)
-        else:
-            order[slot] = None
+        """Stamps the slot (every hit and every fill calls it); bound, a new expert in the slot moves its entries,
+        and the slot is kept for the rest of this call."""
+        self._stamp[slot] = t = self._touches
+        self._touches = t + 1
         if self.cache is not None:
             key = self._key_of[slot]
-            if self._slot_key[slot] != key:
+            if self._slot_key[slot] is not key:  # the cache's own key object while the slot holds it
                 self._slot_key[slot] = key
                 self.slot_layer[slot] = key[0]
                 self.slot_flat[slot] = key[0] * self.E + key[1]
@@ -155,11 +157,19 @@ class ScoredPolicy(LRUPolicy):
                 self._score[slot] = np.inf  # holds an expert of the current layer now, kept this step
 
     def forget(self, slot: int) -> None:
-        self._order.pop(slot, None)  # LRUPolicy.forget, inlined (every eviction calls it)
+        """The slot's expert was evicted. The cache fills the slot at once (its `touch` follows, which writes the
+        new expert's entries): only the old key is dropped here."""
+        self._stamp.pop(slot, None)
         if self.cache is not None:
-            self.slot_layer[slot] = -1
-            self.slot_flat[slot] = self.L * self.E
             self._slot_key[slot] = None
+
+    def _oldest(self, allowed: Callable[[int], bool]) -> int | None:
+        """LRUPolicy.victim: the allowed slot touched longest ago."""
+        stamp = self._stamp
+        for s in sorted(stamp, key=stamp.__getitem__):
+            if allowed(s):
+                return s
+        return None
 
     def _keep_predicted(self, score: np.ndarray) -> np.ndarray:
         slot_of = self.cache.slot_of
@@ -171,7 +181,7 @@ class ScoredPolicy(LRUPolicy):
 
     def victim(self, allowed: Callable[[int], bool]) -> int | None:
         if self.layer is None:
-            return super().victim(allowed)
+            return self._oldest(allowed)
         score = self._score
         if score is None:
             score = self._score = self._scores()
@@ -183,10 +193,7 @@ class ScoredPolicy(LRUPolicy):
             if allowed(slot):
                 return slot
             score[slot] = inf
-        for s in self._order:  # only kept slots may go: the oldest (LRUPolicy.victim)
-            if allowed(s):
-                return s
-        return None
+        return self._oldest(allowed)  # only kept slots may go
 
 
 # recency buckets: visits of a layer since the expert was last routed there (0: routed at the latest visit)
@@ -232,7 +239,7 @@ class HitDensityPolicy(ScoredPolicy):
         self.freq = np.full((L, E), 1.0 / E)  # [L, E] decayed share of visits that routed each expert
         self.freq_sum = self.freq.sum(-1)  # [L] row sums, kept with the rows
         self.last = np.full((L, E), -(_MAX_RECENCY + 1), dtype=np.int64)  # [L, E] visit it was last routed at
-        self.visits = np.zeros(L, dtype=np.int64)  # [L]
+        self._visits = [0] * L  # [L] visits of each layer so far (`visits`: as an array)
         R = len(_RECENCY_EDGES)
         # [R * F + 1] hits and trials per bucket, with a prior that falls with recency; the last entry (hits inf,
         # trials 1) is the empty slots' bucket, so that hits / trials is inf there: never a victim
@@ -246,16 +253,28 @@ class HitDensityPolicy(ScoredPolicy):
         self.bucket[:L] = self._bucket_of(recency, self.freq, self.freq_sum[:, None])
         self._bucket_flat = self.bucket.reshape(-1)  # [(L + 1) * E] (a view)
         # Made once for `_count_one` and `_scores`, which run at every layer call: per layer its rows of bucket,
-        # freq and last (views), its visits as a plain int, its row of the steps table, and the constants as 0-d
-        # arrays. (On arrays this small a numpy call costs its dispatch, not its work: the two run on fresh
-        # arrays and in-place operators, without `out=` keywords, which cost more than the arrays they save.)
+        # freq and last (views), its row of the steps table, and the constants as 0-d arrays. (On arrays this
+        # small a numpy call costs its dispatch, not its work: the two run on fresh arrays and in-place
+        # operators, without `out=` keywords, which cost more than the arrays they save.)
         self._rows = [(self.bucket[i], self.freq[i], self.last[i]) for i in range(L)]
-        self._visits = [0] * L  # = self.visits
         self._steps_rows = list(self._steps)
         self._decay0, self._gain0 = np.array(self.freq_decay), np.array(1 - self.freq_decay)
         self._twoE0, self._top0 = np.array(2.0 * E), np.array(self.F - 1)
+        # 2E a power of two: freq * 2E is exact, so freq / (total / 2E) is (freq * 2E) / total to the bit, one
+        # operation fewer
+        self._exact_scale = ((2 * E) & (2 * E - 1)) == 0
+        # weights of ones for bincount: its float counts add to the float hits and trials without a cast (the
+        # same integers: a sum of ones is exact)
+        ones = [np.ones(n) for n in range(E + 1)]
+        self._consts = (self.trials, self.hits, ones, self._visits, self._decay0, self._gain0, self._twoE0,
+                        self._top0, self._recency_f, self._exact_scale)  # what `_count_one` reads, in one load
         self._pending: list[tuple[int, list[int]]] = []  # observed layer calls not yet counted (in order)
         self._pending_layers: set[int] = set()
+
+    @property
+    def visits(self) -> np.ndarray:
+        """[L] visits of each layer counted so far."""
+        return np.array(self._visits, dtype=np.int64)
 
     def _bucket_of(self, recency: np.ndarray, freq: np.ndarray, freq_sum) -> np.ndarray:
         """Buckets from recency and frequency (any matching shapes)."""
@@ -288,23 +307,25 @@ class HitDensityPolicy(ScoredPolicy):
 
     def _count_one(self, layer: int, used) -> None:
         """One call, on the layer's rows in place (the same arithmetic as `_bucket_of`)."""
-        size = self.trials.size
+        trials, hits, ones, visits, decay, gain, two_e, top, recency_f, exact = self._consts
         bucket, freq, last = self._rows[layer]  # [E] (views: updated in place)
-        self.trials += np.bincount(bucket, None, size)
-        visit = self._visits[layer] + 1
-        self._visits[layer] = visit
-        self.visits[layer] = visit
-        freq *= self._decay0
+        size = trials.size
+        trials += np.bincount(bucket, ones[-1], size)
+        visit = visits[layer] = visits[layer] + 1
+        freq *= decay
         if used:
             u = np.array(used)  # [k]
-            self.hits += np.bincount(bucket[u], None, size)
+            hits += np.bincount(bucket[u], ones[len(used)], size)
             last[u] = visit
-            freq[u] += self._gain0
+            freq[u] += gain
         total = self.freq_sum[layer] = np.add.reduce(freq)
-        rel2 = freq * self._twoE0  # twice the frequency relative to the layer's average
-        rel2 /= total
-        capped = np.minimum(rel2.astype(np.int64), self._top0)  # >= 0: truncated, then capped
-        self._recency_f.take(visit - last, None, bucket, "clip")  # recency capped at _MAX_RECENCY, its last index
+        if exact:
+            rel2 = freq / (total / two_e)  # twice the frequency relative to the layer's average
+        else:
+            rel2 = freq * two_e
+            rel2 /= total
+        capped = np.minimum(rel2.astype(np.int64), top)  # >= 0: truncated, then capped
+        recency_f.take(visit - last, None, bucket, "clip")  # recency capped at _MAX_RECENCY, its last index
         bucket += capped
 
     def _count_many(self, pending) -> None:
@@ -317,10 +338,10 @@ class HitDensityPolicy(ScoredPolicy):
         self.trials += np.bincount(bucket.ravel(), minlength=size)
         if rows.size:
             self.hits += np.bincount(bucket[rows, used], minlength=size)
-        self.visits[layers] += 1
-        visits = self.visits[layers]  # [n]
-        for layer, visit in zip(layers.tolist(), visits.tolist()):
-            self._visits[layer] = visit
+        counted = self._visits
+        for layer, _ in pending:
+            counted[layer] += 1
+        visits = np.fromiter((counted[c[0]] for c in pending), dtype=np.int64, count=len(pending))  # [n]
         self.last[layers[rows], used] = visits[rows]
         freq = self.freq[layers]  # [n, E]
         freq *= decay

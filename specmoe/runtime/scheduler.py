@@ -228,12 +228,17 @@ class Scheduler:
         where misses may run on the host). Queues the candidates, lets the policy observe the call, and decides
         where each routed expert runs (`LayerPlan.device` / `.host`); the executor then drives `step`."""
         self.layer_calls += 1
-        self._guessing = bool(candidates)
-        ran, self._ran = self._ran, None  # `wants_prediction`'s answer for this call (None: not asked)
-        if ran is not None:
-            self.stats[layer].predict_calls += ran
-            self.stats[layer].predict_skipped += not ran
-        self._call_predicted = self._guessing if ran is None else ran
+        self._guessing = guessing = True if candidates else False
+        ran = self._ran  # `wants_prediction`'s answer for this call (None: not asked)
+        if ran is None:
+            self._call_predicted = guessing
+        else:
+            self._ran = None
+            if ran:
+                self.stats[layer].predict_calls += 1
+            else:
+                self.stats[layer].predict_skipped += 1
+            self._call_predicted = ran
         self._layer = layer
         self._call_fetched = 0
         self._call_wanted = None  # misses an idle link would have fetched, where copies were queued (`_split`)
@@ -362,13 +367,15 @@ class Scheduler:
                 in_use.add(slot)  # nor one fetched for it already
             else:
                 hits += 1
-                late = slot in copying and not ready(slot)
-                if late:
-                    in_flight += 1
-                elif slot in copying:
-                    copying.discard(slot)
-                    inflight.discard(slot)
-                if slot in prefetched:
+                late = False
+                if slot in copying:
+                    if ready(slot):
+                        copying.discard(slot)
+                        inflight.discard(slot)
+                    else:
+                        late = True
+                        in_flight += 1
+                if prefetched and slot in prefetched:
                     del prefetched[slot]
                     used += 1
                     late_used += late and slot not in self._reused  # the predictor's copy, still in flight
@@ -381,11 +388,13 @@ class Scheduler:
         stats = self.stats[layer]
         if hits:
             stats.hits += hits
-            stats.hits_in_flight += in_flight
-            stats.prefetch_used += used
-            stats.reuse_used += reused
-            if used > reused and self._adm is not None:  # the predictor's copies paid: the governor's credit
-                self._adm.copies_used(used - reused, late_used)
+            if in_flight:
+                stats.hits_in_flight += in_flight
+            if used:
+                stats.prefetch_used += used
+                stats.reuse_used += reused
+                if used > reused and self._adm is not None:  # the predictor's copies paid: the governor's credit
+                    self._adm.copies_used(used - reused, late_used)
         if misses:
             self._call_fetched += misses
             stats.misses += misses
@@ -483,11 +492,11 @@ class Scheduler:
             got = cache.assign(key, self._evictable)
             if got is None:
                 raise RuntimeError(f"no cache slot for expert {key}: all {self.num_slots} slots are in use")
-        slot = got[0]
+        slot, evicted = got
         adm = self._adm
-        if got[1] is not None and adm is not None:  # the policy's victims: how often needed again
-            adm.evicted(got[1], not demand and key not in self._reuse_keys)
-        wasted = self._prefetched.pop(slot, None)
+        if adm is not None and evicted is not None:  # the policy's victims: how often needed again
+            adm.evicted(evicted, not demand and key not in self._reuse_keys)
+        wasted = self._prefetched.pop(slot, None) if self._prefetched else None
         if wasted is not None:
             if slot in self._reused:
                 self._reused.discard(slot)
