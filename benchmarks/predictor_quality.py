@@ -1,0 +1,354 @@
+"""How good must a predictor be? Simulated decode tok/s of degraded oracles as a function of their quality, on
+held-out real routing, with the trained predictors placed on the same curves.
+
+A degraded oracle (`degraded_candidates`) names, for each target layer, each expert the routing really chooses there
+with probability r (its recall) and adds experts not chosen there, drawn uniformly, so that a named expert is routed
+with probability p (its precision): E[false] = named * (1 - p) / p, stochastically rounded. Draws are made once per
+(pass, target layer) from a seeded generator, so every source layer that looks at a target names the same set (as
+the oracle does) and a rerun gives the same candidates. The order of a target's candidates is either `shuffled`
+(every rank has precision p: nothing for admission's per-rank calibration to separate) or `true-first` (the routed
+ones first: a perfectly ranked predictor of that recall, its precision falling with rank as a trained one's does).
+
+Every row is the simulator (`sim.sweep.run_sweep`, as `benchmarks/real_routing.py` runs it: the default eviction
+policy, warm-up passes excluded, the runtime's admission and governor) at one capacity, misses `fetch` and `auto`;
+degraded oracles are charged a trained predictor's host cost (the affinity predictor's aten ops) and the oracle
+rows the oracle's. The trained predictors (loaded from `--load-predictors DIR/<trace>-<name>`, e.g. saved by
+real_routing.py's `--save-predictors`) are replayed on the same held-out steps, and their recall and precision are
+measured the same way (target layer l+1 named from layer l).
+
+Prefetching can only help with an expert that is not resident when the copy would start, so next to the recall of
+every routed expert the table gives the recall of the *new* ones: routed at a layer and not routed there in any of
+the W tokens before (a routing-only stand-in for "not resident"; W is chosen so that the share of new experts is
+closest to the no-predictor run's miss rate). A degraded oracle's new-expert recall is r by construction; a trained
+predictor's is what it knows about the experts a copy can help with.
+
+    python benchmarks/predictor_quality.py /work/tmp/traces_imported/ds_test \
+        --load-predictors /work/tmp/admit2/preds2 --trained affinity affinity-2 history interlayer
+
+Writes benchmarks/results/<name>.{json,md,png}. All tok/s figures are simulated.
+"""
+
+# Shape legend: P passes, T tokens of a pass, L MoE layers, k top-k, E experts, D lookahead
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+from specmoe.bench.environment import environment
+from specmoe.io import write_json, write_text
+from specmoe.predictors import load_predictor
+from specmoe.sim.compute import count_predictor_ops
+from specmoe.sim.hardware import HardwareProfile
+from specmoe.sim.policies import resolve_policy_name
+from specmoe.sim.predictions import PredictorReplay, replay_oracle, replay_predictor
+from specmoe.sim.report import environment_line
+from specmoe.sim.shapes import ModelShape, matching_presets
+from specmoe.sim.stream import RoutingStream
+from specmoe.sim.sweep import SweepSettings, run_sweep
+from specmoe.traces import load_traces
+
+RESULTS = Path(__file__).parent / "results"
+ORDERS = ("shuffled", "true-first")
+TARGET_GAIN = 0.10  # issue 18: the best trained predictor > no predictor by >= 10 % at capacity 0.25
+
+
+def degraded_candidates(stream: RoutingStream, num_experts: int, recall: float, precision: float,
+                        lookahead: int = 1, order: str = "shuffled", seed: int = 0) -> list:
+    """Candidates [pass][layer] -> ranked (layer, expert) keys of a degraded oracle (see the module docstring):
+    targets l+1..l+lookahead, past the last layer the next pass's first layers, as `oracle_candidates`."""
+    if not (0.0 <= recall <= 1.0 and 0.0 < precision <= 1.0) or lookahead < 1 or order not in ORDERS:
+        raise ValueError(f"need 0 <= recall <= 1, 0 < precision <= 1, lookahead >= 1 and order in {ORDERS}; got "
+                         f"recall={recall}, precision={precision}, lookahead={lookahead}, order={order!r}")
+    passes = [ids.tolist() for ids in stream.passes()]  # [P][T][L][k]
+    L, E = stream.num_layers, num_experts
+    named: dict[tuple[int, int], list[int]] = {}
+
+    def target(q: int, t: int) -> list[int]:
+        got = named.get((q, t))
+        if got is None:
+            rng = random.Random(f"{seed}:{q}:{t}")  # a str seed is hashed with sha512: the same draws in every run
+            routed = sorted({e for token in passes[q] for e in token[t] if e >= 0})
+            true = [e for e in routed if rng.random() < recall]
+            want = len(true) * (1.0 - precision) / precision
+            n_false = int(want) + (rng.random() < want - int(want))
+            others = [e for e in range(E) if e not in set(routed)]
+            false = rng.sample(others, min(n_false, len(others)))
+            got = true + false
+            if order == "shuffled":
+                rng.shuffle(got)
+            named[(q, t)] = got
+        return got
+
+    out = []
+    for p in range(len(passes)):
+        per_layer = []
+        for layer in range(L):
+            keys = []
+            for d in range(1, lookahead + 1):
+                q, t = (p, layer + d) if layer + d < L else (p + 1, layer + d - L)
+                if q < len(passes) and t < L:
+                    keys += [(t, e) for e in target(q, t)]
+            per_layer.append(keys)
+        out.append(per_layer)
+    return out
+
+
+def new_experts(stream: RoutingStream, window: int) -> list[list[set[int]]]:
+    """[P][L] the experts routed at each pass's layer and not at that layer in any of the `window` passes before
+    (within the same sequence: a sequence's first pass knows no earlier one, so all its experts are new)."""
+    passes = [ids.tolist() for ids in stream.passes()]
+    starts = set(stream.seq_offsets.tolist())
+    first_pass = []  # the pass each pass's sequence starts at
+    off = stream.pass_offsets.tolist()
+    for p in range(len(passes)):
+        first_pass.append(p if off[p] in starts else first_pass[-1])
+    out = []
+    for p, routed in enumerate(passes):
+        row = []
+        for t in range(stream.num_layers):
+            now = {e for token in routed for e in token[t] if e >= 0}
+            for q in range(max(first_pass[p], p - window), p):
+                now -= {e for token in passes[q] for e in token[t]}
+            row.append(now)
+        out.append(row)
+    return out
+
+
+def quality(stream: RoutingStream, candidates: list, new: list[list[set[int]]]) -> dict:
+    """Recall and precision of the next layer's candidates (named at layer l for layer l+1, past the last layer the
+    next pass's layer 0), and the recall of its new experts (`new_experts`)."""
+    passes = [ids.tolist() for ids in stream.passes()]
+    L = stream.num_layers
+    found = wanted = hit = named_n = new_found = new_wanted = 0
+    for p, per_layer in enumerate(candidates):
+        for layer, keys in enumerate(per_layer):
+            t, q = (layer + 1) % L, p + (layer + 1 == L)
+            if q >= len(passes):
+                continue
+            routed = {e for token in passes[q] for e in token[t] if e >= 0}
+            named = {e for tl, e in keys if tl == t}
+            found += len(routed & named)
+            wanted += len(routed)
+            hit += len(routed & named)
+            named_n += len(named)
+            new_found += len(new[q][t] & named)
+            new_wanted += len(new[q][t])
+    return {"recall": found / wanted if wanted else None, "precision": hit / named_n if named_n else None,
+            "new_recall": new_found / new_wanted if new_wanted else None,
+            "named_per_layer": named_n / max(1, sum(len(x) for x in candidates))}
+
+
+def choose_window(stream: RoutingStream, miss_rate: float, windows=range(1, 17)) -> tuple[int, dict]:
+    """The W whose share of new experts is closest to `miss_rate`, and every W's share."""
+    n_all = sum(len(x) for row in new_experts(stream, 0) for x in row)
+    shares = {str(w): sum(len(x) for row in new_experts(stream, w) for x in row) / n_all for w in windows}
+    best = min(shares, key=lambda w: abs(shares[w] - miss_rate))
+    return int(best), shares
+
+
+def needed_recall(points: list[tuple[float, float]], goal: float) -> float | None:
+    """Linear interpolation of the recall at which the gain first reaches `goal`, points (recall, gain) sorted by
+    recall; None if no point reaches it."""
+    points = sorted(points)
+    for (r0, g0), (r1, g1) in zip(points, points[1:]):
+        if g0 < goal <= g1:
+            return r0 + (goal - g0) * (r1 - r0) / (g1 - g0)
+    return points[0][0] if points and points[0][1] >= goal else None
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    trace = load_traces(args.trace, hidden=False)
+    geo = trace.geometry
+    stream = RoutingStream.from_trace(trace)
+    if args.max_passes and stream.num_passes > args.max_passes:
+        stream = stream.select_passes(0, args.max_passes)
+    shapes = [s for s in matching_presets(stream) if ModelShape.from_name(s).geometry.num_experts == geo.num_experts]
+    if not shapes:
+        raise SystemExit(f"{args.trace}: no preset model shape has the trace's geometry {geo}")
+    shape, profile = ModelShape.from_name(shapes[0]), HardwareProfile.from_name(args.profile)
+    policy = resolve_policy_name(args.policy)
+    settings = SweepSettings(capacities=(args.capacity,), policies=(policy,), prefetch_policies=(policy,),
+                             warmup_passes=args.warmup, context=args.context, misses=tuple(args.misses),
+                             host=args.host if set(args.misses) - {"fetch"} else None, add_max_fit=False)
+    trained, replays = {}, []
+    for name in args.trained:
+        path = args.load_predictors / f"{args.train_name}-{name}"
+        if not path.is_dir():
+            raise SystemExit(f"--load-predictors: no {path}")
+        predictor = load_predictor(path, geo)
+        replays.append(replay_predictor(stream, predictor, geo, [None] * geo.num_layers, name, progress=False))
+        trained[name] = {"loaded_from": str(path), "lookahead": replays[-1].lookahead,
+                         "predict_ops": replays[-1].predict_ops}
+    ops = replays[0].predict_ops if replays else None  # a trained predictor's cost for the degraded oracles
+    grid = []
+    for la in args.oracle_lookaheads:
+        rep = replay_oracle(stream, geo.num_experts, la)
+        rep.name = f"oracle-{la}"
+        replays.append(rep)
+    for order in args.orders:
+        for la in args.lookaheads:
+            for p in args.precisions:
+                for r in args.recalls:
+                    name = f"degraded r={r:g} p={p:g} d={la} {order}"
+                    cands = degraded_candidates(stream, geo.num_experts, r, p, la, order, args.seed)
+                    replays.append(PredictorReplay(name, cands, la, ops))
+                    grid.append({"name": name, "recall_set": r, "precision_set": p, "lookahead": la, "order": order})
+    sweep = run_sweep(stream, [shape], [profile], settings, replays, progress=not args.quiet)
+    runs = {(r["predictor"], r["misses_mode"]): r for r in sweep["runs"]}
+    base = {m: runs[("none", m)]["tok_s"] for m in args.misses}
+    miss_rate = 1.0 - runs[("none", "fetch" if "fetch" in args.misses else args.misses[0])]["hit_rate"]
+    window, shares = choose_window(stream, miss_rate)
+    new = new_experts(stream, window)
+
+    def row(rep) -> dict:
+        q = quality(stream, rep.candidates, new)
+        out = {"predictor": rep.name, "lookahead": rep.lookahead, **q}
+        for m in args.misses:
+            r = runs[(rep.name, m)]
+            out[m] = {"tok_s": r["tok_s"], "gain": r["tok_s"] / base[m] - 1.0, "hit_rate": r["hit_rate"],
+                      "prefetch_issued": r["prefetch_issued"], "prefetch_used": r["prefetch_used"],
+                      "predict_calls": r["predict_calls"], "predict_skipped": r["predict_skipped"]}
+        return out
+
+    rows = [row(rep) for rep in replays]
+    by_name = {r["predictor"]: r for r in rows}
+    for g in grid:
+        g.update(by_name[g["name"]])
+    needed = []
+    for m in args.misses:
+        for order in args.orders:
+            for la in args.lookaheads:
+                for p in args.precisions:
+                    pts = [(g["recall"], g[m]["gain"]) for g in grid
+                           if (g["order"], g["lookahead"], g["precision_set"]) == (order, la, p)]
+                    needed.append({"misses": m, "order": order, "lookahead": la, "precision_set": p,
+                                   "recall_needed": needed_recall(pts, TARGET_GAIN),
+                                   "best_gain": max(g for _, g in pts)})
+    return {"trace": str(args.trace), "model": trace.manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
+            "capacity": args.capacity, "policy": policy, "passes": stream.num_passes, "none": base,
+            "none_miss_rate": miss_rate, "new_window": window, "new_share_by_window": shares,
+            "trained": [by_name[n] | trained[n] for n in trained],
+            "oracles": [by_name[f"oracle-{la}"] for la in args.oracle_lookaheads],
+            "grid": grid, "needed": needed, "target_gain": TARGET_GAIN,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def markdown(result: dict) -> str:
+    s, res = result["settings"], result["result"]
+    modes = s["misses"]
+    pct = lambda g: f"{100 * g:+.1f} %"  # noqa: E731
+    parts = [f"**How good must a predictor be?** {res['model']} as {res['shape']}, {res['passes']} held-out decode "
+             f"steps ({res['trace']}), capacity {res['capacity']}, {res['policy']}, simulated on {s['profile']} "
+             f"(host {s['host']}); no predictor: " + ", ".join(f"{m} {res['none'][m]:.2f} tok/s" for m in modes) +
+             f". Gains are over no predictor in the same mode. Simulated, not measured.", "",
+             f"New experts: routed at a layer and not routed there in the {res['new_window']} tokens before "
+             f"({100 * res['new_share_by_window'][str(res['new_window'])]:.1f} % of routed experts; the no-predictor "
+             f"fetch run misses {100 * res['none_miss_rate']:.1f} %).", "",
+             "| predictor | lookahead | recall | precision | new-expert recall | " +
+             " | ".join(f"{m} tok/s | {m} gain" for m in modes) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|---:|" * len(modes)]
+    for r in res["oracles"] + res["trained"]:
+        parts.append(f"| {r['predictor']} | {r['lookahead']} | {r['recall']:.3f} | {r['precision']:.3f} | "
+                     f"{r['new_recall']:.3f} | " + " | ".join(f"{r[m]['tok_s']:.2f} | {pct(r[m]['gain'])}" for m in modes)
+                     + " |")
+    parts += ["", "Degraded oracles (recall r and precision p as set; measured recall, precision and new-expert recall "
+              "agree with them to within the draws):", "",
+              "| order | lookahead | p | r | " + " | ".join(f"{m} gain" for m in modes) + " |",
+              "|---|---:|---:|---:|" + "---:|" * len(modes)]
+    for g in res["grid"]:
+        parts.append(f"| {g['order']} | {g['lookahead']} | {g['precision_set']:g} | {g['recall_set']:g} | " +
+                     " | ".join(pct(g[m]["gain"]) for m in modes) + " |")
+    parts += ["", f"Recall a degraded oracle needs for {pct(res['target_gain'])} (interpolated between grid points; "
+              "— : no recall up to 1 reaches it):", "",
+              "| misses | order | lookahead | p | recall needed | best gain on the grid |", "|---|---|---:|---:|---:|---:|"]
+    for n in res["needed"]:
+        rn = "—" if n["recall_needed"] is None else f"{n['recall_needed']:.2f}"
+        parts.append(f"| {n['misses']} | {n['order']} | {n['lookahead']} | {n['precision_set']:g} | {rn} | "
+                     f"{pct(n['best_gain'])} |")
+    parts += ["", f"Command: `{s['command']}`. Simulated on {environment_line(result['environment'])}; "
+              f"{res['seconds']} s."]
+    return "\n".join(parts) + "\n"
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        from specmoe.measure.results import pyplot
+
+        plt = pyplot()
+    except ImportError:
+        return False
+    res, modes = result["result"], result["settings"]["misses"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], modes):
+        series = dict.fromkeys((g["order"], g["lookahead"], g["precision_set"]) for g in res["grid"])
+        for order, la, p in series:
+            pts = sorted((g["new_recall"], 100 * g[m]["gain"]) for g in res["grid"]
+                         if (g["order"], g["lookahead"], g["precision_set"]) == (order, la, p))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "-" if order == "shuffled" else "--", marker="o",
+                    markersize=3, label=f"degraded p={p:g} d={la} {order}")
+        for r in res["trained"] + res["oracles"]:
+            ax.plot(r["new_recall"], 100 * r[m]["gain"], "k*" if r in res["trained"] else "rs", markersize=9)
+            ax.annotate(r["predictor"], (r["new_recall"], 100 * r[m]["gain"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.axhline(100 * res["target_gain"], color="gray", linestyle=":")
+        ax.set_xlabel(f"recall of new experts (not routed in the {res['new_window']} tokens before)")
+        ax.set_ylabel(f"decode tok/s gain over no predictor, % (simulated, misses={m})")
+        ax.set_title(f"{res['shape']} capacity {res['capacity']}, {res['policy']}, {m}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace", type=Path, help="held-out trace directory (specmoe import-routing)")
+    p.add_argument("--load-predictors", type=Path, default=None, metavar="DIR",
+                   help="trained predictors DIR/<train-name>-<name> (real_routing.py --save-predictors)")
+    p.add_argument("--train-name", default="ds_train", help="the training trace's name in the saved predictors' dirs")
+    p.add_argument("--trained", nargs="*", default=[], help="names of the saved predictors to place on the curves")
+    p.add_argument("--recalls", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 0.9, 1.0])
+    p.add_argument("--precisions", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0])
+    p.add_argument("--lookaheads", type=int, nargs="+", default=[1])
+    p.add_argument("--orders", nargs="+", default=["shuffled"], choices=ORDERS)
+    p.add_argument("--oracle-lookaheads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--capacity", type=float, default=0.25)
+    p.add_argument("--policy", default="default")
+    p.add_argument("--misses", nargs="+", default=["fetch", "auto"], choices=("fetch", "host", "auto"))
+    p.add_argument("--profile", default="rtx3090")
+    p.add_argument("--host", default="3090-box")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--max-passes", type=int, default=600, help="the first N held-out decode steps (real_routing's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the degraded oracles' draws")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--name", default="predictor_quality")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.trained and args.load_predictors is None:
+        p.error("--trained needs --load-predictors")
+    result = {"environment": environment("cpu"),
+              "settings": {"profile": args.profile, "host": args.host, "misses": args.misses, "seed": args.seed,
+                           "simulated": True,
+                           "command": "python benchmarks/predictor_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)},
+              "result": run(args)}
+    json_path = args.out / f"{args.name}.json"
+    write_json(json_path, result)
+    md = markdown(result)
+    write_text(json_path.with_suffix(".md"), md)
+    png = json_path.with_suffix(".png")
+    wrote = [json_path, json_path.with_suffix(".md")] + ([png] if plot(result, png) else [])
+    print(md)
+    print("wrote " + ", ".join(map(str, wrote)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
