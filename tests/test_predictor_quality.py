@@ -1,0 +1,71 @@
+"""benchmarks/predictor_quality.py's degraded oracles: recall and precision as set (measured the benchmark's way),
+the oracle's candidates at r = p = 1, seeded and deterministic, ranked as asked; the new-expert share and the
+interpolated recall a goal needs."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from routing_synth import synthetic_trace
+
+from specmoe.sim.predictions import oracle_candidates
+from specmoe.sim.stream import RoutingStream
+
+path = Path(__file__).parent.parent / "benchmarks" / "predictor_quality.py"
+spec = importlib.util.spec_from_file_location("predictor_quality", path)
+pq = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pq)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return RoutingStream.from_trace(synthetic_trace(L=4, E=16, k=2, sequences=30, length=20))
+
+
+def test_perfect_degraded_oracle_is_the_oracle(stream):
+    for la in (1, 2):
+        got = pq.degraded_candidates(stream, 16, 1.0, 1.0, la)
+        want = oracle_candidates(stream, 16, la)
+        assert [[sorted(k) for k in p] for p in got] == [[sorted(k) for k in p] for p in want]
+
+
+@pytest.mark.parametrize("r,p", [(0.5, 0.5), (0.8, 0.3)])
+def test_recall_and_precision_as_set(stream, r, p):
+    cands = pq.degraded_candidates(stream, 16, r, p, 1, seed=3)
+    q = pq.quality(stream, cands, pq.recent_experts(stream, 2))
+    assert abs(q["recall"] - r) < 0.04 and abs(q["precision"] - p) < 0.04
+    assert abs(q["new_recall"] - r) < 0.06  # the draws do not look at residency
+    assert cands == pq.degraded_candidates(stream, 16, r, p, 1, seed=3)  # seeded: the same every time
+    assert cands != pq.degraded_candidates(stream, 16, r, p, 1, seed=4)
+
+
+def test_true_first_ranks_the_routed_experts_first(stream):
+    passes = [ids.tolist() for ids in stream.passes()]
+    cands = pq.degraded_candidates(stream, 16, 0.7, 0.5, 1, order="true-first")
+    shuffled = pq.degraded_candidates(stream, 16, 0.7, 0.5, 1, order="shuffled")
+    out_of_order = 0
+    for p, per_layer in enumerate(cands[:-1]):
+        for layer, keys in enumerate(per_layer):
+            q, t = (p, layer + 1) if layer + 1 < 4 else (p + 1, 0)
+            hit = [e in passes[q][0][t] for _, e in keys]
+            assert hit == sorted(hit, reverse=True)
+            assert sorted(keys) == sorted(shuffled[p][layer])
+            h2 = [e in passes[q][0][t] for _, e in shuffled[p][layer]]
+            out_of_order += h2 != sorted(h2, reverse=True)
+    assert out_of_order > 0
+
+
+def test_new_experts_and_needed_recall(stream):
+    passes = [ids.tolist() for ids in stream.passes()]
+    recent = pq.recent_experts(stream, 2)
+    for p in range(2, 20):  # the first sequence: pass 0 has no token before
+        for t in range(4):
+            assert recent[p][t] == set(passes[p - 1][0][t]) | set(passes[p - 2][0][t])
+    assert recent[0][0] == set() and recent[1][2] == set(passes[0][0][2])
+    assert recent[20][1] == set()  # a new sequence knows nothing before it
+    q = pq.quality(stream, pq.degraded_candidates(stream, 16, 1.0, 1.0), recent)
+    assert q["new_recall"] == q["new_precision"] == 1.0
+    assert pq.needed_recall([(0.2, 0.0), (0.6, 0.05), (1.0, 0.15)], 0.10) == pytest.approx(0.8)
+    assert pq.needed_recall([(0.2, 0.0), (1.0, 0.05)], 0.10) is None
+    with pytest.raises(ValueError, match="precision"):
+        pq.degraded_candidates(stream, 16, 0.5, 0.0)
