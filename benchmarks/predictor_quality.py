@@ -41,6 +41,7 @@ from pathlib import Path
 from specmoe.bench.environment import environment
 from specmoe.io import write_json, write_text
 from specmoe.predictors import load_predictor
+from specmoe.runtime.admission import PrefetchAdmission
 from specmoe.sim.compute import count_predictor_ops
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.policies import resolve_policy_name
@@ -113,10 +114,13 @@ def recent_experts(stream: RoutingStream, window: int) -> list[list[set[int]]]:
 def quality(stream: RoutingStream, candidates: list, recent: list[list[set[int]]]) -> dict:
     """Recall and precision of the next layer's candidates (named at layer l for layer l+1, past the last layer the
     next pass's layer 0); and the same counting only what is outside `recent` (`recent_experts`): the recall of the
-    new experts, and the precision of the named experts a copy would be issued for."""
+    new experts, and the precision of the named experts a copy would be issued for; and the precision at each of
+    the first k ranks of a call's list (what admission calibrates: `runtime.admission`)."""
     passes = [ids.tolist() for ids in stream.passes()]
     L = stream.num_layers
     found = wanted = named_n = new_found = new_wanted = new_named = 0
+    K = max(1, stream.top_k)
+    rank_hit, rank_seen = [0] * K, [0] * K  # the next layer's candidates at ranks 0..k-1 of the call's list
     for p, per_layer in enumerate(candidates):
         for layer, keys in enumerate(per_layer):
             t, q = (layer + 1) % L, p + (layer + 1 == L)
@@ -131,9 +135,15 @@ def quality(stream: RoutingStream, candidates: list, recent: list[list[set[int]]
             new_found += len(new & named)
             new_wanted += len(new)
             new_named += len(named - old)
+            for r, (tl, e) in enumerate(keys[:K]):
+                if tl == t:
+                    rank_seen[r] += 1
+                    rank_hit[r] += e in routed
     ratio = lambda a, b: a / b if b else None  # noqa: E731
-    return {"recall": ratio(found, wanted), "precision": ratio(found, named_n), "new_recall": ratio(new_found, new_wanted),
-            "new_precision": ratio(new_found, new_named), "named_per_layer": named_n / max(1, sum(map(len, candidates)))}
+    return {"recall": ratio(found, wanted), "precision": ratio(found, named_n),
+            "new_recall": ratio(new_found, new_wanted), "new_precision": ratio(new_found, new_named),
+            "named_per_layer": named_n / max(1, sum(map(len, candidates))),
+            "precision_at_rank": [ratio(h, n) for h, n in zip(rank_hit, rank_seen)]}
 
 
 def choose_window(stream: RoutingStream, miss_rate: float, windows=range(1, 17)) -> tuple[int, dict]:
@@ -228,7 +238,18 @@ def run(args) -> dict:
                     needed.append({"misses": m, "order": order, "lookahead": la, "precision_set": p,
                                    "recall_needed": needed_recall(pts, TARGET_GAIN),
                                    "best_gain": max(g for _, g in pts)})
-    return {"trace": str(args.trace), "model": trace.manifest.model, "geometry": geo.to_dict(), "shape": shape.name,
+    summary = {}
+    for m in args.misses:
+        below = [g for g in grid if g["precision_set"] < PrefetchAdmission.SURE]
+        best_below = max(below, key=lambda g: g[m]["gain"]) if below else None
+        best_trained = max((by_name[n] for n in trained), key=lambda r: r[m]["gain"], default=None)
+        summary[m] = {"best_trained": best_trained and best_trained["predictor"],
+                      "best_trained_gain": best_trained and best_trained[m]["gain"],
+                      "best_gain_below_sure": best_below and best_below[m]["gain"],
+                      "best_below_sure": best_below and best_below["name"],
+                      "best_oracle_gain": max(by_name[f"oracle-{la}"][m]["gain"] for la in args.oracle_lookaheads)}
+    return {"trace": str(args.trace), "model": trace.manifest.model, "summary": summary,
+            "sure": PrefetchAdmission.SURE, "margin": PrefetchAdmission.MARGIN, "geometry": geo.to_dict(), "shape": shape.name,
             "capacity": args.capacity, "policy": policy, "passes": stream.num_passes, "none": base,
             "none_miss_rate": miss_rate, "new_window": window, "new_share_by_window": shares,
             "trained": [by_name[n] | trained[n] for n in trained],
@@ -240,20 +261,29 @@ def run(args) -> dict:
 def markdown(result: dict) -> str:
     s, res = result["settings"], result["result"]
     modes = s["misses"]
-    pct = lambda g: f"{100 * g:+.1f} %"  # noqa: E731
+    pct = lambda g: "—" if g is None else f"{100 * g:+.1f} %"  # noqa: E731
+    f3 = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     parts = [f"**How good must a predictor be?** {res['model']} as {res['shape']}, {res['passes']} held-out decode "
              f"steps ({res['trace']}), capacity {res['capacity']}, {res['policy']}, simulated on {s['profile']} "
              f"(host {s['host']}); no predictor: " + ", ".join(f"{m} {res['none'][m]:.2f} tok/s" for m in modes) +
              f". Gains are over no predictor in the same mode. Simulated, not measured.", "",
+             "Answer, per misses mode: " + "; ".join(
+                 f"{m}: best trained {res['summary'][m]['best_trained']} {pct(res['summary'][m]['best_trained_gain'])}, "
+                 f"best oracle {pct(res['summary'][m]['best_oracle_gain'])}, best degraded oracle whose precision is "
+                 f"under admission's SURE ({res['sure']}) {pct(res['summary'][m]['best_gain_below_sure'])} "
+                 f"({res['summary'][m]['best_below_sure']})" for m in modes if res['summary'][m]['best_trained'])
+             + f" (goal {pct(res['target_gain'])}).", "",
              f"New experts: routed at a layer and not routed there in the {res['new_window']} tokens before "
              f"({100 * res['new_share_by_window'][str(res['new_window'])]:.1f} % of routed experts; the no-predictor "
              f"fetch run misses {100 * res['none_miss_rate']:.1f} %).", "",
-             "| predictor | lookahead | recall | precision | new-expert recall | precision of the new named | " +
-             " | ".join(f"{m} tok/s | {m} gain" for m in modes) + " |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(modes)]
+             "| predictor | lookahead | recall | precision | new-expert recall | precision of the new named | "
+             "precision at ranks 0.. | " + " | ".join(f"{m} tok/s | {m} gain" for m in modes) + " |",
+             "|---|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(modes)]
     for r in res["oracles"] + res["trained"]:
-        parts.append(f"| {r['predictor']} | {r['lookahead']} | {r['recall']:.3f} | {r['precision']:.3f} | "
-                     f"{r['new_recall']:.3f} | {r['new_precision']:.3f} | " + " | ".join(f"{r[m]['tok_s']:.2f} | {pct(r[m]['gain'])}" for m in modes)
+        ranks = " / ".join("—" if v is None else f"{v:.2f}" for v in r["precision_at_rank"])
+        parts.append(f"| {r['predictor']} | {r['lookahead']} | {f3(r['recall'])} | {f3(r['precision'])} | "
+                     f"{f3(r['new_recall'])} | {f3(r['new_precision'])} | {ranks} | "
+                     + " | ".join(f"{r[m]['tok_s']:.2f} | {pct(r[m]['gain'])}" for m in modes)
                      + " |")
     parts += ["", "Degraded oracles (recall r and precision p as set, and measured so to within the draws; their false "
               "candidates are drawn from every expert not routed, so the precision of the new ones they name is "
@@ -263,7 +293,7 @@ def markdown(result: dict) -> str:
               "|---|---:|---:|---:|---:|---:|" + "---:|" * len(modes)]
     for g in res["grid"]:
         parts.append(f"| {g['order']} | {g['lookahead']} | {g['precision_set']:g} | {g['recall_set']:g} | "
-                     f"{g['new_recall']:.3f} | {g['new_precision']:.3f} | " +
+                     f"{f3(g['new_recall'])} | {f3(g['new_precision'])} | " +
                      " | ".join(pct(g[m]["gain"]) for m in modes) + " |")
     parts += ["", f"Recall a degraded oracle needs for {pct(res['target_gain'])} (interpolated between grid points; "
               "— : no recall up to 1 reaches it):", "",

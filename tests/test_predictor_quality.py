@@ -69,3 +69,32 @@ def test_new_experts_and_needed_recall(stream):
     assert pq.needed_recall([(0.2, 0.0), (1.0, 0.05)], 0.10) is None
     with pytest.raises(ValueError, match="precision"):
         pq.degraded_candidates(stream, 16, 0.5, 0.0)
+
+
+def test_rank_precision_and_the_script_end_to_end(stream, tmp_path):
+    """True-first ranks the routed ones first (precision falls with rank, as a trained predictor's); and the
+    script on a tiny imported Mixtral-geometry trace with a saved affinity predictor: JSON, table, answer."""
+    import json
+
+    from test_import_routing import make_routing, write_jsonl
+
+    from specmoe.predictors import AffinityPredictor
+    from specmoe.traces import load_traces
+    from specmoe.traces.importers import import_routing
+
+    recent = pq.recent_experts(stream, 2)
+    ranked = pq.quality(stream, pq.degraded_candidates(stream, 16, 0.7, 0.5, order="true-first"), recent)
+    flat = pq.quality(stream, pq.degraded_candidates(stream, 16, 0.7, 0.5), recent)
+    assert ranked["precision_at_rank"][0] > 0.9 > 0.6 > flat["precision_at_rank"][0]
+    names = ("problem_id", "token_idx", "layer", "experts", "gating_probs")
+    routing = make_routing(sequences=2, tokens=6, layers=32, experts=8, k=2, seed=1)
+    import_routing("speculative-moe", [write_jsonl(tmp_path / "t.jsonl", routing, shuffle=False, names=names)],
+                   tmp_path / "test", progress=False)
+    AffinityPredictor(load_traces(tmp_path / "test").geometry, context=2, tokens=1).save(tmp_path / "p" / "tr-aff")
+    assert pq.main([str(tmp_path / "test"), "--load-predictors", str(tmp_path / "p"), "--train-name", "tr",
+                    "--trained", "aff", "--recalls", "0.5", "1.0", "--precisions", "1.0", "--oracle-lookaheads", "1",
+                    "--warmup", "1", "--quiet", "--out", str(tmp_path), "--name", "q"]) == 0
+    res = json.loads((tmp_path / "q.json").read_text())["result"]
+    assert res["oracles"][0]["recall"] == 1.0 and [t["predictor"] for t in res["trained"]] == ["aff"]
+    assert len(res["grid"]) == 2 and {"fetch", "auto"} <= set(res["summary"])
+    assert "| aff |" in (tmp_path / "q.md").read_text() and "Answer, per misses mode" in (tmp_path / "q.md").read_text()
