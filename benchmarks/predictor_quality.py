@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from specmoe.bench.environment import environment
-from specmoe.io import write_json, write_text
+from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import load_predictor
 from specmoe.runtime.admission import PrefetchAdmission
 from specmoe.sim.compute import count_predictor_ops
@@ -238,17 +238,7 @@ def run(args) -> dict:
                     needed.append({"misses": m, "order": order, "lookahead": la, "precision_set": p,
                                    "recall_needed": needed_recall(pts, TARGET_GAIN),
                                    "best_gain": max(g for _, g in pts)})
-    summary = {}
-    for m in args.misses:
-        below = [g for g in grid if g["precision_set"] < PrefetchAdmission.SURE]
-        best_below = max(below, key=lambda g: g[m]["gain"]) if below else None
-        best_trained = max((by_name[n] for n in trained), key=lambda r: r[m]["gain"], default=None)
-        summary[m] = {"best_trained": best_trained and best_trained["predictor"],
-                      "best_trained_gain": best_trained and best_trained[m]["gain"],
-                      "best_gain_below_sure": best_below and best_below[m]["gain"],
-                      "best_below_sure": best_below and best_below["name"],
-                      "best_oracle_gain": max(by_name[f"oracle-{la}"][m]["gain"] for la in args.oracle_lookaheads)}
-    return {"trace": str(args.trace), "model": trace.manifest.model, "summary": summary,
+    out = {"trace": str(args.trace), "model": trace.manifest.model,
             "sure": PrefetchAdmission.SURE, "margin": PrefetchAdmission.MARGIN, "geometry": geo.to_dict(), "shape": shape.name,
             "capacity": args.capacity, "policy": policy, "passes": stream.num_passes, "none": base,
             "none_miss_rate": miss_rate, "new_window": window, "new_share_by_window": shares,
@@ -256,6 +246,29 @@ def run(args) -> dict:
             "oracles": [by_name[f"oracle-{la}"] for la in args.oracle_lookaheads],
             "grid": grid, "needed": needed, "target_gain": TARGET_GAIN,
             "seconds": round(time.perf_counter() - t0, 1)}
+    out["summary"] = summarize(out, args.misses)
+    return out
+
+
+def summarize(res: dict, modes) -> dict:
+    """Per misses mode: the best trained predictor's gain, the best oracle's (and by lookahead), the best degraded
+    oracle's whose precision is under admission's SURE; and each trained predictor's best rank precision."""
+    summary = {}
+    sure = res["sure"]
+    for m in modes:
+        below = [g for g in res["grid"] if g["precision_set"] < sure]
+        best_below = max(below, key=lambda g: g[m]["gain"]) if below else None
+        best_trained = max(res["trained"], key=lambda r: r[m]["gain"], default=None)
+        summary[m] = {"best_trained": best_trained and best_trained["predictor"],
+                      "best_trained_gain": best_trained and best_trained[m]["gain"],
+                      "best_gain_below_sure": best_below and best_below[m]["gain"],
+                      "best_below_sure": best_below and best_below["name"],
+                      "best_oracle_gain": max(o[m]["gain"] for o in res["oracles"]),
+                      "oracle_gain_by_lookahead": {str(o["lookahead"]): o[m]["gain"] for o in res["oracles"]}}
+    summary["best_rank_precision"] = {r["predictor"]: max((v for v in r["precision_at_rank"] if v is not None),
+                                                          default=None) for r in res["trained"]}
+    return summary
+
 
 
 def markdown(result: dict) -> str:
@@ -272,7 +285,7 @@ def markdown(result: dict) -> str:
                  f"best oracle {pct(res['summary'][m]['best_oracle_gain'])}, best degraded oracle whose precision is "
                  f"under admission's SURE ({res['sure']}) {pct(res['summary'][m]['best_gain_below_sure'])} "
                  f"({res['summary'][m]['best_below_sure']})" for m in modes if res['summary'][m]['best_trained'])
-             + f" (goal {pct(res['target_gain'])}).", "",
+             + f" (goal {pct(res['target_gain'])}).", "", why(res, modes, pct), "",
              f"New experts: routed at a layer and not routed there in the {res['new_window']} tokens before "
              f"({100 * res['new_share_by_window'][str(res['new_window'])]:.1f} % of routed experts; the no-predictor "
              f"fetch run misses {100 * res['none_miss_rate']:.1f} %).", "",
@@ -305,6 +318,37 @@ def markdown(result: dict) -> str:
     parts += ["", f"Command: `{s['command']}`. Simulated on {environment_line(result['environment'])}; "
               f"{res['seconds']} s."]
     return "\n".join(parts) + "\n"
+
+
+def why(res: dict, modes, pct) -> str:
+    """The paragraph that reads the grid: what admission lets through, and where the trained predictors sit."""
+    sure, summ = res["sure"], res["summary"]
+    out = [f"Why: `runtime/admission.py` admits a copy that takes link time from demand copies only at a calibrated "
+           f"rank precision >= (1 + q) / 2 + {res['margin']} (q: the chance the evicted expert is needed at its "
+           f"next visit), and per call only the copies that fit the device compute before its use, unless the rank's "
+           f"precision is >= SURE = {sure}."]
+    for m in modes:
+        rows = [n for n in res["needed"] if n["misses"] == m]
+        flat = [n for n in rows if n["order"] == "shuffled" and n["precision_set"] < sure]
+        ranked = [n for n in rows if n["order"] == "true-first" and n["recall_needed"] is not None]
+        part = f"With misses={m}:"
+        if flat:
+            part += (" every rank at one precision p < SURE (shuffled) gains at most "
+                     f"{pct(max(n['best_gain'] for n in flat))} on the grid;")
+        if ranked:
+            part += (" with the routed experts ranked first (true-first: precision 1 at the top ranks, 0 below), "
+                     + ", ".join(f"p={n['precision_set']:g} needs recall {n['recall_needed']:.2f}" for n in ranked)
+                     + f" for {pct(res['target_gain'])};")
+        elif any(n["order"] == "true-first" for n in rows):
+            part += f" no degraded oracle reaches {pct(res['target_gain'])};"
+        by_la = summ[m]["oracle_gain_by_lookahead"]
+        part += " the oracle " + ", ".join(f"{pct(g)} at lookahead {la}" for la, g in by_la.items()) + "."
+        out.append(part)
+    if summ["best_rank_precision"]:
+        out.append("The trained predictors' best rank precision: " + ", ".join(
+            f"{n} {v:.2f}" for n, v in summ["best_rank_precision"].items() if v is not None) +
+            f" (all under SURE: their copies past the compute window are refused, like a shuffled degraded oracle's).")
+    return " ".join(out)
 
 
 def plot(result: dict, path: Path) -> bool:
@@ -341,7 +385,7 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("trace", type=Path, help="held-out trace directory (specmoe import-routing)")
+    p.add_argument("trace", type=Path, nargs="?", help="held-out trace directory (specmoe import-routing)")
     p.add_argument("--load-predictors", type=Path, default=None, metavar="DIR",
                    help="trained predictors DIR/<train-name>-<name> (real_routing.py --save-predictors)")
     p.add_argument("--train-name", default="ds_train", help="the training trace's name in the saved predictors' dirs")
@@ -363,7 +407,18 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--name", default="predictor_quality")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report-only", action="store_true", help="only remake the summary and the .md from the JSON")
     args = p.parse_args(argv)
+    json_path = args.out / f"{args.name}.json"
+    if args.report_only:
+        result = read_json(json_path)
+        result["result"]["summary"] = summarize(result["result"], result["settings"]["misses"])
+        write_json(json_path, result)
+        write_text(json_path.with_suffix(".md"), markdown(result))
+        print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+        return 0
+    if args.trace is None:
+        p.error("give the held-out trace directory (or --report-only)")
     if args.trained and args.load_predictors is None:
         p.error("--trained needs --load-predictors")
     result = {"environment": environment("cpu"),
@@ -371,7 +426,6 @@ def main(argv=None) -> int:
                            "simulated": True,
                            "command": "python benchmarks/predictor_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)},
               "result": run(args)}
-    json_path = args.out / f"{args.name}.json"
     write_json(json_path, result)
     md = markdown(result)
     write_text(json_path.with_suffix(".md"), md)

@@ -97,4 +97,8 @@ def test_rank_precision_and_the_script_end_to_end(stream, tmp_path):
     res = json.loads((tmp_path / "q.json").read_text())["result"]
     assert res["oracles"][0]["recall"] == 1.0 and [t["predictor"] for t in res["trained"]] == ["aff"]
     assert len(res["grid"]) == 2 and {"fetch", "auto"} <= set(res["summary"])
-    assert "| aff |" in (tmp_path / "q.md").read_text() and "Answer, per misses mode" in (tmp_path / "q.md").read_text()
+    md = (tmp_path / "q.md").read_text()
+    assert "| aff |" in md and "Answer, per misses mode" in md and "Why: `runtime/admission.py`" in md
+    (tmp_path / "q.md").unlink()
+    assert pq.main(["--report-only", "--out", str(tmp_path), "--name", "q"]) == 0
+    assert (tmp_path / "q.md").read_text() == md
