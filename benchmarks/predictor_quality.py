@@ -38,11 +38,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from specmoe.bench.environment import environment
 from specmoe.io import read_json, write_json, write_text
 from specmoe.predictors import load_predictor
 from specmoe.runtime.admission import PrefetchAdmission
-from specmoe.sim.compute import count_predictor_ops
 from specmoe.sim.hardware import HardwareProfile
 from specmoe.sim.policies import resolve_policy_name
 from specmoe.sim.predictions import PredictorReplay, replay_oracle, replay_predictor
@@ -146,6 +147,41 @@ def quality(stream: RoutingStream, candidates: list, recent: list[list[set[int]]
             "precision_at_rank": [ratio(h, n) for h, n in zip(rank_hit, rank_seen)]}
 
 
+THRESHOLDS = (0.8, 0.9, 0.95, 0.97, 0.99)
+
+
+def confidence(stream: RoutingStream, predictor, recent: list[list[set[int]]], thresholds=THRESHOLDS) -> dict:
+    """For a predictor whose sigmoid(score) is a calibrated probability (affinity's): at each threshold, of the
+    experts not in `recent` that it gives at least that probability at layer l for layer l+1, the share routed
+    there (precision) and the share of the new experts so named (recall). Admission calibrates ranks, not scores:
+    this is what the predictor knows with that confidence, whatever rank it sits at."""
+    from specmoe.predictors.replay import replay_stateful
+
+    passes = [ids.tolist() for ids in stream.passes()]
+    L = stream.num_layers
+    hit = {t: 0 for t in thresholds}
+    named = {t: 0 for t in thresholds}
+    new_n = 0
+    steps = replay_stateful(predictor, stream.ids, {}, stream.pass_offsets.tolist(), set(stream.seq_offsets.tolist()),
+                            predictor.geometry.hidden_size, dtype=torch.float32)
+    for p, per_layer in steps:
+        for layer, scores in enumerate(per_layer):
+            t, q = (layer + 1) % L, p + (layer + 1 == L)
+            if q >= len(passes) or (layer + 1 == L and not predictor.wrap):
+                continue
+            prob = torch.sigmoid(scores[layer + 1].float()).amax(0)  # [E] the pass's tokens' best
+            old = recent[q][t]
+            routed = {e for token in passes[q] for e in token[t] if e >= 0}
+            new = routed - old
+            new_n += len(new)
+            for th in thresholds:
+                sure = {e for e in torch.nonzero(prob >= th).flatten().tolist() if e not in old}
+                named[th] += len(sure)
+                hit[th] += len(sure & new)
+    return {str(th): {"precision_new": hit[th] / named[th] if named[th] else None,
+                      "recall_new": hit[th] / new_n if new_n else None} for th in thresholds}
+
+
 def choose_window(stream: RoutingStream, miss_rate: float, windows=range(1, 17)) -> tuple[int, dict]:
     """The W whose share of new experts is closest to `miss_rate`, and every W's share."""
     routed = [[{e for token in ids.tolist() for e in token[t] if e >= 0} for t in range(stream.num_layers)]
@@ -184,7 +220,7 @@ def run(args) -> dict:
     settings = SweepSettings(capacities=(args.capacity,), policies=(policy,), prefetch_policies=(policy,),
                              warmup_passes=args.warmup, context=args.context, misses=tuple(args.misses),
                              host=args.host if set(args.misses) - {"fetch"} else None, add_max_fit=False)
-    trained, replays = {}, []
+    trained, replays, predictors = {}, [], {}
     for name in args.trained:
         path = args.load_predictors / f"{args.train_name}-{name}"
         if not path.is_dir():
@@ -192,7 +228,8 @@ def run(args) -> dict:
         predictor = load_predictor(path, geo)
         replays.append(replay_predictor(stream, predictor, geo, [None] * geo.num_layers, name, progress=False))
         trained[name] = {"loaded_from": str(path), "lookahead": replays[-1].lookahead,
-                         "predict_ops": replays[-1].predict_ops}
+                         "predict_ops": replays[-1].predict_ops, "kind": predictor.kind}
+        predictors[name] = predictor
     ops = replays[0].predict_ops if replays else None  # a trained predictor's cost for the degraded oracles
     grid = []
     for la in args.oracle_lookaheads:
@@ -225,6 +262,9 @@ def run(args) -> dict:
         return out
 
     rows = [row(rep) for rep in replays]
+    for r in rows:  # what the calibrated ones know with high confidence
+        if r["predictor"] in trained and trained[r["predictor"]]["kind"] == "affinity":
+            r["confidence"] = confidence(stream, predictors[r["predictor"]], recent)
     by_name = {r["predictor"]: r for r in rows}
     for g in grid:
         g.update(by_name[g["name"]])
@@ -298,6 +338,16 @@ def markdown(result: dict) -> str:
                      f"{f3(r['new_recall'])} | {f3(r['new_precision'])} | {ranks} | "
                      + " | ".join(f"{r[m]['tok_s']:.2f} | {pct(r[m]['gain'])}" for m in modes)
                      + " |")
+    conf = [r for r in res["trained"] if r.get("confidence")]
+    if conf:
+        ths = list(conf[0]["confidence"])
+        parts += ["", "What the calibrated predictors know with high confidence, whatever the rank (admission calibrates "
+                  "ranks, not scores): of the experts outside the recent tokens they give probability >= x for the "
+                  "next layer, precision / recall of the new experts:", "",
+                  "| predictor | " + " | ".join(f">= {t}" for t in ths) + " |", "|---|" + "---|" * len(ths)]
+        for r in conf:
+            parts.append(f"| {r['predictor']} | " + " | ".join(
+                f"{f3(c['precision_new'])} / {f3(c['recall_new'])}" for c in r["confidence"].values()) + " |")
     parts += ["", "Degraded oracles (recall r and precision p as set, and measured so to within the draws; their false "
               "candidates are drawn from every expert not routed, so the precision of the new ones they name is "
               "lower than p):", "",

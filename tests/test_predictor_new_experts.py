@@ -79,3 +79,33 @@ def test_learns_new_experts_saves_and_runs_wrapped(tmp_path):
     smoe.unwrap()
     assert torch.equal(out, ref)
     assert stats.total.prefetch_issued > 0
+
+
+def test_confident_names_only_the_likely_experts(tmp_path):
+    """`confident`: decode scores are the training logits raised to logit(c), so only experts of probability above
+    c are named (rank_by_votes of top_candidates), and training is unchanged."""
+    from specmoe.predictors.base import top_candidates
+
+    trace = repeating_trace(sequences=3, length=10, stay=0.5)
+    geo = trace.geometry
+    plain = random_predictor(geo, lookahead=1, context=2, tokens=2, new=1)
+    sure = random_predictor(geo, lookahead=1, context=2, tokens=2, new=1, confident=0.9)
+    tokens = torch.arange(trace.num_tokens)
+    with torch.no_grad():
+        for layer in range(geo.num_layers):
+            lay = torch.full((trace.num_tokens,), layer)
+            assert torch.equal(plain.train_logits(trace, lay, tokens), sure.train_logits(trace, lay, tokens))
+    _, a = decode_replay(plain, trace, 0, 10)
+    _, b = decode_replay(sure, trace, 0, 10)
+    floor = torch.logit(torch.tensor(0.9)).item()
+    fewer = 0
+    for layer in range(geo.num_layers):
+        for t in a[layer]:
+            torch.testing.assert_close(b[layer][t], a[layer][t].clamp(min=floor))
+            named = top_candidates(b[layer][t], geo.top_k)  # [T, k]
+            probs = torch.sigmoid(a[layer][t]).gather(1, named.clamp(min=0))
+            assert bool((probs[named >= 0] > 0.9).all())
+            fewer += int((named < 0).sum())
+    assert fewer > 0
+    sure.save(tmp_path / "sure")
+    assert load_predictor(tmp_path / "sure", geometry=geo).config()["confident"] == 0.9

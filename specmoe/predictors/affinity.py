@@ -29,6 +29,8 @@ sequences the token slots read neighbouring sequences (worse guesses, never a wr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,19 +93,28 @@ class AffinityPredictor(TrainablePredictor):
         hidden: H, width of the hidden layer (0: logistic only).
         new: N <= P; > 0: trained on, and ranking, only the experts not routed at the target layer in the N tokens
             before (the others are masked out of the scores): what a copy can bring, at every rank of its list.
+        confident: c in [0, 1); > 0: at decode, name only the experts of calibrated probability above c (the
+            others' scores are raised to logit(c), the row's minimum, which names none): fewer candidates, each
+            as likely as c or more to be used, so admission's per-rank precision is the confident one's. Training
+            is unchanged (the same weights as without it).
     """
 
     stateful = True
 
     def __init__(self, geometry: MoEGeometry, lookahead: int = 1, context: int = 3, tokens: int = 2,
-                 wrap: bool = True, hidden: int = 0, new: int = 0):
+                 wrap: bool = True, hidden: int = 0, new: int = 0, confident: float = 0.0):
         super().__init__(geometry, lookahead, wrap)
         L = geometry.num_layers
-        if not 1 <= context <= L or not 0 <= tokens <= 8 or hidden < 0 or not 0 <= new <= tokens:
+        if not 1 <= context <= L or not 0 <= tokens <= 8 or hidden < 0 or not 0 <= new <= tokens \
+                or not 0.0 <= confident < 1.0:
             raise ValueError(f"AffinityPredictor needs 1 <= context <= {L} (the MoE layers), 0 <= tokens <= 8, "
-                             f"hidden >= 0 and 0 <= new <= tokens; got context={context}, tokens={tokens}, "
-                             f"hidden={hidden}, new={new}")
+                             f"hidden >= 0, 0 <= new <= tokens and 0 <= confident < 1; got context={context}, "
+                             f"tokens={tokens}, hidden={hidden}, new={new}, confident={confident}")
         self.context, self.tokens, self.hidden, self.new = int(context), int(tokens), int(hidden), int(new)
+        self.confident = float(confident)
+        # the logit of probability `confident`: decode scores under it are raised to it, to the row's minimum, which
+        # `top_candidates` names none of
+        self._floor = math.log(confident / (1.0 - confident)) if confident > 0 else None
         S = self.context + self.tokens
         self.module = AffinityNet(L, geometry.num_experts, lookahead, S, self.hidden)
         self.offsets = slot_offsets(L, lookahead, self.context, self.tokens)  # [L, D, S]
@@ -158,7 +169,12 @@ class AffinityPredictor(TrainablePredictor):
         return rel, (None if net.H else (net.base[layer][..., None], net.bias[layer].detach()))
 
     def runtime_logits(self, layer, hidden, history):
-        """history [T, layer+1, k] of this pass; the earlier tokens come from the state kept since `reset`."""
+        """history [T, layer+1, k] of this pass; the earlier tokens come from the state kept since `reset`; with
+        `confident`, the scores under its logit raised to it."""
+        logits = self._runtime_logits(layer, history)
+        return logits if self._floor is None else logits.clamp(min=self._floor)
+
+    def _runtime_logits(self, layer, history):
         T, k, device = history.shape[0], self.geometry.top_k, history.device
         self.observe(layer, history)
         known = torch.cat([self._earlier(device), self._padded(history)]).view(-1, k)  # [(Q + T) * L, k]
@@ -213,4 +229,5 @@ class AffinityPredictor(TrainablePredictor):
     def config(self):
         out = {"lookahead": self.lookahead, "context": self.context, "tokens": self.tokens, "wrap": self.wrap,
                "hidden": self.hidden}
-        return out | {"new": self.new} if self.new else out  # saved predictors without `new` load as before
+        # saved predictors without `new` or `confident` load as before
+        return out | ({"new": self.new} if self.new else {}) | ({"confident": self.confident} if self.confident else {})
