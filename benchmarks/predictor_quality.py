@@ -263,7 +263,8 @@ def run(args) -> dict:
 
     rows = [row(rep) for rep in replays]
     for r in rows:  # what the calibrated ones know with high confidence
-        if r["predictor"] in trained and trained[r["predictor"]]["kind"] == "affinity":
+        if r["predictor"] in trained and trained[r["predictor"]]["kind"] == "affinity" \
+                and not getattr(predictors[r["predictor"]], "confident", 0):  # (its scores are clamped)
             r["confidence"] = confidence(stream, predictors[r["predictor"]], recent)
     by_name = {r["predictor"]: r for r in rows}
     for g in grid:
@@ -292,11 +293,12 @@ def run(args) -> dict:
 
 def summarize(res: dict, modes) -> dict:
     """Per misses mode: the best trained predictor's gain, the best oracle's (and by lookahead), the best degraded
-    oracle's whose precision is under admission's SURE; and each trained predictor's best rank precision."""
+    oracle's whose precision, the same at every rank (shuffled), is under admission's SURE; and each trained
+    predictor's best rank precision."""
     summary = {}
     sure = res["sure"]
     for m in modes:
-        below = [g for g in res["grid"] if g["precision_set"] < sure]
+        below = [g for g in res["grid"] if g["precision_set"] < sure and g["order"] == "shuffled"]
         best_below = max(below, key=lambda g: g[m]["gain"]) if below else None
         best_trained = max(res["trained"], key=lambda r: r[m]["gain"], default=None)
         summary[m] = {"best_trained": best_trained and best_trained["predictor"],
@@ -322,8 +324,8 @@ def markdown(result: dict) -> str:
              f". Gains are over no predictor in the same mode. Simulated, not measured.", "",
              "Answer, per misses mode: " + "; ".join(
                  f"{m}: best trained {res['summary'][m]['best_trained']} {pct(res['summary'][m]['best_trained_gain'])}, "
-                 f"best oracle {pct(res['summary'][m]['best_oracle_gain'])}, best degraded oracle whose precision is "
-                 f"under admission's SURE ({res['sure']}) {pct(res['summary'][m]['best_gain_below_sure'])} "
+                 f"best oracle {pct(res['summary'][m]['best_oracle_gain'])}, best degraded oracle whose precision (the "
+                 f"same at every rank) is under admission's SURE ({res['sure']}) {pct(res['summary'][m]['best_gain_below_sure'])} "
                  f"({res['summary'][m]['best_below_sure']})" for m in modes if res['summary'][m]['best_trained'])
              + f" (goal {pct(res['target_gain'])}).", "", why(res, modes, pct), "",
              f"New experts: routed at a layer and not routed there in the {res['new_window']} tokens before "
@@ -383,8 +385,9 @@ def why(res: dict, modes, pct) -> str:
         ranked = [n for n in rows if n["order"] == "true-first" and n["recall_needed"] is not None]
         part = f"With misses={m}:"
         if flat:
-            part += (" every rank at one precision p < SURE (shuffled) gains at most "
-                     f"{pct(max(n['best_gain'] for n in flat))} on the grid;")
+            part += " every rank at one precision p < SURE (shuffled): " + ", ".join(
+                f"p={n['precision_set']:g} " + (f"needs recall {n['recall_needed']:.2f}" if n["recall_needed"] is not None
+                                               else f"at most {pct(n['best_gain'])}") for n in flat) + ";"
         if ranked:
             part += (" with the routed experts ranked first (true-first: precision 1 at the top ranks, 0 below), "
                      + ", ".join(f"p={n['precision_set']:g} needs recall {n['recall_needed']:.2f}" for n in ranked)
@@ -397,7 +400,7 @@ def why(res: dict, modes, pct) -> str:
     if summ["best_rank_precision"]:
         out.append("The trained predictors' best rank precision: " + ", ".join(
             f"{n} {v:.2f}" for n, v in summ["best_rank_precision"].items() if v is not None) +
-            f" (all under SURE: their copies past the compute window are refused, like a shuffled degraded oracle's).")
+            ".")
     return " ".join(out)
 
 
