@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         predictors["interlayer"] = InterLayerPredictor(geo)
         predictors["hidden"] = HiddenStatePredictor(geo).init_from_routers(trace.routers)
         predictors["affinity"] = AffinityPredictor(geo, lookahead=2)
+        predictors["affinity-new"] = AffinityPredictor(geo, lookahead=2, new=1)  # its scores masked: a few ops more
     for p in predictors.values():
         p.bind(geo, trace.routers)
 

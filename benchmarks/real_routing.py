@@ -49,7 +49,7 @@ from specmoe.training.fit import fit_predictor
 from specmoe.training.loop import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
-PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity", "affinity-2")
+PREDICTORS = ("none", "oracle", "history", "interlayer", "affinity", "affinity-2", "affinity-wide", "affinity-new")
 # how each trained predictor is fitted here: (kind, its options, the training loop's settings beyond the defaults,
 # its lookahead: None for --lookahead). Training runs a fixed number of optimizer steps (early stopping on the
 # validation split aside), so a rerun fits the same predictors whatever the machine's load; --train-steps replaces
@@ -58,7 +58,9 @@ AFFINITY = ({"context": 4, "tokens": 4}, {"batch_size": 2048, "lr": 1e-2, "eval_
 FIT = {"history": ("history", {}, {"steps": 600}, None),
        "interlayer": ("interlayer", {"dim": 64, "layers": 2, "heads": 4, "ff": 128}, {"steps": 600}, None),
        "affinity": ("affinity", *AFFINITY, None),
-       "affinity-2": ("affinity", *AFFINITY, 2)}  # two layers ahead: copies that can land before use with misses=auto
+       "affinity-2": ("affinity", *AFFINITY, 2),  # two layers ahead: copies that can land before use with misses=auto
+       "affinity-wide": ("affinity", {"context": 12, "tokens": 8}, AFFINITY[1], None),  # more routing known
+       "affinity-new": ("affinity", {**AFFINITY[0], "new": 1}, AFFINITY[1], None)}  # ranks only experts a copy can bring
 
 
 def split(trace, seed: int, held_out=None) -> tuple[dict, str]:

@@ -29,6 +29,8 @@ sequences the token slots read neighbouring sequences (worse guesses, never a wr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,18 +91,30 @@ class AffinityPredictor(TrainablePredictor):
         tokens: P, earlier tokens whose routing at the target layer is used (>= 0).
         wrap: predict the next token's first layers from the last layers.
         hidden: H, width of the hidden layer (0: logistic only).
+        new: N <= P; > 0: trained on, and ranking, only the experts not routed at the target layer in the N tokens
+            before (the others are masked out of the scores): what a copy can bring, at every rank of its list.
+        confident: c in [0, 1); > 0: at decode, name only the experts of calibrated probability above c (the
+            others' scores are raised to logit(c), the row's minimum, which names none): fewer candidates, each
+            as likely as c or more to be used, so admission's per-rank precision is the confident one's. Training
+            is unchanged (the same weights as without it).
     """
 
     stateful = True
 
     def __init__(self, geometry: MoEGeometry, lookahead: int = 1, context: int = 3, tokens: int = 2,
-                 wrap: bool = True, hidden: int = 0):
+                 wrap: bool = True, hidden: int = 0, new: int = 0, confident: float = 0.0):
         super().__init__(geometry, lookahead, wrap)
         L = geometry.num_layers
-        if not 1 <= context <= L or not 0 <= tokens <= 8 or hidden < 0:
-            raise ValueError(f"AffinityPredictor needs 1 <= context <= {L} (the MoE layers), 0 <= tokens <= 8 and "
-                             f"hidden >= 0; got context={context}, tokens={tokens}, hidden={hidden}")
-        self.context, self.tokens, self.hidden = int(context), int(tokens), int(hidden)
+        if not 1 <= context <= L or not 0 <= tokens <= 8 or hidden < 0 or not 0 <= new <= tokens \
+                or not 0.0 <= confident < 1.0:
+            raise ValueError(f"AffinityPredictor needs 1 <= context <= {L} (the MoE layers), 0 <= tokens <= 8, "
+                             f"hidden >= 0, 0 <= new <= tokens and 0 <= confident < 1; got context={context}, "
+                             f"tokens={tokens}, hidden={hidden}, new={new}, confident={confident}")
+        self.context, self.tokens, self.hidden, self.new = int(context), int(tokens), int(hidden), int(new)
+        self.confident = float(confident)
+        # the logit of probability `confident`: decode scores under it are raised to it, to the row's minimum, which
+        # `top_candidates` names none of
+        self._floor = math.log(confident / (1.0 - confident)) if confident > 0 else None
         S = self.context + self.tokens
         self.module = AffinityNet(L, geometry.num_experts, lookahead, S, self.hidden)
         self.offsets = slot_offsets(L, lookahead, self.context, self.tokens)  # [L, D, S]
@@ -108,15 +122,44 @@ class AffinityPredictor(TrainablePredictor):
         self._clear_state()
 
     # --- features ----------------------------------------------------------------------------------------------
-    def train_logits(self, trace, layers, tokens):
-        """Rows (token `tokens[i]` of `trace`, source layer `layers[i]`), as a decode step sees them: every earlier
-        step of the token's sequence is known."""
+    def _slot_ids(self, trace, layers, tokens) -> torch.Tensor:
+        """[B, D, S, k] the routed experts of each row's slots (-1: before the sequence's first step)."""
         L, k = self.geometry.num_layers, self.geometry.top_k
         steps = tokens[:, None, None] * L + self.offsets[layers]  # [B, D, S] flat steps
         first = (trace.offsets[trace.sequence_of()[tokens]] * L)[:, None, None]  # the sequence's first step
         ids = trace.ids.reshape(-1, k)[steps.clamp(min=0)]  # [B, D, S, k]
-        ids = torch.where((steps >= first)[..., None], ids, -1)
-        return self.module(layers.to(self.device), ids.to(self.device))
+        return torch.where((steps >= first)[..., None], ids, -1)
+
+    def train_logits(self, trace, layers, tokens):
+        """Rows (token `tokens[i]` of `trace`, source layer `layers[i]`), as a decode step sees them: every earlier
+        step of the token's sequence is known."""
+        ids = self._slot_ids(trace, layers, tokens).to(self.device)
+        return self._masked(self.module(layers.to(self.device), ids), ids)
+
+    def train_targets(self, trace, layers, tokens):
+        """The routed targets (`RoutingTrace.targets`); with `new` > 0 only the experts not routed at the target
+        layer in the `new` tokens before: those are what a copy can bring (the others are most likely resident)."""
+        ids, valid = trace.targets(layers, tokens, self.lookahead, self.wrap)  # [B, D, k], [B, D]
+        if not self.new:
+            return ids, valid
+        C = self.context
+        recent = self._slot_ids(trace, layers, tokens)[:, :, C : C + self.new].flatten(2)  # [B, D, new * k]
+        ids = torch.where((ids[..., None] == recent[:, :, None, :]).any(-1), -1, ids)
+        return ids, valid & (ids >= 0).any(-1)
+
+    MASKED = -30.0  # the logit of an expert `new` masks out (sigmoid: 1e-13)
+
+    def _masked(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """With `new` > 0: logits [B, D, E] with the experts routed at the target layer in the `new` tokens before
+        (ids [B, D, S, k], the token slots after the C recent ones) set to MASKED, so that the ranking names new
+        experts only."""
+        if not self.new:
+            return logits
+        E, C = self.geometry.num_experts, self.context
+        recent = ids[:, :, C : C + self.new].flatten(2)  # [B, D, new * k]
+        out = F.pad(logits, (0, 1))  # [B, D, E + 1]: column E takes the slots with no routing
+        out = out.scatter(2, torch.where(recent >= 0, recent, E), self.MASKED)
+        return out[..., :E]
 
     def prepare(self, layer):
         """(steps [1, D, S] of the slots in the rows `runtime_logits` builds, counted from the first earlier token;
@@ -126,7 +169,12 @@ class AffinityPredictor(TrainablePredictor):
         return rel, (None if net.H else (net.base[layer][..., None], net.bias[layer].detach()))
 
     def runtime_logits(self, layer, hidden, history):
-        """history [T, layer+1, k] of this pass; the earlier tokens come from the state kept since `reset`."""
+        """history [T, layer+1, k] of this pass; the earlier tokens come from the state kept since `reset`; with
+        `confident`, the scores under its logit raised to it."""
+        logits = self._runtime_logits(layer, history)
+        return logits if self._floor is None else logits.clamp(min=self._floor)
+
+    def _runtime_logits(self, layer, history):
         T, k, device = history.shape[0], self.geometry.top_k, history.device
         self.observe(layer, history)
         known = torch.cat([self._earlier(device), self._padded(history)]).view(-1, k)  # [(Q + T) * L, k]
@@ -135,10 +183,10 @@ class AffinityPredictor(TrainablePredictor):
             rel = rel + torch.arange(0, T * self.geometry.num_layers, self.geometry.num_layers, device=device)[:, None, None]
         ids = known[rel]  # [T, D, S, k]
         if logistic is None:
-            return self.module(torch.full((T,), layer, device=device), ids)
+            return self._masked(self.module(torch.full((T,), layer, device=device), ids), ids)
         base, bias = logistic  # the logistic model in five ops: one table lookup over the T * D * S * k routed ids
         rows = (ids.remainder(self.geometry.num_experts + 1) + base).flatten(2)  # [T, D, S * k]
-        return F.embedding(rows, self.module.weight.weight).sum(2) + bias  # [T, D, E]
+        return self._masked(F.embedding(rows, self.module.weight.weight).sum(2) + bias, ids)  # [T, D, E]
 
     # --- state across passes -----------------------------------------------------------------------------------
     def _clear_state(self) -> None:
@@ -179,5 +227,7 @@ class AffinityPredictor(TrainablePredictor):
         self._seen, self._pass = None, index
 
     def config(self):
-        return {"lookahead": self.lookahead, "context": self.context, "tokens": self.tokens, "wrap": self.wrap,
-                "hidden": self.hidden}
+        out = {"lookahead": self.lookahead, "context": self.context, "tokens": self.tokens, "wrap": self.wrap,
+               "hidden": self.hidden}
+        # saved predictors without `new` or `confident` load as before
+        return out | ({"new": self.new} if self.new else {}) | ({"confident": self.confident} if self.confident else {})

@@ -47,6 +47,12 @@ class TrainablePredictor(Predictor):
         may use `self.prepared(layer)`."""
         raise NotImplementedError
 
+    def train_targets(self, trace, layers: torch.Tensor, tokens: torch.Tensor):
+        """What training and validation score the logits against: (ids [B, D, k], -1 = none; valid [B, D]) for the
+        rows of `train_logits`; the routed experts of layers l+1..l+D (`RoutingTrace.targets`) unless a subclass
+        trains on fewer."""
+        return trace.targets(layers, tokens, self.lookahead, self.wrap)
+
     def param_groups(self, lr: float) -> list[dict]:
         """AdamW parameter groups (one group at `lr` unless a subclass scales some parameters' rate)."""
         return [{"params": list(self.module.parameters()), "lr": lr}]

@@ -58,6 +58,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=None,
                    help="affinity: earlier tokens whose routing at the target layer is used (default 2)")
     p.add_argument("--hidden", type=int, default=None, help="affinity: hidden-layer width (default 0: logistic)")
+    p.add_argument("--new", type=int, default=None,
+                   help="affinity: train on and rank only experts not routed at the target layer in this many tokens "
+                        "before (<= --tokens; default 0: every routed expert)")
+    p.add_argument("--confident", type=float, default=None,
+                   help="affinity: at decode name only experts of calibrated probability above this (default 0: the "
+                        "top-k of every row)")
     p.add_argument("--dim", type=int, default=None, help="network width (interlayer/hidden)")
     p.add_argument("--layers", type=int, default=None, help="encoder layers (interlayer)")
     p.add_argument("--heads", type=int, default=None, help="attention heads (interlayer)")
@@ -86,7 +92,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def predictor_options(args) -> dict:
     """The predictor's own options given on the command line (unset ones keep the class defaults)."""
     names = {"history": ("context",), "interlayer": ("context", "dim", "layers", "heads", "ff"),
-             "hidden": ("dim", "router_init"), "affinity": ("context", "tokens", "hidden")}[args.predictor]
+             "hidden": ("dim", "router_init"), "affinity": ("context", "tokens", "hidden", "new", "confident")}[args.predictor]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

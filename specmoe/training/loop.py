@@ -76,7 +76,7 @@ def validate(predictor: TrainablePredictor, trace: RoutingTrace, tokens: torch.T
     loss_sum, loss_n = 0.0, 0
     for start in range(0, rows.numel(), batch_size):
         lay, tok = layers[start : start + batch_size], rows[start : start + batch_size]
-        ids, valid = trace.targets(lay, tok, predictor.lookahead, predictor.wrap)  # [B, D, k], [B, D]
+        ids, valid = predictor.train_targets(trace, lay, tok)  # [B, D, k], [B, D]
         logits = predictor.train_logits(trace, lay, tok).float().cpu()  # [B, D, E]
         n = int(valid.sum())
         loss_sum += bce_loss(logits, ids, valid).item() * n
@@ -128,7 +128,7 @@ def train_predictor(predictor: TrainablePredictor, train: RoutingTrace, val: Rou
             group["lr"] = base * factor
         tok = torch.randint(train.num_tokens, (config.batch_size,), generator=gen)
         lay = layers[torch.randint(len(layers), (config.batch_size,), generator=gen)]
-        ids, valid = train.targets(lay, tok, predictor.lookahead, predictor.wrap)
+        ids, valid = predictor.train_targets(train, lay, tok)
         loss = bce_loss(predictor.train_logits(train, lay, tok), ids.to(device), valid.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
