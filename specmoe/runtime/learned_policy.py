@@ -258,6 +258,8 @@ class LearnedPolicy(ScoredPolicy):
         if self.online is not None:
             self._labels = OnlineLabels(L, E, self.online)
         self._lifted = np.ones(L * E) if self.lift is not None else None  # [L * E] the lift in force per expert
+        self._k = self.geometry["top_k"]
+        self._lift_k = None if self.lift is None else self.lift / self._k  # [L, E, E]: summed over k routed, the mean
         self._score_buf, self._steps_buf = np.empty(cache.num_slots), np.empty(cache.num_slots)  # [S] scratch
 
     def observe(self, layer: int, predicted, routed=()) -> None:
@@ -270,10 +272,11 @@ class LearnedPolicy(ScoredPolicy):
         lo = layer * self.E
         hit = self._hit_of.take(cell, out=self.hit[lo : lo + self.E])  # into the layer's entries (views)
         self._ahead_of.take(cell, out=self.ahead[lo : lo + self.E])
-        if self._lifted is not None and len(routed):
+        if self._lifted is not None and len(routed):  # the mean lift over the routed experts (lift holds 1 / k of it)
             lifted = self._lifted[lo : lo + self.E]
-            np.add.reduce(self.lift[layer][routed], 0, out=lifted)
-            lifted /= len(routed)
+            np.add.reduce(self._lift_k[layer].take(routed, 0), 0, out=lifted)
+            if len(routed) != self._k:
+                lifted *= self._k / len(routed)
             hit *= lifted
 
     def _refresh(self) -> None:
