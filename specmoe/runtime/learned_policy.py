@@ -271,13 +271,17 @@ class LearnedPolicy(ScoredPolicy):
             self._refresh()
         lo = layer * self.E
         hit = self._hit_of.take(cell, out=self.hit[lo : lo + self.E])  # into the layer's entries (views)
-        self._ahead_of.take(cell, out=self.ahead[lo : lo + self.E])
-        if self._lifted is not None and len(routed):  # the mean lift over the routed experts (lift holds 1 / k of it)
+        if self.horizon > 1:  # within one visit nothing lies past the next: ahead stays 0
+            self._ahead_of.take(cell, out=self.ahead[lo : lo + self.E])
+        if self._lifted is not None:  # the mean lift over the routed experts (lift holds 1 / k of it)
             lifted = self._lifted[lo : lo + self.E]
-            np.add.reduce(self._lift_k[layer].take(routed, 0), 0, out=lifted)
-            if len(routed) != self._k:
-                lifted *= self._k / len(routed)
-            hit *= lifted
+            if len(routed):
+                np.add.reduce(self._lift_k[layer].take(routed, 0), 0, out=lifted)
+                if len(routed) != self._k:
+                    lifted *= self._k / len(routed)
+                hit *= lifted
+            else:
+                lifted.fill(1.0)
 
     def _refresh(self) -> None:
         """The table moved by the served routing's labels (`OnlineLabels.table`): every cell's terms again."""
@@ -294,7 +298,8 @@ class LearnedPolicy(ScoredPolicy):
         """[S] expected hits per slot-step (lowest: evicted first), inf for kept and empty slots."""
         flat, score, steps = self.slot_flat, self._score_buf, self._steps_buf  # buffers reused every call
         self._steps[self.layer].take(self.slot_layer, out=steps)
-        steps += self.ahead.take(flat, out=score)
+        if self.horizon > 1:
+            steps += self.ahead.take(flat, out=score)
         np.divide(self.hit.take(flat, out=score), steps, out=score)
         return self._keep_predicted(score)
 
