@@ -93,6 +93,18 @@ class LayerState:
         return cell
 
 
+def pass_routing(stream, num_experts: int) -> np.ndarray:
+    """[P, L, E] bool: the experts each pass of a routing stream (`specmoe.traces.routing.Routing`) routed at each
+    MoE layer: the visits training labels and the ceilings replay."""
+    ids = stream.ids.numpy()  # [N, L, k]
+    off = stream.pass_offsets.numpy()
+    used = np.zeros((len(off) - 1, ids.shape[1], num_experts), dtype=bool)  # [P, L, E]
+    pass_of = np.repeat(np.arange(len(off) - 1), np.diff(off))  # [N]
+    t, layer, e = np.nonzero(ids >= 0)
+    used[pass_of[t], layer, ids[t, layer, e]] = True
+    return used
+
+
 def keep_terms(table: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
     """From table [B, H + 1] (P(n = j), j = 1..H, then n > H): P(n <= h) [B] and E[min(n, h)] - 1 [B]."""
     within = np.cumsum(table[:, :horizon], 1)  # [B, h] P(n <= j)

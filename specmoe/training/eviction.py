@@ -25,7 +25,7 @@ import numpy as np
 
 from ..runtime.learned_policy import (
     CELLS, FEATURES, FREQ_BUCKETS, HORIZON, HORIZONS, LayerState, LearnedPolicy, LiftRule, OnlineRule,
-    save_learned_policy,
+    pass_routing, save_learned_policy,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,17 +69,6 @@ class EvictionTrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_passes is not None and self.max_passes < 2:
             raise ValueError(f"max_passes must be >= 2 (or None), got {self.max_passes}")
-
-
-def pass_routing(stream, num_experts: int) -> np.ndarray:
-    """[P, L, E] bool: the experts each pass routed at each MoE layer."""
-    ids = stream.ids.numpy()  # [N, L, k]
-    off = stream.pass_offsets.numpy()
-    used = np.zeros((len(off) - 1, ids.shape[1], num_experts), dtype=bool)  # [P, L, E]
-    pass_of = np.repeat(np.arange(len(off) - 1), np.diff(off))  # [N]
-    t, layer, e = np.nonzero(ids >= 0)
-    used[pass_of[t], layer, ids[t, layer, e]] = True
-    return used
 
 
 def layer_visits(stream, num_experts: int) -> list[np.ndarray]:
