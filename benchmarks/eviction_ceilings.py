@@ -31,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from eviction_policies import select, shape_for
 from specmoe.bench.environment import environment
 from specmoe.bench.report import markdown_table
@@ -190,7 +188,7 @@ def main(argv=None) -> int:
         runs = []
         passes = stream.passes()
         makers = policies()
-        makers["belady"] = lambda: BeladyPolicy(future_uses(passes, L))  # an object: the engine takes it with candidates
+        makers["belady"] = lambda: BeladyPolicy(future_uses(passes, L))  # as an object it runs beside candidates
         for label, make in makers.items():
             start = time.perf_counter()
             r = simulate(stream, shape, profile, cap, policy=make(), candidates=oracle.candidates,
@@ -239,7 +237,8 @@ def report(out: dict) -> str:
             ["capacity", "W", "history fit", "its RMSE (R2)", "RMSE of the layer's mean rate",
              "hit rate at shares " + ", ".join(f"{x:g}" for x, _ in out["blend"][0]["points"]), "goal",
              "share needed", "RMSE needed"],
-            [[f"{b['capacity']:g}", b["window"], b["history"], f"{b['history_rmse']:.4f} ({r2(b['history_rmse'], b):.3f})",
+            [[f"{b['capacity']:g}", b["window"], b["history"],
+              f"{b['history_rmse']:.4f} ({r2(b['history_rmse'], b):.3f})",
               f"{b['mean_rate_rmse']:.4f}", ", ".join(f"{y:.3f}" for _, y in b["points"]), f"{b['goal']:.3f}",
               "none" if b["needed_share"] is None else f"{b['needed_share']:.2f}",
               "none" if b["needed_rmse"] is None else f"{b['needed_rmse']:.4f} ({r2(b['needed_rmse'], b):.3f})"]
@@ -248,8 +247,8 @@ def report(out: dict) -> str:
                   "1 - (RMSE / RMSE of the mean)^2.")
     p = out.get("prefetch")
     if p:
-        md.append(f"\n**With the {p['predictor']} predictor's prefetches at capacity {p['capacity']}** (goal: Belady-MIN "
-                  f"demand's {p['goal_tok_s']:.2f} tok/s, simulated)\n")
+        md.append(f"\n**With the {p['predictor']} predictor's prefetches at capacity {p['capacity']}** (goal: "
+                  f"Belady-MIN demand's {p['goal_tok_s']:.2f} tok/s, simulated)\n")
         md.append(markdown_table(["eviction", "its demand hit rate", "oracle + it: tok/s (simulated)", "MiB/token"],
                                  [[r["policy"], f"{r['demand_hit_rate']:.3f}", f"{r['tok_s']:.2f}",
                                    f"{r['bytes_per_token'] / 2**20:.0f}"] for r in p["runs"]]))

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..runtime.policies import ScoredPolicy
 from ..runtime.learned_policy import pass_routing as routed_array  # [P, L, E] bool: each pass's routing
+from ..runtime.policies import ScoredPolicy
 
 __all__ = ["BlendedRatePolicy", "FutureRates", "HistoryRatePolicy", "RateOraclePolicy", "fit_history_rates",
            "history_error", "routed_array", "sequence_ends"]
