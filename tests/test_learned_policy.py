@@ -11,6 +11,7 @@ from conftest import build_tiny, make_inputs
 from test_scheduler_parity import COUNTERS, NEW_TOKENS, OPS, proxy_shape, record
 from specmoe import SpeculativeMoE
 from specmoe.cli import main
+from specmoe.io import read_safetensors, write_safetensors
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.cache import ExpertCache
 from specmoe.runtime.learned_policy import (
@@ -21,7 +22,9 @@ from specmoe.sim.bounds import demand_misses
 from specmoe.sim.engine import simulate
 from specmoe.sim.hardware import PROFILES
 from specmoe.sim.stream import RoutingStream
-from specmoe.training.eviction import EvictionTrainConfig, next_use, replay_demand, train_learned_policy
+from specmoe.training.eviction import (
+    EvictionTrainConfig, count_lift, next_use, replay_demand, train_learned_policy,
+)
 
 QUICK = EvictionTrainConfig(choice_calls=2000, cost_calls=500)
 
@@ -105,7 +108,7 @@ def test_older_format_is_refused_in_one_line(trained, tmp_path):
     old.mkdir()
     config = json.loads((out / "config.json").read_text())
     (old / "config.json").write_text(json.dumps({**config, "format_version": 1}))
-    with pytest.raises(ValueError, match="has format 1, this specmoe reads 2: train it again") as err:
+    with pytest.raises(ValueError, match="has format 1, this specmoe reads 2 or 3: train it again") as err:
         load_learned_policy(old)
     assert "\n" not in str(err.value)
 
@@ -291,3 +294,61 @@ def test_online_rule_moves_a_wrong_table_toward_the_served_routing():
     assert np.all(offline == 0) and np.all(online[:, [1, 6]] > 0.5)
     with pytest.raises(ValueError, match="online rule needs"):
         OnlineRule(prior=0)
+
+
+def alternating_stream(tokens=120, L=2, E=8) -> RoutingStream:
+    """Layer 0 routes {0, 1} and {2, 3} at alternate visits (each pair says the other comes next); layer 1 hot
+    on {4, 5}."""
+    ids = torch.zeros(tokens, L, 2, dtype=torch.long)
+    for t in range(tokens):
+        ids[t, 0] = torch.tensor([0, 1]) if t % 2 == 0 else torch.tensor([2, 3])
+        ids[t, 1] = torch.tensor([4, 5])
+    return RoutingStream.from_sequences(ids, num_experts=E)
+
+
+def test_transition_lift_counts_what_follows_and_moves_the_visited_layer():
+    stream = alternating_stream()
+    lift = count_lift(stream, 8, smoothing=0.0)  # [L, E, E]
+    assert lift.shape == (2, 8, 8)
+    assert np.allclose(lift[0, 0, [2, 3]], 2.0) and np.allclose(lift[0, 0, [0, 1]], 0.0)  # P = 1 / rate 0.5, 0
+    assert np.allclose(lift[0, :, 6], 1.0)  # never routed: no lift
+    lift = count_lift(stream, 8)  # smoothed: positive, ordered the same way
+    assert np.all(lift > 0) and lift[0, 0, 2] > 1 > lift[0, 0, 0]
+    geo = {"num_layers": 2, "num_experts": 8, "top_k": 2}
+    table = np.full((CELLS, HORIZON + 1), 1.0 / (HORIZON + 1))
+    plain, lifted = LearnedPolicy(table, geo, 1), LearnedPolicy(table, geo, 1, lift=lift, lift_rule={"power": 1.0})
+    for p in (plain, lifted):
+        ExpertCache(4, 2, 8, None, p)
+        p.observe(0, frozenset(), [0, 1])
+    assert np.all(lifted.hit[2:4] > plain.hit[2:4]) and np.all(lifted.hit[:2] < plain.hit[:2])
+    assert np.array_equal(lifted.hit[8:], plain.hit[8:])  # layer 1 not visited yet: unmoved
+    with pytest.raises(ValueError, match="transition lift must be"):
+        LearnedPolicy(table, geo, 1, lift=lift[:1])
+
+
+def test_lift_is_saved_loaded_and_survives_online_refresh(tmp_path):
+    stream = alternating_stream()
+    geo = geometry_of(stream)
+    config = EvictionTrainConfig(choice_calls=300, cost_calls=100, lift_powers=(0.5,), lift_min_gain=-1.0)
+    policy, rec = train_learned_policy(stream, geo, tmp_path / "p", config)  # the lift kept whatever it gains
+    saved = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert saved["format_version"] == 3 and saved["rule"]["lift"] == {"power": 0.5}
+    assert "lift_gain" in rec["horizon_choice"]
+    assert np.allclose(policy.lift, count_lift(stream, 8, config.lift_smoothing) ** 0.5, rtol=1e-6)
+    online = LearnedPolicy(policy.table, geo, 1, online={"prior": 1.0, "period": 1}, lift=count_lift(stream, 8),
+                           lift_rule={"power": 0.5})
+    ExpertCache(4, 2, 8, None, online)
+    for t in range(3 * HORIZON):
+        for layer in range(2):
+            online.observe(layer, frozenset(), stream.ids[t, layer].tolist())
+    cells = online.state.cell.ravel()
+    assert np.allclose(online.hit[:-1], online._hit_of[cells] * online._lifted)  # a refresh kept the lift
+    # a version-2 policy (no lift) still loads
+    (tmp_path / "p" / "config.json").write_text(json.dumps({**saved, "format_version": 2, "rule": {
+        **saved["rule"], "lift": None}}))
+    assert load_learned_policy(tmp_path / "p").lift is None
+    (tmp_path / "p" / "config.json").write_text(json.dumps(saved))
+    tensors = read_safetensors(tmp_path / "p" / "model.safetensors")
+    write_safetensors(tmp_path / "p" / "model.safetensors", {"table": tensors["table"]})
+    with pytest.raises(ValueError, match="names a transition lift"):
+        load_learned_policy(tmp_path / "p")

@@ -10,6 +10,13 @@ Relaxed Belady does for CDN caches). The victim is the lowest expected hits per 
 visits of its layer, P(n <= h) / (d + L * (E[min(n, h)] - 1)) (hit density, as LHD does for web caches).
 Experts the predictor wants and experts of the current layer touched this step are kept.
 
+The table sees each expert's own history only. Where training found it gains (`specmoe.training.eviction`), a
+transition lift adds what the other experts routed at the layer's latest visit say: lift[l, e', e] =
+P(e routed at l's next visit | e' routed at its latest) / P(e routed at l), counted on the training routing;
+when layer l is visited, its experts' P(n <= h) are multiplied by the mean lift over the experts it routed,
+raised to a power (`LiftRule`), until it is visited again (the current token's routing at the other layers was
+measured too: multiplied in the same way it lowered the hit rate).
+
 The table goes on learning from the routing it serves (`OnlineLabels`, by the directory's `OnlineRule`): each
 visit's label becomes known HORIZON visits later at the latest, and every few passes the counts move the trained
 table, so a policy trained on little routing (Mixtral's 81 development tokens) adapts to the sequence it runs.
@@ -39,7 +46,8 @@ from ..io import read_json, read_safetensors, write_json, write_safetensors
 from .policies import ScoredPolicy
 
 POLICY_KIND = "learned-eviction"
-FORMAT_VERSION = 2  # 1: an MLP on visit features (retired: slower, and no better on held-out routing)
+FORMAT_VERSION = 3  # 1: an MLP on visit features (retired); 2: no transition lift (still read)
+READ_VERSIONS = (2, 3)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 DECAYS = (0.5, 0.8, 0.98)  # frequency horizons: exponential averages per visit of the layer (0.5: recency)
 FREQ_BUCKETS = (8, 8, 8)  # per horizon: buckets 1/FREQ_SCALE wide in units of the layer's mean k / E, the last open
@@ -83,6 +91,18 @@ class LayerState:
             row[used] += self.keep
         cell = self.cell[layer] = self._cells(layer)
         return cell
+
+
+def pass_routing(stream, num_experts: int) -> np.ndarray:
+    """[P, L, E] bool: the experts each pass of a routing stream (`specmoe.traces.routing.Routing`) routed at each
+    MoE layer: the visits training labels and the ceilings replay."""
+    ids = stream.ids.numpy()  # [N, L, k]
+    off = stream.pass_offsets.numpy()
+    used = np.zeros((len(off) - 1, ids.shape[1], num_experts), dtype=bool)  # [P, L, E]
+    pass_of = np.repeat(np.arange(len(off) - 1), np.diff(off))  # [N]
+    t, layer, e = np.nonzero(ids >= 0)
+    used[pass_of[t], layer, ids[t, layer, e]] = True
+    return used
 
 
 def keep_terms(table: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +196,17 @@ class OnlineLabels:
         return (prior * trained + counts) / (prior + counts.sum(1, keepdims=True))
 
 
+@dataclass(frozen=True)
+class LiftRule:
+    """How the transition lift moves a visited layer's P(n <= h): times (mean lift over the routed experts) ** power."""
+
+    power: float = 1.0
+
+    def __post_init__(self):
+        if not self.power > 0:
+            raise ValueError(f"the lift's power must be > 0, got {self.power}")
+
+
 class LearnedPolicy(ScoredPolicy):
     """Evict by the trained table's distribution of each resident expert's next use (see the module docstring).
 
@@ -188,12 +219,15 @@ class LearnedPolicy(ScoredPolicy):
             (observe, touch, victim) beyond the default's, which the compute model's wrapper_s already holds.
         online: the rule by which the table goes on learning from the routing it serves (`OnlineRule`, or its
             fields as a dict; None: the trained table as it is).
+        lift: [L, E, E] the transition lift (see the module docstring; None: none), applied by `lift_rule`
+            (`LiftRule` or its fields as a dict).
     """
 
     name = "learned"
 
     def __init__(self, table: np.ndarray, geometry: dict, horizon: int = 2, info: dict | None = None,
-                 cost_s: float = 0.0, online: OnlineRule | dict | None = None):
+                 cost_s: float = 0.0, online: OnlineRule | dict | None = None, lift: np.ndarray | None = None,
+                 lift_rule: LiftRule | dict | None = None):
         table = np.asarray(table, dtype=np.float64)
         if table.shape != (CELLS, HORIZON + 1) or not np.all(table >= 0):
             raise ValueError(f"the eviction table must be [{CELLS}, {HORIZON + 1}] of probabilities, got "
@@ -204,6 +238,14 @@ class LearnedPolicy(ScoredPolicy):
         self.table, self.geometry, self.info = table, dict(geometry), dict(info or {})
         self.horizon = horizon
         self.online = OnlineRule(**online) if isinstance(online, dict) else online
+        self.lift_rule = LiftRule(**lift_rule) if isinstance(lift_rule, dict) else (lift_rule or LiftRule())
+        self.lift = None
+        if lift is not None:
+            L, E = geometry["num_layers"], geometry["num_experts"]
+            lift = np.asarray(lift, dtype=np.float64)
+            if lift.shape != (L, E, E) or not np.all(lift > 0):
+                raise ValueError(f"the transition lift must be [{L}, {E}, {E}] of positive ratios, got {lift.shape}")
+            self.lift = lift ** self.lift_rule.power  # [L, E, E]
         self.host_s_per_call = float(cost_s)
         self.cache = None
         self.layer: int | None = None
@@ -227,6 +269,9 @@ class LearnedPolicy(ScoredPolicy):
         self.ahead = np.append(self._ahead_of[self.state.cell.ravel()], 0.0)  # [L * E + 1]
         if self.online is not None:
             self._labels = OnlineLabels(L, E, self.online)
+        self._lifted = np.ones(L * E) if self.lift is not None else None  # [L * E] the lift in force per expert
+        self._k = self.geometry["top_k"]
+        self._lift_k = None if self.lift is None else self.lift / self._k  # [L, E, E]: summed over k routed, the mean
         self._score_buf, self._steps_buf = np.empty(cache.num_slots), np.empty(cache.num_slots)  # [S] scratch
 
     def observe(self, layer: int, predicted, routed=()) -> None:
@@ -237,8 +282,18 @@ class LearnedPolicy(ScoredPolicy):
         if self.online is not None and self._labels.add(layer, routed, cell):
             self._refresh()
         lo = layer * self.E
-        self._hit_of.take(cell, out=self.hit[lo : lo + self.E])  # into the layer's entries (views)
-        self._ahead_of.take(cell, out=self.ahead[lo : lo + self.E])
+        hit = self._hit_of.take(cell, out=self.hit[lo : lo + self.E])  # into the layer's entries (views)
+        if self.horizon > 1:  # within one visit nothing lies past the next: ahead stays 0
+            self._ahead_of.take(cell, out=self.ahead[lo : lo + self.E])
+        if self._lifted is not None:  # the mean lift over the routed experts (lift holds 1 / k of it)
+            lifted = self._lifted[lo : lo + self.E]
+            if len(routed):
+                np.add.reduce(self._lift_k[layer].take(routed, 0), 0, out=lifted)
+                if len(routed) != self._k:
+                    lifted *= self._k / len(routed)
+                hit *= lifted
+            else:
+                lifted.fill(1.0)
 
     def _refresh(self) -> None:
         """The table moved by the served routing's labels (`OnlineLabels.table`): every cell's terms again."""
@@ -247,13 +302,16 @@ class LearnedPolicy(ScoredPolicy):
         self._hit_of, self._ahead_of = hit, self.L * extra
         cells = self.state.cell.ravel()
         self.hit[:-1] = self._hit_of.take(cells)
+        if self._lifted is not None:
+            self.hit[:-1] *= self._lifted
         self.ahead[:-1] = self._ahead_of.take(cells)
 
     def _scores(self) -> np.ndarray:
         """[S] expected hits per slot-step (lowest: evicted first), inf for kept and empty slots."""
         flat, score, steps = self.slot_flat, self._score_buf, self._steps_buf  # buffers reused every call
         self._steps[self.layer].take(self.slot_layer, out=steps)
-        steps += self.ahead.take(flat, out=score)
+        if self.horizon > 1:
+            steps += self.ahead.take(flat, out=score)
         np.divide(self.hit.take(flat, out=score), steps, out=score)
         return self._keep_predicted(score)
 
@@ -263,7 +321,7 @@ def is_policy_dir(path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
 
-def save_learned_policy(path, table: np.ndarray, geometry: dict, info: dict) -> Path:
+def save_learned_policy(path, table: np.ndarray, geometry: dict, info: dict, lift: np.ndarray | None = None) -> Path:
     """Write the policy directory `path` (config.json + model.safetensors) atomically: into a new directory
     beside it, then renamed over it (a reader sees the old policy or the whole new one)."""
     import torch
@@ -272,8 +330,10 @@ def save_learned_policy(path, table: np.ndarray, geometry: dict, info: dict) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        write_safetensors(tmp / WEIGHTS_NAME, {"table": torch.as_tensor(np.asarray(table, dtype=np.float32))},
-                          metadata={"format": "pt"})
+        tensors = {"table": torch.as_tensor(np.asarray(table, dtype=np.float32))}
+        if lift is not None:
+            tensors["lift"] = torch.as_tensor(np.asarray(lift, dtype=np.float32))
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         write_json(tmp / CONFIG_NAME, {"specmoe_policy": POLICY_KIND, "format_version": FORMAT_VERSION,
                                        "geometry": dict(geometry), "features": list(FEATURES),
                                        "cells": _cells_config(), **info})
@@ -309,9 +369,9 @@ def load_learned_policy(path, geometry=None) -> LearnedPolicy:
     meta = read_json(path / CONFIG_NAME, what="eviction policy config")
     if not isinstance(meta, dict) or meta.get("specmoe_policy") != POLICY_KIND:
         raise ValueError(f"{path / CONFIG_NAME} is not a learned eviction policy (no specmoe_policy: {POLICY_KIND})")
-    if meta.get("format_version", 0) != FORMAT_VERSION:
+    if meta.get("format_version", 0) not in READ_VERSIONS:
         raise ValueError(f"{path / CONFIG_NAME} has format {meta.get('format_version')}, this specmoe reads "
-                         f"{FORMAT_VERSION}: train it again (specmoe train --policy learned)")
+                         f"{' or '.join(map(str, READ_VERSIONS))}: train it again (specmoe train --policy learned)")
     if meta.get("features") != list(FEATURES) or meta.get("cells") != _cells_config():
         raise ValueError(f"{path} was trained on table cells {meta.get('cells')}, this specmoe uses "
                          f"{_cells_config()}: train it again")
@@ -331,6 +391,15 @@ def load_learned_policy(path, geometry=None) -> LearnedPolicy:
     except TypeError:
         raise ValueError(f"{path / CONFIG_NAME} has an online rule this specmoe does not read: "
                          f"{rule['online']}") from None
+    lift = None
+    if rule.get("lift"):
+        if "lift" not in tensors:
+            raise ValueError(f"{path / CONFIG_NAME} names a transition lift, {path / WEIGHTS_NAME} lacks it")
+        lift = tensors["lift"].double().numpy()
+    try:
+        lift_rule = LiftRule(**rule["lift"]) if rule.get("lift") else None
+    except TypeError:
+        raise ValueError(f"{path / CONFIG_NAME} has a lift rule this specmoe does not read: {rule['lift']}") from None
     return LearnedPolicy(tensors["table"].double().numpy(), saved, horizon=int(rule.get("horizon", 2)),
                          info=meta.get("training"), cost_s=meta.get("cost", {}).get("charged_s", 0.0),
-                         online=online)
+                         online=online, lift=lift, lift_rule=lift_rule)

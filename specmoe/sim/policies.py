@@ -121,11 +121,13 @@ POLICY_NAMES = (*POLICIES, "default", "belady")
 
 def make_sim_policy(name: str, passes=None, num_layers: int | None = None):
     """A fresh policy object by name ("default": the runtime's default, DEFAULT_POLICY); "belady" needs the
-    stream's passes to know the future.
+    stream's passes to know the future. A policy object is used as it is (one per replay).
 
     Raises:
         ValueError: an unknown name.
     """
+    if not isinstance(name, (str, os.PathLike)):  # a policy object (e.g. an oracle that knows the future)
+        return make_policy(name)
     if name == "belady":
         if passes is None or num_layers is None:
             raise ValueError("the belady policy needs the routing stream's passes (its future)")

@@ -5,8 +5,10 @@ policy's own state (`LayerState`, the code the runtime runs) puts every expert o
 cell, and the routing's future gives the label: n, the visits of that layer until the expert is routed there
 again (1: the next; past HORIZON: one column). Counting the labels per cell gives the table (smoothed towards
 the routing's overall distribution of n); the rule's horizon is chosen by replaying the held-out tail of the
-training passes. Its cost per MoE layer call is measured here, on this CPU, and written into the policy
-directory, where the simulator reads it.
+training passes. The transition lift (what the other experts routed at a layer's latest visit say of its next,
+`count_lift`) is kept, at the power of the best held-out hit rate, only where it gains on the same folds. Its cost
+per MoE layer call is measured here, on this CPU, and written into the policy directory, where the simulator
+reads it.
 
     specmoe train TRACES --policy learned --out DIR
 """
@@ -22,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..runtime.learned_policy import (
-    CELLS, FEATURES, FREQ_BUCKETS, HORIZON, HORIZONS, LayerState, LearnedPolicy, OnlineRule, save_learned_policy,
+    CELLS, FEATURES, FREQ_BUCKETS, HORIZON, HORIZONS, LayerState, LearnedPolicy, LiftRule, OnlineRule,
+    pass_routing, save_learned_policy,
 )
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,9 @@ class EvictionTrainConfig:
         online: how the policy goes on counting labels on the routing it serves (`OnlineRule`; None: never).
         online_min_gain: the policy learns online only where that gains this much mean hit rate on the folds
             that choose the horizon (it costs a few us per layer call).
+        lift_powers: the powers of the transition lift tried on those folds (empty: no lift).
+        lift_smoothing: samples of the layer's routing rate added to each lift's counts (`count_lift`).
+        lift_min_gain: the lift is kept only where its best power gains this much mean hit rate on the folds.
     """
 
     smoothing: float = 50.0
@@ -52,6 +58,9 @@ class EvictionTrainConfig:
     min_choice_passes: int = 100
     online: OnlineRule | None = field(default_factory=OnlineRule)
     online_min_gain: float = 0.001
+    lift_powers: tuple = (0.5, 1.0)
+    lift_smoothing: float = 20.0
+    lift_min_gain: float = 0.001
 
     def __post_init__(self):
         if self.smoothing <= 0 or self.choice_calls < 1 or self.cost_calls < 1:
@@ -64,14 +73,8 @@ class EvictionTrainConfig:
 
 def layer_visits(stream, num_experts: int) -> list[np.ndarray]:
     """Per MoE layer, the experts routed at each of its visits: bool [V, E] (one visit per pass that ran it)."""
-    ids = stream.ids.numpy()  # [N, L, k]
-    L = ids.shape[1]
-    off = stream.pass_offsets.numpy()
-    used = np.zeros((len(off) - 1, L, num_experts), dtype=bool)  # [P, L, E]
-    pass_of = np.repeat(np.arange(len(off) - 1), np.diff(off))  # [N]
-    t, layer, e = np.nonzero(ids >= 0)
-    used[pass_of[t], layer, ids[t, layer, e]] = True
-    return [used[used[:, layer].any(-1), layer] for layer in range(L)]
+    used = pass_routing(stream, num_experts)
+    return [used[used[:, layer].any(-1), layer] for layer in range(used.shape[1])]
 
 
 def next_use(used: np.ndarray, cap: int = HORIZON + 1) -> np.ndarray:
@@ -118,6 +121,25 @@ def count_table(stream, num_experts: int, top_k: int, split: int | None = None):
     if split is None:
         return counts
     return counts, (counts if head is None else head.reshape(CELLS, cols))
+
+
+def count_lift(stream, num_experts: int, smoothing: float = 20.0) -> np.ndarray:
+    """[L, E, E] lift[l, e', e]: P(e routed at a visit of l | e' routed at l's visit before) / P(e routed at l),
+    counted over consecutive visits of each layer of `stream`; each row gets `smoothing` samples of the layer's
+    rate (so a rare e' lifts little); experts never routed in training get 1."""
+    lifts = []
+    for used in layer_visits(stream, num_experts):  # [V, E]
+        u = used.astype(np.float64)
+        rate = u.mean(0)  # [E]
+        if u.shape[0] < 2:
+            lifts.append(np.ones((num_experts, num_experts)))
+            continue
+        joint = u[:-1].T @ u[1:]  # [E, E] e' at a visit, e at the next
+        seen = u[:-1].sum(0)[:, None]  # [E, 1]
+        weight = seen + smoothing
+        cond = np.where(weight > 0, (joint + smoothing * rate) / np.maximum(weight, 1e-12), rate)  # e' unseen: none
+        lifts.append(np.where(rate > 0, cond / np.where(rate > 0, rate, 1.0), 1.0))
+    return np.stack(lifts)
 
 
 def smooth_table(counts: np.ndarray, smoothing: float) -> np.ndarray:
@@ -190,22 +212,24 @@ def measure_costs(factories: dict, stream, num_experts: int, capacity: float = 0
 
 
 def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: OnlineRule | None = None,
-                   horizons=HORIZONS) -> tuple[int, dict]:
+                   horizons=HORIZONS, lifts=None, lift_rule: LiftRule | None = None) -> tuple[int, dict]:
     """The horizon (of HORIZONS) of the best mean demand hit rate over `capacities` on routing the table was not
     counted on, replayed by the policy as it would run (with its `online` rule), and every horizon's hit rates.
 
     Args:
         folds: (table, stream, start_pass, calls) each: a table and the passes of `stream` from `start_pass`
             (at most `calls` MoE layer calls) it was not counted on; hits and misses add up over the folds.
+        lifts: per fold, the transition lift counted with its table (None: no lift), applied by `lift_rule`.
     """
     E, scores = geometry["num_experts"], {}
     for h in horizons:
         rates = []
         for cap in capacities:
             hits = misses = 0
-            for table, stream, start_pass, calls in folds:
-                got = replay_demand(lambda: LearnedPolicy(table, geometry, h, online=online), stream, E, cap, calls,
-                                    start_pass)
+            for i, (table, stream, start_pass, calls) in enumerate(folds):
+                lift = None if lifts is None else lifts[i]
+                got = replay_demand(lambda: LearnedPolicy(table, geometry, h, online=online, lift=lift,
+                                                          lift_rule=lift_rule), stream, E, cap, calls, start_pass)
                 hits, misses = hits + got[0], misses + got[1]
             rates.append(hits / max(hits + misses, 1))
         scores[str(h)] = rates
@@ -214,26 +238,30 @@ def choose_horizon(folds, geometry: dict, capacities=(0.25, 0.5), online: Online
     return best, {"capacities": list(capacities), "hit_rates": scores}
 
 
-def choice_folds(stream, num_experts: int, top_k: int, config: EvictionTrainConfig) -> tuple[list, np.ndarray, str]:
+def choice_folds(stream, num_experts: int, top_k: int, config: EvictionTrainConfig) -> tuple[list, np.ndarray, str,
+                                                                                              list]:
     """The folds `choose_horizon` replays and the counts over the whole of `stream`: a table counted before the
     held-out tail (the last `val_fraction` of the passes) and that tail, or, when the tail would be shorter than
-    `min_choice_passes`, two halves each scored with the table of the other. Returns (folds, counts, how)."""
+    `min_choice_passes`, two halves each scored with the table of the other. Returns (folds, counts, how, the
+    routing each fold's table was counted on)."""
     P, L = stream.num_passes, stream.num_layers
     tail = int(P * (1 - config.val_fraction))
     if P - tail >= config.min_choice_passes and tail > 0:
         counts, head = count_table(stream, num_experts, top_k, split=tail)
         folds = [(smooth_table(head, config.smoothing), stream, tail, config.choice_calls)]
-        return folds, counts, f"the held-out tail from pass {tail} of {P}"
+        return folds, counts, f"the held-out tail from pass {tail} of {P}", [stream.select_passes(0, tail)]
     counts = count_table(stream, num_experts, top_k)
     half = P // 2
     if half < 1:
-        return [(smooth_table(counts, config.smoothing), stream, 0, config.choice_calls)], counts, "all its passes"
+        return ([(smooth_table(counts, config.smoothing), stream, 0, config.choice_calls)], counts, "all its passes",
+                [stream])
     first, second = stream.select_passes(0, half), stream.select_passes(half, P)
     folds = [(smooth_table(count_table(first, num_experts, top_k), config.smoothing), stream, half,
               config.choice_calls),
              (smooth_table(count_table(second, num_experts, top_k), config.smoothing), stream, 0,
               min(config.choice_calls, half * L))]
-    return folds, counts, f"two folds: passes 0:{half} and {half}:{P}, each scored with the other's table"
+    return (folds, counts, f"two folds: passes 0:{half} and {half}:{P}, each scored with the other's table",
+            [first, second])
 
 
 def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfig = EvictionTrainConfig(),
@@ -256,7 +284,7 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
     if config.max_passes is not None and config.max_passes < stream.num_passes:
         stream = stream.select_passes(0, config.max_passes)
     passes = stream.num_passes
-    folds, counts, how_chosen = choice_folds(stream, E, k, config)
+    folds, counts, how_chosen, sources = choice_folds(stream, E, k, config)
     table = smooth_table(counts, config.smoothing)  # the policy's: counted on every training pass
     geo = {name: geometry[name] for name in ("num_layers", "num_experts", "top_k")}
     horizon, chosen = choose_horizon(folds, geo, online=config.online)
@@ -268,7 +296,23 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
         chosen["offline_hit_rates"], chosen["online_gain"] = offline, gain
         if gain < config.online_min_gain:
             online = None
-    costs = measure_costs({"learned": lambda: LearnedPolicy(table, geo, horizon, online=online),
+    lift, lift_rule = None, None
+    if config.lift_powers:  # the transition lift: its power chosen on the folds, kept only where it gains there
+        base = sum(chosen["offline_hit_rates"] if online is None and config.online is not None
+                   else chosen["hit_rates"][str(horizon)])  # the folds' hit rates without the lift
+        fold_lifts = [count_lift(src, E, config.lift_smoothing) for src in sources]
+        tried = {}
+        for power in config.lift_powers:
+            rates = choose_horizon(folds, geo, online=online, horizons=(horizon,), lifts=fold_lifts,
+                                   lift_rule=LiftRule(power))[1]["hit_rates"][str(horizon)]
+            tried[str(power)] = rates
+        best = max(config.lift_powers, key=lambda p: sum(tried[str(p)]))
+        gain = (sum(tried[str(best)]) - base) / len(tried[str(best)])
+        chosen["lift_hit_rates"], chosen["lift_gain"] = tried, gain
+        if gain >= config.lift_min_gain:
+            lift, lift_rule = count_lift(stream, E, config.lift_smoothing), LiftRule(best)
+    costs = measure_costs({"learned": lambda: LearnedPolicy(table, geo, horizon, online=online, lift=lift,
+                                                            lift_rule=lift_rule),
                            "hit-density": HitDensityPolicy}, stream, E, calls=config.cost_calls)
     cost, cost_hd = costs["learned"], costs["hit-density"]
     filled = counts.sum(1)
@@ -281,11 +325,12 @@ def train_learned_policy(stream, geometry: dict, out, config: EvictionTrainConfi
            "(specmoe.training.eviction.measure_costs), the default hit-density's replays taking turns with them; "
            "the simulator charges charged_s per MoE layer call: what the learned policy costs beyond the default, "
            "whose bookkeeping is part of the compute model's wrapper_s")
-    info = {"rule": {"name": "density", "horizon": horizon, "online": online and asdict(online)},
+    info = {"rule": {"name": "density", "horizon": horizon, "online": online and asdict(online),
+                     "lift": lift_rule and asdict(lift_rule)},
             "training": training,
             "cost": {"per_call_s": cost, "hit_density_per_call_s": cost_hd, "charged_s": max(0.0, cost - cost_hd),
                      "how": how}}
-    save_learned_policy(out, table, geo, info)
+    save_learned_policy(out, table, geo, info, lift)
     return load_learned_policy(out), {**training, "rule": info["rule"], "cost": info["cost"]}
 
 
