@@ -244,9 +244,10 @@ class Scheduler:
             adm.routed(layer, routed)
             if candidates:
                 adm.watch(candidates)
-                if ran and adm.dry:  # a probe of a predictor switched off: calibrated, sampled, not copied
+                if ran and adm.dry:  # calibrating, or a probe of a predictor switched off: sampled, not copied
                     slot_of = self.cache.slot_of
-                    adm.dry_run(layer, [(r, k) for r, k in enumerate(candidates) if k not in slot_of])
+                    adm.dry_run(layer, [(r, k) for r, k in enumerate(candidates) if k not in slot_of],
+                                self._link_backlog(), self.max_inflight - len(self._inflight))
                     candidates = ()
                     self._guessing = False
         self._candidates = candidates
@@ -270,7 +271,8 @@ class Scheduler:
 
     def wants_prediction(self) -> bool:
         """Whether to run the predictor at the call about to be planned (with admission: the governor's answer)."""
-        self._ran = ran = self._adm is None or self._adm.worth_predicting()
+        adm = self._adm
+        self._ran = ran = adm is None or adm.worth_predicting(len(self.cache.slot_of) >= self.num_slots)
         return ran
 
     def step(self, plan: LayerPlan) -> bool:
