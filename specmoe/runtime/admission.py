@@ -113,6 +113,7 @@ class PrefetchAdmission:
         self._dry_credit = 0.0  # ... by the copies dry calls would have made (`dry_run`)
         self._live = False  # a call since the last sample copied (not dry): `_credit` is its sample's
         self._samples = 0  # predicted calls settled into `gain`
+        self._paid = False  # it has been live (its probes then come at PAID_SHARE)
         self._on = False  # the predictor is live (it goes live at ENTER x its cost, off below 1 x)
         self.dry = False  # the call `worth_predicting` just allowed is a probe that copies nothing (`dry_run`)
         self._checked = 0  # candidates checked at their target (calibration samples, REUSE included)
@@ -239,6 +240,7 @@ class PrefetchAdmission:
     MARGIN = 0.15  # a late copy also arrives late: of its saving only part is saved (chosen on the development routing)
     PROBE = 32  # calls between probes at least (while the predictor is off)
     PROBE_SHARE = 5e-5  # ... and at most this share of decode's time spent on probes (a probe's host time, `predict_s`)
+    PAID_SHARE = 1e-3  # ... or this share, once it has been live
     CALIBRATE = 256  # candidates checked at their target before the calibration may stop the predictor
     WARM = 32  # predicted calls the governor sees before it judges what the copies save (they land calls later)
     ENTER = 1.5  # a predictor off goes live once its copies save this many times its host time
@@ -272,7 +274,7 @@ class PrefetchAdmission:
             could = best >= (1 + q) / 2 + self.MARGIN
         self.dry = False
         if could and self.gain >= self.predict_s * (1.0 if self._on else self.ENTER):
-            self._live = self._on = True
+            self._live = self._on = self._paid = True
             return True
         self._on = False
         self._wait -= 1
@@ -283,8 +285,10 @@ class PrefetchAdmission:
         return True
 
     def _probe_every(self) -> int:
-        """Calls between probes: PROBE_SHARE of decode's time at most (a probe costs `predict_s`), PROBE at least."""
-        return max(self.PROBE, int(self.predict_s / (self.PROBE_SHARE * self.period)))
+        """Calls between probes: PROBE_SHARE of decode's time at most (a probe costs `predict_s`), PROBE at least;
+        PAID_SHARE once the predictor has paid live (a lull may end: what a probe can find is what it paid)."""
+        share = self.PAID_SHARE if self._paid else self.PROBE_SHARE
+        return max(self.PROBE, int(self.predict_s / (share * self.period)))
 
     def dry_run(self, layer: int, ranked, backlog_s: float = 0.0, room: int | None = None) -> None:
         """A dry call (calibrating, or a probe of a predictor switched off): its candidates `ranked` [(rank,
