@@ -229,3 +229,24 @@ def test_the_predictor_waits_while_a_slot_is_free():
     adm = calibrated(0.95)
     assert not any(adm.worth_predicting(full=False) for _ in range(100))  # nothing run, nothing calibrated
     assert adm._samples == 0 and adm.worth_predicting(full=True) and adm.dry  # then it calibrates, dry
+
+
+def test_governor_floor_prices_a_dry_predictor_by_its_calls():
+    """benchmarks/governor_floor.py: a row whose cache went as none's lost the predictor's host time alone, and a
+    two-decimal tie allows only what keeps tok/s rounding to none's."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("governor_floor_mod",
+                                                  Path(__file__).parent.parent / "benchmarks" / "governor_floor.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert abs(mod.tie_allowance(10.004) - 0.009 / 10.004) < 1e-12  # 9.995 still rounds to 10.00
+    assert mod.tie_allowance(23.1651) < 5e-6  # at the rounding edge (23.17) almost nothing is allowed
+    same = dict(hits=5, misses=3, prefetch_issued=0, host_computed=0, reuse_issued=0, layer_calls=1000)
+    runs = [dict(same, predictor="none", capacity=0.5, misses_mode="fetch", policy="lru", tok_s=10.0, time_s=10.0),
+            dict(same, predictor="history", capacity=0.5, misses_mode="fetch", policy="lru", tok_s=10.0 / 1.001,
+                 time_s=10.01, predict_calls=40)]
+    (row,) = mod.rows_of({"traces": [{"model": "m", "sweep": {"runs": runs}}]})
+    assert row["same_cache"] and abs(row["predict_s"] - 0.01 / 40) < 1e-12  # 250 us per call
+    assert abs(row["loss"] - 0.001 / 1.001) < 1e-9 and row["loss"] > row["tie_allowance"]

@@ -14,7 +14,9 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
   it is used more often than not (p_r >= 1/2: a used copy saves a demand copy, a wasted one costs one), and
   only while the copies admitted in this pump fit in the device compute of the d calls before its use (the link
   idles there; past it a copy only moves link time ahead of the demand copies queued behind it), unless it is all
-  but sure (p_r >= SURE); with "auto"/"host" never (the host computes the miss meanwhile, beside the device);
+  but sure (p_r >= SURE); with "auto"/"host" when it lands before the host would have computed the expert
+  (`backlog + (n + 1) copy_s <= d * period + host_call_s + host_s`: its use waits for it less than for the host,
+  and it stays resident after) and p_r >= (1 + q) / 2 + MARGIN;
 - experts computed on the host with misses="auto" are queued for copying too, behind the candidates (REUSE
   copies: resident at their layer's next visit). One lands long before that visit, so what it costs is the
   slot and the link: it is admitted when p >= q_v + rho, all three in units of one miss. p is the calibrated
@@ -28,15 +30,23 @@ A prefetch of an expert that the predictor ranks r-th, for a layer d layer calls
   demand copies onto the host, which became the bottleneck. Where the link idles beside the host (Mixtral int4
   at max fit: rho below 0.1, p about 0.3) they are admitted, and the cache learns what the host computed.
 
-The predictor itself runs only while what its copies were seen to save pays for its own host time (`predict_s`,
-per call) and some rank could pass; else at probe calls (a governor: `worth_predicting`). What they saved is
-counted as it happens, not expected: a predicted copy that is used saves a demand copy (`copy_s`, with `auto`
-too: an expert the host computed is not resident after, so its next visits miss again; one in flight a layer
-call's length at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for
-it that its layer's next visit routes costs what a used copy saves (a miss, at most a layer call's length); `gain` is the moving average of that net saving per predicted
-call, every predicted call counted (one with nothing to copy saves nothing). A predictor whose copies do not pay
-for its calls is then called at probe calls only, so prediction is never slower than none by more than the probes. Costs (`copy_s`, `layer_s`: seconds
-between consecutive MoE layer calls, `predict_s`) come from the cost object the scheduler is given (`misses.MissCosts`-like; the simulator's `sim.clock.HostMissCosts` carries both); without a
+The predictor itself is governed (`worth_predicting`): it is judged dry before any of its copies goes. While a
+cache slot is free it does not run; then it runs dry at every call while it calibrates (CALIBRATE candidates,
+WARM calls): its candidates are checked and what their copies would have been credited is counted (`dry_run`),
+nothing is copied and the policy is not told of them, so the cache goes exactly as without a predictor. It goes
+live once some rank could pass and what its copies save per predicted call (`gain`) is ENTER x its own host time
+(`predict_s`), and stays live while that pays for the host time; otherwise it runs dry at probe calls only, at
+most PROBE_SHARE of decode's time (PAID_SHARE once it has paid live: a lull may end). What copies save is
+counted as it happens: a predicted copy that is used saves a demand copy (`copy_s`, with `auto` too: an expert
+the host computed is not resident after, so its next visits miss again; one still in flight a layer's device
+time at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for it
+that its layer's next visit routes costs a miss times the share of predicted copies wasted (a used copy stood in
+for a demand copy, which would have evicted too); `gain` is the moving average of that net saving per predicted
+call, every predicted call counted (one with nothing to copy saves nothing). So a predictor that never earns a
+live call costs decode its host time at the calibration and probe calls only (`benchmarks/governor_floor.py`
+prices that). Costs (`copy_s`, `layer_s`: seconds between consecutive MoE layer calls, `host_s`,
+`host_call_s`, `predict_s`) come from the cost object the scheduler is given (`misses.MissCosts`-like; the
+simulator's `sim.clock.HostMissCosts` carries them all); without a
 positive `layer_s` there is no admission: every candidate is prefetched, as before.
 """
 
