@@ -250,3 +250,18 @@ def test_governor_floor_prices_a_dry_predictor_by_its_calls():
     (row,) = mod.rows_of({"traces": [{"model": "m", "sweep": {"runs": runs}}]})
     assert row["same_cache"] and abs(row["predict_s"] - 0.01 / 40) < 1e-12  # 250 us per call
     assert abs(row["loss"] - 0.001 / 1.001) < 1e-9 and row["loss"] > row["tie_allowance"]
+
+
+def test_with_misses_on_the_host_the_predictor_fills_the_cache():
+    """misses="host": only prefetches fill the cache, so the governor does not wait for a full one (it would never
+    come: before, the oracle then never ran and decode was host-only)."""
+    from specmoe.sim.predictions import oracle_candidates
+
+    shape = ModelShape.from_name("deepseek-v2-lite")
+    stream = sticky_stream(shape, passes=60, stay=0.7)
+    kw = dict(ops=OPS, policy="lru", warmup_passes=8, misses="host", host=HostProfile.from_name("3090-box"))
+    none = simulate(stream, shape, PROFILES["rtx3090"], 0.3, **kw)
+    oracle = simulate(stream, shape, PROFILES["rtx3090"], 0.3, candidates=oracle_candidates(stream, shape.num_experts),
+                      **kw)
+    assert none.hits == 0 and oracle.predict_calls > 0 and oracle.prefetch_issued > 0 and oracle.hits > 0
+    assert oracle.tok_s > none.tok_s

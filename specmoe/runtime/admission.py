@@ -260,12 +260,13 @@ class PrefetchAdmission:
         """Whether the predictor should run at this call (the governor), and whether its copies go (`dry`);
         `full`: no cache slot is free.
 
-        While a slot is free it does not run: a copy there evicts nothing, which says nothing of the steady
+        While a slot is free it does not run (the scheduler says full with misses="host", where only its copies
+        fill the cache): a copy there evicts nothing, which says nothing of the steady
         state, and a predictor that earned live calls there would leave the cache where no predictor leaves
         it. Then it runs dry (its candidates calibrated, what their copies would have saved counted, nothing
         copied: `dry_run`) at every call while it calibrates (the first CALIBRATE candidates and WARM predicted
         calls); then live once some rank's calibrated p could pass `admit` and what its copies save per
-        predicted call (`gain`) is ENTER x its host time (`predict_s`: the estimate is optimistic, see
+        predicted call (`gain`) is ENTER x its host time (`predict_s`: the dry estimate is optimistic, see
         `dry_run`), and while that gain pays for the host time; otherwise dry at probe calls only, at most
         PROBE_SHARE of decode's time (every `predict_s / (PROBE_SHARE x period)` calls, at least PROBE). So a
         predictor that never earns a live call leaves the cache as no predictor would and costs only its host

@@ -271,8 +271,9 @@ class Scheduler:
 
     def wants_prediction(self) -> bool:
         """Whether to run the predictor at the call about to be planned (with admission: the governor's answer)."""
-        adm = self._adm
-        self._ran = ran = adm is None or adm.worth_predicting(len(self.cache.slot_of) >= self.num_slots)
+        adm = self._adm  # (misses="host": nothing but prefetches fills the cache, so it is never waited for)
+        full = self.misses == "host" or len(self.cache.slot_of) >= self.num_slots
+        self._ran = ran = adm is None or adm.worth_predicting(full)
         return ran
 
     def step(self, plan: LayerPlan) -> bool:
