@@ -265,3 +265,20 @@ def test_with_misses_on_the_host_the_predictor_fills_the_cache():
                       **kw)
     assert none.hits == 0 and oracle.predict_calls > 0 and oracle.prefetch_issued > 0 and oracle.hits > 0
     assert oracle.tok_s > none.tok_s
+
+
+def test_with_misses_on_the_host_the_copies_kept_pay_again():
+    """misses="host": only predicted copies fill the cache, so a hit on one after its first use still saves the
+    host's compute of the expert; the governor counts it, and the oracle runs at every call (none dry)."""
+    adm = PrefetchAdmission(num_layers=4, copy_s=1.0, layer_s=0.5, late_ok=False, host_s=0.6, copies_fill=True)
+    adm.copies_kept(3)
+    assert abs(adm._credit - 3 * adm.saving) < 1e-12 and adm.saving == 0.6
+    assert adm.worth_predicting() and not adm.dry  # calibrating, but live: dry, every miss would stay on the host
+    from specmoe.sim.predictions import oracle_candidates
+
+    shape = ModelShape.from_name("deepseek-v2-lite")
+    stream = sticky_stream(shape, passes=60, stay=0.7)
+    kw = dict(ops=OPS, policy="lru", warmup_passes=8, misses="host", host=HostProfile.from_name("3090-box"))
+    oracle = simulate(stream, shape, PROFILES["rtx3090"], 0.3, candidates=oracle_candidates(stream, shape.num_experts),
+                      **kw)
+    assert oracle.predict_skipped == 0 and oracle.prefetch_issued > 0

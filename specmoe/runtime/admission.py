@@ -42,12 +42,14 @@ the host computed is not resident after, so its next visits miss again; one stil
 time at most), one evicted unused cost the link time it took (x the link's load), and a victim evicted for it
 that its layer's next visit routes costs a miss times the share of predicted copies wasted (a used copy stood in
 for a demand copy, which would have evicted too); `gain` is the moving average of that net saving per predicted
-call, every predicted call counted (one with nothing to copy saves nothing). So a predictor that never earns a
-live call costs decode its host time at the calibration and probe calls only (`benchmarks/governor_floor.py`
-prices that). Costs (`copy_s`, `layer_s`: seconds between consecutive MoE layer calls, `host_s`,
-`host_call_s`, `predict_s`) come from the cost object the scheduler is given (`misses.MissCosts`-like; the
-simulator's `sim.clock.HostMissCosts` carries them all); without a
-positive `layer_s` there is no admission: every candidate is prefetched, as before.
+call, every predicted call counted (one with nothing to copy saves nothing). With misses="host" only predicted
+copies fill the cache: a hit on one after its first use saves the host's compute again (`copies_kept`), and the
+predictor calibrates live (`admit` refuses what its calibration does not back yet; dry, every miss would stay on
+the host). So a predictor that never earns a live call costs decode its host time at the calibration and probe
+calls only (`benchmarks/governor_floor.py` prices that). Costs (`copy_s`, `layer_s`: seconds between consecutive
+MoE layer calls, `host_s`, `host_call_s`, `predict_s`) come from the cost object the scheduler is given
+(`misses.MissCosts`-like; the simulator's `sim.clock.HostMissCosts` carries them all); without a positive `layer_s`
+there is no admission: every candidate is prefetched, as before.
 """
 
 # Shape legend: L MoE layers, R calibrated ranks
@@ -106,13 +108,15 @@ class PrefetchAdmission:
         copy_s / layer_s: one expert's copy; one MoE layer call to the next.
         late_ok: whether a copy that lands after its use may be admitted (misses="fetch").
         ranks: ranks calibrated apart (later ranks share the last).
+        copies_fill: only predicted copies fill the cache (misses="host"; see `copies_kept`).
     """
 
     REUSE = -1  # the "rank" of an expert computed on the host, queued to be resident at its layer's next visit
 
     def __init__(self, num_layers: int, copy_s: float, layer_s: float, late_ok: bool, ranks: int = 16,
                  host_s: float | None = None, host_call_s: float = 0.0, predict_s: float = 0.0,
-                 smoothing: float = 0.05):
+                 smoothing: float = 0.05, copies_fill: bool = False):
+        self.copies_fill = copies_fill  # only predicted copies fill the cache (misses="host"): none is left dry
         self.L, self.copy_s, self.layer_s, self.late_ok, self.R = num_layers, copy_s, layer_s, late_ok, ranks
         self.host_s, self.host_call_s, self.predict_s, self.smoothing = host_s, host_call_s, predict_s, smoothing
         # what a used prefetch saves: a demand copy, or (misses="auto") the host's compute of the expert
@@ -236,6 +240,12 @@ class PrefetchAdmission:
         self._credit += (used - late) * self.copy_s + late * min(self.copy_s, self.layer_s)
         self._copies_used += used
 
+    def copies_kept(self, hits: int) -> None:
+        """misses="host": `hits` on experts resident since an earlier use of their copy. Only predicted copies fill
+        the cache there (without them every visit is computed on the host), so each saves the host's compute of its
+        expert again: credited as it comes, like a first use."""
+        self._credit += hits * self.saving
+
     def copy_wasted(self) -> None:
         """A predicted copy was evicted unused: it held the link for a copy, which delayed the copies due
         meanwhile by the link's load (rho) of it."""
@@ -274,8 +284,11 @@ class PrefetchAdmission:
         computed them (misses="auto") costs nothing."""
         if not full or (not self.late_ok and self.period + self.host_done < self.copy_s):
             return False  # a slot is free; or no copy lands before the host would have computed it
-        if self._checked < self.CALIBRATE or self._samples < self.WARM:  # calibrating: at every call, dry
-            self.dry = True
+        if self._checked < self.CALIBRATE or self._samples < self.WARM:  # calibrating: at every call, dry (but
+            # where only its copies fill the cache: dry, it would leave the host every miss; `admit` refuses the
+            # copies its calibration does not yet back)
+            self.dry = not self.copies_fill
+            self._live = not self.dry
             self._wait = self._probe_every()
             return True
         best, q = self._best, self.q()  # the best calibrated rank the predictor has named

@@ -184,7 +184,8 @@ class Scheduler:
         host_s = costs.host_seconds(1) if self.misses != "fetch" and layer_s > 0 else None
         self.admission = (PrefetchAdmission(self.num_layers, copy_s, layer_s, late_ok=self.misses == "fetch",
                                             host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0),
-                                            predict_s=getattr(costs, "predict_s", 0.0))
+                                            predict_s=getattr(costs, "predict_s", 0.0),
+                                            copies_fill=self.misses == "host")
                           if layer_s > 0 and copy_s > 0 else None)
         self._adm = self.admission if self._predicting or self.misses == "auto" else None
 
@@ -389,6 +390,8 @@ class Scheduler:
             stats.reuse_used += reused
             if used > reused and self._adm is not None:  # the predictor's copies paid: the governor's credit
                 self._adm.copies_used(used - reused, late_used)
+            if self.misses == "host" and hits > used and self._adm is not None:  # and pay again while resident
+                self._adm.copies_kept(hits - used)
         if misses:
             self._call_fetched += misses
             stats.misses += misses
