@@ -11,7 +11,7 @@ from specmoe.predictors import AffinityPredictor, HistoryPredictor, OraclePredic
 from specmoe.predictors.base import rank_by_votes, top_candidates
 from specmoe.runtime.adapters import find_moe_layers
 from specmoe.runtime.hooks import PassMarker
-from specmoe.sim.compute import ComputeModel, OpCounts
+from specmoe.sim.compute import ComputeModel, OpCounts, bookkeeping_charges
 from specmoe.sim.clock import replay_costs
 from specmoe.sim.engine import simulate
 from specmoe.sim.host import HostProfile
@@ -21,6 +21,18 @@ from specmoe.sim.shapes import ModelShape
 from specmoe.sim.stream import RoutingStream
 
 OPS = OpCounts(layer=80, experts=24, per_pass=60, wrapper=12, predictor=12)
+
+
+@pytest.fixture(autouse=True)
+def live_governor(monkeypatch):
+    """The governor calibrates dry over more layer calls than these runs make (`PrefetchAdmission.CALIBRATE`,
+    `WARM`); here it judges at once, so that the prefetch paths are compared too. The affinity predictor is
+    skipped too (a slot free, or switched off): the runtime shows it those calls through `observe`, the
+    simulator's replay ran `predict` at every call, and the state it carries to the next pass is the same."""
+    from specmoe.runtime.admission import PrefetchAdmission
+
+    for name in ("CALIBRATE", "WARM", "ENTER"):
+        monkeypatch.setattr(PrefetchAdmission, name, 0)
 COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
             "prefetch_refused", "reuse_issued", "reuse_used", "reuse_refused")
 NEW_TOKENS = 6
@@ -85,7 +97,9 @@ def generate(model, inputs):
 def sim_miss_costs(geo, host):
     """The simulator's miss costs for the proxy shape (what `simulate` builds: copy, host compute, layer period),
     handed to the runtime too, so both split misses and admit prefetches from the same numbers."""
-    return replay_costs(proxy_shape(geo), PROFILES["rtx3090"], ComputeModel.from_name("hf-eager"), OPS, host)
+    compute = ComputeModel.from_name("hf-eager")  # and the predictor's host time per call, as `simulate` charges it
+    predict_s = bookkeeping_charges(compute, "hit-density", None)[2]
+    return replay_costs(proxy_shape(geo), PROFILES["rtx3090"], compute, OPS, host, 512, predict_s)
 
 
 def random_affinity(geo):
@@ -153,8 +167,34 @@ def test_runtime_counters_equal_the_simulators(family, predictor_kind, capacity)
     assert runtime == simulated
     assert stats.bytes_moved // smoe.store.layout.nbytes == sim.copies == stats.misses + stats.prefetch_issued
     assert stats.hits + stats.misses > 0
-    if predictor_kind != "none" and capacity == 0.6:
-        assert stats.prefetch_issued > 0  # the prediction reached the scheduler
+    if predictor_kind != "none" and capacity == 0.6:  # the prediction reached the scheduler, or the governor
+        # waited for the cache to fill (`PrefetchAdmission.worth_predicting`) and a slot stayed free to the end
+        free = len(smoe.scheduler.cache.slot_of) < smoe.num_slots
+        assert stats.predict_calls > 0 or free
+
+
+def test_a_stateful_predictor_first_called_after_observe_keeps_what_it_saw():
+    """The runtime skips the affinity predictor while a slot is free and shows it the routing (`observe`); its first
+    `predict` (the module still in training mode: it switches to eval) once reset it, dropping the previous
+    pass, while the simulator's replay had predicted from the first call: deepseek_v3 at 0.3 parted so."""
+    from specmoe.geometry import MoEGeometry
+
+    geo = MoEGeometry(3, 8, 2, 16)
+    torch.manual_seed(1)
+    routed = torch.randint(0, 8, (2, 1, 3, 2))  # [passes, T, L, k]
+    hidden = torch.zeros(1, 16)
+    out = []
+    for skip_first in (True, False):
+        pred = AffinityPredictor(geo, lookahead=2, context=2, tokens=2)
+        torch.nn.init.normal_(pred.module.weight.weight, generator=torch.Generator().manual_seed(0))
+        pred.reset()
+        pred.start_pass(0)
+        for layer in range(3):
+            history = routed[0][:, : layer + 1]
+            pred.observe(layer, history) if skip_first else pred.predict(layer, hidden, history)
+        pred.start_pass(1)
+        out.append(pred.predict(0, hidden, routed[1][:, :1]))
+    assert out[0].keys() == out[1].keys() and all(torch.equal(out[0][t], out[1][t]) for t in out[0])
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3", "switch_transformers"])

@@ -196,9 +196,11 @@ class AffinityPredictor(TrainablePredictor):
         self._pass = 0
 
     def _earlier(self, device) -> torch.Tensor:
-        if self._past is None or self._past.device != device:
+        if self._past is None:
             L, k = self.geometry.num_layers, self.geometry.top_k
             self._past = torch.full((self.keep, L, k), -1, dtype=torch.long, device=device)
+        elif self._past.device != device:  # moved: what it saw stays
+            self._past = self._past.to(device)
         return self._past
 
     def _padded(self, history: torch.Tensor) -> torch.Tensor:

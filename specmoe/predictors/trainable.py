@@ -78,12 +78,12 @@ class TrainablePredictor(Predictor):
 
     @torch.no_grad()
     def predict(self, layer: int, hidden: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
-        if self.module.training:
-            self.module.eval()
-            self.reset()
+        if self.module.training:  # (the weights may have changed: their tensors are made again, the state kept:
+            self.module.eval()  # a stateful predictor first called after the runtime `observe`d it keeps that)
+            self._prepared = {}
         if self.device != hidden.device:
             self.module.to(hidden.device)
-            self.reset()
+            self._prepared = {}
         logits = self.runtime_logits(layer, hidden, history)  # [T, D, E]
         return {t: logits[:, t - layer - 1] for t in self.targets(layer, wrap=self.wrap)}
 

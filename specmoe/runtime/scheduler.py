@@ -184,7 +184,8 @@ class Scheduler:
         host_s = costs.host_seconds(1) if self.misses != "fetch" and layer_s > 0 else None
         self.admission = (PrefetchAdmission(self.num_layers, copy_s, layer_s, late_ok=self.misses == "fetch",
                                             host_s=host_s, host_call_s=getattr(costs, "host_call_s", 0.0),
-                                            predict_s=getattr(costs, "predict_s", 0.0))
+                                            predict_s=getattr(costs, "predict_s", 0.0),
+                                            copies_fill=self.misses == "host")
                           if layer_s > 0 and copy_s > 0 else None)
         self._adm = self.admission if self._predicting or self.misses == "auto" else None
 
@@ -249,9 +250,10 @@ class Scheduler:
             adm.routed(layer, routed)
             if candidates:
                 adm.watch(candidates)
-                if ran and adm.dry:  # a probe of a predictor switched off: calibrated, sampled, not copied
+                if ran and adm.dry:  # calibrating, or a probe of a predictor switched off: sampled, not copied
                     slot_of = self.cache.slot_of
-                    adm.dry_run(layer, [(r, k) for r, k in enumerate(candidates) if k not in slot_of])
+                    adm.dry_run(layer, [(r, k) for r, k in enumerate(candidates) if k not in slot_of],
+                                self._link_backlog(), self.max_inflight - len(self._inflight))
                     candidates = ()
                     self._guessing = False
         self._candidates = candidates
@@ -275,7 +277,9 @@ class Scheduler:
 
     def wants_prediction(self) -> bool:
         """Whether to run the predictor at the call about to be planned (with admission: the governor's answer)."""
-        self._ran = ran = self._adm is None or self._adm.worth_predicting()
+        adm = self._adm  # (misses="host": nothing but prefetches fills the cache, so it is never waited for)
+        full = self.misses == "host" or len(self.cache.slot_of) >= self.num_slots
+        self._ran = ran = adm is None or adm.worth_predicting(full)
         return ran
 
     def step(self, plan: LayerPlan) -> bool:
@@ -395,6 +399,8 @@ class Scheduler:
                 stats.reuse_used += reused
                 if used > reused and self._adm is not None:  # the predictor's copies paid: the governor's credit
                     self._adm.copies_used(used - reused, late_used)
+            if self.misses == "host" and hits > used and self._adm is not None:  # and pay again while resident
+                self._adm.copies_kept(hits - used)
         if misses:
             self._call_fetched += misses
             stats.misses += misses
