@@ -167,10 +167,11 @@ def test_train_cli(tmp_path):
     assert log["options"] == {"context": 2, "tokens": 1, "hidden": 4}
 
 
-def test_inside_speculative_moe_same_tokens():
+@pytest.mark.parametrize("new", [0, 1])  # new=1: only experts not routed at the target layer the token before
+def test_inside_speculative_moe_same_tokens(new):
     model = build_tiny("qwen2_moe")
     geo = find_moe_layers(model).geometry
-    predictor = random_predictor(geo, lookahead=2, context=2, tokens=2)
+    predictor = random_predictor(geo, lookahead=2, context=2, tokens=2, new=new)
     inputs = make_inputs(model, batch=1, length=7)
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)

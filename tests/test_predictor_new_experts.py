@@ -1,16 +1,13 @@
 """The affinity predictor's `new` option (issue 18: rank only the experts a copy can bring): its targets and its
 ranking leave out the experts routed at the target layer in the tokens before, decode-time scores equal the
-training features, it is learned by the one training loop, saved and loaded, and a wrapped tiny model gives the
-unwrapped model's tokens with it."""
+training features, it is learned by the one training loop, saved and loaded (that a wrapped tiny model gives the
+unwrapped model's tokens with it: test_predictor_affinity's same-tokens test, run with new=0 and 1)."""
 
 import torch
-from conftest import build_tiny, make_inputs
 from routing_synth import synthetic_trace
 from test_predictor_affinity import QUICK, random_predictor, repeating_trace
 
-from specmoe import SpeculativeMoE
 from specmoe.predictors import load_predictor
-from specmoe.runtime.adapters import find_moe_layers
 from specmoe.training.evaluate import decode_replay
 from specmoe.training.loop import train_predictor
 
@@ -54,7 +51,7 @@ def test_targets_and_scores_leave_out_the_recent_experts():
             torch.testing.assert_close(scores, train[:, t - layer - 1])
 
 
-def test_learns_new_experts_saves_and_runs_wrapped(tmp_path):
+def test_learns_new_experts_and_saves(tmp_path):  # wrapped: test_predictor_affinity's same-tokens test
     splits = synthetic_trace(sequences=40, length=16, noise=0.3).split(seed=0)
     geo = splits["train"].geometry
     torch.manual_seed(0)
@@ -66,19 +63,6 @@ def test_learns_new_experts_saves_and_runs_wrapped(tmp_path):
     pred.save(tmp_path / "new")
     back = load_predictor(tmp_path / "new", geometry=geo)
     assert back.config() == pred.config() and back.new == 1
-    model = build_tiny("qwen2_moe")
-    mgeo = find_moe_layers(model).geometry
-    predictor = random_predictor(mgeo, lookahead=2, context=2, tokens=2, new=1)
-    inputs = make_inputs(model, batch=1, length=7)
-    with torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    smoe = SpeculativeMoE(model, predictor, cache_capacity=0.5)
-    with torch.no_grad():
-        out = smoe.generate(**inputs, max_new_tokens=6, do_sample=False)
-    stats = smoe.stats
-    smoe.unwrap()
-    assert torch.equal(out, ref)
-    assert stats.total.prefetch_issued > 0
 
 
 def test_confident_names_only_the_likely_experts(tmp_path):
