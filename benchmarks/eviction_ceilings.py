@@ -35,6 +35,7 @@ from eviction_policies import select, shape_for
 from specmoe.bench.environment import environment
 from specmoe.bench.report import markdown_table
 from specmoe.io import write_json, write_text
+from specmoe.measure.results import first_crossing
 from specmoe.sim.compute import ComputeModel, load_op_counts
 from specmoe.sim.engine import simulate
 from specmoe.sim.hardware import PROFILES, HardwareProfile
@@ -65,18 +66,6 @@ def history_fits(train, E: int, windows, max_passes: int | None) -> tuple[dict, 
     return fits, train.num_passes
 
 
-def needed_hit(points: list[tuple[float, float]], goal: float) -> float | None:
-    """The demand hit rate at which oracle + eviction reaches `goal` tok/s: the first crossing of the piecewise
-    linear curve through (demand hit rate, tok/s) sorted by hit rate; None when no point reaches it."""
-    pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if y0 < goal <= y1:
-            return x0 + (goal - y0) * (x1 - x0) / (y1 - y0)
-    if pts and pts[0][1] >= goal:
-        return pts[0][0]
-    return None
-
-
 def blends(out: dict, args, stream, shape, profile, kw: dict, used, fits: dict) -> list[dict]:
     """Per capacity: the oracle window of the best hit rate, blended with that window's best history fit (shares
     of the true rate in --shares): each blend's hit rate, and the error of a rate estimate that reaches the goal
@@ -98,8 +87,7 @@ def blends(out: dict, args, stream, shape, profile, kw: dict, used, fits: dict) 
             print(f"{cap} blend {share} of next {w} visits with {label}: {points[-1][1]:.4f}", flush=True)
         points.append((1.0, demand[f"oracle rate: next {w} visits"]))
         goal = out["goals"]["hit_rate"][str(cap)]
-        share = next((x0 + (goal - y0) * (x1 - x0) / (y1 - y0) for (x0, y0), (x1, y1) in zip(points, points[1:])
-                      if y0 < goal <= y1), 0.0 if points[0][1] >= goal else None)
+        share = first_crossing(points, goal)
         rows.append({"capacity": cap, "window": w, "history": label, "history_rmse": error["rmse"],
                      "mean_rate_rmse": error["rmse_mean"], "points": points, "goal": goal, "needed_share": share,
                      "needed_rmse": None if share is None else (1 - share) * error["rmse"]})
@@ -197,7 +185,7 @@ def main(argv=None) -> int:
                          "bytes_per_token": r.bytes_moved / max(r.tokens, 1), "seconds": time.perf_counter() - start})
             print(f"oracle + {label}: {r.tok_s:.2f} tok/s ({runs[-1]['seconds']:.0f} s)", flush=True)
         goal = demand["belady"]["tok_s"]
-        need = needed_hit([(r["demand_hit_rate"], r["tok_s"]) for r in runs], goal)
+        need = first_crossing([(r["demand_hit_rate"], r["tok_s"]) for r in runs], goal)
         out["prefetch"] = {"capacity": cap, "predictor": oracle.name, "goal_tok_s": goal, "runs": runs,
                            "needed_demand_hit_rate": need}
     json_path = args.out / f"{args.name}.json"

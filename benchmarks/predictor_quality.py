@@ -42,6 +42,7 @@ import torch
 
 from specmoe.bench.environment import environment
 from specmoe.io import read_json, write_json, write_text
+from specmoe.measure.results import first_crossing
 from specmoe.predictors import load_predictor
 from specmoe.runtime.admission import PrefetchAdmission
 from specmoe.sim.hardware import HardwareProfile
@@ -195,16 +196,6 @@ def choose_window(stream: RoutingStream, miss_rate: float, windows=range(1, 17))
     return int(best), shares
 
 
-def needed_recall(points: list[tuple[float, float]], goal: float) -> float | None:
-    """Linear interpolation of the recall at which the gain first reaches `goal`, points (recall, gain) sorted by
-    recall; None if no point reaches it."""
-    points = sorted(points)
-    for (r0, g0), (r1, g1) in zip(points, points[1:]):
-        if g0 < goal <= g1:
-            return r0 + (goal - g0) * (r1 - r0) / (g1 - g0)
-    return points[0][0] if points and points[0][1] >= goal else None
-
-
 def run(args) -> dict:
     t0 = time.perf_counter()
     trace = load_traces(args.trace, hidden=False)
@@ -277,7 +268,7 @@ def run(args) -> dict:
                     pts = [(g["recall"], g[m]["gain"]) for g in grid
                            if (g["order"], g["lookahead"], g["precision_set"]) == (order, la, p)]
                     needed.append({"misses": m, "order": order, "lookahead": la, "precision_set": p,
-                                   "recall_needed": needed_recall(pts, TARGET_GAIN),
+                                   "recall_needed": first_crossing(pts, TARGET_GAIN),
                                    "best_gain": max(g for _, g in pts)})
     out = {"trace": str(args.trace), "model": trace.manifest.model,
             "sure": PrefetchAdmission.SURE, "margin": PrefetchAdmission.MARGIN, "geometry": geo.to_dict(), "shape": shape.name,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from routing_synth import synthetic_trace
 
+from specmoe.measure.results import first_crossing
 from specmoe.sim.predictions import oracle_candidates
 from specmoe.sim.stream import RoutingStream
 
@@ -65,8 +66,8 @@ def test_new_experts_and_needed_recall(stream):
     assert recent[20][1] == set()  # a new sequence knows nothing before it
     q = pq.quality(stream, pq.degraded_candidates(stream, 16, 1.0, 1.0), recent)
     assert q["new_recall"] == q["new_precision"] == 1.0
-    assert pq.needed_recall([(0.2, 0.0), (0.6, 0.05), (1.0, 0.15)], 0.10) == pytest.approx(0.8)
-    assert pq.needed_recall([(0.2, 0.0), (1.0, 0.05)], 0.10) is None
+    assert first_crossing([(0.2, 0.0), (0.6, 0.05), (1.0, 0.15)], 0.10) == pytest.approx(0.8)
+    assert first_crossing([(0.2, 0.0), (1.0, 0.05)], 0.10) is None
     with pytest.raises(ValueError, match="precision"):
         pq.degraded_candidates(stream, 16, 0.5, 0.0)
 

@@ -28,6 +28,17 @@ def fmt(x, spec=".2f"):
     return None if x is None else format(x, spec)
 
 
+def first_crossing(points: Sequence[tuple[float, float]], goal: float) -> float | None:
+    """The x at which the piecewise linear curve through `points` (x, y), sorted by x, first reaches `goal`:
+    interpolated between the two points around it; the first x if the first point reaches it already; None if
+    no point does (what a figure would need, read off a measured curve)."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y0 < goal <= y1:
+            return x0 + (goal - y0) * (x1 - x0) / (y1 - y0)
+    return pts[0][0] if pts and pts[0][1] >= goal else None
+
+
 def environment_line(env: dict) -> str:
     """The line under a table: device, versions, git sha and date of an `environment()` record."""
     sha = str(env.get("git_sha"))
