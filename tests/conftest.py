@@ -85,6 +85,16 @@ def tiny_model(family):
     return build_tiny(family)
 
 
+@pytest.fixture
+def governor_judges_at_once(monkeypatch):
+    """The prefetch governor judges a predictor at once: its dry calibration (`PrefetchAdmission.CALIBRATE`
+    candidates, `WARM` calls) and its ENTER margin are longer than a test's short run, which would copy nothing."""
+    from specmoe.runtime.admission import PrefetchAdmission
+
+    for name in ("CALIBRATE", "WARM", "ENTER"):
+        monkeypatch.setattr(PrefetchAdmission, name, 0)
+
+
 def make_inputs(model, batch: int = 1, length: int = 6, seed: int = 1, left_pad: bool = False):
     """Token ids (and attention mask) on the model's device; left-padded rows of unequal length if asked."""
     g = torch.Generator().manual_seed(seed)

@@ -85,7 +85,7 @@ def test_history_fit_recovers_the_stationary_rate():
         zipf_stream(800, seed=1), 8, 6, RateOraclePolicy(test, 8)) < lru  # share 1: the oracle's ranking
 
 
-def test_a_belady_object_runs_with_candidates(monkeypatch):
+def test_a_belady_object_runs_with_candidates(governor_judges_at_once):  # this run: shorter than its calibration
     """Belady's MIN by name is refused beside a predictor; as an object it runs (the ceilings' oracle + Belady)
     and without candidates gives the named one's misses."""
     stream = zipf_stream(120)
@@ -97,9 +97,6 @@ def test_a_belady_object_runs_with_candidates(monkeypatch):
                                    num_hidden_layers=3, num_attention_heads=1, num_key_value_heads=1,
                                    num_local_experts=8, num_experts_per_tok=2), name="proxy")
     cands = oracle_candidates(stream, 8)
-    from specmoe.runtime.admission import PrefetchAdmission
-    for name in ("CALIBRATE", "WARM", "ENTER"):  # judged at once: this run is shorter than the dry calibration
-        monkeypatch.setattr(PrefetchAdmission, name, 0)
     run = simulate(stream, shape, HardwareProfile("proxy", 2**40, 1e9, 1e12, 1e12), 6,
                    ops=OpCounts(layer=0, experts=0, per_pass=0), policy=BeladyPolicy(future_uses(passes, 3)),
                    candidates=cands)

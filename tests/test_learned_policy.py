@@ -141,7 +141,7 @@ def test_victim_only_among_allowed_and_keeps_predicted(trained):
     assert policy.victim(lambda s: False) is None
 
 
-def test_scheduler_never_evicts_in_use_or_in_flight(trained):
+def test_scheduler_never_evicts_in_use_or_in_flight(trained, governor_judges_at_once):
     """Replayed through the simulator's scheduler with oracle prefetches, no slot the scheduler refuses (in use,
     in flight, predicted) is ever chosen: the policy only ever sees `allowed` and picks among what it accepts."""
     out, _, _ = trained
@@ -157,19 +157,12 @@ def test_scheduler_never_evicts_in_use_or_in_flight(trained):
             refused.append(slot)
         return slot
 
-    from specmoe.runtime.admission import PrefetchAdmission
-
-    judged = {name: getattr(PrefetchAdmission, name) for name in ("CALIBRATE", "WARM", "ENTER")}
     LearnedPolicy.victim = checked
     try:  # the governor judges the oracle at once (its dry calibration is longer than this run): it prefetches
-        for name in judged:
-            setattr(PrefetchAdmission, name, 0)
         run = simulate(stream, proxy_shape(_geo(stream)), PROFILES["rtx3090"], 10, ops=OPS, policy=str(out),
                        candidates=oracle_candidates(stream, 16, lookahead=1))
     finally:
         LearnedPolicy.victim = original
-        for name, value in judged.items():
-            setattr(PrefetchAdmission, name, value)
     assert run.hits + run.misses > 0 and run.prefetch_issued > 0 and not refused
 
 

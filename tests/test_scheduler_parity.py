@@ -24,15 +24,13 @@ OPS = OpCounts(layer=80, experts=24, per_pass=60, wrapper=12, predictor=12)
 
 
 @pytest.fixture(autouse=True)
-def live_governor(monkeypatch):
+def live_governor(governor_judges_at_once):
     """The governor calibrates dry over more layer calls than these runs make (`PrefetchAdmission.CALIBRATE`,
     `WARM`); here it judges at once, so that the prefetch paths are compared too. The affinity predictor is
     skipped too (a slot free, or switched off): the runtime shows it those calls through `observe`, the
     simulator's replay ran `predict` at every call, and the state it carries to the next pass is the same."""
-    from specmoe.runtime.admission import PrefetchAdmission
 
-    for name in ("CALIBRATE", "WARM", "ENTER"):
-        monkeypatch.setattr(PrefetchAdmission, name, 0)
+
 COUNTERS = ("hits", "hits_in_flight", "misses", "host_computed", "prefetch_issued", "prefetch_used", "prefetch_wasted",
             "prefetch_refused", "reuse_issued", "reuse_used", "reuse_refused")
 NEW_TOKENS = 6
